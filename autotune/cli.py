@@ -1,0 +1,214 @@
+"""The ``autotune`` command line.
+
+Exit codes: 0 success (for ``validate``: the plan holds); 1 a budget or tolerance is broken;
+2 bad input (unknown target, malformed budget or plan, missing model, ...); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from autotune import __version__
+
+EXIT_OK, EXIT_BROKEN, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autotune",
+        description="Hardware-aware per-layer compression plans for PyTorch / Hugging Face models.",
+        epilog="exit codes: 0 ok, 1 budget or tolerance broken, 2 bad input, 130 interrupted",
+    )
+    parser.add_argument("--version", action="version", version=f"autotune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tune = sub.add_parser("tune", help="find the best plan for a budget on a target")
+    tune.add_argument(
+        "model", help="'demo', a local model folder, or a model id in the local cache"
+    )
+    tune.add_argument(
+        "--budget", required=True, help="e.g. 15MB, 8GiB, 4.5bits, 25%%, 20ms, '8GB,20ms'"
+    )
+    tune.add_argument("--target", default="local", help="hardware target (see 'autotune targets')")
+    tune.add_argument("--target-file", action="append", default=[], help="extra target JSON file")
+    tune.add_argument("-o", "--output", help="write the plan JSON here")
+    tune.add_argument("--save-model", metavar="DIR", help="also save the compressed model here")
+    tune.add_argument(
+        "--calibration", help="text file for calibration (default: stdlib docstrings)"
+    )
+    tune.add_argument("--heldout", help="text file held out for validation")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--batch-size", type=int, default=1, help="batch size latency is judged at")
+    tune.add_argument("--seq-len", type=int, default=128, help="tokens per sequence for latency")
+    tune.add_argument("--methods", default="rtn", help="comma-separated methods to search")
+    tune.add_argument("--no-measure", action="store_true", help="skip measuring the result")
+    _common(tune)
+
+    validate = sub.add_parser("validate", help="re-check a plan against a model (CI)")
+    validate.add_argument("plan")
+    validate.add_argument("model")
+    validate.add_argument("--tolerance", type=float, default=0.10, help="relative error slack")
+    validate.add_argument(
+        "--heldout", help="held-out text file (if the plan was not tuned on stdlib text)"
+    )
+    validate.add_argument("--no-latency", action="store_true", help="do not time the model")
+    _common(validate)
+
+    apply = sub.add_parser("apply", help="apply a plan and save the compressed model")
+    apply.add_argument("plan")
+    apply.add_argument("model")
+    apply.add_argument("-o", "--output", required=True, metavar="DIR")
+    _common(apply)
+
+    targets = sub.add_parser("targets", help="list the hardware registry")
+    targets.add_argument("--target-file", action="append", default=[])
+    targets.add_argument("--json", action="store_true")
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--trust-remote-code", action="store_true")
+
+
+def _emit(args: argparse.Namespace, text: str, data: Any) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(text)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from autotune.budget import Budget
+    from autotune.loading import load_model
+    from autotune.saved import save_compressed
+    from autotune.targets import get_target
+    from autotune.tuner import autotune
+
+    budget = Budget.parse(args.budget, batch_size=args.batch_size, seq_len=args.seq_len)
+    target = get_target(args.target, args.target_file)  # fail fast on a bad target
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    result = autotune(
+        loaded.model,
+        budget,
+        target,
+        calibration=args.calibration,
+        heldout=args.heldout,
+        tokenizer=loaded.tokenizer,
+        seed=args.seed,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        inplace=True,
+        progress=not args.quiet,
+        measure=not args.no_measure,
+    )
+    result.plan.model["source"] = loaded.source
+    if args.output:
+        result.plan.save(args.output)
+    if args.save_model:
+        save_compressed(result.model, result.plan, args.save_model, loaded.tokenizer)
+    text = result.report.layer_table() + "\n\n" + str(result.report)
+    if args.output:
+        text += f"\nplan written to {args.output}"
+    _emit(args, text, result.plan.to_dict())
+    holds = result.report.holds()
+    return EXIT_OK if all(holds.values()) else EXIT_BROKEN
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from autotune.plan import Plan
+    from autotune.validate import validate_plan
+
+    plan = Plan.load(args.plan)
+    if args.tolerance < 0:
+        from autotune.errors import AutotuneError
+
+        raise AutotuneError(f"--tolerance must be at least 0, got {args.tolerance}")
+    result = validate_plan(
+        plan,
+        args.model,
+        heldout=args.heldout,
+        tolerance=args.tolerance,
+        measure_latency=not args.no_latency,
+        trust_remote_code=args.trust_remote_code,
+    )
+    _emit(args, str(result), result.to_dict())
+    return EXIT_OK if result.ok else EXIT_BROKEN
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from autotune.apply import apply_plan
+    from autotune.loading import load_model
+    from autotune.plan import Plan
+    from autotune.saved import save_compressed
+    from profilers.measure import model_bytes
+
+    plan = Plan.load(args.plan)
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    compressed = apply_plan(loaded.model, plan, tokenizer=loaded.tokenizer, inplace=True)
+    save_compressed(compressed, plan, args.output, loaded.tokenizer)
+    size = model_bytes(compressed)
+    _emit(
+        args,
+        f"compressed model ({size:,} bytes) written to {args.output}",
+        {"output": args.output, "bytes": size},
+    )
+    return EXIT_OK
+
+
+def _cmd_targets(args: argparse.Namespace) -> int:
+    from autotune.targets import list_targets
+
+    specs = list_targets(args.target_file)
+    if args.json:
+        print(json.dumps([s.to_dict() for s in specs], indent=2))
+        return EXIT_OK
+    rows = [("name", "kind", "memory", "bandwidth", "peak (dense)", "fast weight formats")]
+    for spec in specs:
+        peaks = ", ".join(f"{k} {v / 1e12:.3g}T" for k, v in spec.peak_flops.items())
+        rows.append(
+            (
+                spec.name,
+                spec.kind,
+                f"{spec.memory_bytes / 2**30:.0f} GiB",
+                f"{spec.bandwidth / 1e9:.0f} GB/s",
+                peaks,
+                ", ".join(spec.kernels) or "-",
+            )
+        )
+    rows.append(("local", "probed", "-", "-", "measured on this machine when used", "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip())
+    return EXIT_OK
+
+
+COMMANDS = {
+    "tune": _cmd_tune,
+    "validate": _cmd_validate,
+    "apply": _cmd_apply,
+    "targets": _cmd_targets,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from autotune.errors import AutotuneError
+    from methods.errors import OptionError
+
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (AutotuneError, OptionError) as exc:
+        print(f"autotune: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("autotune: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""What a compressed model measures on this machine: bytes, bits, latency and error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from autotune.layers import weight_numel
+from profilers.measure import (
+    LatencyStats,
+    measure_latency,
+    model_bytes,
+    state_dict_bytes,
+    weight_storage_bytes,
+)
+from profilers.probe import machine_facts
+from profilers.quality import output_error
+
+
+def device_description() -> str:
+    facts = machine_facts()
+    if facts["gpu"] is not None:
+        return f"cuda: {facts['gpu']['name']}"
+    return f"cpu: {facts['cpu']}, {facts['torch_threads']} threads ({facts['isa']})"
+
+
+@dataclass
+class Measured:
+    bytes: int
+    state_bytes: int
+    avg_bits: float
+    latency: LatencyStats | None
+    heldout_error: float | None
+
+    def to_dict(self, latency_shape: list[int], metric: str) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "bytes": self.bytes,
+            "state_dict_bytes": self.state_bytes,
+            "avg_bits": round(self.avg_bits, 6),
+        }
+        if self.latency is not None:
+            out["latency_p50_ms"] = round(self.latency.p50_ms, 4)
+            out["latency_p90_ms"] = round(self.latency.p90_ms, 4)
+            out["latency_repeats"] = self.latency.repeats
+            out["latency_shape"] = latency_shape
+            out["device"] = device_description()
+        if self.heldout_error is not None:
+            out["heldout_error"] = self.heldout_error
+            out["metric"] = metric
+        return out
+
+
+def measure_model(
+    model: nn.Module,
+    *,
+    total_weights: int | None = None,
+    latency_inputs: dict[str, torch.Tensor] | None = None,
+    heldout: tuple[list[dict], list[dict]] | None = None,
+    metric: str = "nmse",
+    repeats: int = 30,
+) -> Measured:
+    """Measure ``model``: bytes of parameters and buffers, state bytes, average stored bits
+    per weight, latency (when inputs are given) and held-out error (against reference)."""
+    weights = total_weights or weight_numel(model)
+    latency = None
+    if latency_inputs is not None:
+        latency = measure_latency(model, latency_inputs, repeats=repeats)
+    error = None
+    if heldout is not None:
+        error = output_error(model, heldout[0], heldout[1], metric)
+    return Measured(
+        bytes=model_bytes(model),
+        state_bytes=state_dict_bytes(model),
+        avg_bits=8 * weight_storage_bytes(model) / weights,
+        latency=latency,
+        heldout_error=error,
+    )

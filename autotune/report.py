@@ -1,0 +1,171 @@
+"""The human report of a plan: predicted beside measured, against the budget."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from autotune.budget import Budget
+from autotune.plan import DEFAULT_KEY, Plan
+from methods.registry import option_from_dict
+
+
+def _fmt_bytes(n: float | None) -> str:
+    return "-" if n is None else f"{int(n):,} B ({n / 1e6:.3f} MB)"
+
+
+def _fmt(value: Any, unit: str = "", digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}{unit}"
+    return f"{value}{unit}"
+
+
+def _yes_no(holds: bool | None) -> str:
+    return "-" if holds is None else ("yes" if holds else "NO")
+
+
+@dataclass
+class Report:
+    """Predicted and measured figures of a plan; ``str()`` renders a table."""
+
+    plan: Plan
+
+    @property
+    def budget(self) -> Budget:
+        return Budget.parse(self.plan.budget)
+
+    def holds(self) -> dict[str, bool]:
+        """Each budgeted figure: does the measured (or else predicted) value meet it?"""
+        budget = self.budget
+        figures = {**self.plan.predicted, **(self.plan.measured or {})}
+        out: dict[str, bool] = {}
+        limit = budget.memory_limit(self.plan.predicted.get("original_bytes", 0) or 0)
+        if limit is not None and figures.get("bytes") is not None:
+            out["memory"] = figures["bytes"] <= limit
+        if budget.avg_bits is not None and figures.get("avg_bits") is not None:
+            out["avg_bits"] = figures["avg_bits"] <= budget.avg_bits + 1e-9
+        if budget.latency_ms is not None:
+            latency = self._latency_for_budget()
+            if latency is not None:
+                out["latency"] = latency <= budget.latency_ms
+        return out
+
+    def _latency_for_budget(self) -> float | None:
+        measured = self.plan.measured or {}
+        if self.plan.target.get("name") == "local" and "latency_p50_ms" in measured:
+            return measured["latency_p50_ms"]
+        return self.plan.predicted.get("latency_ms")
+
+    def layer_summary(self) -> list[tuple[str, int]]:
+        counts = Counter(
+            option_from_dict(v).label for k, v in self.plan.layers.items() if k != DEFAULT_KEY
+        )
+        return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+    def __str__(self) -> str:
+        plan, budget = self.plan, self.budget
+        pred, meas = plan.predicted, plan.measured or {}
+        model = plan.model
+        lines = [
+            f"autotune plan for {model.get('source', '?')} ({model.get('class', '?')}, "
+            f"{model.get('fingerprint', {}).get('parameters', 0):,} parameters) "
+            f"on target {plan.target.get('name', '?')}",
+            f"budget {budget.spec}: {budget.describe()}",
+            "",
+            "layers:",
+        ]
+        for label, count in self.layer_summary():
+            lines.append(f"  {label:<16} {count:>4} layer{'s' if count != 1 else ''}")
+        search = plan.search
+        if search:
+            lines.append(
+                f"search: {search.get('algorithm', '?')}, chose '{search.get('chosen', '?')}'; "
+                f"{search.get('sensitivity_evaluations', 0):,} layer evaluations, "
+                f"{search.get('full_evaluations', 0)} whole-model evaluations, "
+                f"{search.get('seconds', 0):.1f} s"
+            )
+        shape = pred.get("latency_shape") or [budget.batch_size, budget.seq_len]
+        limit = budget.memory_limit(pred.get("original_bytes", 0) or 0)
+        holds = self.holds()
+        rows = [
+            ("figure", "predicted", "measured", "budget", "holds"),
+            (
+                "stored bytes",
+                _fmt_bytes(pred.get("bytes")),
+                _fmt_bytes(meas.get("bytes")),
+                _fmt_bytes(limit) if limit is not None else "-",
+                _yes_no(holds.get("memory")),
+            ),
+            ("  saved (state_dict)", "-", _fmt_bytes(meas.get("state_dict_bytes")), "-", "-"),
+            (
+                "avg bits per weight",
+                _fmt(pred.get("avg_bits")),
+                _fmt(meas.get("avg_bits")),
+                _fmt(budget.avg_bits),
+                _yes_no(holds.get("avg_bits")),
+            ),
+            (
+                f"latency p50 ({shape[0]}x{shape[1]} tokens)",
+                _fmt(pred.get("latency_ms"), " ms") + f" [{plan.target.get('name', '?')} roofline]",
+                _fmt(meas.get("latency_p50_ms"), " ms"),
+                _fmt(budget.latency_ms, " ms"),
+                _yes_no(holds.get("latency")),
+            ),
+            ("latency p90", "-", _fmt(meas.get("latency_p90_ms"), " ms"), "-", "-"),
+            (
+                f"output error ({pred.get('metric', meas.get('metric', '?'))})",
+                _fmt(pred.get("error")) + " [calibration]",
+                _fmt(meas.get("heldout_error")) + " [held-out]",
+                "-",
+                "-",
+            ),
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines.append("")
+        for row in rows:
+            lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+        baseline = meas.get("baseline") or {}
+        if baseline or pred.get("original_bytes"):
+            lines.append("")
+            parts = [f"uncompressed model {_fmt_bytes(pred.get('original_bytes'))}"]
+            if baseline.get("latency_p50_ms") is not None:
+                speedup = baseline["latency_p50_ms"] / meas["latency_p50_ms"]
+                parts.append(
+                    f"latency p50 {baseline['latency_p50_ms']:.4g} ms "
+                    f"({speedup:.2f}x {'faster' if speedup >= 1 else 'slower'} compressed)"
+                )
+            lines.append("reference: " + "; ".join(parts))
+        uniform = meas.get("best_uniform") or {}
+        if uniform:
+            ratio = (
+                meas["heldout_error"] / uniform["heldout_error"]
+                if uniform.get("heldout_error")
+                else float("nan")
+            )
+            lines.append(
+                f"best uniform plan that fits ({uniform['option']}): held-out error "
+                f"{uniform['heldout_error']:.4g}, {uniform['bytes']:,} B; this plan's error is "
+                f"{ratio:.2f}x that"
+            )
+        if meas.get("device"):
+            lines.append(f"measured on {meas['device']}")
+        return "\n".join(lines)
+
+    def layer_table(self) -> str:
+        """One line per layer entry of the plan: its option and, if known, its bytes."""
+        entries = [(k, option_from_dict(v).label) for k, v in self.plan.layers.items()]
+        width = max(len(k) for k, _ in entries)
+        lines = ["plan:"] + [f"  {name.ljust(width)}  {label}" for name, label in entries]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "predicted": self.plan.predicted,
+            "measured": self.plan.measured,
+            "budget": self.plan.budget,
+            "holds": self.holds(),
+            "layers": dict(self.layer_summary()),
+        }

@@ -1,0 +1,119 @@
+"""The options offered to each layer, and their costs on a target."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from autotune.layers import LayerRef, compressible_layers, weight_numel
+from methods.base import Option
+from methods.keep import KeepOption
+from methods.registry import get_method, method_of
+from profilers.hardware import HardwareSpec
+from profilers.measure import model_bytes
+from profilers.opcount import rest_of_model
+from profilers.roofline import layer_latency, rest_latency
+
+DEFAULT_METHODS = ("rtn",)
+
+
+def layer_options(
+    layers: Sequence[LayerRef], methods: Sequence[str] = DEFAULT_METHODS
+) -> dict[str, list[Option]]:
+    """Keep plus every grid option of every method that supports the layer, per layer."""
+    chosen = [get_method(m) for m in methods]
+    options: dict[str, list[Option]] = {}
+    for ref in layers:
+        opts: list[Option] = [KeepOption()]
+        for method in chosen:
+            if method.supports(ref.shape):
+                opts.extend(method.grid(ref.shape))
+        options[ref.name] = opts
+    return options
+
+
+@dataclass
+class CostModel:
+    """Exact bytes, stored weight bits and roofline seconds of every (layer, option), plus
+    what the rest of the model costs. Totals of an assignment are exact in bytes."""
+
+    layers: list[LayerRef]
+    options: dict[str, list[Option]]
+    bytes: dict[str, list[int]]
+    weight_bits: dict[str, list[int]]
+    seconds: dict[str, list[float]]
+    fixed_bytes: int
+    fixed_weight_bits: int
+    fixed_seconds: float
+    total_weights: int
+    original_bytes: int
+    tokens: int
+
+    def totals(self, choice: dict[str, int]) -> dict[str, float]:
+        """``bytes``, ``avg_bits`` and ``latency_ms`` of an assignment (option indices)."""
+        total_bytes = self.fixed_bytes + sum(self.bytes[n][i] for n, i in choice.items())
+        bits = self.fixed_weight_bits + sum(self.weight_bits[n][i] for n, i in choice.items())
+        seconds = self.fixed_seconds + sum(self.seconds[n][i] for n, i in choice.items())
+        return {
+            "bytes": total_bytes,
+            "avg_bits": bits / self.total_weights,
+            "latency_ms": 1e3 * seconds,
+        }
+
+
+def build_costs(
+    model: nn.Module,
+    layers: Sequence[LayerRef],
+    options: dict[str, list[Option]],
+    spec: HardwareSpec,
+    latency_inputs: dict[str, torch.Tensor],
+) -> CostModel:
+    """Price every option of every layer on ``spec`` at the shape of ``latency_inputs``."""
+    tokens = int(latency_inputs["input_ids"].numel())
+    per_bytes: dict[str, list[int]] = {}
+    per_bits: dict[str, list[int]] = {}
+    per_seconds: dict[str, list[float]] = {}
+    variable_bytes = 0
+    for ref in layers:
+        costs = [method_of(o).cost(ref.shape, o) for o in options[ref.name]]
+        per_bytes[ref.name] = [c.bytes for c in costs]
+        per_bits[ref.name] = [8 * c.weight_bytes for c in costs]
+        per_seconds[ref.name] = [
+            layer_latency(ref.shape, o, spec, tokens) for o in options[ref.name]
+        ]
+        variable_bytes += KeepCost.bytes(ref)
+    chosen = {r.name for r in layers}
+    others = [r for r in compressible_layers(model, min_numel=0) if r.name not in chosen]
+    fixed_bits = sum(8 * KeepCost.weight_bytes(r) for r in others)
+    fixed_seconds = sum(layer_latency(r.shape, KeepOption(), spec, tokens) for r in others)
+    all_layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    rest = rest_of_model(model, latency_inputs, all_layers)
+    original = model_bytes(model)
+    return CostModel(
+        layers=list(layers),
+        options=options,
+        bytes=per_bytes,
+        weight_bits=per_bits,
+        seconds=per_seconds,
+        fixed_bytes=original - variable_bytes,
+        fixed_weight_bits=fixed_bits,
+        fixed_seconds=fixed_seconds + rest_latency(rest, spec),
+        total_weights=weight_numel(model),
+        original_bytes=original,
+        tokens=tokens,
+    )
+
+
+class KeepCost:
+    """Bytes of a layer left as it is."""
+
+    @staticmethod
+    def bytes(ref: LayerRef) -> int:
+        return method_of(KeepOption()).cost(ref.shape, KeepOption()).bytes
+
+    @staticmethod
+    def weight_bytes(ref: LayerRef) -> int:
+        return method_of(KeepOption()).cost(ref.shape, KeepOption()).weight_bytes

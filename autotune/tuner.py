@@ -1,0 +1,338 @@
+"""``autotune()``: profile, search, apply and validate, end to end."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from autotune.apply import compress
+from autotune.budget import Budget
+from autotune.calibration import build_calibration
+from autotune.candidates import Candidate, ModuleCache, evaluate, select
+from autotune.errors import InfeasibleBudgetError
+from autotune.fingerprint import fingerprint
+from autotune.layers import compressible_layers
+from autotune.loading import load_model
+from autotune.measurement import measure_model
+from autotune.plan import DEFAULT_KEY, Plan
+from autotune.report import Report
+from autotune.space import DEFAULT_METHODS, CostModel, build_costs, layer_options
+from autotune.targets import get_target
+from methods.keep import KeepOption
+from profilers.hardware import HardwareSpec
+from profilers.quality import run_outputs
+from profilers.sensitivity import SensitivityTable, measure_sensitivity
+from search import ChoiceTable, InfeasibleError, allocate
+
+RESOURCE_NAMES = {"bytes": "stored bytes", "bits": "stored weight bits", "seconds": "latency"}
+
+
+@dataclass
+class TuneResult:
+    """The plan, the compressed model, and the predicted-vs-measured report."""
+
+    plan: Plan
+    model: nn.Module
+    report: Report
+    sensitivity: SensitivityTable
+    costs: CostModel
+
+
+def _limits(budget: Budget, costs: CostModel) -> dict[str, float]:
+    limits: dict[str, float] = {}
+    memory = budget.memory_limit(costs.original_bytes)
+    if memory is not None:
+        limits["bytes"] = memory
+    if budget.avg_bits is not None:
+        limits["bits"] = budget.avg_bits * costs.total_weights
+    if budget.latency_ms is not None:
+        limits["seconds"] = budget.latency_ms / 1e3
+    return limits
+
+
+def _table(costs: CostModel, scores: dict[str, list[float]]) -> ChoiceTable:
+    names = [r.name for r in costs.layers]
+    return ChoiceTable(
+        variables=names,
+        choices=[[o.label for o in costs.options[n]] for n in names],
+        scores=[np.asarray(scores[n], dtype=np.float64) for n in names],
+        costs={
+            "bytes": [np.asarray(costs.bytes[n], dtype=np.float64) for n in names],
+            "bits": [np.asarray(costs.weight_bits[n], dtype=np.float64) for n in names],
+            "seconds": [np.asarray(costs.seconds[n], dtype=np.float64) for n in names],
+        },
+        fixed={
+            "bytes": float(costs.fixed_bytes),
+            "bits": float(costs.fixed_weight_bits),
+            "seconds": costs.fixed_seconds,
+        },
+    )
+
+
+def _infeasible_message(
+    budget: Budget, table: ChoiceTable, limits: dict[str, float], costs: CostModel
+) -> str:
+    parts = []
+    for resource, limit in limits.items():
+        smallest = table.minimum(resource)
+        if smallest <= limit:
+            continue
+        if resource == "bytes":
+            parts.append(
+                f"the smallest plan for this model stores {int(smallest):,} bytes "
+                f"({smallest / 1e6:.3f} MB), above the limit of {int(limit):,} bytes"
+            )
+        elif resource == "bits":
+            fewest = smallest / costs.total_weights
+            parts.append(
+                f"the fewest stored bits per weight reachable is {fewest:.3f}, "
+                f"above {budget.avg_bits:g}"
+            )
+        else:
+            parts.append(
+                f"the lowest predicted latency is {1e3 * smallest:.3f} ms, "
+                f"above {budget.latency_ms:g} ms"
+            )
+    return f"budget {budget.spec} cannot be met: " + "; ".join(parts)
+
+
+class _Progress:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def say(self, message: str) -> None:
+        if self.enabled:
+            print(f"[autotune] {message}", file=sys.stderr, flush=True)
+
+    def bar(self, total: int, desc: str):
+        return tqdm(
+            total=total,
+            desc=desc,
+            disable=None if self.enabled else True,
+            leave=False,
+            file=sys.stderr,
+        )
+
+
+def autotune(
+    model: nn.Module | str | Path,
+    budget: Budget | str | dict,
+    target: str | HardwareSpec = "local",
+    *,
+    calibration: Any = None,
+    heldout: Any = None,
+    tokenizer: Any = None,
+    seed: int = 0,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    target_files: Iterable[str | Path] = (),
+    inplace: bool = False,
+    progress: bool = True,
+    measure: bool = True,
+    seq_len: int = 128,
+    batch_size: int | None = None,
+    latency_seq_len: int | None = None,
+    calibration_windows: int = 32,
+    sensitivity_windows: int = 4,
+    heldout_windows: int = 16,
+    trust_remote_code: bool = False,
+) -> TuneResult:
+    """Find the best per-layer compression plan for ``model`` under ``budget`` on ``target``,
+    apply it, and measure predicted against measured figures.
+
+    ``model`` is an ``nn.Module``, a local model folder, or ``"demo"``. ``calibration`` is a
+    list of texts, a text file or a list of input batches (default: standard library
+    docstrings). The user's model is not modified unless ``inplace=True``.
+    """
+    started = time.perf_counter()
+    say = _Progress(progress)
+    shape = {}
+    if batch_size is not None:
+        shape["batch_size"] = batch_size
+    if latency_seq_len is not None:
+        shape["seq_len"] = latency_seq_len
+    budget = Budget.parse(budget, **shape)
+    spec = get_target(target, target_files)
+    source = "nn.Module"
+    if isinstance(model, (str, Path)):
+        loaded = load_model(model, trust_remote_code=trust_remote_code)
+        model, tokenizer, source, inplace = (
+            loaded.model,
+            tokenizer or loaded.tokenizer,
+            loaded.source,
+            True,
+        )
+    torch.manual_seed(seed)
+    model.eval()
+    original_fp = fingerprint(model)
+    work = model if inplace else copy.deepcopy(model)
+
+    layers = compressible_layers(work)
+    options = layer_options(layers, methods)
+    calib = build_calibration(
+        work,
+        tokenizer,
+        calibration,
+        heldout,
+        seq_len=seq_len,
+        calibration_windows=calibration_windows,
+        heldout_windows=heldout_windows,
+        sensitivity_windows=sensitivity_windows,
+    )
+    latency_inputs = calib.latency_inputs(budget.batch_size, budget.seq_len)
+    costs = build_costs(work, layers, options, spec, latency_inputs)
+    limits = _limits(budget, costs)
+    zero_scores = {n: [0.0] * len(o) for n, o in options.items()}
+    screen = _table(costs, zero_scores)
+    if any(screen.minimum(r) > lim for r, lim in limits.items()):
+        raise InfeasibleBudgetError(
+            _infeasible_message(budget, screen, limits, costs),
+            {r: screen.minimum(r) for r in limits},
+        )
+    say.say(
+        f"{len(layers)} layers x {max(len(o) for o in options.values())} options; "
+        f"target {spec.name}; budget {budget.spec}"
+    )
+
+    baseline = None
+    heldout_reference = run_outputs(work, calib.heldout)
+    calib_reference = run_outputs(work, calib.calibration)
+    screening_reference = run_outputs(work, calib.sensitivity)
+    if measure:
+        baseline = measure_model(work, latency_inputs=latency_inputs)
+
+    with say.bar(sum(len(o) for o in options.values()), "sensitivity") as bar:
+        sensitivity = measure_sensitivity(work, options, calib.sensitivity, progress=bar.update)
+    say.say(
+        f"sensitivity: {sensitivity.evaluations} evaluations in {sensitivity.seconds:.1f} s "
+        f"(prefix replay {'on' if sensitivity.prefix_cached else 'off'})"
+    )
+
+    scores = {}
+    for name, opts in options.items():
+        errs = sensitivity.errors[name]
+        # options a layer could not take get an infinite-looking score
+        scores[name] = [errs.get(o.label, 1e9) for o in opts]
+    table = _table(costs, scores)
+    try:
+        allocation = allocate(table, limits)
+    except InfeasibleError as exc:
+        raise InfeasibleBudgetError(
+            _infeasible_message(budget, table, limits, costs), exc.minimums
+        ) from None
+
+    def options_of(assignment: list[int]) -> dict[str, Any]:
+        return {n: costs.options[n][i] for n, i in zip(table.variables, assignment, strict=True)}
+
+    candidates = [Candidate("allocator", options_of(allocation.assignment))]
+    labels = sorted({o.label for opts in options.values() for o in opts} - {KeepOption().label})
+    for label in labels:
+        uniform = table.uniform(label)
+        if uniform is not None and table.fits(uniform, limits):
+            candidates.append(Candidate(f"uniform {label}", options_of(uniform)))
+    cache = ModuleCache(work, cap_bytes=4 * costs.original_bytes)
+    with say.bar(len(candidates) + min(3, len(candidates)), "candidates") as bar:
+        chosen = select(
+            work,
+            candidates,
+            (calib.sensitivity, screening_reference),
+            (calib.calibration, calib_reference),
+            sensitivity.metric,
+            cache,
+            progress=bar.update,
+        )
+    uniforms = [
+        c for c in candidates if c.name.startswith("uniform") and c.calibration_error is not None
+    ]
+    best_uniform = min(uniforms, key=lambda c: c.calibration_error) if uniforms else None
+    uniform_measure = None
+    if measure and best_uniform is not None:
+        uniform_error = evaluate(
+            work, best_uniform.options, calib.heldout, heldout_reference, sensitivity.metric, cache
+        )
+        uniform_choice = {n: costs.options[n].index(o) for n, o in best_uniform.options.items()}
+        uniform_measure = {
+            "option": best_uniform.name.removeprefix("uniform "),
+            "heldout_error": uniform_error,
+            "bytes": int(costs.totals(uniform_choice)["bytes"]),
+        }
+    say.say(f"chose {chosen.name} (calibration error {chosen.calibration_error:.4g})")
+
+    choice = {n: costs.options[n].index(o) for n, o in chosen.options.items()}
+    totals = costs.totals(choice)
+    compress(
+        work,
+        chosen.options,
+        prebuilt={n: cache.get(n, o, work.get_submodule(n)) for n, o in chosen.options.items()},
+    )
+    cache.store.clear()
+
+    layer_entries: dict[str, dict[str, Any]] = {DEFAULT_KEY: KeepOption().to_dict()}
+    layer_entries.update({ref.name: chosen.options[ref.name].to_dict() for ref in layers})
+    predicted = {
+        "bytes": int(totals["bytes"]),
+        "original_bytes": costs.original_bytes,
+        "avg_bits": round(totals["avg_bits"], 6),
+        "latency_ms": round(totals["latency_ms"], 6),
+        "latency_shape": [budget.batch_size, budget.seq_len],
+        "error": chosen.calibration_error,
+        "error_additive": float(
+            sum(sensitivity.errors[n][o.label] for n, o in chosen.options.items())
+        ),
+        "metric": sensitivity.metric,
+    }
+    search_info = {
+        "algorithm": "milp-allocator + uniform check",
+        "seed": seed,
+        "chosen": chosen.name,
+        "sensitivity_evaluations": sensitivity.evaluations,
+        "full_evaluations": sum(
+            (c.screening_error is not None) + (c.calibration_error is not None) for c in candidates
+        ),
+        "candidates": [
+            {
+                "name": c.name,
+                "screening_error": c.screening_error,
+                "calibration_error": c.calibration_error,
+            }
+            for c in candidates
+        ],
+        "solver_seconds": round(allocation.seconds, 3),
+    }
+    plan = Plan(
+        layers=layer_entries,
+        model={"source": source, "class": type(model).__name__, "fingerprint": original_fp},
+        target={k: v for k, v in spec.to_dict().items() if k != "probed"},
+        budget=budget.to_dict(),
+        calibration=calib.description,
+        predicted=predicted,
+        search=search_info,
+    )
+    if measure:
+        measured = measure_model(
+            work,
+            total_weights=costs.total_weights,
+            latency_inputs=latency_inputs,
+            heldout=(calib.heldout, heldout_reference),
+            metric=sensitivity.metric,
+        )
+        plan.measured = measured.to_dict([budget.batch_size, budget.seq_len], sensitivity.metric)
+        if baseline is not None and baseline.latency is not None:
+            plan.measured["baseline"] = {
+                "bytes": baseline.bytes,
+                "latency_p50_ms": round(baseline.latency.p50_ms, 4),
+                "latency_p90_ms": round(baseline.latency.p90_ms, 4),
+            }
+        if uniform_measure is not None:
+            plan.measured["best_uniform"] = uniform_measure
+    plan.search["seconds"] = round(time.perf_counter() - started, 2)
+    return TuneResult(plan, work, Report(plan), sensitivity, costs)

@@ -1,0 +1,202 @@
+"""Re-check a plan against a model: does the budget still hold, is quality within tolerance?
+
+Used by ``autotune validate`` in CI: the plan is re-applied to the model (or a saved
+compressed model is measured) and every budgeted figure is compared with what is measured
+now, and the held-out error with the one the plan recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from autotune.apply import apply_plan
+from autotune.budget import Budget
+from autotune.calibration import STDLIB_SOURCE, CalibrationSet, build_heldout
+from autotune.errors import CalibrationError
+from autotune.layers import weight_numel
+from autotune.loading import load_model
+from autotune.measurement import device_description, measure_model
+from autotune.plan import Plan
+from profilers.quality import run_outputs
+
+BYTES_TOLERANCE = 0.005
+
+
+@dataclass
+class Check:
+    name: str
+    expected: str
+    measured: str
+    holds: bool
+    note: str = ""
+
+
+@dataclass
+class ValidationResult:
+    checks: list[Check]
+    measured: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.holds for c in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.holds]
+
+    def __str__(self) -> str:
+        lines = []
+        for check in self.checks:
+            status = "ok  " if check.holds else "FAIL"
+            note = f" ({check.note})" if check.note else ""
+            lines.append(
+                f"{status} {check.name}: measured {check.measured}, expected {check.expected}{note}"
+            )
+        verdict = (
+            "plan holds" if self.ok else f"plan broken: {len(self.failures())} check(s) failed"
+        )
+        lines.append(verdict)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "checks": [asdict(c) for c in self.checks],
+            "measured": self.measured,
+        }
+
+
+def _heldout_batches(plan: Plan, model: nn.Module, tokenizer: Any, heldout: Any) -> list[dict]:
+    description = plan.calibration or {}
+    if heldout is None and description.get("source") not in (None, STDLIB_SOURCE):
+        raise CalibrationError(
+            f"the plan was tuned on {description.get('source')!r}: pass the held-out data "
+            "it was validated on (--heldout)"
+        )
+    return build_heldout(
+        model,
+        tokenizer,
+        heldout,
+        seq_len=int(description.get("seq_len", 128)),
+        windows=int(description.get("heldout_windows", 16)),
+        batch_size=int(description.get("batch_size", 8)),
+    )
+
+
+def validate_plan(
+    plan: Plan | str | Path,
+    model: nn.Module | str | Path,
+    *,
+    tokenizer: Any = None,
+    heldout: Any = None,
+    tolerance: float = 0.10,
+    measure_latency: bool = True,
+    strict: bool = True,
+    trust_remote_code: bool = False,
+) -> ValidationResult:
+    """Apply ``plan`` to ``model`` and check budget, predicted bytes and quality.
+
+    Quality holds when the held-out error is at most ``(1 + tolerance)`` times the error the
+    plan recorded. Latency is checked against the budget when the plan's target is this
+    machine (``local``), otherwise the plan's prediction for its target is checked.
+    """
+    if not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    if isinstance(model, (str, Path)):
+        loaded = load_model(model, trust_remote_code=trust_remote_code)
+        model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
+    plan.check_model(model, strict=strict)
+    budget = Budget.parse(plan.budget) if plan.budget else None
+    recorded = plan.measured or {}
+    predicted = plan.predicted or {}
+    needs_error = "heldout_error" in recorded
+    batches = _heldout_batches(plan, model, tokenizer, heldout) if needs_error else None
+    reference = run_outputs(model, batches) if batches else None
+    compressed = apply_plan(model, plan, tokenizer=tokenizer, strict=strict)
+    latency_inputs = None
+    if measure_latency and budget is not None and budget.latency_ms is not None and batches:
+        latency_inputs = CalibrationSet(batches, batches, batches).latency_inputs(
+            budget.batch_size, budget.seq_len
+        )
+    metric = recorded.get("metric", predicted.get("metric", "nmse"))
+    now = measure_model(
+        compressed,
+        total_weights=weight_numel(model),
+        latency_inputs=latency_inputs,
+        heldout=(batches, reference) if batches else None,
+        metric=metric,
+    )
+    checks: list[Check] = []
+    original = predicted.get("original_bytes") or 0
+    if budget is not None:
+        limit = budget.memory_limit(original)
+        if limit is not None:
+            checks.append(
+                Check(
+                    "memory",
+                    f"<= {limit:,} bytes (budget {budget.spec})",
+                    f"{now.bytes:,} bytes",
+                    now.bytes <= limit,
+                )
+            )
+        if budget.avg_bits is not None:
+            checks.append(
+                Check(
+                    "average bits",
+                    f"<= {budget.avg_bits:g}",
+                    f"{now.avg_bits:.4f}",
+                    now.avg_bits <= budget.avg_bits + 1e-9,
+                )
+            )
+        if budget.latency_ms is not None:
+            checks.append(_latency_check(plan, budget, now))
+    if predicted.get("bytes"):
+        expected = int(predicted["bytes"])
+        off = abs(now.bytes - expected) / expected
+        checks.append(
+            Check(
+                "predicted bytes",
+                f"{expected:,} bytes +/- {100 * BYTES_TOLERANCE:g}%",
+                f"{now.bytes:,} bytes ({100 * off:.3f}% off)",
+                off <= BYTES_TOLERANCE,
+            )
+        )
+    if needs_error and now.heldout_error is not None:
+        limit_error = recorded["heldout_error"] * (1 + tolerance) + 1e-12
+        checks.append(
+            Check(
+                f"held-out error ({metric})",
+                f"<= {limit_error:.6g} (recorded {recorded['heldout_error']:.6g} "
+                f"+{100 * tolerance:g}%)",
+                f"{now.heldout_error:.6g}",
+                now.heldout_error <= limit_error,
+            )
+        )
+    measured = now.__dict__.copy()
+    measured["latency"] = now.latency.to_dict() if now.latency else None
+    measured["device"] = device_description()
+    return ValidationResult(checks, measured)
+
+
+def _latency_check(plan: Plan, budget: Budget, now: Any) -> Check:
+    assert budget.latency_ms is not None
+    if plan.target.get("name") == "local" and now.latency is not None:
+        return Check(
+            "latency p50",
+            f"<= {budget.latency_ms:g} ms",
+            f"{now.latency.p50_ms:.4g} ms on this machine",
+            now.latency.p50_ms <= budget.latency_ms,
+        )
+    predicted = plan.predicted.get("latency_ms")
+    if predicted is None:
+        return Check("latency p50", f"<= {budget.latency_ms:g} ms", "unknown", False)
+    return Check(
+        "latency p50",
+        f"<= {budget.latency_ms:g} ms",
+        f"{predicted:.4g} ms predicted",
+        predicted <= budget.latency_ms,
+        note=f"target {plan.target.get('name')} is not this machine: its roofline is checked",
+    )

@@ -1,0 +1,73 @@
+"""The affine integer format shared by quantisation methods.
+
+A row of weights is cut into groups along its width; each group has a float16 scale ``s``
+and, when asymmetric, a float16 offset ``m``. Codes ``u`` are unsigned ``bits``-bit integers:
+
+* symmetric:  ``w = s * (u - 2**(bits-1))``, ``s = absmax / (2**(bits-1) - 0.5)``
+* asymmetric: ``w = s * u + m``, ``s = (max - min) / (2**bits - 1)``, ``m = min``
+
+Scales and offsets are rounded to float16 before the codes are chosen, so the stored
+numbers are exactly the ones the codes were fitted to.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_FP16_MAX = 65504.0
+_FP16_TINY = 2.0**-24
+
+
+def levels(bits: int) -> int:
+    return 1 << bits
+
+
+def group_view(weight: torch.Tensor, group: int) -> torch.Tensor:
+    """``[rows, cols]`` -> ``[rows, cols // group, group]`` (``group`` divides ``cols``)."""
+    rows, cols = weight.shape
+    return weight.reshape(rows, cols // group, group)
+
+
+def fit_scales(
+    groups: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float16 scales (and offsets when asymmetric) for ``[rows, n_groups, group]`` weights."""
+    groups = groups.float()
+    if symmetric:
+        absmax = groups.abs().amax(dim=-1)
+        scale = absmax / (levels(bits) / 2 - 0.5)
+        offset = None
+    else:
+        low = groups.amin(dim=-1)
+        high = groups.amax(dim=-1)
+        scale = (high - low) / (levels(bits) - 1)
+        offset = low.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = scale.clamp(_FP16_TINY, _FP16_MAX).to(torch.float16)
+    return scale, offset
+
+
+def encode(
+    groups: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int
+) -> torch.Tensor:
+    """Unsigned codes (uint8) of ``[rows, n_groups, group]`` weights for given scales."""
+    s = scale.float().unsqueeze(-1)
+    if offset is None:
+        q = torch.round(groups.float() / s) + levels(bits) // 2
+    else:
+        q = torch.round((groups.float() - offset.float().unsqueeze(-1)) / s)
+    return q.clamp_(0, levels(bits) - 1).to(torch.uint8)
+
+
+def decode(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None,
+    bits: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Weights of ``[rows, n_groups, group]`` codes, in ``dtype``."""
+    s = scale.to(dtype).unsqueeze(-1)
+    if offset is None:
+        return (codes.to(dtype) - levels(bits) // 2) * s
+    return codes.to(dtype) * s + offset.to(dtype).unsqueeze(-1)

@@ -1,0 +1,197 @@
+"""Core types shared by every compression method.
+
+A method is registered by name and has two duties: a pure ``cost(shape, option)`` that
+returns the exact bytes and FLOPs of the compressed layer, and a two-phase apply:
+``observer()`` collects statistics through forward hooks (``None`` when the method needs
+none), then ``convert()`` builds a module with real compressed storage.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from methods.errors import OptionError
+
+LayerKind = Literal["linear", "embedding"]
+
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Short name of a floating dtype, e.g. ``"float32"``."""
+    if dtype not in _DTYPE_NAMES:
+        raise OptionError(
+            f"unsupported weight dtype {dtype}; allowed: {sorted(_DTYPE_NAMES.values())}"
+        )
+    return _DTYPE_NAMES[dtype]
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    for dtype, dname in _DTYPE_NAMES.items():
+        if dname == name:
+            return dtype
+    raise OptionError(f"unknown dtype {name!r}; allowed: {sorted(_DTYPE_NAMES.values())}")
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What a method needs to know of a layer to price an option, without the layer itself.
+
+    For a linear layer ``rows`` is ``out_features`` and ``cols`` is ``in_features``; for an
+    embedding ``rows`` is the vocabulary size and ``cols`` the embedding width.
+    """
+
+    kind: LayerKind
+    rows: int
+    cols: int
+    has_bias: bool = False
+    dtype: str = "float32"
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=dtype_from_name(self.dtype)).element_size()
+
+    @property
+    def bias_bytes(self) -> int:
+        return self.rows * self.element_size if self.has_bias else 0
+
+    @staticmethod
+    def of(module: nn.Module) -> LayerShape:
+        """The shape of an ``nn.Linear`` or ``nn.Embedding`` (or a GPT-2 style Conv1D)."""
+        if isinstance(module, nn.Linear):
+            return LayerShape(
+                "linear",
+                module.out_features,
+                module.in_features,
+                module.bias is not None,
+                dtype_name(module.weight.dtype),
+            )
+        if isinstance(module, nn.Embedding):
+            return LayerShape(
+                "embedding",
+                module.num_embeddings,
+                module.embedding_dim,
+                False,
+                dtype_name(module.weight.dtype),
+            )
+        raise OptionError(f"{type(module).__name__} is not a compressible layer type")
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Exact storage and arithmetic of one layer under one option.
+
+    ``weight_bytes`` covers everything that stands for the weight (codes, scales, offsets,
+    indices, factors); ``other_bytes`` the rest the module stores (the bias).
+    ``flops_per_token`` counts multiply-adds as two FLOPs for one input row.
+    """
+
+    weight_bytes: int
+    other_bytes: int
+    flops_per_token: int
+
+    @property
+    def bytes(self) -> int:
+        return self.weight_bytes + self.other_bytes
+
+
+@dataclass(frozen=True)
+class Option:
+    """Base of every method option: a small frozen dataclass, serialisable to JSON."""
+
+    method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **asdict(self)}
+
+    @classmethod
+    def from_fields(cls, data: dict[str, Any]) -> Option:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise OptionError(
+                f"unknown field(s) {unknown} for method {cls.method!r}; allowed: {sorted(known)}"
+            )
+        return cls(**data)
+
+    @property
+    def label(self) -> str:
+        """A short human label, unique within a method, e.g. ``int4-g128-asym``."""
+        return self.method
+
+
+class Observer(ABC):
+    """Collects a layer's statistics from forward hooks during calibration."""
+
+    @abstractmethod
+    def observe(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+        """Called as a forward hook."""
+
+
+class Method(ABC):
+    """A registered compression method."""
+
+    name: ClassVar[str]
+    option_type: ClassVar[type[Option]]
+
+    @abstractmethod
+    def supports(self, shape: LayerShape) -> bool:
+        """Whether this method can compress a layer of this kind at all."""
+
+    @abstractmethod
+    def check(self, shape: LayerShape, option: Option, layer: str = "layer") -> None:
+        """Raise :class:`OptionError` naming the layer, the option and what is allowed."""
+
+    @abstractmethod
+    def cost(self, shape: LayerShape, option: Option) -> Cost:
+        """Exact bytes of the converted module's state and its FLOPs per token (pure)."""
+
+    @abstractmethod
+    def grid(self, shape: LayerShape) -> list[Option]:
+        """The default options offered to the search for a layer of this shape."""
+
+    def needs_calibration(self, option: Option) -> bool:
+        return False
+
+    def observer(self, module: nn.Module, option: Option) -> Observer | None:
+        """Statistics collector for phase one; ``None`` when the method needs none."""
+        return None
+
+    @abstractmethod
+    def convert(
+        self, module: nn.Module, option: Option, observer: Observer | None = None
+    ) -> nn.Module:
+        """Phase two: a new module with real compressed storage (``module`` is not changed)."""
+
+    @abstractmethod
+    def empty(self, shape: LayerShape, option: Option, like: nn.Module | None = None) -> nn.Module:
+        """A module of the converted layout with uninitialised storage, to load a state into."""
+
+    def runtime_format(self, shape: LayerShape, option: Option) -> str:
+        """How the converted linear layer computes: ``"dense"``, a kernel name such as
+        ``"int8_weight_only"`` (a key of a hardware spec's ``kernels``), or ``"dequantize"``
+        (the float weight is rebuilt on each call)."""
+        return "dequantize"
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def bits_per_weight(cost: Cost, shape: LayerShape) -> float:
+    return 8.0 * cost.weight_bytes / shape.numel if shape.numel else math.nan

@@ -1,0 +1,45 @@
+"""The registry of compression methods: one registration per method, nothing central."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from methods.base import Method, Option
+from methods.errors import OptionError
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Register a method instance under ``method.name`` (re-registration replaces it)."""
+    if not method.name:
+        raise ValueError("a method needs a non-empty name")
+    _METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise OptionError(f"unknown method {name!r}; registered: {sorted(_METHODS)}") from None
+
+
+def registered_methods() -> dict[str, Method]:
+    return dict(_METHODS)
+
+
+def method_of(option: Option) -> Method:
+    return get_method(option.method)
+
+
+def option_from_dict(data: Any) -> Option:
+    """Build an option from its JSON form, e.g. ``{"method": "rtn", "bits": 4, ...}``."""
+    if not isinstance(data, dict) or "method" not in data:
+        raise OptionError(f"an option must be an object with a 'method' field, got {data!r}")
+    fields = dict(data)
+    method = get_method(fields.pop("method"))
+    try:
+        return method.option_type.from_fields(fields)
+    except TypeError as exc:
+        raise OptionError(f"bad option {data!r}: {exc}") from None

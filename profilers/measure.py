@@ -1,0 +1,90 @@
+"""Measured figures of a model: stored bytes and latency on this machine."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+def _unique_tensors(tensors):
+    seen: set[tuple[int, int]] = set()
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+        if key in seen:
+            continue
+        seen.add(key)
+        yield tensor
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer, each shared tensor counted once."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in _unique_tensors(tensors))
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors ``state_dict()`` holds, shared tensors counted once."""
+    return sum(t.numel() * t.element_size() for t in _unique_tensors(model.state_dict().values()))
+
+
+def weight_storage_bytes(model: nn.Module) -> int:
+    """Bytes standing for the weights of linear and embedding layers, compressed or not
+    (modules of compression methods report theirs through ``stored_weight_bytes()``)."""
+    total = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if hasattr(module, "stored_weight_bytes"):
+            total += int(module.stored_weight_bytes())
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            key = module.weight.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    p50_ms: float
+    p90_ms: float
+    mean_ms: float
+    repeats: int
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def measure_latency(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    *,
+    warmup: int = 5,
+    repeats: int = 30,
+    max_seconds: float = 20.0,
+) -> LatencyStats:
+    """Wall time of ``model(**inputs)`` after warm-up: p50, p90 and mean over repeats."""
+    cuda = any(t.is_cuda for t in inputs.values() if isinstance(t, torch.Tensor))
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(**inputs)
+        times: list[float] = []
+        deadline = time.perf_counter() + max_seconds
+        while len(times) < repeats and (len(times) < 3 or time.perf_counter() < deadline):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(**inputs)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    times.sort()
+    p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
+    return LatencyStats(
+        1e3 * statistics.median(times), 1e3 * p90, 1e3 * statistics.fmean(times), len(times)
+    )

@@ -1,0 +1,69 @@
+"""Count what a model computes outside its compressible layers in one forward pass."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+from profilers.roofline import RestOfModel
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.flops = 0.0
+        self.bytes = 0.0
+        self.paused = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.paused:
+            return out
+        self.ops += 1
+        packet = func._overloadpacket
+        if packet in flop_registry:
+            # an op whose flop formula does not take these arguments counts no FLOPs
+            with contextlib.suppress(Exception):
+                self.flops += float(flop_registry[packet](*args, **kwargs, out_val=out))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor):
+                self.bytes += tensor.numel() * tensor.element_size()
+        return out
+
+
+def rest_of_model(
+    model: nn.Module, inputs: dict[str, torch.Tensor], layers: Iterable[nn.Module]
+) -> RestOfModel:
+    """FLOPs, op count and activation bytes of one forward pass, the layers excluded."""
+    counter = _Counter()
+
+    def pause(module, args):
+        counter.paused += 1
+
+    def resume(module, args, output):
+        counter.paused -= 1
+
+    handles = []
+    for layer in layers:
+        handles.append(layer.register_forward_pre_hook(pause))
+        handles.append(layer.register_forward_hook(resume))
+    try:
+        with torch.inference_mode(), counter:
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return RestOfModel(
+        flops=counter.flops,
+        ops=counter.ops,
+        activation_bytes=2 * counter.bytes,
+        dtype=str(dtype).removeprefix("torch."),
+    )

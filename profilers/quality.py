@@ -1,0 +1,109 @@
+"""Output error of a compressed model against its uncompressed reference.
+
+Models with ``logits`` are compared by the KL divergence of their output distributions
+(mean over tokens, reference first); other models by the normalised mean squared error of
+each floating output (``sum (y' - y)^2 / sum y^2``, averaged over outputs). Tokens masked
+out by ``attention_mask`` are left out of both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+SKIPPED_OUTPUTS = {"hidden_states", "attentions", "past_key_values", "cross_attentions"}
+
+
+def select_outputs(output: Any) -> dict[str, torch.Tensor]:
+    """The tensors of a model output that quality is judged on."""
+    if isinstance(output, torch.Tensor):
+        return {"output": output}
+    if isinstance(output, Mapping):
+        if output.get("logits") is not None:
+            return {"logits": output["logits"]}
+        items = [(k, v) for k, v in output.items() if k not in SKIPPED_OUTPUTS]
+    elif isinstance(output, (tuple, list)):
+        items = [(str(i), v) for i, v in enumerate(output)]
+    else:
+        raise TypeError(f"cannot judge a model output of type {type(output).__name__}")
+    chosen = {k: v for k, v in items if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    if not chosen:
+        raise TypeError("the model output holds no floating-point tensor to compare")
+    return chosen
+
+
+def metric_for(outputs: Mapping[str, torch.Tensor]) -> str:
+    return "kl" if "logits" in outputs else "nmse"
+
+
+def _token_mask(tensor: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    if mask is None or tensor.dim() < 2 or tuple(tensor.shape[:2]) != tuple(mask.shape):
+        return None
+    return mask.to(torch.bool)
+
+
+class OutputError:
+    """Accumulates the error of outputs against reference outputs over batches."""
+
+    def __init__(self, metric: str) -> None:
+        if metric not in ("kl", "nmse"):
+            raise ValueError(f"unknown metric {metric!r}; allowed: kl, nmse")
+        self.metric = metric
+        self._num: dict[str, float] = {}
+        self._den: dict[str, float] = {}
+
+    def add(
+        self,
+        reference: Mapping[str, torch.Tensor],
+        output: Mapping[str, torch.Tensor],
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        for key, ref in reference.items():
+            out = output[key].to(torch.float32)
+            ref = ref.to(torch.float32)
+            keep = _token_mask(ref, mask)
+            if keep is not None:
+                ref, out = ref[keep], out[keep]
+            if self.metric == "kl":
+                log_p = F.log_softmax(ref, dim=-1)
+                log_q = F.log_softmax(out, dim=-1)
+                kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+                num, den = float(kl.sum()), float(kl.numel())
+            else:
+                num = float((out - ref).pow(2).sum())
+                den = float(ref.pow(2).sum())
+            self._num[key] = self._num.get(key, 0.0) + num
+            self._den[key] = self._den.get(key, 0.0) + den
+
+    def value(self) -> float:
+        if not self._num:
+            raise ValueError("no batch was added")
+        ratios = [self._num[k] / self._den[k] if self._den[k] > 0 else 0.0 for k in self._num]
+        return max(sum(ratios) / len(ratios), 0.0)
+
+
+def run_outputs(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[dict]:
+    """Selected outputs of ``model`` for each batch, detached on the CPU."""
+    results = []
+    with torch.inference_mode():
+        for batch in batches:
+            out = select_outputs(model(**batch))
+            results.append({k: v.detach().to("cpu", torch.float32) for k, v in out.items()})
+    return results
+
+
+def output_error(
+    model: torch.nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    reference: list[dict[str, torch.Tensor]],
+    metric: str,
+) -> float:
+    """Error of ``model`` on ``batches`` against precomputed ``reference`` outputs."""
+    acc = OutputError(metric)
+    with torch.inference_mode():
+        for batch, ref in zip(batches, reference, strict=True):
+            acc.add(ref, select_outputs(model(**batch)), batch.get("attention_mask"))
+    return acc.value()

@@ -1,0 +1,65 @@
+"""Roofline latency of layers and whole models on a hardware spec.
+
+time = max(FLOPs / peak, bytes / bandwidth) / efficiency, per layer, where bytes count the
+stored weight (codes, scales and offsets included) and the activations in and out. A layer
+whose format has no fast kernel on the device (or a call above the kernel's token limit)
+runs dequantised: the float weight is written and read back, which the bytes reflect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from methods.base import LayerShape, Option
+from methods.registry import method_of
+from profilers.hardware import HardwareSpec
+
+ACTIVATION_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# operators one call of a layer dispatches, by how it computes (each costs op_overhead_s)
+OPS_PER_CALL = {"dense": 2, "lookup": 8, "kernel": 8, "dequantize": 14}
+
+
+@dataclass(frozen=True)
+class RestOfModel:
+    """What a model computes outside its compressible layers, for one forward pass."""
+
+    flops: float
+    ops: int
+    activation_bytes: float
+    dtype: str = "float32"
+
+
+def layer_latency(shape: LayerShape, option: Option, spec: HardwareSpec, tokens: int) -> float:
+    """Seconds one call of this layer takes for ``tokens`` input rows on ``spec``."""
+    method = method_of(option)
+    cost = method.cost(shape, option)
+    act = ACTIVATION_BYTES.get(shape.dtype, 4)
+    if shape.kind == "embedding":
+        per_row = cost.weight_bytes / max(shape.rows, 1)
+        moved = tokens * (per_row + shape.cols * act)
+        ops = OPS_PER_CALL["dense" if option.method == "none" else "lookup"]
+        return moved / spec.bandwidth / spec.efficiency + ops * spec.op_overhead_s
+    flops = cost.flops_per_token * tokens
+    activations = tokens * (shape.cols + shape.rows) * act
+    fmt = method.runtime_format(shape, option)
+    kernel = spec.kernels.get(fmt)
+    if kernel is not None and (kernel.max_tokens is None or tokens <= kernel.max_tokens):
+        weight_bytes = cost.weight_bytes + cost.other_bytes
+        seconds = max(
+            flops / spec.peak(kernel.compute_dtype), (weight_bytes + activations) / spec.bandwidth
+        )
+        return seconds / kernel.efficiency + OPS_PER_CALL["kernel"] * spec.op_overhead_s
+    if fmt == "dense":
+        moved = cost.bytes + activations
+        seconds = max(flops / spec.peak(shape.dtype), moved / spec.bandwidth) / spec.efficiency
+        return seconds + OPS_PER_CALL["dense"] * spec.op_overhead_s
+    float_weight = shape.numel * act
+    moved = cost.bytes + 2 * float_weight + activations
+    seconds = max(flops / spec.peak(shape.dtype), moved / spec.bandwidth) / spec.efficiency
+    return seconds + OPS_PER_CALL["dequantize"] * spec.op_overhead_s
+
+
+def rest_latency(rest: RestOfModel, spec: HardwareSpec) -> float:
+    """Seconds for everything outside the compressible layers (attention, norms, overhead)."""
+    compute = max(rest.flops / spec.peak(rest.dtype), rest.activation_bytes / spec.bandwidth)
+    return compute / spec.efficiency + rest.ops * spec.op_overhead_s

@@ -1,0 +1,110 @@
+"""Sensitivity of every (layer, option): the output error when only that layer is compressed.
+
+Each option is applied with the method's real ``convert`` (so what is measured is what would
+be deployed) and the model is run on the calibration batches. The unchanged prefix of the
+model is not recomputed: blocks before the layer's block replay their recorded outputs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from methods.base import Option
+from methods.errors import OptionError
+from methods.registry import method_of
+from profilers.blocks import BlockCache, block_index, find_blocks
+from profilers.quality import OutputError, metric_for, select_outputs
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class SensitivityTable:
+    """``errors[layer][label]``: output error with only ``layer`` under option ``label``."""
+
+    metric: str
+    errors: dict[str, dict[str, float]]
+    evaluations: int
+    seconds: float
+    skipped: dict[str, dict[str, str]] = field(default_factory=dict)
+    prefix_cached: bool = False
+
+
+class _Evaluator:
+    def __init__(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
+        self.model = model
+        self.batches = batches
+        self.cache = BlockCache(find_blocks(model))
+        with torch.inference_mode(), self.cache.recording():
+            self.reference = [
+                {k: v.detach().float() for k, v in select_outputs(model(**b)).items()}
+                for b in batches
+            ]
+        self.metric = metric_for(self.reference[0])
+        self.order = [name for name, _ in model.named_modules()]
+        self.replay = bool(self.cache.blocks) and self._replay_is_exact()
+
+    def _replay_is_exact(self) -> bool:
+        """Replaying every block must reproduce the reference bit for bit (twice)."""
+        return all(self.error(len(self.cache.blocks)) == 0.0 for _ in range(2))
+
+    def error(self, replayed_blocks: int) -> float:
+        acc = OutputError(self.metric)
+        with torch.inference_mode(), self.cache.replaying(replayed_blocks):
+            for i, batch in enumerate(self.batches):
+                self.cache.batch = i
+                out = select_outputs(self.model(**batch))
+                acc.add(self.reference[i], out, batch.get("attention_mask"))
+        return acc.value()
+
+    def blocks_before(self, layer: str) -> int:
+        """Blocks that may replay when only ``layer`` changes (0 if replay is off)."""
+        return block_index(self.cache.blocks, layer, self.order) if self.replay else 0
+
+
+def measure_sensitivity(
+    model: nn.Module,
+    options: Mapping[str, list[Option]],
+    batches: list[dict[str, torch.Tensor]],
+    progress: Progress | None = None,
+) -> SensitivityTable:
+    """Error at the output for each layer in ``options`` under each of its options.
+
+    ``model`` is modified while this runs and restored before it returns.
+    """
+    start = time.perf_counter()
+    evaluator = _Evaluator(model, batches)
+    errors: dict[str, dict[str, float]] = {}
+    skipped: dict[str, dict[str, str]] = {}
+    evaluations = 0
+    for layer, layer_options in options.items():
+        original = model.get_submodule(layer)
+        replayed = evaluator.blocks_before(layer)
+        errors[layer] = {}
+        for option in layer_options:
+            try:
+                compressed = method_of(option).convert(original, option)
+            except OptionError as exc:
+                skipped.setdefault(layer, {})[option.label] = str(exc)
+                continue
+            model.set_submodule(layer, compressed)
+            try:
+                errors[layer][option.label] = evaluator.error(replayed)
+            finally:
+                model.set_submodule(layer, original)
+            evaluations += 1
+            if progress is not None:
+                progress(1)
+    return SensitivityTable(
+        metric=evaluator.metric,
+        errors=errors,
+        evaluations=evaluations,
+        seconds=time.perf_counter() - start,
+        skipped=skipped,
+        prefix_cached=evaluator.replay,
+    )

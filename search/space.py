@@ -1,0 +1,67 @@
+"""The search space as numbers: variables, their choices, a score and resource costs.
+
+``search`` knows nothing of models. A variable is a layer, a choice one of its options; the
+score is what to minimise (an estimated error), and each resource (bytes, seconds, weight
+bits) has a cost per choice plus a fixed part outside the variables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ChoiceTable:
+    variables: list[str]
+    choices: list[list[str]]
+    scores: list[np.ndarray]
+    costs: dict[str, list[np.ndarray]]
+    fixed: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.variables)
+        if len(self.choices) != n or len(self.scores) != n:
+            raise ValueError("variables, choices and scores must have one entry per variable")
+        for resource, per_var in self.costs.items():
+            if len(per_var) != n:
+                raise ValueError(f"resource {resource!r} needs one cost array per variable")
+            for i, arr in enumerate(per_var):
+                if len(arr) != len(self.choices[i]):
+                    raise ValueError(f"{resource!r}: wrong number of costs for {self.variables[i]}")
+        for i, arr in enumerate(self.scores):
+            if len(arr) != len(self.choices[i]) or len(arr) == 0:
+                raise ValueError(f"{self.variables[i]}: needs one score per choice (at least one)")
+
+    def index(self, variable: int, label: str) -> int:
+        return self.choices[variable].index(label)
+
+    def total(self, resource: str, assignment: list[int]) -> float:
+        """Resource use of an assignment (one choice index per variable), fixed part included."""
+        per_var = self.costs[resource]
+        return self.fixed.get(resource, 0.0) + sum(
+            per_var[i][c].item() for i, c in enumerate(assignment)
+        )
+
+    def score(self, assignment: list[int]) -> float:
+        return float(sum(self.scores[i][c] for i, c in enumerate(assignment)))
+
+    def minimum(self, resource: str) -> float:
+        """The least of ``resource`` any assignment can use."""
+        return self.fixed.get(resource, 0.0) + sum(arr.min().item() for arr in self.costs[resource])
+
+    def labels(self, assignment: list[int]) -> dict[str, str]:
+        return {
+            v: self.choices[i][c]
+            for i, (v, c) in enumerate(zip(self.variables, assignment, strict=True))
+        }
+
+    def uniform(self, label: str) -> list[int] | None:
+        """The assignment giving every variable the choice ``label``, if all have it."""
+        if not all(label in ch for ch in self.choices):
+            return None
+        return [ch.index(label) for ch in self.choices]
+
+    def fits(self, assignment: list[int], limits: dict[str, float]) -> bool:
+        return all(self.total(r, assignment) <= limit for r, limit in limits.items())
