@@ -1,3 +1,46 @@
 """autotune: hardware-aware per-layer compression plans for PyTorch / Hugging Face models."""
 
 __version__ = "0.1.0"
+
+from autotune.apply import apply_plan
+from autotune.budget import Budget
+from autotune.errors import (
+    AutotuneError,
+    BudgetError,
+    CalibrationError,
+    FingerprintMismatchError,
+    InfeasibleBudgetError,
+    ModelLoadError,
+    OptionError,
+    PlanError,
+    TargetError,
+)
+from autotune.plan import Plan
+from autotune.saved import load_compressed, save_compressed
+from autotune.targets import get_target, list_targets
+from autotune.tuner import TuneResult, autotune
+from autotune.validate import ValidationResult, validate_plan
+
+__all__ = [
+    "AutotuneError",
+    "Budget",
+    "BudgetError",
+    "CalibrationError",
+    "FingerprintMismatchError",
+    "InfeasibleBudgetError",
+    "ModelLoadError",
+    "OptionError",
+    "Plan",
+    "PlanError",
+    "TargetError",
+    "TuneResult",
+    "ValidationResult",
+    "__version__",
+    "apply_plan",
+    "autotune",
+    "get_target",
+    "list_targets",
+    "load_compressed",
+    "save_compressed",
+    "validate_plan",
+]

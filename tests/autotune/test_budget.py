@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import pytest
+
+from autotune.budget import Budget
+from autotune.errors import BudgetError
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "value"),
+    [
+        ("15MB", "memory_bytes", 15_000_000),
+        ("8GB", "memory_bytes", 8_000_000_000),
+        ("8GiB", "memory_bytes", 8 * 2**30),
+        ("512KiB", "memory_bytes", 512 * 1024),
+        ("123B", "memory_bytes", 123),
+        ("1.5MB", "memory_bytes", 1_500_000),
+        ("4.5bits", "avg_bits", 4.5),
+        ("25%", "size_ratio", 0.25),
+        ("20ms", "latency_ms", 20.0),
+        ("1.5s", "latency_ms", 1500.0),
+        ("800us", "latency_ms", 0.8),
+    ],
+)
+def test_single_terms(text: str, field: str, value: float) -> None:
+    budget = Budget.parse(text)
+    assert getattr(budget, field) == value
+    others = {"memory_bytes", "avg_bits", "size_ratio", "latency_ms"} - {field}
+    assert all(getattr(budget, name) is None for name in others)
+
+
+def test_combination_and_whitespace() -> None:
+    budget = Budget.parse(" 8GB , 20ms ")
+    assert budget.memory_bytes == 8_000_000_000
+    assert budget.latency_ms == 20.0
+
+
+@pytest.mark.parametrize("text", ["15MB", "8GiB", "1.000001GB", "4.5bits,25%", "8GB,20ms", "999B"])
+def test_spec_round_trips_exactly(text: str) -> None:
+    budget = Budget.parse(text)
+    assert Budget.parse(budget.spec) == budget
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"memory": "15MB"},
+        {"memory_bytes": 15_000_000, "latency": 20},
+        {"spec": "15MB", "batch_size": 4, "seq_len": 32},
+        {"bits": 4, "ratio": "30%"},
+    ],
+)
+def test_dict_forms(spec: dict) -> None:
+    budget = Budget.parse(spec)
+    assert Budget.from_dict(budget.to_dict()) == budget
+
+
+def test_keywords_set_shape() -> None:
+    budget = Budget.parse("20ms", batch_size=2, seq_len=16)
+    assert (budget.batch_size, budget.seq_len) == (2, 16)
+    assert Budget.parse(Budget(memory_bytes=10)) == Budget(memory_bytes=10)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("15XB", "unknown unit 'XB'"),
+        ("", "malformed budget"),
+        ("abc", "malformed budget term"),
+        ("8GB,,20ms", "malformed budget"),
+        ("15MB,16MB", "twice"),
+        ("0ms", "must be positive"),
+        ("150%", "at most 100%"),
+        ("1.5B", "whole number of bytes"),
+        ("-3MB", "malformed"),
+    ],
+)
+def test_malformed_budgets_say_what_is_allowed(text: str, fragment: str) -> None:
+    with pytest.raises(BudgetError) as info:
+        Budget.parse(text)
+    message = str(info.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_unknown_dict_field_is_refused() -> None:
+    with pytest.raises(BudgetError, match="unknown budget field 'memroy'"):
+        Budget.parse({"memroy": "15MB"})
+
+
+def test_empty_budget_is_refused() -> None:
+    with pytest.raises(BudgetError, match="sets no constraint"):
+        Budget()
+
+
+def test_memory_limit_combines_absolute_and_share() -> None:
+    budget = Budget.parse("15MB,10%")
+    assert budget.memory_limit(100_000_000) == 10_000_000
+    assert budget.memory_limit(300_000_000) == 15_000_000

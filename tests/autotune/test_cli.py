@@ -1,0 +1,141 @@
+"""The command line as a user drives it: exit codes, one-line errors, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from autotune.apply import apply_plan
+from autotune.cli import main
+from autotune.saved import load_compressed
+
+FAST = ["--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tuned_plan(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "plan.json"
+    code = main(
+        ["tune", str(tiny_bert_dir), "--budget", "35%", "--target", "cpu", "-o", str(out), *FAST]
+    )
+    assert code == 0
+    return out
+
+
+def test_tune_writes_a_plan_and_prints_the_report(tuned_plan: Path, capsys) -> None:
+    plan = json.loads(tuned_plan.read_text())
+    assert plan["budget"]["spec"] == "35%"
+    assert plan["measured"]["bytes"] == plan["predicted"]["bytes"]
+
+
+def test_validate_holds(tuned_plan: Path, tiny_bert_dir: Path, capsys) -> None:
+    assert main(["validate", str(tuned_plan), str(tiny_bert_dir), *FAST]) == 0
+    assert "plan holds" in capsys.readouterr().out
+
+
+def test_validate_reports_a_broken_budget(
+    tuned_plan: Path, tiny_bert_dir: Path, tmp_path: Path, capsys
+) -> None:
+    plan = json.loads(tuned_plan.read_text())
+    plan["budget"]["spec"] = "10%"
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(plan))
+    assert main(["validate", str(edited), str(tiny_bert_dir), *FAST]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL memory" in out and "budget 10%" in out
+
+
+def test_validate_reports_a_quality_regression(
+    tuned_plan: Path, tiny_bert_dir: Path, tmp_path: Path, capsys
+) -> None:
+    plan = json.loads(tuned_plan.read_text())
+    plan["measured"]["heldout_error"] /= 100
+    edited = tmp_path / "stricter.json"
+    edited.write_text(json.dumps(plan))
+    assert main(["validate", str(edited), str(tiny_bert_dir), "--json", *FAST]) == 1
+    report = json.loads(capsys.readouterr().out)
+    failed = [c["name"] for c in report["checks"] if not c["holds"]]
+    assert failed == ["held-out error (nmse)"]
+
+
+def test_validate_refuses_a_plan_for_another_model(
+    tuned_plan: Path, other_bert_dir: Path, capsys
+) -> None:
+    assert main(["validate", str(tuned_plan), str(other_bert_dir), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("autotune: error: plan was made for model fingerprint")
+    assert "\n" not in err
+
+
+def test_apply_saves_a_model_that_reloads_identically(
+    tuned_plan: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "compressed"
+    assert main(["apply", str(tuned_plan), str(tiny_bert_dir), "-o", str(out), *FAST]) == 0
+    reloaded = load_compressed(out)
+    direct = apply_plan(str(tiny_bert_dir), tuned_plan)
+    ids = torch.randint(1000, 2000, (2, 10))
+    with torch.inference_mode():
+        assert torch.equal(
+            reloaded(input_ids=ids).last_hidden_state, direct(input_ids=ids).last_hidden_state
+        )
+
+
+def test_targets_lists_the_registry(capsys) -> None:
+    assert main(["targets"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("cpu", "a100-40gb", "h100", "t4", "local"))
+    assert main(["targets", "--json"]) == 0
+    assert {t["name"] for t in json.loads(capsys.readouterr().out)} >= {"cpu", "l4"}
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--budget", "15XB", "--target", "cpu"], "unknown unit 'XB'"),
+        (["--budget", "15MB", "--target", "tpu"], "unknown target 'tpu'"),
+        (["--budget", "1KB", "--target", "cpu"], "cannot be met"),
+    ],
+)
+def test_bad_tune_input_is_one_line_exit_2_and_writes_nothing(
+    tiny_bert_dir: Path, tmp_path: Path, capsys, args: list[str], fragment: str
+) -> None:
+    out = tmp_path / "plan.json"
+    assert main(["tune", str(tiny_bert_dir), *args, "-o", str(out), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and "\n" not in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_model_path(tmp_path: Path, capsys) -> None:
+    assert main(["tune", str(tmp_path / "nope"), "--budget", "15MB", *FAST]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["garbage", '{"schema_version": 1, "layers": {'])
+def test_broken_plan_files(tiny_bert_dir: Path, tmp_path: Path, capsys, content: str) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text(content)
+    assert main(["validate", str(plan), str(tiny_bert_dir), *FAST]) == 2
+    assert main(["apply", str(plan), str(tiny_bert_dir), "-o", str(tmp_path / "out"), *FAST]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_console_script_is_installed() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "autotune.cli", "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0 and result.stdout.startswith("autotune ")
+    usage = subprocess.run(
+        [sys.executable, "-m", "autotune.cli", "tune"], capture_output=True, text=True, check=False
+    )
+    assert usage.returncode == 2

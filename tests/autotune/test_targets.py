@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from autotune.errors import TargetError
+from autotune.targets import get_target, list_targets, load_registry
+from profilers.hardware import HardwareSpec
+
+REQUIRED = ["cpu", "a100-40gb", "a100-80gb", "h100", "l4", "t4", "a10", "rtx4090"]
+
+
+def test_registry_has_the_required_targets() -> None:
+    names = {spec.name for spec in list_targets()}
+    assert set(REQUIRED) <= names
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_every_figure_has_a_source(name: str) -> None:
+    spec = get_target(name)
+    for figure in ("memory_bytes", "bandwidth", "peak_flops"):
+        assert spec.sources.get(figure), f"{name}: no source for {figure}"
+    for kernel in spec.kernels.values():
+        assert kernel.source
+    assert spec.memory_bytes > 0 and spec.bandwidth > 0
+    assert all(v > 0 for v in spec.peak_flops.values())
+
+
+def test_names_are_case_insensitive_and_aliases_resolve() -> None:
+    assert get_target("H100").name == "h100"
+    assert get_target("a100").name in {"a100-40gb", "a100-80gb"}
+
+
+def test_unknown_target_lists_known_ones() -> None:
+    with pytest.raises(TargetError) as info:
+        get_target("tpu-v9")
+    assert "unknown target 'tpu-v9'" in str(info.value)
+    assert "cpu" in str(info.value) and "local" in str(info.value)
+
+
+def _entry(name: str) -> dict:
+    return {
+        "name": name,
+        "kind": "gpu",
+        "description": "test accelerator",
+        "memory_bytes": 1 << 30,
+        "bandwidth": 1e11,
+        "peak_flops": {"float16": 1e13},
+        "sources": {"all": "test"},
+    }
+
+
+def test_user_target_file_adds_and_overrides(tmp_path: Path) -> None:
+    file = tmp_path / "mine.json"
+    override = _entry("t4") | {"bandwidth": 2e11}
+    file.write_text(json.dumps({"targets": [_entry("my-gpu"), override]}))
+    specs, _ = load_registry([file])
+    assert specs["my-gpu"].bandwidth == 1e11
+    assert specs["t4"].bandwidth == 2e11
+    assert isinstance(get_target("my-gpu", [file]), HardwareSpec)
+
+
+def test_single_entry_file_is_accepted(tmp_path: Path) -> None:
+    file = tmp_path / "one.json"
+    file.write_text(json.dumps(_entry("solo")))
+    assert get_target("solo", [file]).name == "solo"
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"targets": [{"name": "x"}]}), "targets/0"),
+        (json.dumps({"targets": [_entry("bad") | {"bandwidth": -1}]}), "bandwidth"),
+        (json.dumps({"targets": [_entry("local")]}), "reserved"),
+    ],
+)
+def test_bad_target_files_fail_with_one_line(tmp_path: Path, content: str, fragment: str) -> None:
+    file = tmp_path / "bad.json"
+    file.write_text(content)
+    with pytest.raises(TargetError) as info:
+        load_registry([file])
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_target_file() -> None:
+    with pytest.raises(TargetError, match="does not exist"):
+        load_registry(["/nonexistent/targets.json"])
+
+
+def test_local_probes_this_machine() -> None:
+    spec = get_target("local")
+    assert spec.name == "local"
+    assert spec.probed["logical_cores"] >= 1
+    assert spec.bandwidth > 0 and spec.peak("float32") > 0

