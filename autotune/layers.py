@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from methods.base import LayerShape
+from methods.base import LayerShape, is_weight_layer
 
 MIN_NUMEL = 4096
 
@@ -20,24 +20,30 @@ class LayerRef:
 def compressible_layers(
     model: nn.Module, *, include_embeddings: bool = True, min_numel: int = MIN_NUMEL
 ) -> list[LayerRef]:
-    """``nn.Linear`` and ``nn.Embedding`` layers in module order, found by type.
+    """Linear (``nn.Linear``, GPT-2 ``Conv1D``) and embedding layers in module order, found by
+    type.
 
     Layers smaller than ``min_numel`` weights are left alone (their bytes are negligible and
-    each one would cost a profiling pass). A weight shared by several layers is listed once.
+    each one would cost a profiling pass). Layers whose weight is shared with another layer
+    (tied input and output embeddings) are left alone too: compressing one side would keep
+    the float copy alive for the other.
     """
+    users: dict[int, int] = {}
+    for module in model.modules():
+        if is_weight_layer(module):
+            key = module.weight.data_ptr()
+            users[key] = users.get(key, 0) + 1
     found: list[LayerRef] = []
-    seen: set[int] = set()
     for name, module in model.named_modules():
+        if not is_weight_layer(module):
+            continue
         if isinstance(module, nn.Embedding) and not include_embeddings:
             continue
-        if not isinstance(module, (nn.Linear, nn.Embedding)):
+        weight = module.weight
+        if not weight.is_floating_point() or weight.numel() < min_numel:
             continue
-        if not module.weight.is_floating_point() or module.weight.numel() < min_numel:
+        if users[weight.data_ptr()] > 1:
             continue
-        key = module.weight.untyped_storage().data_ptr()
-        if key in seen:
-            continue
-        seen.add(key)
         found.append(LayerRef(name, LayerShape.of(module)))
     return found
 
@@ -47,8 +53,8 @@ def weight_numel(model: nn.Module) -> int:
     total = 0
     seen: set[int] = set()
     for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            key = module.weight.untyped_storage().data_ptr()
+        if is_weight_layer(module):
+            key = module.weight.data_ptr()
             if key not in seen:
                 seen.add(key)
                 total += module.weight.numel()

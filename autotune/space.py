@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from autotune.layers import LayerRef, compressible_layers, weight_numel
-from methods.base import Option
+from methods.base import Option, is_weight_layer
 from methods.keep import KeepOption
 from methods.registry import get_method, method_of
 from profilers.hardware import HardwareSpec
@@ -89,7 +89,7 @@ def build_costs(
     others = [r for r in compressible_layers(model, min_numel=0) if r.name not in chosen]
     fixed_bits = sum(8 * KeepCost.weight_bytes(r) for r in others)
     fixed_seconds = sum(layer_latency(r.shape, KeepOption(), spec, tokens) for r in others)
-    all_layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    all_layers = [m for m in model.modules() if is_weight_layer(m)]
     rest = rest_of_model(model, latency_inputs, all_layers)
     original = model_bytes(model)
     return CostModel(

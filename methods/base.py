@@ -44,6 +44,28 @@ def dtype_from_name(name: str) -> torch.dtype:
     raise OptionError(f"unknown dtype {name!r}; allowed: {sorted(_DTYPE_NAMES.values())}")
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """A transformers ``Conv1D``: a linear layer whose weight is stored ``[in, out]``."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and hasattr(module, "nf")
+    )
+
+
+def is_weight_layer(module: nn.Module) -> bool:
+    """Linear, Conv1D and embedding layers: the layers compression methods act on."""
+    return isinstance(module, (nn.Linear, nn.Embedding)) or is_conv1d(module)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as ``[out, in]`` (``Conv1D`` stores it transposed); rows for embeddings."""
+    weight = module.weight.detach()
+    return weight.t() if is_conv1d(module) else weight
+
+
 @dataclass(frozen=True)
 class LayerShape:
     """What a method needs to know of a layer to price an option, without the layer itself.
@@ -72,7 +94,15 @@ class LayerShape:
 
     @staticmethod
     def of(module: nn.Module) -> LayerShape:
-        """The shape of an ``nn.Linear`` or ``nn.Embedding`` (or a GPT-2 style Conv1D)."""
+        """The shape of an ``nn.Linear``, a GPT-2 style ``Conv1D`` or an ``nn.Embedding``."""
+        if is_conv1d(module):
+            return LayerShape(
+                "linear",
+                module.weight.shape[1],
+                module.weight.shape[0],
+                getattr(module, "bias", None) is not None,
+                dtype_name(module.weight.dtype),
+            )
         if isinstance(module, nn.Linear):
             return LayerShape(
                 "linear",

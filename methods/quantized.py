@@ -56,7 +56,7 @@ class QuantizedStorage(nn.Module):
     @torch.no_grad()
     def load_weight(self, weight: torch.Tensor) -> None:
         """Quantise ``weight`` (rows x cols) round-to-nearest into this module's buffers."""
-        groups = affine.group_view(weight.detach().float(), self.group_size)
+        groups = affine.group_view(weight.detach().float().contiguous(), self.group_size)
         scales, offsets = affine.fit_scales(groups, self.bits, self.symmetric)
         codes = affine.encode(groups, scales, offsets, self.bits).reshape(self.rows, self.cols)
         self.store(codes, scales, offsets)
@@ -71,10 +71,10 @@ class QuantizedStorage(nn.Module):
             packed = (codes.to(torch.int16) - 128).to(torch.int8)
         else:
             packed = pack_codes(codes.to(torch.uint8), self.bits)
-        self.codes = packed.to(device)
-        self.scales = scales.to(torch.float16).to(device)
+        self.codes = packed.to(device).contiguous()
+        self.scales = scales.to(torch.float16).to(device).contiguous()
         if not self.symmetric:
-            self.offsets = offsets.to(torch.float16).to(device)
+            self.offsets = offsets.to(torch.float16).to(device).contiguous()
 
     def _codes_for_scratch(self, device: torch.device) -> torch.Tensor:
         padded = -(-self.cols // 8) * 8

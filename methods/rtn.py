@@ -12,7 +12,15 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from methods.base import Cost, LayerShape, Method, Observer, Option, dtype_from_name
+from methods.base import (
+    Cost,
+    LayerShape,
+    Method,
+    Observer,
+    Option,
+    dtype_from_name,
+    linear_weight,
+)
 from methods.errors import OptionError
 from methods.kernels import int4_group_for
 from methods.packing import packed_row_bytes
@@ -114,7 +122,7 @@ class RoundToNearest(Method):
         assert isinstance(option, QuantOption)
         shape = LayerShape.of(module)
         self.check(shape, option)
-        weight = module.weight.detach()
+        weight = linear_weight(module)
         if not torch.isfinite(weight.sum()) and not torch.isfinite(weight).all():
             raise OptionError(f"{option.label}: the layer's weight holds NaN or inf values")
         out = self.empty(shape, option, like=module)

@@ -11,8 +11,8 @@ class KernelSpec:
     """A weight format that has a fast kernel on the device.
 
     ``max_tokens``: the kernel is used for calls of at most this many tokens (``None``: all);
-    above it the layer runs dequantised. ``compute_dtype`` names the peak the kernel runs at;
-    ``efficiency`` is the fraction of the roofline it reaches.
+    above it the layer runs dequantised. ``compute_dtype`` names the peak the kernel computes
+    at; ``efficiency`` is the fraction of peak memory bandwidth it reaches on its traffic.
     """
 
     compute_dtype: str = "bfloat16"

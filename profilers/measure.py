@@ -9,13 +9,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from methods.base import is_weight_layer
+
 
 def _unique_tensors(tensors):
     seen: set[tuple[int, int]] = set()
     for tensor in tensors:
         if tensor is None:
             continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+        key = (tensor.data_ptr(), tensor.numel() * tensor.element_size(), tensor.dtype)
         if key in seen:
             continue
         seen.add(key)
@@ -41,8 +43,8 @@ def weight_storage_bytes(model: nn.Module) -> int:
     for module in model.modules():
         if hasattr(module, "stored_weight_bytes"):
             total += int(module.stored_weight_bytes())
-        elif isinstance(module, (nn.Linear, nn.Embedding)):
-            key = module.weight.untyped_storage().data_ptr()
+        elif is_weight_layer(module):
+            key = module.weight.data_ptr()
             if key not in seen:
                 seen.add(key)
                 total += module.weight.numel() * module.weight.element_size()

@@ -40,9 +40,10 @@ def metric_for(outputs: Mapping[str, torch.Tensor]) -> str:
 
 
 def _token_mask(tensor: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
-    if mask is None or tensor.dim() < 2 or tuple(tensor.shape[:2]) != tuple(mask.shape):
+    """The mask applies to per-token outputs only: batch x tokens x features."""
+    if mask is None or tensor.dim() < 3 or tuple(tensor.shape[:2]) != tuple(mask.shape):
         return None
-    return mask.to(torch.bool)
+    return mask.to(device=tensor.device, dtype=torch.bool)
 
 
 class OutputError:
@@ -62,8 +63,8 @@ class OutputError:
         mask: torch.Tensor | None = None,
     ) -> None:
         for key, ref in reference.items():
-            out = output[key].to(torch.float32)
             ref = ref.to(torch.float32)
+            out = output[key].to(ref.device, torch.float32)
             keep = _token_mask(ref, mask)
             if keep is not None:
                 ref, out = ref[keep], out[keep]

@@ -14,7 +14,7 @@ from methods.base import LayerShape, Option
 from methods.registry import method_of
 from profilers.hardware import HardwareSpec
 
-ACTIVATION_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ACTIVATION_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 # operators one call of a layer dispatches, by how it computes (each costs op_overhead_s)
 OPS_PER_CALL = {"dense": 2, "lookup": 8, "kernel": 8, "dequantize": 14}
 
@@ -44,11 +44,10 @@ def layer_latency(shape: LayerShape, option: Option, spec: HardwareSpec, tokens:
     fmt = method.runtime_format(shape, option)
     kernel = spec.kernels.get(fmt)
     if kernel is not None and (kernel.max_tokens is None or tokens <= kernel.max_tokens):
-        weight_bytes = cost.weight_bytes + cost.other_bytes
-        seconds = max(
-            flops / spec.peak(kernel.compute_dtype), (weight_bytes + activations) / spec.bandwidth
-        )
-        return seconds / kernel.efficiency + OPS_PER_CALL["kernel"] * spec.op_overhead_s
+        moved = cost.weight_bytes + cost.other_bytes + activations
+        compute = flops / (spec.peak(kernel.compute_dtype) * spec.efficiency)
+        memory = moved / (spec.bandwidth * kernel.efficiency)
+        return max(compute, memory) + OPS_PER_CALL["kernel"] * spec.op_overhead_s
     if fmt == "dense":
         moved = cost.bytes + activations
         seconds = max(flops / spec.peak(shape.dtype), moved / spec.bandwidth) / spec.efficiency

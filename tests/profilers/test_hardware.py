@@ -1,0 +1,141 @@
+"""Hardware specs as data (profilers.hardware)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from profilers.hardware import HardwareSpec, KernelSpec
+
+
+def example_spec() -> HardwareSpec:
+    return HardwareSpec(
+        name="box",
+        kind="gpu",
+        description="a made-up accelerator",
+        memory_bytes=80 * 2**30,
+        bandwidth=3.0e12,
+        peak_flops={"float16": 9.0e14, "bfloat16": 9.0e14, "float32": 6.0e13},
+        dense_dtype="float16",
+        efficiency=0.7,
+        op_overhead_s=8e-6,
+        kernels={
+            "int8_weight_only": KernelSpec("bfloat16", 16, 0.4, "datasheet"),
+            "int4_weight_only": KernelSpec("float16", None, 0.3, "guess"),
+        },
+        sources={"bandwidth": "datasheet", "peak_flops": "datasheet"},
+        probed={"gpu": {"name": "box", "capability": "9.0"}, "cores": 132},
+    )
+
+
+def test_to_dict_is_plain_data() -> None:
+    data = example_spec().to_dict()
+    assert data["kernels"]["int8_weight_only"] == {
+        "compute_dtype": "bfloat16",
+        "max_tokens": 16,
+        "efficiency": 0.4,
+        "source": "datasheet",
+    }
+    json.dumps(data)  # nothing but JSON types
+
+
+def test_round_trip_keeps_everything_including_kernels() -> None:
+    spec = example_spec()
+    back = HardwareSpec.from_dict(spec.to_dict())
+    assert back == spec
+    assert all(isinstance(k, KernelSpec) for k in back.kernels.values())
+    assert back.kernels["int4_weight_only"].max_tokens is None
+
+
+def test_round_trip_through_json() -> None:
+    spec = example_spec()
+    assert HardwareSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_from_dict_does_not_change_its_argument() -> None:
+    data = example_spec().to_dict()
+    before = copy.deepcopy(data)
+    HardwareSpec.from_dict(data)
+    assert data == before
+
+
+def test_from_dict_fills_defaults_and_makes_peaks_floats() -> None:
+    spec = HardwareSpec.from_dict(
+        {
+            "name": "minimal",
+            "kind": "cpu",
+            "description": "",
+            "memory_bytes": 1024,
+            "bandwidth": 1e10,
+            "peak_flops": {"float32": 10**11},
+        }
+    )
+    assert spec.kernels == {}
+    assert spec.dense_dtype == "float32"
+    assert isinstance(spec.peak_flops["float32"], float)
+    assert spec.peak("float32") == 1e11
+
+
+def test_from_dict_rejects_unknown_fields() -> None:
+    data = example_spec().to_dict()
+    data["clock_hz"] = 1e9
+    with pytest.raises(TypeError):
+        HardwareSpec.from_dict(data)
+
+
+def test_peak_of_a_listed_dtype() -> None:
+    spec = example_spec()
+    assert spec.peak("float32") == 6.0e13
+    assert spec.peak("bfloat16") == 9.0e14
+
+
+@pytest.mark.parametrize("dtype", ["float64", "int8", "float8_e4m3fn"])
+def test_peak_of_an_unlisted_dtype_falls_back_to_the_dense_dtype(dtype: str) -> None:
+    spec = example_spec()
+    assert spec.dense_dtype == "float16"
+    assert spec.peak(dtype) == spec.peak_flops["float16"]
+
+
+def test_specs_are_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        example_spec().bandwidth = 1.0  # type: ignore[misc]
+
+
+names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
+positive = st.floats(1e-9, 1e18, allow_nan=False, allow_infinity=False)
+kernel_specs = st.builds(
+    KernelSpec,
+    compute_dtype=st.sampled_from(["float32", "bfloat16", "float16"]),
+    max_tokens=st.none() | st.integers(1, 4096),
+    efficiency=st.floats(0.01, 1.0),
+    source=names,
+)
+hardware_specs = st.builds(
+    HardwareSpec,
+    name=names,
+    kind=st.sampled_from(["cpu", "gpu"]),
+    description=names,
+    memory_bytes=st.integers(1, 2**50),
+    bandwidth=positive,
+    peak_flops=st.dictionaries(
+        st.sampled_from(["float32", "bfloat16", "float16"]), positive, min_size=1
+    ),
+    efficiency=st.floats(0.01, 1.0),
+    op_overhead_s=st.floats(0.0, 1e-3),
+    kernels=st.dictionaries(
+        st.sampled_from(["int8_weight_only", "int4_weight_only"]), kernel_specs
+    ),
+    sources=st.dictionaries(names, names, max_size=3),
+    probed=st.dictionaries(names, st.integers() | names | st.none(), max_size=3),
+).map(lambda spec: dataclasses.replace(spec, dense_dtype=next(iter(spec.peak_flops))))
+
+
+@settings(max_examples=40, deadline=None)
+@given(spec=hardware_specs)
+def test_any_spec_survives_a_json_round_trip(spec: HardwareSpec) -> None:
+    assert HardwareSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
