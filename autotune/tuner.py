@@ -19,7 +19,7 @@ from autotune.apply import compress
 from autotune.budget import Budget
 from autotune.calibration import build_calibration
 from autotune.candidates import Candidate, ModuleCache, evaluate, select
-from autotune.errors import InfeasibleBudgetError
+from autotune.errors import AutotuneError, InfeasibleBudgetError
 from autotune.fingerprint import fingerprint
 from autotune.layers import compressible_layers
 from autotune.loading import load_model
@@ -103,6 +103,12 @@ def _infeasible_message(
                 f"the lowest predicted latency is {1e3 * smallest:.3f} ms, "
                 f"above {budget.latency_ms:g} ms"
             )
+    if not parts:
+        parts.append(
+            "each limit can be met alone but not all at once (smallest alone: "
+            + ", ".join(f"{RESOURCE_NAMES[r]} {table.minimum(r):.6g}" for r in limits)
+            + ")"
+        )
     return f"budget {budget.spec} cannot be met: " + "; ".join(parts)
 
 
@@ -177,6 +183,11 @@ def autotune(
     work = model if inplace else copy.deepcopy(model)
 
     layers = compressible_layers(work)
+    if not layers:
+        raise AutotuneError(
+            "the model has no compressible layer (linear or embedding layers of at least "
+            "4096 weights that are not shared with another layer)"
+        )
     options = layer_options(layers, methods)
     calib = build_calibration(
         work,
@@ -220,8 +231,8 @@ def autotune(
     scores = {}
     for name, opts in options.items():
         errs = sensitivity.errors[name]
-        # options a layer could not take get an infinite-looking score
-        scores[name] = [errs.get(o.label, 1e9) for o in opts]
+        # an option a layer could not take is never chosen
+        scores[name] = [errs.get(o.label, float("inf")) for o in opts]
     table = _table(costs, scores)
     try:
         allocation = allocate(table, limits)
@@ -307,6 +318,7 @@ def autotune(
             for c in candidates
         ],
         "solver_seconds": round(allocation.seconds, 3),
+        "solver_optimal": allocation.optimal,
     }
     plan = Plan(
         layers=layer_entries,

@@ -1,9 +1,10 @@
 """Exact allocation: a multiple-choice knapsack solved as a mixed-integer program.
 
 Minimise the sum of per-variable scores subject to one or more resource limits, choosing
-exactly one option per variable. Solved with HiGHS through ``scipy.optimize.milp``. Integer
-resources (bytes) are then re-checked in exact integer arithmetic; if the solver's
-tolerance let a limit slip by a few units, the limit is tightened and the problem re-solved.
+exactly one choice per variable. Solved with HiGHS through ``scipy.optimize.milp``. A choice
+whose score is not finite is never taken. Resource totals are then re-checked in exact
+arithmetic; if the solver's feasibility tolerance let a limit slip, the limit is tightened
+(by a growing margin) and the problem solved again.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import csr_array, vstack
+from scipy.sparse import csr_array
 
 from search.space import ChoiceTable
+
+_RELATIVE_SLACK = 1e-7  # of a limit: the order of HiGHS's primal feasibility tolerance
 
 
 class InfeasibleError(ValueError):
@@ -33,9 +36,14 @@ class Allocation:
     totals: dict[str, float]
     seconds: float
     solves: int
+    optimal: bool
 
 
-def _check_feasible(table: ChoiceTable, limits: dict[str, float]) -> None:
+def _describe(limits: dict[str, float], minimums: dict[str, float]) -> str:
+    return ", ".join(f"{r}: limit {limits[r]:g}, smallest alone {minimums[r]:g}" for r in limits)
+
+
+def _check_feasible(table: ChoiceTable, limits: dict[str, float]) -> dict[str, float]:
     minimums = {r: table.minimum(r) for r in limits}
     broken = [r for r, limit in limits.items() if minimums[r] > limit]
     if broken:
@@ -43,6 +51,13 @@ def _check_feasible(table: ChoiceTable, limits: dict[str, float]) -> None:
             f"{r}: limit {limits[r]:g} < smallest achievable {minimums[r]:g}" for r in broken
         )
         raise InfeasibleError(f"no plan meets the limits ({parts})", minimums)
+    return minimums
+
+
+def _is_integral(table: ChoiceTable, resource: str) -> bool:
+    fixed = table.fixed.get(resource, 0.0)
+    arrays = table.costs[resource]
+    return float(fixed).is_integer() and all(np.all(np.mod(a, 1) == 0) for a in arrays)
 
 
 def allocate(
@@ -50,48 +65,64 @@ def allocate(
     limits: dict[str, float],
     *,
     time_limit: float = 60.0,
-    max_solves: int = 5,
+    max_solves: int = 8,
 ) -> Allocation:
-    """The assignment with the least total score whose resource totals meet ``limits``."""
-    start = time.perf_counter()
-    _check_feasible(table, limits)
-    sizes = [len(ch) for ch in table.choices]
-    offsets = np.concatenate(([0], np.cumsum(sizes)))
-    n = int(offsets[-1])
-    scores = np.concatenate(table.scores).astype(np.float64)
-    scale = float(np.abs(scores).max()) or 1.0
-    objective = scores / scale
+    """The assignment with the least total score whose resource totals meet ``limits``.
 
-    rows = [
-        csr_array(
-            (np.ones(size), (np.zeros(size, dtype=int), np.arange(offsets[i], offsets[i + 1]))),
-            shape=(1, n),
-        )
-        for i, size in enumerate(sizes)
-    ]
-    one_hot = LinearConstraint(vstack(rows), lb=1, ub=1)
+    ``time_limit`` bounds each solve; ``Allocation.optimal`` is false if one was cut short.
+    """
+    start = time.perf_counter()
+    if not table.variables:
+        raise ValueError("the table has no variables to allocate")
+    minimums = _check_feasible(table, limits)
+    sizes = [len(ch) for ch in table.choices]
+    offsets = np.concatenate(([0], np.cumsum(sizes))).astype(int)
+    n = int(offsets[-1])
+    raw = np.concatenate(table.scores).astype(np.float64)
+    allowed = np.isfinite(raw)
+    if not all(allowed[offsets[i] : offsets[i + 1]].any() for i in range(len(sizes))):
+        raise InfeasibleError("some variable has no allowed choice", minimums)
+    scores = np.where(allowed, raw, 0.0)
+    rows = np.repeat(np.arange(len(sizes)), sizes)
+    one_hot = LinearConstraint(csr_array((np.ones(n), (rows, np.arange(n)))), lb=1, ub=1)
     resources = list(limits)
     matrix = np.vstack([np.concatenate(table.costs[r]).astype(np.float64) for r in resources])
-    budgets = np.array([limits[r] - table.fixed.get(r, 0.0) for r in resources], dtype=np.float64)
+    budgets = np.array([limits[r] - table.fixed.get(r, 0.0) for r in resources])
+    integral = {r: _is_integral(table, r) for r in resources}
+    margins = {r: 0.0 for r in resources}
+    bounds = Bounds(np.zeros(n), allowed.astype(np.float64))
 
+    scale = float(np.abs(scores).max()) or 1.0
+    optimal = True
     for solve in range(1, max_solves + 1):
         norm = np.maximum(np.abs(budgets), 1.0)
-        resource_rows = LinearConstraint(matrix / norm[:, None], lb=-np.inf, ub=budgets / norm)
+        shrink = np.array([margins[r] for r in resources])
+        resource_rows = LinearConstraint(
+            matrix / norm[:, None], lb=-np.inf, ub=(budgets - shrink) / norm
+        )
         result = milp(
-            objective,
+            scores / scale,
             constraints=[one_hot, resource_rows],
             integrality=np.ones(n),
-            bounds=Bounds(0, 1),
-            options={"time_limit": time_limit, "mip_rel_gap": 1e-7, "disp": False},
+            bounds=bounds,
+            options={"time_limit": time_limit, "mip_rel_gap": 1e-9, "disp": False},
         )
         if result.x is None:
             raise InfeasibleError(
-                f"the solver found no plan within the limits ({result.message})",
-                {r: table.minimum(r) for r in limits},
+                "no plan meets all limits at once, though each can be met alone "
+                f"({_describe(limits, minimums)})",
+                minimums,
             )
+        optimal = optimal and result.status == 0
         assignment = [
             int(np.argmax(result.x[offsets[i] : offsets[i + 1]])) for i in range(len(sizes))
         ]
+        objective = table.score(assignment) / scale
+        if 0 < objective < 1e-3 and solve == 1:
+            # the objective is tiny against the largest score: re-solve with it nearer 1, so
+            # the solver's absolute gap cannot hide better plans (coefficients stay <= 1e6)
+            scale = max(scale * objective, scale * 1e-6)
+            continue
         totals = {r: table.total(r, assignment) for r in resources}
         excess = {r: totals[r] - limits[r] for r in resources if totals[r] > limits[r]}
         if not excess:
@@ -101,13 +132,14 @@ def allocate(
                 totals,
                 time.perf_counter() - start,
                 solve,
+                optimal,
             )
         for r, over in excess.items():
-            k = resources.index(r)
-            budgets[k] -= max(
-                over, 1e-9 * abs(limits[r]), 1.0 if float(limits[r]).is_integer() else 0.0
-            )
+            step = max(2 * over, _RELATIVE_SLACK * max(abs(limits[r]), 1.0))
+            if integral[r]:
+                step = max(step, 1.0)
+            margins[r] = 2 * margins[r] + step
     raise InfeasibleError(
-        "the solver kept exceeding the limits by its tolerance",
-        {r: table.minimum(r) for r in limits},
+        f"the solver kept exceeding the limits by its tolerance ({_describe(limits, minimums)})",
+        minimums,
     )

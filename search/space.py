@@ -37,14 +37,22 @@ class ChoiceTable:
     def index(self, variable: int, label: str) -> int:
         return self.choices[variable].index(label)
 
+    def _check(self, assignment: list[int]) -> None:
+        if len(assignment) != len(self.variables):
+            raise ValueError(
+                f"an assignment needs {len(self.variables)} choices, got {len(assignment)}"
+            )
+
     def total(self, resource: str, assignment: list[int]) -> float:
         """Resource use of an assignment (one choice index per variable), fixed part included."""
+        self._check(assignment)
         per_var = self.costs[resource]
         return self.fixed.get(resource, 0.0) + sum(
             per_var[i][c].item() for i, c in enumerate(assignment)
         )
 
     def score(self, assignment: list[int]) -> float:
+        self._check(assignment)
         return float(sum(self.scores[i][c] for i, c in enumerate(assignment)))
 
     def minimum(self, resource: str) -> float:
