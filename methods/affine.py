@@ -16,6 +16,7 @@ import torch
 
 _FP16_MAX = 65504.0
 _FP16_TINY = 2.0**-24
+_FP16_NORMAL = 2.0**-14  # scale of a group whose values are all equal (any scale fits it)
 
 
 def levels(bits: int) -> int:
@@ -42,7 +43,7 @@ def fit_scales(
         high = groups.amax(dim=-1)
         scale = (high - low) / (levels(bits) - 1)
         offset = low.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, _FP16_NORMAL))
     scale = scale.clamp(_FP16_TINY, _FP16_MAX).to(torch.float16)
     return scale, offset
 

@@ -62,11 +62,17 @@ def _has_op(name: str) -> bool:
     return hasattr(torch.ops.aten, name)
 
 
-def int8_kernel_usable(device: torch.device, tokens: int) -> bool:
+def int8_layout_ok(cols: int) -> bool:
+    """The CPU int8 kernel is wrong (or crashes) for input widths not a multiple of 8."""
+    return cols % 8 == 0
+
+
+def int8_kernel_usable(device: torch.device, tokens: int, cols: int) -> bool:
     return (
         POLICY.enabled
         and device.type == "cpu"
         and tokens <= POLICY.int8_max_tokens
+        and int8_layout_ok(cols)
         and _has_op("_weight_int8pack_mm")
     )
 

@@ -28,6 +28,9 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack a 2-D uint8 tensor of codes in ``[0, 2**bits)`` into bytes, row by row."""
     if codes.dim() != 2 or codes.dtype != torch.uint8:
         raise ValueError("codes must be a 2-D uint8 tensor")
+    packed_row_bytes(codes.shape[1], bits)  # checks bits
+    if bits < 8 and codes.numel() and int(codes.max()) >= 1 << bits:
+        raise ValueError(f"codes must be below 2**{bits}, got {int(codes.max())}")
     if bits == 8:
         return codes.contiguous()
     rows, cols = codes.shape

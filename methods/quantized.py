@@ -81,6 +81,20 @@ class QuantizedStorage(nn.Module):
         buffer = workspace.scratch("codes", self.rows * padded, torch.uint8, device)
         return unpack_codes(self.portable_codes(), self.bits, self.cols, out=buffer)
 
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        """``.to(device)`` moves the stored codes, scales and offsets; dtype casts
+        (``.half()``, ``.to(torch.float32)``) leave them in their stored format."""
+        stored = {k: self._buffers[k] for k in ("codes", "scales", "offsets")}
+        for key in stored:
+            self._buffers[key] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            device = fn(torch.empty(0, device=stored["scales"].device)).device
+            for key, tensor in stored.items():
+                self._buffers[key] = None if tensor is None else tensor.to(device)
+        return self
+
     def stored_weight_bytes(self) -> int:
         """Bytes that stand for the weight: codes, scales and offsets."""
         tensors = [self.codes, self.scales, self.offsets]
@@ -174,8 +188,9 @@ class QuantizedLinear(QuantizedStorage):
         tokens = x2.shape[0]
         if (
             self.bits == 8
+            and self.symmetric
             and self.group_size == self.cols
-            and kernels.int8_kernel_usable(x.device, tokens)
+            and kernels.int8_kernel_usable(x.device, tokens, self.cols)
         ):
             y = self._int8_forward(x2)
         elif (group := self.int4_kernel_group) and kernels.int4_kernel_usable(
@@ -189,12 +204,9 @@ class QuantizedLinear(QuantizedStorage):
         return y.reshape(*shape[:-1], self.out_features)
 
     def _int8_forward(self, x2: torch.Tensor) -> torch.Tensor:
-        scales = self.scales[:, 0]
-        y = kernels.int8_matmul(x2, self.codes, scales)
-        if self.offsets is not None:
-            shift = self.offsets[:, 0].to(x2.dtype) + 128 * scales.to(x2.dtype)
-            y = y + x2.sum(dim=-1, keepdim=True) * shift
-        return y
+        # symmetric only: an offset would be added as sum(x) * (m + 128 s), a large term that
+        # cancels against the kernel's output only up to bfloat16 rounding
+        return kernels.int8_matmul(x2, self.codes, self.scales[:, 0])
 
     def _int4_forward(self, x2: torch.Tensor, group: int) -> torch.Tensor:
         if not self._kernel_layout:
@@ -268,6 +280,12 @@ class QuantizedEmbedding(QuantizedStorage):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx
         self.output_dtype = dtype
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, dtype=self.output_dtype, device=self.scales.device))
+        self.output_dtype = probe.dtype
+        return self
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         flat = indices.reshape(-1)

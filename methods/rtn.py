@@ -22,7 +22,7 @@ from methods.base import (
     linear_weight,
 )
 from methods.errors import OptionError
-from methods.kernels import int4_group_for
+from methods.kernels import int4_group_for, int8_layout_ok
 from methods.packing import packed_row_bytes
 from methods.quantized import QuantizedEmbedding, QuantizedLinear
 from methods.registry import register
@@ -63,10 +63,11 @@ def check_quant_option(shape: LayerShape, option: QuantOption, layer: str) -> No
         )
     group = option.group_size
     if group is not None and (not isinstance(group, int) or group <= 0 or shape.cols % group):
-        divisors = [g for g in (32, 64, 128, 256) if shape.cols % g == 0]
+        divisors = [g for g in range(8, shape.cols + 1) if shape.cols % g == 0][:10]
         raise OptionError(
             f"{layer}: group size {group} does not divide the layer width {shape.cols}; "
-            f"allowed: null (one group per row) or one of {divisors}"
+            f"allowed: null (one group per row) or a divisor of {shape.cols}, e.g. "
+            + ", ".join(str(g) for g in divisors)
         )
 
 
@@ -106,7 +107,8 @@ class RoundToNearest(Method):
 
     def runtime_format(self, shape: LayerShape, option: Option) -> str:
         assert isinstance(option, QuantOption)
-        if option.bits == 8 and option.group_size is None:
+        per_row = option.effective_group(shape.cols) == shape.cols
+        if option.bits == 8 and per_row and option.symmetric and int8_layout_ok(shape.cols):
             return "int8_weight_only"
         if (
             option.bits == 4

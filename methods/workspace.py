@@ -21,7 +21,10 @@ def scratch(slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> 
     key = (slot, dtype, device)
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = torch.empty(numel, dtype=dtype, device=device)
+        # a normal tensor (not an inference tensor), so it may be written in and out of
+        # torch.inference_mode
+        with torch.inference_mode(False):
+            buffer = torch.empty(numel, dtype=dtype, device=device)
         buffers[key] = buffer
     return buffer[:numel]
 

@@ -32,9 +32,7 @@ def round_trip(
     return codes, scale, offset, decoded
 
 
-def error_bound(
-    bits: int, scale: torch.Tensor, offset: torch.Tensor | None
-) -> torch.Tensor:
+def error_bound(bits: int, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
     """Half a step, plus what rounding the scale (and offset) to float16 can add at the ends
     of the range: the scale's error times the number of steps, and the offset's error."""
     s = scale.float().unsqueeze(-1)
@@ -105,7 +103,7 @@ def test_codes_are_in_range(bits: int, symmetric: bool) -> None:
 def test_representable_weights_keep_their_codes(bits: int, symmetric: bool) -> None:
     """Decoding then encoding again with the same scales gives back the same codes."""
     groups = gaussian_groups(8, 2, 32, seed=40 + bits)
-    codes, scale, offset, decoded = round_trip(groups, bits, symmetric)
+    codes, scale, offset, _ = round_trip(groups, bits, symmetric)
     generator = torch.Generator().manual_seed(bits)
     other = torch.randint(0, affine.levels(bits), codes.shape, generator=generator)
     other = other.to(torch.uint8)

@@ -35,7 +35,7 @@ def code_matrices(draw: st.DrawFn) -> tuple[torch.Tensor, int]:
     return codes, bits
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, database=None, derandomize=True)
 @given(code_matrices())
 def test_round_trip_random(case: tuple[torch.Tensor, int]) -> None:
     codes, bits = case
@@ -171,11 +171,6 @@ def test_unpack_rejects_a_width_that_does_not_match(bits: int, cols: int, width:
         unpack_codes(torch.zeros(2, width, dtype=torch.uint8), bits, cols)
 
 
-@pytest.mark.xfail(
-    reason="BUG: pack_codes does not check that codes lie in [0, 2**bits); a larger code "
-    "silently spills into its neighbours' bits instead of raising ValueError",
-    strict=True,
-)
 @pytest.mark.parametrize("bits", [2, 4])
 def test_pack_rejects_codes_out_of_range(bits: int) -> None:
     codes = torch.zeros(1, 8, dtype=torch.uint8)
