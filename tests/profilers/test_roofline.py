@@ -305,7 +305,7 @@ def test_fewer_stored_bytes_never_take_more_time_when_bandwidth_bound(
 def test_fewer_stored_bytes_never_take_more_time_on_a_fast_kernel(
     shape: LayerShape, spec: HardwareSpec, tokens: int
 ) -> None:
-    """Bandwidth bound, a kernel as efficient as dense: int8 sym < int8 asym < dense."""
+    """Bandwidth bound, a kernel as efficient as dense: int8 (kernel) beats dense."""
     spec = make_spec(
         kernels=int8_kernel(spec.efficiency),
         bandwidth=spec.bandwidth,
@@ -313,10 +313,12 @@ def test_fewer_stored_bytes_never_take_more_time_on_a_fast_kernel(
         efficiency=spec.efficiency,
         op_overhead_s=0.0,
     )
-    ranked = sorted([KEEP, INT8_CH, INT8_CH_ASYM], key=lambda option: stored_bytes(shape, option))
-    assert ranked == [INT8_CH, INT8_CH_ASYM, KEEP]
+    ranked = sorted([KEEP, INT8_CH], key=lambda option: stored_bytes(shape, option))
+    assert ranked == [INT8_CH, KEEP]
     times = [layer_latency(shape, option, spec, tokens) for option in ranked]
     assert times == sorted(times)
+    # asymmetric int8 has no kernel (its offset term loses precision there): dequantised
+    assert layer_latency(shape, INT8_CH_ASYM, spec, tokens) > times[-1]
 
 
 @settings(max_examples=200, deadline=None)
