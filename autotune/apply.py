@@ -15,6 +15,7 @@ from autotune.plan import Plan
 from methods.base import LayerShape, Option
 from methods.errors import OptionError
 from methods.registry import method_of
+from profilers.observe import Observers, collect_observers, needs_statistics
 
 
 def check_options(model: nn.Module, options: Mapping[str, Option]) -> None:
@@ -29,43 +30,56 @@ def compress(
     options: Mapping[str, Option],
     calibration: Sequence[dict[str, torch.Tensor]] | None = None,
     prebuilt: Mapping[str, nn.Module] | None = None,
+    observers: Observers | None = None,
 ) -> nn.Module:
     """Replace each named layer of ``model`` in place by its compressed module.
 
     Methods that need statistics observe the calibration batches through forward hooks
-    first (phase one), then every layer is converted (phase two). ``prebuilt`` supplies
-    modules already converted for some layers.
+    first (phase one; or take them from ``observers``), then every layer is converted
+    (phase two). ``prebuilt`` supplies modules already converted for some layers.
     """
     prebuilt = prebuilt or {}
     check_options(model, options)
-    observers = {}
-    for name, option in options.items():
-        method = method_of(option)
-        if name in prebuilt or not method.needs_calibration(option):
-            continue
+    pending = {n: [o] for n, o in options.items() if n not in prebuilt}
+    if observers is None and needs_statistics(pending):
         if not calibration:
+            name, option = next(
+                (n, o) for n, o in options.items() if method_of(o).needs_calibration(o)
+            )
             raise OptionError(f"{name}: {option.label} needs calibration data and none was given")
-        observers[name] = method.observer(model.get_submodule(name), option)
-    if observers:
-        handles = [
-            model.get_submodule(name).register_forward_hook(obs.observe)
-            for name, obs in observers.items()
-            if obs is not None
-        ]
-        try:
-            with torch.inference_mode():
-                for batch in calibration or []:
-                    model(**batch)
-        finally:
-            for handle in handles:
-                handle.remove()
+        observers = collect_observers(model, pending, calibration)
+    observers = observers or {}
     for name, option in options.items():
         if name in prebuilt:
             new = prebuilt[name]
         else:
-            new = method_of(option).convert(model.get_submodule(name), option, observers.get(name))
+            observer = observers.get((name, option.label))
+            new = method_of(option).convert(model.get_submodule(name), option, observer)
         model.set_submodule(name, new)
     return model
+
+
+def _plan_calibration(plan: Plan, model: nn.Module, tokenizer: Any, calibration: Any) -> list:
+    """The calibration batches the plan was tuned with (rebuilt from its description)."""
+    from autotune.calibration import STDLIB_SOURCE, build_calibration
+
+    described = plan.calibration or {}
+    source = described.get("source", STDLIB_SOURCE)
+    if calibration is None and source != STDLIB_SOURCE:
+        raise CalibrationError(
+            f"this plan's methods need calibration and it was tuned on {source!r}: pass it "
+            "(calibration=...)"
+        )
+    if calibration is None and tokenizer is None:
+        raise CalibrationError("this plan's methods need calibration: pass a tokenizer or batches")
+    return build_calibration(
+        model,
+        tokenizer,
+        calibration,
+        seq_len=int(described.get("seq_len", 128)),
+        calibration_windows=int(described.get("calibration_windows", 32)),
+        batch_size=int(described.get("batch_size", 8)),
+    ).calibration
 
 
 def apply_plan(
@@ -80,7 +94,6 @@ def apply_plan(
 ) -> nn.Module:
     """The model compressed as ``plan`` says; ``model`` itself is untouched unless
     ``inplace``. ``model`` may be a path or ``"demo"``, ``plan`` a path to plan JSON."""
-    from autotune.calibration import build_calibration
     from autotune.loading import load_model
 
     if isinstance(model, (str, Path)):
@@ -93,8 +106,6 @@ def apply_plan(
     check_options(model, options)
     batches = None
     if any(method_of(o).needs_calibration(o) for o in options.values()):
-        if calibration is None and tokenizer is None:
-            raise CalibrationError("this plan uses methods that need calibration: pass calibration")
-        batches = build_calibration(model, tokenizer, calibration).calibration
+        batches = _plan_calibration(plan, model, tokenizer, calibration)
     work = model if inplace else copy.deepcopy(model)
     return compress(work, options, batches)

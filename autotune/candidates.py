@@ -16,6 +16,7 @@ from torch import nn
 
 from methods.base import Option
 from methods.registry import method_of
+from profilers.observe import Observers
 from profilers.quality import output_error
 
 
@@ -30,9 +31,12 @@ class Candidate:
 class ModuleCache:
     """Converted modules by (layer, option label), up to a byte cap."""
 
-    def __init__(self, model: nn.Module, cap_bytes: int) -> None:
+    def __init__(
+        self, model: nn.Module, cap_bytes: int, observers: Observers | None = None
+    ) -> None:
         self.model = model
         self.cap = cap_bytes
+        self.observers = observers or {}
         self.used = 0
         self.store: dict[tuple[str, str], nn.Module] = {}
 
@@ -40,7 +44,8 @@ class ModuleCache:
         key = (layer, option.label)
         if key in self.store:
             return self.store[key]
-        module = method_of(option).convert(original, option)
+        observer = self.observers.get(key)
+        module = method_of(option).convert(original, option, observer)
         size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
         if module is not original and self.used + size <= self.cap:
             self.store[key] = module

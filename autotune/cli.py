@@ -44,7 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--batch-size", type=int, default=1, help="batch size latency is judged at")
     tune.add_argument("--seq-len", type=int, default=128, help="tokens per sequence for latency")
-    tune.add_argument("--methods", default="rtn", help="comma-separated methods to search")
+    tune.add_argument(
+        "--methods",
+        help="comma-separated methods to search (default: rtn, plus w8a8 on CPU targets)",
+    )
     tune.add_argument("--no-measure", action="store_true", help="skip measuring the result")
     _common(tune)
 
@@ -101,8 +104,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         heldout=args.heldout,
         tokenizer=loaded.tokenizer,
         seed=args.seed,
-        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-        inplace=True,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
+        inplace=False,
         progress=not args.quiet,
         measure=not args.no_measure,
     )

@@ -11,7 +11,7 @@ from torch import nn
 from autotune.layers import weight_numel
 from profilers.measure import (
     LatencyStats,
-    measure_latency,
+    measure_latencies,
     model_bytes,
     state_dict_bytes,
     weight_storage_bytes,
@@ -34,6 +34,7 @@ class Measured:
     avg_bits: float
     latency: LatencyStats | None
     heldout_error: float | None
+    baseline_latency: LatencyStats | None = None
 
     def to_dict(self, latency_shape: list[int], metric: str) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -50,6 +51,12 @@ class Measured:
         if self.heldout_error is not None:
             out["heldout_error"] = self.heldout_error
             out["metric"] = metric
+        if self.baseline_latency is not None:
+            out["baseline"] = {
+                "latency_p50_ms": round(self.baseline_latency.p50_ms, 4),
+                "latency_p90_ms": round(self.baseline_latency.p90_ms, 4),
+                "timed": "interleaved with the compressed model",
+            }
         return out
 
 
@@ -60,14 +67,17 @@ def measure_model(
     latency_inputs: dict[str, torch.Tensor] | None = None,
     heldout: tuple[list[dict], list[dict]] | None = None,
     metric: str = "nmse",
-    repeats: int = 30,
+    baseline: nn.Module | None = None,
 ) -> Measured:
     """Measure ``model``: bytes of parameters and buffers, state bytes, average stored bits
-    per weight, latency (when inputs are given) and held-out error (against reference)."""
+    per weight, latency (when inputs are given; interleaved with ``baseline``'s, whose
+    figures land in ``baseline_latency``) and held-out error (against reference)."""
     weights = total_weights or weight_numel(model)
-    latency = None
+    latency = baseline_latency = None
     if latency_inputs is not None:
-        latency = measure_latency(model, latency_inputs, repeats=repeats)
+        models = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
+        stats = measure_latencies(models, latency_inputs)
+        latency, baseline_latency = stats["model"], stats.get("baseline")
     error = None
     if heldout is not None:
         error = output_error(model, heldout[0], heldout[1], metric)
@@ -77,4 +87,5 @@ def measure_model(
         avg_bits=8 * weight_storage_bytes(model) / weights,
         latency=latency,
         heldout_error=error,
+        baseline_latency=baseline_latency,
     )

@@ -27,6 +27,11 @@ def _yes_no(holds: bool | None) -> str:
     return "-" if holds is None else ("yes" if holds else "NO")
 
 
+def _latency_source(plan: Plan) -> str:
+    name = plan.target.get("name", "?")
+    return "measured here" if name == "local" else f"{name} roofline"
+
+
 @dataclass
 class Report:
     """Predicted and measured figures of a plan; ``str()`` renders a table."""
@@ -109,7 +114,7 @@ class Report:
             ),
             (
                 f"latency p50 ({shape[0]}x{shape[1]} tokens)",
-                _fmt(pred.get("latency_ms"), " ms") + f" [{plan.target.get('name', '?')} roofline]",
+                _fmt(pred.get("latency_ms"), " ms") + f" [{_latency_source(plan)}]",
                 _fmt(meas.get("latency_p50_ms"), " ms"),
                 _fmt(budget.latency_ms, " ms"),
                 _yes_no(holds.get("latency")),
@@ -131,11 +136,13 @@ class Report:
         if baseline or pred.get("original_bytes"):
             lines.append("")
             parts = [f"uncompressed model {_fmt_bytes(pred.get('original_bytes'))}"]
+            if pred.get("original_latency_ms") is not None:
+                parts.append(f"predicted latency {pred['original_latency_ms']:.4g} ms")
             if baseline.get("latency_p50_ms") is not None:
                 speedup = baseline["latency_p50_ms"] / meas["latency_p50_ms"]
                 parts.append(
-                    f"latency p50 {baseline['latency_p50_ms']:.4g} ms "
-                    f"({speedup:.2f}x {'faster' if speedup >= 1 else 'slower'} compressed)"
+                    f"measured p50 {baseline['latency_p50_ms']:.4g} ms "
+                    f"(compressed is {speedup:.2f}x {'faster' if speedup >= 1 else 'slower'})"
                 )
             lines.append("reference: " + "; ".join(parts))
         uniform = meas.get("best_uniform") or {}

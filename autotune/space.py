@@ -13,11 +13,21 @@ from methods.base import Option, is_weight_layer
 from methods.keep import KeepOption
 from methods.registry import get_method, method_of
 from profilers.hardware import HardwareSpec
+from profilers.latency_table import measure_in_model
 from profilers.measure import model_bytes
+from profilers.observe import Observers
 from profilers.opcount import rest_of_model
 from profilers.roofline import layer_latency, rest_latency
 
 DEFAULT_METHODS = ("rtn",)
+
+
+def default_methods(spec: HardwareSpec) -> tuple[str, ...]:
+    """RTN everywhere, plus W8A8 where the target runs dynamic int8 matmuls fast (CPUs with
+    fbgemm); elsewhere W8A8 would only run its float reference."""
+    if "int8_dynamic" in spec.kernels:
+        return (*DEFAULT_METHODS, "w8a8")
+    return DEFAULT_METHODS
 
 
 def layer_options(
@@ -70,41 +80,77 @@ def build_costs(
     options: dict[str, list[Option]],
     spec: HardwareSpec,
     latency_inputs: dict[str, torch.Tensor],
+    progress=None,
+    observers: Observers | None = None,
 ) -> CostModel:
-    """Price every option of every layer on ``spec`` at the shape of ``latency_inputs``."""
+    """Price every option of every layer on ``spec`` at the shape of ``latency_inputs``.
+
+    Named targets are priced by their roofline. ``local`` is measured: every distinct
+    (layer shape, option) is timed inside the model with its real module, and the rest of
+    the model is the measured forward pass minus its layers (see
+    :mod:`profilers.latency_table`).
+    """
     tokens = int(latency_inputs["input_ids"].numel())
+    chosen = {r.name for r in layers}
+    others = [r for r in compressible_layers(model, min_numel=0) if r.name not in chosen]
+    if spec.name == "local":
+        latency, fixed_seconds = _measured_latency(
+            model, layers, options, others, latency_inputs, observers, progress
+        )
+    else:
+        latency = {
+            ref.name: [layer_latency(ref.shape, o, spec, tokens) for o in options[ref.name]]
+            for ref in layers
+        }
+        all_layers = [m for m in model.modules() if is_weight_layer(m)]
+        rest = rest_of_model(model, latency_inputs, all_layers)
+        fixed_seconds = rest_latency(rest, spec) + sum(
+            layer_latency(r.shape, KeepOption(), spec, tokens) for r in others
+        )
     per_bytes: dict[str, list[int]] = {}
     per_bits: dict[str, list[int]] = {}
-    per_seconds: dict[str, list[float]] = {}
     variable_bytes = 0
     for ref in layers:
         costs = [method_of(o).cost(ref.shape, o) for o in options[ref.name]]
         per_bytes[ref.name] = [c.bytes for c in costs]
         per_bits[ref.name] = [8 * c.weight_bytes for c in costs]
-        per_seconds[ref.name] = [
-            layer_latency(ref.shape, o, spec, tokens) for o in options[ref.name]
-        ]
         variable_bytes += KeepCost.bytes(ref)
-    chosen = {r.name for r in layers}
-    others = [r for r in compressible_layers(model, min_numel=0) if r.name not in chosen]
     fixed_bits = sum(8 * KeepCost.weight_bytes(r) for r in others)
-    fixed_seconds = sum(layer_latency(r.shape, KeepOption(), spec, tokens) for r in others)
-    all_layers = [m for m in model.modules() if is_weight_layer(m)]
-    rest = rest_of_model(model, latency_inputs, all_layers)
     original = model_bytes(model)
     return CostModel(
         layers=list(layers),
         options=options,
         bytes=per_bytes,
         weight_bits=per_bits,
-        seconds=per_seconds,
+        seconds=latency,
         fixed_bytes=original - variable_bytes,
         fixed_weight_bits=fixed_bits,
-        fixed_seconds=fixed_seconds + rest_latency(rest, spec),
+        fixed_seconds=fixed_seconds,
         total_weights=weight_numel(model),
         original_bytes=original,
         tokens=tokens,
     )
+
+
+def _measured_latency(
+    model: nn.Module,
+    layers: Sequence[LayerRef],
+    options: dict[str, list[Option]],
+    others: Sequence[LayerRef],
+    inputs: dict[str, torch.Tensor],
+    observers: Observers | None,
+    progress=None,
+) -> tuple[dict[str, list[float]], float]:
+    """Per-layer seconds measured inside the model, and the rest of the model."""
+    timed: dict[str, list[Option]] = {ref.name: options[ref.name] for ref in layers}
+    timed.update({ref.name: [KeepOption()] for ref in others})
+    result = measure_in_model(model, timed, inputs, observers=observers, progress=progress)
+    latency = {
+        ref.name: [result.layers.get((ref.shape, o.label), float("inf")) for o in options[ref.name]]
+        for ref in layers
+    }
+    kept = sum(result.layers[(ref.shape, "keep")] for ref in others)
+    return latency, result.rest + kept
 
 
 class KeepCost:

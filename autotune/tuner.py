@@ -26,10 +26,11 @@ from autotune.loading import load_model
 from autotune.measurement import measure_model
 from autotune.plan import DEFAULT_KEY, Plan
 from autotune.report import Report
-from autotune.space import DEFAULT_METHODS, CostModel, build_costs, layer_options
+from autotune.space import CostModel, build_costs, default_methods, layer_options
 from autotune.targets import get_target
 from methods.keep import KeepOption
 from profilers.hardware import HardwareSpec
+from profilers.observe import collect_observers
 from profilers.quality import run_outputs
 from profilers.sensitivity import SensitivityTable, measure_sensitivity
 from search import ChoiceTable, InfeasibleError, allocate
@@ -61,16 +62,24 @@ def _limits(budget: Budget, costs: CostModel) -> dict[str, float]:
 
 
 def _table(costs: CostModel, scores: dict[str, list[float]]) -> ChoiceTable:
+    """The allocator's view; an option with an unknown (non-finite) cost is never chosen."""
     names = [r.name for r in costs.layers]
+    resources = {"bytes": costs.bytes, "bits": costs.weight_bits, "seconds": costs.seconds}
+    arrays = {r: [np.asarray(v[n], dtype=np.float64) for n in names] for r, v in resources.items()}
+    score_arrays = []
+    for i, name in enumerate(names):
+        score = np.asarray(scores[name], dtype=np.float64)
+        unknown = np.zeros(len(score), dtype=bool)
+        for per_var in arrays.values():
+            unknown |= ~np.isfinite(per_var[i])
+        for per_var in arrays.values():
+            per_var[i] = np.where(unknown, 0.0, per_var[i])
+        score_arrays.append(np.where(unknown, np.inf, score))
     return ChoiceTable(
         variables=names,
         choices=[[o.label for o in costs.options[n]] for n in names],
-        scores=[np.asarray(scores[n], dtype=np.float64) for n in names],
-        costs={
-            "bytes": [np.asarray(costs.bytes[n], dtype=np.float64) for n in names],
-            "bits": [np.asarray(costs.weight_bits[n], dtype=np.float64) for n in names],
-            "seconds": [np.asarray(costs.seconds[n], dtype=np.float64) for n in names],
-        },
+        scores=score_arrays,
+        costs=arrays,
         fixed={
             "bytes": float(costs.fixed_bytes),
             "bits": float(costs.fixed_weight_bits),
@@ -139,7 +148,7 @@ def autotune(
     heldout: Any = None,
     tokenizer: Any = None,
     seed: int = 0,
-    methods: Sequence[str] = DEFAULT_METHODS,
+    methods: Sequence[str] | None = None,
     target_files: Iterable[str | Path] = (),
     inplace: bool = False,
     progress: bool = True,
@@ -157,7 +166,9 @@ def autotune(
 
     ``model`` is an ``nn.Module``, a local model folder, or ``"demo"``. ``calibration`` is a
     list of texts, a text file or a list of input batches (default: standard library
-    docstrings). The user's model is not modified unless ``inplace=True``.
+    docstrings). ``methods`` names the compression methods to search (default: those with
+    a fast kernel on the target, see :func:`autotune.space.default_methods`). The user's
+    model is not modified unless ``inplace=True``.
     """
     started = time.perf_counter()
     say = _Progress(progress)
@@ -188,7 +199,7 @@ def autotune(
             "the model has no compressible layer (linear or embedding layers of at least "
             "4096 weights that are not shared with another layer)"
         )
-    options = layer_options(layers, methods)
+    options = layer_options(layers, methods if methods is not None else default_methods(spec))
     calib = build_calibration(
         work,
         tokenizer,
@@ -200,7 +211,12 @@ def autotune(
         sensitivity_windows=sensitivity_windows,
     )
     latency_inputs = calib.latency_inputs(budget.batch_size, budget.seq_len)
-    costs = build_costs(work, layers, options, spec, latency_inputs)
+    observers = collect_observers(work, options, calib.calibration)
+    n_entries = len({(r.shape, o.label) for r in layers for o in options[r.name]})
+    with say.bar(n_entries if spec.name == "local" else 0, "latency") as bar:
+        costs = build_costs(
+            work, layers, options, spec, latency_inputs, progress=bar.update, observers=observers
+        )
     limits = _limits(budget, costs)
     zero_scores = {n: [0.0] * len(o) for n, o in options.items()}
     screen = _table(costs, zero_scores)
@@ -214,15 +230,18 @@ def autotune(
         f"target {spec.name}; budget {budget.spec}"
     )
 
-    baseline = None
     heldout_reference = run_outputs(work, calib.heldout)
     calib_reference = run_outputs(work, calib.calibration)
     screening_reference = run_outputs(work, calib.sensitivity)
-    if measure:
-        baseline = measure_model(work, latency_inputs=latency_inputs)
+    # the original is timed beside the result at the end; tuning in place leaves no original
+    early_baseline = (
+        measure_model(work, latency_inputs=latency_inputs) if measure and inplace else None
+    )
 
     with say.bar(sum(len(o) for o in options.values()), "sensitivity") as bar:
-        sensitivity = measure_sensitivity(work, options, calib.sensitivity, progress=bar.update)
+        sensitivity = measure_sensitivity(
+            work, options, calib.sensitivity, progress=bar.update, observers=observers
+        )
     say.say(
         f"sensitivity: {sensitivity.evaluations} evaluations in {sensitivity.seconds:.1f} s "
         f"(prefix replay {'on' if sensitivity.prefix_cached else 'off'})"
@@ -250,7 +269,7 @@ def autotune(
         uniform = table.uniform(label)
         if uniform is not None and table.fits(uniform, limits):
             candidates.append(Candidate(f"uniform {label}", options_of(uniform)))
-    cache = ModuleCache(work, cap_bytes=4 * costs.original_bytes)
+    cache = ModuleCache(work, cap_bytes=4 * costs.original_bytes, observers=observers)
     with say.bar(len(candidates) + min(3, len(candidates)), "candidates") as bar:
         chosen = select(
             work,
@@ -294,6 +313,12 @@ def autotune(
         "original_bytes": costs.original_bytes,
         "avg_bits": round(totals["avg_bits"], 6),
         "latency_ms": round(totals["latency_ms"], 6),
+        "original_latency_ms": round(
+            costs.totals({n: costs.options[n].index(KeepOption()) for n in costs.options})[
+                "latency_ms"
+            ],
+            6,
+        ),
         "latency_shape": [budget.batch_size, budget.seq_len],
         "error": chosen.calibration_error,
         "error_additive": float(
@@ -336,13 +361,14 @@ def autotune(
             latency_inputs=latency_inputs,
             heldout=(calib.heldout, heldout_reference),
             metric=sensitivity.metric,
+            baseline=None if inplace else model,
         )
         plan.measured = measured.to_dict([budget.batch_size, budget.seq_len], sensitivity.metric)
-        if baseline is not None and baseline.latency is not None:
+        if early_baseline is not None and early_baseline.latency is not None:
             plan.measured["baseline"] = {
-                "bytes": baseline.bytes,
-                "latency_p50_ms": round(baseline.latency.p50_ms, 4),
-                "latency_p90_ms": round(baseline.latency.p90_ms, 4),
+                "latency_p50_ms": round(early_baseline.latency.p50_ms, 4),
+                "latency_p90_ms": round(early_baseline.latency.p90_ms, 4),
+                "timed": "before tuning (the model was tuned in place)",
             }
         if uniform_measure is not None:
             plan.measured["best_uniform"] = uniform_measure

@@ -1,12 +1,13 @@
 """Compression methods with real compressed storage, behind one registry."""
 
-from methods import keep, rtn  # noqa: F401  (registers the built-in methods)
+from methods import keep, rtn, smoothquant  # noqa: F401  (registers the built-in methods)
 from methods.base import Cost, LayerShape, Method, Observer, Option
 from methods.errors import OptionError
 from methods.keep import KeepOption
 from methods.quantized import QuantizedEmbedding, QuantizedLinear
 from methods.registry import get_method, method_of, option_from_dict, register, registered_methods
 from methods.rtn import QuantOption
+from methods.smoothquant import W8A8Linear, W8A8Option
 
 __all__ = [
     "Cost",
@@ -19,6 +20,8 @@ __all__ = [
     "QuantOption",
     "QuantizedEmbedding",
     "QuantizedLinear",
+    "W8A8Linear",
+    "W8A8Option",
     "get_method",
     "method_of",
     "option_from_dict",

@@ -25,9 +25,11 @@ def _unique_tensors(tensors):
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer, each shared tensor counted once."""
+    """Bytes of every parameter and buffer, each shared tensor counted once, plus what
+    modules hold outside tensors (``opaque_bytes()``: e.g. a kernel's packed weight)."""
     tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in _unique_tensors(tensors))
+    total = sum(t.numel() * t.element_size() for t in _unique_tensors(tensors))
+    return total + sum(int(m.opaque_bytes()) for m in model.modules() if hasattr(m, "opaque_bytes"))
 
 
 def state_dict_bytes(model: nn.Module) -> int:
@@ -85,8 +87,45 @@ def measure_latency(
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-    times.sort()
-    p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
+    return _stats(times)
+
+
+def measure_latencies(
+    models: dict[str, nn.Module],
+    inputs: dict[str, torch.Tensor],
+    *,
+    warmup: int = 5,
+    rounds: int = 40,
+    max_seconds: float = 30.0,
+) -> dict[str, LatencyStats]:
+    """Latency of several models on the same inputs, timed interleaved (one call of each per
+    round, the order reversed every other round) so that bursts of load on a shared machine
+    and the position in a round affect them alike."""
+    cuda = any(t.is_cuda for t in inputs.values() if isinstance(t, torch.Tensor))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            for _ in range(warmup):
+                model(**inputs)
+        deadline = time.perf_counter() + max_seconds
+        order = list(models.items())
+        for done in range(rounds):
+            if done >= 3 and time.perf_counter() > deadline:
+                break
+            for name, model in order if done % 2 == 0 else reversed(order):
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(**inputs)
+                if cuda:
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
+    return {name: _stats(values) for name, values in times.items()}
+
+
+def _stats(times: list[float]) -> LatencyStats:
+    ordered = sorted(times)
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
     return LatencyStats(
-        1e3 * statistics.median(times), 1e3 * p90, 1e3 * statistics.fmean(times), len(times)
+        1e3 * statistics.median(ordered), 1e3 * p90, 1e3 * statistics.fmean(ordered), len(ordered)
     )

@@ -12,7 +12,6 @@ from torch.utils.flop_counter import flop_registry
 
 from profilers.roofline import RestOfModel
 
-
 _QUERIES = {
     torch.ops.aten.is_contiguous.default,
     torch.ops.aten.is_contiguous.memory_format,

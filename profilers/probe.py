@@ -158,6 +158,10 @@ def local_spec() -> HardwareSpec:
             kernel_table.get("int8_weight_only", KernelSpec()).efficiency * 0.5,
             "assumed half the int8 kernel's efficiency (unpacking nibbles)",
         )
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        kernel_table["int8_dynamic"] = KernelSpec(
+            "int8", None, 0.5, "fbgemm quantized::linear_dynamic; times are measured per layer"
+        )
     return HardwareSpec(
         name="local",
         kind="cpu",

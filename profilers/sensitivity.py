@@ -18,6 +18,7 @@ from methods.base import Option
 from methods.errors import OptionError
 from methods.registry import method_of
 from profilers.blocks import BlockCache, block_index, find_blocks
+from profilers.observe import Observers, collect_observers
 from profilers.quality import OutputError, metric_for, select_outputs
 
 Progress = Callable[[int], None]
@@ -72,12 +73,17 @@ def measure_sensitivity(
     options: Mapping[str, list[Option]],
     batches: list[dict[str, torch.Tensor]],
     progress: Progress | None = None,
+    observers: Observers | None = None,
 ) -> SensitivityTable:
     """Error at the output for each layer in ``options`` under each of its options.
 
-    ``model`` is modified while this runs and restored before it returns.
+    Options that need calibration statistics take them from ``observers`` (keyed by layer
+    and option label); when none are given they are collected on ``batches``. ``model`` is
+    modified while this runs and restored before it returns.
     """
     start = time.perf_counter()
+    if observers is None:
+        observers = collect_observers(model, options, batches)
     evaluator = _Evaluator(model, batches)
     errors: dict[str, dict[str, float]] = {}
     skipped: dict[str, dict[str, str]] = {}
@@ -88,7 +94,8 @@ def measure_sensitivity(
         errors[layer] = {}
         for option in layer_options:
             try:
-                compressed = method_of(option).convert(original, option)
+                observer = observers.get((layer, option.label))
+                compressed = method_of(option).convert(original, option, observer)
             except OptionError as exc:
                 skipped.setdefault(layer, {})[option.label] = str(exc)
                 continue

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from autotune.errors import InfeasibleBudgetError
+from autotune.space import default_methods
+from autotune.targets import get_target
 from autotune.tuner import autotune
 from methods import QuantizedLinear
 from profilers.measure import model_bytes
@@ -14,10 +16,10 @@ from tests.conftest import make_tiny_bert
 SMALL = {"seq_len": 32, "calibration_windows": 8, "sensitivity_windows": 2, "heldout_windows": 4}
 
 
-def _tune(budget, tokenizer, **kwargs):
+def _tune(budget, tokenizer, target="cpu", **kwargs):
     model = kwargs.pop("model", None) or make_tiny_bert()
     return model, autotune(
-        model, budget, "cpu", tokenizer=tokenizer, progress=False, **SMALL, **kwargs
+        model, budget, target, tokenizer=tokenizer, progress=False, **SMALL, **kwargs
     )
 
 
@@ -101,3 +103,26 @@ def test_infeasible_budget_fails_before_profiling_and_names_the_smallest_size(to
     assert result.plan.predicted["bytes"] == smallest
     with pytest.raises(InfeasibleBudgetError):
         _tune(f"{smallest - 1}B", tokenizer)
+
+
+def test_default_methods_follow_the_target() -> None:
+    assert "w8a8" in default_methods(get_target("cpu"))
+    assert default_methods(get_target("a100")) == ("rtn",)
+
+
+def test_cpu_targets_search_w8a8_too(tuned) -> None:
+    _, result = tuned
+    labels = {label for errors in result.sensitivity.errors.values() for label in errors}
+    assert {"w8a8-sq0.45", "w8a8-sq0.6", "w8a8-sq0.75"} <= labels
+    assert "int4-g32-asym" in labels
+
+
+def test_local_target_measures_latency_in_the_model(tokenizer) -> None:
+    _, result = _tune("35%", tokenizer, target="local", measure=False)
+    assert result.plan.target["name"] == "local"
+    predicted = result.plan.predicted
+    assert predicted["latency_ms"] > 0
+    assert predicted["original_latency_ms"] > 0
+    seconds = result.costs.seconds
+    assert all(v > 0 for values in seconds.values() for v in values)
+    assert "measured here" in str(result.report)

@@ -79,11 +79,28 @@ def make_inputs(shape: LayerShape, seed: int = 1) -> dict[str, torch.Tensor]:
     }
 
 
+def convert(method: Method, module: nn.Module, option: Option) -> nn.Module:
+    """Both phases: methods that need statistics first observe calibration inputs (Gaussian
+    activations, or lookups of every row) through a forward hook."""
+    observer = None
+    if method.needs_calibration(option):
+        observer = method.observer(module, option)
+        assert observer is not None
+        handle = module.register_forward_hook(observer.observe)
+        shape = LayerShape.of(module)
+        with torch.no_grad():
+            for seed in (11, 12, 13):
+                for x in make_inputs(shape, seed=seed).values():
+                    module(x)
+        handle.remove()
+    return method.convert(module, option, observer)
+
+
 @functools.cache
 def converted_layer(method_name: str, layer: str, option: Option) -> nn.Module:
     """The converted Gaussian layer, shared by the tests that only read it (calls may switch
     its in-memory layout, which no test may notice)."""
-    return get_method(method_name).convert(make_layer(layer), option)
+    return convert(get_method(method_name), make_layer(layer), option)
 
 
 @functools.cache
@@ -115,7 +132,7 @@ def error_tolerance(method: Method, shape: LayerShape, option: Option) -> float:
     with each bit, so the bound is 3 * 2**-bits (1% at least). The worst errors measured over
     the grid are about two thirds of it: 0.008 at 8 bits, 0.12 at 4, 0.24 at 3 and 0.53 at 2
     (symmetric codes, groups of 64)."""
-    bits = getattr(option, "bits", None)
+    bits = getattr(option, "effective_bits", None) or getattr(option, "bits", None)
     if bits is None:
         bits = bits_per_weight(method.cost(shape, option), shape)
     return max(3.0 * 2.0**-bits, 0.01)
@@ -138,7 +155,7 @@ def test_conversion_is_deterministic_and_leaves_the_layer_alone(
     method = get_method(method_name)
     original = make_layer(layer)
     before = {k: v.clone() for k, v in original.state_dict().items()}
-    fresh = method.convert(original, option).state_dict()
+    fresh = convert(method, original, option).state_dict()
     assert_states_equal(original.state_dict(), before)
     # An independent conversion of an equal layer (which may have been called since).
     assert_states_equal(fresh, converted_layer(method_name, layer, option).state_dict())
@@ -189,7 +206,7 @@ def test_outlier_row_and_zero_row(method_name: str, layer: str, option: Option) 
     with torch.no_grad():
         original.weight[0] *= 1000.0
         original.weight[1] = 0.0
-    converted = method.convert(original, option)
+    converted = convert(method, original, option)
     tolerance = error_tolerance(method, shape, option)
     for x in make_inputs(shape).values():
         actual, expected = converted(x), original(x)
@@ -313,6 +330,18 @@ def test_check_refuses_a_bit_width_outside_the_allowed_list(
     assert bits not in allowed
     for good in allowed:
         method.check(shape, dataclasses.replace(base, bits=good), LAYER_NAME)
+
+
+@pytest.mark.parametrize(CASE_ARGS, CASES)
+def test_calibration_is_demanded_when_needed(method_name: str, layer: str, option: Option) -> None:
+    """A method that needs statistics refuses to convert without them, naming the option."""
+    method = get_method(method_name)
+    if not method.needs_calibration(option):
+        assert method.observer(make_layer(layer), option) is None
+        return
+    with pytest.raises(OptionError) as info:
+        method.convert(make_layer(layer), option, None)
+    assert option.label in str(info.value) and "calibration" in str(info.value)
 
 
 def test_every_registered_method_is_in_the_suite() -> None:

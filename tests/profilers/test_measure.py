@@ -204,3 +204,25 @@ def test_measure_latency_stops_at_the_deadline_after_three_runs(
 def test_latency_stats_to_dict() -> None:
     stats = LatencyStats(1.0, 2.0, 1.5, 4)
     assert stats.to_dict() == {"p50_ms": 1.0, "p90_ms": 2.0, "mean_ms": 1.5, "repeats": 4}
+
+
+def test_interleaved_latencies_time_every_model_alike() -> None:
+    from profilers.measure import measure_latencies
+
+    calls: dict[str, int] = {"a": 0, "b": 0}
+
+    class Counting(torch.nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls[self.name] += 1
+            return x * 2
+
+    stats = measure_latencies(
+        {"a": Counting("a"), "b": Counting("b")}, {"x": torch.ones(3)}, warmup=2, rounds=10
+    )
+    assert calls == {"a": 12, "b": 12}
+    assert {name: s.repeats for name, s in stats.items()} == {"a": 10, "b": 10}
+    assert all(s.p50_ms <= s.p90_ms for s in stats.values())

@@ -1,0 +1,49 @@
+"""Phase one of methods that need statistics: observe calibration activations by hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from methods.base import Observer, Option
+from methods.registry import method_of
+
+Observers = dict[tuple[str, str], Observer]
+
+
+def needs_statistics(options: Mapping[str, Sequence[Option]]) -> bool:
+    return any(method_of(o).needs_calibration(o) for opts in options.values() for o in opts)
+
+
+def collect_observers(
+    model: nn.Module,
+    options: Mapping[str, Sequence[Option]],
+    batches: Sequence[dict[str, torch.Tensor]],
+) -> Observers:
+    """Observers keyed by ``(layer, option label)`` for every option that needs calibration,
+    fed in one pass over ``batches`` of the model as it is (layers unchanged)."""
+    observers: Observers = {}
+    for layer, layer_options in options.items():
+        module = model.get_submodule(layer)
+        for option in layer_options:
+            method = method_of(option)
+            if method.needs_calibration(option):
+                observer = method.observer(module, option)
+                if observer is not None:
+                    observers[(layer, option.label)] = observer
+    if not observers:
+        return observers
+    handles = [
+        model.get_submodule(layer).register_forward_hook(observer.observe)
+        for (layer, _), observer in observers.items()
+    ]
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return observers

@@ -1,0 +1,61 @@
+"""Phase one of calibrated methods: observers fed by forward hooks (profilers.observe)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from methods.keep import KeepOption
+from methods.rtn import QuantOption
+from methods.smoothquant import ActivationObserver, W8A8Option
+from profilers.observe import collect_observers, needs_statistics
+from tests.profilers.profiler_helpers import Batch, make_bert
+
+LAYERS = ["encoder.layer.0.attention.self.query", "encoder.layer.1.output.dense"]
+
+
+def test_observers_exist_only_for_options_that_need_statistics(batches: list[Batch]) -> None:
+    model = make_bert()
+    options = {name: [KeepOption(), QuantOption(4, 32, False), W8A8Option(0.6)] for name in LAYERS}
+    assert needs_statistics(options)
+    assert not needs_statistics({name: [QuantOption(8, None, True)] for name in LAYERS})
+    observers = collect_observers(model, options, batches)
+    assert set(observers) == {(name, "w8a8-sq0.6") for name in LAYERS}
+    assert all(isinstance(o, ActivationObserver) for o in observers.values())
+
+
+def test_observed_maxima_match_the_layer_inputs(batches: list[Batch]) -> None:
+    model = make_bert()
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: object) -> None:
+            peak = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0)
+            seen[name] = peak if name not in seen else torch.maximum(seen[name], peak)
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(record(n)) for n in LAYERS]
+    with torch.inference_mode():
+        for batch in batches:
+            model(**batch)
+    for handle in handles:
+        handle.remove()
+    observers = collect_observers(model, {n: [W8A8Option(0.75)] for n in LAYERS}, batches)
+    for name in LAYERS:
+        observer = observers[(name, "w8a8-sq0.75")]
+        assert observer.calls == len(batches)
+        assert torch.equal(observer.absmax, seen[name])
+
+
+def test_the_model_is_left_without_hooks(batches: list[Batch]) -> None:
+    model = make_bert()
+    collect_observers(model, {n: [W8A8Option(0.75)] for n in LAYERS}, batches)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_nothing_to_observe_runs_nothing(call_counter) -> None:
+    model = make_bert()
+    calls = call_counter(model)
+    assert collect_observers(model, {LAYERS[0]: [KeepOption()]}, [{"input_ids": None}]) == {}
+    assert calls == [0]
