@@ -93,6 +93,16 @@ def _copy_bandwidth(device: str, megabytes: int) -> float:
     return 2 * src.numel() * 4 / _best_time(lambda: dst.copy_(src))
 
 
+def _int8_dynamic_peak(size: int = 1024, tokens: int = 256) -> float:
+    """FLOP/s of fbgemm's dynamic int8 linear (W8A8) on a ``size`` x ``size`` layer."""
+    from methods.smoothquant import SmoothQuantW8A8, W8A8Option
+
+    layer = torch.nn.Linear(size, size)
+    module = SmoothQuantW8A8().convert(layer, W8A8Option(alpha=0.0))
+    x = torch.randn(tokens, size)
+    return 2 * size * size * tokens / _best_time(lambda: module(x))
+
+
 def _op_overhead() -> float:
     x = torch.zeros(1)
     calls = 2000
@@ -159,6 +169,7 @@ def local_spec() -> HardwareSpec:
             "assumed half the int8 kernel's efficiency (unpacking nibbles)",
         )
     if "fbgemm" in torch.backends.quantized.supported_engines:
+        peak["int8"] = _int8_dynamic_peak()
         kernel_table["int8_dynamic"] = KernelSpec(
             "int8", None, 0.5, "fbgemm quantized::linear_dynamic; times are measured per layer"
         )

@@ -76,7 +76,7 @@ def test_local_spec_describes_this_cpu(spec: HardwareSpec) -> None:
 @cpu_only
 def test_local_spec_measures_positive_finite_figures(spec: HardwareSpec) -> None:
     assert math.isfinite(spec.bandwidth) and spec.bandwidth > 0
-    assert set(spec.peak_flops) == {"float32", "bfloat16"}
+    assert {"float32", "bfloat16"} <= set(spec.peak_flops) <= {"float32", "bfloat16", "int8"}
     assert all(math.isfinite(p) and p > 0 for p in spec.peak_flops.values())
     assert 0 < spec.op_overhead_s < 1.0
     assert 0 < spec.efficiency <= 1
@@ -100,6 +100,9 @@ def test_local_spec_kernels_follow_torch_ops_and_kernel_policy(spec: HardwareSpe
     if has_int8 and has_int4:
         int8, int4 = spec.kernels["int8_weight_only"], spec.kernels["int4_weight_only"]
         assert int4.efficiency == pytest.approx(0.5 * int8.efficiency)
+    has_fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
+    assert ("int8_dynamic" in spec.kernels) == has_fbgemm
+    assert ("int8" in spec.peak_flops) == has_fbgemm
 
 
 def test_local_spec_survives_a_round_trip(spec: HardwareSpec) -> None:
