@@ -219,6 +219,27 @@ class Method(ABC):
         return "dequantize"
 
 
+class KeepsStoredFormat(nn.Module):
+    """Mixin for modules with real compressed storage: ``.to(device)`` moves the buffers named
+    in ``stored_buffers``, while dtype casts (``.half()``, ``.to(torch.float32)``) leave them
+    in their stored format (so their bytes stay what ``cost()`` says)."""
+
+    stored_buffers: ClassVar[tuple[str, ...]] = ()
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        stored = {k: self._buffers[k] for k in self.stored_buffers}
+        for key in stored:
+            self._buffers[key] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            present = [t for t in stored.values() if t is not None]
+            device = fn(torch.empty(0, device=present[0].device)).device if present else None
+            for key, tensor in stored.items():
+                self._buffers[key] = None if tensor is None else tensor.to(device)
+        return self
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 

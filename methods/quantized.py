@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from methods import affine, kernels, workspace
+from methods.base import KeepsStoredFormat
 from methods.packing import pack_codes, packed_row_bytes, unpack_codes
 
 
-class QuantizedStorage(nn.Module):
+class QuantizedStorage(KeepsStoredFormat):
     """Buffers ``codes``, ``scales`` and (asymmetric) ``offsets`` of a ``rows x cols`` weight.
 
     Codes of 8 bits are kept as int8 (``u - 128``) so the int8 kernel reads them directly;
-    narrower codes are packed unsigned, eight codes to ``bits`` bytes.
+    narrower codes are packed unsigned, eight codes to ``bits`` bytes. Dtype casts of the
+    module leave them (and the float16 scales) as they are stored.
     """
+
+    stored_buffers = ("codes", "scales", "offsets")
 
     def __init__(
         self,
@@ -80,20 +83,6 @@ class QuantizedStorage(nn.Module):
         padded = -(-self.cols // 8) * 8
         buffer = workspace.scratch("codes", self.rows * padded, torch.uint8, device)
         return unpack_codes(self.portable_codes(), self.bits, self.cols, out=buffer)
-
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
-        """``.to(device)`` moves the stored codes, scales and offsets; dtype casts
-        (``.half()``, ``.to(torch.float32)``) leave them in their stored format."""
-        stored = {k: self._buffers[k] for k in ("codes", "scales", "offsets")}
-        for key in stored:
-            self._buffers[key] = None
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            device = fn(torch.empty(0, device=stored["scales"].device)).device
-            for key, tensor in stored.items():
-                self._buffers[key] = None if tensor is None else tensor.to(device)
-        return self
 
     def stored_weight_bytes(self) -> int:
         """Bytes that stand for the weight: codes, scales and offsets."""

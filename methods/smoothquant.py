@@ -25,7 +25,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from methods.base import Cost, LayerShape, Method, Observer, Option, dtype_from_name, linear_weight
+from methods.base import (
+    Cost,
+    KeepsStoredFormat,
+    LayerShape,
+    Method,
+    Observer,
+    Option,
+    dtype_from_name,
+    linear_weight,
+)
 from methods.errors import OptionError
 from methods.registry import register
 
@@ -108,8 +117,10 @@ def _fbgemm_ready(x: torch.Tensor) -> bool:
     )
 
 
-class W8A8Linear(nn.Module):
+class W8A8Linear(KeepsStoredFormat):
     """A linear layer stored as int8 codes, per-row scales, a smoothing vector and a bias."""
+
+    stored_buffers = ("codes", "scales", "smooth")
 
     def __init__(
         self,
@@ -179,16 +190,7 @@ class W8A8Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         self._unpack()
-        stored = {k: self._buffers[k] for k in ("codes", "scales", "smooth")}
-        for key in stored:
-            self._buffers[key] = None
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            device = fn(torch.empty(0, device=stored["scales"].device)).device
-            for key, tensor in stored.items():
-                self._buffers[key] = None if tensor is None else tensor.to(device)
-        return self
+        return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------ compute
     @torch.no_grad()

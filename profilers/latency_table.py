@@ -24,6 +24,7 @@ from torch import nn
 from methods.base import LayerShape, Option
 from methods.errors import OptionError
 from methods.registry import method_of
+from profilers.measure import timed_call
 from profilers.observe import Observers
 
 
@@ -116,13 +117,7 @@ def measure_in_model(
     def forward() -> float:
         for timer in timers.values():
             timer.seconds = 0.0
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(**inputs)
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return timed_call(lambda: model(**inputs), cuda)
 
     samples: dict[tuple[LayerShape, str], list[float]] = {}
     whole: list[float] = []

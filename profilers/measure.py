@@ -53,6 +53,17 @@ def weight_storage_bytes(model: nn.Module) -> int:
     return total
 
 
+def timed_call(fn, cuda: bool = False) -> float:
+    """Seconds one call of ``fn()`` takes (the GPU synchronised around it on CUDA)."""
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 @dataclass(frozen=True)
 class LatencyStats:
     p50_ms: float
@@ -80,13 +91,7 @@ def measure_latency(
         times: list[float] = []
         deadline = time.perf_counter() + max_seconds
         while len(times) < repeats and (len(times) < 3 or time.perf_counter() < deadline):
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(**inputs)
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+            times.append(timed_call(lambda: model(**inputs), cuda))
     return _stats(times)
 
 
@@ -113,13 +118,7 @@ def measure_latencies(
             if done >= 3 and time.perf_counter() > deadline:
                 break
             for name, model in order if done % 2 == 0 else reversed(order):
-                if cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                model(**inputs)
-                if cuda:
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(timed_call(lambda m=model: m(**inputs), cuda))
     return {name: _stats(values) for name, values in times.items()}
 
 
