@@ -1,7 +1,8 @@
 """The ``autotune`` command line.
 
-Exit codes: 0 success (for ``validate``: the plan holds); 1 a budget or tolerance is broken;
-2 bad input (unknown target, malformed budget or plan, missing model, ...); 130 interrupted.
+Exit codes: 0 success (``validate``: the plan holds; ``diff``: same layer options); 1 a budget
+or tolerance is broken (``diff``: the plans differ); 2 bad input (unknown target, malformed
+budget or plan, missing model, ...); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
         "--heldout", help="held-out text file (if the plan was not tuned on stdlib text)"
     )
     validate.add_argument("--no-latency", action="store_true", help="do not time the model")
+    validate.add_argument(
+        "--compressed", metavar="DIR", help="check this saved compressed model (autotune apply -o)"
+    )
     _common(validate)
 
     apply = sub.add_parser("apply", help="apply a plan and save the compressed model")
@@ -66,6 +70,18 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("model")
     apply.add_argument("-o", "--output", required=True, metavar="DIR")
     _common(apply)
+
+    report = sub.add_parser(
+        "report", help="a plan's report: text, or HTML and Markdown with figures"
+    )
+    report.add_argument("plan")
+    report.add_argument("-o", "--output", help="write OUTPUT.html, OUTPUT.md and OUTPUT_files/")
+    report.add_argument("--json", action="store_true")
+
+    diff = sub.add_parser("diff", help="compare two plans (exit 0 same options, 1 different)")
+    diff.add_argument("a")
+    diff.add_argument("b")
+    diff.add_argument("--json", action="store_true")
 
     targets = sub.add_parser("targets", help="list the hardware registry")
     targets.add_argument("--target-file", action="append", default=[])
@@ -138,6 +154,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         measure_latency=not args.no_latency,
         trust_remote_code=args.trust_remote_code,
+        compressed=args.compressed,
     )
     _emit(args, str(result), result.to_dict())
     return EXIT_OK if result.ok else EXIT_BROKEN
@@ -161,6 +178,30 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         {"output": args.output, "bytes": size},
     )
     return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from autotune.plan import Plan
+    from autotune.render import write_report
+    from autotune.report import Report
+
+    plan = Plan.load(args.plan)
+    report = Report(plan)
+    if args.output:
+        written = write_report(plan, args.output)
+        _emit(args, "\n".join(f"wrote {p}" for p in written), [str(p) for p in written])
+    else:
+        _emit(args, report.layer_table() + "\n\n" + str(report), report.to_dict())
+    return EXIT_OK
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from autotune.diff import diff_plans
+    from autotune.plan import Plan
+
+    result = diff_plans(Plan.load(args.a), Plan.load(args.b))
+    _emit(args, str(result), result.to_dict())
+    return EXIT_OK if result.identical else EXIT_BROKEN
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:
@@ -194,6 +235,8 @@ COMMANDS = {
     "tune": _cmd_tune,
     "validate": _cmd_validate,
     "apply": _cmd_apply,
+    "report": _cmd_report,
+    "diff": _cmd_diff,
     "targets": _cmd_targets,
 }
 

@@ -29,9 +29,38 @@ from methods.errors import OptionError
 from methods.keep import KeepOption
 from methods.registry import option_from_dict
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_KEY = "_default"
 PATTERN_PREFIX = "re:"
+
+
+def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 added ``profile`` (per-layer shapes, costs and errors); v1 plans have none."""
+    return {**data, "schema_version": 2, "profile": data.get("profile", {})}
+
+
+MIGRATIONS = {1: _v1_to_v2}  # from version -> function returning the next version
+
+
+def migrate(data: dict[str, Any], origin: str = "plan") -> dict[str, Any]:
+    """Bring plan data of an older schema version to the current one, step by step."""
+    version = data.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        return data  # the schema check names the problem
+    if version > SCHEMA_VERSION:
+        raise PlanError(
+            f"{origin} has schema version {version}, newer than this autotune "
+            f"({__version__}) reads (up to {SCHEMA_VERSION}); upgrade autotune"
+        )
+    while version < SCHEMA_VERSION:
+        if version not in MIGRATIONS:
+            raise PlanError(
+                f"{origin} has schema version {version}, which no migration reads; "
+                f"supported: {sorted(MIGRATIONS)} and {SCHEMA_VERSION}"
+            )
+        data = MIGRATIONS[version](data)
+        version = data["schema_version"]
+    return data
 
 
 def plan_schema() -> dict[str, Any]:
@@ -49,6 +78,7 @@ class Plan:
     predicted: dict[str, Any] = field(default_factory=dict)
     measured: dict[str, Any] | None = None
     search: dict[str, Any] = field(default_factory=dict)
+    profile: dict[str, Any] = field(default_factory=dict)
     tool: dict[str, Any] = field(
         default_factory=lambda: {"name": "autotune", "version": __version__}
     )
@@ -71,6 +101,7 @@ class Plan:
             "predicted": self.predicted,
             "measured": self.measured,
             "search": self.search,
+            "profile": self.profile,
         }
 
     def to_json(self) -> str:
@@ -84,12 +115,7 @@ class Plan:
     def from_dict(cls, data: Any, origin: str = "plan") -> Plan:
         if not isinstance(data, dict):
             raise PlanError(f"{origin} must hold a JSON object, not {type(data).__name__}")
-        version = data.get("schema_version")
-        if isinstance(version, int) and version > SCHEMA_VERSION:
-            raise PlanError(
-                f"{origin} has schema version {version}, newer than this autotune "
-                f"({__version__}) reads (up to {SCHEMA_VERSION}); upgrade autotune"
-            )
+        data = migrate(data, origin)
         try:
             jsonschema.validate(data, plan_schema())
         except jsonschema.ValidationError as exc:

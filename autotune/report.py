@@ -64,38 +64,14 @@ class Report:
             return measured["latency_p50_ms"]
         return self.plan.predicted.get("latency_ms")
 
-    def layer_summary(self) -> list[tuple[str, int]]:
-        counts = Counter(
-            option_from_dict(v).label for k, v in self.plan.layers.items() if k != DEFAULT_KEY
-        )
-        return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-
-    def __str__(self) -> str:
+    def figure_rows(self) -> list[tuple[str, str, str, str, str]]:
+        """Header and one row per figure: name, predicted, measured, budget, holds."""
         plan, budget = self.plan, self.budget
         pred, meas = plan.predicted, plan.measured or {}
-        model = plan.model
-        lines = [
-            f"autotune plan for {model.get('source', '?')} ({model.get('class', '?')}, "
-            f"{model.get('fingerprint', {}).get('parameters', 0):,} parameters) "
-            f"on target {plan.target.get('name', '?')}",
-            f"budget {budget.spec}: {budget.describe()}",
-            "",
-            "layers:",
-        ]
-        for label, count in self.layer_summary():
-            lines.append(f"  {label:<16} {count:>4} layer{'s' if count != 1 else ''}")
-        search = plan.search
-        if search:
-            lines.append(
-                f"search: {search.get('algorithm', '?')}, chose '{search.get('chosen', '?')}'; "
-                f"{search.get('sensitivity_evaluations', 0):,} layer evaluations, "
-                f"{search.get('full_evaluations', 0)} whole-model evaluations, "
-                f"{search.get('seconds', 0):.1f} s"
-            )
         shape = pred.get("latency_shape") or [budget.batch_size, budget.seq_len]
         limit = budget.memory_limit(pred.get("original_bytes", 0) or 0)
         holds = self.holds()
-        rows = [
+        return [
             ("figure", "predicted", "measured", "budget", "holds"),
             (
                 "stored bytes",
@@ -128,13 +104,32 @@ class Report:
                 "-",
             ),
         ]
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines.append("")
-        for row in rows:
-            lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+
+    def headline(self) -> str:
+        model = self.plan.model
+        return (
+            f"autotune plan for {model.get('source', '?')} ({model.get('class', '?')}, "
+            f"{model.get('fingerprint', {}).get('parameters', 0):,} parameters) "
+            f"on target {self.plan.target.get('name', '?')}"
+        )
+
+    def search_line(self) -> str | None:
+        search = self.plan.search
+        if not search:
+            return None
+        return (
+            f"search: {search.get('algorithm', '?')}, chose '{search.get('chosen', '?')}'; "
+            f"{search.get('sensitivity_evaluations', 0):,} layer evaluations, "
+            f"{search.get('full_evaluations', 0)} whole-model evaluations, "
+            f"{search.get('seconds', 0):.1f} s"
+        )
+
+    def notes(self) -> list[str]:
+        """Reference figures: the uncompressed model, the best uniform plan, the device."""
+        pred, meas = self.plan.predicted, self.plan.measured or {}
+        lines = []
         baseline = meas.get("baseline") or {}
         if baseline or pred.get("original_bytes"):
-            lines.append("")
             parts = [f"uncompressed model {_fmt_bytes(pred.get('original_bytes'))}"]
             if pred.get("original_latency_ms") is not None:
                 parts.append(f"predicted latency {pred['original_latency_ms']:.4g} ms")
@@ -159,6 +154,36 @@ class Report:
             )
         if meas.get("device"):
             lines.append(f"measured on {meas['device']}")
+        return lines
+
+    def layer_summary(self) -> list[tuple[str, int]]:
+        counts = Counter(
+            option_from_dict(v).label for k, v in self.plan.layers.items() if k != DEFAULT_KEY
+        )
+        return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+    def __str__(self) -> str:
+        budget = self.budget
+        lines = [
+            self.headline(),
+            f"budget {budget.spec}: {budget.describe()}",
+            "",
+            "layers:",
+        ]
+        for label, count in self.layer_summary():
+            lines.append(f"  {label:<16} {count:>4} layer{'s' if count != 1 else ''}")
+        search_line = self.search_line()
+        if search_line:
+            lines.append(search_line)
+        rows = self.figure_rows()
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines.append("")
+        for row in rows:
+            lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+        notes = self.notes()
+        if notes:
+            lines.append("")
+            lines.extend(notes)
         return "\n".join(lines)
 
     def layer_table(self) -> str:

@@ -121,6 +121,38 @@ def _infeasible_message(
     return f"budget {budget.spec} cannot be met: " + "; ".join(parts)
 
 
+def _candidate_totals(costs: CostModel, options: dict) -> dict[str, float]:
+    totals = costs.totals({n: costs.options[n].index(o) for n, o in options.items()})
+    return {
+        "bytes": int(totals["bytes"]),
+        "avg_bits": round(totals["avg_bits"], 6),
+        "latency_ms": round(totals["latency_ms"], 6),
+    }
+
+
+def _finite(value: float) -> float | None:
+    return value if np.isfinite(value) else None
+
+
+def _profile(costs: CostModel, sensitivity: SensitivityTable, chosen: dict) -> dict[str, Any]:
+    """Per layer: shape, the chosen option's bytes, bits, latency and error, and the error of
+    every option profiled (what a reviewer needs to see why a layer got its option)."""
+    layers = {}
+    for ref in costs.layers:
+        index = costs.options[ref.name].index(chosen[ref.name])
+        errors = sensitivity.errors.get(ref.name, {})
+        layers[ref.name] = {
+            "kind": ref.shape.kind,
+            "shape": [ref.shape.rows, ref.shape.cols],
+            "bytes": int(costs.bytes[ref.name][index]),
+            "bits_per_weight": round(costs.weight_bits[ref.name][index] / ref.shape.numel, 4),
+            "latency_ms": _finite(round(1e3 * costs.seconds[ref.name][index], 6)),
+            "error": _finite(errors.get(chosen[ref.name].label, float("nan"))),
+            "errors": {label: _finite(err) for label, err in errors.items()},
+        }
+    return {"metric": sensitivity.metric, "layers": layers}
+
+
 class _Progress:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -339,12 +371,14 @@ def autotune(
                 "name": c.name,
                 "screening_error": c.screening_error,
                 "calibration_error": c.calibration_error,
+                **_candidate_totals(costs, c.options),
             }
             for c in candidates
         ],
         "solver_seconds": round(allocation.seconds, 3),
         "solver_optimal": allocation.optimal,
     }
+    profile = _profile(costs, sensitivity, chosen.options)
     plan = Plan(
         layers=layer_entries,
         model={"source": source, "class": type(model).__name__, "fingerprint": original_fp},
@@ -353,6 +387,7 @@ def autotune(
         calibration=calib.description,
         predicted=predicted,
         search=search_info,
+        profile=profile,
     )
     if measure:
         measured = measure_model(

@@ -16,7 +16,7 @@ from torch import nn
 from autotune.apply import apply_plan
 from autotune.budget import Budget
 from autotune.calibration import STDLIB_SOURCE, CalibrationSet, build_heldout
-from autotune.errors import CalibrationError
+from autotune.errors import CalibrationError, PlanError
 from autotune.layers import weight_numel
 from autotune.loading import load_model
 from autotune.measurement import device_description, measure_model
@@ -96,8 +96,12 @@ def validate_plan(
     measure_latency: bool = True,
     strict: bool = True,
     trust_remote_code: bool = False,
+    compressed: nn.Module | str | Path | None = None,
 ) -> ValidationResult:
     """Apply ``plan`` to ``model`` and check budget, predicted bytes and quality.
+
+    ``compressed`` (a folder written by ``autotune apply``, or a module) is checked instead of
+    a fresh application of the plan; the folder's plan must be the same plan.
 
     Quality holds when the held-out error is at most ``(1 + tolerance)`` times the error the
     plan recorded. Latency is checked against the budget when the plan's target is this
@@ -115,7 +119,10 @@ def validate_plan(
     needs_error = "heldout_error" in recorded
     batches = _heldout_batches(plan, model, tokenizer, heldout) if needs_error else None
     reference = run_outputs(model, batches) if batches else None
-    compressed = apply_plan(model, plan, tokenizer=tokenizer, strict=strict)
+    if compressed is None:
+        compressed = apply_plan(model, plan, tokenizer=tokenizer, strict=strict)
+    elif isinstance(compressed, (str, Path)):
+        compressed = _load_saved(compressed, plan, trust_remote_code)
     latency_inputs = None
     if measure_latency and budget is not None and budget.latency_ms is not None and batches:
         latency_inputs = CalibrationSet(batches, batches, batches).latency_inputs(
@@ -179,6 +186,15 @@ def validate_plan(
     measured["latency"] = now.latency.to_dict() if now.latency else None
     measured["device"] = device_description()
     return ValidationResult(checks, measured)
+
+
+def _load_saved(folder: str | Path, plan: Plan, trust_remote_code: bool) -> nn.Module:
+    from autotune.saved import PLAN, load_compressed
+
+    saved = Plan.load(Path(folder) / PLAN) if (Path(folder) / PLAN).is_file() else None
+    if saved is not None and (saved.layers != plan.layers or saved.model != plan.model):
+        raise PlanError(f"the saved model in {str(folder)!r} was made from another plan")
+    return load_compressed(folder, trust_remote_code=trust_remote_code)
 
 
 def _latency_check(plan: Plan, budget: Budget, now: Any) -> Check:

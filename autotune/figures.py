@@ -1,0 +1,286 @@
+"""Figures of a plan (matplotlib, object-oriented API: no global pyplot state).
+
+Each function takes a :class:`Plan` and returns a ``Figure``, or ``None`` when the plan holds
+nothing to draw (a hand-written plan has no profile, a plan without a search no candidates).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from autotune.budget import Budget
+from autotune.plan import DEFAULT_KEY, PATTERN_PREFIX, Plan
+from methods.registry import option_from_dict
+
+BLOCK_NAME = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<suffix>.+)$")
+METHOD_COLOURS = {"none": "#7f7f7f", "rtn": "#1f77b4", "w8a8": "#d62728"}
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    name: str
+    label: str
+    method: str
+    bits: float | None
+    error: float | None
+    bytes: int | None
+
+
+def layer_rows(plan: Plan) -> list[LayerRow]:
+    """One row per named layer: from the profile when the plan has one, else from its entries
+    (patterns and ``_default`` cannot be drawn without the model)."""
+    profile = (plan.profile or {}).get("layers", {})
+    rows = []
+    for key, value in plan.layers.items():
+        if key == DEFAULT_KEY or key.startswith(PATTERN_PREFIX):
+            continue
+        option = option_from_dict(value)
+        info = profile.get(key, {})
+        bits = info.get("bits_per_weight")
+        if bits is None:
+            bits = getattr(option, "bits", None)
+            bits = 8.0 if bits is None and option.method == "w8a8" else bits
+        rows.append(
+            LayerRow(key, option.label, option.method, bits, info.get("error"), info.get("bytes"))
+        )
+    return rows
+
+
+def short_label(label: str) -> str:
+    """``int4-g32-asym`` -> ``4 g32 a``; ``w8a8-sq0.6`` -> ``w8a8 .6``; ``keep`` -> ``fp``."""
+    if label == "keep":
+        return "fp"
+    match = re.fullmatch(r"int(\d+)-(ch|g\d+)-(sym|asym)", label)
+    if match:
+        return f"{match.group(1)} {match.group(2)} {match.group(3)[0]}"
+    if label.startswith("w8a8"):
+        return (
+            "w8a8 " + label.removeprefix("w8a8-sq").removeprefix("0") if "sq" in label else "w8a8"
+        )
+    return label
+
+
+def _grid(
+    rows: list[LayerRow],
+) -> tuple[list[int], list[str], dict[tuple[int, str], LayerRow], list[LayerRow]]:
+    """Split layers into a block x role grid (names like ``encoder.layer.3.attention.key``)
+    and the rest."""
+    matches = [(row, BLOCK_NAME.match(row.name)) for row in rows]
+    prefixes = [m.group("prefix") for _, m in matches if m]
+    if not prefixes:
+        return [], [], {}, rows
+    prefix = max(set(prefixes), key=prefixes.count)
+    cells: dict[tuple[int, str], LayerRow] = {}
+    roles: list[str] = []
+    others = []
+    for row, match in matches:
+        if match and match.group("prefix") == prefix:
+            role = match.group("suffix")
+            if role not in roles:
+                roles.append(role)
+            cells[(int(match.group("index")), role)] = row
+        else:
+            others.append(row)
+    blocks = sorted({index for index, _ in cells})
+    return blocks, roles, cells, others
+
+
+def allocation_figure(plan: Plan) -> Figure | None:
+    """Stored bits per weight of every layer: a block x role heat map plus the other layers."""
+    rows = layer_rows(plan)
+    if not rows:
+        return None
+    blocks, roles, cells, others = _grid(rows)
+    bits = [r.bits for r in rows if r.bits is not None]
+    low, high = (min(bits), max(bits)) if bits else (0.0, 32.0)
+    figure = Figure(figsize=(11, 1.2 + 0.45 * max(len(blocks), 1) + 0.3 * len(others)))
+    grid = figure.add_gridspec(2, 1, height_ratios=[max(len(blocks), 1), max(len(others), 1) * 0.7])
+    colormap = "viridis"
+    if blocks:
+        ax = figure.add_subplot(grid[0])
+        matrix = np.full((len(blocks), len(roles)), np.nan)
+        for (index, role), row in cells.items():
+            if row.bits is not None:
+                matrix[blocks.index(index), roles.index(role)] = row.bits
+        image = ax.imshow(matrix, aspect="auto", cmap=colormap, vmin=low, vmax=high)
+        for (index, role), row in cells.items():
+            value = matrix[blocks.index(index), roles.index(role)]
+            dark = not math.isnan(value) and value < low + 0.6 * (high - low)
+            ax.text(
+                roles.index(role),
+                blocks.index(index),
+                short_label(row.label),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if dark else "black",
+            )
+        ax.set_xticks(range(len(roles)), [r.replace(".", "\n") for r in roles], fontsize=8)
+        ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize=8)
+        ax.set_ylabel("block")
+        ax.set_title("Stored bits per weight (scales included) and option of each layer")
+        figure.colorbar(image, ax=ax, label="bits per weight", fraction=0.03)
+    if others:
+        ax = figure.add_subplot(grid[1])
+        names = [r.name for r in others]
+        values = [r.bits or 0.0 for r in others]
+        colours = [METHOD_COLOURS.get(r.method, "#2ca02c") for r in others]
+        ax.barh(range(len(others)), values, color=colours)
+        for i, row in enumerate(others):
+            ax.text(values[i], i, f" {row.label}", va="center", fontsize=8)
+        ax.set_yticks(range(len(others)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("bits per weight")
+        ax.set_xlim(0, max([*values, high]) * 1.3)
+        if not blocks:
+            ax.set_title("Stored bits per weight and option of each layer")
+    figure.tight_layout()
+    return figure
+
+
+def sensitivity_figure(plan: Plan, top: int = 12) -> Figure | None:
+    """The layers whose chosen option costs the most output error, with each layer's range."""
+    profile = (plan.profile or {}).get("layers", {})
+    rows = [(name, info) for name, info in profile.items() if info.get("error") is not None]
+    if not rows:
+        return None
+    rows.sort(key=lambda item: item[1]["error"], reverse=True)
+    rows = rows[:top]
+    figure = Figure(figsize=(11, 1.0 + 0.38 * len(rows)))
+    ax = figure.add_subplot()
+    chosen = [max(info["error"], 1e-12) for _, info in rows]
+    worst = [
+        max([v for v in info.get("errors", {}).values() if v is not None] or [info["error"]])
+        for _, info in rows
+    ]
+    y = np.arange(len(rows))
+    ax.barh(y, worst, color="#dddddd", label="worst option profiled")
+    ax.barh(y, chosen, color="#1f77b4", label="chosen option")
+    label_of = {k: option_from_dict(v).label for k, v in plan.layers.items() if k in profile}
+    for i, (name, _) in enumerate(rows):
+        ax.text(chosen[i], i, f" {label_of.get(name, '?')}", va="center", fontsize=8)
+    ax.set_yticks(y, [name for name, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    metric = (plan.profile or {}).get("metric", "error")
+    ax.set_xlabel(f"output {metric} with only this layer compressed")
+    ax.set_title(f"Most sensitive layers (top {len(rows)} by the error of their chosen option)")
+    ax.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def _bar_panel(ax: Any, items: list[tuple[str, float | None]], unit: str, title: str) -> None:
+    present = [(label, value) for label, value in items if value is not None]
+    colours = ["#1f77b4", "#ff7f0e", "#d62728", "#7f7f7f", "#2ca02c"]
+    ax.bar(range(len(present)), [v for _, v in present], color=colours[: len(present)])
+    for i, (_, value) in enumerate(present):
+        ax.text(i, value, f"{value:.4g}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(present)), [label for label, _ in present], fontsize=8)
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+
+
+def predicted_measured_figure(plan: Plan) -> Figure | None:
+    """Stored bytes and latency: predicted, measured, budget and the uncompressed model."""
+    predicted, measured = plan.predicted or {}, plan.measured or {}
+    if not predicted and not measured:
+        return None
+    budget = Budget.parse(plan.budget) if plan.budget else None
+    original = predicted.get("original_bytes")
+    limit = budget.memory_limit(original or 0) if budget else None
+
+    def mb(value: float | None) -> float | None:
+        return None if value is None else value / 1e6
+
+    figure = Figure(figsize=(11, 3.6))
+    left, right = figure.subplots(1, 2)
+    _bar_panel(
+        left,
+        [
+            ("predicted", mb(predicted.get("bytes"))),
+            ("measured", mb(measured.get("bytes"))),
+            ("budget", mb(limit)),
+            ("uncompressed", mb(original)),
+        ],
+        "MB",
+        "Stored bytes",
+    )
+    shape = predicted.get("latency_shape") or measured.get("latency_shape") or ["?", "?"]
+    baseline = measured.get("baseline") or {}
+    _bar_panel(
+        right,
+        [
+            ("predicted", predicted.get("latency_ms")),
+            ("measured p50", measured.get("latency_p50_ms")),
+            ("measured p90", measured.get("latency_p90_ms")),
+            ("uncompressed p50", baseline.get("latency_p50_ms")),
+            ("budget", budget.latency_ms if budget else None),
+        ],
+        "ms",
+        f"Latency at {shape[0]} x {shape[1]} tokens on {plan.target.get('name', '?')}",
+    )
+    figure.tight_layout()
+    return figure
+
+
+def candidates_figure(plan: Plan) -> Figure | None:
+    """Stored bytes against error of every candidate checked end to end, and the Pareto front
+    when the search recorded one."""
+    candidates = [c for c in (plan.search or {}).get("candidates", []) if c.get("bytes")]
+    front = (plan.search or {}).get("pareto", [])
+    if not candidates and not front:
+        return None
+    figure = Figure(figsize=(11, 4))
+    ax = figure.add_subplot()
+    for candidate in candidates:
+        error = candidate.get("screening_error")  # every candidate has one: comparable
+        if error is None:
+            continue
+        chosen = candidate["name"] == plan.search.get("chosen")
+        uniform = candidate["name"].startswith("uniform")
+        ax.scatter(
+            candidate["bytes"] / 1e6,
+            error,
+            marker="*" if chosen else ("o" if uniform else "s"),
+            s=180 if chosen else 40,
+            color="#d62728" if chosen else ("#7f7f7f" if uniform else "#1f77b4"),
+            zorder=3,
+        )
+        ax.annotate(
+            candidate["name"].removeprefix("uniform "),
+            (candidate["bytes"] / 1e6, error),
+            fontsize=7,
+            xytext=(4, 2),
+            textcoords="offset points",
+        )
+    if front:
+        points = sorted((p["bytes"] / 1e6, p["error"]) for p in front if "bytes" in p)
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            "-",
+            color="#2ca02c",
+            label="Pareto front",
+        )
+        ax.legend(fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("stored MB")
+    ax.set_ylabel("output error on the profiling batches")
+    ax.set_title("Candidates checked end to end (star: chosen; circles: uniform plans)")
+    figure.tight_layout()
+    return figure
+
+
+FIGURES = {
+    "allocation": allocation_figure,
+    "predicted_measured": predicted_measured_figure,
+    "sensitivity": sensitivity_figure,
+    "candidates": candidates_figure,
+}
