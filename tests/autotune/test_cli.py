@@ -139,3 +139,54 @@ def test_console_script_is_installed() -> None:
         [sys.executable, "-m", "autotune.cli", "tune"], capture_output=True, text=True, check=False
     )
     assert usage.returncode == 2
+
+
+def test_validate_a_saved_compressed_model(
+    tuned_plan: Path, tiny_bert_dir: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "saved"
+    assert main(["apply", str(tuned_plan), str(tiny_bert_dir), "-o", str(out), *FAST]) == 0
+    assert (
+        main(["validate", str(tuned_plan), str(tiny_bert_dir), "--compressed", str(out), *FAST])
+        == 0
+    )
+    (out / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert (
+        main(["validate", str(tuned_plan), str(tiny_bert_dir), "--compressed", str(out), *FAST])
+        == 2
+    )
+    assert "lacks model.safetensors" in capsys.readouterr().err
+
+
+def test_a_saved_model_of_another_plan_is_refused(
+    tuned_plan: Path, tiny_bert_dir: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "saved"
+    assert main(["apply", str(tuned_plan), str(tiny_bert_dir), "-o", str(out), *FAST]) == 0
+    plan = json.loads(tuned_plan.read_text())
+    first = next(k for k in plan["layers"] if k != "_default")
+    plan["layers"][first] = {"method": "none"}
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(plan))
+    capsys.readouterr()
+    assert main(["validate", str(other), str(tiny_bert_dir), "--compressed", str(out), *FAST]) == 2
+    assert "another plan" in capsys.readouterr().err
+
+
+def test_pytest_helper(tuned_plan: Path, tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from autotune.testing import assert_plan_holds
+
+    result = assert_plan_holds(str(tiny_bert_dir), tuned_plan, measure_latency=False)
+    assert result.ok
+    plan = json.loads(tuned_plan.read_text())
+    plan["budget"]["spec"] = "5%"
+    plan["measured"]["heldout_error"] /= 100
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(plan))
+    with pytest.raises(AssertionError) as info:
+        assert_plan_holds(str(tiny_bert_dir), broken, measure_latency=False)
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"{broken} no longer holds:"
+    assert any(line.startswith("  memory: measured") for line in lines)
+    assert any(line.startswith("  held-out error (nmse): measured") for line in lines)

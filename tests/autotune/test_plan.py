@@ -124,3 +124,21 @@ def test_fingerprint_tracks_structure_and_weights() -> None:
     assert changed["structure"] == first["structure"]
     assert changed["weights"] != first["weights"]
     assert fingerprint(make_tiny_bert(layers=1))["structure"] != first["structure"]
+
+
+def test_version_1_plans_load_through_the_migration(tmp_path: Path) -> None:
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"schema_version": 1, "layers": {"pooler.dense": INT4}}))
+    plan = Plan.load(path)
+    assert plan.schema_version == SCHEMA_VERSION == 2
+    assert plan.profile == {}
+    plan.save(path)
+    assert json.loads(path.read_text())["schema_version"] == 2
+
+
+@pytest.mark.parametrize(("version", "fragment"), [(0, "no migration"), ("1", "schema_version")])
+def test_unreadable_versions(tmp_path: Path, version, fragment: str) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"schema_version": version, "layers": {}}))
+    with pytest.raises(PlanError, match=fragment):
+        Plan.load(path)
