@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated methods to search (default: rtn, plus w8a8 on CPU targets)",
     )
     tune.add_argument("--no-measure", action="store_true", help="skip measuring the result")
+    tune.add_argument(
+        "--cache-dir", help="sensitivity cache (default: $AUTOTUNE_CACHE or ~/.cache/autotune)"
+    )
+    tune.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     _common(tune)
 
     validate = sub.add_parser("validate", help="re-check a plan against a model (CI)")
@@ -124,6 +128,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         inplace=False,
         progress=not args.quiet,
         measure=not args.no_measure,
+        cache=False if args.no_cache else (args.cache_dir or True),
     )
     result.plan.model["source"] = loaded.source
     if args.output:

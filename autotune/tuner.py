@@ -29,6 +29,7 @@ from autotune.report import Report
 from autotune.space import CostModel, build_costs, default_methods, layer_options
 from autotune.targets import get_target
 from methods.keep import KeepOption
+from profilers.cache import SensitivityCache, batches_digest, default_cache_dir, table_key
 from profilers.hardware import HardwareSpec
 from profilers.observe import collect_observers
 from profilers.quality import run_outputs
@@ -192,6 +193,7 @@ def autotune(
     sensitivity_windows: int = 4,
     heldout_windows: int = 16,
     trust_remote_code: bool = False,
+    cache: bool | str | Path = True,
 ) -> TuneResult:
     """Find the best per-layer compression plan for ``model`` under ``budget`` on ``target``,
     apply it, and measure predicted against measured figures.
@@ -199,8 +201,10 @@ def autotune(
     ``model`` is an ``nn.Module``, a local model folder, or ``"demo"``. ``calibration`` is a
     list of texts, a text file or a list of input batches (default: standard library
     docstrings). ``methods`` names the compression methods to search (default: those with
-    a fast kernel on the target, see :func:`autotune.space.default_methods`). The user's
-    model is not modified unless ``inplace=True``.
+    a fast kernel on the target, see :func:`autotune.space.default_methods`). Sensitivity
+    tables are cached on disk (``cache``: ``True`` for ``$AUTOTUNE_CACHE`` or
+    ``~/.cache/autotune``, a folder, or ``False``). The user's model is not modified unless
+    ``inplace=True``.
     """
     started = time.perf_counter()
     say = _Progress(progress)
@@ -270,13 +274,24 @@ def autotune(
         measure_model(work, latency_inputs=latency_inputs) if measure and inplace else None
     )
 
+    table_cache = None
+    if cache:
+        folder = default_cache_dir() if cache is True else Path(cache)
+        key = table_key(original_fp, batches_digest(calib.sensitivity), "end-to-end")
+        table_cache = SensitivityCache(folder, key)
     with say.bar(sum(len(o) for o in options.values()), "sensitivity") as bar:
         sensitivity = measure_sensitivity(
-            work, options, calib.sensitivity, progress=bar.update, observers=observers
+            work,
+            options,
+            calib.sensitivity,
+            progress=bar.update,
+            observers=observers,
+            cache=table_cache,
         )
+    cached = f", {table_cache.hits} from the cache" if table_cache and table_cache.hits else ""
     say.say(
-        f"sensitivity: {sensitivity.evaluations} evaluations in {sensitivity.seconds:.1f} s "
-        f"(prefix replay {'on' if sensitivity.prefix_cached else 'off'})"
+        f"sensitivity: {sensitivity.evaluations} evaluations in {sensitivity.seconds:.1f} s"
+        f"{cached} (prefix replay {'on' if sensitivity.prefix_cached else 'off'})"
     )
 
     scores = {}
@@ -363,6 +378,7 @@ def autotune(
         "seed": seed,
         "chosen": chosen.name,
         "sensitivity_evaluations": sensitivity.evaluations,
+        "sensitivity_cached": table_cache.hits if table_cache else 0,
         "full_evaluations": sum(
             (c.screening_error is not None) + (c.calibration_error is not None) for c in candidates
         ),

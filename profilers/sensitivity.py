@@ -18,6 +18,7 @@ from methods.base import Option
 from methods.errors import OptionError
 from methods.registry import method_of
 from profilers.blocks import BlockCache, block_index, find_blocks
+from profilers.cache import SensitivityCache
 from profilers.observe import Observers, collect_observers
 from profilers.quality import OutputError, metric_for, select_outputs
 
@@ -74,21 +75,48 @@ def measure_sensitivity(
     batches: list[dict[str, torch.Tensor]],
     progress: Progress | None = None,
     observers: Observers | None = None,
+    cache: SensitivityCache | None = None,
 ) -> SensitivityTable:
     """Error at the output for each layer in ``options`` under each of its options.
 
     Options that need calibration statistics take them from ``observers`` (keyed by layer
-    and option label); when none are given they are collected on ``batches``. ``model`` is
-    modified while this runs and restored before it returns.
+    and option label); when none are given they are collected on ``batches``. Entries found
+    in ``cache`` are not measured again (a full hit runs no forward pass), and new ones are
+    stored in it after every layer. ``model`` is modified while this runs and restored
+    before it returns.
     """
     start = time.perf_counter()
-    if observers is None:
-        observers = collect_observers(model, options, batches)
-    evaluator = _Evaluator(model, batches)
     errors: dict[str, dict[str, float]] = {}
     skipped: dict[str, dict[str, str]] = {}
     evaluations = 0
-    for layer, layer_options in options.items():
+    pending = {
+        layer: opts
+        for layer, opts in options.items()
+        if cache is None or not cache.has(layer, [o.label for o in opts])
+    }
+    if cache is not None:
+        for layer in options.keys() - pending.keys():
+            cached = {o.label: cache.get(layer, o.label) for o in options[layer]}
+            errors[layer] = {label: v for label, v in cached.items() if v is not None}
+            refused = {label: "refused (cached)" for label, v in cached.items() if v is None}
+            if refused:
+                skipped[layer] = refused
+            if progress is not None:
+                progress(len(options[layer]))
+    if not pending and cache is not None and cache.metric:
+        return SensitivityTable(
+            metric=cache.metric,
+            errors={layer: errors[layer] for layer in options},
+            evaluations=0,
+            seconds=time.perf_counter() - start,
+            skipped=skipped,
+        )
+    if observers is None:
+        observers = collect_observers(model, pending, batches)
+    evaluator = _Evaluator(model, batches)
+    if cache is not None:
+        cache.metric = evaluator.metric
+    for layer, layer_options in pending.items():
         original = model.get_submodule(layer)
         replayed = evaluator.blocks_before(layer)
         errors[layer] = {}
@@ -107,9 +135,13 @@ def measure_sensitivity(
             evaluations += 1
             if progress is not None:
                 progress(1)
+        if cache is not None:
+            for option in layer_options:
+                cache.put(layer, option.label, errors[layer].get(option.label))
+            cache.save()
     return SensitivityTable(
         metric=evaluator.metric,
-        errors=errors,
+        errors={layer: errors[layer] for layer in options},
         evaluations=evaluations,
         seconds=time.perf_counter() - start,
         skipped=skipped,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the sensitivity cache of the test run lives and dies with it
+_CACHE = tempfile.TemporaryDirectory(prefix="autotune-test-cache-")
+os.environ["AUTOTUNE_CACHE"] = _CACHE.name
 
 
 def make_tiny_bert(seed: int = 0, hidden: int = 64, layers: int = 2):

@@ -70,8 +70,8 @@ def test_plan_lists_every_profiled_layer_with_a_real_option(tuned) -> None:
 
 
 def test_same_seed_same_plan(tokenizer) -> None:
-    _, first = _tune("35%", tokenizer, measure=False)
-    _, second = _tune("35%", tokenizer, measure=False)
+    _, first = _tune("35%", tokenizer, measure=False, cache=False)
+    _, second = _tune("35%", tokenizer, measure=False, cache=False)
     a, b = first.plan.to_dict(), second.plan.to_dict()
     for plan in (a, b):
         plan.pop("created")
@@ -126,3 +126,12 @@ def test_local_target_measures_latency_in_the_model(tokenizer) -> None:
     seconds = result.costs.seconds
     assert all(v > 0 for values in seconds.values() for v in values)
     assert "measured here" in str(result.report)
+
+
+def test_a_cached_tune_gives_the_same_plan(tokenizer, tmp_path) -> None:
+    _, first = _tune("35%", tokenizer, measure=False, cache=tmp_path)
+    _, second = _tune("35%", tokenizer, measure=False, cache=tmp_path)
+    assert second.plan.search["sensitivity_evaluations"] == 0
+    assert second.plan.search["sensitivity_cached"] > 0
+    assert second.plan.layers == first.plan.layers
+    assert second.plan.predicted == first.plan.predicted
