@@ -75,6 +75,37 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("-o", "--output", required=True, metavar="DIR")
     _common(apply)
 
+    profile = sub.add_parser(
+        "profile", help="sensitivity and cost tables of every layer and option"
+    )
+    profile.add_argument("model")
+    profile.add_argument("--target", default="local")
+    profile.add_argument("--target-file", action="append", default=[])
+    profile.add_argument(
+        "--calibration", help="text file for calibration (default: stdlib docstrings)"
+    )
+    profile.add_argument("--batch-size", type=int, default=1)
+    profile.add_argument("--seq-len", type=int, default=128)
+    profile.add_argument("--methods", help="comma-separated methods (default: as tune)")
+    profile.add_argument(
+        "--sensitivity",
+        default="end-to-end",
+        choices=["end-to-end", "local", "fisher"],
+        help="end-to-end output error (default) or a cheap proxy",
+    )
+    profile.add_argument(
+        "-o", "--output", help="write the tables as JSON here (and a CSV beside it)"
+    )
+    profile.add_argument("--csv", help="where the CSV goes (default: OUTPUT with .csv)")
+    profile.add_argument(
+        "--fit-target",
+        metavar="FILE",
+        help="fit the target's roofline to latencies measured here; write the entry to FILE",
+    )
+    profile.add_argument("--cache-dir")
+    profile.add_argument("--no-cache", action="store_true")
+    _common(profile)
+
     report = sub.add_parser(
         "report", help="a plan's report: text, or HTML and Markdown with figures"
     )
@@ -185,6 +216,37 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from autotune.io import write_text_atomic
+    from autotune.loading import load_model
+    from autotune.profiling import fitted_target_file, profile_model, write_profile
+    from autotune.targets import get_target
+
+    spec = get_target(args.target, args.target_file)
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    profile = profile_model(
+        loaded.model,
+        spec,
+        tokenizer=loaded.tokenizer,
+        calibration=args.calibration,
+        methods=tuple(m.strip() for m in args.methods.split(",")) if args.methods else None,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        sensitivity=args.sensitivity,
+        cache=False if args.no_cache else (args.cache_dir or True),
+        fit=bool(args.fit_target),
+    )
+    text = profile.summary()
+    if args.output:
+        for path in write_profile(profile, args.output, args.csv):
+            text += f"\nwrote {path}"
+    if args.fit_target:
+        write_text_atomic(args.fit_target, fitted_target_file(profile))
+        text += f"\nwrote the fitted target entry to {args.fit_target} (use --target-file)"
+    _emit(args, text, profile.to_dict())
+    return EXIT_OK
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from autotune.plan import Plan
     from autotune.render import write_report
@@ -240,6 +302,7 @@ COMMANDS = {
     "tune": _cmd_tune,
     "validate": _cmd_validate,
     "apply": _cmd_apply,
+    "profile": _cmd_profile,
     "report": _cmd_report,
     "diff": _cmd_diff,
     "targets": _cmd_targets,

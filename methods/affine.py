@@ -4,7 +4,11 @@ A row of weights is cut into groups along its width; each group has a float16 sc
 and, when asymmetric, a float16 offset ``m``. Codes ``u`` are unsigned ``bits``-bit integers:
 
 * symmetric:  ``w = s * (u - 2**(bits-1))``, ``s = absmax / (2**(bits-1) - 0.5)``
-* asymmetric: ``w = s * u + m``, ``s = (max - min) / (2**bits - 1)``, ``m = min``
+* asymmetric: ``w = s * u + m``, ``s = (max' - min') / (2**bits - 1)``, ``m = -z * s``, where
+  the range ``[min', max']`` is the group's widened to include 0 and ``z = round(-min' / s)``
+  is a whole zero point, so that 0 is stored exactly (up to the float16 rounding of ``m``).
+  Without that, a row with one outlier maps all its small weights to its minimum: a bias that
+  adds up coherently through the layer.
 
 Scales and offsets are rounded to float16 before the codes are chosen, so the stored
 numbers are exactly the ones the codes were fitted to.
@@ -37,14 +41,15 @@ def fit_scales(
     if symmetric:
         absmax = groups.abs().amax(dim=-1)
         scale = absmax / (levels(bits) / 2 - 0.5)
-        offset = None
-    else:
-        low = groups.amin(dim=-1)
-        high = groups.amax(dim=-1)
-        scale = (high - low) / (levels(bits) - 1)
-        offset = low.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
+        scale = torch.where(scale > 0, scale, torch.full_like(scale, _FP16_NORMAL))
+        return scale.clamp(_FP16_TINY, _FP16_MAX).to(torch.float16), None
+    low = groups.amin(dim=-1).clamp(max=0.0)
+    high = groups.amax(dim=-1).clamp(min=0.0)
+    scale = (high - low) / (levels(bits) - 1)
     scale = torch.where(scale > 0, scale, torch.full_like(scale, _FP16_NORMAL))
     scale = scale.clamp(_FP16_TINY, _FP16_MAX).to(torch.float16)
+    zero = torch.round(-low / scale.float()).clamp(0, levels(bits) - 1)
+    offset = (-zero * scale.float()).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
     return scale, offset
 
 

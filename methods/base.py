@@ -178,6 +178,7 @@ class Method(ABC):
 
     name: ClassVar[str]
     option_type: ClassVar[type[Option]]
+    version: ClassVar[str] = "1"  # bump when conversion changes: it keys cached tables
 
     @abstractmethod
     def supports(self, shape: LayerShape) -> bool:

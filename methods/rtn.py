@@ -83,6 +83,7 @@ def quant_cost(shape: LayerShape, option: QuantOption) -> Cost:
 
 class RoundToNearest(Method):
     name: ClassVar[str] = "rtn"
+    version: ClassVar[str] = "2"  # 2: asymmetric offsets aligned to a whole zero point
     option_type: ClassVar[type[Option]] = QuantOption
 
     def supports(self, shape: LayerShape) -> bool:

@@ -236,6 +236,7 @@ class W8A8Linear(KeepsStoredFormat):
 
 class SmoothQuantW8A8(Method):
     name: ClassVar[str] = "w8a8"
+    version: ClassVar[str] = "2"  # 2: row-relative weight statistic
     option_type: ClassVar[type[Option]] = W8A8Option
 
     def supports(self, shape: LayerShape) -> bool:

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from methods.base import Observer, Option
+from methods.base import LayerShape, Observer, Option
 from methods.registry import method_of
 
 Observers = dict[tuple[str, str], Observer]
@@ -27,9 +27,10 @@ def collect_observers(
     observers: Observers = {}
     for layer, layer_options in options.items():
         module = model.get_submodule(layer)
+        shape = LayerShape.of(module)
         for option in layer_options:
             method = method_of(option)
-            if method.needs_calibration(option):
+            if method.supports(shape) and method.needs_calibration(option):
                 observer = method.observer(module, option)
                 if observer is not None:
                     observers[(layer, option.label)] = observer

@@ -78,12 +78,30 @@ def test_fitted_scales_follow_the_documented_formulas(bits: int) -> None:
     torch.testing.assert_close(sym_scale.float(), expected, rtol=FP16_REL, atol=0)
 
     asym_scale, offset = affine.fit_scales(groups, bits, symmetric=False)
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    low = groups.amin(dim=-1).clamp(max=0.0)  # the range is widened to include 0
+    high = groups.amax(dim=-1).clamp(min=0.0)
     torch.testing.assert_close(
         asym_scale.float(), (high - low) / (2**bits - 1), rtol=FP16_REL, atol=0
     )
     assert offset is not None
-    torch.testing.assert_close(offset.float(), low, rtol=FP16_REL, atol=0)
+    zero = torch.round(-low / asym_scale.float())  # a whole zero point
+    torch.testing.assert_close(offset.float(), -zero * asym_scale.float(), rtol=FP16_REL, atol=0)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_zero_is_stored_exactly_enough_and_an_outlier_adds_no_bias(bits: int) -> None:
+    """A row with one outlier: its many small weights must not all land on one side."""
+    torch.manual_seed(bits)
+    row = torch.randn(1, 1, 256) * 0.05
+    row[0, 0, 0] = 8.0
+    scale, offset = affine.fit_scales(row, bits, symmetric=False)
+    assert offset is not None
+    decoded = affine.decode(affine.encode(row, scale, offset, bits), scale, offset, bits)
+    zero_code = affine.encode(torch.zeros(1, 1, 1), scale, offset, bits)
+    zero = affine.decode(zero_code, scale, offset, bits)
+    assert abs(float(zero)) <= 2**-10 * float(scale.float().max()) * 2**bits
+    small = decoded[0, 0, 1:] - row[0, 0, 1:]
+    assert abs(float(small.mean())) <= 0.25 * float(scale.float()) + 1e-6
 
 
 @pytest.mark.parametrize("symmetric", MODES, ids=MODE_IDS)

@@ -1,0 +1,279 @@
+"""``autotune profile``: the two tables a search works from, written for people and tools.
+
+For every compressible layer and every option: the exact stored bytes, the latency on the
+target for prefill (batch x sequence tokens) and decode (one token per sequence), and the
+sensitivity (the output error with only that layer compressed, or a cheap proxy of it).
+Optionally the target's roofline is fitted to latencies measured here.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from autotune.calibration import build_calibration
+from autotune.fingerprint import fingerprint
+from autotune.io import write_text_atomic
+from autotune.layers import compressible_layers
+from autotune.space import build_costs, default_methods, layer_options
+from methods.keep import KeepOption
+from methods.registry import method_of
+from profilers.cache import SensitivityCache, batches_digest, default_cache_dir, table_key
+from profilers.hardware import HardwareSpec
+from profilers.observe import collect_observers
+from profilers.sensitivity import SensitivityTable, measure_sensitivity
+
+SENSITIVITY_KINDS = ("end-to-end", "local", "fisher")
+
+
+@dataclass
+class Profile:
+    model: dict[str, Any]
+    target: dict[str, Any]
+    calibration: dict[str, Any]
+    sensitivity: dict[str, Any]
+    shape: dict[str, int]
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fixed: dict[str, float] = field(default_factory=dict)
+    fitted_target: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat row per (layer, option), as in the CSV."""
+        out = []
+        for name, layer in self.layers.items():
+            for label, entry in layer["options"].items():
+                out.append({"layer": name, "kind": layer["kind"], "option": label, **entry})
+        return out
+
+    def to_csv(self) -> str:
+        rows = self.rows()
+        buffer = io.StringIO()
+        columns = [
+            "layer",
+            "kind",
+            "option",
+            "bytes",
+            "bits_per_weight",
+            "prefill_ms",
+            "decode_ms",
+            "error",
+        ]
+        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+
+    def summary(self, top: int = 5) -> str:
+        """The most and least sensitive layers, and the range of each option's costs."""
+        metric = self.sensitivity["metric"]
+        reference = _reference_label(self)
+        ranked = sorted(
+            (
+                (layer["options"][reference]["error"], name)
+                for name, layer in self.layers.items()
+                if layer["options"].get(reference, {}).get("error") is not None
+            ),
+            reverse=True,
+        )
+        lines = [
+            f"profile of {self.model['class']} on {self.target['name']}: {len(self.layers)} "
+            f"layers, sensitivity {self.sensitivity['kind']} ({metric}) in "
+            f"{self.sensitivity['seconds']:.1f} s, {self.sensitivity['evaluations']} evaluations",
+            f"latency at {self.shape['batch_size']}x{self.shape['seq_len']} tokens (prefill) "
+            f"and {self.shape['batch_size']} token(s) (decode)",
+            "",
+            f"most sensitive layers (error with only that layer at {reference}):",
+        ]
+        lines += [f"  {error:.3g}  {name}" for error, name in ranked[:top]]
+        lines += ["", "least sensitive layers:"]
+        lines += [f"  {error:.3g}  {name}" for error, name in ranked[::-1][:top]]
+        lines += ["", "cost range per option over layers:"]
+        lines.append(
+            f"  {'option':<16} {'bits/weight':>15} {'prefill ms (sum)':>17} {'decode ms (sum)':>16}"
+        )
+        by_label: dict[str, list[dict[str, Any]]] = {}
+        for layer in self.layers.values():
+            for label, entry in layer["options"].items():
+                by_label.setdefault(label, []).append(entry)
+        for label, entries in sorted(by_label.items()):
+            bits = [e["bits_per_weight"] for e in entries]
+            prefill = sum(e["prefill_ms"] or 0.0 for e in entries)
+            decode = sum(e["decode_ms"] or 0.0 for e in entries)
+            span = f"{min(bits):>7.3g}-{max(bits):<7.3g}"
+            lines.append(f"  {label:<16} {span} {prefill:>17.4g} {decode:>16.4g}")
+        if self.fitted_target:
+            fit = self.fitted_target
+            lines += [
+                "",
+                f"roofline of {self.target['name']} fitted to latencies measured here: median "
+                f"error {100 * fit['before']['median_abs_rel_error']:.0f}% -> "
+                f"{100 * fit['after']['median_abs_rel_error']:.0f}%, Spearman "
+                f"{fit['before']['spearman']:.2f} -> {fit['after']['spearman']:.2f}",
+            ]
+        return "\n".join(lines)
+
+
+def _reference_label(profile: Profile) -> str:
+    """The option most layers have that is neither keep nor 8-bit: a fair yardstick."""
+    counts: dict[str, int] = {}
+    for layer in profile.layers.values():
+        for label in layer["options"]:
+            counts[label] = counts.get(label, 0) + 1
+    preferred = ["int4-g32-asym", "int4-g64-asym", "int4-ch-asym"]
+    for label in preferred:
+        if counts.get(label, 0) == len(profile.layers):
+            return label
+    return max(counts, key=lambda label: (counts[label], label != "keep"))
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else value
+
+
+def sensitivity_table(
+    model: nn.Module,
+    options: dict,
+    batches: list,
+    kind: str,
+    observers: dict,
+    cache: SensitivityCache | None,
+) -> SensitivityTable:
+    if kind == "end-to-end":
+        return measure_sensitivity(model, options, batches, observers=observers, cache=cache)
+    from profilers import proxies
+
+    if kind == "local":
+        return proxies.local_error_table(model, options, batches, observers=observers)
+    if kind == "fisher":
+        return proxies.fisher_table(model, options, batches, observers=observers)
+    raise ValueError(f"unknown sensitivity {kind!r}; allowed: {', '.join(SENSITIVITY_KINDS)}")
+
+
+def profile_model(
+    model: nn.Module,
+    spec: HardwareSpec,
+    *,
+    tokenizer: Any = None,
+    calibration: Any = None,
+    methods: tuple[str, ...] | None = None,
+    batch_size: int = 1,
+    seq_len: int = 128,
+    sensitivity: str = "end-to-end",
+    cache: bool | str | Path = True,
+    fit: bool = False,
+) -> Profile:
+    """Sensitivity and cost of every (layer, option) of ``model`` on ``spec``."""
+    if sensitivity not in SENSITIVITY_KINDS:
+        raise ValueError(
+            f"unknown sensitivity {sensitivity!r}; allowed: {', '.join(SENSITIVITY_KINDS)}"
+        )
+    model.eval()
+    layers = compressible_layers(model)
+    options = layer_options(layers, methods if methods is not None else default_methods(spec))
+    calib = build_calibration(model, tokenizer, calibration)
+    observers = collect_observers(model, options, calib.calibration)
+    prefill = calib.latency_inputs(batch_size, seq_len)
+    decode = calib.latency_inputs(batch_size, 1)
+    prefill_costs = build_costs(model, layers, options, spec, prefill, observers=observers)
+    decode_costs = build_costs(model, layers, options, spec, decode, observers=observers)
+    table_cache = None
+    if cache and sensitivity == "end-to-end":
+        folder = default_cache_dir() if cache is True else Path(cache)
+        key = table_key(fingerprint(model), batches_digest(calib.sensitivity), sensitivity)
+        table_cache = SensitivityCache(folder, key)
+    start = time.perf_counter()
+    table = sensitivity_table(
+        model, options, calib.sensitivity, sensitivity, observers, table_cache
+    )
+    seconds = time.perf_counter() - start
+    profile = Profile(
+        model={"class": type(model).__name__, "fingerprint": fingerprint(model)},
+        target={k: v for k, v in spec.to_dict().items() if k != "probed"},
+        calibration=calib.description,
+        sensitivity={
+            "kind": sensitivity,
+            "metric": table.metric,
+            "evaluations": table.evaluations,
+            "seconds": round(seconds, 3),
+            "cached": table_cache.hits if table_cache else 0,
+        },
+        shape={"batch_size": batch_size, "seq_len": seq_len},
+        fixed={
+            "bytes": prefill_costs.fixed_bytes,
+            "prefill_ms": round(1e3 * prefill_costs.fixed_seconds, 6),
+            "decode_ms": round(1e3 * decode_costs.fixed_seconds, 6),
+        },
+    )
+    for ref in layers:
+        entries = {}
+        for index, option in enumerate(options[ref.name]):
+            cost = method_of(option).cost(ref.shape, option)
+            entries[option.label] = {
+                "bytes": cost.bytes,
+                "bits_per_weight": round(8 * cost.weight_bytes / ref.shape.numel, 4),
+                "prefill_ms": _finite(1e3 * prefill_costs.seconds[ref.name][index]),
+                "decode_ms": _finite(1e3 * decode_costs.seconds[ref.name][index]),
+                "error": _finite(table.errors.get(ref.name, {}).get(option.label)),
+            }
+        profile.layers[ref.name] = {
+            "kind": ref.shape.kind,
+            "shape": [ref.shape.rows, ref.shape.cols],
+            "options": entries,
+        }
+    if fit:
+        profile.fitted_target = _fit(model, spec, options, calib, observers, batch_size, seq_len)
+    return profile
+
+
+def _fit(model, spec, options, calib, observers, batch_size, seq_len) -> dict[str, Any]:
+    from profilers.calibrate import fit_target, observe
+
+    every = {r.name: [KeepOption()] for r in compressible_layers(model, min_numel=0)}
+    every.update(options)
+    shapes = [calib.latency_inputs(batch_size, seq_len), calib.latency_inputs(batch_size, 16)]
+    observations = observe(model, every, shapes, observers=observers)
+    result = fit_target(
+        spec,
+        observations,
+        name=f"{spec.name}-fitted",
+        source=f"on {type(model).__name__} at {batch_size}x{seq_len} and {batch_size}x16 tokens",
+    )
+    entry = {k: v for k, v in result.spec.to_dict().items() if k != "probed"}
+    return {"entry": entry, "before": result.before, "after": result.after}
+
+
+def write_profile(
+    profile: Profile, output: str | Path, csv_path: str | Path | None = None
+) -> list[Path]:
+    """Write the profile JSON (and CSV) atomically; returns the paths written."""
+    written = [Path(output)]
+    write_text_atomic(output, profile.to_json())
+    csv_target = Path(csv_path) if csv_path else Path(output).with_suffix(".csv")
+    write_text_atomic(csv_target, profile.to_csv())
+    written.append(csv_target)
+    return written
+
+
+def fitted_target_file(profile: Profile) -> str:
+    """A target file (``--target-file``) holding the fitted entry."""
+    if not profile.fitted_target:
+        raise ValueError("this profile has no fitted target")
+    return (
+        json.dumps({"schema_version": 1, "targets": [profile.fitted_target["entry"]]}, indent=2)
+        + "\n"
+    )

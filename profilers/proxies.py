@@ -1,0 +1,423 @@
+"""Cheap proxies of the end-to-end sensitivity table, and rank agreement between tables.
+
+:func:`profilers.sensitivity.measure_sensitivity` runs the model once per (layer, option).
+The proxies here run it a fixed number of times, whatever the number of options:
+
+* :func:`local_error_table`: each layer's own output error on its recorded inputs
+  (``sum (f'(X) - f(X))^2 / sum f(X)^2``), after one recording pass.
+* :func:`fisher_table`: a second-order estimate of the output error from the weight
+  perturbation, ``sum_ij F_ij (W'_ij - W_ij)^2 / Z`` with ``F`` the diagonal of the Fisher /
+  Gauss-Newton matrix of the model output, accumulated for all layers in a few backward passes.
+
+Both return a :class:`SensitivityTable` like the end-to-end one, so :func:`spearman` and
+:func:`rank_agreement_by_layer` can judge how well a proxy orders the choices.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from scipy import stats
+from torch import nn
+
+from methods.base import Option, is_conv1d, is_weight_layer, linear_weight
+from methods.errors import OptionError
+from methods.registry import method_of
+from methods.smoothquant import W8A8Linear
+from profilers.observe import Observers, collect_observers, needs_statistics
+from profilers.quality import _token_mask, metric_for, select_outputs
+from profilers.sensitivity import SensitivityTable
+
+Batch = dict[str, torch.Tensor]
+
+NO_INPUT = "the layer received no input on the calibration batches"
+
+
+def _convert(
+    layer: str,
+    module: nn.Module,
+    option: Option,
+    observers: Observers | None,
+    skipped: dict[str, dict[str, str]],
+) -> nn.Module | None:
+    """The converted module, or ``None`` (with the reason under ``skipped``) on OptionError."""
+    observer = observers.get((layer, option.label)) if observers else None
+    try:
+        return method_of(option).convert(module, option, observer)
+    except OptionError as exc:
+        skipped.setdefault(layer, {})[option.label] = str(exc)
+        return None
+
+
+def _observers(
+    model: nn.Module,
+    options: Mapping[str, Sequence[Option]],
+    batches: Sequence[Batch],
+    observers: Observers | None,
+) -> tuple[Observers | None, int]:
+    """The given observers, or ones collected in one pass when options need statistics."""
+    if observers is None and needs_statistics(options):
+        return collect_observers(model, options, batches), 1
+    return observers, 0
+
+
+# --- layer-local output error ----------------------------------------------------------------
+
+
+def _capture_inputs(
+    model: nn.Module, layers: Sequence[str], batches: Sequence[Batch], max_rows: int
+) -> dict[str, torch.Tensor]:
+    """The first ``max_rows`` input rows of each layer (index vectors for embeddings)."""
+    parts: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
+    counts = dict.fromkeys(layers, 0)
+
+    def recorder(layer: str) -> Callable[..., None]:
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+        ) -> None:
+            room = max_rows - counts[layer]
+            inputs = [*args, *kwargs.values()]
+            if room <= 0 or not inputs or not isinstance(inputs[0], torch.Tensor):
+                return
+            x = inputs[0].detach()
+            rows = x.reshape(-1) if isinstance(module, nn.Embedding) else x.reshape(-1, x.shape[-1])
+            rows = rows[:room].clone()
+            parts[layer].append(rows)
+            counts[layer] += rows.shape[0]
+
+        return hook
+
+    handles = [
+        model.get_submodule(layer).register_forward_hook(recorder(layer), with_kwargs=True)
+        for layer in layers
+    ]
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: torch.cat(rows) for layer, rows in parts.items() if rows}
+
+
+def local_error_table(
+    model: nn.Module,
+    options: Mapping[str, list[Option]],
+    batches: list[Batch],
+    observers: Observers | None = None,
+    max_rows: int = 2048,
+) -> SensitivityTable:
+    """Each layer's own normalised output error ``sum (f'(X) - f(X))^2 / sum f(X)^2`` under
+    each option, on the first ``max_rows`` inputs the layer saw on ``batches``.
+
+    ``f`` is the layer, ``f'`` the module its method's ``convert`` builds. Inputs are recorded
+    in one pass; options that need statistics take them from ``observers`` (collected in one
+    more pass when none are given). The error is the layer's own: how much the rest of the
+    model amplifies it is not in it. ``evaluations`` counts passes over ``batches``.
+    ``model`` is left as it was.
+    """
+    start = time.perf_counter()
+    if not batches:
+        raise ValueError("local_error_table needs at least one batch")
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    observers, evaluations = _observers(model, options, batches, observers)
+    inputs = _capture_inputs(model, list(options), batches, max_rows)
+    evaluations += 1
+    errors: dict[str, dict[str, float]] = {}
+    skipped: dict[str, dict[str, str]] = {}
+    for layer, layer_options in options.items():
+        errors[layer] = {}
+        module = model.get_submodule(layer)
+        x = inputs.get(layer)
+        if x is None:
+            skipped[layer] = {option.label: NO_INPUT for option in layer_options}
+            continue
+        with torch.inference_mode():
+            reference = module(x).float()
+        norm = float(reference.pow(2).sum())
+        for option in layer_options:
+            compressed = _convert(layer, module, option, observers, skipped)
+            if compressed is None:
+                continue
+            if compressed is module:
+                errors[layer][option.label] = 0.0
+                continue
+            with torch.inference_mode():
+                diff = float((compressed(x).float() - reference).pow(2).sum())
+            errors[layer][option.label] = diff / norm if norm > 0 else 0.0
+    return SensitivityTable(
+        metric="local-nmse",
+        errors=errors,
+        evaluations=evaluations,
+        seconds=time.perf_counter() - start,
+        skipped=skipped,
+        prefix_cached=False,
+    )
+
+
+# --- Fisher / Gauss-Newton estimate -----------------------------------------------------------
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor | None:
+    """The float32 weight a converted module computes with (``[out, in]`` for linear layers,
+    the table for embeddings), or ``None`` when it offers no way to get one.
+
+    W8A8 multiplies weight columns by its smoothing factors and divides inputs by them, so its
+    dequantised weight is divided back column by column.
+    """
+    dequantize = getattr(module, "dequantize", None)
+    if callable(dequantize):
+        weight = dequantize(torch.float32)
+        if isinstance(module, W8A8Linear) and module.smooth is not None:
+            weight = weight / module.smooth.float()[None, :]
+        return weight
+    if is_weight_layer(module):
+        return linear_weight(module).float()
+    return None
+
+
+def _output_scales(model: nn.Module, batches: Sequence[Batch]) -> dict[str, float]:
+    """Per selected output ``1 / sqrt(K * sum y^2)`` (0 for an all-zero output), where the sum
+    runs over unmasked tokens of all batches and ``K`` is the number of outputs."""
+    norms: dict[str, float] = {}
+    with torch.inference_mode():
+        for batch in batches:
+            for key, y in select_outputs(model(**batch)).items():
+                y = y.detach().float()
+                keep = _token_mask(y, batch.get("attention_mask"))
+                if keep is not None:
+                    y = y[keep]
+                norms[key] = norms.get(key, 0.0) + float(y.pow(2).sum())
+    count = len(norms)
+    return {k: 1.0 / math.sqrt(count * n) if n > 0 else 0.0 for k, n in norms.items()}
+
+
+@contextmanager
+def _gradients_for(model: nn.Module, weights: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Only ``weights`` require grad inside; every flag is restored on exit."""
+    tensors = {id(p): p for p in [*model.parameters(), *weights]}
+    flags = {key: p.requires_grad for key, p in tensors.items()}
+    try:
+        for p in tensors.values():
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for key, p in tensors.items():
+            p.requires_grad_(flags[key])
+
+
+def _kl_draws(
+    logits: torch.Tensor,
+    mask: torch.Tensor | None,
+    samples: int,
+    generator: torch.Generator,
+) -> Iterator[torch.Tensor]:
+    """Log-probabilities of labels drawn from the model's own distribution, summed over the
+    unmasked tokens: ``E[grad^2]`` is the sum over tokens of the Fisher diagonal."""
+    keep = _token_mask(logits, mask)
+    selected = logits[keep] if keep is not None else logits.reshape(-1, logits.shape[-1])
+    log_probs = F.log_softmax(selected.float(), dim=-1)
+    probs = log_probs.detach().exp()
+    for _ in range(samples):
+        labels = torch.multinomial(probs, 1, generator=generator)
+        yield log_probs.gather(-1, labels).sum()
+
+
+def _nmse_draws(
+    outputs: Mapping[str, torch.Tensor],
+    mask: torch.Tensor | None,
+    scales: Mapping[str, float],
+    samples: int,
+    generator: torch.Generator,
+) -> Iterator[torch.Tensor]:
+    """``sum_k scale_k * (v_k . y_k)`` for Gaussian ``v_k``: ``E[grad^2]`` is the Gauss-Newton
+    diagonal ``sum_k scale_k^2 diag(J_k^T J_k)`` over the unmasked tokens."""
+    selected = {}
+    for key, y in outputs.items():
+        keep = _token_mask(y, mask)
+        selected[key] = (y[keep] if keep is not None else y).float()
+    for _ in range(samples):
+        total = torch.zeros((), device=next(iter(selected.values())).device)
+        for key, y in selected.items():
+            v = torch.randn(y.shape, generator=generator, device=y.device)
+            total = total + scales[key] * (v * y).sum()
+        yield total
+
+
+def _fisher_diagonals(
+    model: nn.Module,
+    layers: Sequence[str],
+    batches: Sequence[Batch],
+    samples: int,
+    seed: int,
+) -> tuple[dict[str, torch.Tensor], str, int]:
+    """Per layer the normalised Fisher diagonal (``[out, in]`` for linear layers), the output
+    metric, and the sweeps over ``batches`` run (forward and backward)."""
+    modules = {layer: model.get_submodule(layer) for layer in layers}
+    weights = {layer: module.weight for layer, module in modules.items()}
+    unique = list({id(w): w for w in weights.values()}.values())
+    sums = {id(w): torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in unique}
+    metric = ""
+    scales: dict[str, float] = {}
+    tokens = forward_sweeps = backward_calls = 0
+    generator: torch.Generator | None = None
+    with _gradients_for(model, unique):
+        for batch in batches:
+            outputs = select_outputs(model(**batch))
+            if not metric:
+                metric = metric_for(outputs)
+                forward_sweeps = 1
+                if metric == "nmse":
+                    scales = _output_scales(model, batches)
+                    forward_sweeps += 1
+            first = next(iter(outputs.values()))
+            if generator is None:
+                generator = torch.Generator(device=first.device).manual_seed(seed)
+            mask = batch.get("attention_mask")
+            if metric == "kl":
+                draws = _kl_draws(outputs["logits"], mask, samples, generator)
+                keep = _token_mask(first, mask)
+                tokens += int(keep.sum()) if keep is not None else first[..., 0].numel()
+            else:
+                draws = _nmse_draws(outputs, mask, scales, samples, generator)
+            for sample, scalar in enumerate(draws):
+                if not scalar.requires_grad:
+                    break
+                grads = torch.autograd.grad(
+                    scalar, unique, retain_graph=sample < samples - 1, allow_unused=True
+                )
+                for w, grad in zip(unique, grads, strict=True):
+                    if grad is not None:
+                        sums[id(w)].add_(grad.detach().float().pow(2))
+                backward_calls += 1
+    factor = 1.0 / samples if metric == "nmse" else 0.5 / (samples * max(tokens, 1))
+    for total in sums.values():
+        total.mul_(factor)
+    diagonals = {}
+    for layer, module in modules.items():
+        diagonal = sums[id(weights[layer])]
+        diagonals[layer] = diagonal.t() if is_conv1d(module) else diagonal
+    return diagonals, metric, forward_sweeps + -(-backward_calls // len(batches))
+
+
+def fisher_table(
+    model: nn.Module,
+    options: Mapping[str, list[Option]],
+    batches: list[Batch],
+    observers: Observers | None = None,
+    samples: int = 4,
+    seed: int = 0,
+) -> SensitivityTable:
+    """Second-order estimate of the end-to-end error: ``sum_ij F_ij (W'_ij - W_ij)^2 / Z``.
+
+    ``W'`` is the float weight of the module the option's ``convert`` builds (see
+    :func:`effective_weight`), ``F`` the diagonal of the Fisher / Gauss-Newton matrix of the
+    model output with respect to the layer's weight, accumulated for all layers in the same
+    backward passes (``samples`` per batch, drawn from a generator seeded by ``seed``):
+
+    * models with ``logits`` (metric ``kl``): the true Fisher, with labels drawn from the
+      model's own softmax at each token; ``KL ~ 0.5 dW^T F dW`` per token, ``Z`` = tokens.
+    * other models (``nmse``): the Gauss-Newton diagonal ``E_v[(d(v . y)/dW)^2]`` with Gaussian
+      ``v`` shaped like each selected output ``y``, and ``Z = sum y^2`` per output, averaged
+      over outputs as :class:`profilers.quality.OutputError` does.
+
+    This proxy sees weight perturbations only: W8A8's activation quantisation is not in it.
+    The gradient is taken with respect to the weight tensor, so a weight shared by several
+    modules counts all its uses. Options whose module has no float weight are ``skipped``.
+    ``evaluations`` counts sweeps over ``batches``: one forward (two for ``nmse``, whose
+    normaliser needs all outputs first) and ``samples`` backward.
+    ``model`` is left as it was: its ``requires_grad`` flags are set only while this runs,
+    and parameter ``.grad`` fields are not touched.
+    """
+    start = time.perf_counter()
+    if not batches:
+        raise ValueError("fisher_table needs at least one batch")
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1, got {samples}")
+    observers, evaluations = _observers(model, options, batches, observers)
+    diagonals, metric, sweeps = _fisher_diagonals(model, list(options), batches, samples, seed)
+    errors: dict[str, dict[str, float]] = {}
+    skipped: dict[str, dict[str, str]] = {}
+    for layer, layer_options in options.items():
+        errors[layer] = {}
+        module = model.get_submodule(layer)
+        weight = linear_weight(module).float()
+        diagonal = diagonals[layer]
+        for option in layer_options:
+            compressed = _convert(layer, module, option, observers, skipped)
+            if compressed is None:
+                continue
+            if compressed is module:
+                errors[layer][option.label] = 0.0
+                continue
+            perturbed = effective_weight(compressed)
+            if perturbed is None or perturbed.shape != weight.shape:
+                reason = (
+                    f"{type(compressed).__name__} offers no float weight"
+                    if perturbed is None
+                    else f"float weight of shape {tuple(perturbed.shape)}, expected "
+                    f"{tuple(weight.shape)}"
+                )
+                skipped.setdefault(layer, {})[option.label] = reason
+                continue
+            delta = perturbed.to(weight.device) - weight
+            errors[layer][option.label] = float((diagonal * delta.pow(2)).sum())
+    return SensitivityTable(
+        metric=metric,
+        errors=errors,
+        evaluations=evaluations + sweeps,
+        seconds=time.perf_counter() - start,
+        skipped=skipped,
+        prefix_cached=False,
+    )
+
+
+# --- rank agreement -------------------------------------------------------------------------
+
+
+def _rank_correlation(pairs: Sequence[tuple[float, float]]) -> float:
+    """Spearman correlation of the pairs, leaving out those exactly 0 on both sides; NaN when
+    fewer than two remain or one side is constant."""
+    kept = [(a, b) for a, b in pairs if not (a == 0.0 and b == 0.0)]
+    if len(kept) < 2:
+        return math.nan
+    first, second = zip(*kept, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return float(stats.spearmanr(first, second).statistic)
+
+
+def spearman(table_a: SensitivityTable, table_b: SensitivityTable) -> float:
+    """Spearman rank correlation over the (layer, label) pairs in both tables (pairs that are
+    exactly 0 in both, such as keep, are left out)."""
+    pairs = [
+        (value, table_b.errors[layer][label])
+        for layer, row in table_a.errors.items()
+        for label, value in row.items()
+        if label in table_b.errors.get(layer, {})
+    ]
+    return _rank_correlation(pairs)
+
+
+def rank_agreement_by_layer(
+    proxy: SensitivityTable, reference: SensitivityTable, label: str
+) -> float:
+    """Spearman rank correlation over the layers that have option ``label`` in both tables."""
+    pairs = [
+        (row[label], reference.errors[layer][label])
+        for layer, row in proxy.errors.items()
+        if label in row and label in reference.errors.get(layer, {})
+    ]
+    return _rank_correlation(pairs)
