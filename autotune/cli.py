@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
         "--cache-dir", help="sensitivity cache (default: $AUTOTUNE_CACHE or ~/.cache/autotune)"
     )
     tune.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
+    tune.add_argument(
+        "--sensitivity",
+        default="end-to-end",
+        choices=["end-to-end", "fisher", "local"],
+        help="how each (layer, option) is scored: end-to-end output error or a cheaper proxy",
+    )
     _common(tune)
 
     validate = sub.add_parser("validate", help="re-check a plan against a model (CI)")
@@ -160,6 +166,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         measure=not args.no_measure,
         cache=False if args.no_cache else (args.cache_dir or True),
+        sensitivity=args.sensitivity,
     )
     result.plan.model["source"] = loaded.source
     if args.output:

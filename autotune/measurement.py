@@ -16,6 +16,8 @@ from profilers.measure import (
     state_dict_bytes,
     weight_storage_bytes,
 )
+from profilers.memory import activation_peak
+from profilers.memory import scratch_in_use as workspace_buffers
 from profilers.probe import machine_facts
 from profilers.quality import output_error
 
@@ -35,6 +37,7 @@ class Measured:
     latency: LatencyStats | None
     heldout_error: float | None
     baseline_latency: LatencyStats | None = None
+    peak_memory: int | None = None
 
     def to_dict(self, latency_shape: list[int], metric: str) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -48,6 +51,8 @@ class Measured:
             out["latency_repeats"] = self.latency.repeats
             out["latency_shape"] = latency_shape
             out["device"] = device_description()
+        if self.peak_memory is not None:
+            out["peak_memory_bytes"] = self.peak_memory
         if self.heldout_error is not None:
             out["heldout_error"] = self.heldout_error
             out["metric"] = metric
@@ -73,8 +78,11 @@ def measure_model(
     per weight, latency (when inputs are given; interleaved with ``baseline``'s, whose
     figures land in ``baseline_latency``) and held-out error (against reference)."""
     weights = total_weights or weight_numel(model)
-    latency = baseline_latency = None
+    latency = baseline_latency = peak = None
     if latency_inputs is not None:
+        traced = activation_peak(model, latency_inputs)
+        in_use = sum(b.numel() * b.element_size() for b in workspace_buffers())
+        peak = model_bytes(model) + traced.peak_bytes + in_use
         models = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
         stats = measure_latencies(models, latency_inputs)
         latency, baseline_latency = stats["model"], stats.get("baseline")
@@ -88,4 +96,5 @@ def measure_model(
         latency=latency,
         heldout_error=error,
         baseline_latency=baseline_latency,
+        peak_memory=peak,
     )

@@ -97,6 +97,13 @@ class Report:
             ),
             ("latency p90", "-", _fmt(meas.get("latency_p90_ms"), " ms"), "-", "-"),
             (
+                "peak memory (traced)",
+                _fmt_bytes(pred.get("peak_memory_bytes")),
+                _fmt_bytes(meas.get("peak_memory_bytes")),
+                "-",
+                "-",
+            ),
+            (
                 f"output error ({pred.get('metric', meas.get('metric', '?'))})",
                 _fmt(pred.get("error")) + " [calibration]",
                 _fmt(meas.get("heldout_error")) + " [held-out]",

@@ -102,7 +102,8 @@ def _tensors(tree: Any) -> Iterable[torch.Tensor]:
     return (leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor))
 
 
-def _scratch_buffers() -> list[torch.Tensor]:
+def scratch_in_use() -> list[torch.Tensor]:
+    """The dequantisation scratch buffers this thread holds now."""
     buffers = getattr(workspace._LOCAL, "buffers", None) or {}
     return list(buffers.values())
 
@@ -133,7 +134,7 @@ class _LiveBytes(TorchDispatchMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        self.exclude(_scratch_buffers())
+        self.exclude(scratch_in_use())
         # a composite op runs as its parts: see their temporaries too
         with self:
             decomposed = func.decompose(*args, **kwargs)
@@ -220,7 +221,7 @@ def activation_peak(model: nn.Module, inputs: dict[str, Any]) -> ActivationPeak:
     try:
         with torch.inference_mode(), tracker:
             out = model(**inputs)
-        tracker.exclude(_scratch_buffers())
+        tracker.exclude(scratch_in_use())
         tracker.exclude(_model_state(model))
     finally:
         tracker.detach()

@@ -135,3 +135,10 @@ def test_a_cached_tune_gives_the_same_plan(tokenizer, tmp_path) -> None:
     assert second.plan.search["sensitivity_cached"] > 0
     assert second.plan.layers == first.plan.layers
     assert second.plan.predicted == first.plan.predicted
+
+
+def test_tuning_with_the_fisher_proxy(tokenizer) -> None:
+    _, result = _tune("35%", tokenizer, measure=False, sensitivity="fisher")
+    assert result.plan.search["sensitivity"] == "fisher"
+    assert result.plan.predicted["bytes"] <= int(0.35 * model_bytes(make_tiny_bert()))
+    assert result.plan.predicted["metric"] == "nmse"
