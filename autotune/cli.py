@@ -242,6 +242,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         sensitivity=args.sensitivity,
         cache=False if args.no_cache else (args.cache_dir or True),
         fit=bool(args.fit_target),
+        progress=not args.quiet,
     )
     text = profile.summary()
     if args.output:

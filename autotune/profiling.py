@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from autotune.calibration import build_calibration
 from autotune.fingerprint import fingerprint
@@ -152,9 +153,16 @@ def sensitivity_table(
     kind: str,
     observers: dict,
     cache: SensitivityCache | None,
+    progress: bool = False,
 ) -> SensitivityTable:
     if kind == "end-to-end":
-        return measure_sensitivity(model, options, batches, observers=observers, cache=cache)
+        total = sum(len(o) for o in options.values())
+        with tqdm(
+            total=total, desc="sensitivity", disable=None if progress else True, leave=False
+        ) as bar:
+            return measure_sensitivity(
+                model, options, batches, observers=observers, cache=cache, progress=bar.update
+            )
     from profilers import proxies
 
     if kind == "local":
@@ -176,6 +184,7 @@ def profile_model(
     sensitivity: str = "end-to-end",
     cache: bool | str | Path = True,
     fit: bool = False,
+    progress: bool = False,
 ) -> Profile:
     """Sensitivity and cost of every (layer, option) of ``model`` on ``spec``."""
     if sensitivity not in SENSITIVITY_KINDS:

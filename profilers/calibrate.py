@@ -22,7 +22,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from methods.base import LayerShape, Option, is_weight_layer
-from profilers.hardware import HardwareSpec
+from profilers.hardware import HardwareSpec, KernelSpec
 from profilers.latency_table import measure_in_model
 from profilers.observe import Observers
 from profilers.opcount import rest_of_model
@@ -86,6 +86,10 @@ def fit_target(
     to ``observations`` (layer times and rest-of-model times measured on the device)."""
     if len(observations) < 3:
         raise ValueError("fitting a target needs at least three observations")
+    kernels = dict(spec.kernels)
+    for path in ("dequantize", "lookup"):  # paths that get an efficiency of their own
+        kernels.setdefault(path, KernelSpec(spec.dense_dtype, None, spec.efficiency, "fitted"))
+    spec = dataclasses.replace(spec, kernels=kernels)
     kernel_names = sorted(spec.kernels)
     start = np.log(
         [spec.efficiency, max(spec.op_overhead_s, 1e-7)]

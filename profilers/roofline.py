@@ -29,33 +29,45 @@ class RestOfModel:
     dtype: str = "float32"
 
 
+PATHS = ("dense", "dequantize", "lookup")  # ways to compute that are not a kernel
+
+
+def _efficiency(spec: HardwareSpec, path: str) -> float:
+    """A path's own fitted efficiency (``kernels["dequantize"]``, ``kernels["lookup"]``) if
+    the spec has one, else the dense efficiency."""
+    entry = spec.kernels.get(path)
+    return entry.efficiency if entry is not None else spec.efficiency
+
+
 def layer_latency(shape: LayerShape, option: Option, spec: HardwareSpec, tokens: int) -> float:
-    """Seconds one call of this layer takes for ``tokens`` input rows on ``spec``."""
+    """Seconds one call of this layer takes for ``tokens`` input rows on ``spec``:
+    ``max(FLOPs / peak, bytes / bandwidth) / efficiency`` plus per-operator overhead."""
     method = method_of(option)
     cost = method.cost(shape, option)
     act = ACTIVATION_BYTES.get(shape.dtype, 4)
     if shape.kind == "embedding":
         per_row = cost.weight_bytes / max(shape.rows, 1)
         moved = tokens * (per_row + shape.cols * act)
-        ops = OPS_PER_CALL["dense" if option.method == "none" else "lookup"]
-        return moved / spec.bandwidth / spec.efficiency + ops * spec.op_overhead_s
+        plain = option.method == "none"
+        efficiency = spec.efficiency if plain else _efficiency(spec, "lookup")
+        ops = OPS_PER_CALL["dense" if plain else "lookup"]
+        return moved / spec.bandwidth / efficiency + ops * spec.op_overhead_s
     flops = cost.flops_per_token * tokens
     activations = tokens * (shape.cols + shape.rows) * act
     fmt = method.runtime_format(shape, option)
-    kernel = spec.kernels.get(fmt)
+    kernel = spec.kernels.get(fmt) if fmt not in PATHS else None
     if kernel is not None and (kernel.max_tokens is None or tokens <= kernel.max_tokens):
         moved = cost.weight_bytes + cost.other_bytes + activations
-        compute = flops / (spec.peak(kernel.compute_dtype) * spec.efficiency)
-        memory = moved / (spec.bandwidth * kernel.efficiency)
-        return max(compute, memory) + OPS_PER_CALL["kernel"] * spec.op_overhead_s
+        roof = max(flops / spec.peak(kernel.compute_dtype), moved / spec.bandwidth)
+        return roof / kernel.efficiency + OPS_PER_CALL["kernel"] * spec.op_overhead_s
     if fmt == "dense":
         moved = cost.bytes + activations
         seconds = max(flops / spec.peak(shape.dtype), moved / spec.bandwidth) / spec.efficiency
         return seconds + OPS_PER_CALL["dense"] * spec.op_overhead_s
     float_weight = shape.numel * act
     moved = cost.bytes + 2 * float_weight + activations
-    seconds = max(flops / spec.peak(shape.dtype), moved / spec.bandwidth) / spec.efficiency
-    return seconds + OPS_PER_CALL["dequantize"] * spec.op_overhead_s
+    roof = max(flops / spec.peak(shape.dtype), moved / spec.bandwidth)
+    return roof / _efficiency(spec, "dequantize") + OPS_PER_CALL["dequantize"] * spec.op_overhead_s
 
 
 def rest_latency(rest: RestOfModel, spec: HardwareSpec) -> float:

@@ -59,7 +59,7 @@ def test_the_fit_recovers_the_spec_that_produced_the_times() -> None:
     assert fit.before["median_abs_rel_error"] > 0.1
     assert fit.spec.efficiency == pytest.approx(0.3, rel=1e-3)
     assert fit.spec.op_overhead_s == pytest.approx(2e-5, rel=1e-3)
-    assert fit.spec.kernels["int8_weight_only"].efficiency == pytest.approx(0.6, rel=1e-3)
+    assert fit.spec.kernels["int8_weight_only"].efficiency == pytest.approx(0.6, rel=2e-2)
     assert fit.spec.name == "fitted"
     assert "in a test" in fit.spec.sources["efficiency"]
     assert HardwareSpec.from_dict(fit.spec.to_dict()) == fit.spec

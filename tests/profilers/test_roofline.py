@@ -90,15 +90,33 @@ def test_int8_per_channel_runs_on_the_kernel_up_to_its_token_limit(tokens: int) 
     assert on_fast != layer_latency(LINEAR, INT8_CH, plain, tokens)
 
 
-def test_a_compute_bound_kernel_call_runs_at_the_dense_efficiency() -> None:
-    """The kernel's efficiency is a bandwidth figure: it does not slow compute-bound calls."""
+def test_a_kernel_efficiency_divides_the_whole_roofline() -> None:
+    """time = max(FLOPs / peak, bytes / bandwidth) / efficiency: compute-bound calls too."""
     fast = make_spec(kernels=int8_kernel(0.5, max_tokens=None), op_overhead_s=0.0, bandwidth=HUGE)
     slow = make_spec(kernels=int8_kernel(0.05, max_tokens=None), op_overhead_s=0.0, bandwidth=HUGE)
     tokens = 64
     on_fast = layer_latency(LINEAR, INT8_CH, fast, tokens)
-    assert on_fast == layer_latency(LINEAR, INT8_CH, slow, tokens)
+    assert layer_latency(LINEAR, INT8_CH, slow, tokens) == pytest.approx(10 * on_fast)
     flops = 2 * LINEAR.rows * LINEAR.cols * tokens
     assert on_fast == pytest.approx(flops / (1e12 * 0.5))
+
+
+def test_dequantising_and_lookups_take_their_own_efficiency_when_given() -> None:
+    plain = make_spec(op_overhead_s=0.0)
+    tuned = make_spec(
+        op_overhead_s=0.0,
+        kernels={
+            "dequantize": KernelSpec("float32", None, 0.05),
+            "lookup": KernelSpec("float32", None, 0.05),
+        },
+    )
+    assert layer_latency(LINEAR, INT2_G32, tuned, 64) == pytest.approx(
+        10 * layer_latency(LINEAR, INT2_G32, plain, 64)
+    )
+    assert layer_latency(EMBEDDING, INT4_G128, tuned, 64) == pytest.approx(
+        10 * layer_latency(EMBEDDING, INT4_G128, plain, 64)
+    )
+    assert layer_latency(LINEAR, KEEP, tuned, 64) == layer_latency(LINEAR, KEEP, plain, 64)
 
 
 @pytest.mark.parametrize("tokens", [TOKEN_LIMIT + 1, 64, 4096])
