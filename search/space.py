@@ -73,3 +73,20 @@ class ChoiceTable:
 
     def fits(self, assignment: list[int], limits: dict[str, float]) -> bool:
         return all(self.total(r, assignment) <= limit for r, limit in limits.items())
+
+    def allowed(self, variable: int) -> list[int]:
+        """Choices of a variable that may be taken (finite score)."""
+        return [c for c, s in enumerate(self.scores[variable]) if np.isfinite(s)]
+
+    def levels(self, resource: str) -> list[list[int]]:
+        """Per variable, its allowed choices ordered by their cost in ``resource`` (then by
+        index): level 0 is the cheapest. Engines search over levels so that neighbouring
+        levels are neighbouring costs."""
+        return [
+            sorted(self.allowed(i), key=lambda c, i=i: (float(self.costs[resource][i][c]), c))
+            for i in range(len(self.variables))
+        ]
+
+    def margins(self, assignment: list[int], limits: dict[str, float]) -> dict[str, float]:
+        """How far below each limit an assignment stays (negative: over the limit)."""
+        return {r: limit - self.total(r, assignment) for r, limit in limits.items()}

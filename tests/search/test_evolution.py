@@ -1,0 +1,115 @@
+"""evolve: limits kept, duplicates rejected, fidelity steps, seeds, studies and resuming."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from search import allocate, evolve
+from search.evolution import default_survivors
+from search.study import open_study
+from tests.search.synthetic import SyntheticFitness, bits_limit, make_problem
+
+
+@pytest.fixture
+def problem():
+    table, weights = make_problem()
+    limits = bits_limit(table, 3.0)
+    start = allocate(table, limits).assignment
+    return table, weights, limits, start
+
+
+def test_improves_on_the_additive_optimum_and_keeps_the_limits(problem):
+    table, weights, limits, start = problem
+    fitness = SyntheticFitness(table, weights)
+    result = evolve(table, limits, fitness, start, max_evals=60, seed=1)
+    assert table.fits(result.assignment, limits)
+    assert result.error == pytest.approx(fitness.exact(result.assignment))
+    assert result.error < fitness.exact(start)
+    assert all(table.fits(list(plan), limits) for plan, _ in fitness.calls)
+    # the parent only ever gets better
+    assert result.history == sorted(result.history, reverse=True)
+
+
+def test_never_evaluates_a_plan_twice_at_one_fidelity(problem):
+    table, weights, limits, start = problem
+    fitness = SyntheticFitness(table, weights)
+    evolve(table, limits, fitness, start, max_evals=40, seed=2)
+    assert len(fitness.calls) == len(set(fitness.calls))
+
+
+def test_cheap_fidelities_screen_the_offspring(problem):
+    table, weights, limits, start = problem
+    fitness = SyntheticFitness(table, weights, costs=(0.1, 0.4, 1.0))
+    result = evolve(table, limits, fitness, start, max_evals=20, offspring=16, seed=3)
+    calls = result.evaluations.calls
+    generations = result.iterations
+    assert default_survivors(16, 3) == [4, 1]
+    assert calls == [16 * generations, 4 * generations, 1 + generations]
+    # a plan reaches a dearer fidelity only after the cheaper ones
+    by_plan: dict[tuple[int, ...], list[int]] = {}
+    for plan, fidelity in fitness.calls:
+        by_plan.setdefault(plan, []).append(fidelity)
+    assert all(f == list(range(len(f))) for p, f in by_plan.items() if p != tuple(start))
+    assert result.evaluations.full_equivalent == pytest.approx(
+        0.1 * calls[0] + 0.4 * calls[1] + calls[2]
+    )
+    assert result.evaluations.full_equivalent >= 20
+
+
+def test_same_seed_same_result_and_other_seed_other_path(problem):
+    table, weights, limits, start = problem
+    runs = [
+        evolve(table, limits, SyntheticFitness(table, weights), start, max_evals=30, seed=s)
+        for s in (7, 7, 8)
+    ]
+    assert runs[0].assignment == runs[1].assignment
+    assert runs[0].history == runs[1].history
+    assert runs[0].history != runs[2].history or runs[0].assignment != runs[2].assignment
+
+
+def test_stops_on_timeout(problem):
+    table, weights, limits, start = problem
+    result = evolve(
+        table, limits, SyntheticFitness(table, weights), start, max_evals=10**6, timeout=0.2
+    )
+    assert result.stopped == "timeout"
+
+
+def test_refuses_a_start_over_the_limits(problem):
+    table, weights, limits, _ = problem
+    dearest = [len(c) - 1 for c in table.choices]
+    with pytest.raises(ValueError, match="does not meet the limits"):
+        evolve(table, limits, SyntheticFitness(table, weights), dearest)
+
+
+def test_records_every_evaluation_in_the_study_and_resumes_from_it(problem, tmp_path):
+    table, weights, limits, start = problem
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    first = SyntheticFitness(table, weights)
+    study = open_study(storage, "s")
+    one = evolve(table, limits, first, start, max_evals=15, seed=4, study=study)
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == len({plan for plan, _ in first.calls})
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert min(t.values[0] for t in complete) == pytest.approx(one.error)
+    assert all(t.user_attrs["engine"] == "evolution" for t in trials)
+    assert all(t.constraints is not None and max(t.constraints.values()) <= 0 for t in trials)
+
+    # a new process: loads the study, starts from its best plan, repeats nothing
+    second = SyntheticFitness(table, weights)
+    two = evolve(table, limits, second, start, max_evals=15, seed=5, study=open_study(storage, "s"))
+    assert two.resumed == len(trials)
+    assert two.history[0] == pytest.approx(one.error)
+    assert not {plan for plan, _ in first.calls} & {plan for plan, _ in second.calls}
+    assert two.error <= one.error
+
+
+def test_a_study_for_another_space_is_refused(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    open_study(storage, "s", key="a")
+    open_study(storage, "s", key="a")
+    with pytest.raises(ValueError, match="another model"):
+        open_study(storage, "s", key="b")
+    with pytest.raises(ValueError, match="objective"):
+        open_study(storage, "s", directions=("minimize", "minimize"))
