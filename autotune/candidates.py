@@ -1,4 +1,4 @@
-"""End-to-end checks of candidate plans: the allocator's plan against uniform plans.
+"""End-to-end checks of candidate plans: the search's plans against uniform plans.
 
 Per-layer sensitivities add up only approximately, so candidates are compared on the real
 compressed model. Selection is in two steps of growing fidelity: every candidate on the
@@ -7,7 +7,7 @@ small profiling batches, the best few on the full calibration set.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -82,25 +82,30 @@ def evaluate(
 
 
 def select(
-    model: nn.Module,
     candidates: list[Candidate],
-    screening: tuple[list[dict], list[dict]],
-    full: tuple[list[dict], list[dict]],
-    metric: str,
-    cache: ModuleCache,
+    error: Callable[[Mapping[str, Option], int], float],
     finalists: int = 3,
+    searched: int = 0,
     progress=None,
 ) -> Candidate:
-    """The candidate with the least error on the full calibration set, after screening."""
+    """The candidate with the least error on the full calibration set (``error(options, -1)``).
+
+    Every candidate is first screened on the profiling batches (``error(options, 0)``); the
+    first ``searched`` candidates (the search's plans) and the ``finalists`` best-screened
+    others are then checked on the full set."""
     for candidate in candidates:
-        candidate.screening_error = evaluate(model, candidate.options, *screening, metric, cache)
+        candidate.screening_error = error(candidate.options, 0)
         if progress is not None:
             progress(1)
-    order = sorted(range(len(candidates)), key=lambda i: (candidates[i].screening_error, i))
-    for index in order[:finalists]:
+    others = sorted(
+        range(searched, len(candidates)), key=lambda i: (candidates[i].screening_error, i)
+    )
+    checked = list(range(searched)) + others[:finalists]
+    for index in checked:
         candidate = candidates[index]
-        candidate.calibration_error = evaluate(model, candidate.options, *full, metric, cache)
+        candidate.calibration_error = error(candidate.options, -1)
         if progress is not None:
             progress(1)
-    checked = [candidates[i] for i in order[:finalists]]
-    return min(checked, key=lambda c: (c.calibration_error, candidates.index(c)))
+    return min(
+        (candidates[i] for i in checked), key=lambda c: (c.calibration_error, candidates.index(c))
+    )

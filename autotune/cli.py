@@ -60,6 +60,27 @@ def _parser() -> argparse.ArgumentParser:
         choices=["end-to-end", "fisher", "local"],
         help="how each (layer, option) is scored: end-to-end output error or a cheaper proxy",
     )
+    tune.add_argument(
+        "--search",
+        default="auto",
+        choices=["auto", "allocator", "evolution", "tpe", "nsga2"],
+        help="engine that improves on the allocator's plan by whole-model evaluations "
+        "(default auto: evolution up to 1B weights)",
+    )
+    tune.add_argument(
+        "--max-evals",
+        type=float,
+        help="most full-calibration evaluations the engine may spend (default 100)",
+    )
+    tune.add_argument("--timeout", type=float, help="most seconds the engine may search")
+    tune.add_argument(
+        "--storage",
+        help="Optuna storage URL to record, resume and share the search "
+        "(sqlite:///study.db, postgresql://user:pw@host/db, mysql://...)",
+    )
+    tune.add_argument(
+        "--study", help="study name in --storage (default: derived from model, data and space)"
+    )
     _common(tune)
 
     validate = sub.add_parser("validate", help="re-check a plan against a model (CI)")
@@ -167,6 +188,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         measure=not args.no_measure,
         cache=False if args.no_cache else (args.cache_dir or True),
         sensitivity=args.sensitivity,
+        search=args.search,
+        max_evals=args.max_evals,
+        timeout=args.timeout,
+        storage=args.storage,
+        study_name=args.study,
     )
     result.plan.model["source"] = loaded.source
     if args.output:

@@ -124,12 +124,24 @@ class Report:
         search = self.plan.search
         if not search:
             return None
-        return (
+        line = (
             f"search: {search.get('algorithm', '?')}, chose '{search.get('chosen', '?')}'; "
             f"{search.get('sensitivity_evaluations', 0):,} layer evaluations, "
-            f"{search.get('full_evaluations', 0)} whole-model evaluations, "
+            f"{float(search.get('full_evaluations', 0)):.1f} whole-model evaluations "
+            "(in calibration sets), "
             f"{search.get('seconds', 0):.1f} s"
         )
+        run = search.get("engine_run")
+        if run:
+            line += (
+                f"; {search.get('engine')}: calibration error {run['allocator_error']:.4g} "
+                f"for the allocator's plan, {run['best_error']:.4g} for the best found "
+                f"({run['full_evaluations']:.1f} evaluations, stopped by {run['stopped']})"
+            )
+        guard = search.get("heldout_guard")
+        if guard and guard.get("kept", "").startswith("uniform"):
+            line += "; the best uniform plan was better on held-out data and was kept"
+        return line
 
     def notes(self) -> list[str]:
         """Reference figures: the uncompressed model, the best uniform plan, the device."""

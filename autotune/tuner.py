@@ -21,11 +21,13 @@ from autotune.calibration import build_calibration
 from autotune.candidates import Candidate, ModuleCache, evaluate, select
 from autotune.errors import AutotuneError, InfeasibleBudgetError
 from autotune.fingerprint import fingerprint
+from autotune.fitness import PlanFitness, windows_of
 from autotune.layers import compressible_layers
 from autotune.loading import load_model
 from autotune.measurement import measure_model
 from autotune.plan import DEFAULT_KEY, Plan
 from autotune.report import Report
+from autotune.searching import ENGINES, choose_engine, run_search
 from autotune.space import CostModel, build_costs, default_methods, layer_options
 from autotune.targets import get_target
 from methods.keep import KeepOption
@@ -36,7 +38,14 @@ from profilers.observe import collect_observers
 from profilers.quality import run_outputs
 from profilers.sensitivity import SensitivityTable, measure_sensitivity
 from search import ChoiceTable, InfeasibleError, allocate
+from search.study import check_storage
 
+ALGORITHMS = {
+    "allocator": "milp-allocator + uniform check",
+    "evolution": "milp-allocator -> evolution (EvoPress-style) + uniform check",
+    "tpe": "milp-allocator -> optuna TPE + uniform check",
+    "nsga2": "milp-allocator -> optuna NSGA-II (error x bytes x latency) + uniform check",
+}
 RESOURCE_NAMES = {"bytes": "stored bytes", "bits": "stored weight bits", "seconds": "latency"}
 
 
@@ -132,6 +141,22 @@ def _candidate_totals(costs: CostModel, options: dict) -> dict[str, float]:
     }
 
 
+def _module_cache_cap(original_bytes: int) -> int:
+    """Converted modules kept for the search: up to 12x the model, within a third of the
+    memory available now."""
+    import psutil
+
+    return int(min(12 * original_bytes, psutil.virtual_memory().available / 3))
+
+
+def _pareto_point(costs: CostModel, options: dict, error: float) -> dict[str, Any]:
+    return {
+        "error": error,
+        **_candidate_totals(costs, options),
+        "layers": {n: o.label for n, o in options.items()},
+    }
+
+
 def _finite(value: float) -> float | None:
     return value if np.isfinite(value) else None
 
@@ -220,6 +245,11 @@ def autotune(
     trust_remote_code: bool = False,
     cache: bool | str | Path = True,
     sensitivity: str = "end-to-end",
+    search: str = "auto",
+    max_evals: float | None = None,
+    timeout: float | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
 ) -> TuneResult:
     """Find the best per-layer compression plan for ``model`` under ``budget`` on ``target``,
     apply it, and measure predicted against measured figures.
@@ -233,7 +263,15 @@ def autotune(
     option) is scored: ``"end-to-end"`` (the output error with only that layer compressed),
     or the cheaper proxies ``"fisher"`` (a second-order estimate from weight perturbations,
     which ranks like end-to-end on the demo: Spearman 0.996) and ``"local"`` (the layer's own
-    output error). The user's model is not modified unless ``inplace=True``.
+    output error). ``search`` is the engine that improves on the allocator's plan with
+    whole-model evaluations: ``"auto"`` (evolution, or the allocator alone for models over
+    a billion weights or when its plan loses nothing), ``"allocator"``, ``"evolution"``,
+    ``"tpe"`` or ``"nsga2"`` (a Pareto front of error, bytes and latency, kept in the plan).
+    ``max_evals`` bounds its cost in full evaluations (default 100), ``timeout`` its seconds;
+    with ``storage`` (an Optuna storage URL such as ``sqlite:///study.db``) every evaluation
+    is recorded in the study ``study_name``, so a killed search resumes and several processes
+    can share one study. The plan is never worse than the best uniform plan that fits, on
+    held-out data. The user's model is not modified unless ``inplace=True``.
     """
     started = time.perf_counter()
     say = _Progress(progress)
@@ -244,6 +282,17 @@ def autotune(
         shape["seq_len"] = latency_seq_len
     budget = Budget.parse(budget, **shape)
     spec = get_target(target, target_files)
+    if search not in ENGINES:
+        raise AutotuneError(f"unknown search {search!r}; allowed: {', '.join(ENGINES)}")
+    if max_evals is not None and not max_evals > 0:
+        raise AutotuneError(f"max_evals must be a positive number, got {max_evals}")
+    if timeout is not None and not timeout > 0:
+        raise AutotuneError(f"timeout must be a positive number of seconds, got {timeout}")
+    if storage is not None:
+        try:
+            check_storage(storage)
+        except ValueError as exc:
+            raise AutotuneError(str(exc)) from None
     if sensitivity not in SENSITIVITY_KINDS:
         raise AutotuneError(
             f"unknown sensitivity {sensitivity!r}; allowed: {', '.join(SENSITIVITY_KINDS)}"
@@ -348,29 +397,61 @@ def autotune(
     def options_of(assignment: list[int]) -> dict[str, Any]:
         return {n: costs.options[n][i] for n, i in zip(table.variables, assignment, strict=True)}
 
-    candidates = [Candidate("allocator", options_of(allocation.assignment))]
+    cache = ModuleCache(
+        work, cap_bytes=_module_cache_cap(costs.original_bytes), observers=observers
+    )
+    fitness = PlanFitness(
+        work,
+        table.variables,
+        costs.options,
+        [(calib.sensitivity, screening_reference), (calib.calibration, calib_reference)],
+        sensitivity.metric,
+        cache,
+    )
+    engine = choose_engine(search, table, allocation, costs.total_weights)
+    data_key = f"{original_fp}:{batches_digest(calib.calibration)}:{sensitivity.metric}"
+    outcome = run_search(
+        engine,
+        table,
+        limits,
+        fitness,
+        allocation,
+        seed=seed,
+        max_evals=max_evals,
+        timeout=timeout,
+        storage=storage,
+        study_name=study_name,
+        data_key=data_key,
+        progress=progress,
+    )
+    if outcome.result is not None:
+        say.say(
+            f"{engine}: {outcome.result.evaluations.full_equivalent:.1f} full evaluations in "
+            f"{outcome.result.seconds:.1f} s, stopped by {outcome.result.stopped}"
+            + (f", {outcome.result.resumed} trials resumed" if outcome.result.resumed else "")
+        )
+
+    candidates = []
+    if outcome.assignment is not None and outcome.assignment != allocation.assignment:
+        candidates.append(Candidate(engine, options_of(outcome.assignment)))
+    candidates.append(Candidate("allocator", options_of(allocation.assignment)))
+    searched = len(candidates)
     labels = sorted({o.label for opts in options.values() for o in opts} - {KeepOption().label})
     for label in labels:
         uniform = table.uniform(label)
         if uniform is not None and table.fits(uniform, limits):
             candidates.append(Candidate(f"uniform {label}", options_of(uniform)))
-    cache = ModuleCache(work, cap_bytes=4 * costs.original_bytes, observers=observers)
-    with say.bar(len(candidates) + min(3, len(candidates)), "candidates") as bar:
-        chosen = select(
-            work,
-            candidates,
-            (calib.sensitivity, screening_reference),
-            (calib.calibration, calib_reference),
-            sensitivity.metric,
-            cache,
-            progress=bar.update,
-        )
+    with say.bar(
+        len(candidates) + searched + min(3, len(candidates) - searched), "candidates"
+    ) as bar:
+        chosen = select(candidates, fitness.error, searched=searched, progress=bar.update)
     uniforms = [
         c for c in candidates if c.name.startswith("uniform") and c.calibration_error is not None
     ]
     best_uniform = min(uniforms, key=lambda c: c.calibration_error) if uniforms else None
     uniform_measure = None
-    if measure and best_uniform is not None:
+    guard = None
+    if best_uniform is not None:
         uniform_error = evaluate(
             work, best_uniform.options, calib.heldout, heldout_reference, sensitivity.metric, cache
         )
@@ -380,6 +461,15 @@ def autotune(
             "heldout_error": uniform_error,
             "bytes": int(costs.totals(uniform_choice)["bytes"]),
         }
+        if chosen is not best_uniform:
+            chosen_error = evaluate(
+                work, chosen.options, calib.heldout, heldout_reference, sensitivity.metric, cache
+            )
+            guard = {"chosen": chosen_error, "best_uniform": uniform_error, "kept": chosen.name}
+            if uniform_error < chosen_error:
+                # never worse than the best uniform plan that fits, on held-out data
+                chosen = best_uniform
+                guard["kept"] = chosen.name
     say.say(f"chose {chosen.name} (calibration error {chosen.calibration_error:.4g})")
 
     choice = {n: costs.options[n].index(o) for n, o in chosen.options.items()}
@@ -415,15 +505,19 @@ def autotune(
         "metric": sensitivity.metric,
     }
     search_info = {
-        "algorithm": "milp-allocator + uniform check",
+        "algorithm": ALGORITHMS[engine],
+        "engine": engine,
+        "requested": search,
         "sensitivity": kind,
         "seed": seed,
         "chosen": chosen.name,
         "sensitivity_evaluations": sensitivity.evaluations,
         "sensitivity_cached": table_cache.hits if table_cache else 0,
-        "full_evaluations": sum(
-            (c.screening_error is not None) + (c.calibration_error is not None) for c in candidates
-        ),
+        "full_evaluations": round(fitness.full_equivalent, 3),
+        "evaluations_by_fidelity": {
+            "windows": [round(c * windows_of(calib.calibration)) for c in fitness.costs],
+            "calls": list(fitness.evaluations),
+        },
         "candidates": [
             {
                 "name": c.name,
@@ -436,6 +530,27 @@ def autotune(
         "solver_seconds": round(allocation.seconds, 3),
         "solver_optimal": allocation.optimal,
     }
+    if guard is not None:
+        search_info["heldout_guard"] = guard
+    if outcome.result is not None:
+        result = outcome.result
+        search_info["engine_run"] = {
+            "max_evals": max_evals,
+            "timeout": timeout,
+            "full_evaluations": round(result.evaluations.full_equivalent, 3),
+            "iterations": result.iterations,
+            "seconds": round(result.seconds, 2),
+            "stopped": result.stopped,
+            "best_error": result.error,
+            "allocator_error": fitness.error(options_of(allocation.assignment), -1),
+        }
+        if outcome.study:
+            search_info["study"] = outcome.study
+        if result.pareto:
+            search_info["pareto"] = [
+                _pareto_point(costs, options_of(point["assignment"]), point["error"])
+                for point in result.pareto
+            ]
     profile = _profile(costs, sensitivity, chosen.options)
     plan = Plan(
         layers=layer_entries,

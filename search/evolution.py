@@ -11,6 +11,7 @@ which a later run resumes and other processes cooperate.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from typing import Any
 
 from search.fitness import Counter, Fitness
 from search.space import ChoiceTable
-from search.study import constraint_dict, finished, record
+from search.study import WORKER_ATTR, constraint_dict, finished, record
 
 Progress = Callable[[Counter, float, dict[str, float]], None]
 
@@ -36,6 +37,7 @@ class SearchResult:
     history: list[float] = field(default_factory=list)
     stopped: str = ""
     resumed: int = 0
+    shared: int = 0
     pareto: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -53,11 +55,13 @@ def primary_resource(limits: dict[str, float]) -> str:
 
 
 class _Mutator:
-    def __init__(self, table: ChoiceTable, limits: dict[str, float], rng: random.Random) -> None:
+    def __init__(
+        self, table: ChoiceTable, limits: dict[str, float], rng: random.Random, order_by: str
+    ) -> None:
         self.table = table
         self.limits = limits
         self.rng = rng
-        self.levels = table.levels(primary_resource(limits))
+        self.levels = table.levels(order_by)
         self.position = [{c: i for i, c in enumerate(levels)} for levels in self.levels]
 
     def _step(self, child: list[int], variable: int, direction: int) -> bool:
@@ -97,6 +101,7 @@ def evolve(
     survivors: Sequence[int] | None = None,
     flips: tuple[int, int] = (1, 3),
     study: Any = None,
+    order_by: str | None = None,
     progress: Progress | None = None,
 ) -> SearchResult:
     """Improve ``start`` (a plan within ``limits``) by evolution.
@@ -106,7 +111,8 @@ def evolve(
     fidelity (one entry per fidelity but the last; default a quarter at each step). With
     ``study``, evaluations already in it (earlier runs, other processes: read again every
     generation) are not repeated, its best complete plan within the limits becomes the
-    parent if better, and every new evaluation is recorded there.
+    parent if better, and every new evaluation is recorded there. Choices are ordered into
+    levels by their cost in ``order_by`` (default: the first limit's resource).
     """
     began = time.perf_counter()
     if not table.fits(start, limits):
@@ -117,11 +123,12 @@ def evolve(
     if len(survivors) != fidelities - 1:
         raise ValueError(f"survivors needs {fidelities - 1} entries, one per cheaper fidelity")
     rng = random.Random(seed)
-    mutate = _Mutator(table, limits, rng)
+    mutate = _Mutator(table, limits, rng, order_by or primary_resource(limits))
     counter = Counter(fitness.costs)
     seen: set[tuple[int, ...]] = set()
     parent, parent_error = list(start), None
     synced: set[int] = set()
+    shared = [0]  # trials of other processes: earlier runs or concurrent workers
 
     def sync() -> int:
         """Take in the study's evaluations not seen yet (earlier runs, other processes): they
@@ -136,6 +143,8 @@ def evolve(
                 continue
             synced.add(trial.number)
             new += 1
+            if trial.user_attrs.get(WORKER_ATTR) != os.getpid():
+                shared[0] += 1
             seen.add(tuple(assignment))
             if (
                 trial.values
@@ -198,17 +207,21 @@ def evolve(
             for child in pool:
                 scores[tuple(child)][fidelity] = evaluate(child, fidelity)
             if fidelity < full:
-                pool = sorted(pool, key=lambda c, f=fidelity: (scores[tuple(c)][f], c))
-                pool = pool[: survivors[fidelity]]
+                ranked = sorted(pool, key=lambda c, f=fidelity: (scores[tuple(c)][f], c))
+                pool = ranked[: survivors[fidelity]]
+                for child in ranked[survivors[fidelity] :]:  # visible to other workers now
+                    save(child, scores[tuple(child)])
         best = min(pool, key=lambda c: (scores[tuple(c)][full], c))
         if scores[tuple(best)][full] < parent_error:
             parent, parent_error = best, scores[tuple(best)][full]
-        for child in children:
+        for child in pool:
             save(child, scores[tuple(child)])
         generations += 1
         history.append(parent_error)
         if progress is not None:
             progress(counter, parent_error, table.margins(parent, limits))
+    if sync() and parent_error < history[-1]:  # a better plan another process found
+        history.append(parent_error)
     return SearchResult(
         assignment=parent,
         error=parent_error,
@@ -218,4 +231,5 @@ def evolve(
         history=history,
         stopped=stopped,
         resumed=resumed,
+        shared=shared[0],
     )

@@ -53,6 +53,7 @@ def optuna_search(
     study_name: str | None = None,
     population: int = 24,
     key: str | None = None,
+    order_by: str | None = None,
     progress: Progress | None = None,
 ) -> SearchResult:
     """Search with an Optuna sampler; ``objectives`` is ``("error",)`` or ``("error", *resources)``
@@ -61,7 +62,7 @@ def optuna_search(
     began = time.perf_counter()
     if objectives[0] != "error":
         raise ValueError("the first objective must be 'error'")
-    levels = table.levels(primary_resource(limits))
+    levels = table.levels(order_by or primary_resource(limits))
     spaces = distributions(table, levels)
     study = open_study(
         storage,

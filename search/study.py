@@ -20,6 +20,7 @@ from search.space import ChoiceTable
 
 ENGINE_ATTR = "engine"
 SPACE_ATTR = "search_space"
+WORKER_ATTR = "worker"
 
 
 def _optuna():
@@ -58,6 +59,20 @@ def from_params(
 def constraint_dict(margins: dict[str, float]) -> dict[str, float]:
     """Optuna constraints from limit margins: positive values mean a limit is broken."""
     return {resource: -margin for resource, margin in margins.items()}
+
+
+def check_storage(storage: str) -> None:
+    """Connect to an Optuna storage URL (creating its tables if new), or raise ValueError
+    with the reason in one line."""
+    optuna = _optuna()
+    try:
+        optuna.storages.get_storage(storage)
+    except Exception as exc:  # sqlalchemy and driver errors have no common base
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"cannot open study storage {storage!r}: {reason} (allowed: an Optuna storage URL "
+            "such as sqlite:///study.db, postgresql://user:pw@host/db, mysql://user:pw@host/db)"
+        ) from None
 
 
 def space_key(table: ChoiceTable, levels: list[list[int]], extra: str = "") -> str:
@@ -130,7 +145,7 @@ def record(
     values = None
     if value is not None:
         values = list(value) if isinstance(value, (list, tuple)) else [float(value)]
-    user_attrs = {ENGINE_ATTR: engine, "worker": os.getpid(), **(attrs or {})}
+    user_attrs = {ENGINE_ATTR: engine, WORKER_ATTR: os.getpid(), **(attrs or {})}
     trial = optuna.trial.create_trial(
         state=state,
         values=values,

@@ -58,6 +58,9 @@ def test_never_worse_than_the_best_uniform_plan(tuned) -> None:
     assert result.plan.predicted["error"] <= best_uniform["calibration_error"]
     chosen = next(c for c in candidates if c["name"] == result.plan.search["chosen"])
     assert chosen["calibration_error"] == result.plan.predicted["error"]
+    # and on held-out data, which the search never saw
+    measured = result.plan.measured
+    assert measured["heldout_error"] <= measured["best_uniform"]["heldout_error"]
 
 
 def test_plan_lists_every_profiled_layer_with_a_real_option(tuned) -> None:
@@ -77,6 +80,8 @@ def test_same_seed_same_plan(tokenizer) -> None:
         plan.pop("created")
         plan["search"].pop("seconds")
         plan["search"].pop("solver_seconds")
+        plan["search"]["engine_run"].pop("seconds")
+    assert a["search"]["engine"] == "evolution"
     assert a == b
 
 
