@@ -21,7 +21,19 @@ FAST = ["--quiet"]
 def tuned_plan(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "plan.json"
     code = main(
-        ["tune", str(tiny_bert_dir), "--budget", "35%", "--target", "cpu", "-o", str(out), *FAST]
+        [
+            "tune",
+            str(tiny_bert_dir),
+            "--budget",
+            "35%",
+            "--target",
+            "cpu",
+            "-o",
+            str(out),
+            *FAST,
+            "--max-evals",
+            "10",
+        ]
     )
     assert code == 0
     return out

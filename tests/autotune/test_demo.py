@@ -25,7 +25,22 @@ pytestmark = pytest.mark.slow
 def demo_plan(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "plan.json"
     assert (
-        main(["tune", "demo", "--budget", "15MB", "--target", "cpu", "-o", str(out), "--quiet"])
+        main(
+            # the default search, shortened to keep the suite quick
+            [
+                "tune",
+                "demo",
+                "--budget",
+                "15MB",
+                "--target",
+                "cpu",
+                "-o",
+                str(out),
+                "--quiet",
+                "--max-evals",
+                "15",
+            ]
+        )
         == 0
     )
     return out
@@ -40,6 +55,10 @@ def test_demo_plan_fits_and_beats_uniform(demo_plan: Path) -> None:
     assert uniform["bytes"] <= 15_000_000
     assert measured["heldout_error"] < uniform["heldout_error"]
     assert plan["search"]["seconds"] < 180
+    assert plan["search"]["engine"] == "evolution"
+    run = plan["search"]["engine_run"]
+    assert run["best_error"] <= run["allocator_error"]
+    assert plan["predicted"]["error"] <= run["best_error"]
 
 
 def test_demo_validate_exit_codes(

@@ -205,9 +205,7 @@ def test_two_processes_share_one_study(tiny_bert_dir, tmp_path) -> None:
     counts = collections.Counter(tuple(sorted(t.params.items())) for t in trials)
     assert sum(n - 1 for n in counts.values()) < len(trials) / 4  # little work is repeated
     best = min(t.values[0] for t in trials if t.values)
-    studies = [
-        json.loads((tmp_path / f"plan{seed}.json").read_text())["search"] for seed in (1, 2)
-    ]
+    studies = [json.loads((tmp_path / f"plan{seed}.json").read_text())["search"] for seed in (1, 2)]
     assert max(s["study"]["trials_from_other_processes"] for s in studies) > 0
     # whoever finished last saw the other's evaluations: its plan is the study's best
     assert min(s["engine_run"]["best_error"] for s in studies) == pytest.approx(best)
