@@ -3,7 +3,9 @@
 Each variable is an integer parameter, its level among its choices ordered by cost, so that
 samplers see which choices are close. Limits are the trials' Optuna constraints: a
 plan over a limit is not evaluated (it is told a cheap additive estimate and marked
-infeasible), so only plans within the limits cost a full evaluation. The allocator's plan and
+infeasible); instead it is stepped down within the limits (:meth:`ChoiceTable.repair`) and
+that plan is evaluated and recorded as a trial of its own, so every sample yields a plan
+within the limits and only those cost a full evaluation. The allocator's plan and
 any others given are enqueued first (warm start).
 """
 
@@ -22,6 +24,7 @@ from search.study import (
     distributions,
     from_params,
     open_study,
+    record,
     to_params,
 )
 
@@ -77,7 +80,10 @@ def optuna_search(
             study.enqueue_trial(to_params(plan, table, levels), skip_if_exists=True)
     full = len(fitness.costs) - 1
     counter = Counter(fitness.costs)
-    known: dict[tuple[int, ...], float] = {}
+    known = {
+        tuple(plan): trial.values[0]
+        for trial, plan in _feasible_trials(study, table, levels, limits)
+    }
     best: tuple[float, list[int]] | None = None
     asks = 0
     stopped = "max_evals"
@@ -98,14 +104,33 @@ def optuna_search(
         trial.set_user_attr(ENGINE_ATTR, sampler)
         extra = [table.total(r, plan) for r in objectives[1:]]
         if any(m < 0 for m in margins.values()):
-            study.tell(trial, [table.score(plan), *extra])  # infeasible: not evaluated
-            continue
-        key = tuple(plan)
-        if key not in known:
-            known[key] = float(fitness(plan, full))
+            # over a limit: told a cheap estimate and marked infeasible; the plan stepped
+            # down within the limits is evaluated instead and added as a trial of its own
+            study.tell(trial, [table.score(plan), *extra])
+            plan = table.repair(plan, limits, levels)
+            if plan is None or tuple(plan) in known:
+                continue
+            error = float(fitness(plan, full))
             counter.add(full)
-        error = known[key]
-        study.tell(trial, [error, *extra])
+            known[tuple(plan)] = error
+            record(
+                study,
+                table,
+                levels,
+                plan,
+                value=[error, *[table.total(r, plan) for r in objectives[1:]]],
+                intermediate={},
+                constraints=constraint_dict(table.margins(plan, limits)),
+                engine=sampler,
+                attrs={"repaired": True},
+            )
+        else:
+            key = tuple(plan)
+            if key not in known:
+                known[key] = float(fitness(plan, full))
+                counter.add(full)
+            error = known[key]
+            study.tell(trial, [error, *extra])
         if best is None or error < best[0]:
             best = (error, plan)
         if progress is not None:

@@ -90,3 +90,37 @@ class ChoiceTable:
     def margins(self, assignment: list[int], limits: dict[str, float]) -> dict[str, float]:
         """How far below each limit an assignment stays (negative: over the limit)."""
         return {r: limit - self.total(r, assignment) for r, limit in limits.items()}
+
+    def repair(
+        self, assignment: list[int], limits: dict[str, float], levels: list[list[int]]
+    ) -> list[int] | None:
+        """The plan brought within ``limits`` by stepping layers down their ``levels``, each
+        step the one that adds the least score per unit of excess removed; ``None`` if that
+        cannot meet them."""
+        plan = list(assignment)
+        position = [lv.index(c) for lv, c in zip(levels, plan, strict=True)]
+        while True:
+            excess = {r: self.total(r, plan) - lim for r, lim in limits.items()}
+            excess = {r: e for r, e in excess.items() if e > 0}
+            if not excess:
+                return plan
+            best: tuple[float, int] | None = None
+            for i, here in enumerate(position):
+                if here == 0:
+                    continue
+                now, down = plan[i], levels[i][here - 1]
+                removed = sum(
+                    min(e, float(self.costs[r][i][now] - self.costs[r][i][down]))
+                    / max(abs(limits[r]), 1e-12)
+                    for r, e in excess.items()
+                )
+                if removed <= 0:
+                    continue
+                price = float(self.scores[i][down] - self.scores[i][now]) / removed
+                if best is None or price < best[0]:
+                    best = (price, i)
+            if best is None:
+                return None
+            i = best[1]
+            position[i] -= 1
+            plan[i] = levels[i][position[i]]

@@ -104,3 +104,13 @@ def test_unknown_sampler_is_refused(problem):
     table, weights, limits, _ = problem
     with pytest.raises(ValueError, match="allowed: tpe, nsga2"):
         optuna_search(table, limits, SyntheticFitness(table, weights, (1.0,)), sampler="grid")
+
+
+def test_plans_over_the_limits_are_repaired_not_wasted(problem):
+    table, weights, limits, start = problem
+    fitness = SyntheticFitness(table, weights, costs=(1.0,))
+    result = optuna_search(table, limits, fitness, max_evals=20, seed=1)
+    # nearly every sample costs one evaluation within the limits
+    assert result.evaluations.calls[0] == 20
+    assert result.iterations <= 30
+    assert all(table.fits(list(plan), limits) for plan, _ in fitness.calls)

@@ -228,3 +228,21 @@ def test_fits_agrees_with_totals_against_fixed_limits() -> None:
     # the limits split the assignments, so both outcomes are exercised
     outcomes = {table.fits(a, limits) for a in _assignments(table)}
     assert outcomes == {True, False}
+
+
+def test_repair_steps_down_to_within_the_limits_at_least_score() -> None:
+    import numpy as np
+
+    from search import ChoiceTable
+
+    table = ChoiceTable(
+        variables=["a", "b"],
+        choices=[["lo", "hi"], ["lo", "hi"]],
+        scores=[np.array([5.0, 0.0]), np.array([1.0, 0.0])],
+        costs={"bytes": [np.array([1.0, 3.0]), np.array([1.0, 3.0])]},
+    )
+    levels = table.levels("bytes")
+    # both high (6 bytes) over a limit of 4: dropping b costs 1, dropping a 5
+    assert table.repair([1, 1], {"bytes": 4.0}, levels) == [1, 0]
+    assert table.repair([1, 1], {"bytes": 6.0}, levels) == [1, 1]
+    assert table.repair([1, 1], {"bytes": 1.0}, levels) is None
