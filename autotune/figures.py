@@ -267,12 +267,13 @@ def candidates_figure(plan: Plan) -> Figure | None:
             [p[1] for p in points],
             "-",
             color="#2ca02c",
-            label="Pareto front",
+            marker=".",
+            label="Pareto front of the search (error on the calibration set)",
         )
         ax.legend(fontsize=8)
     ax.set_yscale("log")
     ax.set_xlabel("stored MB")
-    ax.set_ylabel("output error on the profiling batches")
+    ax.set_ylabel("output error (candidates: on the profiling batches)")
     ax.set_title("Candidates checked end to end (star: chosen; circles: uniform plans)")
     figure.tight_layout()
     return figure

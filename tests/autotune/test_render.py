@@ -166,3 +166,17 @@ def test_report_renders_in_a_headless_browser(tuned_plan: Plan, tmp_path: Path) 
     assert pixels.std() > 0.05  # not a blank page
     yellow = np.abs(pixels - VIRIDIS_YELLOW).max(axis=-1) < 0.06
     assert yellow.sum() > 500, "the allocation heat map did not render"
+
+
+def test_the_candidates_figure_draws_a_recorded_pareto_front(tuned_plan: Plan) -> None:
+    without = FIGURES["candidates"](tuned_plan)
+    plan = Plan.from_dict(tuned_plan.to_dict())
+    plan.search["pareto"] = [
+        {"error": 0.2, "bytes": 40_000, "latency_ms": 1.0, "avg_bits": 3.0, "layers": {}},
+        {"error": 0.1, "bytes": 60_000, "latency_ms": 1.2, "avg_bits": 4.0, "layers": {}},
+    ]
+    front = FIGURES["candidates"](plan).axes[0].get_lines()
+    assert not any("Pareto" in str(line.get_label()) for line in without.axes[0].get_lines())
+    (line,) = [line for line in front if "Pareto" in str(line.get_label())]
+    assert list(line.get_xdata()) == [0.04, 0.06]
+    assert list(line.get_ydata()) == [0.2, 0.1]

@@ -107,7 +107,7 @@ def test_unknown_sampler_is_refused(problem):
 
 
 def test_plans_over_the_limits_are_repaired_not_wasted(problem):
-    table, weights, limits, start = problem
+    table, weights, limits, _ = problem
     fitness = SyntheticFitness(table, weights, costs=(1.0,))
     result = optuna_search(table, limits, fitness, max_evals=20, seed=1)
     # nearly every sample costs one evaluation within the limits
