@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from autotune.errors import AutotuneError
 from autotune.fitness import PlanFitness
 from search import Allocation, ChoiceTable, SearchResult, evolve, optuna_search
-from search.study import open_study, space_key
+from search.study import check_storage, open_study, space_key
 
 ENGINES = ("auto", "allocator", "evolution", "tpe", "nsga2")
 DEFAULT_MAX_EVALS = 100.0
@@ -31,12 +31,27 @@ class SearchOutcome:
     study: dict[str, Any] = field(default_factory=dict)
 
 
+def check_settings(
+    search: str, max_evals: float | None, timeout: float | None, storage: str | None
+) -> None:
+    """Refuse bad search settings before any work, in one line each."""
+    if search not in ENGINES:
+        raise AutotuneError(f"unknown search {search!r}; allowed: {', '.join(ENGINES)}")
+    if max_evals is not None and not max_evals > 0:
+        raise AutotuneError(f"max_evals must be a positive number, got {max_evals}")
+    if timeout is not None and not timeout > 0:
+        raise AutotuneError(f"timeout must be a positive number of seconds, got {timeout}")
+    if storage is not None:
+        try:
+            check_storage(storage)
+        except ValueError as exc:
+            raise AutotuneError(str(exc)) from None
+
+
 def choose_engine(search: str, table: ChoiceTable, allocation: Allocation, weights: int) -> str:
     """``auto``: evolution from the allocator's plan, unless there is nothing to gain (one
     layer, or the allocator's plan loses nothing) or the model is too large to evaluate
     whole plans often (over a billion weights): then the allocator alone."""
-    if search not in ENGINES:
-        raise AutotuneError(f"unknown search {search!r}; allowed: {', '.join(ENGINES)}")
     if search != "auto":
         return search
     if len(table.variables) < 2 or allocation.score <= 0 or weights > AUTO_MAX_WEIGHTS:
@@ -84,8 +99,6 @@ def run_search(
     ``data_key``, so the same tune resumes the same study)."""
     if engine == "allocator":
         return SearchOutcome(engine, None)
-    if max_evals is not None and max_evals <= 0:
-        raise AutotuneError(f"max_evals must be positive, got {max_evals}")
     budget = DEFAULT_MAX_EVALS if max_evals is None else float(max_evals)
     levels = table.levels(LEVEL_RESOURCE)
     key = space_key(table, levels, data_key)

@@ -27,7 +27,7 @@ from autotune.loading import load_model
 from autotune.measurement import measure_model
 from autotune.plan import DEFAULT_KEY, Plan
 from autotune.report import Report
-from autotune.searching import ENGINES, choose_engine, run_search
+from autotune.searching import check_settings, choose_engine, run_search
 from autotune.space import CostModel, build_costs, default_methods, layer_options
 from autotune.targets import get_target
 from methods.keep import KeepOption
@@ -38,7 +38,6 @@ from profilers.observe import collect_observers
 from profilers.quality import run_outputs
 from profilers.sensitivity import SensitivityTable, measure_sensitivity
 from search import ChoiceTable, InfeasibleError, allocate
-from search.study import check_storage
 
 ALGORITHMS = {
     "allocator": "milp-allocator + uniform check",
@@ -282,17 +281,7 @@ def autotune(
         shape["seq_len"] = latency_seq_len
     budget = Budget.parse(budget, **shape)
     spec = get_target(target, target_files)
-    if search not in ENGINES:
-        raise AutotuneError(f"unknown search {search!r}; allowed: {', '.join(ENGINES)}")
-    if max_evals is not None and not max_evals > 0:
-        raise AutotuneError(f"max_evals must be a positive number, got {max_evals}")
-    if timeout is not None and not timeout > 0:
-        raise AutotuneError(f"timeout must be a positive number of seconds, got {timeout}")
-    if storage is not None:
-        try:
-            check_storage(storage)
-        except ValueError as exc:
-            raise AutotuneError(str(exc)) from None
+    check_settings(search, max_evals, timeout, storage)
     if sensitivity not in SENSITIVITY_KINDS:
         raise AutotuneError(
             f"unknown sensitivity {sensitivity!r}; allowed: {', '.join(SENSITIVITY_KINDS)}"

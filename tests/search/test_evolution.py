@@ -5,18 +5,10 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from search import allocate, evolve
+from search import evolve
 from search.evolution import default_survivors
 from search.study import open_study
-from tests.search.synthetic import SyntheticFitness, bits_limit, make_problem
-
-
-@pytest.fixture
-def problem():
-    table, weights = make_problem()
-    limits = bits_limit(table, 3.0)
-    start = allocate(table, limits).assignment
-    return table, weights, limits, start
+from tests.search.synthetic import SyntheticFitness
 
 
 def test_improves_on_the_additive_optimum_and_keeps_the_limits(problem):

@@ -5,17 +5,9 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from search import allocate, optuna_search
+from search import optuna_search
 from search.study import open_study
-from tests.search.synthetic import SyntheticFitness, bits_limit, make_problem
-
-
-@pytest.fixture
-def problem():
-    table, weights = make_problem()
-    limits = bits_limit(table, 3.0)
-    start = allocate(table, limits).assignment
-    return table, weights, limits, start
+from tests.search.synthetic import SyntheticFitness
 
 
 def test_tpe_evaluates_only_plans_within_the_limits_and_starts_warm(problem):
