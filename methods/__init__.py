@@ -1,8 +1,9 @@
 """Compression methods with real compressed storage, behind one registry."""
 
-from methods import keep, rtn, smoothquant  # noqa: F401  (registers the built-in methods)
+from methods import gptq, keep, rtn, smoothquant  # noqa: F401  (registers the built-in methods)
 from methods.base import Cost, LayerShape, Method, Observer, Option
 from methods.errors import OptionError
+from methods.gptq import GPTQOption
 from methods.keep import KeepOption
 from methods.quantized import QuantizedEmbedding, QuantizedLinear
 from methods.registry import get_method, method_of, option_from_dict, register, registered_methods
@@ -11,6 +12,7 @@ from methods.smoothquant import W8A8Linear, W8A8Option
 
 __all__ = [
     "Cost",
+    "GPTQOption",
     "KeepOption",
     "LayerShape",
     "Method",

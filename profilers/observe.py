@@ -23,7 +23,8 @@ def collect_observers(
     batches: Sequence[dict[str, torch.Tensor]],
 ) -> Observers:
     """Observers keyed by ``(layer, option label)`` for every option that needs calibration,
-    fed in one pass over ``batches`` of the model as it is (layers unchanged)."""
+    fed in one pass over ``batches`` of the model as it is (layers unchanged). A method may
+    give several options of a layer one shared observer: it is hooked (and fed) once."""
     observers: Observers = {}
     for layer, layer_options in options.items():
         module = model.get_submodule(layer)
@@ -36,9 +37,12 @@ def collect_observers(
                     observers[(layer, option.label)] = observer
     if not observers:
         return observers
+    hooked: dict[int, tuple[str, Observer]] = {}
+    for (layer, _), observer in observers.items():
+        hooked.setdefault(id(observer), (layer, observer))
     handles = [
         model.get_submodule(layer).register_forward_hook(observer.observe)
-        for (layer, _), observer in observers.items()
+        for layer, observer in hooked.values()
     ]
     try:
         with torch.inference_mode():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from methods.gptq import GPTQOption, HessianObserver
 from methods.keep import KeepOption
 from methods.rtn import QuantOption
 from methods.smoothquant import ActivationObserver, W8A8Option
@@ -46,6 +47,45 @@ def test_observed_maxima_match_the_layer_inputs(batches: list[Batch]) -> None:
         observer = observers[(name, "w8a8-sq0.75")]
         assert observer.calls == len(batches)
         assert torch.equal(observer.absmax, seen[name])
+
+
+def test_a_shared_observer_is_hooked_and_fed_once(batches: list[Batch]) -> None:
+    """GPTQ options of one layer share one Hessian observer: one ``cols x cols`` matrix per
+    layer, fed each input once (not once per option)."""
+    model = make_bert()
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in LAYERS}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: object) -> None:
+            inputs[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).clone())
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(record(n)) for n in LAYERS]
+    with torch.inference_mode():
+        for batch in batches:
+            model(**batch)
+    for handle in handles:
+        handle.remove()
+
+    gptq = [GPTQOption(4, None, True), GPTQOption(3, None, False), GPTQOption(2, None, True)]
+    options = {name: [*gptq, W8A8Option(0.6)] for name in LAYERS}
+    observers = collect_observers(model, options, batches)
+    assert set(observers) == {(n, o.label) for n in LAYERS for o in options[n]}
+    for name in LAYERS:
+        shared = observers[(name, gptq[0].label)]
+        assert isinstance(shared, HessianObserver)
+        assert all(observers[(name, o.label)] is shared for o in gptq)
+        assert shared.calls == len(batches)
+        x = torch.cat(inputs[name]).double()
+        assert shared.tokens == x.shape[0]
+        torch.testing.assert_close(
+            shared.hessian(), 2 * x.t() @ x / x.shape[0], rtol=1e-5, atol=1e-6
+        )
+        assert observers[(name, "w8a8-sq0.6")].calls == len(batches)
+    other = observers[(LAYERS[1], gptq[0].label)]
+    assert other is not observers[(LAYERS[0], gptq[0].label)]
+    assert all(not m._forward_hooks for m in model.modules())
 
 
 def test_the_model_is_left_without_hooks(batches: list[Batch]) -> None:
