@@ -35,6 +35,7 @@ from methods import GPTQOption, QuantOption
 from methods.base import LayerShape, Option, is_weight_layer
 from methods.registry import method_of
 from profilers.observe import Observers, collect_observers
+from profilers.proxies import capture_inputs
 
 MakeOption = Callable[[], Option]
 
@@ -73,29 +74,6 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
         for name, module in model.named_modules()
         if is_weight_layer(module) and LayerShape.of(module).kind == "linear"
     }
-
-
-def layer_inputs(
-    model: nn.Module, layers: dict[str, nn.Module], batches: list[dict[str, torch.Tensor]]
-) -> dict[str, torch.Tensor]:
-    """Every input row each layer sees on ``batches`` (``[tokens, in_features]``)."""
-    seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-
-    def record(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: object) -> None:
-            seen[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).clone())
-
-        return hook
-
-    handles = [module.register_forward_hook(record(name)) for name, module in layers.items()]
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: torch.cat(rows) for name, rows in seen.items()}
 
 
 def relative_error(original: nn.Module, compressed: nn.Module, x: torch.Tensor) -> float:
@@ -142,7 +120,7 @@ def main() -> None:
     every = {name: [o for _, *pair in options for o in pair] for name in layers}
     observers = collect_observers(model, every, calib.calibration)
     observe_seconds = time.perf_counter() - start
-    heldout = layer_inputs(model, layers, calib.heldout)
+    heldout = capture_inputs(model, list(layers), calib.heldout, max_rows=1 << 62)
     tokens = next(iter(heldout.values())).shape[0]
     print(
         f"demo model: {len(layers)} linear layers; calibration {len(calib.calibration)} "

@@ -71,7 +71,7 @@ def _observers(
 # --- layer-local output error ----------------------------------------------------------------
 
 
-def _capture_inputs(
+def capture_inputs(
     model: nn.Module, layers: Sequence[str], batches: Sequence[Batch], max_rows: int
 ) -> dict[str, torch.Tensor]:
     """The first ``max_rows`` input rows of each layer (index vectors for embeddings)."""
@@ -130,7 +130,7 @@ def local_error_table(
     if max_rows < 1:
         raise ValueError(f"max_rows must be at least 1, got {max_rows}")
     observers, evaluations = _observers(model, options, batches, observers)
-    inputs = _capture_inputs(model, list(options), batches, max_rows)
+    inputs = capture_inputs(model, list(options), batches, max_rows)
     evaluations += 1
     errors: dict[str, dict[str, float]] = {}
     skipped: dict[str, dict[str, str]] = {}
