@@ -1,6 +1,12 @@
 """Compression methods with real compressed storage, behind one registry."""
 
-from methods import gptq, keep, rtn, smoothquant  # noqa: F401  (registers the built-in methods)
+# Importing a method's module registers it; one line per method.
+from methods import (
+    gptq,  # noqa: F401
+    keep,  # noqa: F401
+    rtn,  # noqa: F401
+    smoothquant,  # noqa: F401
+)
 from methods.base import Cost, LayerShape, Method, Observer, Option
 from methods.errors import OptionError
 from methods.gptq import GPTQOption

@@ -166,11 +166,22 @@ class Option:
 
 
 class Observer(ABC):
-    """Collects a layer's statistics from forward hooks during calibration."""
+    """Collects a layer's statistics from forward hooks during calibration.
+
+    An observer with ``needs_fisher`` also wants the diagonal Fisher information of the
+    layer's weight (``[rows, cols]``, as :func:`linear_weight` orients it): whoever runs the
+    calibration computes it by backward passes and hands it to :meth:`observe_fisher`.
+    """
+
+    needs_fisher: ClassVar[bool] = False
 
     @abstractmethod
     def observe(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
         """Called as a forward hook."""
+
+    def observe_fisher(self, fisher: torch.Tensor) -> None:
+        """Receives the weight's diagonal Fisher information (only if ``needs_fisher``)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no Fisher information")
 
 
 class Method(ABC):
@@ -198,6 +209,20 @@ class Method(ABC):
 
     def needs_calibration(self, option: Option) -> bool:
         return False
+
+    def error_bound(self, shape: LayerShape, option: Option) -> float:
+        """The largest relative output error expected on a layer with i.i.d. Gaussian weights
+        and inputs; the conformance suite holds every option to it.
+
+        The default is a uniform quantiser's: its error halves with each bit, so the bound is
+        ``3 * 2**-bits`` (1% at least), where ``bits`` is the option's ``effective_bits`` or
+        ``bits`` field, else the stored bits per weight. Methods that remove information
+        in another way (pruning, low rank) override it with their own expectation.
+        """
+        bits = getattr(option, "effective_bits", None) or getattr(option, "bits", None)
+        if bits is None:
+            bits = bits_per_weight(self.cost(shape, option), shape)
+        return max(3.0 * 2.0**-bits, 0.01)
 
     def observer(self, module: nn.Module, option: Option) -> Observer | None:
         """Statistics collector for phase one; ``None`` when the method needs none."""
