@@ -102,10 +102,11 @@ def apply_plan(
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
     plan.check_model(model, strict=strict)
-    options = {ref.name: opt for ref, opt in plan.layer_options(model, strict=strict).items()}
-    check_options(model, options)
+    work = model if inplace else copy.deepcopy(model)
+    plan.shaped(work)  # structured pruning first: the layer options apply to the result
+    options = {ref.name: opt for ref, opt in plan.layer_options(work, strict=strict).items()}
+    check_options(work, options)
     batches = None
     if any(method_of(o).needs_calibration(o) for o in options.values()):
-        batches = _plan_calibration(plan, model, tokenizer, calibration)
-    work = model if inplace else copy.deepcopy(model)
+        batches = _plan_calibration(plan, work, tokenizer, calibration)
     return compress(work, options, batches)

@@ -81,6 +81,20 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--study", help="study name in --storage (default: derived from model, data and space)"
     )
+    tune.add_argument(
+        "--prune-ffn",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="first remove this fraction of FFN neurons in every block (structured, in [0, 1))",
+    )
+    tune.add_argument(
+        "--prune-heads",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="first remove this fraction of attention heads (key/value groups) in every block",
+    )
     _common(tune)
 
     validate = sub.add_parser("validate", help="re-check a plan against a model (CI)")
@@ -193,6 +207,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         storage=args.storage,
         study_name=args.study,
+        structured={"ffn": args.prune_ffn, "heads": args.prune_heads},
     )
     result.plan.model["source"] = loaded.source
     if args.output:

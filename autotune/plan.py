@@ -71,6 +71,7 @@ def plan_schema() -> dict[str, Any]:
 @dataclass
 class Plan:
     layers: dict[str, dict[str, Any]]
+    structure: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     target: dict[str, Any] = field(default_factory=dict)
     budget: dict[str, Any] = field(default_factory=dict)
@@ -98,6 +99,7 @@ class Plan:
             "budget": self.budget,
             "calibration": self.calibration,
             "layers": self.layers,
+            "structure": self.structure,
             "predicted": self.predicted,
             "measured": self.measured,
             "search": self.search,
@@ -203,6 +205,24 @@ class Plan:
         refs = compressible_layers(model, min_numel=0)
         resolved = self.resolve([r.name for r in refs], strict=strict)
         return {ref: resolved[ref.name] for ref in refs}
+
+    def kept_units(self) -> dict[str, list[int]]:
+        """Units (FFN neurons, attention heads) kept per output layer; empty when the plan
+        prunes no structure."""
+        return {k: list(v) for k, v in (self.structure.get("kept") or {}).items()}
+
+    def shaped(self, model: nn.Module) -> nn.Module:
+        """``model`` itself with the plan's structured pruning done in place (layers shrink
+        before their options apply)."""
+        kept = self.kept_units()
+        if kept:
+            from methods.structured import apply_kept_units
+
+            try:
+                apply_kept_units(model, kept)
+            except OptionError as exc:
+                raise PlanError(f"the plan's structure does not fit this model: {exc}") from None
+        return model
 
     # ---------------------------------------------------------- fingerprint
     def check_model(self, model: nn.Module, strict: bool = True) -> None:

@@ -64,6 +64,7 @@ def load_compressed(folder: str | Path, trust_remote_code: bool = False) -> nn.M
             raise ModelLoadError(
                 f"cannot rebuild the model from {root}/config.json: {exc}"
             ) from None
+    plan.shaped(model)
     for ref, option in plan.layer_options(model).items():
         if isinstance(option, KeepOption):
             continue

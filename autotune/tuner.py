@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,9 @@ from autotune.report import Report
 from autotune.searching import check_settings, choose_engine, run_search
 from autotune.space import CostModel, build_costs, default_methods, layer_options
 from autotune.targets import get_target
+from methods.errors import OptionError
 from methods.keep import KeepOption
+from methods.structured import UNIT_KINDS, prune_structured
 from profilers.cache import SensitivityCache, batches_digest, default_cache_dir, table_key
 from profilers.hardware import HardwareSpec
 from profilers.memory import PeakPrediction, activation_peak, scratch_bytes
@@ -221,6 +223,38 @@ class _Progress:
         )
 
 
+def check_structured(fractions: Mapping[str, float] | None) -> None:
+    """Refuse, before any work, structured fractions that are not in [0, 1) or unknown kinds."""
+    for kind, fraction in (fractions or {}).items():
+        if kind not in UNIT_KINDS:
+            raise AutotuneError(
+                f"unknown structured unit kind {kind!r}; allowed: {', '.join(UNIT_KINDS)}"
+            )
+        number = isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
+        if not number or not 0.0 <= fraction < 1.0:
+            raise AutotuneError(
+                f"structured pruning fraction for {kind} is {fraction!r}; allowed: [0, 1)"
+            )
+
+
+def _prune_structure(
+    model: nn.Module, fractions: Mapping[str, float] | None, batches: list
+) -> dict[str, Any]:
+    """Structured pruning of ``model`` in place; the plan's ``structure`` section."""
+    if not fractions or not any(fractions.values()):
+        return {}
+    before = sum(p.numel() for p in model.parameters())
+    try:
+        kept = prune_structured(model, fractions, batches)
+    except OptionError as exc:
+        raise AutotuneError(str(exc)) from None
+    return {
+        "fractions": {k: float(v) for k, v in fractions.items()},
+        "removed_parameters": before - sum(p.numel() for p in model.parameters()),
+        "kept": kept,
+    }
+
+
 def autotune(
     model: nn.Module | str | Path,
     budget: Budget | str | dict,
@@ -249,6 +283,7 @@ def autotune(
     timeout: float | None = None,
     storage: str | None = None,
     study_name: str | None = None,
+    structured: Mapping[str, float] | None = None,
 ) -> TuneResult:
     """Find the best per-layer compression plan for ``model`` under ``budget`` on ``target``,
     apply it, and measure predicted against measured figures.
@@ -269,8 +304,11 @@ def autotune(
     ``max_evals`` bounds its cost in full evaluations (default 100), ``timeout`` its seconds;
     with ``storage`` (an Optuna storage URL such as ``sqlite:///study.db``) every evaluation
     is recorded in the study ``study_name``, so a killed search resumes and several processes
-    can share one study. The plan is never worse than the best uniform plan that fits, on
-    held-out data. The user's model is not modified unless ``inplace=True``.
+    can share one study. ``structured`` (e.g. ``{"ffn": 0.25, "heads": 0.1}``) first removes
+    that fraction of FFN neurons and attention heads in every block (the lowest-scoring on the
+    calibration data); the per-layer search then works on the shrunken layers and quality is
+    measured against the unpruned model. The plan is never worse than the best uniform plan
+    that fits, on held-out data. The user's model is not modified unless ``inplace=True``.
     """
     started = time.perf_counter()
     say = _Progress(progress)
@@ -282,6 +320,7 @@ def autotune(
     budget = Budget.parse(budget, **shape)
     spec = get_target(target, target_files)
     check_settings(search, max_evals, timeout, storage)
+    check_structured(structured)
     if sensitivity not in SENSITIVITY_KINDS:
         raise AutotuneError(
             f"unknown sensitivity {sensitivity!r}; allowed: {', '.join(SENSITIVITY_KINDS)}"
@@ -300,13 +339,6 @@ def autotune(
     original_fp = fingerprint(model)
     work = model if inplace else copy.deepcopy(model)
 
-    layers = compressible_layers(work)
-    if not layers:
-        raise AutotuneError(
-            "the model has no compressible layer (linear or embedding layers of at least "
-            "4096 weights that are not shared with another layer)"
-        )
-    options = layer_options(layers, methods if methods is not None else default_methods(spec))
     calib = build_calibration(
         work,
         tokenizer,
@@ -317,6 +349,21 @@ def autotune(
         heldout_windows=heldout_windows,
         sensitivity_windows=sensitivity_windows,
     )
+    # quality is judged against the model as given, before any structured pruning
+    heldout_reference = run_outputs(work, calib.heldout)
+    calib_reference = run_outputs(work, calib.calibration)
+    screening_reference = run_outputs(work, calib.sensitivity)
+    structure = _prune_structure(work, structured, calib.calibration)
+    tuned_fp = fingerprint(work) if structure else original_fp  # keys caches and studies
+    if structure:
+        say.say(f"structured pruning: {structure['removed_parameters']:,} parameters removed")
+    layers = compressible_layers(work)
+    if not layers:
+        raise AutotuneError(
+            "the model has no compressible layer (linear or embedding layers of at least "
+            "4096 weights that are not shared with another layer)"
+        )
+    options = layer_options(layers, methods if methods is not None else default_methods(spec))
     latency_inputs = calib.latency_inputs(budget.batch_size, budget.seq_len)
     observers = collect_observers(work, options, calib.calibration)
     n_entries = len({(r.shape, o.label) for r in layers for o in options[r.name]})
@@ -338,9 +385,6 @@ def autotune(
     )
 
     activations = activation_peak(work, latency_inputs)  # of the uncompressed model
-    heldout_reference = run_outputs(work, calib.heldout)
-    calib_reference = run_outputs(work, calib.calibration)
-    screening_reference = run_outputs(work, calib.sensitivity)
     # the original is timed beside the result at the end; tuning in place leaves no original
     early_baseline = (
         measure_model(work, latency_inputs=latency_inputs) if measure and inplace else None
@@ -349,7 +393,7 @@ def autotune(
     table_cache = None
     if cache and sensitivity == "end-to-end":
         folder = default_cache_dir() if cache is True else Path(cache)
-        key = table_key(original_fp, batches_digest(calib.sensitivity), "end-to-end")
+        key = table_key(tuned_fp, batches_digest(calib.sensitivity), "end-to-end")
         table_cache = SensitivityCache(folder, key)
     kind = sensitivity
     with say.bar(sum(len(o) for o in options.values()), f"sensitivity ({kind})") as bar:
@@ -398,7 +442,7 @@ def autotune(
         cache,
     )
     engine = choose_engine(search, table, allocation, costs.total_weights)
-    data_key = f"{original_fp}:{batches_digest(calib.calibration)}:{sensitivity.metric}"
+    data_key = f"{tuned_fp}:{batches_digest(calib.calibration)}:{sensitivity.metric}"
     outcome = run_search(
         engine,
         table,
@@ -543,6 +587,7 @@ def autotune(
     profile = _profile(costs, sensitivity, chosen.options)
     plan = Plan(
         layers=layer_entries,
+        structure=structure,
         model={"source": source, "class": type(model).__name__, "fingerprint": original_fp},
         target={k: v for k, v in spec.to_dict().items() if k != "probed"},
         budget=budget.to_dict(),

@@ -9,8 +9,11 @@ from torch import nn
 
 from methods.base import LayerShape, Observer, Option
 from methods.registry import method_of
+from profilers.fisher import fisher_diagonals
 
 Observers = dict[tuple[str, str], Observer]
+
+FISHER_SAMPLES = 2  # backward passes per batch for observers that ask for Fisher information
 
 
 def needs_statistics(options: Mapping[str, Sequence[Option]]) -> bool:
@@ -24,7 +27,8 @@ def collect_observers(
 ) -> Observers:
     """Observers keyed by ``(layer, option label)`` for every option that needs calibration,
     fed in one pass over ``batches`` of the model as it is (layers unchanged). A method may
-    give several options of a layer one shared observer: it is hooked (and fed) once."""
+    give several options of a layer one shared observer: it is hooked (and fed) once.
+    Observers that ask for the weight's Fisher diagonal get it from backward passes after."""
     observers: Observers = {}
     for layer, layer_options in options.items():
         module = model.get_submodule(layer)
@@ -51,4 +55,10 @@ def collect_observers(
     finally:
         for handle in handles:
             handle.remove()
+    wanting = [(layer, o) for layer, o in hooked.values() if o.needs_fisher]
+    if wanting:
+        layers = sorted({layer for layer, _ in wanting})
+        diagonals, _, _ = fisher_diagonals(model, layers, batches, FISHER_SAMPLES, seed=0)
+        for layer, observer in wanting:
+            observer.observe_fisher(diagonals[layer])
     return observers
