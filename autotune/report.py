@@ -175,6 +175,20 @@ class Report:
             lines.append(f"measured on {meas['device']}")
         return lines
 
+    def structure_line(self) -> str | None:
+        """What structured pruning removed before the layer options, if any."""
+        structure = self.plan.structure
+        if not structure.get("kept"):
+            return None
+        parts = [
+            f"{100 * f:g}% of {'FFN neurons' if kind == 'ffn' else 'attention heads'}"
+            for kind, f in (structure.get("fractions") or {}).items()
+            if f
+        ]
+        removed = structure.get("removed_parameters")
+        tail = f" ({removed:,} parameters)" if isinstance(removed, int) else ""
+        return "structure: removed " + " and ".join(parts) + tail
+
     def layer_summary(self) -> list[tuple[str, int]]:
         counts = Counter(
             option_from_dict(v).label for k, v in self.plan.layers.items() if k != DEFAULT_KEY
@@ -191,6 +205,9 @@ class Report:
         ]
         for label, count in self.layer_summary():
             lines.append(f"  {label:<16} {count:>4} layer{'s' if count != 1 else ''}")
+        structure_line = self.structure_line()
+        if structure_line:
+            lines.append(structure_line)
         search_line = self.search_line()
         if search_line:
             lines.append(search_line)

@@ -84,3 +84,10 @@ def test_cli_refuses_a_bad_fraction_with_exit_2(tiny_bert_dir, capsys) -> None:
     assert main([*argv, "--prune-ffn", "1.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "allowed: [0, 1)" in err[0]
+
+
+def test_report_says_what_was_removed(pruned) -> None:
+    _, result = pruned
+    line = result.report.structure_line()
+    assert line is not None and "25% of FFN neurons" in line and "50% of attention heads" in line
+    assert line in str(result.report)
