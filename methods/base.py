@@ -238,6 +238,11 @@ class Method(ABC):
     def empty(self, shape: LayerShape, option: Option, like: nn.Module | None = None) -> nn.Module:
         """A module of the converted layout with uninitialised storage, to load a state into."""
 
+    def rebuilt_numel(self, shape: LayerShape, option: Option) -> int:
+        """Float weights the ``"dequantize"`` path rebuilds on each call (what a cost model
+        charges for it): the whole ``rows x cols`` weight unless the method stores factors."""
+        return shape.numel
+
     def runtime_format(self, shape: LayerShape, option: Option) -> str:
         """How the converted linear layer computes: ``"dense"``, a kernel name such as
         ``"int8_weight_only"`` (a key of a hardware spec's ``kernels``), or ``"dequantize"``

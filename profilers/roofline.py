@@ -64,7 +64,7 @@ def layer_latency(shape: LayerShape, option: Option, spec: HardwareSpec, tokens:
         moved = cost.bytes + activations
         seconds = max(flops / spec.peak(shape.dtype), moved / spec.bandwidth) / spec.efficiency
         return seconds + OPS_PER_CALL["dense"] * spec.op_overhead_s
-    float_weight = shape.numel * act
+    float_weight = method.rebuilt_numel(shape, option) * act
     moved = cost.bytes + 2 * float_weight + activations
     roof = max(flops / spec.peak(shape.dtype), moved / spec.bandwidth)
     return roof / _efficiency(spec, "dequantize") + OPS_PER_CALL["dequantize"] * spec.op_overhead_s

@@ -451,3 +451,18 @@ def test_a_float64_layer_moves_twice_the_bytes_of_a_float32_one() -> None:
     assert layer_latency(f64, KEEP, spec, 64) == pytest.approx(
         2 * layer_latency(f32, KEEP, spec, 64)
     )
+
+
+def test_dequantised_factors_are_charged_for_the_factors_not_the_product() -> None:
+    """A low-rank layer with int8 factors rebuilds ``rank * (rows + cols)`` float weights per
+    call, not ``rows * cols``: memory-bound, it costs what moving those bytes costs."""
+    from methods.lowrank import LowRankOption
+
+    spec = make_spec(peak=UNBOUNDED_COMPUTE)
+    factored = LowRankOption(fraction=0.125, bits=8)
+    rank = factored.rank_for(LINEAR)
+    assert method_of(factored).runtime_format(LINEAR, factored) == "dequantize"
+    assert method_of(factored).rebuilt_numel(LINEAR, factored) == rank * (256 + 512)
+    moved = stored_bytes(LINEAR, factored) + 2 * 4 * rank * (256 + 512) + 4 * (256 + 512)
+    expected = moved / spec.bandwidth / spec.efficiency + 14 * spec.op_overhead_s
+    assert layer_latency(LINEAR, factored, spec, tokens=1) == pytest.approx(expected)
