@@ -99,3 +99,24 @@ def test_nothing_to_observe_runs_nothing(call_counter) -> None:
     calls = call_counter(model)
     assert collect_observers(model, {LAYERS[0]: [KeepOption()]}, [{"input_ids": None}]) == {}
     assert calls == [0]
+
+
+def test_observers_asking_for_fisher_information_get_the_weight_diagonal(
+    batches: list[Batch],
+) -> None:
+    """After the forward pass, observers with ``needs_fisher`` receive the diagonal Fisher /
+    Gauss-Newton information of their layer's weight, as the Fisher proxy computes it."""
+    from methods.lowrank import FisherSVDOption
+    from profilers.fisher import fisher_diagonals
+    from profilers.observe import FISHER_SAMPLES
+
+    model = make_bert()
+    options = {name: [FisherSVDOption(fraction=0.25), QuantOption(4, 32, False)] for name in LAYERS}
+    observers = collect_observers(model, options, batches)
+    assert set(observers) == {(name, "fisher_svd-r25%") for name in LAYERS}
+    expected, _, _ = fisher_diagonals(model, sorted(LAYERS), batches, FISHER_SAMPLES, seed=0)
+    for name in LAYERS:
+        fisher = observers[(name, "fisher_svd-r25%")].fisher
+        assert fisher is not None and fisher.shape == model.get_submodule(name).weight.shape
+        assert torch.equal(fisher, expected[name]) and float(fisher.sum()) > 0
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
