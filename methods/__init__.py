@@ -2,8 +2,12 @@
 
 # Importing a method's module registers it; one line per method.
 from methods import (
+    codebook,  # noqa: F401
     gptq,  # noqa: F401
     keep,  # noqa: F401
+    lowrank,  # noqa: F401
+    outliers,  # noqa: F401
+    pruning,  # noqa: F401
     rtn,  # noqa: F401
     smoothquant,  # noqa: F401
 )
