@@ -17,15 +17,14 @@ layer's output on calibration inputs ``X`` changes as little as possible: it min
   the same codes, scales and offsets layout, the same bytes and the same kernels. Without
   ``act_order`` a group's scale is fitted when the sweep reaches it, on the updated weights.
 
-Observers: every GPTQ option of a layer asked for before calibration runs shares one Hessian
-observer (one ``cols x cols`` matrix per layer, not per option).
+Observers: every option of a layer asked for before calibration runs shares one Hessian
+observer (one ``cols x cols`` matrix per layer, not per option; see methods/observers.py).
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -33,6 +32,7 @@ from torch import nn
 from methods import affine
 from methods.base import Cost, LayerShape, Method, Observer, Option, linear_weight
 from methods.errors import OptionError
+from methods.observers import SHARED, HessianObserver
 from methods.registry import get_method, register
 from methods.rtn import QuantOption, check_quant_option, quant_cost
 
@@ -71,35 +71,11 @@ class GPTQOption(Option):
         return QuantOption(self.bits, self.group_size, self.symmetric)
 
 
-class HessianObserver(Observer):
-    """Sum of ``x^T x`` over all calibration inputs of a linear layer (float32)."""
-
-    def __init__(self, cols: int) -> None:
-        self.cols = cols
-        self.xtx: torch.Tensor | None = None
-        self.tokens = 0
-        self.calls = 0
-
-    def observe(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
-        x = inputs[0].detach().reshape(-1, self.cols).float()
-        if self.xtx is None:
-            self.xtx = torch.zeros(self.cols, self.cols, dtype=torch.float32, device=x.device)
-        self.xtx.addmm_(x.t(), x.to(self.xtx.device))
-        self.tokens += x.shape[0]
-        self.calls += 1
-
-    def hessian(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """``2 X^T X / n`` as a fresh tensor of ``dtype``."""
-        if self.xtx is None or self.tokens == 0:
-            raise ValueError("the observer has seen no inputs")
-        return self.xtx.to(dtype) * (2.0 / self.tokens)
-
-
-def _work_dtype(device: torch.device) -> torch.dtype:
+def work_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cuda" else torch.float64
 
 
-def _inverse_hessian_factor(hessian: torch.Tensor, damp: float, label: str) -> torch.Tensor:
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float, label: str) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + d I)^-1``, raising ``d`` while the factorisation fails."""
     mean_diag = float(hessian.diagonal().mean())
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
@@ -120,7 +96,7 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damp: float, label: str) -> t
     )
 
 
-def _quantize_column(
+def quantize_column(
     w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes of one column (per-row scales and offsets) and the values they decode to."""
@@ -140,7 +116,7 @@ def gptq_quantize(
     ``weight`` (``[rows, cols]``) for the calibration Hessian ``hessian`` (``[cols, cols]``).
     Neither argument is modified."""
     rows, cols = weight.shape
-    dtype = _work_dtype(weight.device)
+    dtype = work_dtype(weight.device)
     w = weight.to(dtype).clone()
     h = hessian.to(dtype=dtype, device=weight.device).clone()
     group = option.group_size or cols
@@ -164,7 +140,7 @@ def gptq_quantize(
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
         w = w[:, perm]
         h = h[perm][:, perm]
-    upper = _inverse_hessian_factor(h, option.damp, label)
+    upper = inverse_hessian_factor(h, option.damp, label)
     del h
 
     group_of = perm // group  # group of each (permuted) column
@@ -199,7 +175,7 @@ def gptq_quantize(
                 s = scales[:, g].to(dtype)
                 m = None if offsets is None else offsets[:, g].to(dtype)
             column = w1[:, i]
-            q_codes, q_values = _quantize_column(column, s, m, option.bits)
+            q_codes, q_values = quantize_column(column, s, m, option.bits)
             codes[:, j] = q_codes.to(torch.uint8)
             e = (column - q_values) / u1[i, i]
             err[:, i] = e
@@ -218,13 +194,6 @@ class GPTQ(Method):
     name: ClassVar[str] = "gptq"
     version: ClassVar[str] = "1"
     option_type: ClassVar[type[Option]] = GPTQOption
-
-    def __init__(self) -> None:
-        # layer -> observer not yet fed: options of one layer asked for before calibration
-        # runs share it (weak both ways: nothing here keeps a layer or a Hessian alive)
-        self._unfed: weakref.WeakKeyDictionary[nn.Module, weakref.ref[HessianObserver]] = (
-            weakref.WeakKeyDictionary()
-        )
 
     def supports(self, shape: LayerShape) -> bool:
         return shape.kind == "linear"
@@ -265,14 +234,10 @@ class GPTQ(Method):
         return True
 
     def observer(self, module: nn.Module, option: Option) -> Observer | None:
-        """The layer's Hessian observer: shared with the layer's other GPTQ options until it
-        has seen data, a new one after."""
-        ref = self._unfed.get(module)
-        observer = ref() if ref is not None else None
-        if observer is None or observer.calls:
-            observer = HessianObserver(LayerShape.of(module).cols)
-            self._unfed[module] = weakref.ref(observer)
-        return observer
+        """The layer's Hessian observer: shared with every option (of any method) that asks
+        for one before calibration runs, a new one after."""
+        cols = LayerShape.of(module).cols
+        return SHARED.get(module, HessianObserver, lambda: HessianObserver(cols))
 
     @torch.no_grad()
     def convert(
@@ -296,7 +261,7 @@ class GPTQ(Method):
         weight = linear_weight(module)
         if not torch.isfinite(weight.sum()) and not torch.isfinite(weight).all():
             raise OptionError(f"{option.label}: the layer's weight holds NaN or inf values")
-        hessian = observer.hessian(_work_dtype(weight.device))
+        hessian = observer.hessian(work_dtype(weight.device))
         if not torch.isfinite(hessian).all():
             raise OptionError(f"{option.label}: the calibration inputs hold NaN or inf values")
         codes, scales, offsets = gptq_quantize(weight, hessian, option, option.label)

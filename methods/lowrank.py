@@ -26,7 +26,6 @@ per factor, a path no runtime format names.
 from __future__ import annotations
 
 import math
-import weakref
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -46,7 +45,8 @@ from methods.base import (
     linear_weight,
 )
 from methods.errors import OptionError
-from methods.gptq import HessianObserver
+from methods.gptq import work_dtype
+from methods.observers import SHARED, HessianObserver
 from methods.quantized import QuantizedLinear
 from methods.registry import register
 from methods.rtn import QuantOption, quant_cost
@@ -192,10 +192,6 @@ class LowRankLinear(nn.Module):
 # --- factorisations -----------------------------------------------------------------------
 
 
-def _work_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "cuda" else torch.float64
-
-
 def truncated_svd(
     matrix: torch.Tensor, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -286,24 +282,6 @@ class FisherObserver(Observer):
             )
         fisher = fisher.detach().to(torch.float32)
         self.fisher = fisher.clone() if self.fisher is None else self.fisher + fisher
-
-
-class SharedObservers:
-    """One unfed observer per layer, shared by the options asked for before calibration
-    runs (weak both ways: nothing here keeps a layer or an observer alive)."""
-
-    def __init__(self) -> None:
-        self._unfed: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Observer]] = (
-            weakref.WeakKeyDictionary()
-        )
-
-    def get(self, module: nn.Module, make: Any) -> Observer:
-        ref = self._unfed.get(module)
-        observer = ref() if ref is not None else None
-        if observer is None or getattr(observer, "calls", 0):
-            observer = make()
-            self._unfed[module] = weakref.ref(observer)
-        return observer
 
 
 # --- methods --------------------------------------------------------------------------------
@@ -480,7 +458,7 @@ class LowRank(Method):
         weight = linear_weight(module)
         if not torch.isfinite(weight).all():
             raise OptionError(f"{option.label}: the layer's weight holds NaN or inf values")
-        work = weight.to(_work_dtype(weight.device))
+        work = weight.to(work_dtype(weight.device))
         left, right = self.factorise(work, option.rank_for(shape), option, observer)
         left, right = balance(left, right)
         if option.bits == 16 and max(float(left.abs().max()), float(right.abs().max())) > (
@@ -516,15 +494,12 @@ class WhitenedSVD(LowRank):
     # input directions they miss are fitted only through the dampening
     off_target: ClassVar[float] = 1.1
 
-    def __init__(self) -> None:
-        self._observers = SharedObservers()
-
     def needs_calibration(self, option: Option) -> bool:
         return True
 
     def observer(self, module: nn.Module, option: Option) -> Observer | None:
         cols = LayerShape.of(module).cols
-        return self._observers.get(module, lambda: HessianObserver(cols))
+        return SHARED.get(module, HessianObserver, lambda: HessianObserver(cols))
 
     def factorise(
         self, weight: torch.Tensor, rank: int, option: LowRankOption, observer: Observer | None
@@ -550,15 +525,12 @@ class FisherSVD(LowRank):
     option_type: ClassVar[type[Option]] = FisherSVDOption
     off_target: ClassVar[float] = 1.1
 
-    def __init__(self) -> None:
-        self._observers = SharedObservers()
-
     def needs_calibration(self, option: Option) -> bool:
         return True
 
     def observer(self, module: nn.Module, option: Option) -> Observer | None:
         shape = LayerShape.of(module)
-        return self._observers.get(module, lambda: FisherObserver(shape.rows, shape.cols))
+        return SHARED.get(module, FisherObserver, lambda: FisherObserver(shape.rows, shape.cols))
 
     def factorise(
         self, weight: torch.Tensor, rank: int, option: LowRankOption, observer: Observer | None

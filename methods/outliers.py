@@ -24,7 +24,6 @@ linear in the width, not quadratic. ``convert`` accepts either for RTN.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -43,7 +42,8 @@ from methods.base import (
     linear_weight,
 )
 from methods.errors import OptionError
-from methods.gptq import GPTQOption, HessianObserver, gptq_quantize
+from methods.gptq import GPTQOption, gptq_quantize
+from methods.observers import SHARED, ChannelObserver, HessianObserver
 from methods.quantized import QuantizedLinear
 from methods.registry import get_method, register
 from methods.rtn import QuantOption, check_quant_option, quant_cost
@@ -107,22 +107,6 @@ class OutlierOption(Option):
 
 def index_dtype(cols: int) -> torch.dtype:
     return torch.int16 if cols <= INT16_MAX_COLS else torch.int32
-
-
-class ChannelObserver(Observer):
-    """Sum of squares of each input channel over all calibration tokens (float64)."""
-
-    def __init__(self, cols: int) -> None:
-        self.cols = cols
-        self.sumsq = torch.zeros(cols, dtype=torch.float64)
-        self.tokens = 0
-        self.calls = 0
-
-    def observe(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
-        x = inputs[0].detach().reshape(-1, self.cols).float()
-        self.sumsq += torch.sum(x * x, dim=0, dtype=torch.float64).cpu()
-        self.tokens += x.shape[0]
-        self.calls += 1
 
 
 def channel_sumsq(observer: Observer) -> torch.Tensor:
@@ -202,12 +186,6 @@ class OutlierKeeping(Method):
     version: ClassVar[str] = "1"
     option_type: ClassVar[type[Option]] = OutlierOption
 
-    def __init__(self) -> None:
-        # layer -> channel observer not yet fed, shared by the layer's RTN-based options
-        self._unfed: weakref.WeakKeyDictionary[nn.Module, weakref.ref[ChannelObserver]] = (
-            weakref.WeakKeyDictionary()
-        )
-
     def supports(self, shape: LayerShape) -> bool:
         return shape.kind == "linear"
 
@@ -269,12 +247,8 @@ class OutlierKeeping(Method):
         assert isinstance(option, OutlierOption)
         if option.base == "gptq":
             return get_method("gptq").observer(module, option.gptq())
-        ref = self._unfed.get(module)
-        observer = ref() if ref is not None else None
-        if observer is None or observer.calls:
-            observer = ChannelObserver(LayerShape.of(module).cols)
-            self._unfed[module] = weakref.ref(observer)
-        return observer
+        cols = LayerShape.of(module).cols
+        return SHARED.get(module, ChannelObserver, lambda: ChannelObserver(cols))
 
     def _check_observer(self, observer: Observer | None, option: OutlierOption, cols: int) -> None:
         wanted = (HessianObserver,) if option.base == "gptq" else (HessianObserver, ChannelObserver)

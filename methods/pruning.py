@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import math
 import re
-import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar
@@ -64,11 +62,11 @@ from methods.base import (
 )
 from methods.errors import OptionError
 from methods.gptq import (
-    HessianObserver,
-    _inverse_hessian_factor,
-    _quantize_column,
-    _work_dtype,
+    inverse_hessian_factor,
+    quantize_column,
+    work_dtype,
 )
+from methods.observers import SHARED, ChannelObserver, HessianObserver
 from methods.registry import register
 from methods.sparse import FLOAT_BITS, SparseLinear, sparse_weight_bytes
 
@@ -315,13 +313,13 @@ def sparsegpt_prune(
     keep another value of a group, its code is clamped to the range).
     """
     rows, cols = weight.shape
-    dtype = _work_dtype(weight.device)
+    dtype = work_dtype(weight.device)
     w = weight.to(dtype).clone()
     h = hessian.to(dtype=dtype, device=weight.device).clone()
     dead = h.diagonal() == 0
     h.diagonal()[dead] = 1.0
     w[:, dead] = 0.0
-    upper = _inverse_hessian_factor(h, damp, label)
+    upper = inverse_hessian_factor(h, damp, label)
     del h
     sweep = _Sweep(option, rows, cols, upper, w.device)
     lazy = _lazy_block(option)
@@ -412,7 +410,7 @@ class _Sweep:
             b = j // self.option.block
             offset = None if self.offsets is None else self.offsets[:, b].to(self.dtype)
             scale = self.scales[:, b].to(self.dtype)
-            codes, values = _quantize_column(column, scale, offset, self.option.bits)
+            codes, values = quantize_column(column, scale, offset, self.option.bits)
             self.stored[:, j] = codes.to(torch.uint8)
         else:
             self.stored[:, j] = column.to(torch.float16)
@@ -425,45 +423,6 @@ class _Sweep:
 
 
 # --- observers -----------------------------------------------------------------------------
-
-
-class ChannelNormObserver(Observer):
-    """Sum of squares of each input channel over all calibration tokens (float64)."""
-
-    def __init__(self, cols: int) -> None:
-        self.cols = cols
-        self.sumsq = torch.zeros(cols, dtype=torch.float64)
-        self.tokens = 0
-        self.calls = 0
-
-    def observe(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
-        x = inputs[0].detach().reshape(-1, self.cols)
-        self.sumsq += x.double().pow(2).sum(dim=0).cpu()
-        self.tokens += x.shape[0]
-        self.calls += 1
-
-    def norms(self) -> torch.Tensor:
-        """``||X_j||_2`` of every input channel ``j``."""
-        return self.sumsq.sqrt()
-
-
-class _ObserverPool:
-    """One observer per layer, shared by the options asked for before calibration runs (weak
-    both ways: nothing here keeps a layer or an observer alive)."""
-
-    def __init__(self, make: Callable[[int], Observer]) -> None:
-        self.make = make
-        self.unfed: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Observer]] = (
-            weakref.WeakKeyDictionary()
-        )
-
-    def get(self, module: nn.Module) -> Observer:
-        ref = self.unfed.get(module)
-        observer = ref() if ref is not None else None
-        if observer is None or observer.calls:  # type: ignore[attr-defined]
-            observer = self.make(LayerShape.of(module).cols)
-            self.unfed[module] = weakref.ref(observer)
-        return observer
 
 
 # --- error bound ---------------------------------------------------------------------------
@@ -640,22 +599,21 @@ class Wanda(PruningMethod):
     version: ClassVar[str] = "1"
     option_type: ClassVar[type[Option]] = WandaOption
 
-    def __init__(self) -> None:
-        self.pool = _ObserverPool(ChannelNormObserver)
-
     def needs_calibration(self, option: Option) -> bool:
         return True
 
     def observer(self, module: nn.Module, option: Option) -> Observer | None:
-        """The layer's channel-norm observer, shared by its Wanda options until fed."""
-        return self.pool.get(module)
+        """The layer's channel-norm observer, shared with every option that asks for one
+        before calibration runs."""
+        cols = LayerShape.of(module).cols
+        return SHARED.get(module, ChannelObserver, lambda: ChannelObserver(cols))
 
     @torch.no_grad()
     def convert(
         self, module: nn.Module, option: Option, observer: Observer | None = None
     ) -> nn.Module:
         shape, weight = self._prepare(module, option)
-        observer = self._calibration(module, option, observer, ChannelNormObserver)
+        observer = self._calibration(module, option, observer, ChannelObserver)
         norms = observer.norms().to(weight.device)
         if not torch.isfinite(norms).all():
             raise OptionError(f"{option.label}: the calibration inputs hold NaN or inf values")
@@ -671,15 +629,14 @@ class SparseGPT(PruningMethod):
     option_type: ClassVar[type[Option]] = SparseGPTOption
     grid_entries = SPARSEGPT_GRID
 
-    def __init__(self) -> None:
-        self.pool = _ObserverPool(HessianObserver)
-
     def needs_calibration(self, option: Option) -> bool:
         return True
 
     def observer(self, module: nn.Module, option: Option) -> Observer | None:
-        """The layer's Hessian observer, shared by its SparseGPT options until fed."""
-        return self.pool.get(module)
+        """The layer's Hessian observer, shared with every option (GPTQ, whitened SVD...)
+        that asks for one before calibration runs."""
+        cols = LayerShape.of(module).cols
+        return SHARED.get(module, HessianObserver, lambda: HessianObserver(cols))
 
     @torch.no_grad()
     def convert(
@@ -687,7 +644,7 @@ class SparseGPT(PruningMethod):
     ) -> nn.Module:
         shape, weight = self._prepare(module, option)
         observer = self._calibration(module, option, observer, HessianObserver)
-        hessian = observer.hessian(_work_dtype(weight.device))
+        hessian = observer.hessian(work_dtype(weight.device))
         if not torch.isfinite(hessian).all():
             raise OptionError(f"{option.label}: the calibration inputs hold NaN or inf values")
         hessian = shrink_hessian(hessian, observer.tokens)

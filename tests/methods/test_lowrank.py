@@ -12,7 +12,6 @@ from transformers.pytorch_utils import Conv1D
 from methods import get_method, kernels
 from methods.base import LayerShape, Observer
 from methods.errors import OptionError
-from methods.gptq import HessianObserver
 from methods.lowrank import (
     FisherObserver,
     FisherSVDOption,
@@ -20,6 +19,7 @@ from methods.lowrank import (
     LowRankOption,
     WhitenedSVDOption,
 )
+from methods.observers import HessianObserver
 
 SVD = get_method("svd")
 WHITENED = get_method("whitened_svd")

@@ -13,8 +13,8 @@ from transformers.pytorch_utils import Conv1D
 from methods import QuantizedLinear, get_method, option_from_dict
 from methods.base import LayerShape, Observer
 from methods.errors import OptionError
-from methods.gptq import HessianObserver
-from methods.outliers import ChannelObserver, OutlierLinear, OutlierOption
+from methods.observers import ChannelObserver, HessianObserver
+from methods.outliers import OutlierLinear, OutlierOption
 
 OUTLIERS = get_method("outliers")
 RTN = get_method("rtn")

@@ -17,8 +17,8 @@ from transformers.pytorch_utils import Conv1D
 from methods import affine, get_method, option_from_dict
 from methods.base import LayerShape, Observer
 from methods.errors import OptionError
+from methods.observers import ChannelObserver
 from methods.pruning import (
-    ChannelNormObserver,
     MagnitudeOption,
     PruneOption,
     SparseGPTOption,
@@ -151,7 +151,7 @@ def test_wanda_observer_sums_squares_over_all_tokens() -> None:
     layer = make_linear(cols=16, rows=4)
     batches = [torch.randn(3, 5, 16), torch.randn(7, 16)]
     observer = observed(layer, WandaOption(), batches)
-    assert isinstance(observer, ChannelNormObserver)
+    assert isinstance(observer, ChannelObserver)
     assert (observer.tokens, observer.calls) == (22, 2)
     x = torch.cat([b.reshape(-1, 16) for b in batches]).double()
     torch.testing.assert_close(observer.norms(), x.pow(2).sum(0).sqrt())

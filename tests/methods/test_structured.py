@@ -172,7 +172,7 @@ def test_bad_input_is_refused_with_what_is_allowed() -> None:
     with pytest.raises(OptionError, match="not the output layer"):
         apply_kept_units(model, {"encoder.layer.0.attention.self.query": [0]})
     group = find_unit_groups(model)[0]
-    with pytest.raises(OptionError, match="0..47"):
+    with pytest.raises(OptionError, match=r"0\.\.47"):
         remove_units(model, group, torch.tensor([0, 48]))
     with pytest.raises(OptionError, match="calibration"):
         unit_scores(model, [group], [])

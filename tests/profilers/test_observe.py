@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods.gptq import GPTQOption, HessianObserver
+from methods.gptq import GPTQOption
 from methods.keep import KeepOption
+from methods.observers import HessianObserver
 from methods.rtn import QuantOption
 from methods.smoothquant import ActivationObserver, W8A8Option
 from profilers.observe import collect_observers, needs_statistics
@@ -120,3 +121,24 @@ def test_observers_asking_for_fisher_information_get_the_weight_diagonal(
         assert fisher is not None and fisher.shape == model.get_submodule(name).weight.shape
         assert torch.equal(fisher, expected[name]) and float(fisher.sum()) > 0
     assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def test_methods_needing_the_same_statistic_share_one_observer(batches: list[Batch]) -> None:
+    """GPTQ, SparseGPT and whitened SVD all need ``X^T X``: one Hessian per layer, hooked once."""
+    from methods.lowrank import WhitenedSVDOption
+    from methods.pruning import SparseGPTOption, WandaOption
+
+    model = make_bert()
+    options = {
+        name: [GPTQOption(4, 32), SparseGPTOption(), WhitenedSVDOption(fraction=0.5), WandaOption()]
+        for name in LAYERS
+    }
+    observers = collect_observers(model, options, batches)
+    for name in LAYERS:
+        hessians = {
+            id(o)
+            for (layer, label), o in observers.items()
+            if layer == name and not label.startswith("wanda")
+        }
+        assert len(hessians) == 1
+        assert isinstance(observers[(name, GPTQOption(4, 32).label)], HessianObserver)
