@@ -42,6 +42,7 @@ from methods.base import (
 )
 from methods.errors import OptionError
 from methods.packing import pack_codes, packed_row_bytes, unpack_codes
+from methods.quantized import RowLookup
 from methods.registry import register
 
 ALLOWED_BITS = {"nf": (2, 3, 4), "fp": (4,), "lloyd": (2, 3, 4)}
@@ -307,7 +308,7 @@ class CodebookLinear(CodebookStorage):
         )
 
 
-class CodebookEmbedding(CodebookStorage):
+class CodebookEmbedding(RowLookup, CodebookStorage):
     """An embedding table with code-book rows; a lookup decodes only the rows it needs."""
 
     def __init__(
@@ -322,22 +323,7 @@ class CodebookEmbedding(CodebookStorage):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(num_embeddings, embedding_dim, fmt, bits, group_size, device)
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.padding_idx = padding_idx
-        self.output_dtype = dtype
-
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
-        super()._apply(fn, recurse)
-        probe = fn(torch.empty(0, dtype=self.output_dtype, device=self.scales.device))
-        self.output_dtype = probe.dtype
-        return self
-
-    def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        rows = self.dequantize(self.output_dtype, rows=indices.reshape(-1))
-        return rows.reshape(*indices.shape, self.embedding_dim)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, " + super().extra_repr()
+        self._set_table(num_embeddings, embedding_dim, padding_idx, dtype)
 
 
 # --- the method ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from methods import affine, kernels, workspace
 from methods.base import KeepsStoredFormat
@@ -251,7 +252,38 @@ class QuantizedLinear(QuantizedStorage):
         )
 
 
-class QuantizedEmbedding(QuantizedStorage):
+class RowLookup(nn.Module):
+    """Mixin for embedding tables stored row-decodable (a ``dequantize(dtype, rows=...)``
+    method): a lookup decodes only the rows it needs, in the dtype the module was cast to
+    (the stored buffers keep their format)."""
+
+    num_embeddings: int
+    embedding_dim: int
+    padding_idx: int | None
+    output_dtype: torch.dtype
+
+    def _set_table(
+        self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, dtype: torch.dtype
+    ) -> None:
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = padding_idx
+        self.output_dtype = dtype
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, dtype=self.output_dtype, device=self.scales.device))
+        self.output_dtype = probe.dtype
+        return self
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        rows = self.dequantize(self.output_dtype, rows=indices.reshape(-1))
+        return rows.reshape(*indices.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, " + super().extra_repr()
+
+
+class QuantizedEmbedding(RowLookup, QuantizedStorage):
     """An embedding table with quantised rows; a lookup decodes only the rows it needs."""
 
     def __init__(
@@ -266,20 +298,4 @@ class QuantizedEmbedding(QuantizedStorage):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(num_embeddings, embedding_dim, bits, group_size, symmetric, device)
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.padding_idx = padding_idx
-        self.output_dtype = dtype
-
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
-        super()._apply(fn, recurse)
-        probe = fn(torch.empty(0, dtype=self.output_dtype, device=self.scales.device))
-        self.output_dtype = probe.dtype
-        return self
-
-    def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        flat = indices.reshape(-1)
-        rows = self.dequantize(self.output_dtype, rows=flat)
-        return rows.reshape(*indices.shape, self.embedding_dim)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, " + super().extra_repr()
+        self._set_table(num_embeddings, embedding_dim, padding_idx, dtype)
