@@ -25,7 +25,7 @@ from autotune.calibration import build_calibration
 from autotune.fingerprint import fingerprint
 from autotune.io import write_text_atomic
 from autotune.layers import compressible_layers
-from autotune.space import build_costs, default_methods, layer_options
+from autotune.space import build_costs, default_methods, drop_undercalibrated, layer_options
 from methods.keep import KeepOption
 from methods.registry import method_of
 from profilers.cache import SensitivityCache, batches_digest, default_cache_dir, table_key
@@ -196,6 +196,7 @@ def profile_model(
     options = layer_options(layers, methods if methods is not None else default_methods(spec))
     calib = build_calibration(model, tokenizer, calibration)
     observers = collect_observers(model, options, calib.calibration)
+    drop_undercalibrated(layers, options, observers)
     prefill = calib.latency_inputs(batch_size, seq_len)
     decode = calib.latency_inputs(batch_size, 1)
     prefill_costs = build_costs(model, layers, options, spec, prefill, observers=observers)

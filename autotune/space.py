@@ -45,6 +45,29 @@ def layer_options(
     return options
 
 
+def drop_undercalibrated(
+    layers: Sequence[LayerRef], options: dict[str, list[Option]], observers: Observers
+) -> dict[str, int]:
+    """Remove, in place, calibrated options of layers whose observer saw fewer calibration
+    tokens than the layer has inputs: their statistics (``X^T X`` above all) are then
+    rank-deficient, and a method fitted to them reproduces the calibration tokens almost
+    exactly while failing on others (a BERT pooler sees one token per window). Returns the
+    number of options removed per layer."""
+    dropped: dict[str, int] = {}
+    for ref in layers:
+        keep: list[Option] = []
+        for option in options[ref.name]:
+            observer = observers.get((ref.name, option.label))
+            tokens = getattr(observer, "tokens", None)
+            if isinstance(tokens, int) and tokens < ref.shape.cols:
+                dropped[ref.name] = dropped.get(ref.name, 0) + 1
+                observers.pop((ref.name, option.label))
+            else:
+                keep.append(option)
+        options[ref.name] = keep
+    return dropped
+
+
 @dataclass
 class CostModel:
     """Exact bytes, stored weight bits and roofline seconds of every (layer, option), plus

@@ -28,7 +28,13 @@ from autotune.measurement import measure_model
 from autotune.plan import DEFAULT_KEY, Plan
 from autotune.report import Report
 from autotune.searching import check_settings, choose_engine, run_search
-from autotune.space import CostModel, build_costs, default_methods, layer_options
+from autotune.space import (
+    CostModel,
+    build_costs,
+    default_methods,
+    drop_undercalibrated,
+    layer_options,
+)
 from autotune.targets import get_target
 from methods.errors import OptionError
 from methods.keep import KeepOption
@@ -366,6 +372,12 @@ def autotune(
     options = layer_options(layers, methods if methods is not None else default_methods(spec))
     latency_inputs = calib.latency_inputs(budget.batch_size, budget.seq_len)
     observers = collect_observers(work, options, calib.calibration)
+    left_out = drop_undercalibrated(layers, options, observers)
+    for name, count in left_out.items():
+        say.say(
+            f"{name}: {count} calibrated options left out (fewer calibration tokens than "
+            "inputs: their statistics would be rank-deficient)"
+        )
     n_entries = len({(r.shape, o.label) for r in layers for o in options[r.name]})
     with say.bar(n_entries if spec.name == "local" else 0, "latency") as bar:
         costs = build_costs(
@@ -565,6 +577,8 @@ def autotune(
     }
     if guard is not None:
         search_info["heldout_guard"] = guard
+    if left_out:
+        search_info["undercalibrated_options_left_out"] = left_out
     if outcome.result is not None:
         result = outcome.result
         search_info["engine_run"] = {
