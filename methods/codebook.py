@@ -252,6 +252,15 @@ class CodebookStorage(KeepsStoredFormat):
         groups = weight.view(codes.shape[0], -1, self.group_size)
         return groups.mul_(scales.to(dtype).unsqueeze(-1)).view(codes.shape)
 
+    def scratch_needs(self, dtype: torch.dtype) -> dict[str, int]:
+        """Bytes of each scratch slot a forward pass may grow (see methods/workspace.py)."""
+        numel = self.rows * self.cols
+        return {
+            "codes": self.rows * (-(-self.cols // 8) * 8),
+            "codebook-index": 4 * numel,
+            "weight": numel * torch.empty(0, dtype=dtype).element_size(),
+        }
+
     def dequantize_scratch(self, dtype: torch.dtype) -> torch.Tensor:
         """The whole float weight, written into this thread's scratch buffers (valid until
         the next call); equal to :meth:`dequantize` element for element."""

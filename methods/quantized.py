@@ -115,6 +115,14 @@ class QuantizedStorage(KeepsStoredFormat):
         groups = affine.group_view(codes, self.group_size)
         return affine.decode(groups, scales, offsets, self.bits, dtype).reshape(codes.shape)
 
+    def scratch_needs(self, dtype: torch.dtype) -> dict[str, int]:
+        """Bytes of each scratch slot a forward pass may grow (see methods/workspace.py)."""
+        size = torch.empty(0, dtype=dtype).element_size()
+        needs = {"weight": self.rows * self.cols * size}
+        if self.bits < 8:
+            needs["codes"] = self.rows * (-(-self.cols // 8) * 8)
+        return needs
+
     def dequantize_scratch(self, dtype: torch.dtype) -> torch.Tensor:
         """The whole float weight, written into this thread's scratch buffer (valid until
         the next call); equal to :meth:`dequantize` element for element."""
@@ -261,6 +269,10 @@ class RowLookup(nn.Module):
     embedding_dim: int
     padding_idx: int | None
     output_dtype: torch.dtype
+
+    def scratch_needs(self, dtype: torch.dtype) -> dict[str, int]:
+        """None: a lookup decodes its rows into a fresh tensor."""
+        return {}
 
     def _set_table(
         self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, dtype: torch.dtype

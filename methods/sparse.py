@@ -214,6 +214,10 @@ class SparseLinear(KeepsStoredFormat):
         weight = torch.zeros(self.rows, self.cols, dtype=dtype, device=self.values.device)
         return weight.masked_scatter_(self.kept_mask(), self.value_array(dtype))
 
+    def scratch_needs(self, dtype: torch.dtype) -> dict[str, int]:
+        """Bytes of each scratch slot a forward pass may grow (see methods/workspace.py)."""
+        return {"weight": self.rows * self.cols * torch.empty(0, dtype=dtype).element_size()}
+
     def dequantize_scratch(self, dtype: torch.dtype) -> torch.Tensor:
         """The dense weight in this thread's scratch buffer (valid until the next call)."""
         device = self.values.device

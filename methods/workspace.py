@@ -32,3 +32,9 @@ def scratch(slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> 
 def release() -> None:
     """Free this thread's scratch buffers."""
     _LOCAL.buffers = {}
+
+
+def held_bytes() -> int:
+    """Bytes of this thread's scratch buffers."""
+    buffers: dict = getattr(_LOCAL, "buffers", None) or {}
+    return sum(b.numel() * b.element_size() for b in buffers.values())

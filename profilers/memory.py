@@ -26,7 +26,6 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from methods import workspace
-from methods.quantized import QuantizedEmbedding
 
 
 @dataclass(frozen=True)
@@ -232,30 +231,21 @@ def activation_peak(model: nn.Module, inputs: dict[str, Any]) -> ActivationPeak:
     return tracker.result()
 
 
-def _scratch_users(model: nn.Module) -> Iterable[Any]:
-    """Modules whose forward dequantises into the scratch buffers (embeddings decode only the
-    rows they look up, into fresh tensors)."""
-    for module in model.modules():
-        if hasattr(module, "dequantize_scratch") and not isinstance(module, QuantizedEmbedding):
-            yield module
-
-
 def scratch_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     """Bytes of the largest dequantisation scratch a forward pass can allocate.
 
-    Each thread keeps one buffer per kind, grown to the largest layer: the float weight
-    (``rows * cols`` of ``dtype``) and, below 8 bits, the unpacked uint8 codes (``rows *
-    cols``, columns rounded up to a multiple of 8). Layers that a call runs on an int8 / int4
-    kernel use none, so this is an upper bound. 0 if the model has no such layers.
+    Each thread keeps one buffer per slot, grown to the largest layer's need; modules say
+    what they need through ``scratch_needs(dtype)`` (the float weight, unpacked codes...).
+    Layers that a call runs on an int8 / int4 kernel use none, so this is an upper bound.
+    0 if the model has no such layers.
     """
-    weight = codes = 0
-    size = torch.empty(0, dtype=dtype).element_size()
-    for module in _scratch_users(model):
-        rows, cols = int(module.rows), int(module.cols)
-        weight = max(weight, rows * cols * size)
-        if module.bits < 8:
-            codes = max(codes, rows * (-(-cols // 8) * 8))
-    return weight + codes
+    largest: dict[str, int] = {}
+    for module in model.modules():
+        needs = getattr(module, "scratch_needs", None)
+        if callable(needs):
+            for slot, nbytes in needs(dtype).items():
+                largest[slot] = max(largest.get(slot, 0), int(nbytes))
+    return sum(largest.values())
 
 
 def _return_free_memory() -> None:

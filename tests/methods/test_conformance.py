@@ -20,7 +20,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 import methods  # noqa: F401  (its __init__ registers the built-in methods)
-from methods import kernels
+from methods import kernels, workspace
 from methods.base import LayerShape, Method, Option
 from methods.errors import OptionError
 from methods.registry import get_method, registered_methods
@@ -196,6 +196,24 @@ def test_cost_is_the_bytes_of_the_state(method_name: str, layer: str, option: Op
         assert cost.bytes == state_bytes(converted)
         if stored is not None:
             assert cost.weight_bytes == stored()
+
+
+@pytest.mark.parametrize(CASE_ARGS, CASES)
+def test_scratch_used_is_what_the_module_declares(
+    method_name: str, layer: str, option: Option
+) -> None:
+    """The dequantisation scratch a call grows (which the memory prediction counts) is at
+    most what the module's parts declare through ``scratch_needs``."""
+    converted = converted_layer(method_name, layer, option)
+    declared: dict[str, int] = {}
+    for module in converted.modules():
+        needs = getattr(module, "scratch_needs", None)
+        for slot, nbytes in (needs(torch.float32) if callable(needs) else {}).items():
+            declared[slot] = max(declared.get(slot, 0), nbytes)
+    workspace.release()
+    for x in make_inputs(SHAPES[layer]).values():
+        converted(x)
+    assert workspace.held_bytes() <= sum(declared.values())
 
 
 @pytest.mark.parametrize(CASE_ARGS, CASES)
