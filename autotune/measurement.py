@@ -19,7 +19,7 @@ from profilers.measure import (
 from profilers.memory import activation_peak
 from profilers.memory import scratch_in_use as workspace_buffers
 from profilers.probe import machine_facts
-from profilers.quality import output_error
+from profilers.quality import is_causal_lm, output_error, perplexity
 
 
 def device_description() -> str:
@@ -38,6 +38,8 @@ class Measured:
     heldout_error: float | None
     baseline_latency: LatencyStats | None = None
     peak_memory: int | None = None
+    perplexity: float | None = None
+    baseline_perplexity: float | None = None
 
     def to_dict(self, latency_shape: list[int], metric: str) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -56,6 +58,9 @@ class Measured:
         if self.heldout_error is not None:
             out["heldout_error"] = self.heldout_error
             out["metric"] = metric
+        if self.perplexity is not None:
+            out["perplexity"] = round(self.perplexity, 4)
+            out["baseline_perplexity"] = round(self.baseline_perplexity or float("nan"), 4)
         if self.baseline_latency is not None:
             out["baseline"] = {
                 "latency_p50_ms": round(self.baseline_latency.p50_ms, 4),
@@ -86,9 +91,12 @@ def measure_model(
         models = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
         stats = measure_latencies(models, latency_inputs)
         latency, baseline_latency = stats["model"], stats.get("baseline")
-    error = None
+    error = ppl = baseline_ppl = None
     if heldout is not None:
         error = output_error(model, heldout[0], heldout[1], metric)
+        if metric == "kl" and is_causal_lm(model):
+            ppl = perplexity(model, heldout[0])
+            baseline_ppl = perplexity(None, heldout[0], logits=heldout[1])
     return Measured(
         bytes=model_bytes(model),
         state_bytes=state_dict_bytes(model),
@@ -97,4 +105,6 @@ def measure_model(
         heldout_error=error,
         baseline_latency=baseline_latency,
         peak_memory=peak,
+        perplexity=ppl,
+        baseline_perplexity=baseline_ppl,
     )

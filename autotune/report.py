@@ -71,7 +71,7 @@ class Report:
         shape = pred.get("latency_shape") or [budget.batch_size, budget.seq_len]
         limit = budget.memory_limit(pred.get("original_bytes", 0) or 0)
         holds = self.holds()
-        return [
+        rows = [
             ("figure", "predicted", "measured", "budget", "holds"),
             (
                 "stored bytes",
@@ -111,6 +111,18 @@ class Report:
                 "-",
             ),
         ]
+        if meas.get("perplexity") is not None:
+            rows.append(
+                (
+                    "perplexity (held-out)",
+                    "-",
+                    f"{_fmt(meas['perplexity'])} "
+                    f"(uncompressed {_fmt(meas.get('baseline_perplexity'))})",
+                    "-",
+                    "-",
+                )
+            )
+        return rows
 
     def headline(self) -> str:
         model = self.plan.model

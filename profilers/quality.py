@@ -108,3 +108,59 @@ def output_error(
         for batch, ref in zip(batches, reference, strict=True):
             acc.add(ref, select_outputs(model(**batch)), batch.get("attention_mask"))
     return acc.value()
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    """Whether ``model`` predicts the next token (its logits at position t score token t+1)."""
+    config = getattr(model, "config", None)
+    architectures = getattr(config, "architectures", None) or []
+    names = [type(model).__name__, *architectures]
+    return any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in names) or bool(
+        getattr(config, "is_decoder", False)
+    )
+
+
+class NextTokenLoss:
+    """Accumulates the next-token cross-entropy of logits over batches (masked tokens and
+    the last position, which has no next token, left out)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.tokens = 0
+
+    def add(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> None:
+        ids = batch["input_ids"].to(logits.device)
+        targets = ids[:, 1:]
+        scores = logits[:, :-1].float()
+        mask = batch.get("attention_mask")
+        keep = torch.ones_like(targets, dtype=torch.bool)
+        if mask is not None:
+            mask = mask.to(logits.device, torch.bool)
+            keep = mask[:, 1:] & mask[:, :-1]
+        loss = F.cross_entropy(scores[keep], targets[keep], reduction="sum")
+        self.total += float(loss)
+        self.tokens += int(keep.sum())
+
+    def perplexity(self) -> float:
+        if self.tokens == 0:
+            raise ValueError("no token to score: every window is a single token")
+        return float(torch.exp(torch.tensor(self.total / self.tokens, dtype=torch.float64)))
+
+
+def perplexity(
+    model: torch.nn.Module | None,
+    batches: list[dict[str, torch.Tensor]],
+    logits: list[Mapping[str, torch.Tensor]] | None = None,
+) -> float:
+    """Next-token perplexity of a causal LM on ``batches``, from its forward passes or from
+    recorded outputs ``logits`` (e.g. the reference outputs of the uncompressed model)."""
+    loss = NextTokenLoss()
+    with torch.inference_mode():
+        for index, batch in enumerate(batches):
+            if logits is not None:
+                out = logits[index]["logits"]
+            else:
+                assert model is not None
+                out = select_outputs(model(**batch))["logits"]
+            loss.add(out, batch)
+    return loss.perplexity()

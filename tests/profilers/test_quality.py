@@ -416,3 +416,31 @@ def test_output_error_of_a_classifier_compares_per_sample_distributions() -> Non
     value = output_error(model, batches, reference, "kl")
     assert value > 0
     assert value == pytest.approx(expected / samples, rel=1e-4)
+
+
+def _tiny_gpt2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_perplexity_is_the_exponent_of_the_mean_next_token_loss() -> None:
+    from profilers.quality import is_causal_lm, perplexity, run_outputs
+
+    model = _tiny_gpt2()
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # padding: the last three tokens of the second row are not scored
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    with torch.no_grad():
+        logits = model(**batches[0]).logits
+    losses = [
+        F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum"),
+        F.cross_entropy(logits[1, :5], ids[1, 1:6], reduction="sum"),
+    ]
+    expected = float(torch.exp(sum(losses) / (8 + 5)))
+    assert perplexity(model, batches) == pytest.approx(expected, rel=1e-5)
+    recorded = run_outputs(model, batches)
+    assert perplexity(None, batches, logits=recorded) == pytest.approx(expected, rel=1e-5)
+    assert is_causal_lm(model)
+    assert not is_causal_lm(transformers.BertModel(tiny_bert_config()))
