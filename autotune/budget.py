@@ -8,7 +8,10 @@ Text is one or more comma-separated terms, all of which must hold:
 * share of the original size: ``25%``
 
 Memory counts every stored byte of the model: compressed and uncompressed weights,
-embeddings, scales, offsets, biases, norms and buffers.
+embeddings, scales, offsets, biases, norms and buffers. With a ``context`` (tokens a causal
+LM keeps per sequence), memory is what serving needs: the stored bytes, plus the KV cache of
+``batch_size`` sequences of ``context`` tokens in ``kv_dtype``, plus the activation peak at
+the budget's input shape.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ _MEMORY_UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
+KV_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1}
 _LATENCY_UNITS = {"us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1e3}
 _TERM = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zµ%]+)\s*$", re.IGNORECASE)
 SYNTAX = (
@@ -68,6 +72,8 @@ class Budget:
     size_ratio: float | None = None
     batch_size: int = 1
     seq_len: int = 128
+    context: int | None = None
+    kv_dtype: str = "float16"
 
     def __post_init__(self) -> None:
         checks = (
@@ -85,6 +91,14 @@ class Budget:
             raise BudgetError(f"average bits must be at most 64, got {self.avg_bits}")
         if self.batch_size < 1 or self.seq_len < 1:
             raise BudgetError("batch size and sequence length must be at least 1")
+        if self.context is not None and (
+            isinstance(self.context, bool) or not isinstance(self.context, int) or self.context < 1
+        ):
+            raise BudgetError(f"context must be a positive number of tokens, got {self.context!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise BudgetError(
+                f"unknown KV cache dtype {self.kv_dtype!r}; allowed: {', '.join(KV_DTYPES)}"
+            )
         if self.is_empty:
             raise BudgetError(f"the budget sets no constraint; {SYNTAX}")
 
@@ -126,6 +140,10 @@ class Budget:
             name = aliases.get(key, key)
             if name in ("batch_size", "seq_len"):
                 fields[name] = _positive_int(name, value)
+            elif name == "context":
+                fields[name] = None if value is None else _positive_int(name, value)
+            elif name == "kv_dtype":
+                fields[name] = str(value)
             elif name in ("memory_bytes", "latency_ms", "avg_bits", "size_ratio"):
                 if value is None:
                     continue
@@ -135,7 +153,7 @@ class Budget:
             else:
                 raise BudgetError(
                     f"unknown budget field {key!r}; allowed: spec, memory, latency, bits, ratio, "
-                    "batch_size, seq_len"
+                    "batch_size, seq_len, context, kv_dtype"
                 )
         return cls(**fields)
 
@@ -162,13 +180,30 @@ class Budget:
             limits.append(int(self.size_ratio * original_bytes))
         return min(limits) if limits else None
 
+    @property
+    def kv_bytes_per_element(self) -> int:
+        return KV_DTYPES[self.kv_dtype]
+
     def to_dict(self) -> dict[str, Any]:
-        return {"spec": self.spec, "batch_size": self.batch_size, "seq_len": self.seq_len}
+        out: dict[str, Any] = {
+            "spec": self.spec,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+        }
+        if self.context is not None:
+            out.update(context=self.context, kv_dtype=self.kv_dtype)
+        return out
 
     def describe(self) -> str:
         parts = []
+        serving = (
+            f" (weights + {self.kv_dtype} KV cache of {self.batch_size} x {self.context} tokens "
+            "+ activation peak)"
+            if self.context is not None
+            else " stored"
+        )
         if self.memory_bytes is not None:
-            parts.append(f"at most {self.memory_bytes:,} bytes stored")
+            parts.append(f"at most {self.memory_bytes:,} bytes{serving}")
         if self.size_ratio is not None:
             parts.append(f"at most {100 * self.size_ratio:.4g}% of the original size")
         if self.avg_bits is not None:

@@ -43,7 +43,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--heldout", help="text file held out for validation")
     tune.add_argument("--seed", type=int, default=0)
-    tune.add_argument("--batch-size", type=int, default=1, help="batch size latency is judged at")
+    tune.add_argument(
+        "--batch-size",
+        "--batch",
+        type=int,
+        default=1,
+        help="batch size latency (and, with --context, the KV cache) is judged at",
+    )
+    tune.add_argument(
+        "--context",
+        type=int,
+        help="causal LMs: tokens kept per sequence; the memory budget then covers weights + "
+        "KV cache + activation peak",
+    )
+    tune.add_argument(
+        "--kv-dtype",
+        default="float16",
+        help="KV cache element type with --context: float32, float16, bfloat16, float8",
+    )
     tune.add_argument("--seq-len", type=int, default=128, help="tokens per sequence for latency")
     tune.add_argument(
         "--methods",
@@ -185,7 +202,13 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from autotune.targets import get_target
     from autotune.tuner import autotune
 
-    budget = Budget.parse(args.budget, batch_size=args.batch_size, seq_len=args.seq_len)
+    budget = Budget.parse(
+        args.budget,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        context=args.context,
+        kv_dtype=args.kv_dtype,
+    )
     target = get_target(args.target, args.target_file)  # fail fast on a bad target
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
     result = autotune(

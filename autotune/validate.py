@@ -141,12 +141,14 @@ def validate_plan(
     if budget is not None:
         limit = budget.memory_limit(original)
         if limit is not None:
+            overhead = predicted.get("memory_overhead_bytes", 0) or 0
+            served = f" + {overhead:,} bytes of KV cache and activations" if overhead else ""
             checks.append(
                 Check(
                     "memory",
                     f"<= {limit:,} bytes (budget {budget.spec})",
-                    f"{now.bytes:,} bytes",
-                    now.bytes <= limit,
+                    f"{now.bytes:,} bytes{served}",
+                    now.bytes + overhead <= limit,
                 )
             )
         if budget.avg_bits is not None:

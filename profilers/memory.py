@@ -298,3 +298,16 @@ def measure_peak(
         done.set()
         thread.join()
     return MeasuredPeak(max(0, max(samples) - baseline), baseline, "rss-sampling")
+
+
+def kv_cache_bytes(model: nn.Module, batch: int, context: int, bytes_per_element: int) -> int:
+    """Bytes of the key/value cache of ``batch`` sequences of ``context`` tokens: for every
+    attention block, the widths of its key and value projections (grouped-query attention
+    and structured pruning included) times the tokens held, times the element size."""
+    from methods.structured import find_unit_groups
+
+    width = 0
+    for group in find_unit_groups(model, ["heads"]):
+        key, value = group.producers[1], group.producers[2]
+        width += group.units * (key.rows_per_unit + value.rows_per_unit)
+    return batch * context * width * bytes_per_element

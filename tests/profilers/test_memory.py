@@ -261,3 +261,25 @@ def test_prediction_sums_its_parts() -> None:
         "scratch": 20,
         "total": 1320,
     }
+
+
+def test_kv_cache_counts_key_and_value_widths_of_every_block() -> None:
+    """Llama with 4 query and 2 key/value heads of 16: 2 x 32 values per token and block."""
+    import transformers
+
+    from profilers.memory import kv_cache_bytes
+
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    assert kv_cache_bytes(model, 2, 100, 2) == 3 * 2 * 100 * (32 + 32) * 2
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4)
+    )
+    assert kv_cache_bytes(gpt2, 1, 10, 4) == 2 * 10 * (32 + 32) * 4
