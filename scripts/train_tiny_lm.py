@@ -190,19 +190,23 @@ def write_readme(folder: Path, record: dict[str, Any]) -> None:
 A small Llama-architecture causal language model bundled with autotune, so that
 `autotune tune tiny-lm --budget 40% --target cpu` tunes a trained decoder offline.
 
-* {record["parameters"]:,} parameters, float32, untied input and output embeddings;
-  hidden {arch["hidden_size"]}, {arch["num_hidden_layers"]} layers,
-  {arch["num_attention_heads"]} attention heads sharing {arch["num_key_value_heads"]} key/value
-  heads (grouped-query attention), MLP {arch["intermediate_size"]}, context {CONTEXT} tokens.
+* {record["parameters"]:,} parameters, float32, untied input and output embeddings: hidden
+  {arch["hidden_size"]}, {arch["num_hidden_layers"]} layers, {arch["num_attention_heads"]} \
+attention heads sharing {arch["num_key_value_heads"]}
+  key/value heads (grouped-query attention), MLP {arch["intermediate_size"]}, context \
+{CONTEXT} tokens.
 * Tokenizer: byte-level BPE, {record["vocab_size"]} ids; `<s>` (bos) is put before each text,
   `</s>` is eos and `<pad>` pads.
-* Data: the docstrings of the Python {record["python"]} standard library, calibration split only
-  (`autotune.calibration.stdlib_texts("calibration")`, {record["train_tokens"]:,} tokens). The
-  held-out split is used only to measure perplexity.
-* Training: AdamW, {record["steps"]} steps of {BATCH} x {CONTEXT} tokens
-  ({record["tokens_seen"]:,} tokens seen), seed {record["seed"]}, 2 CPU threads.
-* Held-out perplexity ({record["eval_windows"]} windows of {CONTEXT} tokens):
-  {before:.1f} before training, {after:.1f} after.
+* Data: the docstrings of the Python {record["python"]} standard library, calibration split
+  only (`autotune.calibration.stdlib_texts("calibration")`, {record["train_tokens"]:,} \
+tokens).
+  The held-out split is used only to measure perplexity.
+* Training: AdamW, {record["steps"]} steps of {record["batch"][0]} x {CONTEXT} tokens \
+({record["tokens_seen"]:,} tokens seen),
+  seed {record["seed"]}, {record["threads"]} CPU threads.
+* Held-out perplexity ({record["eval_windows"]} windows of {CONTEXT} tokens): \
+{before:.1f} before
+  training, {after:.1f} after.
 
 Made by `scripts/train_tiny_lm.py`; `TRAINING.json` records the run.
 """
