@@ -23,6 +23,18 @@ MAX_PERPLEXITY = 500.0
 SMALL = {"seq_len": 32, "calibration_windows": 8, "sensitivity_windows": 2, "heldout_windows": 4}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread: as fast on this model's small matrices, and on a busy machine two
+    threads spin-wait on each other (a forward pass measured 40x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def folder() -> Path:
     return TINY_LM_DIR
@@ -90,19 +102,7 @@ def test_load_model_resolves_the_name() -> None:
     assert out.logits.shape[-1] == 4096
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One torch thread: as fast on this model's small matrices, and on a busy machine two
-    threads spin-wait on each other (a forward pass measured 40x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def test_tune_tiny_lm_exact_bytes_within_budget(one_thread: None) -> None:
+def test_tune_tiny_lm_exact_bytes_within_budget() -> None:
     original = model_bytes(load_model("tiny-lm").model)
     result = autotune(
         "tiny-lm", "40%", "cpu", search="allocator", sensitivity="local", progress=False, **SMALL
