@@ -66,6 +66,15 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return weight.t() if is_conv1d(module) else weight
 
 
+def finite_weight(module: nn.Module, label: str) -> torch.Tensor:
+    """:func:`linear_weight`, refused (naming the option ``label``) if it holds NaN or inf.
+    The sum is checked first: one reduction instead of a full boolean mask when all is well."""
+    weight = linear_weight(module)
+    if not torch.isfinite(weight.sum()) and not torch.isfinite(weight).all():
+        raise OptionError(f"{label}: the layer's weight holds NaN or inf values")
+    return weight
+
+
 @dataclass(frozen=True)
 class LayerShape:
     """What a method needs to know of a layer to price an option, without the layer itself.

@@ -38,7 +38,7 @@ from methods.base import (
     Observer,
     Option,
     dtype_from_name,
-    linear_weight,
+    finite_weight,
 )
 from methods.errors import OptionError
 from methods.packing import pack_codes, packed_row_bytes, unpack_codes
@@ -397,9 +397,7 @@ class Codebook(Method):
         assert isinstance(option, CodebookOption)
         shape = LayerShape.of(module)
         self.check(shape, option)
-        weight = linear_weight(module)
-        if not torch.isfinite(weight).all():
-            raise OptionError(f"{option.label}: the layer's weight holds NaN or inf values")
+        weight = finite_weight(module, option.label)
         out = self.empty(shape, option, like=module)
         out.load_weight(weight)
         if isinstance(out, CodebookLinear) and out.bias is not None:

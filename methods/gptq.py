@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from methods import affine
-from methods.base import Cost, LayerShape, Method, Observer, Option, linear_weight
+from methods.base import Cost, LayerShape, Method, Observer, Option, finite_weight
 from methods.errors import OptionError
 from methods.observers import SHARED, HessianObserver
 from methods.registry import get_method, register
@@ -258,9 +258,7 @@ class GPTQ(Method):
                 f"{option.label}: the observer saw inputs of width {observer.cols}, "
                 f"the layer takes {shape.cols}"
             )
-        weight = linear_weight(module)
-        if not torch.isfinite(weight.sum()) and not torch.isfinite(weight).all():
-            raise OptionError(f"{option.label}: the layer's weight holds NaN or inf values")
+        weight = finite_weight(module, option.label)
         hessian = observer.hessian(work_dtype(weight.device))
         if not torch.isfinite(hessian).all():
             raise OptionError(f"{option.label}: the calibration inputs hold NaN or inf values")

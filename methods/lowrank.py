@@ -42,7 +42,7 @@ from methods.base import (
     Observer,
     Option,
     dtype_from_name,
-    linear_weight,
+    finite_weight,
 )
 from methods.errors import OptionError
 from methods.gptq import work_dtype
@@ -455,9 +455,7 @@ class LowRank(Method):
         assert isinstance(option, LowRankOption)
         shape = LayerShape.of(module)
         self.check(shape, option)
-        weight = linear_weight(module)
-        if not torch.isfinite(weight).all():
-            raise OptionError(f"{option.label}: the layer's weight holds NaN or inf values")
+        weight = finite_weight(module, option.label)
         work = weight.to(work_dtype(weight.device))
         left, right = self.factorise(work, option.rank_for(shape), option, observer)
         left, right = balance(left, right)

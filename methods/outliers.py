@@ -39,7 +39,7 @@ from methods.base import (
     Observer,
     Option,
     dtype_from_name,
-    linear_weight,
+    finite_weight,
 )
 from methods.errors import OptionError
 from methods.gptq import GPTQOption, gptq_quantize
@@ -280,9 +280,7 @@ class OutlierKeeping(Method):
         self.check(shape, option)
         self._check_observer(observer, option, shape.cols)
         assert observer is not None
-        weight = linear_weight(module)
-        if not torch.isfinite(weight.sum()) and not torch.isfinite(weight).all():
-            raise OptionError(f"{option.label}: the layer's weight holds NaN or inf values")
+        weight = finite_weight(module, option.label)
         sumsq = channel_sumsq(observer)
         if not torch.isfinite(sumsq).all():
             raise OptionError(f"{option.label}: the calibration inputs hold NaN or inf values")

@@ -58,7 +58,7 @@ from methods.base import (
     Observer,
     Option,
     dtype_from_name,
-    linear_weight,
+    finite_weight,
 )
 from methods.errors import OptionError
 from methods.gptq import (
@@ -548,9 +548,7 @@ class PruningMethod(Method):
         assert isinstance(option, PruneOption)
         shape = LayerShape.of(module)
         self.check(shape, option)
-        weight = linear_weight(module)
-        if not torch.isfinite(weight.sum()) and not torch.isfinite(weight).all():
-            raise OptionError(f"{option.label}: the layer's weight holds NaN or inf values")
+        weight = finite_weight(module, option.label)
         return shape, weight
 
     def _finish(self, module: nn.Module, out: SparseLinear) -> SparseLinear:

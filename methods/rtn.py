@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import nn
 
 from methods.base import (
@@ -19,7 +18,7 @@ from methods.base import (
     Observer,
     Option,
     dtype_from_name,
-    linear_weight,
+    finite_weight,
 )
 from methods.errors import OptionError
 from methods.kernels import int4_group_for, int8_layout_ok
@@ -125,9 +124,7 @@ class RoundToNearest(Method):
         assert isinstance(option, QuantOption)
         shape = LayerShape.of(module)
         self.check(shape, option)
-        weight = linear_weight(module)
-        if not torch.isfinite(weight.sum()) and not torch.isfinite(weight).all():
-            raise OptionError(f"{option.label}: the layer's weight holds NaN or inf values")
+        weight = finite_weight(module, option.label)
         out = self.empty(shape, option, like=module)
         out.load_weight(weight)
         if isinstance(out, QuantizedLinear) and out.bias is not None:

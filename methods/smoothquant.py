@@ -33,7 +33,7 @@ from methods.base import (
     Observer,
     Option,
     dtype_from_name,
-    linear_weight,
+    finite_weight,
 )
 from methods.errors import OptionError
 from methods.registry import register
@@ -285,9 +285,7 @@ class SmoothQuantW8A8(Method):
         assert isinstance(option, W8A8Option)
         shape = LayerShape.of(module)
         self.check(shape, option)
-        weight = linear_weight(module).float()
-        if not torch.isfinite(weight.sum()) and not torch.isfinite(weight).all():
-            raise OptionError(f"{option.label}: the layer's weight holds NaN or inf values")
+        weight = finite_weight(module, option.label).float()
         smooth = None
         if option.smooths:
             if not isinstance(observer, ActivationObserver) or observer.calls == 0:
