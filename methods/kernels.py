@@ -62,9 +62,18 @@ def _has_op(name: str) -> bool:
     return hasattr(torch.ops.aten, name)
 
 
+@cache
+def int8_width_multiple() -> int:
+    """Input widths the CPU int8 kernel computes correctly are multiples of this: its
+    vector width in floats (16 with AVX-512, 8 below); other widths give wrong results or
+    crash."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return 16 if capability.startswith(("AVX512", "AMX")) else 8
+
+
 def int8_layout_ok(cols: int) -> bool:
-    """The CPU int8 kernel is wrong (or crashes) for input widths not a multiple of 8."""
-    return cols % 8 == 0
+    """Whether the CPU int8 kernel handles an input width of ``cols`` on this machine."""
+    return cols % int8_width_multiple() == 0
 
 
 def int8_kernel_usable(device: torch.device, tokens: int, cols: int) -> bool:
