@@ -60,6 +60,13 @@ def is_weight_layer(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Embedding)) or is_conv1d(module)
 
 
+def storage_key(tensor: torch.Tensor) -> int:
+    """What identifies a tensor's memory, to count tensors shared by several modules once: its
+    data pointer, or the tensor object itself where it has none (the ``meta`` device, where
+    every pointer is 0, and empty tensors)."""
+    return tensor.data_ptr() or id(tensor)
+
+
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight as ``[out, in]`` (``Conv1D`` stores it transposed); rows for embeddings."""
     weight = module.weight.detach()
