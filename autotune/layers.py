@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from methods.base import LayerShape, is_weight_layer
+from methods.base import LayerShape, is_weight_layer, storage_key
 
 MIN_NUMEL = 4096
 
@@ -25,13 +25,14 @@ def compressible_layers(
 
     Layers smaller than ``min_numel`` weights are left alone (their bytes are negligible and
     each one would cost a profiling pass). Layers whose weight is shared with another layer
-    (tied input and output embeddings) are left alone too: compressing one side would keep
-    the float copy alive for the other.
+    are left alone too: compressing one side would keep the float copy alive for the other.
+    Tied input and output embeddings are one layer once the output side is a
+    :class:`methods.tied.TiedHead` (see :func:`methods.tied.untie_output_embeddings`).
     """
     users: dict[int, int] = {}
     for module in model.modules():
         if is_weight_layer(module):
-            key = module.weight.data_ptr()
+            key = storage_key(module.weight)
             users[key] = users.get(key, 0) + 1
     found: list[LayerRef] = []
     for name, module in model.named_modules():
@@ -42,7 +43,7 @@ def compressible_layers(
         weight = module.weight
         if not weight.is_floating_point() or weight.numel() < min_numel:
             continue
-        if users[weight.data_ptr()] > 1:
+        if users[storage_key(weight)] > 1:
             continue
         found.append(LayerRef(name, LayerShape.of(module)))
     return found
@@ -54,7 +55,7 @@ def weight_numel(model: nn.Module) -> int:
     seen: set[int] = set()
     for module in model.modules():
         if is_weight_layer(module):
-            key = module.weight.data_ptr()
+            key = storage_key(module.weight)
             if key not in seen:
                 seen.add(key)
                 total += module.weight.numel()

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from methods.base import is_weight_layer
+from methods.base import is_weight_layer, storage_key
 
 
 def _unique_tensors(tensors):
@@ -17,7 +17,7 @@ def _unique_tensors(tensors):
     for tensor in tensors:
         if tensor is None:
             continue
-        key = (tensor.data_ptr(), tensor.numel() * tensor.element_size(), tensor.dtype)
+        key = (storage_key(tensor), tensor.numel() * tensor.element_size(), tensor.dtype)
         if key in seen:
             continue
         seen.add(key)
@@ -46,7 +46,7 @@ def weight_storage_bytes(model: nn.Module) -> int:
         if hasattr(module, "stored_weight_bytes"):
             total += int(module.stored_weight_bytes())
         elif is_weight_layer(module):
-            key = module.weight.data_ptr()
+            key = storage_key(module.weight)
             if key not in seen:
                 seen.add(key)
                 total += module.weight.numel() * module.weight.element_size()

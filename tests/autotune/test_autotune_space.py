@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+import transformers
 
-from autotune.layers import compressible_layers
+from autotune.layers import compressible_layers, weight_numel
 from autotune.space import drop_undercalibrated, layer_options
+from methods.tied import untie_output_embeddings
 from profilers.observe import collect_observers
 from tests.conftest import make_tiny_bert
 
@@ -28,3 +30,20 @@ def test_calibrated_options_of_layers_that_saw_too_few_tokens_are_left_out() -> 
     assert not any(layer == "pooler.dense" for layer, _ in observers)
     query = "encoder.layer.0.attention.self.query"
     assert options[query] == before[query]
+
+
+def test_layers_of_a_model_on_the_meta_device() -> None:
+    """Meta tensors all have data pointer 0: layers must not look shared because of it."""
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=64)
+    with torch.device("meta"):
+        model = transformers.GPT2LMHeadModel(config)
+    names = [ref.name for ref in compressible_layers(model)]
+    blocks = [
+        f"transformer.h.{i}.{part}"
+        for i in range(2)
+        for part in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
+    assert names == ["transformer.wpe", *blocks]  # the tied table is shared: left alone
+    assert weight_numel(model) == 512 * 64 + 64 * 64 + 2 * (3 + 1 + 4 + 4) * 64 * 64
+    assert untie_output_embeddings(model) == {"lm_head": "transformer.wte"}
+    assert [ref.name for ref in compressible_layers(model)] == ["transformer.wte", *names]

@@ -73,6 +73,17 @@ def test_model_bytes_of_gpt2_counts_its_tied_embedding_once(gpt2: nn.Module) -> 
     assert model_bytes(gpt2) == every - tensor_bytes(gpt2.lm_head.weight) + buffers
 
 
+def test_meta_tensors_are_told_apart_and_a_tied_one_counted_once() -> None:
+    """Every meta tensor has data pointer 0: they are keyed by the tensor object instead."""
+    with torch.device("meta"):
+        tied, untied = TinyLM(tied=True), TinyLM(tied=False)
+    table = VOCAB * WIDTH * FLOAT
+    assert model_bytes(tied) == table + (3 + 5) * FLOAT
+    assert model_bytes(untied) == 2 * table + (3 + 5) * FLOAT
+    assert weight_storage_bytes(tied) == table
+    assert weight_storage_bytes(untied) == 2 * table
+
+
 def test_model_bytes_counts_every_dtype_at_its_size() -> None:
     model = nn.Sequential(nn.Linear(16, 8).to(torch.bfloat16), nn.Linear(8, 4).double())
     expected = (16 * 8 + 8) * 2 + (8 * 4 + 4) * 8
