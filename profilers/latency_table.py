@@ -70,10 +70,13 @@ def measure_in_model(
     observers: Observers | None = None,
     rounds: int = 7,
     progress: Callable[[int], None] | None = None,
+    also_timed: Mapping[str, Sequence[nn.Module]] | None = None,
 ) -> InModelLatency:
     """Time every option of ``layers`` (name -> options) inside ``model`` on ``inputs``.
 
-    Layers of the same shape share their timings. The model is restored before this returns.
+    Layers of the same shape share their timings. ``also_timed`` (layer name -> modules):
+    modules whose calls count as the layer's (a tied output layer reading the layer's table).
+    The model is restored before this returns.
     """
     observers = observers or {}
     cuda = any(t.is_cuda for t in inputs.values() if isinstance(t, torch.Tensor))
@@ -110,7 +113,7 @@ def measure_in_model(
     for name, timer in timers.items():
         timer.cuda = cuda
         variants = [originals[name]] + [plan[name] for plan in plans.values() if name in plan]
-        for module in variants:
+        for module in [*variants, *(also_timed or {}).get(name, ())]:
             handles.append(module.register_forward_pre_hook(timer.before))
             handles.append(module.register_forward_hook(timer.after))
 

@@ -39,9 +39,13 @@ def _efficiency(spec: HardwareSpec, path: str) -> float:
     return entry.efficiency if entry is not None else spec.efficiency
 
 
-def layer_latency(shape: LayerShape, option: Option, spec: HardwareSpec, tokens: int) -> float:
+def layer_latency(
+    shape: LayerShape, option: Option, spec: HardwareSpec, tokens: int, *, fmt: str | None = None
+) -> float:
     """Seconds one call of this layer takes for ``tokens`` input rows on ``spec``:
-    ``max(FLOPs / peak, bytes / bandwidth) / efficiency`` plus per-operator overhead."""
+    ``max(FLOPs / peak, bytes / bandwidth) / efficiency`` plus per-operator overhead.
+    ``fmt`` overrides how a linear layer computes (the method's ``runtime_format``): a module
+    that reads another's storage, such as a tied output layer, may run it another way."""
     method = method_of(option)
     cost = method.cost(shape, option)
     act = ACTIVATION_BYTES.get(shape.dtype, 4)
@@ -54,7 +58,7 @@ def layer_latency(shape: LayerShape, option: Option, spec: HardwareSpec, tokens:
         return moved / spec.bandwidth / efficiency + ops * spec.op_overhead_s
     flops = cost.flops_per_token * tokens
     activations = tokens * (shape.cols + shape.rows) * act
-    fmt = method.runtime_format(shape, option)
+    fmt = fmt or method.runtime_format(shape, option)
     kernel = spec.kernels.get(fmt) if fmt not in PATHS else None
     if kernel is not None and (kernel.max_tokens is None or tokens <= kernel.max_tokens):
         moved = cost.weight_bytes + cost.other_bytes + activations

@@ -3,6 +3,8 @@ compares speeds (timings are noisy); they check what is timed and that the model
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from methods.base import LayerShape
@@ -47,3 +49,33 @@ def test_options_a_layer_cannot_take_are_left_out(batches: list[Batch]) -> None:
     result = measure_in_model(model, layers, make_batch(1, 4), rounds=1)
     shape = LayerShape.of(model.get_submodule(name))
     assert set(result.layers) == {(shape, "keep")}
+
+
+class _SlowHead(torch.nn.Module):
+    """Stands for a tied output layer that reads the embedding's table: takes 50 ms."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.05)
+        return x
+
+
+class _EmbedThenHead(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(300, 64)
+        self.head = _SlowHead()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(input_ids))
+
+
+def test_modules_timed_with_a_layer_count_as_that_layer() -> None:
+    model = _EmbedThenHead()
+    layers = {"embed": [KeepOption(), QuantOption(8, None, True)]}
+    inputs = {"input_ids": torch.arange(8)[None]}
+    apart = measure_in_model(model, layers, inputs, rounds=1)
+    assert apart.rest >= 0.05 and all(s < 0.05 for s in apart.layers.values())
+    together = measure_in_model(model, layers, inputs, rounds=1, also_timed={"embed": [model.head]})
+    assert len(together.layers) == 2 and all(s >= 0.05 for s in together.layers.values())
+    assert together.rest < 0.05
+    assert not model.head._forward_hooks and not model.head._forward_pre_hooks

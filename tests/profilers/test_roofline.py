@@ -130,6 +130,18 @@ def test_above_the_token_limit_int8_falls_back_to_dequantising(tokens: int) -> N
     assert on_fast > layer_latency(LINEAR, KEEP, fast, tokens)  # dequantising costs more
 
 
+def test_a_format_given_by_the_caller_overrides_the_methods() -> None:
+    """A tied output layer runs an int4 table dequantised, though the method names a kernel."""
+    with_int4 = make_spec(kernels={"int4_weight_only": KernelSpec("bfloat16", None, 0.5)})
+    without = make_spec()
+    forced = layer_latency(LINEAR, INT4_G128, with_int4, 4, fmt="dequantize")
+    assert forced == layer_latency(LINEAR, INT4_G128, without, 4)
+    assert forced != layer_latency(LINEAR, INT4_G128, with_int4, 4)
+    assert layer_latency(LINEAR, INT8_CH, with_int4, 4, fmt=None) == layer_latency(
+        LINEAR, INT8_CH, with_int4, 4
+    )
+
+
 @pytest.mark.parametrize("option", [INT8_CH, INT8_G32, INT4_G128, INT2_G32])
 @pytest.mark.parametrize("tokens", [1, 16, 4096])
 def test_without_a_kernel_a_quantised_layer_is_slower_than_dense(
