@@ -28,6 +28,7 @@ from methods.base import Option
 from methods.errors import OptionError
 from methods.keep import KeepOption
 from methods.registry import option_from_dict
+from methods.tied import untie_output_embeddings
 
 SCHEMA_VERSION = 2
 DEFAULT_KEY = "_default"
@@ -213,7 +214,9 @@ class Plan:
 
     def shaped(self, model: nn.Module) -> nn.Module:
         """``model`` itself with the plan's structured pruning done in place (layers shrink
-        before their options apply)."""
+        before their options apply) and tied output embeddings made to read their input
+        embedding's table (:func:`methods.tied.untie_output_embeddings`), so that the table
+        is one layer, compressed once."""
         kept = self.kept_units()
         if kept:
             from methods.structured import apply_kept_units
@@ -222,6 +225,7 @@ class Plan:
                 apply_kept_units(model, kept)
             except OptionError as exc:
                 raise PlanError(f"the plan's structure does not fit this model: {exc}") from None
+        untie_output_embeddings(model)
         return model
 
     # ---------------------------------------------------------- fingerprint

@@ -39,6 +39,7 @@ from autotune.targets import get_target
 from methods.errors import OptionError
 from methods.keep import KeepOption
 from methods.structured import UNIT_KINDS, prune_structured
+from methods.tied import untie_output_embeddings
 from profilers.cache import SensitivityCache, batches_digest, default_cache_dir, table_key
 from profilers.hardware import HardwareSpec
 from profilers.memory import PeakPrediction, activation_peak, kv_cache_bytes, scratch_bytes
@@ -373,6 +374,7 @@ def autotune(
     model.eval()
     original_fp = fingerprint(model)
     work = model if inplace else copy.deepcopy(model)
+    tied = untie_output_embeddings(work)  # a tied embedding is one layer, stored once
 
     calib = build_calibration(
         work,
@@ -640,7 +642,12 @@ def autotune(
     plan = Plan(
         layers=layer_entries,
         structure=structure,
-        model={"source": source, "class": type(model).__name__, "fingerprint": original_fp},
+        model={
+            "source": source,
+            "class": type(model).__name__,
+            "fingerprint": original_fp,
+            **({"tied": tied} if tied else {}),
+        },
         target={k: v for k, v in spec.to_dict().items() if k != "probed"},
         budget=budget.to_dict(),
         calibration=calib.description,

@@ -142,3 +142,13 @@ def test_unreadable_versions(tmp_path: Path, version, fragment: str) -> None:
     path.write_text(json.dumps({"schema_version": version, "layers": {}}))
     with pytest.raises(PlanError, match=fragment):
         Plan.load(path)
+
+
+def test_tied_layers_are_recorded_in_the_model_entry() -> None:
+    tied = {"lm_head": "transformer.wte"}
+    plan = Plan.from_dict(Plan(layers={"transformer.wte": INT8}, model={"tied": tied}).to_dict())
+    assert plan.model["tied"] == tied
+    with pytest.raises(PlanError, match="model/tied/lm_head"):
+        Plan.from_dict(
+            {"schema_version": SCHEMA_VERSION, "layers": {}, "model": {"tied": {"lm_head": 1}}}
+        )
