@@ -3,7 +3,10 @@
 Text is one or more comma-separated terms, all of which must hold:
 
 * memory: ``15MB``, ``8GB`` (powers of 1000), ``8GiB`` (powers of 1024), ``123456B``
-* latency on the target: ``20ms``, ``1.5s``, ``800us``
+* latency of one forward pass at the budget's input shape on the target: ``20ms``, ``1.5s``,
+  ``800us``; for a causal LM that pass is the prefill, and ``prefill=20ms`` says the same
+* time per generated token of a causal LM: ``decode=5ms`` (one new token for each of
+  ``batch_size`` sequences, attending to ``context`` tokens, or ``seq_len`` without one)
 * average stored bits per weight, scales and offsets included: ``4.5bits``
 * share of the original size: ``25%``
 
@@ -36,11 +39,16 @@ _MEMORY_UNITS = {
 }
 KV_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1}
 _LATENCY_UNITS = {"us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1e3}
-_TERM = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zµ%]+)\s*$", re.IGNORECASE)
+_TERM = re.compile(
+    r"^\s*(?:([a-z]+)\s*=\s*)?([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zµ%]+)\s*$",
+    re.IGNORECASE,
+)
+_PHASES = {"prefill": "latency_ms", "decode": "decode_ms"}
 SYNTAX = (
     "each term is a number with a unit: memory (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), "
-    "latency (us, ms, s), average bits ('4.5bits') or a share of the original size ('25%'); "
-    "join terms with commas, e.g. '8GB,20ms'"
+    "latency (us, ms, s; 'prefill=20ms', or 'decode=5ms' per generated token), average bits "
+    "('4.5bits') or a share of the original size ('25%'); join terms with commas, "
+    "e.g. '8GB,20ms' or '4GB,decode=8ms'"
 )
 
 
@@ -68,6 +76,7 @@ class Budget:
 
     memory_bytes: int | None = None
     latency_ms: float | None = None
+    decode_ms: float | None = None
     avg_bits: float | None = None
     size_ratio: float | None = None
     batch_size: int = 1
@@ -79,6 +88,7 @@ class Budget:
         checks = (
             ("memory", self.memory_bytes),
             ("latency", self.latency_ms),
+            ("decode latency", self.decode_ms),
             ("average bits", self.avg_bits),
             ("size ratio", self.size_ratio),
         )
@@ -105,8 +115,20 @@ class Budget:
     @property
     def is_empty(self) -> bool:
         return all(
-            v is None for v in (self.memory_bytes, self.latency_ms, self.avg_bits, self.size_ratio)
+            v is None
+            for v in (
+                self.memory_bytes,
+                self.latency_ms,
+                self.decode_ms,
+                self.avg_bits,
+                self.size_ratio,
+            )
         )
+
+    @property
+    def decode_context(self) -> int:
+        """Tokens a decode step attends to: the serving context, else the sequence length."""
+        return self.context if self.context is not None else self.seq_len
 
     @classmethod
     def parse(cls, spec: Any, **shape: Any) -> Budget:
@@ -124,8 +146,9 @@ class Budget:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Budget:
         """Accepts ``{"spec": "15MB", "batch_size": 1}`` or explicit fields
-        (``memory``/``memory_bytes``, ``latency``/``latency_ms``, ``bits``/``avg_bits``,
-        ``ratio``/``size_ratio``); strings with units are allowed in each."""
+        (``memory``/``memory_bytes``, ``latency``/``latency_ms``/``prefill``,
+        ``decode``/``decode_ms``, ``bits``/``avg_bits``, ``ratio``/``size_ratio``); strings
+        with units are allowed in each."""
         data = dict(data)
         fields: dict[str, Any] = {}
         if "spec" in data:
@@ -133,6 +156,8 @@ class Budget:
         aliases = {
             "memory": "memory_bytes",
             "latency": "latency_ms",
+            "prefill": "latency_ms",
+            "decode": "decode_ms",
             "bits": "avg_bits",
             "ratio": "size_ratio",
         }
@@ -144,7 +169,7 @@ class Budget:
                 fields[name] = None if value is None else _positive_int(name, value)
             elif name == "kv_dtype":
                 fields[name] = str(value)
-            elif name in ("memory_bytes", "latency_ms", "avg_bits", "size_ratio"):
+            elif name in ("memory_bytes", "latency_ms", "decode_ms", "avg_bits", "size_ratio"):
                 if value is None:
                     continue
                 if name in fields:
@@ -152,8 +177,8 @@ class Budget:
                 fields[name] = _field_value(name, value)
             else:
                 raise BudgetError(
-                    f"unknown budget field {key!r}; allowed: spec, memory, latency, bits, ratio, "
-                    "batch_size, seq_len, context, kv_dtype"
+                    f"unknown budget field {key!r}; allowed: spec, memory, latency, prefill, "
+                    "decode, bits, ratio, batch_size, seq_len, context, kv_dtype"
                 )
         return cls(**fields)
 
@@ -169,6 +194,8 @@ class Budget:
             terms.append(f"{self.avg_bits:g}bits")
         if self.latency_ms is not None:
             terms.append(f"{self.latency_ms:g}ms")
+        if self.decode_ms is not None:
+            terms.append(f"decode={self.decode_ms:g}ms")
         return ",".join(terms)
 
     def memory_limit(self, original_bytes: int) -> int | None:
@@ -213,6 +240,11 @@ class Budget:
                 f"p50 latency at most {self.latency_ms:g} ms at batch {self.batch_size} x "
                 f"{self.seq_len} tokens"
             )
+        if self.decode_ms is not None:
+            parts.append(
+                f"p50 decode at most {self.decode_ms:g} ms per token at batch "
+                f"{self.batch_size} with {self.decode_context} tokens of context"
+            )
         return "; ".join(parts)
 
     def __str__(self) -> str:
@@ -228,6 +260,8 @@ def _positive_int(name: str, value: Any) -> int:
 def _field_value(name: str, value: Any) -> float | int:
     if isinstance(value, str):
         parsed = _parse_terms(value)
+        if name == "decode_ms" and list(parsed) == ["latency_ms"]:
+            parsed = {name: parsed["latency_ms"]}  # {"decode": "5ms"}
         if list(parsed) != [name]:
             raise BudgetError(f"budget field {name} got {value!r}; {SYNTAX}")
         return parsed[name]
@@ -249,19 +283,25 @@ def _parse_terms(text: str) -> dict[str, Any]:
         match = _TERM.match(term)
         if not match:
             raise BudgetError(f"malformed budget term {term.strip()!r}: {SYNTAX}")
+        phase, digits, unit = match.groups()
         try:
-            exact = Decimal(match.group(1))
+            exact = Decimal(digits)
         except InvalidOperation:
             raise BudgetError(f"malformed budget term {term.strip()!r}: {SYNTAX}") from None
-        number, unit = float(exact), match.group(2)
-        lowered = unit.lower()
+        number, lowered = float(exact), unit.lower()
+        if phase is not None and (phase.lower() not in _PHASES or lowered not in _LATENCY_UNITS):
+            raise BudgetError(
+                f"malformed budget term {term.strip()!r}: only latency terms take a phase "
+                f"({', '.join(p + '=' for p in _PHASES)}); {SYNTAX}"
+            )
         if lowered in _MEMORY_UNITS:
             total = exact * _MEMORY_UNITS[lowered]
             if total != total.to_integral_value():
                 raise BudgetError(f"budget term {term.strip()!r} is not a whole number of bytes")
             name, value = "memory_bytes", int(total)
         elif lowered in _LATENCY_UNITS:
-            name, value = "latency_ms", number * _LATENCY_UNITS[lowered]
+            name = _PHASES[phase.lower()] if phase is not None else "latency_ms"
+            value = number * _LATENCY_UNITS[lowered]
         elif lowered in ("bits", "bit"):
             name, value = "avg_bits", number
         elif unit == "%":
@@ -269,6 +309,9 @@ def _parse_terms(text: str) -> dict[str, Any]:
         else:
             raise BudgetError(f"unknown unit {unit!r} in budget term {term.strip()!r}: {SYNTAX}")
         if name in fields:
-            raise BudgetError(f"budget {text!r} constrains {name.split('_')[0]} twice")
+            what = {"latency_ms": "latency (prefill)", "decode_ms": "decode latency"}.get(
+                name, name.split("_")[0]
+            )
+            raise BudgetError(f"budget {text!r} constrains {what} twice")
         fields[name] = value
     return fields

@@ -40,6 +40,23 @@ class Measured:
     peak_memory: int | None = None
     perplexity: float | None = None
     baseline_perplexity: float | None = None
+    decode: LatencyStats | None = None
+    baseline_decode: LatencyStats | None = None
+    decode_shape: list[int] | None = None
+
+    def latency_figures(self, baseline: bool = False) -> dict[str, float]:
+        """p50 and p90 of the forward pass and, if timed, of a decode step (of the baseline
+        timed beside the model with ``baseline``)."""
+        stats = {
+            "latency": self.baseline_latency if baseline else self.latency,
+            "decode": self.baseline_decode if baseline else self.decode,
+        }
+        out: dict[str, float] = {}
+        for name, stat in stats.items():
+            if stat is not None:
+                out[f"{name}_p50_ms"] = round(stat.p50_ms, 4)
+                out[f"{name}_p90_ms"] = round(stat.p90_ms, 4)
+        return out
 
     def to_dict(self, latency_shape: list[int], metric: str) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -48,10 +65,11 @@ class Measured:
             "avg_bits": round(self.avg_bits, 6),
         }
         if self.latency is not None:
-            out["latency_p50_ms"] = round(self.latency.p50_ms, 4)
-            out["latency_p90_ms"] = round(self.latency.p90_ms, 4)
+            out.update(self.latency_figures())
             out["latency_repeats"] = self.latency.repeats
             out["latency_shape"] = latency_shape
+            if self.decode is not None:
+                out["decode_shape"] = self.decode_shape
             out["device"] = device_description()
         if self.peak_memory is not None:
             out["peak_memory_bytes"] = self.peak_memory
@@ -63,8 +81,7 @@ class Measured:
             out["baseline_perplexity"] = round(self.baseline_perplexity or float("nan"), 4)
         if self.baseline_latency is not None:
             out["baseline"] = {
-                "latency_p50_ms": round(self.baseline_latency.p50_ms, 4),
-                "latency_p90_ms": round(self.baseline_latency.p90_ms, 4),
+                **self.latency_figures(baseline=True),
                 "timed": "interleaved with the compressed model",
             }
         return out
@@ -75,15 +92,18 @@ def measure_model(
     *,
     total_weights: int | None = None,
     latency_inputs: dict[str, torch.Tensor] | None = None,
+    decode_inputs: dict[str, Any] | None = None,
     heldout: tuple[list[dict], list[dict]] | None = None,
     metric: str = "nmse",
     baseline: nn.Module | None = None,
 ) -> Measured:
     """Measure ``model``: bytes of parameters and buffers, state bytes, average stored bits
-    per weight, latency (when inputs are given; interleaved with ``baseline``'s, whose
-    figures land in ``baseline_latency``) and held-out error (against reference)."""
+    per weight, latency of a forward pass on ``latency_inputs`` and of a decode step on
+    ``decode_inputs`` (see :func:`profilers.decode.decode_inputs`) when given, interleaved
+    with ``baseline``'s (whose figures land in ``baseline_latency`` and ``baseline_decode``),
+    and held-out error (against reference)."""
     weights = total_weights or weight_numel(model)
-    latency = baseline_latency = peak = None
+    latency = baseline_latency = peak = decode = baseline_decode = decode_shape = None
     if latency_inputs is not None:
         traced = activation_peak(model, latency_inputs)
         in_use = sum(b.numel() * b.element_size() for b in workspace_buffers())
@@ -91,6 +111,11 @@ def measure_model(
         models = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
         stats = measure_latencies(models, latency_inputs)
         latency, baseline_latency = stats["model"], stats.get("baseline")
+        if decode_inputs is not None:
+            stats = measure_latencies(models, decode_inputs)
+            decode, baseline_decode = stats["model"], stats.get("baseline")
+            cache = next(v for k, v in decode_inputs.items() if k != "input_ids")
+            decode_shape = [decode_inputs["input_ids"].shape[0], cache.get_seq_length() + 1]
     error = ppl = baseline_ppl = None
     if heldout is not None:
         error = output_error(model, heldout[0], heldout[1], metric)
@@ -107,4 +132,7 @@ def measure_model(
         peak_memory=peak,
         perplexity=ppl,
         baseline_perplexity=baseline_ppl,
+        decode=decode,
+        baseline_decode=baseline_decode,
+        decode_shape=decode_shape,
     )

@@ -53,17 +53,18 @@ class Report:
             out["memory"] = figures["bytes"] + overhead <= limit
         if budget.avg_bits is not None and figures.get("avg_bits") is not None:
             out["avg_bits"] = figures["avg_bits"] <= budget.avg_bits + 1e-9
-        if budget.latency_ms is not None:
-            latency = self._latency_for_budget()
-            if latency is not None:
-                out["latency"] = latency <= budget.latency_ms
+        for name, limit in (("latency", budget.latency_ms), ("decode", budget.decode_ms)):
+            value = self._latency_for_budget(name) if limit is not None else None
+            if value is not None:
+                out[name] = value <= limit
         return out
 
-    def _latency_for_budget(self) -> float | None:
+    def _latency_for_budget(self, phase: str = "latency") -> float | None:
+        """Measured p50 when the target is this machine, else the target's prediction."""
         measured = self.plan.measured or {}
-        if self.plan.target.get("name") == "local" and "latency_p50_ms" in measured:
-            return measured["latency_p50_ms"]
-        return self.plan.predicted.get("latency_ms")
+        if self.plan.target.get("name") == "local" and f"{phase}_p50_ms" in measured:
+            return measured[f"{phase}_p50_ms"]
+        return self.plan.predicted.get(f"{phase}_ms")
 
     def figure_rows(self) -> list[tuple[str, str, str, str, str]]:
         """Header and one row per figure: name, predicted, measured, budget, holds."""
@@ -90,13 +91,15 @@ class Report:
                 _yes_no(holds.get("avg_bits")),
             ),
             (
-                f"latency p50 ({shape[0]}x{shape[1]} tokens)",
+                f"{'prefill' if 'decode_ms' in pred else 'latency'} p50 "
+                f"({shape[0]}x{shape[1]} tokens)",
                 _fmt(pred.get("latency_ms"), " ms") + f" [{_latency_source(plan)}]",
                 _fmt(meas.get("latency_p50_ms"), " ms"),
                 _fmt(budget.latency_ms, " ms"),
                 _yes_no(holds.get("latency")),
             ),
-            ("latency p90", "-", _fmt(meas.get("latency_p90_ms"), " ms"), "-", "-"),
+            ("  p90", "-", _fmt(meas.get("latency_p90_ms"), " ms"), "-", "-"),
+            *self._decode_rows(holds.get("decode")),
             (
                 "peak memory (traced)",
                 _fmt_bytes(pred.get("peak_memory_bytes")),
@@ -149,6 +152,23 @@ class Report:
             )
         return rows
 
+    def _decode_rows(self, holds: bool | None) -> list[tuple[str, str, str, str, str]]:
+        """Decode latency per token, when the plan predicted or measured it."""
+        pred, meas = self.plan.predicted, self.plan.measured or {}
+        if pred.get("decode_ms") is None and meas.get("decode_p50_ms") is None:
+            return []
+        batch, context = pred.get("decode_shape") or meas.get("decode_shape") or ["?", "?"]
+        return [
+            (
+                f"decode p50 per token ({batch} x {context} context)",
+                _fmt(pred.get("decode_ms"), " ms") + f" [{_latency_source(self.plan)}]",
+                _fmt(meas.get("decode_p50_ms"), " ms"),
+                _fmt(self.budget.decode_ms, " ms"),
+                _yes_no(holds),
+            ),
+            ("  p90", "-", _fmt(meas.get("decode_p90_ms"), " ms"), "-", "-"),
+        ]
+
     def headline(self) -> str:
         model = self.plan.model
         return (
@@ -189,12 +209,14 @@ class Report:
             parts = [f"uncompressed model {_fmt_bytes(pred.get('original_bytes'))}"]
             if pred.get("original_latency_ms") is not None:
                 parts.append(f"predicted latency {pred['original_latency_ms']:.4g} ms")
-            if baseline.get("latency_p50_ms") is not None:
-                speedup = baseline["latency_p50_ms"] / meas["latency_p50_ms"]
-                parts.append(
-                    f"measured p50 {baseline['latency_p50_ms']:.4g} ms "
-                    f"(compressed is {speedup:.2f}x {'faster' if speedup >= 1 else 'slower'})"
-                )
+            for phase, what in (("latency", "measured p50"), ("decode", "decode p50")):
+                key = f"{phase}_p50_ms"
+                if baseline.get(key) is not None and meas.get(key):
+                    speedup = baseline[key] / meas[key]
+                    parts.append(
+                        f"{what} {baseline[key]:.4g} ms (compressed is {speedup:.2f}x "
+                        f"{'faster' if speedup >= 1 else 'slower'})"
+                    )
             lines.append("reference: " + "; ".join(parts))
         uniform = meas.get("best_uniform") or {}
         if uniform:

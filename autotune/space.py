@@ -72,7 +72,11 @@ def drop_undercalibrated(
 @dataclass
 class CostModel:
     """Exact bytes, stored weight bits and roofline seconds of every (layer, option), plus
-    what the rest of the model costs. Totals of an assignment are exact in bytes."""
+    what the rest of the model costs. Totals of an assignment are exact in bytes.
+
+    ``seconds`` are those of one forward pass at the latency shape (the prefill of a causal
+    LM); ``decode_seconds``, when known, those of one decode step (see :meth:`with_decode`).
+    """
 
     layers: list[LayerRef]
     options: dict[str, list[Option]]
@@ -85,17 +89,33 @@ class CostModel:
     total_weights: int
     original_bytes: int
     tokens: int
+    decode_seconds: dict[str, list[float]] | None = None
+    fixed_decode_seconds: float = 0.0
+
+    def with_decode(self, decode: CostModel) -> CostModel:
+        """This model with the seconds of ``decode`` (the same layers and options priced at
+        a decode step's shape) as its decode seconds."""
+        self.decode_seconds = decode.seconds
+        self.fixed_decode_seconds = decode.fixed_seconds
+        return self
 
     def totals(self, choice: dict[str, int]) -> dict[str, float]:
-        """``bytes``, ``avg_bits`` and ``latency_ms`` of an assignment (option indices)."""
+        """``bytes``, ``avg_bits``, ``latency_ms`` and, when known, ``decode_ms`` of an
+        assignment (option indices)."""
         total_bytes = self.fixed_bytes + sum(self.bytes[n][i] for n, i in choice.items())
         bits = self.fixed_weight_bits + sum(self.weight_bits[n][i] for n, i in choice.items())
         seconds = self.fixed_seconds + sum(self.seconds[n][i] for n, i in choice.items())
-        return {
+        totals = {
             "bytes": total_bytes,
             "avg_bits": bits / self.total_weights,
             "latency_ms": 1e3 * seconds,
         }
+        if self.decode_seconds is not None:
+            decode = self.fixed_decode_seconds + sum(
+                self.decode_seconds[n][i] for n, i in choice.items()
+            )
+            totals["decode_ms"] = 1e3 * decode
+        return totals
 
 
 def build_costs(

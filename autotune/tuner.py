@@ -41,6 +41,7 @@ from methods.keep import KeepOption
 from methods.structured import UNIT_KINDS, prune_structured
 from methods.tied import untie_output_embeddings
 from profilers.cache import SensitivityCache, batches_digest, default_cache_dir, table_key
+from profilers.decode import DecodeError, decode_inputs
 from profilers.hardware import HardwareSpec
 from profilers.memory import PeakPrediction, activation_peak, kv_cache_bytes, scratch_bytes
 from profilers.observe import collect_observers
@@ -54,7 +55,12 @@ ALGORITHMS = {
     "tpe": "milp-allocator -> optuna TPE + uniform check",
     "nsga2": "milp-allocator -> optuna NSGA-II (error x bytes x latency) + uniform check",
 }
-RESOURCE_NAMES = {"bytes": "stored bytes", "bits": "stored weight bits", "seconds": "latency"}
+RESOURCE_NAMES = {
+    "bytes": "stored bytes",
+    "bits": "stored weight bits",
+    "seconds": "latency",
+    "decode_seconds": "decode latency",
+}
 
 
 @dataclass
@@ -86,6 +92,8 @@ def _limits(budget: Budget, costs: CostModel, overhead_bytes: int = 0) -> dict[s
         limits["bits"] = budget.avg_bits * costs.total_weights
     if budget.latency_ms is not None:
         limits["seconds"] = budget.latency_ms / 1e3
+    if budget.decode_ms is not None:
+        limits["decode_seconds"] = budget.decode_ms / 1e3
     return limits
 
 
@@ -93,6 +101,14 @@ def _table(costs: CostModel, scores: dict[str, list[float]]) -> ChoiceTable:
     """The allocator's view; an option with an unknown (non-finite) cost is never chosen."""
     names = [r.name for r in costs.layers]
     resources = {"bytes": costs.bytes, "bits": costs.weight_bits, "seconds": costs.seconds}
+    fixed = {
+        "bytes": float(costs.fixed_bytes),
+        "bits": float(costs.fixed_weight_bits),
+        "seconds": costs.fixed_seconds,
+    }
+    if costs.decode_seconds is not None:
+        resources["decode_seconds"] = costs.decode_seconds
+        fixed["decode_seconds"] = costs.fixed_decode_seconds
     arrays = {r: [np.asarray(v[n], dtype=np.float64) for n in names] for r, v in resources.items()}
     score_arrays = []
     for i, name in enumerate(names):
@@ -108,11 +124,7 @@ def _table(costs: CostModel, scores: dict[str, list[float]]) -> ChoiceTable:
         choices=[[o.label for o in costs.options[n]] for n in names],
         scores=score_arrays,
         costs=arrays,
-        fixed={
-            "bytes": float(costs.fixed_bytes),
-            "bits": float(costs.fixed_weight_bits),
-            "seconds": costs.fixed_seconds,
-        },
+        fixed=fixed,
     )
 
 
@@ -135,6 +147,11 @@ def _infeasible_message(
                 f"the fewest stored bits per weight reachable is {fewest:.3f}, "
                 f"above {budget.avg_bits:g}"
             )
+        elif resource == "decode_seconds":
+            parts.append(
+                f"the lowest predicted decode latency is {1e3 * smallest:.3f} ms per token, "
+                f"above {budget.decode_ms:g} ms"
+            )
         else:
             parts.append(
                 f"the lowest predicted latency is {1e3 * smallest:.3f} ms, "
@@ -151,11 +168,14 @@ def _infeasible_message(
 
 def _candidate_totals(costs: CostModel, options: dict) -> dict[str, float]:
     totals = costs.totals({n: costs.options[n].index(o) for n, o in options.items()})
-    return {
+    out = {
         "bytes": int(totals["bytes"]),
         "avg_bits": round(totals["avg_bits"], 6),
         "latency_ms": round(totals["latency_ms"], 6),
     }
+    if "decode_ms" in totals:
+        out["decode_ms"] = round(totals["decode_ms"], 6)
+    return out
 
 
 def _module_cache_cap(original_bytes: int) -> int:
@@ -191,6 +211,11 @@ def _profile(costs: CostModel, sensitivity: SensitivityTable, chosen: dict) -> d
             "bytes": int(costs.bytes[ref.name][index]),
             "bits_per_weight": round(costs.weight_bits[ref.name][index] / ref.shape.numel, 4),
             "latency_ms": _finite(round(1e3 * costs.seconds[ref.name][index], 6)),
+            **(
+                {"decode_ms": _finite(round(1e3 * costs.decode_seconds[ref.name][index], 6))}
+                if costs.decode_seconds is not None
+                else {}
+            ),
             "error": _finite(errors.get(chosen[ref.name].label, float("nan"))),
             "errors": {label: _finite(err) for label, err in errors.items()},
         }
@@ -257,6 +282,20 @@ def _serving_memory(model: nn.Module, budget: Budget, activation_bytes: int) -> 
         "context": budget.context,
         "kv_dtype": budget.kv_dtype,
     }
+
+
+def _decode_inputs(model: nn.Module, calib: Any, budget: Budget) -> dict[str, Any] | None:
+    """Inputs of one decode step at the budget's batch size and context for a causal LM
+    (``None`` for other models, or when the model cannot decode and no budget asks it to)."""
+    if not is_causal_lm(model):
+        return None
+    tokens = calib.latency_inputs(budget.batch_size, budget.decode_context)["input_ids"]
+    try:
+        return decode_inputs(model, tokens)
+    except DecodeError as exc:
+        if budget.decode_ms is not None:
+            raise AutotuneError(f"cannot time a decode step: {exc}") from None
+        return None
 
 
 def check_structured(fractions: Mapping[str, float] | None) -> None:
@@ -370,6 +409,11 @@ def autotune(
             loaded.source,
             True,
         )
+    if budget.decode_ms is not None and not is_causal_lm(model):
+        raise AutotuneError(
+            f"a decode latency budget is for causal language models; {type(model).__name__} "
+            "is not one: use a plain latency term (e.g. 20ms)"
+        )
     torch.manual_seed(seed)
     model.eval()
     original_fp = fingerprint(model)
@@ -415,6 +459,13 @@ def autotune(
             work, layers, options, spec, latency_inputs, progress=bar.update, observers=observers
         )
     activations = activation_peak(work, latency_inputs)  # of the uncompressed model
+    decode = _decode_inputs(work, calib, budget)
+    if decode is not None:
+        with say.bar(n_entries if spec.name == "local" else 0, "decode latency") as bar:
+            decode_costs = build_costs(
+                work, layers, options, spec, decode, progress=bar.update, observers=observers
+            )
+        costs.with_decode(decode_costs)
     serving = _serving_memory(work, budget, activations.peak_bytes)
     limits = _limits(budget, costs, serving.get("kv_cache", 0) + serving.get("activations", 0))
     zero_scores = {n: [0.0] * len(o) for n, o in options.items()}
@@ -431,7 +482,9 @@ def autotune(
 
     # the original is timed beside the result at the end; tuning in place leaves no original
     early_baseline = (
-        measure_model(work, latency_inputs=latency_inputs) if measure and inplace else None
+        measure_model(work, latency_inputs=latency_inputs, decode_inputs=decode)
+        if measure and inplace
+        else None
     )
 
     table_cache = None
@@ -561,17 +614,13 @@ def autotune(
 
     layer_entries: dict[str, dict[str, Any]] = {DEFAULT_KEY: KeepOption().to_dict()}
     layer_entries.update({ref.name: chosen.options[ref.name].to_dict() for ref in layers})
+    original = costs.totals({n: costs.options[n].index(KeepOption()) for n in costs.options})
     predicted = {
         "bytes": int(totals["bytes"]),
         "original_bytes": costs.original_bytes,
         "avg_bits": round(totals["avg_bits"], 6),
         "latency_ms": round(totals["latency_ms"], 6),
-        "original_latency_ms": round(
-            costs.totals({n: costs.options[n].index(KeepOption()) for n in costs.options})[
-                "latency_ms"
-            ],
-            6,
-        ),
+        "original_latency_ms": round(original["latency_ms"], 6),
         "latency_shape": [budget.batch_size, budget.seq_len],
         "peak_memory_bytes": peak.total,
         "peak_memory": peak.to_dict(),
@@ -581,6 +630,10 @@ def autotune(
         ),
         "metric": sensitivity.metric,
     }
+    if "decode_ms" in totals:
+        predicted["decode_ms"] = round(totals["decode_ms"], 6)
+        predicted["original_decode_ms"] = round(original["decode_ms"], 6)
+        predicted["decode_shape"] = [budget.batch_size, budget.decode_context]
     if serving:
         overhead = serving["kv_cache"] + serving["activations"]
         predicted["memory_overhead_bytes"] = overhead
@@ -660,6 +713,7 @@ def autotune(
             work,
             total_weights=costs.total_weights,
             latency_inputs=latency_inputs,
+            decode_inputs=decode,
             heldout=(calib.heldout, heldout_reference),
             metric=sensitivity.metric,
             baseline=None if inplace else model,
@@ -667,8 +721,7 @@ def autotune(
         plan.measured = measured.to_dict([budget.batch_size, budget.seq_len], sensitivity.metric)
         if early_baseline is not None and early_baseline.latency is not None:
             plan.measured["baseline"] = {
-                "latency_p50_ms": round(early_baseline.latency.p50_ms, 4),
-                "latency_p90_ms": round(early_baseline.latency.p90_ms, 4),
+                **early_baseline.latency_figures(),
                 "timed": "before tuning (the model was tuned in place)",
             }
         if uniform_measure is not None:

@@ -20,12 +20,15 @@ from autotune.errors import BudgetError
         ("20ms", "latency_ms", 20.0),
         ("1.5s", "latency_ms", 1500.0),
         ("800us", "latency_ms", 0.8),
+        ("prefill=20ms", "latency_ms", 20.0),
+        ("decode=5ms", "decode_ms", 5.0),
+        ("Decode = 250us", "decode_ms", 0.25),
     ],
 )
 def test_single_terms(text: str, field: str, value: float) -> None:
     budget = Budget.parse(text)
     assert getattr(budget, field) == value
-    others = {"memory_bytes", "avg_bits", "size_ratio", "latency_ms"} - {field}
+    others = {"memory_bytes", "avg_bits", "size_ratio", "latency_ms", "decode_ms"} - {field}
     assert all(getattr(budget, name) is None for name in others)
 
 
@@ -35,7 +38,10 @@ def test_combination_and_whitespace() -> None:
     assert budget.latency_ms == 20.0
 
 
-@pytest.mark.parametrize("text", ["15MB", "8GiB", "1.000001GB", "4.5bits,25%", "8GB,20ms", "999B"])
+@pytest.mark.parametrize(
+    "text",
+    ["15MB", "8GiB", "1.000001GB", "4.5bits,25%", "8GB,20ms", "999B", "4GB,20ms,decode=2.5ms"],
+)
 def test_spec_round_trips_exactly(text: str) -> None:
     budget = Budget.parse(text)
     assert Budget.parse(budget.spec) == budget
@@ -48,6 +54,8 @@ def test_spec_round_trips_exactly(text: str) -> None:
         {"memory_bytes": 15_000_000, "latency": 20},
         {"spec": "15MB", "batch_size": 4, "seq_len": 32},
         {"bits": 4, "ratio": "30%"},
+        {"memory": "1GB", "decode": "4ms", "context": 512},
+        {"prefill": 30, "decode_ms": 2.5},
     ],
 )
 def test_dict_forms(spec: dict) -> None:
@@ -73,6 +81,10 @@ def test_keywords_set_shape() -> None:
         ("150%", "at most 100%"),
         ("1.5B", "whole number of bytes"),
         ("-3MB", "malformed"),
+        ("decode=5MB", "only latency terms take a phase"),
+        ("token=5ms", "only latency terms take a phase"),
+        ("20ms,prefill=10ms", "constrains latency (prefill) twice"),
+        ("decode=0ms", "must be positive"),
     ],
 )
 def test_malformed_budgets_say_what_is_allowed(text: str, fragment: str) -> None:
@@ -97,3 +109,10 @@ def test_memory_limit_combines_absolute_and_share() -> None:
     budget = Budget.parse("15MB,10%")
     assert budget.memory_limit(100_000_000) == 10_000_000
     assert budget.memory_limit(300_000_000) == 15_000_000
+
+
+def test_decode_context_is_the_serving_context_or_else_the_sequence_length() -> None:
+    assert Budget.parse("decode=5ms", seq_len=64).decode_context == 64
+    budget = Budget.parse("decode=5ms", seq_len=64, context=1024, batch_size=4)
+    assert budget.decode_context == 1024
+    assert "per token at batch 4 with 1024 tokens of context" in budget.describe()

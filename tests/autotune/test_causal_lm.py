@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -9,8 +10,10 @@ import transformers
 from autotune.budget import Budget
 from autotune.errors import AutotuneError, InfeasibleBudgetError
 from autotune.tuner import autotune
+from autotune.validate import validate_plan
 from profilers.measure import model_bytes
 from profilers.memory import kv_cache_bytes
+from search import ChoiceTable, allocate
 from tests.conftest import make_tiny_bert
 
 
@@ -86,3 +89,44 @@ def test_a_context_budget_is_refused_for_an_encoder(tokenizer) -> None:
             calibration_windows=4,
             heldout_windows=2,
         )
+
+
+def test_a_decode_budget_bounds_the_predicted_time_per_token() -> None:
+    model, batches = tiny_llama(), token_batches()
+    shape = {"latency_seq_len": 32, "calibration": batches, "progress": False}
+    free = autotune(model, "60%", "cpu", search="allocator", **shape)
+    predicted = free.plan.predicted
+    assert predicted["decode_shape"] == [1, 32]
+    assert free.plan.measured["decode_p50_ms"] > 0
+    assert free.plan.measured["baseline"]["decode_p50_ms"] > 0
+    with pytest.raises(InfeasibleBudgetError, match=r"decode latency is .* per token") as refused:
+        autotune(model, "60%,decode=1us", "cpu", **shape)
+    assert 1e3 * refused.value.smallest["decode_seconds"] < predicted["decode_ms"]
+    # the fastest plan within the memory budget, found by the allocator with time as the score
+    costs = free.costs
+    names = [ref.name for ref in costs.layers]
+    table = ChoiceTable(
+        variables=names,
+        choices=[[o.label for o in costs.options[n]] for n in names],
+        scores=[np.asarray(costs.decode_seconds[n]) for n in names],
+        costs={"bytes": [np.asarray(costs.bytes[n], dtype=float) for n in names]},
+        fixed={"bytes": float(costs.fixed_bytes)},
+    )
+    quickest = allocate(table, {"bytes": int(0.6 * costs.original_bytes)})
+    fastest = 1e3 * (costs.fixed_decode_seconds + quickest.score)
+    assert fastest < predicted["decode_ms"]
+    limit = (fastest + predicted["decode_ms"]) / 2
+    bounded = autotune(model, f"60%,decode={limit}ms", "cpu", search="allocator", **shape)
+    assert bounded.plan.predicted["decode_ms"] <= limit < predicted["decode_ms"]
+    assert bounded.report.holds() == {"memory": True, "decode": True}
+    assert "decode p50 per token (1 x 32 context)" in str(bounded.report)
+    assert bounded.plan.budget["spec"] == f"60%,decode={limit:g}ms"
+    checked = validate_plan(bounded.plan, model, heldout=batches[-1:])
+    decode = next(c for c in checked.checks if c.name == "decode p50")
+    assert decode.holds and "predicted" in decode.measured
+    assert checked.ok and checked.measured["decode"]["p50_ms"] > 0
+
+
+def test_a_decode_budget_is_refused_for_an_encoder(tokenizer) -> None:
+    with pytest.raises(AutotuneError, match="decode latency budget is for causal language models"):
+        autotune(make_tiny_bert(), "50%,decode=5ms", "cpu", tokenizer=tokenizer, progress=False)

@@ -112,6 +112,8 @@ def test_targets_lists_the_registry(capsys) -> None:
         (["--budget", "15XB", "--target", "cpu"], "unknown unit 'XB'"),
         (["--budget", "15MB", "--target", "tpu"], "unknown target 'tpu'"),
         (["--budget", "1KB", "--target", "cpu"], "cannot be met"),
+        (["--budget", "15MB,decode=5MB", "--target", "cpu"], "only latency terms take a phase"),
+        (["--budget", "50%,decode=5ms", "--target", "cpu"], "for causal language models"),
     ],
 )
 def test_bad_tune_input_is_one_line_exit_2_and_writes_nothing(
