@@ -8,6 +8,8 @@ Optionally the target's roofline is fitted to latencies measured here.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import csv
 import dataclasses
 import io
@@ -28,9 +30,12 @@ from autotune.layers import compressible_layers
 from autotune.space import build_costs, default_methods, drop_undercalibrated, layer_options
 from methods.keep import KeepOption
 from methods.registry import method_of
+from methods.tied import tied_pairs, untie_output_embeddings
 from profilers.cache import SensitivityCache, batches_digest, default_cache_dir, table_key
+from profilers.decode import DecodeError, decode_inputs
 from profilers.hardware import HardwareSpec
 from profilers.observe import collect_observers
+from profilers.quality import is_causal_lm
 from profilers.sensitivity import SensitivityTable, measure_sensitivity
 
 SENSITIVITY_KINDS = ("end-to-end", "local", "fisher")
@@ -192,13 +197,16 @@ def profile_model(
             f"unknown sensitivity {sensitivity!r}; allowed: {', '.join(SENSITIVITY_KINDS)}"
         )
     model.eval()
+    if tied_pairs(model):  # a tied table is one layer: untie a copy, never the caller's model
+        model = copy.deepcopy(model)
+        untie_output_embeddings(model)
     layers = compressible_layers(model)
     options = layer_options(layers, methods if methods is not None else default_methods(spec))
     calib = build_calibration(model, tokenizer, calibration)
     observers = collect_observers(model, options, calib.calibration)
     drop_undercalibrated(layers, options, observers)
     prefill = calib.latency_inputs(batch_size, seq_len)
-    decode = calib.latency_inputs(batch_size, 1)
+    decode = _decode_step(model, prefill)
     prefill_costs = build_costs(model, layers, options, spec, prefill, observers=observers)
     decode_costs = build_costs(model, layers, options, spec, decode, observers=observers)
     table_cache = None
@@ -248,6 +256,15 @@ def profile_model(
     if fit:
         profile.fitted_target = _fit(model, spec, options, calib, observers, batch_size, seq_len)
     return profile
+
+
+def _decode_step(model: nn.Module, prefill: dict[str, Any]) -> dict[str, Any]:
+    """A decode step after the prefill's tokens for a causal LM (a frozen KV cache of that
+    context), else one token per sequence."""
+    if is_causal_lm(model):
+        with contextlib.suppress(DecodeError):
+            return decode_inputs(model, prefill["input_ids"])
+    return {k: v[:, :1].contiguous() for k, v in prefill.items()}
 
 
 def _fit(model, spec, options, calib, observers, batch_size, seq_len) -> dict[str, Any]:

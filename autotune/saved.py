@@ -8,6 +8,7 @@ recompressing anything.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ def save_compressed(
         plan.save(staging / PLAN)
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "save_pretrained"):
+            config = copy.deepcopy(config)
+            if not getattr(config, "architectures", None):  # built from a config: say which
+                config.architectures = [type(model).__name__]
             config.save_pretrained(staging)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(staging)

@@ -94,29 +94,38 @@ class TiedHead(nn.Module):
         )
 
 
-def untie_output_embeddings(model: nn.Module) -> dict[str, str]:
-    """Replace, in place, every layer whose weight is an ``nn.Embedding``'s weight by a
-    :class:`TiedHead` of that embedding; returns ``{head name: embedding name}`` (heads
-    already replaced included, so a second call changes nothing and returns the same)."""
+def tied_pairs(model: nn.Module) -> dict[str, str]:
+    """``{layer name: embedding name}`` of every layer (not yet untied) whose weight is an
+    ``nn.Embedding``'s weight."""
     embeddings: dict[tuple, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
             weight = module.weight
             embeddings.setdefault((storage_key(weight), tuple(weight.shape), weight.dtype), name)
-    tied: dict[str, str] = {}
-    for name, module in list(model.named_modules()):
-        if isinstance(module, TiedHead):
-            tied[name] = module.embedding_name
-            continue
-        if isinstance(module, nn.Embedding) or not is_weight_layer(module):
+    pairs: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, TiedHead)) or not is_weight_layer(module):
             continue
         weight = module.weight
         embedding = embeddings.get((storage_key(weight), tuple(weight.shape), weight.dtype))
-        if embedding is None:
-            continue
+        if embedding is not None:
+            pairs[name] = embedding
+    return pairs
+
+
+def untie_output_embeddings(model: nn.Module) -> dict[str, str]:
+    """Replace, in place, every layer whose weight is an ``nn.Embedding``'s weight by a
+    :class:`TiedHead` of that embedding; returns ``{head name: embedding name}`` (heads
+    already replaced included, so a second call changes nothing and returns the same)."""
+    tied = {
+        name: module.embedding_name
+        for name, module in model.named_modules()
+        if isinstance(module, TiedHead)
+    }
+    for name, embedding in tied_pairs(model).items():
         parent_name, _, attr = embedding.rpartition(".")
         parent = model.get_submodule(parent_name)
-        model.set_submodule(name, TiedHead(module, parent, attr, embedding))
+        model.set_submodule(name, TiedHead(model.get_submodule(name), parent, attr, embedding))
         tied[name] = embedding
     return tied
 

@@ -98,3 +98,24 @@ def test_cli_fisher_proxy_and_fitted_target(tiny_bert_dir: Path, tmp_path: Path)
     assert code == 0
     spec = get_target("cpu-fitted", [fitted])
     assert spec.kind == "cpu" and "fitted" in spec.sources["efficiency"]
+
+
+def test_a_causal_lm_is_profiled_at_a_decode_step_and_its_tied_table_once() -> None:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=64)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    batches = [{"input_ids": torch.randint(0, 256, (2, 32))} for _ in range(4)]
+    result = profile_model(
+        model, get_target("cpu"), calibration=batches, seq_len=32, sensitivity="local"
+    )
+    assert "transformer.wte" in result.layers and "lm_head" not in result.layers
+    assert isinstance(model.lm_head, torch.nn.Linear)  # the caller's model is not untied
+    # the decode step reads a KV cache of the prefill's 32 tokens: it costs less than the
+    # prefill, and more than a step after a 4-token prefill
+    short = profile_model(
+        model, get_target("cpu"), calibration=batches, seq_len=4, sensitivity="local"
+    )
+    assert short.fixed["decode_ms"] < result.fixed["decode_ms"] < result.fixed["prefill_ms"]

@@ -36,7 +36,8 @@ CASES = {
 
 
 def build(kind: str) -> nn.Module:
-    """A tiny tied causal LM; ``architectures`` tells a saved folder which class to rebuild."""
+    """A tiny tied causal LM built from a config (no ``architectures``: saving records the
+    class)."""
     torch.manual_seed(0)
     if kind == "gpt2":
         config = transformers.GPT2Config(
@@ -46,11 +47,9 @@ def build(kind: str) -> nn.Module:
             vocab_size=VOCAB,
             n_positions=128,
             bos_token_id=0,
-            architectures=["GPT2LMHeadModel"],
         )
         return transformers.GPT2LMHeadModel(config).eval()
     config = transformers.LlamaConfig(
-        architectures=["LlamaForCausalLM"],
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=128,
