@@ -9,7 +9,11 @@ arithmetic; if the solver's feasibility tolerance let a limit slip, the limit is
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +64,28 @@ def _is_integral(table: ChoiceTable, resource: str) -> bool:
     return float(fixed).is_integer() and all(np.all(np.mod(a, 1) == 0) for a in arrays)
 
 
+@contextlib.contextmanager
+def _native_stdout_silenced() -> Iterator[None]:
+    """Discard what native code writes to the process's standard output meanwhile (HiGHS
+    prints debugging lines of its own even with ``disp`` off)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stdout (captured, notebook)
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), fd)
+            try:
+                yield
+            finally:
+                os.dup2(saved, fd)
+    finally:
+        os.close(saved)
+
+
 def allocate(
     table: ChoiceTable,
     limits: dict[str, float],
@@ -100,13 +126,14 @@ def allocate(
         resource_rows = LinearConstraint(
             matrix / norm[:, None], lb=-np.inf, ub=(budgets - shrink) / norm
         )
-        result = milp(
-            scores / scale,
-            constraints=[one_hot, resource_rows],
-            integrality=np.ones(n),
-            bounds=bounds,
-            options={"time_limit": time_limit, "mip_rel_gap": 1e-9, "disp": False},
-        )
+        with _native_stdout_silenced():
+            result = milp(
+                scores / scale,
+                constraints=[one_hot, resource_rows],
+                integrality=np.ones(n),
+                bounds=bounds,
+                options={"time_limit": time_limit, "mip_rel_gap": 1e-9, "disp": False},
+            )
         if result.x is None:
             raise InfeasibleError(
                 "no plan meets all limits at once, though each can be met alone "
