@@ -12,7 +12,7 @@ import torch
 
 from methods.base import ceil_div
 
-_ROW_CHUNK = 8192
+_CHUNK_CODES = 1 << 20  # codes packed at once: bounds the int64 temporaries (8 MB each)
 
 
 def packed_row_bytes(cols: int, bits: int) -> int:
@@ -22,6 +22,11 @@ def packed_row_bytes(cols: int, bits: int) -> int:
     if bits == 8:
         return cols
     return ceil_div(cols, 8) * bits
+
+
+def _chunk_rows(cols: int) -> int:
+    """Rows handled at once so that a chunk holds about ``_CHUNK_CODES`` codes."""
+    return max(1, _CHUNK_CODES // max(cols, 1))
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -35,8 +40,9 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return codes.contiguous()
     rows, cols = codes.shape
     out = torch.empty(rows, packed_row_bytes(cols, bits), dtype=torch.uint8, device=codes.device)
-    for start in range(0, rows, _ROW_CHUNK):
-        out[start : start + _ROW_CHUNK] = _pack_chunk(codes[start : start + _ROW_CHUNK], bits)
+    step = _chunk_rows(cols)
+    for start in range(0, rows, step):
+        out[start : start + step] = _pack_chunk(codes[start : start + step], bits)
     return out
 
 
@@ -80,9 +86,10 @@ def unpack_codes(
         parts = [packed & mask] + [(packed >> (bits * i)) & mask for i in range(1, per_byte)]
         torch.stack(parts, dim=-1, out=codes.view(rows, -1, per_byte))
     else:
-        for start in range(0, rows, _ROW_CHUNK):
-            chunk = packed[start : start + _ROW_CHUNK]
-            codes[start : start + _ROW_CHUNK] = _unpack_chunk(chunk, bits, padded)
+        step = _chunk_rows(padded)
+        for start in range(0, rows, step):
+            chunk = packed[start : start + step]
+            codes[start : start + step] = _unpack_chunk(chunk, bits, padded)
     return codes[:, :cols]
 
 

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from methods import packing
 from methods.packing import pack_codes, packed_row_bytes, unpack_codes
 
 ALL_BITS = list(range(1, 9))
@@ -177,3 +178,14 @@ def test_pack_rejects_codes_out_of_range(bits: int) -> None:
     codes[0, 0] = 1 << bits  # one past the largest code
     with pytest.raises(ValueError):
         pack_codes(codes, bits)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7])
+def test_chunked_packing_equals_packing_in_one_go(bits: int, monkeypatch) -> None:
+    """Large weights are packed a few rows at a time (bounded temporaries): same bytes."""
+    codes = torch.randint(0, 1 << bits, (37, 40), generator=torch.Generator().manual_seed(bits))
+    codes = codes.to(torch.uint8)
+    whole = packing.pack_codes(codes, bits)
+    monkeypatch.setattr(packing, "_CHUNK_CODES", 3 * 40 + 5)  # 3 rows per chunk
+    assert torch.equal(packing.pack_codes(codes, bits), whole)
+    assert torch.equal(packing.unpack_codes(whole, bits, 40), codes)
