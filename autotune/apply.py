@@ -59,7 +59,7 @@ def compress(
     return model
 
 
-def _plan_calibration(plan: Plan, model: nn.Module, tokenizer: Any, calibration: Any) -> list:
+def plan_calibration(plan: Plan, model: nn.Module, tokenizer: Any, calibration: Any) -> list:
     """The calibration batches the plan was tuned with (rebuilt from its description)."""
     from autotune.calibration import STDLIB_SOURCE, build_calibration
 
@@ -108,5 +108,5 @@ def apply_plan(
     check_options(work, options)
     batches = None
     if any(method_of(o).needs_calibration(o) for o in options.values()):
-        batches = _plan_calibration(plan, work, tokenizer, calibration)
+        batches = plan_calibration(plan, work, tokenizer, calibration)
     return compress(work, options, batches)

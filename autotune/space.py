@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from autotune.layers import LayerRef, compressible_layers, weight_numel
 from methods.base import LayerShape, Option, is_weight_layer
+from methods.errors import OptionError
 from methods.keep import KeepOption
 from methods.registry import get_method, method_of
 from methods.tied import TiedHead, tied_heads
@@ -32,9 +34,13 @@ def default_methods(spec: HardwareSpec) -> tuple[str, ...]:
 
 
 def layer_options(
-    layers: Sequence[LayerRef], methods: Sequence[str] = DEFAULT_METHODS
+    layers: Sequence[LayerRef],
+    methods: Sequence[str] = DEFAULT_METHODS,
+    labels: Sequence[str] | None = None,
 ) -> dict[str, list[Option]]:
-    """Keep plus every grid option of every method that supports the layer, per layer."""
+    """Keep plus every grid option of every method that supports the layer, per layer; with
+    ``labels``, only the options of those labels (e.g. ``int8-ch-sym``). A label no layer is
+    offered is refused, naming the labels there are."""
     chosen = [get_method(m) for m in methods]
     options: dict[str, list[Option]] = {}
     for ref in layers:
@@ -43,7 +49,17 @@ def layer_options(
             if method.supports(ref.shape):
                 opts.extend(method.grid(ref.shape))
         options[ref.name] = opts
-    return options
+    if labels is None:
+        return options
+    offered = {o.label for opts in options.values() for o in opts}
+    unknown = sorted(set(labels) - offered)
+    if unknown:
+        raise OptionError(
+            f"no layer is offered option(s) {', '.join(unknown)} by method(s) "
+            f"{', '.join(methods)}; offered: {', '.join(sorted(offered))}"
+        )
+    wanted = {*labels, KeepOption().label}
+    return {name: [o for o in opts if o.label in wanted] for name, opts in options.items()}
 
 
 def drop_undercalibrated(
@@ -126,6 +142,7 @@ def build_costs(
     latency_inputs: dict[str, torch.Tensor],
     progress=None,
     observers: Observers | None = None,
+    run: Callable[..., Any] | None = None,
 ) -> CostModel:
     """Price every option of every layer on ``spec`` at the shape of ``latency_inputs``.
 
@@ -134,12 +151,16 @@ def build_costs(
     the model is the measured forward pass minus its layers (see
     :mod:`profilers.latency_table`). An embedding that tied output layers read
     (:class:`methods.tied.TiedHead`) is charged their matmul too, under the same option.
+    ``run(**latency_inputs)`` makes the forward pass the roofline counts (default: the model
+    itself; a model streamed from disk passes its block-at-a-time pass).
     """
     tokens = int(latency_inputs["input_ids"].numel())
     chosen = {r.name for r in layers}
     others = [r for r in compressible_layers(model, min_numel=0) if r.name not in chosen]
     heads = tied_heads(model)
     if spec.name == "local":
+        if run is not None:
+            raise ValueError("the local target times the model in memory: it takes no run")
         latency, fixed_seconds = _measured_latency(
             model, layers, options, others, latency_inputs, observers, progress, heads
         )
@@ -151,7 +172,7 @@ def build_costs(
 
         latency = {ref.name: [seconds(ref, o) for o in options[ref.name]] for ref in layers}
         all_layers = [m for m in model.modules() if is_weight_layer(m) or isinstance(m, TiedHead)]
-        rest = rest_of_model(model, latency_inputs, all_layers)
+        rest = rest_of_model(model, latency_inputs, all_layers, run)
         fixed_seconds = rest_latency(rest, spec) + sum(seconds(r, KeepOption()) for r in others)
     per_bytes: dict[str, list[int]] = {}
     per_bits: dict[str, list[int]] = {}

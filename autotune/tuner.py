@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from autotune.apply import compress
 from autotune.budget import Budget
 from autotune.calibration import build_calibration
 from autotune.candidates import Candidate, ModuleCache, evaluate, select
+from autotune.choices import (
+    candidate_totals,
+    choice_table,
+    infeasible_message,
+    layer_profile,
+    limits_for,
+)
 from autotune.errors import AutotuneError, InfeasibleBudgetError
 from autotune.fingerprint import fingerprint
 from autotune.fitness import PlanFitness, windows_of
@@ -26,6 +30,7 @@ from autotune.layers import compressible_layers
 from autotune.loading import load_model
 from autotune.measurement import measure_model
 from autotune.plan import DEFAULT_KEY, Plan
+from autotune.progress import Progress
 from autotune.report import Report
 from autotune.searching import check_settings, choose_engine, run_search
 from autotune.space import (
@@ -47,19 +52,13 @@ from profilers.memory import PeakPrediction, activation_peak, kv_cache_bytes, sc
 from profilers.observe import collect_observers
 from profilers.quality import is_causal_lm, run_outputs
 from profilers.sensitivity import SensitivityTable, measure_sensitivity
-from search import ChoiceTable, InfeasibleError, allocate
+from search import InfeasibleError, allocate
 
 ALGORITHMS = {
     "allocator": "milp-allocator + uniform check",
     "evolution": "milp-allocator -> evolution (EvoPress-style) + uniform check",
     "tpe": "milp-allocator -> optuna TPE + uniform check",
     "nsga2": "milp-allocator -> optuna NSGA-II (error x bytes x latency) + uniform check",
-}
-RESOURCE_NAMES = {
-    "bytes": "stored bytes",
-    "bits": "stored weight bits",
-    "seconds": "latency",
-    "decode_seconds": "decode latency",
 }
 
 
@@ -74,110 +73,6 @@ class TuneResult:
     costs: CostModel
 
 
-def _limits(budget: Budget, costs: CostModel, overhead_bytes: int = 0) -> dict[str, float]:
-    """Limits on the stored bytes, bits and seconds of the layers' options; a serving
-    budget leaves the stored bytes what the KV cache and activations do not take."""
-    limits: dict[str, float] = {}
-    memory = budget.memory_limit(costs.original_bytes)
-    if memory is not None:
-        if memory <= overhead_bytes:
-            raise InfeasibleBudgetError(
-                f"budget {budget.spec} cannot be met: the KV cache and activation peak alone "
-                f"take {overhead_bytes:,} bytes at batch {budget.batch_size} x context "
-                f"{budget.context} ({budget.kv_dtype})",
-                {"bytes": float(overhead_bytes)},
-            )
-        limits["bytes"] = memory - overhead_bytes
-    if budget.avg_bits is not None:
-        limits["bits"] = budget.avg_bits * costs.total_weights
-    if budget.latency_ms is not None:
-        limits["seconds"] = budget.latency_ms / 1e3
-    if budget.decode_ms is not None:
-        limits["decode_seconds"] = budget.decode_ms / 1e3
-    return limits
-
-
-def _table(costs: CostModel, scores: dict[str, list[float]]) -> ChoiceTable:
-    """The allocator's view; an option with an unknown (non-finite) cost is never chosen."""
-    names = [r.name for r in costs.layers]
-    resources = {"bytes": costs.bytes, "bits": costs.weight_bits, "seconds": costs.seconds}
-    fixed = {
-        "bytes": float(costs.fixed_bytes),
-        "bits": float(costs.fixed_weight_bits),
-        "seconds": costs.fixed_seconds,
-    }
-    if costs.decode_seconds is not None:
-        resources["decode_seconds"] = costs.decode_seconds
-        fixed["decode_seconds"] = costs.fixed_decode_seconds
-    arrays = {r: [np.asarray(v[n], dtype=np.float64) for n in names] for r, v in resources.items()}
-    score_arrays = []
-    for i, name in enumerate(names):
-        score = np.asarray(scores[name], dtype=np.float64)
-        unknown = np.zeros(len(score), dtype=bool)
-        for per_var in arrays.values():
-            unknown |= ~np.isfinite(per_var[i])
-        for per_var in arrays.values():
-            per_var[i] = np.where(unknown, 0.0, per_var[i])
-        score_arrays.append(np.where(unknown, np.inf, score))
-    return ChoiceTable(
-        variables=names,
-        choices=[[o.label for o in costs.options[n]] for n in names],
-        scores=score_arrays,
-        costs=arrays,
-        fixed=fixed,
-    )
-
-
-def _infeasible_message(
-    budget: Budget, table: ChoiceTable, limits: dict[str, float], costs: CostModel
-) -> str:
-    parts = []
-    for resource, limit in limits.items():
-        smallest = table.minimum(resource)
-        if smallest <= limit:
-            continue
-        if resource == "bytes":
-            parts.append(
-                f"the smallest plan for this model stores {int(smallest):,} bytes "
-                f"({smallest / 1e6:.3f} MB), above the limit of {int(limit):,} bytes"
-            )
-        elif resource == "bits":
-            fewest = smallest / costs.total_weights
-            parts.append(
-                f"the fewest stored bits per weight reachable is {fewest:.3f}, "
-                f"above {budget.avg_bits:g}"
-            )
-        elif resource == "decode_seconds":
-            parts.append(
-                f"the lowest predicted decode latency is {1e3 * smallest:.3f} ms per token, "
-                f"above {budget.decode_ms:g} ms"
-            )
-        else:
-            parts.append(
-                f"the lowest predicted latency is {1e3 * smallest:.3f} ms, "
-                f"above {budget.latency_ms:g} ms"
-            )
-    if not parts:
-        parts.append(
-            "each limit can be met alone but not all at once (smallest alone: "
-            + ", ".join(f"{RESOURCE_NAMES[r]} {table.minimum(r):.6g}" for r in limits)
-            + ")"
-        )
-    return f"budget {budget.spec} cannot be met: " + "; ".join(parts)
-
-
-def _candidate_totals(costs: CostModel, options: dict) -> dict[str, float]:
-    totals = costs.totals({n: costs.options[n].index(o) for n, o in options.items()})
-    out = {
-        "bytes": int(totals["bytes"]),
-        "avg_bits": round(totals["avg_bits"], 6),
-        "latency_ms": round(totals["latency_ms"], 6),
-    }
-    if "decode_ms" in totals:
-        out["decode_ms"] = round(totals["decode_ms"], 6)
-    return out
-
-
 def _module_cache_cap(original_bytes: int) -> int:
     """Converted modules kept for the search: up to 12x the model, within a third of the
     memory available now."""
@@ -189,37 +84,9 @@ def _module_cache_cap(original_bytes: int) -> int:
 def _pareto_point(costs: CostModel, options: dict, error: float) -> dict[str, Any]:
     return {
         "error": error,
-        **_candidate_totals(costs, options),
+        **candidate_totals(costs, options),
         "layers": {n: o.label for n, o in options.items()},
     }
-
-
-def _finite(value: float) -> float | None:
-    return value if np.isfinite(value) else None
-
-
-def _profile(costs: CostModel, sensitivity: SensitivityTable, chosen: dict) -> dict[str, Any]:
-    """Per layer: shape, the chosen option's bytes, bits, latency and error, and the error of
-    every option profiled (what a reviewer needs to see why a layer got its option)."""
-    layers = {}
-    for ref in costs.layers:
-        index = costs.options[ref.name].index(chosen[ref.name])
-        errors = sensitivity.errors.get(ref.name, {})
-        layers[ref.name] = {
-            "kind": ref.shape.kind,
-            "shape": [ref.shape.rows, ref.shape.cols],
-            "bytes": int(costs.bytes[ref.name][index]),
-            "bits_per_weight": round(costs.weight_bits[ref.name][index] / ref.shape.numel, 4),
-            "latency_ms": _finite(round(1e3 * costs.seconds[ref.name][index], 6)),
-            **(
-                {"decode_ms": _finite(round(1e3 * costs.decode_seconds[ref.name][index], 6))}
-                if costs.decode_seconds is not None
-                else {}
-            ),
-            "error": _finite(errors.get(chosen[ref.name].label, float("nan"))),
-            "errors": {label: _finite(err) for label, err in errors.items()},
-        }
-    return {"metric": sensitivity.metric, "layers": layers}
 
 
 SENSITIVITY_KINDS = ("end-to-end", "fisher", "local")
@@ -244,24 +111,6 @@ def metric_for_model(model: nn.Module, batches: list) -> str:
 
     with torch.inference_mode():
         return metric_for(select_outputs(model(**batches[0])))
-
-
-class _Progress:
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-
-    def say(self, message: str) -> None:
-        if self.enabled:
-            print(f"[autotune] {message}", file=sys.stderr, flush=True)
-
-    def bar(self, total: int, desc: str):
-        return tqdm(
-            total=total,
-            desc=desc,
-            disable=None if self.enabled else True,
-            leave=False,
-            file=sys.stderr,
-        )
 
 
 def _serving_memory(model: nn.Module, budget: Budget, activation_bytes: int) -> dict[str, Any]:
@@ -340,6 +189,7 @@ def autotune(
     tokenizer: Any = None,
     seed: int = 0,
     methods: Sequence[str] | None = None,
+    option_labels: Sequence[str] | None = None,
     target_files: Iterable[str | Path] = (),
     inplace: bool = False,
     progress: bool = True,
@@ -366,7 +216,9 @@ def autotune(
     ``model`` is an ``nn.Module``, a local model folder, or ``"demo"``. ``calibration`` is a
     list of texts, a text file or a list of input batches (default: standard library
     docstrings). ``methods`` names the compression methods to search (default: those with
-    a fast kernel on the target, see :func:`autotune.space.default_methods`). Sensitivity
+    a fast kernel on the target, see :func:`autotune.space.default_methods`);
+    ``option_labels`` (e.g. ``["int8-ch-sym", "int4-g64-asym"]``) keeps only those options of
+    their grids. Sensitivity
     tables are cached on disk (``cache``: ``True`` for ``$AUTOTUNE_CACHE`` or
     ``~/.cache/autotune``, a folder, or ``False``). ``sensitivity`` is how each (layer,
     option) is scored: ``"end-to-end"`` (the output error with only that layer compressed),
@@ -386,7 +238,7 @@ def autotune(
     that fits, on held-out data. The user's model is not modified unless ``inplace=True``.
     """
     started = time.perf_counter()
-    say = _Progress(progress)
+    say = Progress(progress)
     shape = {}
     if batch_size is not None:
         shape["batch_size"] = batch_size
@@ -444,7 +296,8 @@ def autotune(
             "the model has no compressible layer (linear or embedding layers of at least "
             "4096 weights that are not shared with another layer)"
         )
-    options = layer_options(layers, methods if methods is not None else default_methods(spec))
+    methods = methods if methods is not None else default_methods(spec)
+    options = layer_options(layers, methods, option_labels)
     latency_inputs = calib.latency_inputs(budget.batch_size, budget.seq_len)
     observers = collect_observers(work, options, calib.calibration)
     left_out = drop_undercalibrated(layers, options, observers)
@@ -467,12 +320,12 @@ def autotune(
             )
         costs.with_decode(decode_costs)
     serving = _serving_memory(work, budget, activations.peak_bytes)
-    limits = _limits(budget, costs, serving.get("kv_cache", 0) + serving.get("activations", 0))
+    limits = limits_for(budget, costs, serving.get("kv_cache", 0) + serving.get("activations", 0))
     zero_scores = {n: [0.0] * len(o) for n, o in options.items()}
-    screen = _table(costs, zero_scores)
+    screen = choice_table(costs, zero_scores)
     if any(screen.minimum(r) > lim for r, lim in limits.items()):
         raise InfeasibleBudgetError(
-            _infeasible_message(budget, screen, limits, costs),
+            infeasible_message(budget, screen, limits, costs),
             {r: screen.minimum(r) for r in limits},
         )
     say.say(
@@ -516,12 +369,12 @@ def autotune(
         errs = sensitivity.errors[name]
         # an option a layer could not take is never chosen
         scores[name] = [errs.get(o.label, float("inf")) for o in opts]
-    table = _table(costs, scores)
+    table = choice_table(costs, scores)
     try:
         allocation = allocate(table, limits)
     except InfeasibleError as exc:
         raise InfeasibleBudgetError(
-            _infeasible_message(budget, table, limits, costs), exc.minimums
+            infeasible_message(budget, table, limits, costs), exc.minimums
         ) from None
 
     def options_of(assignment: list[int]) -> dict[str, Any]:
@@ -661,7 +514,7 @@ def autotune(
                 "name": c.name,
                 "screening_error": c.screening_error,
                 "calibration_error": c.calibration_error,
-                **_candidate_totals(costs, c.options),
+                **candidate_totals(costs, c.options),
             }
             for c in candidates
         ],
@@ -691,7 +544,7 @@ def autotune(
                 _pareto_point(costs, options_of(point["assignment"]), point["error"])
                 for point in result.pareto
             ]
-    profile = _profile(costs, sensitivity, chosen.options)
+    profile = layer_profile(costs, sensitivity, chosen.options)
     plan = Plan(
         layers=layer_entries,
         structure=structure,

@@ -19,7 +19,7 @@ from autotune.calibration import STDLIB_SOURCE, CalibrationSet, build_heldout
 from autotune.errors import CalibrationError, PlanError
 from autotune.layers import weight_numel
 from autotune.loading import load_model
-from autotune.measurement import device_description, measure_model
+from autotune.measurement import Measured, device_description, measure_model
 from autotune.plan import Plan
 from profilers.decode import decode_inputs
 from profilers.measure import LatencyStats
@@ -71,7 +71,7 @@ class ValidationResult:
         }
 
 
-def _heldout_batches(plan: Plan, model: nn.Module, tokenizer: Any, heldout: Any) -> list[dict]:
+def heldout_batches(plan: Plan, model: nn.Module, tokenizer: Any, heldout: Any) -> list[dict]:
     description = plan.calibration or {}
     if heldout is None and description.get("source") not in (None, STDLIB_SOURCE):
         raise CalibrationError(
@@ -119,7 +119,7 @@ def validate_plan(
     recorded = plan.measured or {}
     predicted = plan.predicted or {}
     needs_error = "heldout_error" in recorded
-    batches = _heldout_batches(plan, model, tokenizer, heldout) if needs_error else None
+    batches = heldout_batches(plan, model, tokenizer, heldout) if needs_error else None
     reference = run_outputs(model, batches) if batches else None
     if compressed is None:
         compressed = apply_plan(model, plan, tokenizer=tokenizer, strict=strict)
@@ -143,6 +143,20 @@ def validate_plan(
         heldout=(batches, reference) if batches else None,
         metric=metric,
     )
+    checks = plan_checks(plan, now, tolerance)
+    measured = now.__dict__.copy()
+    measured["latency"] = now.latency.to_dict() if now.latency else None
+    measured["decode"] = now.decode.to_dict() if now.decode else None
+    measured["device"] = device_description()
+    return ValidationResult(checks, measured)
+
+
+def plan_checks(plan: Plan, now: Measured, tolerance: float) -> list[Check]:
+    """The plan's budget, predicted bytes and recorded held-out error against ``now``."""
+    budget = Budget.parse(plan.budget) if plan.budget else None
+    recorded = plan.measured or {}
+    predicted = plan.predicted or {}
+    metric = recorded.get("metric", predicted.get("metric", "nmse"))
     checks: list[Check] = []
     original = predicted.get("original_bytes") or 0
     if budget is not None:
@@ -182,7 +196,7 @@ def validate_plan(
                 off <= BYTES_TOLERANCE,
             )
         )
-    if needs_error and now.heldout_error is not None:
+    if "heldout_error" in recorded and now.heldout_error is not None:
         limit_error = recorded["heldout_error"] * (1 + tolerance) + 1e-12
         checks.append(
             Check(
@@ -193,11 +207,7 @@ def validate_plan(
                 now.heldout_error <= limit_error,
             )
         )
-    measured = now.__dict__.copy()
-    measured["latency"] = now.latency.to_dict() if now.latency else None
-    measured["decode"] = now.decode.to_dict() if now.decode else None
-    measured["device"] = device_description()
-    return ValidationResult(checks, measured)
+    return checks
 
 
 def _load_saved(folder: str | Path, plan: Plan, trust_remote_code: bool) -> nn.Module:

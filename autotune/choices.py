@@ -1,0 +1,153 @@
+"""The allocator's view of a cost model: limits, the choice table, candidates' totals, and
+what a plan records per layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from autotune.budget import Budget
+from autotune.errors import InfeasibleBudgetError
+from autotune.space import CostModel
+from profilers.sensitivity import SensitivityTable
+from search import ChoiceTable
+
+RESOURCE_NAMES = {
+    "bytes": "stored bytes",
+    "bits": "stored weight bits",
+    "seconds": "latency",
+    "decode_seconds": "decode latency",
+}
+
+
+def limits_for(budget: Budget, costs: CostModel, overhead_bytes: int = 0) -> dict[str, float]:
+    """Limits on the stored bytes, bits and seconds of the layers' options; a serving
+    budget leaves the stored bytes what the KV cache and activations do not take."""
+    limits: dict[str, float] = {}
+    memory = budget.memory_limit(costs.original_bytes)
+    if memory is not None:
+        if memory <= overhead_bytes:
+            raise InfeasibleBudgetError(
+                f"budget {budget.spec} cannot be met: the KV cache and activation peak alone "
+                f"take {overhead_bytes:,} bytes at batch {budget.batch_size} x context "
+                f"{budget.context} ({budget.kv_dtype})",
+                {"bytes": float(overhead_bytes)},
+            )
+        limits["bytes"] = memory - overhead_bytes
+    if budget.avg_bits is not None:
+        limits["bits"] = budget.avg_bits * costs.total_weights
+    if budget.latency_ms is not None:
+        limits["seconds"] = budget.latency_ms / 1e3
+    if budget.decode_ms is not None:
+        limits["decode_seconds"] = budget.decode_ms / 1e3
+    return limits
+
+
+def choice_table(costs: CostModel, scores: dict[str, list[float]]) -> ChoiceTable:
+    """The allocator's view; an option with an unknown (non-finite) cost is never chosen."""
+    names = [r.name for r in costs.layers]
+    resources = {"bytes": costs.bytes, "bits": costs.weight_bits, "seconds": costs.seconds}
+    fixed = {
+        "bytes": float(costs.fixed_bytes),
+        "bits": float(costs.fixed_weight_bits),
+        "seconds": costs.fixed_seconds,
+    }
+    if costs.decode_seconds is not None:
+        resources["decode_seconds"] = costs.decode_seconds
+        fixed["decode_seconds"] = costs.fixed_decode_seconds
+    arrays = {r: [np.asarray(v[n], dtype=np.float64) for n in names] for r, v in resources.items()}
+    score_arrays = []
+    for i, name in enumerate(names):
+        score = np.asarray(scores[name], dtype=np.float64)
+        unknown = np.zeros(len(score), dtype=bool)
+        for per_var in arrays.values():
+            unknown |= ~np.isfinite(per_var[i])
+        for per_var in arrays.values():
+            per_var[i] = np.where(unknown, 0.0, per_var[i])
+        score_arrays.append(np.where(unknown, np.inf, score))
+    return ChoiceTable(
+        variables=names,
+        choices=[[o.label for o in costs.options[n]] for n in names],
+        scores=score_arrays,
+        costs=arrays,
+        fixed=fixed,
+    )
+
+
+def infeasible_message(
+    budget: Budget, table: ChoiceTable, limits: dict[str, float], costs: CostModel
+) -> str:
+    parts = []
+    for resource, limit in limits.items():
+        smallest = table.minimum(resource)
+        if smallest <= limit:
+            continue
+        if resource == "bytes":
+            parts.append(
+                f"the smallest plan for this model stores {int(smallest):,} bytes "
+                f"({smallest / 1e6:.3f} MB), above the limit of {int(limit):,} bytes"
+            )
+        elif resource == "bits":
+            fewest = smallest / costs.total_weights
+            parts.append(
+                f"the fewest stored bits per weight reachable is {fewest:.3f}, "
+                f"above {budget.avg_bits:g}"
+            )
+        elif resource == "decode_seconds":
+            parts.append(
+                f"the lowest predicted decode latency is {1e3 * smallest:.3f} ms per token, "
+                f"above {budget.decode_ms:g} ms"
+            )
+        else:
+            parts.append(
+                f"the lowest predicted latency is {1e3 * smallest:.3f} ms, "
+                f"above {budget.latency_ms:g} ms"
+            )
+    if not parts:
+        parts.append(
+            "each limit can be met alone but not all at once (smallest alone: "
+            + ", ".join(f"{RESOURCE_NAMES[r]} {table.minimum(r):.6g}" for r in limits)
+            + ")"
+        )
+    return f"budget {budget.spec} cannot be met: " + "; ".join(parts)
+
+
+def candidate_totals(costs: CostModel, options: dict) -> dict[str, float]:
+    totals = costs.totals({n: costs.options[n].index(o) for n, o in options.items()})
+    out = {
+        "bytes": int(totals["bytes"]),
+        "avg_bits": round(totals["avg_bits"], 6),
+        "latency_ms": round(totals["latency_ms"], 6),
+    }
+    if "decode_ms" in totals:
+        out["decode_ms"] = round(totals["decode_ms"], 6)
+    return out
+
+
+def finite(value: float) -> float | None:
+    return value if np.isfinite(value) else None
+
+
+def layer_profile(costs: CostModel, sensitivity: SensitivityTable, chosen: dict) -> dict[str, Any]:
+    """Per layer: shape, the chosen option's bytes, bits, latency and error, and the error of
+    every option profiled (what a reviewer needs to see why a layer got its option)."""
+    layers = {}
+    for ref in costs.layers:
+        index = costs.options[ref.name].index(chosen[ref.name])
+        errors = sensitivity.errors.get(ref.name, {})
+        layers[ref.name] = {
+            "kind": ref.shape.kind,
+            "shape": [ref.shape.rows, ref.shape.cols],
+            "bytes": int(costs.bytes[ref.name][index]),
+            "bits_per_weight": round(costs.weight_bits[ref.name][index] / ref.shape.numel, 4),
+            "latency_ms": finite(round(1e3 * costs.seconds[ref.name][index], 6)),
+            **(
+                {"decode_ms": finite(round(1e3 * costs.decode_seconds[ref.name][index], 6))}
+                if costs.decode_seconds is not None
+                else {}
+            ),
+            "error": finite(errors.get(chosen[ref.name].label, float("nan"))),
+            "errors": {label: finite(err) for label, err in errors.items()},
+        }
+    return {"metric": sensitivity.metric, "layers": layers}
