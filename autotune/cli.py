@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
         "--methods",
         help="comma-separated methods to search (default: rtn, plus w8a8 on CPU targets)",
     )
+    tune.add_argument(
+        "--options",
+        help="comma-separated option labels to offer, e.g. int8-ch-sym,int4-g64-asym "
+        "(default: every option of the methods' grids)",
+    )
     tune.add_argument("--no-measure", action="store_true", help="skip measuring the result")
     tune.add_argument(
         "--cache-dir", help="sensitivity cache (default: $AUTOTUNE_CACHE or ~/.cache/autotune)"
@@ -112,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="F",
         help="first remove this fraction of attention heads (key/value groups) in every block",
     )
+    _low_memory(tune)
     _common(tune)
 
     validate = sub.add_parser("validate", help="re-check a plan against a model (CI)")
@@ -125,12 +131,14 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument(
         "--compressed", metavar="DIR", help="check this saved compressed model (autotune apply -o)"
     )
+    _low_memory(validate)
     _common(validate)
 
     apply = sub.add_parser("apply", help="apply a plan and save the compressed model")
     apply.add_argument("plan")
     apply.add_argument("model")
     apply.add_argument("-o", "--output", required=True, metavar="DIR")
+    _low_memory(apply)
     _common(apply)
 
     profile = sub.add_parser(
@@ -182,6 +190,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _low_memory(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="work block by block, reading one block's weights at a time, so that a model "
+        "larger than memory can be handled (chosen by itself when the model's weights "
+        "take more than a third of the memory available)",
+    )
+
+
+def _streams(args: argparse.Namespace) -> bool:
+    """Whether to work block by block: asked for, or the model is too large for memory."""
+    from autotune.streamed import too_large_for_memory
+
+    if args.low_memory:
+        return True
+    reason = too_large_for_memory(args.model)
+    if reason and not args.quiet:
+        print(f"[autotune] {reason}: working block by block", file=sys.stderr)
+    return reason is not None
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
@@ -210,6 +240,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         kv_dtype=args.kv_dtype,
     )
     target = get_target(args.target, args.target_file)  # fail fast on a bad target
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    labels = [o.strip() for o in args.options.split(",") if o.strip()] if args.options else None
+    if _streams(args):
+        return _tune_streamed(args, budget, target, methods, labels)
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
     result = autotune(
         loaded.model,
@@ -219,7 +253,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         heldout=args.heldout,
         tokenizer=loaded.tokenizer,
         seed=args.seed,
-        methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
+        methods=methods,
+        option_labels=labels,
         inplace=False,
         progress=not args.quiet,
         measure=not args.no_measure,
@@ -245,6 +280,52 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return EXIT_OK if all(holds.values()) else EXIT_BROKEN
 
 
+def _tune_streamed(
+    args: argparse.Namespace, budget: Any, target: Any, methods: Any, labels: Any
+) -> int:
+    from autotune.errors import AutotuneError
+    from autotune.streamed import tune_streamed
+
+    unsupported = {
+        "--search": args.search not in ("auto", "allocator"),
+        "--sensitivity": args.sensitivity != "end-to-end",
+        "--prune-ffn/--prune-heads": bool(args.prune_ffn or args.prune_heads),
+        "--storage": args.storage is not None,
+    }
+    refused = [flag for flag, given in unsupported.items() if given]
+    if refused:
+        raise AutotuneError(
+            f"{', '.join(refused)} need the whole model in memory; block by block a tune "
+            "scores layers on their block's output and checks the allocator's plan against "
+            "every uniform plan"
+        )
+    if not args.save_model:
+        raise AutotuneError(
+            "block by block, the compressed model is written as it is made: add --save-model DIR"
+        )
+    result = tune_streamed(
+        args.model,
+        budget,
+        target,
+        save_to=args.save_model,
+        calibration=args.calibration,
+        heldout=args.heldout,
+        seed=args.seed,
+        methods=methods,
+        option_labels=labels,
+        trust_remote_code=args.trust_remote_code,
+        progress=not args.quiet,
+    )
+    if args.output:
+        result.plan.save(args.output)
+    text = result.report.layer_table() + "\n\n" + str(result.report)
+    text += f"\ncompressed model written to {result.saved}"
+    if args.output:
+        text += f"\nplan written to {args.output}"
+    _emit(args, text, result.plan.to_dict())
+    return EXIT_OK if all(result.report.holds().values()) else EXIT_BROKEN
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from autotune.plan import Plan
     from autotune.validate import validate_plan
@@ -254,6 +335,19 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         from autotune.errors import AutotuneError
 
         raise AutotuneError(f"--tolerance must be at least 0, got {args.tolerance}")
+    if _streams(args):
+        from autotune.streamed import validate_streamed
+
+        result = validate_streamed(
+            plan,
+            args.model,
+            compressed=args.compressed,
+            heldout=args.heldout,
+            tolerance=args.tolerance,
+            trust_remote_code=args.trust_remote_code,
+        )
+        _emit(args, str(result), result.to_dict())
+        return EXIT_OK if result.ok else EXIT_BROKEN
     result = validate_plan(
         plan,
         args.model,
@@ -275,6 +369,17 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from profilers.measure import model_bytes
 
     plan = Plan.load(args.plan)
+    if _streams(args):
+        from autotune.streamed import apply_streamed, open_saved
+
+        apply_streamed(args.model, plan, args.output, trust_remote_code=args.trust_remote_code)
+        size = model_bytes(open_saved(args.output)[0].model)
+        _emit(
+            args,
+            f"compressed model ({size:,} bytes) written block by block to {args.output}",
+            {"output": args.output, "bytes": size},
+        )
+        return EXIT_OK
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
     compressed = apply_plan(loaded.model, plan, tokenizer=loaded.tokenizer, inplace=True)
     save_compressed(compressed, plan, args.output, loaded.tokenizer)

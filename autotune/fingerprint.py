@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 
-def fingerprint(model: nn.Module) -> dict[str, Any]:
-    """``{"structure": sha256, "weights": sha256, "tensors": n, "parameters": n}``."""
+def fingerprint(
+    model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]] | None = None
+) -> dict[str, Any]:
+    """``{"structure": sha256, "weights": sha256, "tensors": n, "parameters": n}``.
+
+    The weights are hashed from ``model.state_dict()``, or from ``tensors`` (the same names
+    and values in the same order, e.g. read one at a time from a checkpoint while the model's
+    parameters are on the ``meta`` device)."""
     state = model.state_dict()
     layout = [
         [name, list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in state.items()
     ]
     structure = hashlib.sha256(json.dumps(layout).encode()).hexdigest()
     weights = hashlib.sha256()
-    for name, tensor in state.items():
+    for name, tensor in tensors if tensors is not None else state.items():
         weights.update(name.encode())
         data = tensor.detach().to("cpu").contiguous()
         weights.update(data.reshape(-1).view(torch.uint8).numpy())

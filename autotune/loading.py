@@ -118,39 +118,66 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def load_model(
-    name_or_path: str | os.PathLike[str], trust_remote_code: bool = False
-) -> LoadedModel:
-    """Load a model (eval mode, on the CPU) and its tokenizer, without any download."""
-    import transformers
-
+def _resolve(
+    name_or_path: str | os.PathLike[str], trust_remote_code: bool
+) -> tuple[Path | str, str, bool]:
+    """Where a MODEL argument's files are, its source name, and whether remote code may run."""
     text = str(name_or_path)
     looks_like_path = text.startswith(("/", "./", "../", "~")) or isinstance(name_or_path, Path)
     if text.lower() in DEMO_NAMES:
-        path: Path | str = demo_path()
-        source = "demo"
-    elif text.lower() in TINY_LM_NAMES:
-        path = tiny_lm_path()
-        source = "tiny-lm"
-        trust_remote_code = False  # a plain LlamaForCausalLM: no code of its own to trust
-    elif looks_like_path and not Path(text).expanduser().exists():
+        return demo_path(), "demo", trust_remote_code
+    if text.lower() in TINY_LM_NAMES:
+        # a plain LlamaForCausalLM: no code of its own to trust
+        return tiny_lm_path(), "tiny-lm", False
+    if looks_like_path and not Path(text).expanduser().exists():
         raise ModelLoadError(f"model path {text!r} does not exist")
-    elif Path(text).expanduser().exists():
+    if Path(text).expanduser().exists():
         path = Path(text).expanduser().resolve()
         if not path.is_dir() or not (path / "config.json").is_file():
             raise ModelLoadError(
                 f"{text!r} is not a transformers model folder (no config.json in it)"
             )
-        source = str(path)
-    else:
-        path = text
-        source = text
+        return path, str(path), trust_remote_code
+    return text, text, trust_remote_code
+
+
+def model_folder(name_or_path: str | os.PathLike[str]) -> Path | None:
+    """The local folder a MODEL argument names, or ``None`` (a cache id, or not found)."""
+    try:
+        path, _, _ = _resolve(name_or_path, False)
+    except ModelLoadError:
+        return None
+    return path if isinstance(path, Path) else None
+
+
+def _class_for(path: Path | str, source: str, trust_remote_code: bool) -> Any:
+    import transformers
+
+    # the bundled causal LM is loaded with its head, so that it returns logits
+    if source == "tiny-lm":
+        return transformers.AutoModelForCausalLM
+    return model_class(path, trust_remote_code)
+
+
+def _tokenizer(path: Path | str, trust_remote_code: bool) -> Any:
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except Exception:
+        return None
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str], trust_remote_code: bool = False
+) -> LoadedModel:
+    """Load a model (eval mode, on the CPU) and its tokenizer, without any download."""
+    path, source, trust_remote_code = _resolve(name_or_path, trust_remote_code)
+    text = str(name_or_path)
     with offline(), _quiet_transformers():
-        # the bundled causal LM is loaded with its head, so that it returns logits
-        if source == "tiny-lm":
-            cls = transformers.AutoModelForCausalLM
-        else:
-            cls = model_class(path, trust_remote_code)
+        cls = _class_for(path, source, trust_remote_code)
         try:
             model = cls.from_pretrained(
                 path, local_files_only=True, trust_remote_code=trust_remote_code
@@ -159,14 +186,44 @@ def load_model(
             raise ModelLoadError(f"model {text!r} {_NOT_FOUND}") from None
         except Exception as exc:
             raise ModelLoadError(f"cannot load model {text!r}: {_one_line(exc)}") from None
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(
-                path, local_files_only=True, trust_remote_code=trust_remote_code
-            )
-        except Exception:
-            tokenizer = None
+        tokenizer = _tokenizer(path, trust_remote_code)
     model.eval()
     return LoadedModel(model, tokenizer, source, Path(path) if isinstance(path, Path) else None)
+
+
+def load_skeleton(
+    name_or_path: str | os.PathLike[str], trust_remote_code: bool = False
+) -> LoadedModel:
+    """The model built from its config with every parameter on the ``meta`` device (no
+    memory; buffers are real), and its tokenizer; ``path`` is the folder of its weights,
+    which :class:`profilers.streaming.StreamedModel` reads a block at a time."""
+    import transformers
+
+    from profilers.streaming import parameters_on_meta
+
+    path, source, trust_remote_code = _resolve(name_or_path, trust_remote_code)
+    if not isinstance(path, Path):
+        raise ModelLoadError(
+            f"model {str(name_or_path)!r}: streaming needs a local model folder of "
+            "safetensors files"
+        )
+    with offline(), _quiet_transformers():
+        cls = _class_for(path, source, trust_remote_code)
+        try:
+            config = transformers.AutoConfig.from_pretrained(
+                path, local_files_only=True, trust_remote_code=trust_remote_code
+            )
+            with parameters_on_meta():
+                if hasattr(cls, "from_config"):  # the Auto classes
+                    model = cls.from_config(config, trust_remote_code=trust_remote_code)
+                else:
+                    model = cls._from_config(config)
+        except Exception as exc:
+            text = str(name_or_path)
+            raise ModelLoadError(f"cannot build model {text!r}: {_one_line(exc)}") from None
+        tokenizer = _tokenizer(path, trust_remote_code)
+    model.eval()
+    return LoadedModel(model, tokenizer, source, path)
 
 
 def model_config(model: nn.Module) -> dict[str, Any] | None:

@@ -229,13 +229,16 @@ class Plan:
         return model
 
     # ---------------------------------------------------------- fingerprint
-    def check_model(self, model: nn.Module, strict: bool = True) -> None:
+    def check_model(
+        self, model: nn.Module, strict: bool = True, actual: dict[str, Any] | None = None
+    ) -> None:
         """Raise :class:`FingerprintMismatchError` if the plan was made for another model
-        (only a warning with ``strict=False``; plans without a fingerprint always pass)."""
+        (only a warning with ``strict=False``; plans without a fingerprint always pass).
+        ``actual`` is the model's fingerprint when it is already known."""
         expected = self.model.get("fingerprint")
         if not expected:
             return
-        actual = fingerprint(model)
+        actual = actual or fingerprint(model)
         if same_model(expected, actual):
             return
         what = "structure" if expected["structure"] != actual["structure"] else "weights"

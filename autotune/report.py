@@ -230,6 +230,13 @@ class Report:
                 f"{uniform['heldout_error']:.4g}, {uniform['bytes']:,} B; this plan's error is "
                 f"{ratio:.2f}x that"
             )
+        streamed = meas.get("streamed")
+        if streamed:
+            lines.append(
+                f"worked block by block: {streamed['blocks']} blocks read one at a time from "
+                f"{_fmt_bytes(streamed['checkpoint_bytes'])} of weights; peak resident memory "
+                f"of the process {_fmt_bytes(streamed['peak_rss_bytes'])}"
+            )
         if meas.get("device"):
             lines.append(f"measured on {meas['device']}")
         return lines

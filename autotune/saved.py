@@ -9,6 +9,7 @@ recompressing anything.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from methods.keep import KeepOption
 from methods.registry import method_of
 
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 PLAN = "plan.json"
 
 
@@ -50,7 +52,8 @@ def save_compressed(
 def load_compressed(folder: str | Path, trust_remote_code: bool = False) -> nn.Module:
     """Rebuild a model saved by :func:`save_compressed` (no recompression)."""
     root = Path(folder)
-    for name in (WEIGHTS, PLAN, "config.json"):
+    weights = WEIGHTS if not (root / INDEX).is_file() else INDEX
+    for name in (weights, PLAN, "config.json"):
         if not (root / name).is_file():
             raise ModelLoadError(f"saved model folder {str(root)!r} lacks {name}")
     plan = Plan.load(root / PLAN)
@@ -77,13 +80,21 @@ def load_compressed(folder: str | Path, trust_remote_code: bool = False) -> nn.M
             ref.name, method_of(option).empty(LayerShape.of(module), option, like=module)
         )
     try:
-        missing, unexpected = safetensors.torch.load_model(model, str(root / WEIGHTS), strict=False)
+        if weights == INDEX:  # shards written block by block (autotune.streamed)
+            state = {}
+            for shard in sorted(set(json.loads((root / INDEX).read_text())["weight_map"].values())):
+                state.update(safetensors.torch.load_file(str(root / shard)))
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        else:
+            missing, unexpected = safetensors.torch.load_model(
+                model, str(root / WEIGHTS), strict=False
+            )
     except Exception as exc:
-        raise ModelLoadError(f"cannot read {root / WEIGHTS}: {exc}") from None
+        raise ModelLoadError(f"cannot read {root / weights}: {exc}") from None
     if missing or unexpected:
         detail = (missing or unexpected)[0]
         raise ModelLoadError(
-            f"{root / WEIGHTS} does not match its plan: {len(missing)} missing and "
+            f"{root / weights} does not match its plan: {len(missing)} missing and "
             f"{len(unexpected)} unexpected tensors (e.g. {detail!r})"
         )
     return model.eval()

@@ -248,7 +248,7 @@ def scratch_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     return sum(largest.values())
 
 
-def _return_free_memory() -> None:
+def return_free_memory() -> None:
     """Ask glibc to give freed heap memory back to the system (a no-op elsewhere), so that
     what ``fn`` allocates shows as a rise instead of reusing memory freed before."""
     if not sys.platform.startswith("linux"):
@@ -278,7 +278,7 @@ def measure_peak(
         return MeasuredPeak(max(0, increase), baseline, "cuda-allocator")
     process = psutil.Process()
     gc.collect()
-    _return_free_memory()
+    return_free_memory()
     baseline = process.memory_info().rss
     samples = [baseline]
     done = threading.Event()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,9 +63,13 @@ class _Counter(TorchDispatchMode):
 
 
 def rest_of_model(
-    model: nn.Module, inputs: dict[str, torch.Tensor], layers: Iterable[nn.Module]
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    layers: Iterable[nn.Module],
+    run: Callable[..., Any] | None = None,
 ) -> RestOfModel:
-    """FLOPs, op count and activation bytes of one forward pass, the layers excluded."""
+    """FLOPs, op count and activation bytes of one forward pass, the layers excluded.
+    ``run(**inputs)`` makes the pass (default: ``model`` itself)."""
     counter = _Counter()
 
     def pause(module, args):
@@ -79,7 +84,7 @@ def rest_of_model(
         handles.append(layer.register_forward_hook(resume))
     try:
         with torch.inference_mode(), counter:
-            model(**inputs)
+            (run or model)(**inputs)
     finally:
         for handle in handles:
             handle.remove()
