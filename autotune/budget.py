@@ -207,6 +207,21 @@ class Budget:
             limits.append(int(self.size_ratio * original_bytes))
         return min(limits) if limits else None
 
+    def check_positions(self, limit: int | None) -> None:
+        """Refuse input shapes longer than a model with ``limit`` positions can take."""
+        if limit is None:
+            return
+        if self.seq_len > limit:
+            raise BudgetError(
+                f"latency is judged at {self.seq_len} tokens per sequence, beyond the model's "
+                f"{limit} positions: choose a sequence length of at most {limit} (--seq-len)"
+            )
+        if self.decode_ms is not None and self.decode_context > limit:
+            raise BudgetError(
+                f"decode is judged with {self.decode_context} tokens of context, beyond the "
+                f"model's {limit} positions: choose a context of at most {limit}"
+            )
+
     @property
     def kv_bytes_per_element(self) -> int:
         return KV_DTYPES[self.kv_dtype]

@@ -54,6 +54,7 @@ from methods.base import LayerShape, Option
 from methods.keep import KeepOption
 from methods.registry import method_of
 from methods.tied import untie_output_embeddings
+from profilers.decode import max_context
 from profilers.hardware import HardwareSpec
 from profilers.measure import model_bytes, weight_storage_bytes
 from profilers.quality import OutputError, is_causal_lm, metric_for, perplexity
@@ -260,6 +261,7 @@ def tune_streamed(
     streamed, loaded = open_streamed(model, trust_remote_code)
     tokenizer = tokenizer or loaded.tokenizer
     skeleton = streamed.model
+    budget.check_positions(max_context(skeleton))
     say.say(
         f"{type(skeleton).__name__}: {len(streamed.blocks)} blocks streamed from "
         f"{streamed.checkpoint.nbytes:,} bytes of safetensors"

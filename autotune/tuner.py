@@ -46,7 +46,7 @@ from methods.keep import KeepOption
 from methods.structured import UNIT_KINDS, prune_structured
 from methods.tied import untie_output_embeddings
 from profilers.cache import SensitivityCache, batches_digest, default_cache_dir, table_key
-from profilers.decode import DecodeError, decode_inputs
+from profilers.decode import DecodeError, decode_inputs, max_context
 from profilers.hardware import HardwareSpec
 from profilers.memory import PeakPrediction, activation_peak, kv_cache_bytes, scratch_bytes
 from profilers.observe import collect_observers
@@ -261,6 +261,7 @@ def autotune(
             loaded.source,
             True,
         )
+    budget.check_positions(max_context(model))
     if budget.decode_ms is not None and not is_causal_lm(model):
         raise AutotuneError(
             f"a decode latency budget is for causal language models; {type(model).__name__} "

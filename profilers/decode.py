@@ -43,8 +43,11 @@ def freeze(cache: Any) -> Any:
 
 
 def max_context(model: nn.Module) -> int | None:
-    """The most tokens the model's position encoding allows, if its config says."""
+    """The most tokens the model's position embeddings hold, if its config says; ``None``
+    for rotary positions, which have no table to run out of."""
     config = getattr(model, "config", None)
+    if any(getattr(config, name, None) is not None for name in ("rope_parameters", "rope_theta")):
+        return None
     for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:

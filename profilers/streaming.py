@@ -363,6 +363,8 @@ class StreamedModel:
     def calls(self, batches: Sequence[Batch]) -> list[list[BlockCall]]:
         """How every block is called for each batch (``[block][batch]``), its hidden states
         aside: blocks may be called with keywords of their own (e.g. per-layer masks)."""
+        if not batches:
+            return [[] for _ in self.blocks]
         first = self.first_calls(batches)
         if self._tuple_output is None:
             with self.loaded(0) as block, torch.inference_mode():

@@ -116,3 +116,12 @@ def test_decode_context_is_the_serving_context_or_else_the_sequence_length() -> 
     budget = Budget.parse("decode=5ms", seq_len=64, context=1024, batch_size=4)
     assert budget.decode_context == 1024
     assert "per token at batch 4 with 1024 tokens of context" in budget.describe()
+
+
+def test_shapes_beyond_the_models_positions_are_refused() -> None:
+    Budget.parse("20ms", seq_len=64).check_positions(64)
+    Budget.parse("20ms").check_positions(None)
+    with pytest.raises(BudgetError, match="beyond the model's 64 positions"):
+        Budget.parse("20ms", seq_len=128).check_positions(64)
+    with pytest.raises(BudgetError, match="128 tokens of context"):
+        Budget.parse("decode=2ms", seq_len=16, context=128).check_positions(64)
