@@ -17,6 +17,7 @@ from autotune.errors import (
 )
 from autotune.plan import Plan
 from autotune.saved import load_compressed, save_compressed
+from autotune.streamed import StreamedResult, apply_streamed, tune_streamed, validate_streamed
 from autotune.targets import get_target, list_targets
 from autotune.tuner import TuneResult, autotune
 from autotune.validate import ValidationResult, validate_plan
@@ -32,15 +33,19 @@ __all__ = [
     "OptionError",
     "Plan",
     "PlanError",
+    "StreamedResult",
     "TargetError",
     "TuneResult",
     "ValidationResult",
     "__version__",
     "apply_plan",
+    "apply_streamed",
     "autotune",
     "get_target",
     "list_targets",
     "load_compressed",
     "save_compressed",
+    "tune_streamed",
     "validate_plan",
+    "validate_streamed",
 ]
