@@ -10,8 +10,10 @@ import numpy as np
 from autotune.budget import Budget
 from autotune.errors import InfeasibleBudgetError
 from autotune.space import CostModel
+from methods.base import Option
+from methods.keep import KeepOption
 from profilers.sensitivity import SensitivityTable
-from search import ChoiceTable
+from search import Allocation, ChoiceTable, InfeasibleError, allocate
 
 RESOURCE_NAMES = {
     "bytes": "stored bytes",
@@ -21,9 +23,17 @@ RESOURCE_NAMES = {
 }
 
 
-def limits_for(budget: Budget, costs: CostModel, overhead_bytes: int = 0) -> dict[str, float]:
+# measured (``local``) latencies vary by a few percent between runs on a shared machine: a
+# plan predicted just under a latency limit is measured over it about half the time
+LOCAL_LATENCY_MARGIN = 0.05
+
+
+def limits_for(
+    budget: Budget, costs: CostModel, overhead_bytes: int = 0, latency_margin: float = 0.0
+) -> dict[str, float]:
     """Limits on the stored bytes, bits and seconds of the layers' options; a serving
-    budget leaves the stored bytes what the KV cache and activations do not take."""
+    budget leaves the stored bytes what the KV cache and activations do not take. Latency
+    limits are planned ``latency_margin`` (a fraction) below the budget's."""
     limits: dict[str, float] = {}
     memory = budget.memory_limit(costs.original_bytes)
     if memory is not None:
@@ -37,10 +47,11 @@ def limits_for(budget: Budget, costs: CostModel, overhead_bytes: int = 0) -> dic
         limits["bytes"] = memory - overhead_bytes
     if budget.avg_bits is not None:
         limits["bits"] = budget.avg_bits * costs.total_weights
+    keep = 1.0 - latency_margin
     if budget.latency_ms is not None:
-        limits["seconds"] = budget.latency_ms / 1e3
+        limits["seconds"] = keep * budget.latency_ms / 1e3
     if budget.decode_ms is not None:
-        limits["decode_seconds"] = budget.decode_ms / 1e3
+        limits["decode_seconds"] = keep * budget.decode_ms / 1e3
     return limits
 
 
@@ -75,6 +86,14 @@ def choice_table(costs: CostModel, scores: dict[str, list[float]]) -> ChoiceTabl
     )
 
 
+def _latency_limit(limit_s: float, budget_ms: float | None) -> str:
+    """A latency limit in words, with the budget it was taken from if a margin lowers it."""
+    planned = 1e3 * limit_s
+    if budget_ms is None or abs(planned - budget_ms) <= 1e-9 * budget_ms:
+        return f"{planned:g} ms"
+    return f"{planned:.4g} ms (the budget's {budget_ms:g} ms less a margin for timing noise)"
+
+
 def infeasible_message(
     budget: Budget, table: ChoiceTable, limits: dict[str, float], costs: CostModel
 ) -> str:
@@ -97,12 +116,12 @@ def infeasible_message(
         elif resource == "decode_seconds":
             parts.append(
                 f"the lowest predicted decode latency is {1e3 * smallest:.3f} ms per token, "
-                f"above {budget.decode_ms:g} ms"
+                f"above {_latency_limit(limit, budget.decode_ms)}"
             )
         else:
             parts.append(
                 f"the lowest predicted latency is {1e3 * smallest:.3f} ms, "
-                f"above {budget.latency_ms:g} ms"
+                f"above {_latency_limit(limit, budget.latency_ms)}"
             )
     if not parts:
         parts.append(
@@ -151,3 +170,52 @@ def layer_profile(costs: CostModel, sensitivity: SensitivityTable, chosen: dict)
             "errors": {label: finite(err) for label, err in errors.items()},
         }
     return {"metric": sensitivity.metric, "layers": layers}
+
+
+def check_feasible(budget: Budget, costs: CostModel, limits: dict[str, float]) -> None:
+    """Refuse, before any profiling, limits that even the cheapest options break."""
+    screen = choice_table(costs, {n: [0.0] * len(o) for n, o in costs.options.items()})
+    if any(screen.minimum(r) > limit for r, limit in limits.items()):
+        raise InfeasibleBudgetError(
+            infeasible_message(budget, screen, limits, costs),
+            {r: screen.minimum(r) for r in limits},
+        )
+
+
+def allocate_plan(
+    budget: Budget,
+    costs: CostModel,
+    limits: dict[str, float],
+    errors: dict[str, dict[str, float]],
+) -> tuple[ChoiceTable, Allocation]:
+    """The choice table scored by ``errors[layer][label]`` (an option a layer could not take
+    is never chosen) and the allocator's plan within ``limits``."""
+    scores = {
+        name: [errors[name].get(o.label, float("inf")) for o in opts]
+        for name, opts in costs.options.items()
+    }
+    table = choice_table(costs, scores)
+    try:
+        return table, allocate(table, limits)
+    except InfeasibleError as exc:
+        raise InfeasibleBudgetError(
+            infeasible_message(budget, table, limits, costs), exc.minimums
+        ) from None
+
+
+def options_of(costs: CostModel, table: ChoiceTable, assignment: list[int]) -> dict[str, Option]:
+    """The option of each layer in an assignment of ``table``."""
+    return {n: costs.options[n][i] for n, i in zip(table.variables, assignment, strict=True)}
+
+
+def fitting_uniforms(
+    costs: CostModel, table: ChoiceTable, limits: dict[str, float]
+) -> dict[str, dict[str, Option]]:
+    """``{"uniform <label>": options}`` for every option all layers can take that fits."""
+    labels = {o.label for opts in costs.options.values() for o in opts} - {KeepOption().label}
+    found = {}
+    for label in sorted(labels):
+        uniform = table.uniform(label)
+        if uniform is not None and table.fits(uniform, limits):
+            found[f"uniform {label}"] = options_of(costs, table, uniform)
+    return found

@@ -31,13 +31,15 @@ from autotune.apply import check_options, plan_calibration
 from autotune.budget import Budget
 from autotune.calibration import build_calibration
 from autotune.choices import (
+    allocate_plan,
     candidate_totals,
-    choice_table,
-    infeasible_message,
+    check_feasible,
+    fitting_uniforms,
     layer_profile,
     limits_for,
+    options_of,
 )
-from autotune.errors import AutotuneError, InfeasibleBudgetError, ModelLoadError, PlanError
+from autotune.errors import AutotuneError, ModelLoadError, PlanError
 from autotune.fingerprint import fingerprint
 from autotune.io import atomic_directory
 from autotune.layers import compressible_layers, weight_numel
@@ -61,7 +63,6 @@ from profilers.quality import OutputError, is_causal_lm, metric_for, perplexity
 from profilers.sensitivity import SensitivityTable
 from profilers.stages import Outputs, Variant, compare, evaluate, profile, stage_of
 from profilers.streaming import INDEX, Checkpoint, CheckpointError, StreamedModel
-from search import InfeasibleError, allocate
 
 ALGORITHM = "milp-allocator + uniform check, streamed block by block"
 # methods whose statistics need backward passes through the whole model
@@ -286,36 +287,14 @@ def tune_streamed(
     latency_inputs = calib.latency_inputs(budget.batch_size, budget.seq_len)
     costs = build_costs(skeleton, layers, options, spec, latency_inputs, run=streamed.forward_pass)
     limits = limits_for(budget, costs)
-    screen = choice_table(costs, {n: [0.0] * len(o) for n, o in options.items()})
-    if any(screen.minimum(r) > lim for r, lim in limits.items()):
-        raise InfeasibleBudgetError(
-            infeasible_message(budget, screen, limits, costs),
-            {r: screen.minimum(r) for r in limits},
-        )
+    check_feasible(budget, costs, limits)
     say.say(f"{len(layers)} layers; target {spec.name}; budget {budget.spec}")
 
     with say.bar(sum(len(o) for o in options.values()), "sensitivity (block output)") as bar:
         sensitivity = profile(streamed, options, calib.sensitivity, progress=bar.update)
-    scores = {
-        name: [sensitivity.errors[name].get(o.label, float("inf")) for o in opts]
-        for name, opts in options.items()
-    }
-    table = choice_table(costs, scores)
-    try:
-        allocation = allocate(table, limits)
-    except InfeasibleError as exc:
-        raise InfeasibleBudgetError(
-            infeasible_message(budget, table, limits, costs), exc.minimums
-        ) from None
-
-    def options_of(assignment: list[int]) -> dict[str, Option]:
-        return {n: costs.options[n][i] for n, i in zip(table.variables, assignment, strict=True)}
-
-    candidates = {"allocator": options_of(allocation.assignment)}
-    for label in sorted({o.label for opts in options.values() for o in opts} - {"keep"}):
-        uniform = table.uniform(label)
-        if uniform is not None and table.fits(uniform, limits):
-            candidates[f"uniform {label}"] = options_of(uniform)
+    table, allocation = allocate_plan(budget, costs, limits, sensitivity.errors)
+    candidates = {"allocator": options_of(costs, table, allocation.assignment)}
+    candidates.update(fitting_uniforms(costs, table, limits))
     batches = calib.calibration + calib.heldout
     cut = len(calib.calibration)
     metric = "nmse"

@@ -17,13 +17,16 @@ from autotune.budget import Budget
 from autotune.calibration import build_calibration
 from autotune.candidates import Candidate, ModuleCache, evaluate, select
 from autotune.choices import (
+    LOCAL_LATENCY_MARGIN,
+    allocate_plan,
     candidate_totals,
-    choice_table,
-    infeasible_message,
+    check_feasible,
+    fitting_uniforms,
     layer_profile,
     limits_for,
 )
-from autotune.errors import AutotuneError, InfeasibleBudgetError
+from autotune.choices import options_of as plan_options
+from autotune.errors import AutotuneError
 from autotune.fingerprint import fingerprint
 from autotune.fitness import PlanFitness, windows_of
 from autotune.layers import compressible_layers
@@ -52,7 +55,6 @@ from profilers.memory import PeakPrediction, activation_peak, kv_cache_bytes, sc
 from profilers.observe import collect_observers
 from profilers.quality import is_causal_lm, run_outputs
 from profilers.sensitivity import SensitivityTable, measure_sensitivity
-from search import InfeasibleError, allocate
 
 ALGORITHMS = {
     "allocator": "milp-allocator + uniform check",
@@ -321,14 +323,10 @@ def autotune(
             )
         costs.with_decode(decode_costs)
     serving = _serving_memory(work, budget, activations.peak_bytes)
-    limits = limits_for(budget, costs, serving.get("kv_cache", 0) + serving.get("activations", 0))
-    zero_scores = {n: [0.0] * len(o) for n, o in options.items()}
-    screen = choice_table(costs, zero_scores)
-    if any(screen.minimum(r) > lim for r, lim in limits.items()):
-        raise InfeasibleBudgetError(
-            infeasible_message(budget, screen, limits, costs),
-            {r: screen.minimum(r) for r in limits},
-        )
+    margin = LOCAL_LATENCY_MARGIN if spec.name == "local" else 0.0
+    overhead = serving.get("kv_cache", 0) + serving.get("activations", 0)
+    limits = limits_for(budget, costs, overhead, latency_margin=margin)
+    check_feasible(budget, costs, limits)
     say.say(
         f"{len(layers)} layers x {max(len(o) for o in options.values())} options; "
         f"target {spec.name}; budget {budget.spec}"
@@ -365,21 +363,10 @@ def autotune(
         f"{cached} (prefix replay {'on' if sensitivity.prefix_cached else 'off'})"
     )
 
-    scores = {}
-    for name, opts in options.items():
-        errs = sensitivity.errors[name]
-        # an option a layer could not take is never chosen
-        scores[name] = [errs.get(o.label, float("inf")) for o in opts]
-    table = choice_table(costs, scores)
-    try:
-        allocation = allocate(table, limits)
-    except InfeasibleError as exc:
-        raise InfeasibleBudgetError(
-            infeasible_message(budget, table, limits, costs), exc.minimums
-        ) from None
+    table, allocation = allocate_plan(budget, costs, limits, sensitivity.errors)
 
     def options_of(assignment: list[int]) -> dict[str, Any]:
-        return {n: costs.options[n][i] for n, i in zip(table.variables, assignment, strict=True)}
+        return plan_options(costs, table, assignment)
 
     cache = ModuleCache(
         work, cap_bytes=_module_cache_cap(costs.original_bytes), observers=observers
@@ -420,11 +407,8 @@ def autotune(
         candidates.append(Candidate(engine, options_of(outcome.assignment)))
     candidates.append(Candidate("allocator", options_of(allocation.assignment)))
     searched = len(candidates)
-    labels = sorted({o.label for opts in options.values() for o in opts} - {KeepOption().label})
-    for label in labels:
-        uniform = table.uniform(label)
-        if uniform is not None and table.fits(uniform, limits):
-            candidates.append(Candidate(f"uniform {label}", options_of(uniform)))
+    for name, uniform in fitting_uniforms(costs, table, limits).items():
+        candidates.append(Candidate(name, uniform))
     with say.bar(
         len(candidates) + searched + min(3, len(candidates) - searched), "candidates"
     ) as bar:
@@ -522,6 +506,8 @@ def autotune(
         "solver_seconds": round(allocation.seconds, 3),
         "solver_optimal": allocation.optimal,
     }
+    if margin and (budget.latency_ms or budget.decode_ms) is not None:
+        search_info["latency_margin"] = margin
     if guard is not None:
         search_info["heldout_guard"] = guard
     if left_out:

@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 
+from autotune.choices import LOCAL_LATENCY_MARGIN
 from autotune.errors import InfeasibleBudgetError
 from autotune.space import default_methods
 from autotune.targets import get_target
@@ -123,7 +124,7 @@ def test_cpu_targets_search_w8a8_too(tuned) -> None:
 
 
 def test_local_target_measures_latency_in_the_model(tokenizer) -> None:
-    _, result = _tune("35%", tokenizer, target="local", measure=False)
+    model, result = _tune("35%", tokenizer, target="local", measure=False)
     assert result.plan.target["name"] == "local"
     predicted = result.plan.predicted
     assert predicted["latency_ms"] > 0
@@ -131,6 +132,12 @@ def test_local_target_measures_latency_in_the_model(tokenizer) -> None:
     seconds = result.costs.seconds
     assert all(v > 0 for values in seconds.values() for v in values)
     assert "measured here" in str(result.report)
+    assert "latency_margin" not in result.plan.search  # no latency term: no margin
+    # a measured latency limit is planned with a margin, since timings vary between runs
+    limit = 1.2 * predicted["latency_ms"]
+    _, bounded = _tune(f"35%,{limit:.6f}ms", tokenizer, target="local", measure=False, model=model)
+    assert bounded.plan.search["latency_margin"] == LOCAL_LATENCY_MARGIN
+    assert bounded.plan.predicted["latency_ms"] <= (1 - LOCAL_LATENCY_MARGIN) * limit
 
 
 def test_a_cached_tune_gives_the_same_plan(tokenizer, tmp_path) -> None:
