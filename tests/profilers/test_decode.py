@@ -30,7 +30,25 @@ def gpt2() -> transformers.GPT2LMHeadModel:
     return transformers.GPT2LMHeadModel(config).eval()
 
 
-@pytest.mark.parametrize("build", [llama, gpt2])
+def opt() -> transformers.OPTForCausalLM:
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(
+        num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=4, vocab_size=96,
+        max_position_embeddings=48, word_embed_proj_dim=32,
+    )  # fmt: skip
+    return transformers.OPTForCausalLM(config).eval()
+
+
+def qwen2() -> transformers.Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=48,
+    )  # fmt: skip
+    return transformers.Qwen2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("build", [llama, gpt2, opt, qwen2])
 def test_a_decode_step_scores_the_next_token_as_the_full_pass_does(build) -> None:
     model = build()
     tokens = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
