@@ -48,7 +48,17 @@ def qwen2() -> transformers.Qwen2ForCausalLM:
     return transformers.Qwen2ForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("build", [llama, gpt2, opt, qwen2])
+def mistral() -> transformers.MistralForCausalLM:
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=48,
+        sliding_window=8,
+    )  # fmt: skip
+    return transformers.MistralForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("build", [llama, gpt2, opt, qwen2, mistral])
 def test_a_decode_step_scores_the_next_token_as_the_full_pass_does(build) -> None:
     model = build()
     tokens = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))

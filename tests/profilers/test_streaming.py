@@ -50,6 +50,18 @@ def build(kind: str) -> nn.Module:
                 tie_word_embeddings=True,
             )
         ).eval()
+    if kind == "mistral":
+        return transformers.MistralForCausalLM(
+            transformers.MistralConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                sliding_window=8,
+            )
+        ).eval()
     if kind == "gpt2":
         config = transformers.GPT2Config(
             n_layer=3, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0,
@@ -69,7 +81,7 @@ def build(kind: str) -> nn.Module:
     return transformers.BertModel(config).eval()
 
 
-KINDS = ["llama", "llama-tied", "gpt2", "opt", "bert"]
+KINDS = ["llama", "llama-tied", "mistral", "gpt2", "opt", "bert"]
 
 
 def batches() -> list[dict[str, torch.Tensor]]:
