@@ -59,7 +59,7 @@ from methods.tied import untie_output_embeddings
 from profilers.decode import max_context
 from profilers.hardware import HardwareSpec
 from profilers.measure import model_bytes, weight_storage_bytes
-from profilers.quality import OutputError, is_causal_lm, metric_for, perplexity
+from profilers.quality import NextTokenLoss, OutputError, is_causal_lm, metric_for
 from profilers.sensitivity import SensitivityTable
 from profilers.stages import Outputs, Variant, compare, evaluate, profile, stage_of
 from profilers.streaming import INDEX, Checkpoint, CheckpointError, StreamedModel
@@ -137,16 +137,46 @@ def _outer_calibrated_options(
     return dropped
 
 
-def _errors(
-    reference: list[dict[str, torch.Tensor]],
-    outputs: list[dict[str, torch.Tensor]],
-    batches: Sequence[dict[str, torch.Tensor]],
-    metric: str,
-) -> float:
-    acc = OutputError(metric)
-    for ref, out, batch in zip(reference, outputs, batches, strict=True):
-        acc.add(ref, out, batch.get("attention_mask"))
-    return acc.value()
+class _Figures:
+    """A judge of :func:`profilers.stages.evaluate`: the output error against the reference
+    on the batches before ``cut`` (``calibration``) and from ``cut`` on (``heldout``), in
+    the model's metric; with ``perplexity``, the next-token perplexity of both models on the
+    held-out batches."""
+
+    def __init__(
+        self, batches: Sequence[dict[str, torch.Tensor]], cut: int, perplexity: bool = False
+    ) -> None:
+        self.batches, self.cut, self.perplexity = batches, cut, perplexity
+        self.metric: str | None = None
+        self.errors: dict[str, OutputError] = {}
+        self.losses = {"perplexity": NextTokenLoss(), "baseline_perplexity": NextTokenLoss()}
+
+    def add(self, index: int, reference: Outputs, output: Outputs) -> None:
+        self.metric = self.metric or metric_for(reference)
+        batch = self.batches[index]
+        part = "calibration" if index < self.cut else "heldout"
+        error = self.errors.setdefault(part, OutputError(self.metric))
+        error.add(reference, output, batch.get("attention_mask"))
+        if self.perplexity and part == "heldout" and "logits" in output:
+            self.losses["perplexity"].add(output["logits"], batch)
+            self.losses["baseline_perplexity"].add(reference["logits"], batch)
+
+    def result(self) -> dict[str, Any]:
+        figures: dict[str, Any] = {"metric": self.metric}
+        figures.update({part: error.value() for part, error in self.errors.items()})
+        if self.perplexity and self.losses["perplexity"].tokens:
+            figures.update({k: round(v.perplexity(), 4) for k, v in self.losses.items()})
+        return figures
+
+
+class _Ignore:
+    """A judge that keeps nothing (a pass run for its side effects)."""
+
+    def add(self, index: int, reference: Outputs, output: Outputs) -> None:
+        return None
+
+    def result(self) -> None:
+        return None
 
 
 class _ShardWriter:
@@ -192,7 +222,7 @@ def write_streamed(
             streamed,
             calibration,
             {"plan": Variant(options, sink=writer)},
-            judge=lambda reference, outputs: None,
+            judge=_Ignore,
             observe=calibration,
         )
         writer.write_index()
@@ -296,26 +326,16 @@ def tune_streamed(
     candidates = {"allocator": options_of(costs, table, allocation.assignment)}
     candidates.update(fitting_uniforms(costs, table, limits))
     batches = calib.calibration + calib.heldout
-    cut = len(calib.calibration)
-    metric = "nmse"
-
-    def judge(reference: Outputs, outputs: Outputs) -> dict[str, float]:
-        nonlocal metric
-        metric = metric_for(reference[0])
-        return {
-            "calibration": _errors(reference[:cut], outputs[:cut], calib.calibration, metric),
-            "heldout": _errors(reference[cut:], outputs[cut:], calib.heldout, metric),
-        }
-
     with say.bar(len(streamed.blocks), f"{len(candidates)} candidates, end to end") as bar:
         checked = evaluate(
             streamed,
             batches,
             {name: Variant(opts) for name, opts in candidates.items()},
-            judge,
+            lambda: _Figures(batches, len(calib.calibration)),
             observe=calib.calibration,
             progress=bar.update,
         )
+    metric = checked["allocator"]["metric"]
     chosen = min(checked, key=lambda n: checked[n]["calibration"])
     uniforms = [n for n in checked if n.startswith("uniform")]
     best_uniform = min(uniforms, key=lambda n: checked[n]["calibration"]) if uniforms else None
@@ -431,18 +451,8 @@ def validate_saved(
     perplexities for causal LMs), and this process's peak resident memory."""
     saved, _ = open_saved(folder)
     causal = metric == "kl" and is_causal_lm(original.model)
-
-    def judge(reference: Outputs, outputs: Outputs) -> dict[str, Any]:
-        figures: dict[str, Any] = {
-            "heldout_error": _errors(reference, outputs, heldout, metric),
-            "metric": metric,
-        }
-        if causal:
-            figures["perplexity"] = round(perplexity(None, heldout, logits=outputs), 4)
-            figures["baseline_perplexity"] = round(perplexity(None, heldout, logits=reference), 4)
-        return figures
-
-    figures = compare(original, saved, heldout, judge)
+    figures = compare(original, saved, heldout, lambda: _Figures(heldout, 0, perplexity=causal))
+    figures["heldout_error"] = figures.pop("heldout")
     return {
         "bytes": model_bytes(saved.model),
         "state_dict_bytes": saved.checkpoint.nbytes,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -224,23 +224,32 @@ class Variant:
     sink: Callable[[str, dict[str, torch.Tensor]], None] | None = None
 
 
-Outputs = list[dict[str, torch.Tensor]]
+Outputs = dict[str, torch.Tensor]
+
+
+class Judge(Protocol):
+    """Accumulates a figure over batches: ``add`` for each batch's selected outputs (see
+    :func:`profilers.quality.select_outputs`) of the reference and the model judged, then
+    ``result``. Outputs are judged a batch at a time, so the outputs of every batch (the
+    logits of a large vocabulary) are never held at once."""
+
+    def add(self, index: int, reference: Outputs, output: Outputs) -> None: ...
+
+    def result(self) -> Any: ...
 
 
 def evaluate(
     streamed: StreamedModel,
     batches: Sequence[Batch],
     variants: Mapping[str, Variant],
-    judge: Callable[[Outputs, Outputs], Any],
+    judge: Callable[[], Judge],
     observe: Sequence[Batch] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """``judge(reference, outputs)`` for every variant, where ``outputs`` are its selected
-    outputs (see :func:`profilers.quality.select_outputs`) for each batch and ``reference``
-    those of the model as it is, from one pass that loads each block once (a variant's
-    outputs are dropped once judged). Calibrated options observe the first
-    ``len(observe)`` batches' inputs to each stage in the uncompressed model (``observe``
-    must be a prefix of ``batches``)."""
+    """For every variant, the result of a new ``judge()`` fed its outputs beside those of
+    the model as it is, batch by batch, from one pass that loads each block once.
+    Calibrated options observe the first ``len(observe)`` batches' inputs to each stage in
+    the uncompressed model (``observe`` must be a prefix of ``batches``)."""
     calibrated = len(observe) if observe is not None else 0
     names = sorted({name for v in variants.values() for name in v.options})
     groups = _groups(streamed, names)
@@ -288,21 +297,23 @@ def evaluate(
             streams["reference"].hidden = streamed.run_block(block, reference)
         if progress is not None:
             progress(1)
-    reference_suffix = OuterStage(streamed, batches, streams.pop("reference").hidden)
-
-    def finish(hidden: list[torch.Tensor]) -> Outputs:
-        return _final_outputs(streamed, batches, hidden)
-
-    reference_outputs = finish(reference_suffix.hidden or [])
+    reference_hidden = streams.pop("reference").hidden
+    reference_suffix = OuterStage(streamed, batches, reference_hidden)
     results = {}
     for key, variant in variants.items():
         # the suffix may read the prefix's tables (tied heads); its own layers observe the
         # reference's last hidden states
         modules = outer_modules(prefix_stage, -1, variant)
         modules.update(outer_modules(reference_suffix, suffix, variant))
-        with _swapped(reference_suffix, modules):
-            results[key] = judge(reference_outputs, finish(streams.pop(key).hidden))
-            if variant.sink is not None:
+        hidden = streams.pop(key).hidden
+        accumulator = judge()
+        for i, batch in enumerate(batches):
+            reference = _final_output(streamed, batch, reference_hidden[i])
+            with _swapped(reference_suffix, modules):
+                accumulator.add(i, reference, _final_output(streamed, batch, hidden[i]))
+        results[key] = accumulator.result()
+        if variant.sink is not None:
+            with _swapped(reference_suffix, modules):
                 variant.sink("outer", _outer_state(streamed))
     return results
 
@@ -313,22 +324,21 @@ def _outer_state(streamed: StreamedModel) -> dict[str, torch.Tensor]:
     return {k: v for k, v in streamed.model.state_dict().items() if not k.startswith(blocks)}
 
 
-def _final_outputs(streamed: StreamedModel, batches: Sequence[Batch], hidden: list) -> Outputs:
+def _final_output(streamed: StreamedModel, batch: Batch, hidden: torch.Tensor) -> Outputs:
+    """The model's selected outputs for ``batch`` when its last block produced ``hidden``."""
     with torch.inference_mode():
-        return [
-            {k: v.detach().float() for k, v in select_outputs(out).items()}
-            for out in streamed.finish(batches, hidden)
-        ]
+        out = streamed.finish([batch], [hidden])[0]
+        return {k: v.detach().float() for k, v in select_outputs(out).items()}
 
 
 def compare(
     reference: StreamedModel,
     other: StreamedModel,
     batches: Sequence[Batch],
-    judge: Callable[[Outputs, Outputs], Any],
+    judge: Callable[[], Judge],
     progress: Progress | None = None,
 ) -> Any:
-    """``judge(reference outputs, other outputs)`` of two streamed models of the same
+    """The result of ``judge()`` fed the outputs of two streamed models of the same
     architecture (e.g. the original and its compressed version read back from disk), run
     side by side on ``batches`` with one block of each in memory at a time."""
     if len(reference.blocks) != len(other.blocks):
@@ -345,7 +355,11 @@ def compare(
         if progress is not None:
             progress(1)
     (ref_model, _, ref_hidden), (other_model, _, other_hidden) = streams
-    return judge(
-        _final_outputs(ref_model, batches, ref_hidden),
-        _final_outputs(other_model, batches, other_hidden),
-    )
+    accumulator = judge()
+    for i, batch in enumerate(batches):
+        accumulator.add(
+            i,
+            _final_output(ref_model, batch, ref_hidden[i]),
+            _final_output(other_model, batch, other_hidden[i]),
+        )
+    return accumulator.result()

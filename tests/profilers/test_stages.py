@@ -57,8 +57,20 @@ def data() -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": torch.randint(0, VOCAB, (2, 16), generator=generator)} for _ in range(3)]
 
 
-def outputs_of(reference, outputs):
-    return reference, outputs
+class Collect:
+    """A judge that keeps every batch's outputs: ``(references, outputs)``."""
+
+    def __init__(self) -> None:
+        self.references: list = []
+        self.outputs: list = []
+
+    def add(self, index, reference, output) -> None:
+        assert index == len(self.outputs)
+        self.references.append(reference)
+        self.outputs.append(output)
+
+    def result(self):
+        return self.references, self.outputs
 
 
 def test_each_layer_belongs_to_the_prefix_a_block_or_the_suffix(folder: Path) -> None:
@@ -79,7 +91,7 @@ def test_variants_give_the_outputs_of_the_model_compressed_in_memory(
         open_streamed(folder),
         data,
         {"rtn": Variant(rtn), "gptq": Variant(gptq)},
-        judge=outputs_of,
+        judge=Collect,
         observe=data,
     )
     expected = {
@@ -101,7 +113,7 @@ def test_a_sink_receives_the_compressed_state_of_every_stage(model, folder: Path
         open_streamed(folder),
         data[:1],
         {"plan": Variant(options, sink=lambda stage, state: states.setdefault(stage, state))},
-        judge=outputs_of,
+        judge=Collect,
     )
     assert list(states) == ["model.layers.0", "model.layers.1", "model.layers.2", "outer"]
     merged = {k: v for state in states.values() for k, v in state.items()}
@@ -152,7 +164,7 @@ def test_two_streamed_models_run_side_by_side(model, folder: Path, data, tmp_pat
             name, method_of(option).empty(LayerShape.of(module), option, like=module)
         )
     other = StreamedModel(skeleton, Checkpoint(tmp_path))
-    reference, outputs = compare(open_streamed(folder), other, data, outputs_of)
+    reference, outputs = compare(open_streamed(folder), other, data, Collect)
     with torch.inference_mode():
         for batch, ref, out in zip(data, reference, outputs, strict=True):
             assert torch.equal(ref["logits"], model(**batch).logits)
