@@ -133,8 +133,9 @@ def test_local_target_measures_latency_in_the_model(tokenizer) -> None:
     assert all(v > 0 for values in seconds.values() for v in values)
     assert "measured here" in str(result.report)
     assert "latency_margin" not in result.plan.search  # no latency term: no margin
-    # a measured latency limit is planned with a margin, since timings vary between runs
-    limit = 1.2 * predicted["latency_ms"]
+    # a measured latency limit is planned with a margin, since timings vary between runs (the
+    # second tune times every option again: the limit leaves room for that)
+    limit = 3 * predicted["latency_ms"]
     _, bounded = _tune(f"35%,{limit:.6f}ms", tokenizer, target="local", measure=False, model=model)
     assert bounded.plan.search["latency_margin"] == LOCAL_LATENCY_MARGIN
     assert bounded.plan.predicted["latency_ms"] <= (1 - LOCAL_LATENCY_MARGIN) * limit
