@@ -132,7 +132,9 @@ class Budget:
 
     @classmethod
     def parse(cls, spec: Any, **shape: Any) -> Budget:
-        """A budget from a string, a dict, a ``Budget`` or ``None`` plus keywords."""
+        """A budget from a string, a dict, a ``Budget`` or ``None`` plus keywords (those set
+        to ``None`` are left as the budget has them)."""
+        shape = {k: v for k, v in shape.items() if v is not None}
         if isinstance(spec, Budget):
             return replace(spec, **shape) if shape else spec
         if isinstance(spec, dict):

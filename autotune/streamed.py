@@ -279,12 +279,7 @@ def tune_streamed(
     is kept, as in :func:`autotune.tuner.autotune`."""
     started = time.perf_counter()
     say = Progress(progress)
-    shape = {}
-    if batch_size is not None:
-        shape["batch_size"] = batch_size
-    if latency_seq_len is not None:
-        shape["seq_len"] = latency_seq_len
-    budget = Budget.parse(budget, **shape)
+    budget = Budget.parse(budget, batch_size=batch_size, seq_len=latency_seq_len)
     spec = get_target(target, target_files)
     methods = tuple(methods) if methods is not None else default_methods(spec)
     _refuse(budget, spec, methods)

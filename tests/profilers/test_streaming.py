@@ -26,42 +26,23 @@ VOCAB = 96
 
 def build(kind: str) -> nn.Module:
     torch.manual_seed(0)
+    decoder = {
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
     if kind == "llama":
-        return transformers.LlamaForCausalLM(
-            transformers.LlamaConfig(
-                vocab_size=VOCAB,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=3,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=64,
-            )
-        ).eval()
+        config = transformers.LlamaConfig(**decoder, max_position_embeddings=64)
+        return transformers.LlamaForCausalLM(config).eval()
     if kind == "llama-tied":
-        return transformers.LlamaForCausalLM(
-            transformers.LlamaConfig(
-                vocab_size=VOCAB,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=3,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                tie_word_embeddings=True,
-            )
-        ).eval()
+        config = transformers.LlamaConfig(**decoder, tie_word_embeddings=True)
+        return transformers.LlamaForCausalLM(config).eval()
     if kind == "mistral":
-        return transformers.MistralForCausalLM(
-            transformers.MistralConfig(
-                vocab_size=VOCAB,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=3,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                sliding_window=8,
-            )
-        ).eval()
+        config = transformers.MistralConfig(**decoder, sliding_window=8)
+        return transformers.MistralForCausalLM(config).eval()
     if kind == "gpt2":
         config = transformers.GPT2Config(
             n_layer=3, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0,
