@@ -25,7 +25,6 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from torch import nn
 
 from autotune.apply import check_options, plan_calibration
 from autotune.budget import Budget
@@ -49,7 +48,7 @@ from autotune.plan import DEFAULT_KEY, Plan
 from autotune.progress import Progress
 from autotune.report import Report
 from autotune.saved import PLAN
-from autotune.space import CostModel, build_costs, default_methods, layer_options
+from autotune.space import build_costs, default_methods, layer_options
 from autotune.targets import get_target
 from autotune.validate import ValidationResult, heldout_batches, plan_checks
 from methods.base import LayerShape, Option
@@ -60,7 +59,6 @@ from profilers.decode import max_context
 from profilers.hardware import HardwareSpec
 from profilers.measure import model_bytes, weight_storage_bytes
 from profilers.quality import NextTokenLoss, OutputError, is_causal_lm, metric_for
-from profilers.sensitivity import SensitivityTable
 from profilers.stages import Outputs, Variant, compare, evaluate, profile, stage_of
 from profilers.streaming import INDEX, Checkpoint, CheckpointError, StreamedModel
 
@@ -237,16 +235,6 @@ def write_streamed(
     return Path(outdir)
 
 
-def non_persistent_bytes(model: nn.Module) -> int:
-    """Bytes of buffers a model holds but does not save (rotary tables, position ids)."""
-    total = 0
-    for module in model.modules():
-        for name, buffer in module._buffers.items():
-            if buffer is not None and name in module._non_persistent_buffers_set:
-                total += buffer.numel() * buffer.element_size()
-    return total
-
-
 def tune_streamed(
     model: str | Path,
     budget: Budget | str | dict,
@@ -396,7 +384,7 @@ def tune_streamed(
             **({"heldout_guard": guard} if guard else {}),
             **({"undercalibrated_options_left_out": left_out} if left_out else {}),
         },
-        profile=_streamed_profile(costs, sensitivity.errors, options_chosen, sensitivity.metric),
+        profile=layer_profile(costs, sensitivity, options_chosen),
     )
     say.say(f"writing the compressed model to {save_to}")
     write_streamed(streamed, options_chosen, plan, save_to, calib.calibration, tokenizer)
@@ -459,12 +447,6 @@ def validate_saved(
             "peak_rss_bytes": peak_rss_bytes(),
         },
     }
-
-
-def _streamed_profile(
-    costs: CostModel, errors: dict[str, dict[str, float]], chosen: dict[str, Option], metric: str
-) -> dict[str, Any]:
-    return layer_profile(costs, SensitivityTable(metric, errors, 0, 0.0), chosen)
 
 
 def _streamed_plan(
