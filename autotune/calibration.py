@@ -1,8 +1,13 @@
 """Calibration and held-out data: token windows from text, batched for the model.
 
+Three disjoint splits, each with one job:
+
+- calibration: profiling and search (the sensitivity windows are its first windows);
+- selection: the final choice between the search's plan and every uniform plan that fits;
+- held-out: measurement only, read after the plan is fixed, never to choose anything.
+
 Without user data, text comes from the docstrings of the Python standard library on this
-machine (English prose, no download). Source files are dealt to two disjoint splits: the
-calibration split feeds profiling and search, the held-out split only validation.
+machine (English prose, no download); its source files are dealt to the three splits.
 """
 
 from __future__ import annotations
@@ -24,17 +29,24 @@ from autotune.errors import CalibrationError
 STDLIB_SOURCE = "python-stdlib-docstrings"
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 _MIN_WORDS = 12
+SPLITS = ("calibration", "selection", "heldout")
+# a text's split by its index modulo 4: the held-out split is the same as before the
+# selection split existed, so plans validated on it stay comparable
+_SPLIT_OF_RESIDUE = {0: "calibration", 1: "selection", 2: "calibration", 3: "heldout"}
+MIN_TEXTS = 4  # user texts for three splits, each one text at least
 
 
 @dataclass
 class CalibrationSet:
     """Batches for search (``calibration``), per-layer profiling (``sensitivity``, a subset of
-    calibration) and validation only (``heldout``)."""
+    calibration), the final choice between plans (``selection``) and measurement only
+    (``heldout``)."""
 
     calibration: list[dict[str, torch.Tensor]]
     sensitivity: list[dict[str, torch.Tensor]]
     heldout: list[dict[str, torch.Tensor]]
     description: dict[str, Any] = field(default_factory=dict)
+    selection: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
     def latency_inputs(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
         """One input of ``batch_size`` x ``seq_len`` tokens, tiled from held-out data."""
@@ -77,12 +89,28 @@ def _docstrings(path: Path) -> Iterator[str]:
             yield " ".join(doc.split())
 
 
+def split_of(index: int) -> str:
+    """The split of the ``index``-th text or source file: of every four, two calibrate, one
+    selects and one is held out."""
+    return _SPLIT_OF_RESIDUE[index % 4]
+
+
 def stdlib_texts(split: str) -> Iterator[str]:
-    """Docstrings of the standard library; ``split`` is ``"calibration"`` or ``"heldout"``
-    (every fourth source file goes to held-out)."""
+    """Docstrings of the standard library; ``split`` is one of :data:`SPLITS` (source files
+    are dealt to the splits by :func:`split_of`)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+    seen: set[str] = set()  # a docstring found in several files belongs to the first one's split
     for index, path in enumerate(stdlib_files()):
-        if (index % 4 == 3) == (split == "heldout"):
-            yield from _docstrings(path)
+        texts = [t for t in _file_docstrings(path) if t not in seen]
+        seen.update(texts)
+        if split_of(index) == split:
+            yield from texts
+
+
+@cache
+def _file_docstrings(path: Path) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(_docstrings(path)))
 
 
 def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -156,11 +184,15 @@ def build_calibration(
     *,
     seq_len: int = 128,
     calibration_windows: int = 32,
+    selection_windows: int = 8,
     heldout_windows: int = 16,
     sensitivity_windows: int = 4,
     batch_size: int = 8,
 ) -> CalibrationSet:
-    """Build the calibration set from stdlib text (``None``), texts, a text file, or batches."""
+    """Build the three splits from stdlib text (``None``), texts, a text file, or batches.
+
+    User texts are dealt like stdlib files (:func:`split_of`); with ``heldout`` given, the
+    calibration texts are dealt to calibration and selection only (every fourth selects)."""
     accepted = accepted_inputs(model)
     max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if max_positions:
@@ -174,26 +206,22 @@ def build_calibration(
         )
     if calibration is None:
         calib_texts: Any = stdlib_texts("calibration")
-        held_texts: Any = stdlib_texts("heldout") if heldout is None else heldout
+        select_texts: Any = stdlib_texts("selection")
+        held_texts: Any = stdlib_texts("heldout") if heldout is None else _texts_of(heldout)
         source = STDLIB_SOURCE
     else:
-        texts = _read_texts(calibration) if isinstance(calibration, (str, Path)) else calibration
-        if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
-            raise CalibrationError(
-                "calibration must be a list of strings, a text file, or a list of input batches"
-            )
-        if heldout is None:
-            calib_texts = [t for i, t in enumerate(texts) if i % 4 != 3]
-            held_texts = [t for i, t in enumerate(texts) if i % 4 == 3] or list(texts)
-        else:
-            calib_texts = list(texts)
-            held_texts = _read_texts(heldout) if isinstance(heldout, (str, Path)) else heldout
+        texts = _texts_of(calibration)
+        calib_texts, select_texts, held_texts = _deal(texts, heldout)
         source = str(calibration) if isinstance(calibration, (str, Path)) else "user texts"
     calib = token_windows(calib_texts, tokenizer, seq_len, calibration_windows)
+    select = token_windows(select_texts, tokenizer, seq_len, selection_windows)
     held = token_windows(held_texts, tokenizer, seq_len, heldout_windows)
-    if not calib or not held:
+    empty = [name for name, found in zip(SPLITS, (calib, select, held), strict=True) if not found]
+    if empty:
         raise CalibrationError(
-            f"not enough calibration text for one window of {seq_len} tokens in each split"
+            f"not enough text for one window of {seq_len} tokens in the {' and '.join(empty)} "
+            f"split{'s' if len(empty) > 1 else ''}: give more or longer texts, or a shorter "
+            "--seq-len"
         )
     sens = calib[: max(1, min(sensitivity_windows, len(calib)))]
     description = {
@@ -201,6 +229,7 @@ def build_calibration(
         "seq_len": seq_len,
         "calibration_windows": len(calib),
         "sensitivity_windows": len(sens),
+        "selection_windows": len(select),
         "heldout_windows": len(held),
         "batch_size": batch_size,
     }
@@ -208,8 +237,42 @@ def build_calibration(
         calibration=batch_windows(calib, batch_size, accepted),
         sensitivity=batch_windows(sens, len(sens), accepted),
         heldout=batch_windows(held, batch_size, accepted),
+        selection=batch_windows(select, batch_size, accepted),
         description=description,
     )
+
+
+def _texts_of(source: Any) -> list[str]:
+    texts = _read_texts(source) if isinstance(source, (str, Path)) else source
+    if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+        raise CalibrationError(
+            "calibration and held-out data must be a list of strings, a text file, or a list "
+            "of input batches"
+        )
+    return list(texts)
+
+
+def _deal(texts: list[str], heldout: Any) -> tuple[list[str], list[str], list[str]]:
+    """User texts dealt to calibration, selection and held-out (held-out given: to the first
+    two), refusing too few texts for disjoint splits."""
+    if heldout is None:
+        if len(texts) < MIN_TEXTS:
+            raise CalibrationError(
+                f"{len(texts)} calibration text(s): disjoint calibration, selection and "
+                f"held-out splits need at least {MIN_TEXTS} (or 2 with --heldout)"
+            )
+        parts: dict[str, list[str]] = {name: [] for name in SPLITS}
+        for index, text in enumerate(texts):
+            parts[split_of(index)].append(text)
+        return parts["calibration"], parts["selection"], parts["heldout"]
+    if len(texts) < 2:
+        raise CalibrationError(
+            f"{len(texts)} calibration text(s): disjoint calibration and selection splits "
+            "need at least 2"
+        )
+    calib = [t for i, t in enumerate(texts) if i % 4 != 3]
+    select = [t for i, t in enumerate(texts) if i % 4 == 3] or [calib.pop()]
+    return calib, select, _texts_of(heldout)
 
 
 def build_heldout(
@@ -251,19 +314,37 @@ def _is_batches(value: Any) -> bool:
 
 
 def _from_batches(calibration: Any, heldout: Any, sensitivity_windows: int) -> CalibrationSet:
+    """User batches: the last quarter held out (unless ``heldout`` is given) and the quarter
+    before it selects; the rest calibrates."""
     batches = [dict(b) for b in calibration]
     if heldout is not None and not _is_batches(heldout):
         raise CalibrationError("with calibration batches, heldout must be batches too")
     if heldout is None:
-        if len(batches) < 2:
-            raise CalibrationError("give at least two calibration batches, or held-out batches")
+        if len(batches) < 3:
+            raise CalibrationError(
+                f"{len(batches)} calibration batch(es): disjoint calibration, selection and "
+                "held-out splits need at least 3 (or 2 with held-out batches)"
+            )
         cut = max(1, len(batches) // 4)
         held, batches = batches[-cut:], batches[:-cut]
     else:
+        if len(batches) < 2:
+            raise CalibrationError(
+                f"{len(batches)} calibration batch: disjoint calibration and selection "
+                "splits need at least 2"
+            )
         held = [dict(b) for b in heldout]
+    cut = max(1, len(batches) // 4)
+    select, batches = batches[-cut:], batches[:-cut]
     return CalibrationSet(
         calibration=batches,
         sensitivity=batches[:1],
         heldout=held,
-        description={"source": "user batches", "calibration_batches": len(batches)},
+        selection=select,
+        description={
+            "source": "user batches",
+            "calibration_batches": len(batches),
+            "selection_batches": len(select),
+            "heldout_batches": len(held),
+        },
     )

@@ -40,6 +40,7 @@ from autotune.choices import (
 )
 from autotune.errors import AutotuneError, ModelLoadError, PlanError
 from autotune.fingerprint import fingerprint
+from autotune.fitness import windows_of
 from autotune.io import atomic_directory
 from autotune.layers import compressible_layers, weight_numel
 from autotune.loading import LoadedModel, load_skeleton, model_folder
@@ -48,6 +49,7 @@ from autotune.plan import DEFAULT_KEY, Plan
 from autotune.progress import Progress
 from autotune.report import Report
 from autotune.saved import PLAN
+from autotune.selection import UNIFORM_PREFIX, choose, is_uniform
 from autotune.space import build_costs, default_methods, layer_options
 from autotune.targets import get_target
 from autotune.validate import ValidationResult, heldout_batches, plan_checks
@@ -62,7 +64,7 @@ from profilers.quality import NextTokenLoss, OutputError, is_causal_lm, metric_f
 from profilers.stages import Outputs, Variant, compare, evaluate, profile, stage_of
 from profilers.streaming import INDEX, Checkpoint, CheckpointError, StreamedModel
 
-ALGORITHM = "milp-allocator + uniform check, streamed block by block"
+ALGORITHM = "milp-allocator + selection split vs uniform plans, streamed block by block"
 # methods whose statistics need backward passes through the whole model
 NEEDS_WHOLE_MODEL = ("fisher_svd",)
 
@@ -137,14 +139,17 @@ def _outer_calibrated_options(
 
 class _Figures:
     """A judge of :func:`profilers.stages.evaluate`: the output error against the reference
-    on the batches before ``cut`` (``calibration``) and from ``cut`` on (``heldout``), in
-    the model's metric; with ``perplexity``, the next-token perplexity of both models on the
-    held-out batches."""
+    on each split of the batches (``parts[i]`` names batch ``i``'s split), in the model's
+    metric; with ``perplexity``, the next-token perplexity of both models on the held-out
+    batches."""
 
     def __init__(
-        self, batches: Sequence[dict[str, torch.Tensor]], cut: int, perplexity: bool = False
+        self,
+        batches: Sequence[dict[str, torch.Tensor]],
+        parts: Sequence[str],
+        perplexity: bool = False,
     ) -> None:
-        self.batches, self.cut, self.perplexity = batches, cut, perplexity
+        self.batches, self.parts, self.perplexity = batches, parts, perplexity
         self.metric: str | None = None
         self.errors: dict[str, OutputError] = {}
         self.losses = {"perplexity": NextTokenLoss(), "baseline_perplexity": NextTokenLoss()}
@@ -152,7 +157,7 @@ class _Figures:
     def add(self, index: int, reference: Outputs, output: Outputs) -> None:
         self.metric = self.metric or metric_for(reference)
         batch = self.batches[index]
-        part = "calibration" if index < self.cut else "heldout"
+        part = self.parts[index]
         error = self.errors.setdefault(part, OutputError(self.metric))
         error.add(reference, output, batch.get("attention_mask"))
         if self.perplexity and part == "heldout" and "logits" in output:
@@ -253,6 +258,7 @@ def tune_streamed(
     latency_seq_len: int | None = None,
     calibration_windows: int = 32,
     sensitivity_windows: int = 4,
+    selection_windows: int = 8,
     heldout_windows: int = 16,
     trust_remote_code: bool = False,
     progress: bool = True,
@@ -262,9 +268,11 @@ def tune_streamed(
 
     The per-layer scores are the error at the output of the layer's block (the layer's own
     output error for layers outside the blocks), a proxy of the end-to-end error; the
-    allocator's plan and every uniform plan that fits are then compared end to end on the
-    calibration data, and the better of the best and the best uniform plan on held-out data
-    is kept, as in :func:`autotune.tuner.autotune`."""
+    allocator's plan and every uniform plan that fits are then run end to end in one pass over
+    the three splits: the calibration data picks the front runner, the selection split keeps
+    it or a uniform plan (:func:`autotune.selection.choose`), as in
+    :func:`autotune.tuner.autotune`; the held-out figures of that pass are read only once
+    the choice is made."""
     started = time.perf_counter()
     say = Progress(progress)
     budget = Budget.parse(budget, batch_size=batch_size, seq_len=latency_seq_len)
@@ -289,6 +297,7 @@ def tune_streamed(
         heldout,
         seq_len=seq_len,
         calibration_windows=calibration_windows,
+        selection_windows=selection_windows,
         heldout_windows=heldout_windows,
         sensitivity_windows=sensitivity_windows,
     )
@@ -308,30 +317,35 @@ def tune_streamed(
     table, allocation = allocate_plan(budget, costs, limits, sensitivity.errors)
     candidates = {"allocator": options_of(costs, table, allocation.assignment)}
     candidates.update(fitting_uniforms(costs, table, limits))
-    batches = calib.calibration + calib.heldout
+    splits = {
+        "calibration": calib.calibration,
+        "selection": calib.selection,
+        "heldout": calib.heldout,
+    }
+    batches = [b for part in splits.values() for b in part]
+    parts = [name for name, part in splits.items() for _ in part]
     with say.bar(len(streamed.blocks), f"{len(candidates)} candidates, end to end") as bar:
         checked = evaluate(
             streamed,
             batches,
             {name: Variant(opts) for name, opts in candidates.items()},
-            lambda: _Figures(batches, len(calib.calibration)),
+            lambda: _Figures(batches, parts),
             observe=calib.calibration,
             progress=bar.update,
         )
     metric = checked["allocator"]["metric"]
-    chosen = min(checked, key=lambda n: checked[n]["calibration"])
-    uniforms = [n for n in checked if n.startswith("uniform")]
-    best_uniform = min(uniforms, key=lambda n: checked[n]["calibration"]) if uniforms else None
-    guard = None
-    if best_uniform is not None and chosen != best_uniform:
-        guard = {
-            "chosen": checked[chosen]["heldout"],
-            "best_uniform": checked[best_uniform]["heldout"],
-            "kept": chosen,
-        }
-        if checked[best_uniform]["heldout"] < checked[chosen]["heldout"]:
-            chosen = guard["kept"] = best_uniform
-    say.say(f"chose {chosen} (calibration error {checked[chosen]['calibration']:.4g})")
+    front_runner = min(checked, key=lambda n: checked[n]["calibration"])
+    selection = choose(
+        front_runner,
+        [n for n in candidates if is_uniform(n)],
+        lambda name: checked[name]["selection"],
+        windows_of(calib.selection),
+    )
+    chosen, best_uniform = selection.chosen, selection.best_uniform
+    say.say(
+        f"chose {chosen} (selection error {selection.errors[chosen]:.4g}; calibration front "
+        f"runner {front_runner})"
+    )
     options_chosen = candidates[chosen]
     totals = costs.totals({n: costs.options[n].index(o) for n, o in options_chosen.items()})
     original = costs.totals({n: costs.options[n].index(KeepOption()) for n in costs.options})
@@ -374,14 +388,14 @@ def tune_streamed(
                 {
                     "name": name,
                     "calibration_error": checked[name]["calibration"],
-                    "heldout_error": checked[name]["heldout"],
+                    "selection_error": checked[name]["selection"],
                     **candidate_totals(costs, opts),
                 }
                 for name, opts in candidates.items()
             ],
             "solver_seconds": round(allocation.seconds, 3),
             "solver_optimal": allocation.optimal,
-            **({"heldout_guard": guard} if guard else {}),
+            "selection": selection.to_dict(),
             **({"undercalibrated_options_left_out": left_out} if left_out else {}),
         },
         profile=layer_profile(costs, sensitivity, options_chosen),
@@ -391,8 +405,9 @@ def tune_streamed(
     say.say("validating the written model")
     measured = validate_saved(streamed, save_to, calib.heldout, metric)
     if best_uniform is not None:
-        measured["best_uniform"] = {
-            "option": best_uniform.removeprefix("uniform "),
+        measured["best_uniform"] = {  # its held-out figure is read now that the plan is fixed
+            "option": best_uniform.removeprefix(UNIFORM_PREFIX),
+            "selection_error": selection.errors[best_uniform],
             "heldout_error": checked[best_uniform]["heldout"],
             "bytes": candidate_totals(costs, candidates[best_uniform])["bytes"],
         }
@@ -434,7 +449,12 @@ def validate_saved(
     perplexities for causal LMs), and this process's peak resident memory."""
     saved, _ = open_saved(folder)
     causal = metric == "kl" and is_causal_lm(original.model)
-    figures = compare(original, saved, heldout, lambda: _Figures(heldout, 0, perplexity=causal))
+    figures = compare(
+        original,
+        saved,
+        heldout,
+        lambda: _Figures(heldout, ["heldout"] * len(heldout), perplexity=causal),
+    )
     figures["heldout_error"] = figures.pop("heldout")
     return {
         "bytes": model_bytes(saved.model),

@@ -36,6 +36,7 @@ from autotune.plan import DEFAULT_KEY, Plan
 from autotune.progress import Progress
 from autotune.report import Report
 from autotune.searching import check_settings, choose_engine, run_search
+from autotune.selection import UNIFORM_PREFIX, choose, is_uniform
 from autotune.space import (
     CostModel,
     build_costs,
@@ -56,11 +57,12 @@ from profilers.observe import collect_observers
 from profilers.quality import is_causal_lm, run_outputs
 from profilers.sensitivity import SensitivityTable, measure_sensitivity
 
+_FINAL_CHOICE = " + selection split vs uniform plans"
 ALGORITHMS = {
-    "allocator": "milp-allocator + uniform check",
-    "evolution": "milp-allocator -> evolution (EvoPress-style) + uniform check",
-    "tpe": "milp-allocator -> optuna TPE + uniform check",
-    "nsga2": "milp-allocator -> optuna NSGA-II (error x bytes x latency) + uniform check",
+    "allocator": "milp-allocator" + _FINAL_CHOICE,
+    "evolution": "milp-allocator -> evolution (EvoPress-style)" + _FINAL_CHOICE,
+    "tpe": "milp-allocator -> optuna TPE" + _FINAL_CHOICE,
+    "nsga2": "milp-allocator -> optuna NSGA-II (error x bytes x latency)" + _FINAL_CHOICE,
 }
 
 
@@ -201,6 +203,7 @@ def autotune(
     latency_seq_len: int | None = None,
     calibration_windows: int = 32,
     sensitivity_windows: int = 4,
+    selection_windows: int = 8,
     heldout_windows: int = 16,
     trust_remote_code: bool = False,
     cache: bool | str | Path = True,
@@ -236,8 +239,10 @@ def autotune(
     can share one study. ``structured`` (e.g. ``{"ffn": 0.25, "heads": 0.1}``) first removes
     that fraction of FFN neurons and attention heads in every block (the lowest-scoring on the
     calibration data); the per-layer search then works on the shrunken layers and quality is
-    measured against the unpruned model. The plan is never worse than the best uniform plan
-    that fits, on held-out data. The user's model is not modified unless ``inplace=True``.
+    measured against the unpruned model. The calibration data picks the search's front
+    runner; the selection split (``selection_windows``) then keeps it or the uniform plan
+    that fits with the least error there; the held-out split (``heldout_windows``) only
+    measures the result. The user's model is not modified unless ``inplace=True``.
     """
     started = time.perf_counter()
     say = Progress(progress)
@@ -277,11 +282,13 @@ def autotune(
         heldout,
         seq_len=seq_len,
         calibration_windows=calibration_windows,
+        selection_windows=selection_windows,
         heldout_windows=heldout_windows,
         sensitivity_windows=sensitivity_windows,
     )
     # quality is judged against the model as given, before any structured pruning
     heldout_reference = run_outputs(work, calib.heldout)
+    selection_reference = run_outputs(work, calib.selection)
     calib_reference = run_outputs(work, calib.calibration)
     screening_reference = run_outputs(work, calib.sensitivity)
     structure = _prune_structure(work, structured, calib.calibration)
@@ -408,32 +415,38 @@ def autotune(
         len(candidates) + searched + min(3, len(candidates) - searched), "candidates"
     ) as bar:
         chosen = select(candidates, fitness.error, searched=searched, progress=bar.update)
-    uniforms = [
-        c for c in candidates if c.name.startswith("uniform") and c.calibration_error is not None
-    ]
-    best_uniform = min(uniforms, key=lambda c: c.calibration_error) if uniforms else None
-    uniform_measure = None
-    guard = None
-    if best_uniform is not None:
-        uniform_error = evaluate(
+    by_name = {c.name: c for c in candidates}
+    with say.bar(1 + len(candidates) - searched, "selection split") as bar:
+        selection = choose(
+            chosen.name,
+            [c.name for c in candidates[searched:] if is_uniform(c.name)],
+            lambda name: evaluate(
+                work,
+                by_name[name].options,
+                calib.selection,
+                selection_reference,
+                sensitivity.metric,
+                cache,
+            ),
+            windows_of(calib.selection),
+            progress=bar.update,
+        )
+    chosen = by_name[selection.chosen]
+    if chosen.calibration_error is None:  # a uniform plan that was not a finalist won
+        chosen.calibration_error = fitness.error(chosen.options, -1)
+    best_uniform = by_name[selection.best_uniform] if selection.best_uniform else None
+    # the plan is fixed: only now is the held-out split read, to measure and never to choose
+    uniform_heldout = (
+        evaluate(
             work, best_uniform.options, calib.heldout, heldout_reference, sensitivity.metric, cache
         )
-        uniform_choice = {n: costs.options[n].index(o) for n, o in best_uniform.options.items()}
-        uniform_measure = {
-            "option": best_uniform.name.removeprefix("uniform "),
-            "heldout_error": uniform_error,
-            "bytes": int(costs.totals(uniform_choice)["bytes"]),
-        }
-        if chosen is not best_uniform:
-            chosen_error = evaluate(
-                work, chosen.options, calib.heldout, heldout_reference, sensitivity.metric, cache
-            )
-            guard = {"chosen": chosen_error, "best_uniform": uniform_error, "kept": chosen.name}
-            if uniform_error < chosen_error:
-                # never worse than the best uniform plan that fits, on held-out data
-                chosen = best_uniform
-                guard["kept"] = chosen.name
-    say.say(f"chose {chosen.name} (calibration error {chosen.calibration_error:.4g})")
+        if measure and best_uniform is not None
+        else None
+    )
+    say.say(
+        f"chose {chosen.name} (selection error {selection.errors[chosen.name]:.4g}; "
+        f"calibration front runner {selection.front_runner})"
+    )
 
     choice = {n: costs.options[n].index(o) for n, o in chosen.options.items()}
     totals = costs.totals(choice)
@@ -503,8 +516,7 @@ def autotune(
     }
     if margin and (budget.latency_ms or budget.decode_ms) is not None:
         search_info["latency_margin"] = margin
-    if guard is not None:
-        search_info["heldout_guard"] = guard
+    search_info["selection"] = selection.to_dict()
     if left_out:
         search_info["undercalibrated_options_left_out"] = left_out
     if outcome.result is not None:
@@ -559,7 +571,12 @@ def autotune(
                 **early_baseline.latency_figures(),
                 "timed": "before tuning (the model was tuned in place)",
             }
-        if uniform_measure is not None:
-            plan.measured["best_uniform"] = uniform_measure
+        if best_uniform is not None:
+            plan.measured["best_uniform"] = {
+                "option": best_uniform.name.removeprefix(UNIFORM_PREFIX),
+                "selection_error": selection.errors[best_uniform.name],
+                "heldout_error": uniform_heldout,
+                "bytes": int(candidate_totals(costs, best_uniform.options)["bytes"]),
+            }
     plan.search["seconds"] = round(time.perf_counter() - started, 2)
     return TuneResult(plan, work, Report(plan), sensitivity, costs)

@@ -18,9 +18,12 @@ from tests.conftest import make_tiny_bert
 
 def test_stdlib_splits_are_disjoint_and_deterministic() -> None:
     calib = set(_take(stdlib_texts("calibration"), 200))
+    select = set(_take(stdlib_texts("selection"), 200))
     held = set(_take(stdlib_texts("heldout"), 200))
-    assert calib and held
-    assert not calib & held
+    assert calib and select and held
+    assert not calib & held and not calib & select and not select & held
+    with pytest.raises(ValueError, match="allowed: calibration, selection, heldout"):
+        next(stdlib_texts("test"))
     assert _take(stdlib_texts("calibration"), 50) == _take(stdlib_texts("calibration"), 50)
     assert all("test" not in p.parts for p in stdlib_files())
 
@@ -46,9 +49,14 @@ def test_default_calibration_set(tokenizer) -> None:
     assert sum(b["input_ids"].shape[0] for b in calib.heldout) == 4
     assert calib.sensitivity[0]["input_ids"].shape == (4, 64)
     assert set(calib.calibration[0]) == {"input_ids", "attention_mask", "token_type_ids"}
-    held_rows = {tuple(r.tolist()) for b in calib.heldout for r in b["input_ids"]}
-    calib_rows = {tuple(r.tolist()) for b in calib.calibration for r in b["input_ids"]}
-    assert not held_rows & calib_rows
+    rows = {
+        split: {tuple(r.tolist()) for b in getattr(calib, split) for r in b["input_ids"]}
+        for split in ("calibration", "selection", "heldout")
+    }
+    assert len(rows["selection"]) == 8  # the default selection windows
+    assert not rows["heldout"] & rows["calibration"]
+    assert not rows["selection"] & (rows["calibration"] | rows["heldout"])
+    assert calib.description["selection_windows"] == 8
     assert calib.description["source"] == "python-stdlib-docstrings"
     latency = calib.latency_inputs(2, 16)
     assert latency["input_ids"].shape == (2, 16)
@@ -69,6 +77,19 @@ def test_user_texts_and_files(tokenizer, tmp_path: Path) -> None:
         model, tokenizer, texts, seq_len=32, calibration_windows=4, heldout_windows=2
     )
     assert calib.description["source"] == "user texts"
+    # each split holds windows of its own texts only: paragraph numbers tell them apart
+    numbers = {
+        split: {
+            int(tokenizer.decode(row[1:4]).split()[1])
+            for b in getattr(calib, split)
+            for row in b["input_ids"].tolist()
+            if tokenizer.decode(row[1:3]).startswith("paragraph")
+        }
+        for split in ("calibration", "selection", "heldout")
+    }
+    assert numbers["calibration"] <= {0, 2, 4, 6, 8, 10}
+    assert numbers["selection"] and numbers["selection"] <= {1, 5, 9}
+    assert numbers["heldout"] and numbers["heldout"] <= {3, 7, 11}
     file = tmp_path / "corpus.txt"
     file.write_text("\n\n".join(texts))
     from_file = build_calibration(model, tokenizer, file, seq_len=32, calibration_windows=4)
@@ -81,7 +102,28 @@ def test_user_batches_are_used_as_given() -> None:
 
     batches = [{"input_ids": torch.randint(0, 100, (2, 8))} for _ in range(4)]
     calib = build_calibration(make_tiny_bert(), None, batches)
-    assert len(calib.calibration) + len(calib.heldout) == 4
+    assert [calib.calibration, calib.selection, calib.heldout] == [
+        batches[:2],
+        batches[2:3],
+        batches[3:],
+    ]
+    with pytest.raises(CalibrationError, match="need at least 3"):
+        build_calibration(make_tiny_bert(), None, batches[:2])
+    given = build_calibration(make_tiny_bert(), None, batches[:2], heldout=batches[2:])
+    assert (given.calibration, given.selection, given.heldout) == (
+        batches[:1],
+        batches[1:2],
+        batches[2:],
+    )
+
+
+@pytest.mark.parametrize(("count", "heldout", "needed"), [(3, None, 4), (1, ["held out"], 2)])
+def test_too_few_texts_for_disjoint_splits_are_refused(
+    tokenizer, count: int, heldout, needed: int
+) -> None:
+    texts = ["lorem ipsum dolor sit amet " * 40] * count
+    with pytest.raises(CalibrationError, match=f"{count} calibration text.*at least {needed}"):
+        build_calibration(make_tiny_bert(), tokenizer, texts, heldout=heldout, seq_len=32)
 
 
 @pytest.mark.parametrize(
@@ -89,7 +131,7 @@ def test_user_batches_are_used_as_given() -> None:
     [
         ("/nonexistent/corpus.txt", "does not exist"),
         ([1, 2, 3], "list of strings"),
-        (["too short"], "not enough calibration text"),
+        (["too short"] * 4, "not enough text .* calibration and selection and heldout"),
     ],
 )
 def test_unusable_calibration(tokenizer, calibration, fragment: str) -> None:

@@ -83,9 +83,17 @@ def test_the_plan_holds_and_its_bytes_are_exact(tuned) -> None:
     assert result.report.holds() == {"memory": True}
     assert plan.measured["streamed"]["blocks"] == 3
     assert "worked block by block: 3 blocks" in str(result.report)
-    guard = plan.search.get("heldout_guard")
-    if guard:  # never worse than the best uniform plan on held-out data
-        assert plan.measured["heldout_error"] <= guard["best_uniform"] * (1 + 1e-9)
+    selection = plan.search["selection"]
+    candidates = {c["name"]: c for c in plan.search["candidates"]}
+    front_runner = min(candidates, key=lambda n: candidates[n]["calibration_error"])
+    uniforms = {n for n in candidates if n.startswith("uniform")}
+    assert selection["front_runner"] == front_runner
+    assert set(selection["errors"]) == uniforms | {front_runner}
+    assert selection["errors"][plan.search["chosen"]] == min(selection["errors"].values())
+    assert all(
+        c["selection_error"] == selection["errors"].get(n, c["selection_error"])
+        for n, c in candidates.items()
+    )
 
 
 def test_the_written_model_is_the_plan_applied_in_memory(tuned) -> None:

@@ -49,19 +49,66 @@ def test_the_users_model_is_not_mutated(tuned) -> None:
     assert result.model is not model
 
 
-def test_never_worse_than_the_best_uniform_plan(tuned) -> None:
+def test_the_selection_split_judges_the_front_runner_against_every_fitting_uniform(
+    tuned,
+) -> None:
     _, result = tuned
-    candidates = result.plan.search["candidates"]
-    uniforms = [c for c in candidates if c["name"].startswith("uniform")]
+    search = result.plan.search
+    candidates = search["candidates"]
+    uniforms = {c["name"] for c in candidates if c["name"].startswith("uniform")}
     assert uniforms, "some uniform plan fits 35% of the model"
-    best_uniform = min(uniforms, key=lambda c: c["screening_error"])
-    assert best_uniform["calibration_error"] is not None  # always a finalist
-    assert result.plan.predicted["error"] <= best_uniform["calibration_error"]
-    chosen = next(c for c in candidates if c["name"] == result.plan.search["chosen"])
-    assert chosen["calibration_error"] == result.plan.predicted["error"]
-    # and on held-out data, which the search never saw
-    measured = result.plan.measured
-    assert measured["heldout_error"] <= measured["best_uniform"]["heldout_error"]
+    selection = search["selection"]
+    checked = [c for c in candidates if c["calibration_error"] is not None]
+    front_runner = min(checked, key=lambda c: c["calibration_error"])["name"]
+    assert selection["front_runner"] == front_runner
+    assert set(selection["errors"]) == uniforms | {front_runner}
+    assert selection["errors"][search["chosen"]] == min(selection["errors"].values())
+    assert selection["chosen"] == search["chosen"]
+    best_uniform = min(uniforms, key=lambda n: selection["errors"][n])
+    assert selection["best_uniform"] == best_uniform
+    measured = result.plan.measured["best_uniform"]
+    assert measured["option"] == best_uniform.removeprefix("uniform ")
+    assert measured["selection_error"] == selection["errors"][best_uniform]
+    chosen = next(c for c in candidates if c["name"] == search["chosen"])
+    assert result.plan.predicted["error"] == chosen["calibration_error"]
+
+
+def test_the_heldout_split_is_read_only_after_the_choice(tokenizer, monkeypatch) -> None:
+    import autotune.tuner as tuner
+
+    made, events = {}, []
+    real_build, real_choose, real_evaluate = (
+        tuner.build_calibration,
+        tuner.choose,
+        tuner.evaluate,
+    )
+
+    def build(*args, **kwargs):
+        made["calib"] = real_build(*args, **kwargs)
+        return made["calib"]
+
+    def choose(*args, **kwargs):
+        selection = real_choose(*args, **kwargs)
+        events.append("chosen")
+        return selection
+
+    def evaluate(model, options, batches, *rest):
+        calib = made["calib"]
+        split = next(
+            name
+            for name in ("calibration", "sensitivity", "selection", "heldout")
+            if batches is getattr(calib, name)
+        )
+        events.append(split)
+        return real_evaluate(model, options, batches, *rest)
+
+    monkeypatch.setattr(tuner, "build_calibration", build)
+    monkeypatch.setattr(tuner, "choose", choose)
+    monkeypatch.setattr(tuner, "evaluate", evaluate)
+    _tune("35%", tokenizer, search="allocator")
+    assert "selection" in events and "heldout" in events
+    assert "heldout" not in events[: events.index("chosen")]
+    assert "selection" not in events[events.index("chosen") :]
 
 
 def test_plan_lists_every_profiled_layer_with_a_real_option(tuned) -> None:
