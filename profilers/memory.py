@@ -26,6 +26,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from methods import workspace
+from profilers.kv_geometry import kv_geometry
 
 
 @dataclass(frozen=True)
@@ -301,13 +302,9 @@ def measure_peak(
 
 
 def kv_cache_bytes(model: nn.Module, batch: int, context: int, bytes_per_element: int) -> int:
-    """Bytes of the key/value cache of ``batch`` sequences of ``context`` tokens: for every
-    attention block, the widths of its key and value projections (grouped-query attention
-    and structured pruning included) times the tokens held, times the element size."""
-    from methods.structured import find_unit_groups
-
-    width = 0
-    for group in find_unit_groups(model, ["heads"]):
-        key, value = group.producers[1], group.producers[2]
-        width += group.units * (key.rows_per_unit + value.rows_per_unit)
-    return batch * context * width * bytes_per_element
+    """Bytes of the key/value cache of ``batch`` sequences of ``context`` tokens, from the
+    model's cache geometry (:func:`profilers.kv_geometry.kv_geometry`: the key and value
+    widths of every layer that holds a cache, after structured pruning; sliding-window layers
+    hold at most their window). Raises :class:`profilers.kv_geometry.KVGeometryError` for a
+    model whose geometry is not recognised."""
+    return kv_geometry(model).bytes(batch, context, bytes_per_element)
