@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from autotune.budget import Budget
 from autotune.plan import DEFAULT_KEY, PATTERN_PREFIX, Plan
+from autotune.report import Report
 from methods.registry import option_from_dict
 
 BLOCK_NAME = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<suffix>.+)$")
@@ -214,10 +215,12 @@ def predicted_measured_figure(plan: Plan) -> Figure | None:
     )
     shape = predicted.get("latency_shape") or measured.get("latency_shape") or ["?", "?"]
     baseline = measured.get("baseline") or {}
+    local = plan.target.get("name") == "local"
+    predicted_label = "predicted" if local else "predicted (roofline)"
     _bar_panel(
         right,
         [
-            ("predicted", predicted.get("latency_ms")),
+            (predicted_label, Report(plan).predicted_ms("latency")),
             ("measured p50", measured.get("latency_p50_ms")),
             ("measured p90", measured.get("latency_p90_ms")),
             ("uncompressed p50", baseline.get("latency_p50_ms")),

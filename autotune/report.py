@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from autotune.budget import Budget
 from autotune.plan import DEFAULT_KEY, Plan
+from autotune.repriced import LABEL, RooflineLatency, kernel_notes, profile_roofline, target_spec
 from methods.registry import option_from_dict
 
 
@@ -27,16 +28,42 @@ def _yes_no(holds: bool | None) -> str:
     return "-" if holds is None else ("yes" if holds else "NO")
 
 
-def _latency_source(plan: Plan) -> str:
-    name = plan.target.get("name", "?")
-    return "measured here" if name == "local" else f"{name} roofline"
-
-
 @dataclass
 class Report:
-    """Predicted and measured figures of a plan; ``str()`` renders a table."""
+    """Predicted and measured figures of a plan; ``str()`` renders a table.
+
+    A named target's latency is the plan's roofline recomputed, never the figure the plan
+    records: ``roofline`` when the caller priced it with the model at hand
+    (:func:`autotune.repriced.plan_roofline`), else repriced from the plan's profile."""
 
     plan: Plan
+    roofline: RooflineLatency | None = None
+    _priced: RooflineLatency | None = field(default=None, init=False, repr=False)
+
+    @property
+    def local(self) -> bool:
+        return self.plan.target.get("name") == "local"
+
+    def priced(self) -> RooflineLatency | None:
+        """The roofline latency of a named target, recomputed (``None`` for ``local``)."""
+        if self.local:
+            return None
+        if self._priced is None:
+            self._priced = self.roofline or profile_roofline(self.plan)
+        return self._priced
+
+    def predicted_ms(self, phase: str) -> float | None:
+        """Predicted ``latency`` (prefill) or ``decode`` ms: the local tuner's sum of times
+        measured per layer, or a named target's recomputed roofline."""
+        if self.local:
+            return self.plan.predicted.get(f"{phase}_ms")
+        priced = self.priced()
+        return priced.ms(phase) if priced is not None else None
+
+    def _latency_cell(self, phase: str) -> str:
+        if self.local:
+            return _fmt(self.predicted_ms(phase), " ms") + " [measured here, per layer]"
+        return _fmt(self.predicted_ms(phase), " ms") + f" [{LABEL}]"
 
     @property
     def budget(self) -> Budget:
@@ -60,11 +87,12 @@ class Report:
         return out
 
     def _latency_for_budget(self, phase: str = "latency") -> float | None:
-        """Measured p50 when the target is this machine, else the target's prediction."""
+        """Measured p50 when the target is this machine, else the target's roofline,
+        recomputed."""
         measured = self.plan.measured or {}
-        if self.plan.target.get("name") == "local" and f"{phase}_p50_ms" in measured:
+        if self.local and f"{phase}_p50_ms" in measured:
             return measured[f"{phase}_p50_ms"]
-        return self.plan.predicted.get(f"{phase}_ms")
+        return self.predicted_ms(phase)
 
     def figure_rows(self) -> list[tuple[str, str, str, str, str]]:
         """Header and one row per figure: name, predicted, measured, budget, holds."""
@@ -93,7 +121,7 @@ class Report:
             (
                 f"{'prefill' if 'decode_ms' in pred else 'latency'} p50 "
                 f"({shape[0]}x{shape[1]} tokens)",
-                _fmt(pred.get("latency_ms"), " ms") + f" [{_latency_source(plan)}]",
+                self._latency_cell("latency"),
                 _fmt(meas.get("latency_p50_ms"), " ms"),
                 _fmt(budget.latency_ms, " ms"),
                 _yes_no(holds.get("latency")),
@@ -155,13 +183,13 @@ class Report:
     def _decode_rows(self, holds: bool | None) -> list[tuple[str, str, str, str, str]]:
         """Decode latency per token, when the plan predicted or measured it."""
         pred, meas = self.plan.predicted, self.plan.measured or {}
-        if pred.get("decode_ms") is None and meas.get("decode_p50_ms") is None:
+        if self.predicted_ms("decode") is None and meas.get("decode_p50_ms") is None:
             return []
         batch, context = pred.get("decode_shape") or meas.get("decode_shape") or ["?", "?"]
         return [
             (
                 f"decode p50 per token ({batch} x {context} context)",
-                _fmt(pred.get("decode_ms"), " ms") + f" [{_latency_source(self.plan)}]",
+                self._latency_cell("decode"),
                 _fmt(meas.get("decode_p50_ms"), " ms"),
                 _fmt(self.budget.decode_ms, " ms"),
                 _yes_no(holds),
@@ -195,20 +223,27 @@ class Report:
                 f"for the allocator's plan, {run['best_error']:.4g} for the best found "
                 f"({run['full_evaluations']:.1f} evaluations, stopped by {run['stopped']})"
             )
-        guard = search.get("heldout_guard")
-        if guard and guard.get("kept", "").startswith("uniform"):
-            line += "; the best uniform plan was better on held-out data and was kept"
+        selection = search.get("selection") or {}
+        chosen, front = selection.get("chosen"), selection.get("front_runner")
+        if chosen and front and chosen != front:
+            line += (
+                f"; on the selection split ({selection.get('windows', '?')} windows) "
+                f"'{chosen}' beat the calibration front runner '{front}' and was kept"
+            )
         return line
 
     def notes(self) -> list[str]:
         """Reference figures: the uncompressed model, the best uniform plan, the device."""
         pred, meas = self.plan.predicted, self.plan.measured or {}
-        lines = []
+        lines = self.latency_notes()
         baseline = meas.get("baseline") or {}
         if baseline or pred.get("original_bytes"):
             parts = [f"uncompressed model {_fmt_bytes(pred.get('original_bytes'))}"]
             if pred.get("original_latency_ms") is not None:
-                parts.append(f"predicted latency {pred['original_latency_ms']:.4g} ms")
+                parts.append(
+                    f"predicted latency {pred['original_latency_ms']:.4g} ms (as recorded when "
+                    "tuned)"
+                )
             for phase, what in (("latency", "measured p50"), ("decode", "decode p50")):
                 key = f"{phase}_p50_ms"
                 if baseline.get(key) is not None and meas.get(key):
@@ -225,10 +260,16 @@ class Report:
                 if uniform.get("heldout_error")
                 else float("nan")
             )
+            plan_bytes = pred.get("bytes")
+            sizes = (
+                f"{uniform['bytes']:,} B against this plan's {plan_bytes:,} B"
+                if plan_bytes is not None
+                else f"{uniform['bytes']:,} B"
+            )
             lines.append(
-                f"best uniform plan that fits ({uniform['option']}): held-out error "
-                f"{uniform['heldout_error']:.4g}, {uniform['bytes']:,} B; this plan's error is "
-                f"{ratio:.2f}x that"
+                f"best uniform plan that fits on the selection split ({uniform['option']}): "
+                f"held-out error {uniform['heldout_error']:.4g}, {sizes}; this plan's "
+                f"held-out error is {ratio:.2f}x that"
             )
         streamed = meas.get("streamed")
         if streamed:
@@ -240,6 +281,28 @@ class Report:
         if meas.get("device"):
             lines.append(f"measured on {meas['device']}")
         return lines
+
+    def latency_notes(self) -> list[str]:
+        """How a named target's latency was predicted, and the kernels it lists that
+        autotune's modules do not run there (priced as what does run)."""
+        priced = self.priced()
+        if self.local or not self.plan.target:
+            return []
+        if priced is None:
+            return [
+                f"latency on {self.plan.target.get('name')}: not recomputed (the plan has no "
+                "layer profile); `autotune validate PLAN MODEL` recomputes it"
+            ]
+        how = (
+            "recomputed from the model"
+            if priced.source == "model"
+            else "layers repriced from the plan's profile on the target spec it holds, "
+            "added to the uncompressed model's roofline latency recorded when tuned"
+        )
+        return [
+            f"latency: {LABEL} on {priced.target}, {how}; not measured on that device",
+            *kernel_notes(target_spec(self.plan)),
+        ]
 
     def structure_line(self) -> str | None:
         """What structured pruning removed before the layer options, if any."""
@@ -301,5 +364,6 @@ class Report:
             "measured": self.plan.measured,
             "budget": self.plan.budget,
             "holds": self.holds(),
+            "roofline": priced.to_dict() if (priced := self.priced()) is not None else None,
             "layers": dict(self.layer_summary()),
         }

@@ -16,6 +16,7 @@ from methods.keep import KeepOption
 from methods.registry import get_method, method_of
 from methods.tied import TiedHead, tied_heads
 from profilers.hardware import HardwareSpec
+from profilers.kernel_support import runs_kernel
 from profilers.latency_table import measure_in_model
 from profilers.measure import model_bytes
 from profilers.observe import Observers
@@ -27,8 +28,9 @@ DEFAULT_METHODS = ("rtn",)
 
 def default_methods(spec: HardwareSpec) -> tuple[str, ...]:
     """RTN everywhere, plus W8A8 where the target runs dynamic int8 matmuls fast (CPUs with
-    fbgemm); elsewhere W8A8 would only run its float reference."""
-    if "int8_dynamic" in spec.kernels:
+    fbgemm) and autotune's W8A8 module calls that kernel on such a device; elsewhere W8A8
+    would only run its float reference."""
+    if "int8_dynamic" in spec.kernels and runs_kernel("int8_dynamic", spec.kind):
         return (*DEFAULT_METHODS, "w8a8")
     return DEFAULT_METHODS
 

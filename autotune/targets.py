@@ -17,6 +17,7 @@ import jsonschema
 
 from autotune.errors import TargetError
 from profilers.hardware import HardwareSpec
+from profilers.kernel_support import allowed_kernel_entries
 
 _KERNEL_SCHEMA = {
     "type": "object",
@@ -77,7 +78,20 @@ def _read(text: str, origin: str) -> dict[str, Any]:
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "top level"
         raise TargetError(f"{origin}: {where}: {exc.message}") from None
+    _check_kernel_names(data, origin)
     return data
+
+
+def _check_kernel_names(data: dict[str, Any], origin: str) -> None:
+    """A kernel name autotune does not know is a typo, not a device without that kernel."""
+    allowed = allowed_kernel_entries()
+    for index, entry in enumerate(data["targets"]):
+        unknown = sorted(set(entry.get("kernels", {})) - set(allowed))
+        if unknown:
+            raise TargetError(
+                f"{origin}: targets/{index}/kernels: unknown kernel {unknown[0]!r} in "
+                f"{entry['name']!r}; allowed: {', '.join(allowed)}"
+            )
 
 
 def _builtin() -> dict[str, Any]:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from autotune.apply import apply_plan
@@ -21,6 +22,7 @@ from autotune.layers import weight_numel
 from autotune.loading import load_model
 from autotune.measurement import Measured, device_description, measure_model
 from autotune.plan import Plan
+from autotune.repriced import LABEL, RooflineLatency, plan_roofline, profile_roofline
 from profilers.decode import decode_inputs
 from profilers.measure import LatencyStats
 from profilers.quality import run_outputs
@@ -106,8 +108,9 @@ def validate_plan(
     a fresh application of the plan; the folder's plan must be the same plan.
 
     Quality holds when the held-out error is at most ``(1 + tolerance)`` times the error the
-    plan recorded. Latency is checked against the budget when the plan's target is this
-    machine (``local``), otherwise the plan's prediction for its target is checked.
+    plan recorded. Latency is measured against the budget when the plan's target is this
+    machine (``local``); for a named target the plan's roofline latency is recomputed from its
+    layers on the target spec it holds (:mod:`autotune.repriced`), never read back.
     """
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
@@ -125,15 +128,24 @@ def validate_plan(
         compressed = apply_plan(model, plan, tokenizer=tokenizer, strict=strict)
     elif isinstance(compressed, (str, Path)):
         compressed = _load_saved(compressed, plan, trust_remote_code)
-    latency_inputs = decode = None
+    latency_inputs = decode = decode_tokens = None
     timed = budget is not None and (budget.latency_ms or budget.decode_ms) is not None
-    if measure_latency and timed and batches:
+    if timed:
         assert budget is not None
-        tiles = CalibrationSet(batches, batches, batches)
-        latency_inputs = tiles.latency_inputs(budget.batch_size, budget.seq_len)
+        tiles = CalibrationSet(batches, batches, batches) if batches else None
+        latency_inputs = _latency_tiles(tiles, budget.batch_size, budget.seq_len)
         if budget.decode_ms is not None:
-            tokens = tiles.latency_inputs(budget.batch_size, budget.decode_context)["input_ids"]
-            decode = decode_inputs(model, tokens)
+            decode_tokens = _latency_tiles(tiles, budget.batch_size, budget.decode_context)[
+                "input_ids"
+            ]
+    roofline = None
+    if timed and plan.target.get("name") != "local":
+        assert latency_inputs is not None
+        roofline = plan_roofline(plan, model, latency_inputs, decode_tokens)
+    if not (measure_latency and batches):
+        latency_inputs = None  # roofline only: nothing is timed here
+    elif decode_tokens is not None:
+        decode = decode_inputs(model, decode_tokens)
     metric = recorded.get("metric", predicted.get("metric", "nmse"))
     now = measure_model(
         compressed,
@@ -143,17 +155,25 @@ def validate_plan(
         heldout=(batches, reference) if batches else None,
         metric=metric,
     )
-    checks = plan_checks(plan, now, tolerance)
+    checks = plan_checks(plan, now, tolerance, roofline)
     measured = now.__dict__.copy()
     measured["latency"] = now.latency.to_dict() if now.latency else None
     measured["decode"] = now.decode.to_dict() if now.decode else None
     measured["device"] = device_description()
+    if roofline is not None:
+        measured["roofline"] = roofline.to_dict()
     return ValidationResult(checks, measured)
 
 
-def plan_checks(plan: Plan, now: Measured, tolerance: float) -> list[Check]:
-    """The plan's budget, predicted bytes and recorded held-out error against ``now``."""
+def plan_checks(
+    plan: Plan, now: Measured, tolerance: float, roofline: RooflineLatency | None = None
+) -> list[Check]:
+    """The plan's budget, predicted bytes and recorded held-out error against ``now``; a
+    named target's latency against ``roofline`` (recomputed with the model, see
+    :mod:`autotune.repriced`), else against the plan's layers repriced from its profile."""
     budget = Budget.parse(plan.budget) if plan.budget else None
+    if roofline is None and plan.target.get("name") not in (None, "local"):
+        roofline = profile_roofline(plan)
     recorded = plan.measured or {}
     predicted = plan.predicted or {}
     metric = recorded.get("metric", predicted.get("metric", "nmse"))
@@ -182,9 +202,9 @@ def plan_checks(plan: Plan, now: Measured, tolerance: float) -> list[Check]:
                 )
             )
         if budget.latency_ms is not None:
-            checks.append(_latency_check(plan, "latency", budget.latency_ms, now.latency))
+            checks.append(_latency_check(plan, "latency", budget.latency_ms, now.latency, roofline))
         if budget.decode_ms is not None:
-            checks.append(_latency_check(plan, "decode", budget.decode_ms, now.decode))
+            checks.append(_latency_check(plan, "decode", budget.decode_ms, now.decode, roofline))
     if predicted.get("bytes"):
         expected = int(predicted["bytes"])
         off = abs(now.bytes - expected) / expected
@@ -219,21 +239,48 @@ def _load_saved(folder: str | Path, plan: Plan, trust_remote_code: bool) -> nn.M
     return load_compressed(folder, trust_remote_code=trust_remote_code)
 
 
-def _latency_check(plan: Plan, phase: str, limit: float, now: LatencyStats | None) -> Check:
+def _latency_tiles(
+    tiles: CalibrationSet | None, batch_size: int, seq_len: int
+) -> dict[str, torch.Tensor]:
+    """Inputs of ``batch_size x seq_len`` tokens: tiled from held-out data when there is
+    some, else token id 1 throughout (the roofline reads shapes, not values)."""
+    if tiles is not None:
+        return tiles.latency_inputs(batch_size, seq_len)
+    ids = torch.ones(batch_size, seq_len, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _latency_check(
+    plan: Plan,
+    phase: str,
+    limit: float,
+    now: LatencyStats | None,
+    roofline: RooflineLatency | None,
+) -> Check:
     """``phase`` (``latency`` or ``decode``) p50 against ``limit`` ms: measured on this
-    machine for the ``local`` target, else the target's prediction."""
+    machine for the ``local`` target, else the plan's roofline on its target, recomputed
+    from its layers (``roofline``), never the figure the plan records."""
     name = f"{phase} p50"
-    if plan.target.get("name") == "local" and now is not None:
+    if plan.target.get("name") == "local":
+        if now is None:
+            return Check(
+                name,
+                f"<= {limit:g} ms",
+                "not measured",
+                False,
+                note="the local target's budget holds only as measured: time the model",
+            )
         return Check(
             name, f"<= {limit:g} ms", f"{now.p50_ms:.4g} ms on this machine", now.p50_ms <= limit
         )
-    predicted = plan.predicted.get(f"{phase}_ms")
+    predicted = roofline.ms(phase) if roofline is not None else None
     if predicted is None:
-        return Check(name, f"<= {limit:g} ms", "unknown", False)
+        return Check(name, f"<= {limit:g} ms", f"unknown ({LABEL} not computed)", False)
+    notes = [f"{roofline.describe()}: not a measurement on this machine", *roofline.notes]
     return Check(
         name,
         f"<= {limit:g} ms",
-        f"{predicted:.4g} ms predicted",
+        f"{predicted:.4g} ms {LABEL}",
         predicted <= limit,
-        note=f"target {plan.target.get('name')} is not this machine: its roofline is checked",
+        note="; ".join(notes),
     )

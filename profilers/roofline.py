@@ -3,7 +3,9 @@
 time = max(FLOPs / peak, bytes / bandwidth) / efficiency, per layer, where bytes count the
 stored weight (codes, scales and offsets included) and the activations in and out. A layer
 whose format has no fast kernel on the device (or a call above the kernel's token limit)
-runs dequantised: the float weight is written and read back, which the bytes reflect.
+runs dequantised: the float weight is written and read back, which the bytes reflect. So
+does a format whose kernel the device has but autotune's modules do not call there
+(:mod:`profilers.kernel_support`: on GPUs every quantised layer runs the dequantising path).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from dataclasses import dataclass
 
 from methods.base import LayerShape, Option
 from methods.registry import method_of
-from profilers.hardware import HardwareSpec
+from profilers.hardware import HardwareSpec, KernelSpec
+from profilers.kernel_support import runs_kernel
 
 ACTIVATION_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 # operators one call of a layer dispatches, by how it computes (each costs op_overhead_s)
@@ -39,6 +42,16 @@ def _efficiency(spec: HardwareSpec, path: str) -> float:
     return entry.efficiency if entry is not None else spec.efficiency
 
 
+def priced_kernel(spec: HardwareSpec, fmt: str, tokens: int) -> KernelSpec | None:
+    """The kernel a call of ``tokens`` rows in format ``fmt`` is priced with on ``spec``:
+    one the spec lists, autotune's modules run on its kind of device, and whose token limit
+    the call is within; ``None`` for the float paths."""
+    kernel = spec.kernels.get(fmt) if fmt not in PATHS else None
+    if kernel is None or not runs_kernel(fmt, spec.kind):
+        return None
+    return kernel if kernel.max_tokens is None or tokens <= kernel.max_tokens else None
+
+
 def layer_latency(
     shape: LayerShape, option: Option, spec: HardwareSpec, tokens: int, *, fmt: str | None = None
 ) -> float:
@@ -59,8 +72,8 @@ def layer_latency(
     flops = cost.flops_per_token * tokens
     activations = tokens * (shape.cols + shape.rows) * act
     fmt = fmt or method.runtime_format(shape, option)
-    kernel = spec.kernels.get(fmt) if fmt not in PATHS else None
-    if kernel is not None and (kernel.max_tokens is None or tokens <= kernel.max_tokens):
+    kernel = priced_kernel(spec, fmt, tokens)
+    if kernel is not None:
         moved = cost.weight_bytes + cost.other_bytes + activations
         roof = max(flops / spec.peak(kernel.compute_dtype), moved / spec.bandwidth)
         return roof / kernel.efficiency + OPS_PER_CALL["kernel"] * spec.op_overhead_s

@@ -8,6 +8,7 @@ import pytest
 from autotune.errors import TargetError
 from autotune.targets import get_target, list_targets, load_registry
 from profilers.hardware import HardwareSpec
+from profilers.kernel_support import allowed_kernel_entries
 
 REQUIRED = ["cpu", "a100-40gb", "a100-80gb", "h100", "l4", "t4", "a10", "rtx4090"]
 
@@ -96,3 +97,21 @@ def test_local_probes_this_machine() -> None:
     assert spec.name == "local"
     assert spec.probed["logical_cores"] >= 1
     assert spec.bandwidth > 0 and spec.peak("float32") > 0
+
+
+def test_a_misspelt_kernel_name_is_refused_listing_the_allowed_ones(tmp_path: Path) -> None:
+    file = tmp_path / "typo.json"
+    kernel = {"compute_dtype": "bfloat16", "max_tokens": 32, "efficiency": 0.5}
+    file.write_text(json.dumps(_entry("typo-gpu") | {"kernels": {"int4_weight_onyl": kernel}}))
+    with pytest.raises(TargetError) as info:
+        load_registry([file])
+    message = str(info.value)
+    assert "unknown kernel 'int4_weight_onyl'" in message and "targets/0/kernels" in message
+    for allowed in allowed_kernel_entries():
+        assert allowed in message
+    assert "\n" not in message
+
+
+def test_every_builtin_kernel_name_is_known() -> None:
+    for spec in list_targets():
+        assert set(spec.kernels) <= set(allowed_kernel_entries()), spec.name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -12,7 +14,7 @@ from methods.keep import KeepOption
 from methods.registry import method_of
 from methods.rtn import QuantOption
 from profilers.hardware import HardwareSpec, KernelSpec
-from profilers.roofline import RestOfModel, layer_latency, rest_latency
+from profilers.roofline import RestOfModel, layer_latency, priced_kernel, rest_latency
 
 LINEAR = LayerShape("linear", rows=256, cols=512, has_bias=True)
 EMBEDDING = LayerShape("embedding", rows=1000, cols=64)
@@ -478,3 +480,29 @@ def test_dequantised_factors_are_charged_for_the_factors_not_the_product() -> No
     moved = stored_bytes(LINEAR, factored) + 2 * 4 * rank * (256 + 512) + 4 * (256 + 512)
     expected = moved / spec.bandwidth / spec.efficiency + 14 * spec.op_overhead_s
     assert layer_latency(LINEAR, factored, spec, tokens=1) == pytest.approx(expected)
+
+
+# --- kernels a device has but autotune's modules do not run there --------------------------
+
+
+GPU_KERNELS = {
+    "int8_weight_only": KernelSpec("bfloat16", 32, 0.5),
+    "int4_weight_only": KernelSpec("bfloat16", 32, 0.5),
+}
+
+
+@pytest.mark.parametrize("option", [INT8_CH, INT4_G128])
+def test_a_gpu_kernel_no_module_runs_is_priced_as_dequantising(option: Option) -> None:
+    """On CUDA every quantised layer runs the dequantising fallback: so is it priced."""
+    listed = dataclasses.replace(make_spec(kernels=GPU_KERNELS), kind="gpu")
+    bare = dataclasses.replace(make_spec(), kind="gpu")
+    assert layer_latency(LINEAR, option, listed, 1) == layer_latency(LINEAR, option, bare, 1)
+    assert priced_kernel(listed, method_of(option).runtime_format(LINEAR, option), 1) is None
+
+
+@pytest.mark.parametrize("option", [INT8_CH, INT4_G128])
+def test_the_same_kernel_table_is_priced_on_a_cpu(option: Option) -> None:
+    listed = make_spec(kernels=GPU_KERNELS)
+    fmt = method_of(option).runtime_format(LINEAR, option)
+    assert priced_kernel(listed, fmt, 1) is GPU_KERNELS[fmt]
+    assert layer_latency(LINEAR, option, listed, 1) != layer_latency(LINEAR, option, make_spec(), 1)

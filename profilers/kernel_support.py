@@ -1,0 +1,106 @@
+"""Which low-bit kernels this project's modules really run, on which kind of device.
+
+A hardware spec lists the kernels a device *has* (``kernels`` in a target entry); the
+roofline prices a kernel only where autotune's own modules call it. Each kernel is registered
+with the predicate its module consults before calling it (:mod:`methods.kernels` for the
+weight-only kernels, :mod:`methods.smoothquant` for W8A8), asked about a device of the kind
+(``cpu`` -> ``torch.device("cpu")``, ``gpu`` -> ``torch.device("cuda")``). A kernel its
+modules do not run there is priced as the path they take instead, ``dequantize``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from methods import kernels, smoothquant
+
+DEVICE_KINDS = {"cpu": "cpu", "gpu": "cuda"}  # a spec's kind -> the torch device type
+# ways to compute that are not kernels but may carry a fitted efficiency of their own
+PATH_ENTRIES = ("dequantize", "lookup")
+
+
+@dataclass(frozen=True)
+class KernelSupport:
+    """A kernel name (a key of a spec's ``kernels``) and whether the module that would call
+    it does so on a given device: ``runs_on(device)``."""
+
+    name: str
+    runs_on: Callable[[torch.device], bool]
+
+
+KERNELS: dict[str, KernelSupport] = {}
+
+
+def register_kernel(support: KernelSupport) -> KernelSupport:
+    KERNELS[support.name] = support
+    return support
+
+
+def allowed_kernel_entries() -> tuple[str, ...]:
+    """Every name a target's ``kernels`` table may hold: registered kernels and paths."""
+    return tuple(sorted({*KERNELS, *PATH_ENTRIES}))
+
+
+def device_for(kind: str) -> torch.device:
+    if kind not in DEVICE_KINDS:
+        raise ValueError(f"unknown device kind {kind!r}; allowed: {', '.join(DEVICE_KINDS)}")
+    return torch.device(DEVICE_KINDS[kind])
+
+
+def runs_kernel(name: str, kind: str) -> bool:
+    """Whether autotune's modules call kernel ``name`` on a device of ``kind``."""
+    support = KERNELS.get(name)
+    return support is not None and support.runs_on(device_for(kind))
+
+
+def unrun_kernels(listed: Iterable[str], kind: str) -> list[str]:
+    """The kernels among ``listed`` (a spec's ``kernels`` names) that autotune's modules do
+    not run on a device of ``kind``, in order."""
+    return [k for k in listed if k not in PATH_ENTRIES and not runs_kernel(k, kind)]
+
+
+# a call the kernels are meant for: one token, a 256 x 256 weight in groups of 128
+_ROWS, _COLS, _GROUP = 256, 256, 128
+
+
+@contextlib.contextmanager
+def _kernels_enabled() -> Iterator[None]:
+    """The process's kernel policy switched fully on: a switch of this process (tests, the
+    ``AUTOTUNE_KERNELS`` variable) must not change how a named target is priced."""
+    saved = dataclasses.replace(kernels.POLICY)
+    kernels.set_kernel_policy(enabled=True, int8_max_tokens=1, int4_max_tokens=1)
+    try:
+        yield
+    finally:
+        kernels.set_kernel_policy(
+            enabled=saved.enabled,
+            int8_max_tokens=saved.int8_max_tokens,
+            int4_max_tokens=saved.int4_max_tokens,
+        )
+
+
+def _int8_weight_only(device: torch.device) -> bool:
+    with _kernels_enabled():
+        return kernels.int8_kernel_usable(device, 1, _COLS)
+
+
+def _int4_weight_only(device: torch.device) -> bool:
+    with _kernels_enabled():
+        return kernels.int4_kernel_usable(device, 1, _ROWS, _COLS, _GROUP)
+
+
+def _int8_dynamic(device: torch.device) -> bool:
+    # W8A8Linear asks this of its (float32) input; only its device and dtype are read
+    probe = SimpleNamespace(device=device, dtype=torch.float32)
+    return smoothquant._fbgemm_ready(probe)  # type: ignore[arg-type]
+
+
+register_kernel(KernelSupport("int8_weight_only", _int8_weight_only))
+register_kernel(KernelSupport("int4_weight_only", _int4_weight_only))
+register_kernel(KernelSupport("int8_dynamic", _int8_dynamic))
