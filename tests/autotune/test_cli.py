@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
+import io
 import json
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -19,30 +24,38 @@ FAST = ["--quiet"]
 
 @pytest.fixture(scope="module")
 def tuned_plan(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The plan ``autotune tune`` writes; what it printed is kept beside it (``.stdout``)."""
     out = tmp_path_factory.mktemp("cli") / "plan.json"
-    code = main(
-        [
-            "tune",
-            str(tiny_bert_dir),
-            "--budget",
-            "35%",
-            "--target",
-            "cpu",
-            "-o",
-            str(out),
-            *FAST,
-            "--max-evals",
-            "10",
-        ]
-    )
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(
+            [
+                "tune",
+                str(tiny_bert_dir),
+                "--budget",
+                "35%",
+                "--target",
+                "cpu",
+                "-o",
+                str(out),
+                *FAST,
+                "--max-evals",
+                "10",
+            ]
+        )
     assert code == 0
+    out.with_suffix(".stdout").write_text(printed.getvalue())
     return out
 
 
-def test_tune_writes_a_plan_and_prints_the_report(tuned_plan: Path, capsys) -> None:
+def test_tune_writes_a_plan_and_prints_the_report(tuned_plan: Path) -> None:
     plan = json.loads(tuned_plan.read_text())
     assert plan["budget"]["spec"] == "35%"
     assert plan["measured"]["bytes"] == plan["predicted"]["bytes"]
+    printed = tuned_plan.with_suffix(".stdout").read_text()
+    assert printed.rstrip().endswith(f"plan written to {tuned_plan}")
+    layers = [name for name in plan["layers"] if name != "_default"]
+    assert layers and all(name in printed for name in layers)  # the layer table
 
 
 def test_validate_holds(tuned_plan: Path, tiny_bert_dir: Path, capsys) -> None:
@@ -141,18 +154,25 @@ def test_broken_plan_files(tiny_bert_dir: Path, tmp_path: Path, capsys, content:
     assert not (tmp_path / "out").exists()
 
 
+def console_script() -> str:
+    """The installed ``autotune`` entry point of this interpreter's environment (its scripts
+    folder, or the folder of ``sys.executable``), not one elsewhere on ``PATH``."""
+    folders = [sysconfig.get_path("scripts"), str(Path(sys.executable).parent)]
+    for folder in folders:
+        found = shutil.which("autotune", path=folder)
+        if found:
+            return found
+    pytest.fail(f"the autotune console script is not installed in {folders}")
+
+
 def test_console_script_is_installed() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "autotune.cli", "--version"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0 and result.stdout.startswith("autotune ")
-    usage = subprocess.run(
-        [sys.executable, "-m", "autotune.cli", "tune"], capture_output=True, text=True, check=False
-    )
+    script = console_script()
+    result = subprocess.run([script, "--version"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"autotune {importlib.metadata.version('autotune')}"
+    usage = subprocess.run([script, "tune"], capture_output=True, text=True, check=False)
     assert usage.returncode == 2
+    assert "usage: autotune tune" in usage.stderr and "Traceback" not in usage.stderr
 
 
 def test_validate_a_saved_compressed_model(

@@ -1,8 +1,10 @@
 """The shared conformance suite: every registered method x every grid option x a few layers.
 
 Nothing here names a method: a newly registered method (imported by ``methods/__init__.py``)
-is picked up at collection time and has to pass the same checks. Bounds that depend on the
-option read its ``bits`` field when it has one, else the bits per weight of its cost.
+is picked up at collection time and has to pass the same checks. Errors are held to each
+method's ``error_bound``; mutants (a conversion at one bit fewer, or of a dropped weight) prove
+that check able to fail. Calibrated methods see 4x the layer's width in tokens and must do no
+worse than the uncalibrated method that stores the same bytes in the same format.
 """
 
 from __future__ import annotations
@@ -79,41 +81,75 @@ def make_inputs(shape: LayerShape, seed: int = 1) -> dict[str, torch.Tensor]:
     }
 
 
-def convert(method: Method, module: nn.Module, option: Option) -> nn.Module:
-    """Both phases: methods that need statistics first observe calibration inputs (Gaussian
-    activations, or lookups of every row) through a forward hook."""
+CALIBRATION_TOKENS_PER_INPUT = 4  # calibration tokens per input feature, at least
+
+
+def calibration_inputs(shape: LayerShape, seed: int = 11) -> list[torch.Tensor]:
+    """Gaussian activations, ``4 x cols`` tokens and more in batches of 64 (so that the
+    calibration Hessian of every layer is well conditioned); for an embedding, lookups of
+    every row."""
+    if shape.kind == "embedding":
+        return [torch.arange(shape.rows)]
+    generator = torch.Generator().manual_seed(seed)
+    tokens = CALIBRATION_TOKENS_PER_INPUT * shape.cols + 64
+    return list(torch.randn(tokens, shape.cols, generator=generator).split(64))
+
+
+def convert(
+    method: Method,
+    module: nn.Module,
+    option: Option,
+    calibration: list[torch.Tensor] | None = None,
+    importance: torch.Tensor | None = None,
+) -> nn.Module:
+    """Both phases: methods that need statistics first observe ``calibration`` (by default
+    :func:`calibration_inputs`) through a forward hook, and the Fisher information for an
+    output metric weighted by ``importance`` (per output feature; by default equal)."""
     observer = None
     if method.needs_calibration(option):
+        shape = LayerShape.of(module)
+        batches = calibration_inputs(shape) if calibration is None else calibration
         observer = method.observer(module, option)
         assert observer is not None
         handle = module.register_forward_hook(observer.observe)
-        shape = LayerShape.of(module)
         with torch.no_grad():
-            for seed in (11, 12, 13):
-                for x in make_inputs(shape, seed=seed).values():
-                    module(x)
+            for x in batches:
+                module(x)
         handle.remove()
         if observer.needs_fisher:
-            observer.observe_fisher(gauss_newton_diagonal(module, shape))
+            observer.observe_fisher(gauss_newton_diagonal(module, batches, importance))
     return method.convert(module, option, observer)
 
 
-def gauss_newton_diagonal(module: nn.Module, shape: LayerShape, samples: int = 4) -> torch.Tensor:
-    """The weight's diagonal Gauss-Newton (Fisher) information for a unit output metric:
-    the mean of ``grad^2`` of ``v . y`` over Gaussian ``v``, on the calibration inputs."""
+def test_calibration_covers_four_tokens_per_input_feature() -> None:
+    for shape in SHAPES.values():
+        tokens = sum(x.shape[0] for x in calibration_inputs(shape))
+        assert tokens >= (shape.rows if shape.kind == "embedding" else 4 * shape.cols)
+
+
+def gauss_newton_diagonal(
+    module: nn.Module,
+    batches: list[torch.Tensor],
+    importance: torch.Tensor | None = None,
+    samples: int = 4,
+) -> torch.Tensor:
+    """The weight's diagonal Gauss-Newton (Fisher) information for the output metric
+    ``diag(importance**2)`` (the unit metric by default): the mean of ``grad^2`` of ``v . y``
+    over Gaussian ``v`` of that covariance, on the calibration batches."""
     generator = torch.Generator().manual_seed(21)
     total = torch.zeros_like(module.weight, dtype=torch.float32)
     weight = module.weight
     flag = weight.requires_grad
     weight.requires_grad_(True)
     try:
-        for seed in (11, 12, 13):
-            for x in make_inputs(shape, seed=seed).values():
-                y = module(x)
-                for _ in range(samples):
-                    v = torch.randn(y.shape, generator=generator)
-                    (grad,) = torch.autograd.grad((v * y).sum(), weight, retain_graph=True)
-                    total += grad.float().pow(2)
+        for x in batches:
+            y = module(x)
+            for _ in range(samples):
+                v = torch.randn(y.shape, generator=generator)
+                if importance is not None:
+                    v = v * importance
+                (grad,) = torch.autograd.grad((v * y).sum(), weight, retain_graph=True)
+                total += grad.float().pow(2)
     finally:
         weight.requires_grad_(flag)
     return (total / samples).detach()
@@ -151,10 +187,23 @@ def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def error_tolerance(method: Method, shape: LayerShape, option: Option) -> float:
-    """The method's own bound for Gaussian layers (see ``Method.error_bound``). For uniform
-    quantisers the worst errors measured over the grid are about two thirds of it: 0.008 at
-    8 bits, 0.12 at 4, 0.24 at 3 and 0.53 at 2 (symmetric codes, groups of 64)."""
+    """The method's own bound for Gaussian layers (see ``Method.error_bound``): for integer
+    and codebook formats, 1.4 times the expected error of a uniform quantiser with the
+    option's bits, group and symmetry; measured errors are 0.7 to 0.88 of it."""
     return method.error_bound(shape, option)
+
+
+def assert_error_within_bound(
+    method: Method, layer: str, option: Option, converted: nn.Module, original: nn.Module
+) -> None:
+    """The suite's error check: on every input of :func:`make_inputs`, the relative error of
+    ``converted``'s output against ``original``'s is below the method's bound for ``option``."""
+    shape = SHAPES[layer]
+    tolerance = error_tolerance(method, shape, option)
+    with torch.no_grad():
+        for name, x in make_inputs(shape).items():
+            error = relative_error(converted(x), original(x))
+            assert error < tolerance, f"{name}: {error:.4f} >= {tolerance:.4f}"
 
 
 @pytest.mark.parametrize(CASE_ARGS, CASES)
@@ -260,14 +309,8 @@ def test_outlier_row_and_zero_row(method_name: str, layer: str, option: Option) 
 def test_relative_error_within_bit_width_tolerance(
     method_name: str, layer: str, option: Option
 ) -> None:
-    method = get_method(method_name)
-    shape = SHAPES[layer]
     converted = converted_layer(method_name, layer, option)
-    tolerance = error_tolerance(method, shape, option)
-    expected = reference_outputs(layer)
-    for name, x in make_inputs(shape).items():
-        error = relative_error(converted(x), expected[name])
-        assert error < tolerance, f"{name}: {error:.4f} >= {tolerance:.4f}"
+    assert_error_within_bound(get_method(method_name), layer, option, converted, make_layer(layer))
 
 
 KERNEL_OF_FORMAT = {"int8_weight_only": "int8_matmul", "int4_weight_only": "int4_matmul"}
@@ -386,3 +429,217 @@ def test_every_registered_method_is_in_the_suite() -> None:
     names = {case.values[0] for case in CASES}
     assert names == set(registered_methods())
     assert {"rtn", "none"} <= names
+
+
+# --- mutants the suite's error check must reject ------------------------------------------
+
+MUTANT_LAYERS = ("linear64to48", "embedding300x64")
+DROPPED_WEIGHT_ERROR = 0.99  # the relative error of a zero weight (at least, with the bias)
+
+
+def one_bit_fewer(method: Method, shape: LayerShape, option: Option) -> Option | None:
+    """The option at one bit fewer, where that is a valid option and the method's bound says
+    a bit matters (it grows by half at least: the quantiser, not pruning or truncation,
+    makes the error); ``None`` otherwise."""
+    bits = getattr(option, "bits", None)
+    if not isinstance(bits, int) or bits >= 16:
+        return None
+    fewer = dataclasses.replace(option, bits=bits - 1)
+    try:
+        method.check(shape, fewer)
+    except OptionError:
+        return None
+    if method.error_bound(shape, fewer) < 1.5 * method.error_bound(shape, option):
+        return None
+    return fewer
+
+
+BIT_MUTANT_CASES = [
+    case
+    for case in CASES
+    if case.values[1] in MUTANT_LAYERS
+    and one_bit_fewer(get_method(case.values[0]), SHAPES[case.values[1]], case.values[2])
+]
+ZERO_MUTANT_CASES = [
+    case
+    for case in CASES
+    if case.values[1] in MUTANT_LAYERS
+    and get_method(case.values[0]).error_bound(SHAPES[case.values[1]], case.values[2])
+    < DROPPED_WEIGHT_ERROR
+]
+
+
+@pytest.mark.parametrize(CASE_ARGS, BIT_MUTANT_CASES)
+def test_the_error_check_rejects_a_conversion_at_one_bit_fewer(
+    method_name: str, layer: str, option: Option
+) -> None:
+    method = get_method(method_name)
+    fewer = one_bit_fewer(method, SHAPES[layer], option)
+    assert fewer is not None
+    mutant = convert(method, make_layer(layer), fewer)
+    with pytest.raises(AssertionError):
+        assert_error_within_bound(method, layer, option, mutant, make_layer(layer))
+
+
+@pytest.mark.parametrize(CASE_ARGS, ZERO_MUTANT_CASES)
+def test_the_error_check_rejects_a_conversion_that_drops_the_weight(
+    method_name: str, layer: str, option: Option
+) -> None:
+    method = get_method(method_name)
+    dropped = make_layer(layer)
+    with torch.no_grad():
+        dropped.weight.zero_()
+    mutant = convert(method, dropped, option)
+    with pytest.raises(AssertionError):
+        assert_error_within_bound(method, layer, option, mutant, make_layer(layer))
+
+
+def test_mutants_reach_every_method() -> None:
+    """Every method faces the dropped weight on some option, and every method held to the
+    default quantiser bound (options with ``bits`` and ``group_size``) faces one bit fewer
+    on every option of more than 2 bits it offers the mutants' layers."""
+    assert {case.values[0] for case in ZERO_MUTANT_CASES} == set(registered_methods())
+    for name, method in registered_methods().items():
+        fields = {f.name for f in dataclasses.fields(method.option_type)}
+        if (
+            type(method).error_bound is not Method.error_bound
+            or not {
+                "bits",
+                "group_size",
+            }
+            <= fields
+        ):
+            continue
+        for layer in MUTANT_LAYERS:
+            shape = SHAPES[layer]
+            if not method.supports(shape):
+                continue
+            for option in method.grid(shape):
+                fewer_valid = True
+                try:
+                    method.check(shape, dataclasses.replace(option, bits=option.bits - 1))
+                except OptionError:
+                    fewer_valid = False
+                if option.bits > 2 and fewer_valid:
+                    assert one_bit_fewer(method, shape, option) is not None, (name, option)
+
+
+# --- calibrated methods against their uncalibrated twins ----------------------------------
+
+
+def state_layout(module: nn.Module) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    return [(k, tuple(v.shape), v.dtype) for k, v in module.state_dict().items()]
+
+
+def uncalibrated_twin(method: Method, shape: LayerShape, option: Option) -> Option | None:
+    """The option of another, uncalibrated method that stores the same thing: built from the
+    values of the fields both option types have, valid, with equal bytes and runtime format,
+    the same module type and state layout (names, shapes, dtypes). ``None`` when no
+    registered method has one."""
+    values = {f.name: getattr(option, f.name) for f in dataclasses.fields(option)}
+    stored = method.empty(shape, option)
+    for _, other in sorted(registered_methods().items()):
+        if other is method or not other.supports(shape):
+            continue
+        names = {f.name for f in dataclasses.fields(other.option_type)}
+        try:
+            twin = other.option_type(**{k: v for k, v in values.items() if k in names})
+            other.check(shape, twin)
+        except (OptionError, TypeError):
+            continue
+        if (
+            not other.needs_calibration(twin)
+            and other.cost(shape, twin) == method.cost(shape, option)
+            and other.runtime_format(shape, twin) == method.runtime_format(shape, option)
+            and type(other.empty(shape, twin)) is type(stored)
+            and state_layout(other.empty(shape, twin)) == state_layout(stored)
+        ):
+            return twin
+    return None
+
+
+def twin_cases() -> list[Any]:
+    """Calibrated cases with a twin: every option on the small linear layer, the first on
+    the others (they take seconds each)."""
+    cases, seen = [], set()
+    for case in CASES:
+        name, layer, option = case.values
+        method = get_method(name)
+        if not method.needs_calibration(option):
+            continue
+        if layer != "linear64to48" and (name, layer) in seen:
+            continue
+        if uncalibrated_twin(method, SHAPES[layer], option) is not None:
+            cases.append(case)
+            seen.add((name, layer))
+    return cases
+
+
+TWIN_CASES = twin_cases()
+
+
+@functools.cache
+def correlated_mixing(cols: int) -> torch.Tensor:
+    """Activations as a layer sees them: features of unequal scale (log-uniform over 20x,
+    in random order) and correlated (a random mixing)."""
+    generator = torch.Generator().manual_seed(7)
+    mixing = torch.eye(cols) + torch.randn(cols, cols, generator=generator) / cols**0.5
+    scales = torch.logspace(0.0, 1.3, cols)[torch.randperm(cols, generator=generator)]
+    return mixing * scales
+
+
+@functools.cache
+def output_importance(rows: int) -> torch.Tensor:
+    """Unequal weights of the output features in the error (log-uniform over 10x), as the
+    rest of a network gives them; the Fisher information sees them."""
+    generator = torch.Generator().manual_seed(8)
+    return torch.logspace(0.0, 1.0, rows)[torch.randperm(rows, generator=generator)]
+
+
+def correlated_inputs(cols: int, tokens: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, cols, generator=generator) @ correlated_mixing(cols)
+
+
+@pytest.mark.parametrize(CASE_ARGS, TWIN_CASES)
+def test_a_calibrated_method_beats_its_uncalibrated_twin(
+    method_name: str, layer: str, option: Option
+) -> None:
+    """On correlated activations, calibrated on 4x the layer's width in tokens and judged on
+    other tokens (output features weighted by their importance), a calibrated method's
+    output error is no larger than that of the uncalibrated method storing the same bytes
+    in the same format."""
+    method = get_method(method_name)
+    shape = SHAPES[layer]
+    twin = uncalibrated_twin(method, shape, option)
+    assert twin is not None
+    assert method.cost(shape, option).bytes == get_method(twin.method).cost(shape, twin).bytes
+    calibration = list(correlated_inputs(shape.cols, 4 * shape.cols, seed=31).split(64))
+    held_out = correlated_inputs(shape.cols, 256, seed=32)
+    importance = output_importance(shape.rows)
+    original = make_layer(layer)
+    calibrated = convert(method, original, option, calibration, importance)
+    plain = convert(get_method(twin.method), original, twin)
+    with torch.no_grad():
+        reference = original(held_out) * importance
+        error = relative_error(calibrated(held_out) * importance, reference)
+        twin_error = relative_error(plain(held_out) * importance, reference)
+    assert error <= twin_error, f"{option.label} {error:.4f} > {twin.label} {twin_error:.4f}"
+
+
+def test_calibrated_methods_have_twins() -> None:
+    """Every calibrated method but those storing something no uncalibrated method stores
+    (outlier columns, int8 activations) is compared with a twin."""
+    calibrated = {
+        name
+        for name, method in registered_methods().items()
+        if any(
+            method.needs_calibration(o)
+            for s in SHAPES.values()
+            for o in method.grid(s)
+            if method.supports(s)
+        )
+    }
+    twinned = {case.values[0] for case in TWIN_CASES}
+    assert twinned <= calibrated
+    assert len(twinned) >= len(calibrated) - 2, sorted(calibrated - twinned)

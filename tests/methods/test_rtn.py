@@ -131,3 +131,30 @@ def test_embedding_keeps_padding_idx_and_dtype() -> None:
     out = module(torch.tensor([[3, 7]]))
     assert out.dtype == torch.bfloat16
     assert torch.all(out[0, 0] == 0)  # the padding row is zero and decodes to zeros
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [32, 128])
+def test_the_quantiser_bound_reads_the_range_of_gaussian_groups(
+    group: int, symmetric: bool
+) -> None:
+    """``gaussian_range_rms`` (numerical integration) against sampled groups, and the bound's
+    step model against RTN's error on a Gaussian weight at 4 bits."""
+    from methods.base import QUANT_BOUND_MARGIN, gaussian_range_rms, quantizer_error_bound
+
+    generator = torch.Generator().manual_seed(0)
+    groups = torch.randn(20000, group, generator=generator, dtype=torch.float64)
+    spread = 2 * groups.abs().amax(1) if symmetric else groups.amax(1) - groups.amin(1)
+    assert gaussian_range_rms(group, symmetric) == pytest.approx(
+        float(spread.pow(2).mean().sqrt()), rel=0.02
+    )
+    weight = torch.randn(256, 256, generator=generator)
+    layer = nn.Linear(256, 256, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    option = QuantOption(4, group, symmetric)
+    with torch.no_grad():
+        decoded = RTN.convert(layer, option)(torch.eye(256)).t()  # row i: input e_i
+    error = float((decoded - weight).norm() / weight.norm())
+    expected = quantizer_error_bound(4, group, symmetric) / QUANT_BOUND_MARGIN
+    assert error == pytest.approx(expected, rel=0.1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from profiler_helpers import Batch, make_batch
@@ -91,8 +93,17 @@ def test_counting_leaves_no_hooks_and_does_not_change_the_output(
         assert torch.equal(bert(**inputs).last_hidden_state, before)
 
 
-def test_counts_are_the_same_on_every_run(bert: nn.Module, inputs: Batch) -> None:
-    assert rest_of_model(bert, inputs, linears(bert)) == rest_of_model(bert, inputs, linears(bert))
+def test_counts_depend_on_the_shapes_not_on_the_weights(bert: nn.Module, inputs: Batch) -> None:
+    """A copy with other weights (and the same shapes) counts the same; a longer input runs
+    the same operators on more activation bytes."""
+    counted = rest_of_model(bert, inputs, linears(bert))
+    other = copy.deepcopy(bert)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.normal_(0.0, 0.5)
+    assert rest_of_model(other, inputs, linears(other)) == counted
+    longer = rest_of_model(bert, make_batch(2, 16, padded=2), linears(bert))
+    assert longer.ops == counted.ops and longer.activation_bytes > counted.activation_bytes
 
 
 def test_dtype_is_that_of_the_weights(bert: nn.Module, inputs: Batch) -> None:
