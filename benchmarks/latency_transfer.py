@@ -14,7 +14,7 @@ order reversed every other round, so load swings on the machine hit every plan a
 table gives measured ms, the built-in ``cpu`` roofline and the fitted one, each with its
 ratio to the measurement, and then the median absolute error per (model, phase).
 
-Run: ``python benchmarks/latency_transfer.py`` (about four minutes on 2 idle cores).
+Run: ``python benchmarks/latency_transfer.py`` (under a minute on 2 idle cores).
 """
 
 from __future__ import annotations
