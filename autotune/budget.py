@@ -15,16 +15,25 @@ embeddings, scales, offsets, biases, norms and buffers. With a ``context`` (toke
 LM keeps per sequence), memory is what serving needs: the stored bytes, plus the KV cache of
 ``batch_size`` sequences of ``context`` tokens in ``kv_dtype``, plus the activation peak at
 the budget's input shape.
+
+Every figure is bounded, in text, dict and keyword form alike: memory from 1 byte to 1 PB,
+latency from 1 us to a day, average bits up to 64, a share from 0.0000001% to 100%, and
+batch sizes and token counts within :data:`MAX_BATCH_SIZE` and :data:`MAX_TOKENS`. Text is
+at most :data:`MAX_SPEC_CHARS` characters and is read by a pattern in which every character
+has one way to match (linear time), its numbers refused beyond 1e30 before any arithmetic.
+An accepted budget's :meth:`Budget.to_dict` parses back to the same budget.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass, replace
-from decimal import Decimal, InvalidOperation
+from dataclasses import dataclass, fields
+from decimal import Context, Decimal, InvalidOperation, localcontext
 from typing import Any
 
 from autotune.errors import BudgetError
+from autotune.json_input import short_repr
 
 _MEMORY_UNITS = {
     "b": 1,
@@ -38,9 +47,27 @@ _MEMORY_UNITS = {
     "tib": 2**40,
 }
 KV_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1}
-_LATENCY_UNITS = {"us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1e3}
+_LATENCY_UNITS = {
+    "us": Decimal("0.001"),
+    "µs": Decimal("0.001"),
+    "ms": Decimal(1),
+    "s": Decimal(1000),
+}
+MAX_SPEC_CHARS = 200
+MAX_MEMORY_BYTES = 10**15  # 1 PB
+MIN_LATENCY_MS = 1e-3  # 1 us
+MAX_LATENCY_MS = 86_400_000.0  # one day
+MIN_AVG_BITS = 1e-3
+MAX_AVG_BITS = 64.0
+MIN_SIZE_RATIO = 1e-9  # 0.0000001%
+MAX_BATCH_SIZE = 2**20
+MAX_TOKENS = 10**7
+_MAX_EXPONENT = 30  # a number in budget text beyond 1e30 (or below 1e-30) is refused as is
+# exact decimal arithmetic for every number that fits in MAX_SPEC_CHARS characters
+_EXACT = Context(prec=2 * MAX_SPEC_CHARS, Emax=10 * MAX_SPEC_CHARS, Emin=-10 * MAX_SPEC_CHARS)
+# one term: an optional phase, a number, a unit; every character has one way to match
 _TERM = re.compile(
-    r"^\s*(?:([a-z]+)\s*=\s*)?([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zµ%]+)\s*$",
+    r"(?:([a-z]+)\s*=\s*)?([0-9]+(?:\.[0-9]+)?|\.[0-9]+)(e[+-]?[0-9]+)?\s*([a-zµ%]+)",
     re.IGNORECASE,
 )
 _PHASES = {"prefill": "latency_ms", "decode": "decode_ms"}
@@ -50,6 +77,33 @@ SYNTAX = (
     "('4.5bits') or a share of the original size ('25%'); join terms with commas, "
     "e.g. '8GB,20ms' or '4GB,decode=8ms'"
 )
+# constraint fields: what they are called in errors, their bounds, and the bounds as text
+_BOUNDS: dict[str, tuple[str, float, float, str, str]] = {
+    "memory_bytes": ("memory", 1, MAX_MEMORY_BYTES, "1B", "1 PB (1000TB)"),
+    "latency_ms": ("latency", MIN_LATENCY_MS, MAX_LATENCY_MS, "1us", "one day (86400s)"),
+    "decode_ms": ("decode latency", MIN_LATENCY_MS, MAX_LATENCY_MS, "1us", "one day (86400s)"),
+    "avg_bits": ("average bits", MIN_AVG_BITS, MAX_AVG_BITS, "0.001", "64"),
+    "size_ratio": ("size share", MIN_SIZE_RATIO, 1.0, "0.0000001%", "100%"),
+}
+_SHAPE_LIMITS = {"batch_size": MAX_BATCH_SIZE, "seq_len": MAX_TOKENS, "context": MAX_TOKENS}
+_ALIASES = {
+    "memory": "memory_bytes",
+    "latency": "latency_ms",
+    "prefill": "latency_ms",
+    "decode": "decode_ms",
+    "bits": "avg_bits",
+    "ratio": "size_ratio",
+}
+_ALLOWED_KEYS = (
+    "spec, memory, latency, prefill, decode, bits, ratio, batch_size, seq_len, context, "
+    "kv_dtype (or the field names memory_bytes, latency_ms, decode_ms, avg_bits, size_ratio)"
+)
+
+
+def _number_text(value: float) -> str:
+    """The shortest text that reads back as exactly ``value`` (``20``, ``0.8``, ``1e-05``)."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
 
 
 def _format_bytes(n: int) -> str:
@@ -85,29 +139,22 @@ class Budget:
     kv_dtype: str = "float16"
 
     def __post_init__(self) -> None:
-        checks = (
-            ("memory", self.memory_bytes),
-            ("latency", self.latency_ms),
-            ("decode latency", self.decode_ms),
-            ("average bits", self.avg_bits),
-            ("size ratio", self.size_ratio),
-        )
-        for name, value in checks:
-            if value is not None and not value > 0:
-                raise BudgetError(f"budget {name} must be positive, got {value}")
-        if self.size_ratio is not None and self.size_ratio > 1:
-            raise BudgetError(f"budget size share must be at most 100%, got {self.size_ratio:.4g}")
-        if self.avg_bits is not None and self.avg_bits > 64:
-            raise BudgetError(f"average bits must be at most 64, got {self.avg_bits}")
-        if self.batch_size < 1 or self.seq_len < 1:
-            raise BudgetError("batch size and sequence length must be at least 1")
-        if self.context is not None and (
-            isinstance(self.context, bool) or not isinstance(self.context, int) or self.context < 1
-        ):
-            raise BudgetError(f"context must be a positive number of tokens, got {self.context!r}")
-        if self.kv_dtype not in KV_DTYPES:
+        for name in _BOUNDS:
+            object.__setattr__(self, name, _bounded(name, getattr(self, name)))
+        for name, limit in _SHAPE_LIMITS.items():
+            value = getattr(self, name)
+            if name == "context" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+                what = {"batch_size": "batch size", "seq_len": "sequence length"}.get(name, name)
+                raise BudgetError(
+                    f"budget {what} must be a whole number from 1 to {limit:,}, "
+                    f"got {short_repr(value)}"
+                )
+        if not isinstance(self.kv_dtype, str) or self.kv_dtype not in KV_DTYPES:
             raise BudgetError(
-                f"unknown KV cache dtype {self.kv_dtype!r}; allowed: {', '.join(KV_DTYPES)}"
+                f"unknown KV cache dtype {short_repr(self.kv_dtype)}; "
+                f"allowed: {', '.join(KV_DTYPES)}"
             )
         if self.is_empty:
             raise BudgetError(f"the budget sets no constraint; {SYNTAX}")
@@ -133,16 +180,17 @@ class Budget:
     @classmethod
     def parse(cls, spec: Any, **shape: Any) -> Budget:
         """A budget from a string, a dict, a ``Budget`` or ``None`` plus keywords (those set
-        to ``None`` are left as the budget has them)."""
+        to ``None`` are left as the budget has them). Keywords are field names or the
+        aliases :meth:`from_dict` takes; a constraint may be set once only."""
         shape = {k: v for k, v in shape.items() if v is not None}
         if isinstance(spec, Budget):
-            return replace(spec, **shape) if shape else spec
+            return cls.from_dict({**spec.fields(), **shape})
         if isinstance(spec, dict):
             return cls.from_dict({**spec, **shape})
         if isinstance(spec, str):
-            return cls(**_parse_terms(spec), **shape)
+            return cls.from_dict({"spec": spec, **shape})
         if spec is None:
-            return cls(**shape)
+            return cls.from_dict(shape)
         raise BudgetError(f"a budget is a string, a dict or a Budget, not {type(spec).__name__}")
 
     @classmethod
@@ -151,53 +199,54 @@ class Budget:
         (``memory``/``memory_bytes``, ``latency``/``latency_ms``/``prefill``,
         ``decode``/``decode_ms``, ``bits``/``avg_bits``, ``ratio``/``size_ratio``); strings
         with units are allowed in each."""
-        data = dict(data)
-        fields: dict[str, Any] = {}
+        if not isinstance(data, dict):
+            raise BudgetError(f"a budget dict was expected, not {type(data).__name__}")
+        values: dict[str, Any] = {}
         if "spec" in data:
-            fields.update(_parse_terms(str(data.pop("spec"))))
-        aliases = {
-            "memory": "memory_bytes",
-            "latency": "latency_ms",
-            "prefill": "latency_ms",
-            "decode": "decode_ms",
-            "bits": "avg_bits",
-            "ratio": "size_ratio",
-        }
+            if not isinstance(data["spec"], str):
+                raise BudgetError(f"budget spec must be a string, got {short_repr(data['spec'])}")
+            values.update(_parse_terms(data["spec"]))
         for key, value in data.items():
-            name = aliases.get(key, key)
-            if name in ("batch_size", "seq_len"):
-                fields[name] = _positive_int(name, value)
-            elif name == "context":
-                fields[name] = None if value is None else _positive_int(name, value)
+            name = _ALIASES.get(key, key) if isinstance(key, str) else key
+            if key == "spec":
+                continue
+            if name in _SHAPE_LIMITS:
+                if value is not None or name != "context":
+                    values[name] = value  # checked by the constructor
             elif name == "kv_dtype":
-                fields[name] = str(value)
-            elif name in ("memory_bytes", "latency_ms", "decode_ms", "avg_bits", "size_ratio"):
+                values[name] = value
+            elif name in _BOUNDS:
                 if value is None:
                     continue
-                if name in fields:
+                if name in values:
                     raise BudgetError(f"the budget sets {name} twice")
-                fields[name] = _field_value(name, value)
+                values[name] = _field_value(name, value)
             else:
                 raise BudgetError(
-                    f"unknown budget field {key!r}; allowed: spec, memory, latency, prefill, "
-                    "decode, bits, ratio, batch_size, seq_len, context, kv_dtype"
+                    f"unknown budget field {short_repr(key)}; allowed: {_ALLOWED_KEYS}"
                 )
-        return cls(**fields)
+        return cls(**values)
+
+    def fields(self) -> dict[str, Any]:
+        """Every field by name, unconstrained ones as ``None``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @property
     def spec(self) -> str:
-        """The canonical text form, e.g. ``"15MB,20ms"``."""
+        """The canonical text form, e.g. ``"15MB,20ms"``; it parses back exactly."""
         terms = []
         if self.memory_bytes is not None:
             terms.append(_format_bytes(self.memory_bytes))
         if self.size_ratio is not None:
-            terms.append(f"{100 * self.size_ratio:.6g}%")
+            with localcontext(_EXACT):
+                percent = Decimal(repr(self.size_ratio)) * 100
+            terms.append(f"{percent.normalize():f}%")
         if self.avg_bits is not None:
-            terms.append(f"{self.avg_bits:g}bits")
+            terms.append(f"{_number_text(self.avg_bits)}bits")
         if self.latency_ms is not None:
-            terms.append(f"{self.latency_ms:g}ms")
+            terms.append(f"{_number_text(self.latency_ms)}ms")
         if self.decode_ms is not None:
-            terms.append(f"decode={self.decode_ms:g}ms")
+            terms.append(f"decode={_number_text(self.decode_ms)}ms")
         return ",".join(terms)
 
     def memory_limit(self, original_bytes: int) -> int | None:
@@ -235,7 +284,9 @@ class Budget:
             "seq_len": self.seq_len,
         }
         if self.context is not None:
-            out.update(context=self.context, kv_dtype=self.kv_dtype)
+            out["context"] = self.context
+        if self.context is not None or self.kv_dtype != "float16":
+            out["kv_dtype"] = self.kv_dtype
         return out
 
     def describe(self) -> str:
@@ -268,67 +319,118 @@ class Budget:
         return self.spec
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BudgetError(f"budget {name} must be a positive integer, got {value!r}")
+def _bounded(name: str, value: Any) -> Any:
+    """A constraint field checked for type and bounds (floats made ``float``)."""
+    if value is None:
+        return None
+    what, low, high, low_text, high_text = _BOUNDS[name]
+    if name == "memory_bytes":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BudgetError(
+                f"budget memory must be a whole number of bytes, got {short_repr(value)}"
+            )
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise BudgetError(f"budget {what} must be a number, got {short_repr(value)}")
+        try:
+            value = float(value)
+        except OverflowError:
+            raise BudgetError(f"budget {what} is out of range; at most {high_text}") from None
+        if not math.isfinite(value):
+            raise BudgetError(f"budget {what} must be a finite number, got {value}")
+    if not value > 0:
+        raise BudgetError(f"budget {what} must be positive, got {short_repr(value)}")
+    if value < low:
+        raise BudgetError(f"budget {what} must be at least {low_text}, got {short_repr(value)}")
+    if value > high:
+        raise BudgetError(f"budget {what} must be at most {high_text}, got {short_repr(value)}")
     return value
 
 
 def _field_value(name: str, value: Any) -> float | int:
+    """A constraint given in a dict or as a keyword: a number (bytes, ms, bits, a fraction)
+    or text with a unit."""
     if isinstance(value, str):
         parsed = _parse_terms(value)
         if name == "decode_ms" and list(parsed) == ["latency_ms"]:
             parsed = {name: parsed["latency_ms"]}  # {"decode": "5ms"}
         if list(parsed) != [name]:
-            raise BudgetError(f"budget field {name} got {value!r}; {SYNTAX}")
+            raise BudgetError(f"budget field {name} got {short_repr(value)}; {SYNTAX}")
         return parsed[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BudgetError(f"budget field {name} must be a number or a string, got {value!r}")
-    if name == "memory_bytes":
-        if float(value) != int(value):
+        raise BudgetError(
+            f"budget field {name} must be a number or a string, got {short_repr(value)}"
+        )
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BudgetError(f"budget field {name} must be a finite number, got {value}")
+    if name == "memory_bytes" and isinstance(value, float):
+        if not value.is_integer():
             raise BudgetError(f"memory_bytes must be a whole number of bytes, got {value}")
         return int(value)
-    return float(value)
+    return value
 
 
-def _parse_terms(text: str) -> dict[str, Any]:
-    fields: dict[str, Any] = {}
-    terms = [t for t in text.split(",")]
-    if not text.strip() or any(not t.strip() for t in terms):
-        raise BudgetError(f"malformed budget {text!r}: {SYNTAX}")
-    for term in terms:
-        match = _TERM.match(term)
-        if not match:
-            raise BudgetError(f"malformed budget term {term.strip()!r}: {SYNTAX}")
-        phase, digits, unit = match.groups()
-        try:
-            exact = Decimal(digits)
-        except InvalidOperation:
-            raise BudgetError(f"malformed budget term {term.strip()!r}: {SYNTAX}") from None
-        number, lowered = float(exact), unit.lower()
-        if phase is not None and (phase.lower() not in _PHASES or lowered not in _LATENCY_UNITS):
-            raise BudgetError(
-                f"malformed budget term {term.strip()!r}: only latency terms take a phase "
-                f"({', '.join(p + '=' for p in _PHASES)}); {SYNTAX}"
-            )
+def _number(text: str, term: str) -> Decimal:
+    """The exact value of a number in budget text, refused beyond 1e30 or below 1e-30."""
+    try:
+        exact = Decimal(text)
+    except InvalidOperation:
+        raise BudgetError(f"malformed budget term {term!r}: {SYNTAX}") from None
+    if exact.is_zero():
+        return Decimal(0)
+    if not -_MAX_EXPONENT <= exact.adjusted() <= _MAX_EXPONENT:
+        raise BudgetError(
+            f"the number in budget term {term!r} is out of range (1e-{_MAX_EXPONENT} to "
+            f"1e{_MAX_EXPONENT}); {SYNTAX}"
+        )
+    return exact
+
+
+def _term(term: str) -> tuple[str, int | float]:
+    """The field one budget term sets, and its value."""
+    match = _TERM.fullmatch(term)
+    if not match:
+        raise BudgetError(f"malformed budget term {term!r}: {SYNTAX}")
+    phase, digits, exponent, unit = match.groups()
+    exact, lowered = _number(digits + (exponent or ""), term), unit.lower()
+    if phase is not None and (phase.lower() not in _PHASES or lowered not in _LATENCY_UNITS):
+        raise BudgetError(
+            f"malformed budget term {term!r}: only latency terms take a phase "
+            f"({', '.join(p + '=' for p in _PHASES)}); {SYNTAX}"
+        )
+    with localcontext(_EXACT):
         if lowered in _MEMORY_UNITS:
             total = exact * _MEMORY_UNITS[lowered]
             if total != total.to_integral_value():
-                raise BudgetError(f"budget term {term.strip()!r} is not a whole number of bytes")
-            name, value = "memory_bytes", int(total)
-        elif lowered in _LATENCY_UNITS:
+                raise BudgetError(f"budget term {term!r} is not a whole number of bytes")
+            return "memory_bytes", int(total)
+        if lowered in _LATENCY_UNITS:
             name = _PHASES[phase.lower()] if phase is not None else "latency_ms"
-            value = number * _LATENCY_UNITS[lowered]
-        elif lowered in ("bits", "bit"):
-            name, value = "avg_bits", number
-        elif unit == "%":
-            name, value = "size_ratio", number / 100
-        else:
-            raise BudgetError(f"unknown unit {unit!r} in budget term {term.strip()!r}: {SYNTAX}")
-        if name in fields:
+            return name, float(exact * _LATENCY_UNITS[lowered])
+        if lowered in ("bits", "bit"):
+            return "avg_bits", float(exact)
+        if unit == "%":
+            return "size_ratio", float(exact / 100)
+    raise BudgetError(f"unknown unit {unit!r} in budget term {term!r}: {SYNTAX}")
+
+
+def _parse_terms(text: str) -> dict[str, Any]:
+    """The fields a budget text sets; its length is bounded before anything else."""
+    if len(text) > MAX_SPEC_CHARS:
+        raise BudgetError(
+            f"a budget text is at most {MAX_SPEC_CHARS} characters, this one has "
+            f"{len(text):,}; {SYNTAX}"
+        )
+    terms = text.split(",")
+    if not text.strip() or any(not t.strip() for t in terms):
+        raise BudgetError(f"malformed budget {text!r}: {SYNTAX}")
+    values: dict[str, Any] = {}
+    for term in terms:
+        name, value = _term(term.strip())
+        if name in values:
             what = {"latency_ms": "latency (prefill)", "decode_ms": "decode latency"}.get(
                 name, name.split("_")[0]
             )
             raise BudgetError(f"budget {text!r} constrains {what} twice")
-        fields[name] = value
-    return fields
+        values[name] = value
+    return values

@@ -6,6 +6,11 @@ Llama-architecture causal LM shipped in ``autotune/data/tiny_lm`` (made by
 ``scripts/train_tiny_lm.py``). Anything else is a local folder of a transformers model or a
 model id already in the local Hugging Face cache. Nothing is downloaded, and
 ``trust_remote_code`` is off unless asked for (never for ``tiny-lm``, which needs no code).
+
+Weights are read from safetensors only: pickle checkpoints (``pytorch_model.bin``) can run
+code when loaded, so a folder that holds nothing else is refused, and a local folder's
+safetensors headers are checked (:mod:`autotune.safetensors_check`) before any tensor is
+read.
 """
 
 from __future__ import annotations
@@ -21,10 +26,14 @@ from typing import Any
 from torch import nn
 
 from autotune.errors import ModelLoadError
+from autotune.json_input import read_json
+from autotune.safetensors_check import check_folder
 
 DEMO_NAMES = ("demo", "all-minilm-l6-v2")
 TINY_LM_NAMES = ("tiny-lm",)
 TINY_LM_DIR = Path(__file__).resolve().parent / "data" / "tiny_lm"
+# weight files that are pickles: loading one can run arbitrary code
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _NOT_FOUND = (
     "not found: it is not 'demo' or 'tiny-lm', not a local folder, and not in the local "
     "Hugging Face cache (nothing is downloaded)"
@@ -141,6 +150,26 @@ def _resolve(
     return text, text, trust_remote_code
 
 
+def check_weights(folder: Path) -> list[Path]:
+    """The safetensors files of a local model folder, their headers checked, and its
+    ``config.json`` read with bounded depth and size; a folder whose only weights are pickles
+    is refused (loading a pickle can run code)."""
+    read_json(folder / "config.json", ModelLoadError, what="model config", finite=False)
+    files = check_folder(folder)
+    if files:
+        return files
+    pickles = sorted(
+        p.name for p in folder.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES)
+    )
+    if pickles:
+        raise ModelLoadError(
+            f"{folder} has only pickle weights ({', '.join(pickles[:3])}), which autotune "
+            "does not load: convert them to safetensors in a trusted environment, e.g. with "
+            "transformers' model.save_pretrained(folder, safe_serialization=True)"
+        )
+    raise ModelLoadError(f"{folder} holds no model.safetensors or model.safetensors.index.json")
+
+
 def model_folder(name_or_path: str | os.PathLike[str]) -> Path | None:
     """The local folder a MODEL argument names, or ``None`` (a cache id, or not found)."""
     try:
@@ -176,13 +205,20 @@ def load_model(
     """Load a model (eval mode, on the CPU) and its tokenizer, without any download."""
     path, source, trust_remote_code = _resolve(name_or_path, trust_remote_code)
     text = str(name_or_path)
+    if isinstance(path, Path):
+        check_weights(path)
     with offline(), _quiet_transformers():
         cls = _class_for(path, source, trust_remote_code)
         try:
             model = cls.from_pretrained(
-                path, local_files_only=True, trust_remote_code=trust_remote_code
+                path,
+                local_files_only=True,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=True,  # never a pickle, also for a model in the cache
             )
-        except OSError:
+        except OSError as exc:
+            if isinstance(path, Path) or "safetensors" in str(exc):
+                raise ModelLoadError(f"cannot load model {text!r}: {_one_line(exc)}") from None
             raise ModelLoadError(f"model {text!r} {_NOT_FOUND}") from None
         except Exception as exc:
             raise ModelLoadError(f"cannot load model {text!r}: {_one_line(exc)}") from None
@@ -207,6 +243,7 @@ def load_skeleton(
             f"model {str(name_or_path)!r}: streaming needs a local model folder of "
             "safetensors files"
         )
+    check_weights(path)
     with offline(), _quiet_transformers():
         cls = _class_for(path, source, trust_remote_code)
         try:

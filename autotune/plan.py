@@ -4,35 +4,54 @@ A plan is JSON, never pickle. ``layers`` maps layer names to options; a hand-wri
 use ``re:<regex>`` keys (matched against whole layer names, first match in file order wins)
 and a ``_default`` entry. Exact names beat patterns, patterns beat ``_default``, and layers
 matched by nothing stay as they are.
+
+Patterns are Python regular expressions run by the ``regex`` package (the syntax of ``re``),
+whose ``timeout`` bounds each match: a pattern that backtracks catastrophically, e.g.
+``re:(a|aa)+$``, is refused after :data:`MATCH_TIMEOUT_S` instead of hanging, and all the
+matching of one resolution stops after :data:`MATCHING_BUDGET_S`. Keys are at most 1000
+characters.
+
+A plan is read with :func:`autotune.json_input.read_json` (size, nesting depth, UTF-8,
+finite numbers) and checked on load against ``data/plan.schema.json`` with integers strict,
+its options parsed with their declared field types, its budget parsed and its target spec
+built, so that every command meets a bad field as one :class:`PlanError`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
-import re
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import regex
 from torch import nn
 
 from autotune import __version__
-from autotune.errors import FingerprintMismatchError, PlanError
+from autotune.budget import Budget
+from autotune.errors import AutotuneError, FingerprintMismatchError, PlanError
 from autotune.fingerprint import fingerprint, same_model, short
 from autotune.io import write_text_atomic
+from autotune.json_input import StrictValidator, check_json_value, check_schema, read_json
 from autotune.layers import LayerRef, compressible_layers
 from methods.base import Option
 from methods.errors import OptionError
 from methods.keep import KeepOption
 from methods.registry import option_from_dict
 from methods.tied import untie_output_embeddings
+from profilers.decode import max_context
+from profilers.hardware import HardwareSpec
 
 SCHEMA_VERSION = 2
 DEFAULT_KEY = "_default"
 PATTERN_PREFIX = "re:"
+LOCAL_TARGET = "local"
+MATCH_TIMEOUT_S = 0.5  # the longest one pattern may take on one layer name
+MATCHING_BUDGET_S = 5.0  # the longest all the matching of one resolution may take
 
 
 def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
@@ -64,9 +83,53 @@ def migrate(data: dict[str, Any], origin: str = "plan") -> dict[str, Any]:
     return data
 
 
+@functools.cache
+def _schema_text() -> str:
+    return resources.files("autotune").joinpath("data/plan.schema.json").read_text("utf-8")
+
+
 def plan_schema() -> dict[str, Any]:
-    text = resources.files("autotune").joinpath("data/plan.schema.json").read_text("utf-8")
-    return json.loads(text)
+    return json.loads(_schema_text())
+
+
+@functools.cache
+def _validator() -> Any:
+    return StrictValidator(plan_schema())
+
+
+@functools.lru_cache(maxsize=4096)
+def compile_pattern(key: str) -> regex.Pattern:
+    """The regex of a ``re:`` layer key, or :class:`PlanError` if it is not one."""
+    try:
+        return regex.compile(key[len(PATTERN_PREFIX) :])
+    except (regex.error, RecursionError, OverflowError, ValueError) as exc:
+        raise PlanError(f"layer pattern {key[:100]!r} is not a valid regex: {exc}") from None
+
+
+class _Matcher:
+    """Full matches of layer patterns, each bounded by :data:`MATCH_TIMEOUT_S` and all of
+    them together by :data:`MATCHING_BUDGET_S`."""
+
+    def __init__(self) -> None:
+        self.deadline = time.monotonic() + MATCHING_BUDGET_S
+
+    def __call__(self, key: str, name: str) -> bool:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise PlanError(
+                f"matching the plan's layer patterns took more than {MATCHING_BUDGET_S:g} s; "
+                "use simpler patterns (or exact layer names)"
+            )
+        try:
+            return (
+                compile_pattern(key).fullmatch(name, timeout=min(MATCH_TIMEOUT_S, left)) is not None
+            )
+        except TimeoutError:
+            raise PlanError(
+                f"layer pattern {key[:100]!r} took more than {MATCH_TIMEOUT_S:g} s to match "
+                f"the layer name {name[:100]!r} (it backtracks without end); use a simpler "
+                "pattern"
+            ) from None
 
 
 @dataclass
@@ -116,37 +179,52 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Any, origin: str = "plan") -> Plan:
+        """A plan from JSON data: checked for JSON types and depth, migrated, checked against
+        the schema, its options, budget and target parsed; else one :class:`PlanError`."""
         if not isinstance(data, dict):
             raise PlanError(f"{origin} must hold a JSON object, not {type(data).__name__}")
+        check_json_value(data, origin, PlanError)
         data = migrate(data, origin)
-        try:
-            jsonschema.validate(data, plan_schema())
-        except jsonschema.ValidationError as exc:
-            where = "/".join(str(p) for p in exc.absolute_path) or "top level"
-            raise PlanError(
-                f"{origin} does not fit the plan schema at {where}: {exc.message}"
-            ) from None
+        check_schema(data, _validator(), origin, PlanError, "plan schema")
         known = {k: data[k] for k in data if k in cls.__dataclass_fields__}
         plan = cls(**known)
         plan.options()  # every option must parse
+        plan._check_budget(origin)
+        plan._check_target(origin)
         return plan
+
+    def _check_budget(self, origin: str) -> None:
+        if not self.budget:
+            return
+        try:
+            Budget.from_dict(self.budget)
+        except AutotuneError as exc:
+            raise PlanError(f"{origin}: budget: {exc}") from None
+
+    def _check_target(self, origin: str) -> None:
+        """The target is absent, ``{"name": "local"}`` (measured, not priced), or a whole
+        hardware spec: validate and report price a named target's latency from it."""
+        if not self.target or self.target == {"name": LOCAL_TARGET}:
+            return
+        if not set(self.target) - {"name"}:
+            raise PlanError(
+                f"{origin}: target {self.target.get('name')!r} has a name but no hardware "
+                "figures to price the plan on; give the whole spec (as `autotune tune` writes "
+                'it, the fields of a target file entry) or {"name": "local"}'
+            )
+        try:
+            HardwareSpec.from_dict(self.target)
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
+            raise PlanError(
+                f"{origin}: target is not a hardware spec ({type(exc).__name__}: {exc}); "
+                'give the fields of a target file entry, or {"name": "local"}'
+            ) from None
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None = None, strict: bool = True) -> Plan:
         """Read a plan; with ``model``, check it was made for that model."""
-        file = Path(path)
-        if not file.is_file():
-            raise PlanError(f"plan file {str(file)!r} does not exist")
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise PlanError(f"{file} is not a text file") from None
-        except json.JSONDecodeError as exc:
-            raise PlanError(
-                f"{file} is not valid JSON ({exc.msg}: line {exc.lineno}, column {exc.colno}); "
-                "is it truncated?"
-            ) from None
-        plan = cls.from_dict(data, origin=str(file))
+        data = read_json(path, PlanError, what="plan file")
+        plan = cls.from_dict(data, origin=str(path))
         if model is not None:
             plan.check_model(model, strict=strict)
         return plan
@@ -157,14 +235,11 @@ class Plan:
         parsed = {}
         for key, value in self.layers.items():
             if key.startswith(PATTERN_PREFIX):
-                try:
-                    re.compile(key[len(PATTERN_PREFIX) :])
-                except re.error as exc:
-                    raise PlanError(f"layer pattern {key!r} is not a valid regex: {exc}") from None
+                compile_pattern(key)
             try:
                 parsed[key] = option_from_dict(value)
             except OptionError as exc:
-                raise PlanError(f"layer {key!r}: {exc}") from None
+                raise PlanError(f"layer {key[:100]!r}: {exc}") from None
         return parsed
 
     def resolve(self, layer_names: list[str], strict: bool = True) -> dict[str, Option]:
@@ -176,28 +251,25 @@ class Plan:
         exact = {
             k: v for k, v in parsed.items() if k != DEFAULT_KEY and not k.startswith(PATTERN_PREFIX)
         }
-        patterns = [
-            (key, re.compile(key[len(PATTERN_PREFIX) :]), opt)
-            for key, opt in parsed.items()
-            if key.startswith(PATTERN_PREFIX)
-        ]
+        patterns = [(key, opt) for key, opt in parsed.items() if key.startswith(PATTERN_PREFIX)]
+        matches = _Matcher()
         if strict:
             unknown = sorted(set(exact) - names)
             if unknown:
                 raise PlanError(
                     f"the plan names {len(unknown)} layer(s) this model does not have as a "
-                    f"compressible layer, e.g. {unknown[0]!r}"
+                    f"compressible layer, e.g. {unknown[0][:100]!r}"
                 )
-            for key, regex, _ in patterns:
-                if not any(regex.fullmatch(n) for n in layer_names):
-                    raise PlanError(f"layer pattern {key!r} matches no layer of this model")
+            for key, _ in patterns:
+                if not any(matches(key, n) for n in layer_names):
+                    raise PlanError(f"layer pattern {key[:100]!r} matches no layer of this model")
         default = parsed.get(DEFAULT_KEY, KeepOption())
         resolved = {}
         for name in layer_names:
             if name in exact:
                 resolved[name] = exact[name]
                 continue
-            match = next((opt for _, regex, opt in patterns if regex.fullmatch(name)), None)
+            match = next((opt for key, opt in patterns if matches(key, name)), None)
             resolved[name] = match if match is not None else default
         return resolved
 
@@ -229,12 +301,33 @@ class Plan:
         return model
 
     # ---------------------------------------------------------- fingerprint
+    def check_positions(self, model: nn.Module) -> None:
+        """Refuse a plan whose calibration or budget reads more tokens per sequence than
+        ``model`` has positions: it was not made for this model (its windows are cut at the
+        model's positions when it is tuned)."""
+        config = getattr(model, "config", None)
+        positions = getattr(config, "max_position_embeddings", None)
+        seq_len = (self.calibration or {}).get("seq_len")
+        if isinstance(positions, int) and isinstance(seq_len, int) and seq_len > positions:
+            raise PlanError(
+                f"the plan's calibration.seq_len is {seq_len} tokens, beyond the model's "
+                f"{positions} positions; a plan tuned for this model has at most {positions}"
+            )
+        if self.budget:
+            try:
+                Budget.from_dict(self.budget).check_positions(max_context(model))
+            except AutotuneError as exc:
+                raise PlanError(f"the plan's budget does not fit this model: {exc}") from None
+
     def check_model(
         self, model: nn.Module, strict: bool = True, actual: dict[str, Any] | None = None
     ) -> None:
         """Raise :class:`FingerprintMismatchError` if the plan was made for another model
-        (only a warning with ``strict=False``; plans without a fingerprint always pass).
-        ``actual`` is the model's fingerprint when it is already known."""
+        (only a warning with ``strict=False``; plans without a fingerprint always pass), and
+        :class:`PlanError` if it reads more positions than the model has
+        (:meth:`check_positions`). ``actual`` is the model's fingerprint when it is already
+        known."""
+        self.check_positions(model)
         expected = self.model.get("fingerprint")
         if not expected:
             return

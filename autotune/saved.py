@@ -9,7 +9,6 @@ recompressing anything.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from torch import nn
 
 from autotune.errors import ModelLoadError
 from autotune.io import atomic_directory
-from autotune.loading import model_class, offline
+from autotune.loading import check_weights, model_class, offline
 from autotune.plan import Plan
 from methods.base import LayerShape
 from methods.keep import KeepOption
@@ -57,6 +56,7 @@ def load_compressed(folder: str | Path, trust_remote_code: bool = False) -> nn.M
         if not (root / name).is_file():
             raise ModelLoadError(f"saved model folder {str(root)!r} lacks {name}")
     plan = Plan.load(root / PLAN)
+    files = check_weights(root)  # headers checked before anything is built or read
     with offline():
         cls = model_class(root, trust_remote_code)
         try:
@@ -82,8 +82,8 @@ def load_compressed(folder: str | Path, trust_remote_code: bool = False) -> nn.M
     try:
         if weights == INDEX:  # shards written block by block (autotune.streamed)
             state = {}
-            for shard in sorted(set(json.loads((root / INDEX).read_text())["weight_map"].values())):
-                state.update(safetensors.torch.load_file(str(root / shard)))
+            for shard in files:
+                state.update(safetensors.torch.load_file(str(shard)))
             missing, unexpected = model.load_state_dict(state, strict=False)
         else:
             missing, unexpected = safetensors.torch.load_model(

@@ -48,6 +48,7 @@ from autotune.measurement import Measured
 from autotune.plan import DEFAULT_KEY, Plan
 from autotune.progress import Progress
 from autotune.report import Report
+from autotune.safetensors_check import check_folder
 from autotune.saved import PLAN
 from autotune.selection import UNIFORM_PREFIX, choose, is_uniform
 from autotune.space import build_costs, default_methods, layer_options
@@ -79,7 +80,8 @@ class StreamedResult:
 
 
 def checkpoint_bytes(folder: str | Path) -> int:
-    """Bytes of the tensors of a model folder's safetensors files."""
+    """Bytes of the tensors of a model folder's safetensors files (their headers checked)."""
+    check_folder(folder)
     return Checkpoint(folder).nbytes
 
 
@@ -561,8 +563,9 @@ def too_large_for_memory(model: str | Path) -> str | None:
     if folder is None:
         return None
     try:
+        check_folder(folder)  # a bad header is reported by whatever loads the model
         size = Checkpoint(folder).nbytes
-    except CheckpointError:
+    except (CheckpointError, ModelLoadError):
         return None
     available = psutil.virtual_memory().available
     if IN_MEMORY_COPIES * size <= available:

@@ -3,28 +3,41 @@
 Built-in entries live in ``autotune/data/targets.json`` with a source for each figure. Users
 add or override entries with their own JSON files (``--target-file``), in the same format.
 ``local`` probes and micro-benchmarks this machine.
+
+Target files are read with :func:`autotune.json_input.read_json` (size, depth, UTF-8 and
+finite numbers bounded) and every figure is held within physical sense: memory from 1 KiB
+to 1 PB, bandwidth from 1 MB/s to 100 TB/s, peak FLOP/s from 1 MFLOP/s to 1 EFLOP/s, a
+per-operation overhead of at most one second.
 """
 
 from __future__ import annotations
 
-import json
+import copy
+import functools
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
 from autotune.errors import TargetError
+from autotune.json_input import check_schema, parse_json, read_json
 from profilers.hardware import HardwareSpec
 from profilers.kernel_support import allowed_kernel_entries
 
+MAX_MEMORY_BYTES = 10**15  # 1 PB
+MIN_MEMORY_BYTES = 2**10
+MAX_BANDWIDTH = 100e12  # bytes per second: 100 TB/s
+MIN_BANDWIDTH = 1e6  # 1 MB/s
+MAX_PEAK_FLOPS = 1e18
+MIN_PEAK_FLOPS = 1e6
+MAX_OP_OVERHEAD_S = 1.0
+_NAME = {"type": "string", "minLength": 1, "maxLength": 200}
 _KERNEL_SCHEMA = {
     "type": "object",
     "required": ["compute_dtype", "efficiency"],
     "properties": {
-        "compute_dtype": {"type": "string"},
-        "max_tokens": {"type": ["integer", "null"], "minimum": 1},
+        "compute_dtype": _NAME,
+        "max_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": 2**31},
         "efficiency": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "source": {"type": "string"},
     },
@@ -34,19 +47,28 @@ ENTRY_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["name", "kind", "description", "memory_bytes", "bandwidth", "peak_flops"],
     "properties": {
-        "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]*$"},
+        "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]*$", "maxLength": 100},
         "kind": {"enum": ["cpu", "gpu"]},
         "description": {"type": "string"},
-        "memory_bytes": {"type": "integer", "minimum": 1},
-        "bandwidth": {"type": "number", "exclusiveMinimum": 0},
+        "memory_bytes": {
+            "type": "integer",
+            "minimum": MIN_MEMORY_BYTES,
+            "maximum": MAX_MEMORY_BYTES,
+        },
+        "bandwidth": {"type": "number", "minimum": MIN_BANDWIDTH, "maximum": MAX_BANDWIDTH},
         "peak_flops": {
             "type": "object",
             "minProperties": 1,
-            "additionalProperties": {"type": "number", "exclusiveMinimum": 0},
+            "propertyNames": {"minLength": 1, "maxLength": 200},
+            "additionalProperties": {
+                "type": "number",
+                "minimum": MIN_PEAK_FLOPS,
+                "maximum": MAX_PEAK_FLOPS,
+            },
         },
-        "dense_dtype": {"type": "string"},
+        "dense_dtype": _NAME,
         "efficiency": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-        "op_overhead_s": {"type": "number", "minimum": 0},
+        "op_overhead_s": {"type": "number", "minimum": 0, "maximum": MAX_OP_OVERHEAD_S},
         "kernels": {"type": "object", "additionalProperties": _KERNEL_SCHEMA},
         "sources": {"type": "object", "additionalProperties": {"type": "string"}},
     },
@@ -66,18 +88,11 @@ FILE_SCHEMA: dict[str, Any] = {
 LOCAL = "local"
 
 
-def _read(text: str, origin: str) -> dict[str, Any]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TargetError(f"{origin} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+def _checked(data: Any, origin: str) -> dict[str, Any]:
+    """Parsed target file data, refused unless it fits :data:`FILE_SCHEMA`."""
     if isinstance(data, dict) and "targets" not in data and "name" in data:
         data = {"targets": [data]}
-    try:
-        jsonschema.validate(data, FILE_SCHEMA)
-    except jsonschema.ValidationError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "top level"
-        raise TargetError(f"{origin}: {where}: {exc.message}") from None
+    check_schema(data, FILE_SCHEMA, origin, TargetError)
     _check_kernel_names(data, origin)
     return data
 
@@ -94,9 +109,11 @@ def _check_kernel_names(data: dict[str, Any], origin: str) -> None:
             )
 
 
+@functools.cache
 def _builtin() -> dict[str, Any]:
-    text = resources.files("autotune").joinpath("data/targets.json").read_text(encoding="utf-8")
-    return _read(text, "built-in targets.json")
+    """The built-in targets, read once (callers only read them)."""
+    text = resources.files("autotune").joinpath("data/targets.json").read_bytes()
+    return _checked(parse_json(text, "built-in targets.json", TargetError), "built-in targets.json")
 
 
 def load_registry(
@@ -105,12 +122,10 @@ def load_registry(
     """All named targets and aliases; later files override earlier entries of the same name."""
     specs: dict[str, HardwareSpec] = {}
     aliases: dict[str, str] = {}
-    sources = [_builtin()]
+    sources = [copy.deepcopy(_builtin())]
     for path in target_files:
         file = Path(path)
-        if not file.is_file():
-            raise TargetError(f"target file {str(file)!r} does not exist")
-        sources.append(_read(file.read_text(encoding="utf-8"), str(file)))
+        sources.append(_checked(read_json(file, TargetError, what="target file"), str(file)))
     for data in sources:
         for entry in data["targets"]:
             if entry["name"] == LOCAL:

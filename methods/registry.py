@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from methods.base import Method, Option
+from methods.base import Method, Option, short_repr
 from methods.errors import OptionError
 
 _METHODS: dict[str, Method] = {}
@@ -22,7 +22,9 @@ def get_method(name: str) -> Method:
     try:
         return _METHODS[name]
     except KeyError:
-        raise OptionError(f"unknown method {name!r}; registered: {sorted(_METHODS)}") from None
+        raise OptionError(
+            f"unknown method {short_repr(name, 80)}; registered: {sorted(_METHODS)}"
+        ) from None
 
 
 def registered_methods() -> dict[str, Method]:
@@ -34,12 +36,20 @@ def method_of(option: Option) -> Method:
 
 
 def option_from_dict(data: Any) -> Option:
-    """Build an option from its JSON form, e.g. ``{"method": "rtn", "bits": 4, ...}``."""
+    """Build an option from its JSON form, e.g. ``{"method": "rtn", "bits": 4, ...}``; each
+    field is checked against its declared type (:meth:`Option.from_fields`)."""
     if not isinstance(data, dict) or "method" not in data:
-        raise OptionError(f"an option must be an object with a 'method' field, got {data!r}")
+        raise OptionError(
+            f"an option must be an object with a 'method' field, got {short_repr(data, 80)}"
+        )
     fields = dict(data)
-    method = get_method(fields.pop("method"))
+    name = fields.pop("method")
+    if not isinstance(name, str):
+        raise OptionError(f"an option's method must be a string, got {short_repr(name, 80)}")
+    method = get_method(name)
     try:
         return method.option_type.from_fields(fields)
-    except TypeError as exc:
-        raise OptionError(f"bad option {data!r}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, OptionError):
+            raise
+        raise OptionError(f"bad option {short_repr(data, 80)}: {exc}") from None

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from autotune.budget import Budget
@@ -125,3 +127,110 @@ def test_shapes_beyond_the_models_positions_are_refused() -> None:
         Budget.parse("20ms", seq_len=128).check_positions(64)
     with pytest.raises(BudgetError, match="128 tokens of context"):
         Budget.parse("decode=2ms", seq_len=16, context=128).check_positions(64)
+
+
+def _refused_quickly(spec: object, fragment: str) -> None:
+    started = time.perf_counter()
+    with pytest.raises(BudgetError) as info:
+        Budget.parse(spec)
+    assert time.perf_counter() - started < 1.0
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("1e400GB", "out of range (1e-30 to 1e30)"),
+        ("1e400ms", "out of range"),
+        ("1e999999MB", "out of range"),
+        ("1e-400ms", "out of range"),
+        ("9" * 5002 + "MB", "at most 200 characters, this one has 5,004"),
+        ("9" * 100_001 + "MB", "at most 200 characters, this one has 100,003"),
+        ("1" * 190 + ".5x", "out of range"),
+        ("15 MB MB", "malformed budget term"),
+        ("1001TB", "at most 1 PB"),
+        ("86401s", "at most one day"),
+        ("0.5us", "at least 1us"),
+        ("0.00000001%", "at least 0.0000001%"),
+        ("65bits", "at most 64"),
+        ("0e999999MB", "must be positive"),
+        ("1.0000000000000000000000000000001B", "not a whole number of bytes"),
+    ],
+)
+def test_numbers_are_bounded_in_text(text: str, fragment: str) -> None:
+    _refused_quickly(text, fragment)
+
+
+def test_backtracking_text_is_read_in_linear_time() -> None:
+    for spec in ("1" * 199 + "x", " " * 199 + "1", "a" * 198 + "=1", "1." + "1" * 197 + "."):
+        _refused_quickly(spec, "")
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ({"memory": float("inf")}, "must be a finite number"),
+        ({"memory": 10**400}, "at most 1 PB"),
+        ({"latency": 10**400}, "out of range"),
+        ({"latency": float("nan")}, "must be a finite number"),
+        ({"bandwidth": 1}, "unknown budget field 'bandwidth'"),
+        ({"ratio": 1e-300}, "at least 0.0000001%"),
+        ({"memory": 1.5}, "whole number of bytes"),
+        ({"memory": [1]}, "must be a number or a string"),
+        ({"spec": ["15MB"]}, "spec must be a string"),
+        ({"memory": "15MB", "batch_size": 1.0}, "batch size must be a whole number"),
+        ({"memory": "15MB", "seq_len": 10**8}, "sequence length must be a whole number"),
+        ({"memory": "15MB", "context": True}, "context must be a whole number"),
+        ({"memory": "15MB", "kv_dtype": ["float16"]}, "unknown KV cache dtype"),
+        ({1: "15MB"}, "unknown budget field 1"),
+        ({"spec": "15MB", "memory": "16MB"}, "sets memory_bytes twice"),
+    ],
+)
+def test_dict_fields_are_typed_and_bounded(spec: dict, fragment: str) -> None:
+    _refused_quickly(spec, fragment)
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"memory_bytes": 1.5}, "whole number of bytes"),
+        ({"memory_bytes": "15MB"}, "whole number of bytes"),
+        ({"latency_ms": "20ms"}, "must be a number"),
+        ({"latency_ms": 10**400}, "out of range"),
+        ({"latency_ms": float("inf")}, "finite"),
+        ({"avg_bits": True}, "must be a number"),
+        ({"avg_bits": 4, "batch_size": 0}, "batch size must be a whole number from 1"),
+        ({"avg_bits": 4, "kv_dtype": ["x"]}, "unknown KV cache dtype"),
+    ],
+)
+def test_keyword_fields_are_typed_and_bounded(fields: dict, fragment: str) -> None:
+    with pytest.raises(BudgetError, match=fragment):
+        Budget(**fields)
+
+
+def test_keywords_of_parse_are_checked_too() -> None:
+    with pytest.raises(BudgetError, match="unknown budget field 'colour'"):
+        Budget.parse("15MB", colour="red")
+    with pytest.raises(BudgetError, match="twice"):
+        Budget.parse("15MB", memory_bytes=10)
+    assert Budget.parse(None, memory_bytes=10) == Budget(memory_bytes=10)
+    assert Budget.parse(Budget(memory_bytes=10), seq_len=7).seq_len == 7
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [
+        Budget(size_ratio=0.07),
+        Budget(avg_bits=4.123456789),
+        Budget(latency_ms=0.1 + 0.2),
+        Budget(decode_ms=86_400_000.0, latency_ms=1e-3),
+        Budget(memory_bytes=10**15 - 1),
+        Budget(avg_bits=4, kv_dtype="bfloat16"),
+        Budget(memory_bytes=1536, context=4096, kv_dtype="float8", batch_size=3, seq_len=9),
+    ],
+)
+def test_accepted_budgets_survive_their_own_round_trip(budget: Budget) -> None:
+    assert Budget.parse(budget.to_dict()) == budget
+    shape = {k: getattr(budget, k) for k in ("batch_size", "seq_len", "context", "kv_dtype")}
+    assert Budget.parse(budget.spec, **shape) == budget

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,130 @@ def test_tied_layers_are_recorded_in_the_model_entry() -> None:
         Plan.from_dict(
             {"schema_version": SCHEMA_VERSION, "layers": {}, "model": {"tied": {"lm_head": 1}}}
         )
+
+
+def _plan_with(**sections: object) -> dict:
+    return {"schema_version": SCHEMA_VERSION, "layers": {"_default": INT8}, **sections}
+
+
+def _rtn(**fields: object) -> dict:
+    return {"layers": {"_default": {"method": "rtn", "bits": 4, "group_size": 32} | fields}}
+
+
+@pytest.mark.parametrize(
+    ("sections", "fragment"),
+    [
+        (_rtn(bits=4.0), "layers/_default/bits: 4.0 is not of type 'integer'"),
+        (_rtn(bits=99), "layers/_default/bits: 99 is greater than the maximum"),
+        (_rtn(symmetric="no"), "layers/_default/symmetric: 'no' is not of type 'boolean'"),
+        (_rtn(group_size=True), "layers/_default/group_size: True is not of type"),
+        (_rtn(group_size=0), "layers/_default/group_size: 0 is less than the minimum"),
+        ({"layers": {"_default": {"method": ["rtn"]}}}, "layers/_default/method"),
+        ({"calibration": {"seq_len": "abc"}}, "calibration/seq_len: 'abc' is not of type"),
+        ({"calibration": {"seq_len": 10**8}}, "calibration/seq_len"),
+        ({"calibration": {"heldout_windows": [1]}}, "calibration/heldout_windows: [1]"),
+        ({"predicted": {"bytes": "abc"}}, "predicted/bytes: 'abc' is not of type 'integer'"),
+        ({"predicted": {"bytes": 10**16}}, "predicted/bytes"),
+        ({"predicted": {"latency_shape": [1]}}, "predicted/latency_shape"),
+        ({"measured": {"heldout_error": "x"}}, "measured/heldout_error: 'x' is not of type"),
+        ({"measured": {"best_uniform": {"option": "x"}}}, "measured: 'heldout_error' is a"),
+        (
+            {"measured": {"heldout_error": 0.1, "best_uniform": {"option": "x"}}},
+            "measured/best_uniform: 'heldout_error' is a required property",
+        ),
+        ({"measured": {"metric": "mse"}}, "measured/metric"),
+        ({"search": {"engine_run": {"stopped": "x"}}}, "search/engine_run"),
+        ({"search": {"candidates": [{"bytes": 1}]}}, "search/candidates/0: 'name' is a required"),
+        ({"profile": {"layers": {"a": {"kind": "linear"}}}}, "profile/layers/a: 'shape' is a"),
+        ({"target": {"name": "x", "bandwidth": 1e15}}, "target/bandwidth"),
+        ({"budget": {"spec": "1" * 201 + "MB"}}, "budget/spec"),
+    ],
+)
+def test_fields_the_code_reads_are_typed_and_bounded(sections: dict, fragment: str) -> None:
+    with pytest.raises(PlanError) as info:
+        Plan.from_dict(_plan_with(**sections))
+    message = str(info.value)
+    assert "does not fit the plan schema at " + fragment in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("sections", "fragment"),
+    [
+        ({"budget": {"spec": "1e400GB"}}, "plan: budget: the number in budget term '1e400GB'"),
+        ({"budget": {"spec": "15MB", "colour": 1}}, "unknown budget field 'colour'"),
+        ({"budget": {"memory": 1.5}}, "whole number of bytes"),
+        ({"target": {"name": "x", "kind": "gpu"}}, "target is not a hardware spec"),
+        ({"target": {"name": "cpu"}}, "target 'cpu' has a name but no hardware figures"),
+        ({"layers": {"_default": {"method": "gptq", "damp": None}}}, "'damp' must be a finite"),
+        ({"layers": {"_default": {"method": "w8a8", "alpha": None}}}, "'alpha' must be a finite"),
+        ({"layers": {"_default": {"method": "svd", "rank": 4.0}}}, "rank: 4.0 is not of type"),
+        ({"model": {"x": {1, 2}}}, "model/x: a set is not a JSON value"),
+        ({"search": {"seconds": float("inf")}}, "search/seconds: inf is not a finite number"),
+    ],
+)
+def test_budget_target_options_and_values_are_checked_on_load(
+    sections: dict, fragment: str
+) -> None:
+    with pytest.raises(PlanError) as info:
+        Plan.from_dict(_plan_with(**sections))
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ('{"schema_version": 2, "layers": {}, "predicted": {"bytes": 1e400}}', "1e400 is out of"),
+        ('{"schema_version": 2, "layers": {}, "predicted": {"bytes": NaN}}', "NaN is not a JSON"),
+        ("[" * 100_000 + "]" * 100_000, "nests arrays and objects more than 64 deep"),
+        ('{"a":' * 100_000 + "1" + "}" * 100_000, "nests arrays and objects more than 64 deep"),
+    ],
+)
+def test_plan_files_beyond_json_limits(tmp_path: Path, content: str, fragment: str) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text(content)
+    with pytest.raises(PlanError) as info:
+        Plan.load(path)
+    assert fragment in str(info.value) and str(path) in str(info.value)
+
+
+def test_a_latin1_plan_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "plan.json"
+    path.write_bytes(json.dumps(_plan_with(created="café"), ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(PlanError, match="is not UTF-8 text"):
+        Plan.load(path)
+
+
+def test_a_catastrophic_pattern_is_refused_within_a_second() -> None:
+    plan = Plan(layers={"re:(a|aa)+$": INT4})
+    names = ["a" * 64 + "!", "pooler.dense"]
+    started = time.perf_counter()
+    with pytest.raises(PlanError, match=r"took more than 0.5 s to match") as info:
+        plan.resolve(names, strict=False)
+    assert time.perf_counter() - started < 1.0
+    assert "re:(a|aa)+$" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_patterns_keep_the_syntax_of_re() -> None:
+    plan = Plan(layers={r"re:(?!pooler).*\.query": INT4, r"re:pool(?P<x>e)r\.\w+": INT8})
+    resolved = plan.resolve(NAMES, strict=False)
+    assert resolved["encoder.layer.0.attention.self.query"] == QuantOption(4, 32, False)
+    assert resolved["pooler.dense"] == QuantOption(8, None, True)
+    with pytest.raises(PlanError, match="not a valid regex"):
+        Plan.from_dict(_plan_with(layers={"re:" + "(" * 400 + ")" * 400: INT4}))
+
+
+def test_a_calibration_longer_than_the_models_positions_is_refused() -> None:
+    model = make_tiny_bert()  # 128 positions
+    Plan(layers={}, calibration={"seq_len": 128}).check_model(model)
+    with pytest.raises(PlanError, match=r"calibration\.seq_len is 100000 tokens, beyond the model"):
+        Plan(layers={}, calibration={"seq_len": 100_000}).check_model(model)
+    with pytest.raises(PlanError, match="budget does not fit this model"):
+        Plan(layers={}, budget={"spec": "20ms", "seq_len": 4096}).check_model(model)
+
+
+def test_a_real_plan_round_trips_through_from_dict() -> None:
+    path = Path(__file__).resolve().parents[2] / "examples" / "hand_written_plan.json"
+    plan = Plan.load(path)
+    assert Plan.from_dict(plan.to_dict()).to_dict() == plan.to_dict()

@@ -67,3 +67,29 @@ def test_a_failed_save_leaves_nothing(tmp_path: Path) -> None:
         raise RuntimeError("disk full")
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("header", "fragment"),
+    [
+        (b"[1, 2]", "its header is a list"),
+        (json.dumps({"w": {"dtype": "F32", "shape": [1]}}).encode(), "no data_offsets"),
+        (b"\xff{}", "not UTF-8 text"),
+    ],
+)
+def test_a_corrupt_saved_file_is_named_before_anything_is_read(
+    tmp_path: Path, header: bytes, fragment: str
+) -> None:
+    out = save_compressed(apply_plan(make_tiny_bert(), PLAN), PLAN, tmp_path / "saved")
+    weights = out / "model.safetensors"
+    weights.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(ModelLoadError) as info:
+        load_compressed(out)
+    assert str(weights) in str(info.value) and fragment in str(info.value)
+
+
+def test_a_saved_folder_with_a_huge_header_length_is_refused(tmp_path: Path) -> None:
+    out = save_compressed(apply_plan(make_tiny_bert(), PLAN), PLAN, tmp_path / "saved")
+    (out / "model.safetensors").write_bytes(struct.pack("<Q", 2**40) + b"{}")
+    with pytest.raises(ModelLoadError, match="header length 1,099,511,627,776"):
+        load_compressed(out)

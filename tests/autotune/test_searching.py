@@ -177,29 +177,60 @@ def test_a_search_killed_with_sigkill_resumes_without_losing_evaluations(
     assert len(plans) == len(set(plans)), "a finished evaluation was repeated"
 
 
+STALL_S = 600.0  # a worker that shows no progress for this long is taken to hang
+
+
+def _wait_while_progressing(workers: list[subprocess.Popen], storage: str) -> None:
+    """Wait for every worker, however slow the machine: fail only when for ``STALL_S``
+    seconds the study gains no trial and no worker finishes."""
+    seen: tuple[int, int] | None = None
+    changed = time.monotonic()
+    while any(w.poll() is None for w in workers):
+        try:
+            trials = len(_trials(storage))
+        except Exception:  # the database is busy with a worker's write: look again later
+            trials = seen[0] if seen else 0
+        state = (trials, sum(w.poll() is not None for w in workers))
+        if state != seen:
+            seen, changed = state, time.monotonic()
+        stalled = time.monotonic() - changed
+        assert stalled < STALL_S, f"no trial and no finished worker for {stalled:.0f} s"
+        time.sleep(1.0)
+
+
 def test_two_processes_share_one_study(tiny_bert_dir, tmp_path) -> None:
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     # the study exists before both start, as after `optuna create-study`
     optuna.create_study(storage=storage, study_name="shared")
-    workers = [
-        subprocess.Popen(
-            _cli(
-                tiny_bert_dir,
-                storage,
-                tmp_path / f"plan{seed}.json",
-                "--max-evals",
-                "25",
-                "--seed",
-                str(seed),
-            ),
-            env=_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for seed in (1, 2)
-    ]
-    for worker in workers:
-        assert worker.wait(timeout=300) == 0, worker.stderr.read().decode()
+    logs = [tmp_path / f"worker{seed}.log" for seed in (1, 2)]
+    workers = []
+    for seed, log in zip((1, 2), logs, strict=True):
+        with open(log, "wb") as errors:  # a file, not a pipe: it never fills and blocks
+            workers.append(
+                subprocess.Popen(
+                    _cli(
+                        tiny_bert_dir,
+                        storage,
+                        tmp_path / f"plan{seed}.json",
+                        "--max-evals",
+                        "25",
+                        "--seed",
+                        str(seed),
+                    ),
+                    env=_env(),
+                    stdout=subprocess.DEVNULL,
+                    stderr=errors,
+                )
+            )
+    try:
+        _wait_while_progressing(workers, storage)
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    for worker, log in zip(workers, logs, strict=True):
+        assert worker.returncode == 0, log.read_text(errors="replace")
     trials = _trials(storage)
     assert len({t.user_attrs["worker"] for t in trials}) == 2
     counts = collections.Counter(tuple(sorted(t.params.items())) for t in trials)

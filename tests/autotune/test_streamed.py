@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -238,3 +239,17 @@ def test_the_cap_stops_the_model_from_being_loaded_whole(large_model: Path, tmp_
     result = capped(large_model, tmp_path / "out", "load")
     assert not result["ok"]
     assert "memory" in result["error"].lower() or "allocate" in result["error"].lower()
+
+
+def test_bad_safetensors_headers_are_refused_before_streaming(tmp_path: Path) -> None:
+    from autotune.errors import ModelLoadError
+    from autotune.streamed import checkpoint_bytes, too_large_for_memory
+
+    folder = tmp_path / "model"
+    build("gpt2").save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", 2**40) + b"{}")
+    with pytest.raises(ModelLoadError, match="header length 1,099,511,627,776"):
+        checkpoint_bytes(folder)
+    assert too_large_for_memory(folder) is None  # left to the loader, which names the file
+    with pytest.raises(ModelLoadError, match="header length"):
+        tune_streamed(folder, "30%", "cpu", save_to=tmp_path / "out", progress=False)

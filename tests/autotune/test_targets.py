@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,41 @@ def test_a_misspelt_kernel_name_is_refused_listing_the_allowed_ones(tmp_path: Pa
 def test_every_builtin_kernel_name_is_known() -> None:
     for spec in list_targets():
         assert set(spec.kernels) <= set(allowed_kernel_entries()), spec.name
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ('{"name": "x", "bandwidth": 1e400}', "1e400 is out of range"),
+        ('{"name": "x", "bandwidth": Infinity}', "Infinity is not a JSON number"),
+        ("[" * 100_000 + "]" * 100_000, "nests arrays and objects more than 64 deep"),
+        (json.dumps(_entry("x") | {"bandwidth": 1e-300}), "targets/0/bandwidth: 1e-300 is less"),
+        (
+            json.dumps(_entry("x") | {"bandwidth": 1e15}),
+            "bandwidth: 1000000000000000.0 is greater than the maximum",
+        ),
+        (json.dumps(_entry("x") | {"memory_bytes": 1e10}), "memory_bytes: 10000000000.0 is not"),
+        (json.dumps(_entry("x") | {"memory_bytes": 10**16}), "memory_bytes"),
+        (json.dumps(_entry("x") | {"peak_flops": {"float16": 1e30}}), "peak_flops/float16"),
+        (json.dumps(_entry("x") | {"peak_flops": {"float16": 1.0}}), "peak_flops/float16"),
+        (json.dumps(_entry("x") | {"op_overhead_s": 3600}), "op_overhead_s"),
+        (json.dumps(_entry("x") | {"kernels": {"dequantize": {"x": 1}}}), "kernels/dequantize"),
+    ],
+)
+def test_target_figures_are_bounded(tmp_path: Path, content: str, fragment: str) -> None:
+    file = tmp_path / "bad.json"
+    file.write_text(content)
+    started = time.perf_counter()
+    with pytest.raises(TargetError) as info:
+        get_target("x", [file])
+    assert time.perf_counter() - started < 1.0
+    assert fragment in str(info.value) and str(file) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_latin1_target_file_is_refused(tmp_path: Path) -> None:
+    file = tmp_path / "latin.json"
+    entry = _entry("x") | {"description": "Gerät"}
+    file.write_bytes(json.dumps(entry, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(TargetError, match=r"latin.json is not UTF-8 text \(byte \d+ is 0xe4\)"):
+        load_registry([file])

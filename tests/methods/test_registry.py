@@ -160,3 +160,44 @@ def test_a_method_needs_a_name(scratch_registry: None) -> None:
     nameless.name = ""  # type: ignore[misc]
     with pytest.raises(ValueError, match="name"):
         register(nameless)
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"method": "rtn", "bits": 4.0}, "rtn option field 'bits' must be an integer, got 4.0"),
+        ({"method": "rtn", "bits": True}, "'bits' must be an integer, got True"),
+        ({"method": "rtn", "symmetric": "no"}, "'symmetric' must be true or false, got 'no'"),
+        ({"method": "rtn", "symmetric": 0}, "'symmetric' must be true or false"),
+        ({"method": "rtn", "group_size": True}, "'group_size' must be an integer or null"),
+        ({"method": "rtn", "group_size": 32.0}, "'group_size' must be an integer or null"),
+        ({"method": "gptq", "damp": float("nan")}, "'damp' must be a finite number"),
+        ({"method": "gptq", "damp": 10**400}, "'damp' must be a finite number"),
+        ({"method": "gptq", "damp": "0.01"}, "'damp' must be a finite number"),
+        ({"method": "svd", "fraction": [0.5]}, "'fraction' must be a finite number or null"),
+        ({"method": "magnitude", "pattern": 24}, "'pattern' must be a string or null"),
+        ({"method": "codebook", "format": None}, "'format' must be a string"),
+        ({"method": ["rtn"]}, "an option's method must be a string"),
+        ({"method": "rtn", 1: 2}, "unknown field(s) [1]"),
+    ],
+)
+def test_option_fields_have_their_declared_types(data: dict, fragment: str) -> None:
+    with pytest.raises(OptionError) as info:
+        option_from_dict(data)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_integers_for_float_fields_become_floats() -> None:
+    option = option_from_dict({"method": "gptq", "damp": 1})
+    assert option.damp == 1.0 and isinstance(option.damp, float)
+    assert option_from_dict({"method": "svd", "rank": 8, "fraction": None}).rank == 8
+
+
+@pytest.mark.parametrize("name", sorted(registered_methods()))
+def test_every_grid_option_passes_its_own_field_types(name: str) -> None:
+    method = get_method(name)
+    for shape in SHAPES:
+        if method.supports(shape):
+            for option in method.grid(shape):
+                assert option_from_dict(json.loads(json.dumps(option.to_dict()))) == option
