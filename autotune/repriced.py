@@ -66,12 +66,12 @@ def target_spec(plan: Plan) -> HardwareSpec:
 
 
 def kernel_notes(spec: HardwareSpec) -> tuple[str, ...]:
-    """One line per kernel ``spec`` lists that autotune's modules do not run on its device."""
+    """One line per kernel ``spec`` lists that its runtime does not run on its device."""
     device = DEVICE_KINDS[spec.kind]
+    runner = "autotune's modules" if spec.runtime == "torch" else spec.runtime
     return tuple(
-        f"{name} listed by {spec.name} but not run by autotune's modules on {device}: "
-        "priced as dequantize"
-        for name in unrun_kernels(spec.kernels, spec.kind)
+        f"{name} listed by {spec.name} but not run by {runner} on {device}: priced as dequantize"
+        for name in unrun_kernels(spec.kernels, spec.kind, spec.runtime)
     )
 
 

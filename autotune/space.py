@@ -30,7 +30,7 @@ def default_methods(spec: HardwareSpec) -> tuple[str, ...]:
     """RTN everywhere, plus W8A8 where the target runs dynamic int8 matmuls fast (CPUs with
     fbgemm) and autotune's W8A8 module calls that kernel on such a device; elsewhere W8A8
     would only run its float reference."""
-    if "int8_dynamic" in spec.kernels and runs_kernel("int8_dynamic", spec.kind):
+    if "int8_dynamic" in spec.kernels and runs_kernel("int8_dynamic", spec.kind, spec.runtime):
         return (*DEFAULT_METHODS, "w8a8")
     return DEFAULT_METHODS
 

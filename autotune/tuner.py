@@ -35,6 +35,7 @@ from autotune.measurement import measure_model
 from autotune.plan import DEFAULT_KEY, Plan
 from autotune.progress import Progress
 from autotune.report import Report
+from autotune.runtimes import get_runtime
 from autotune.searching import check_settings, choose_engine, run_search
 from autotune.selection import UNIFORM_PREFIX, choose, is_uniform
 from autotune.space import (
@@ -214,6 +215,7 @@ def autotune(
     storage: str | None = None,
     study_name: str | None = None,
     structured: Mapping[str, float] | None = None,
+    runtime: str = "torch",
 ) -> TuneResult:
     """Find the best per-layer compression plan for ``model`` under ``budget`` on ``target``,
     apply it, and measure predicted against measured figures.
@@ -242,12 +244,18 @@ def autotune(
     measured against the unpruned model. The calibration data picks the search's front
     runner; the selection split (``selection_windows``) then keeps it or the uniform plan
     that fits with the least error there; the held-out split (``heldout_windows``) only
-    measures the result. The user's model is not modified unless ``inplace=True``.
+    measures the result. ``runtime`` is what will run the plan (:mod:`autotune.runtimes`):
+    ``"torch"`` (autotune's modules, every option), ``"vllm"`` or ``"onnxruntime"`` (only
+    options that runtime's export holds and its kernels run, priced with those kernels).
+    The user's model is not modified unless ``inplace=True``.
     """
     started = time.perf_counter()
     say = Progress(progress)
     budget = Budget.parse(budget, batch_size=batch_size, seq_len=latency_seq_len)
+    runner = get_runtime(runtime)
     spec = get_target(target, target_files)
+    runner.check_target(spec, target if isinstance(target, str) else spec.name)
+    spec = runner.spec_for(spec)
     check_settings(search, max_evals, timeout, storage)
     check_structured(structured)
     if sensitivity not in SENSITIVITY_KINDS:
@@ -302,7 +310,7 @@ def autotune(
             "4096 weights that are not shared with another layer)"
         )
     methods = methods if methods is not None else default_methods(spec)
-    options = layer_options(layers, methods, option_labels)
+    options = runner.restrict(layers, layer_options(layers, methods, option_labels))
     latency_inputs = calib.latency_inputs(budget.batch_size, budget.seq_len)
     observers = collect_observers(work, options, calib.calibration)
     left_out = drop_undercalibrated(layers, options, observers)

@@ -37,6 +37,9 @@ class HardwareSpec:
     kernels: dict[str, KernelSpec] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
     probed: dict[str, Any] = field(default_factory=dict)
+    # what runs the model: autotune's own modules (``torch``) or a runtime it exports to
+    # (see profilers.kernel_support.RUNTIME_KERNELS); set by a tune's ``runtime``
+    runtime: str = "torch"
 
     def peak(self, dtype: str) -> float:
         if dtype in self.peak_flops:

@@ -53,16 +53,38 @@ def device_for(kind: str) -> torch.device:
     return torch.device(DEVICE_KINDS[kind])
 
 
-def runs_kernel(name: str, kind: str) -> bool:
-    """Whether autotune's modules call kernel ``name`` on a device of ``kind``."""
-    support = KERNELS.get(name)
-    return support is not None and support.runs_on(device_for(kind))
+# The runtime a plan is tuned for (``--runtime``): ``torch`` is autotune's own modules, whose
+# kernels are probed above; the others run the exported model with kernels of their own,
+# listed here per kind of device (vLLM's Marlin weight-only kernels on GPUs; ONNX Runtime's
+# MatMulNBits on CPUs). Options those kernels cannot take are kept out of such plans by
+# :mod:`autotune.runtimes`.
+OWN_RUNTIME = "torch"
+RUNTIME_KERNELS: dict[str, dict[str, frozenset[str]]] = {
+    "vllm": {"gpu": frozenset({"int4_weight_only", "int8_weight_only"})},
+    "onnxruntime": {"cpu": frozenset({"int4_weight_only"})},
+}
 
 
-def unrun_kernels(listed: Iterable[str], kind: str) -> list[str]:
-    """The kernels among ``listed`` (a spec's ``kernels`` names) that autotune's modules do
-    not run on a device of ``kind``, in order."""
-    return [k for k in listed if k not in PATH_ENTRIES and not runs_kernel(k, kind)]
+def runtimes() -> tuple[str, ...]:
+    return (OWN_RUNTIME, *RUNTIME_KERNELS)
+
+
+def runs_kernel(name: str, kind: str, runtime: str = OWN_RUNTIME) -> bool:
+    """Whether kernel ``name`` runs on a device of ``kind`` in ``runtime``: for autotune's
+    own modules (``torch``) as their checks say, else as the runtime's table lists."""
+    device = device_for(kind)
+    if runtime == OWN_RUNTIME:
+        support = KERNELS.get(name)
+        return support is not None and support.runs_on(device)
+    if runtime not in RUNTIME_KERNELS:
+        raise ValueError(f"unknown runtime {runtime!r}; allowed: {', '.join(runtimes())}")
+    return name in RUNTIME_KERNELS[runtime].get(kind, frozenset())
+
+
+def unrun_kernels(listed: Iterable[str], kind: str, runtime: str = OWN_RUNTIME) -> list[str]:
+    """The kernels among ``listed`` (a spec's ``kernels`` names) that ``runtime`` does not
+    run on a device of ``kind``, in order."""
+    return [k for k in listed if k not in PATH_ENTRIES and not runs_kernel(k, kind, runtime)]
 
 
 # a call the kernels are meant for: one token, a 256 x 256 weight in groups of 128

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from methods.base import LayerShape, Option
 from methods.registry import method_of
 from profilers.hardware import HardwareSpec, KernelSpec
-from profilers.kernel_support import runs_kernel
+from profilers.kernel_support import OWN_RUNTIME, runs_kernel
 
 ACTIVATION_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 # operators one call of a layer dispatches, by how it computes (each costs op_overhead_s)
@@ -44,12 +44,29 @@ def _efficiency(spec: HardwareSpec, path: str) -> float:
 
 def priced_kernel(spec: HardwareSpec, fmt: str, tokens: int) -> KernelSpec | None:
     """The kernel a call of ``tokens`` rows in format ``fmt`` is priced with on ``spec``:
-    one the spec lists, autotune's modules run on its kind of device, and whose token limit
+    one the spec lists, its runtime (autotune's modules unless the plan is tuned for another
+    runtime) runs on its kind of device, and whose token limit
     the call is within; ``None`` for the float paths."""
     kernel = spec.kernels.get(fmt) if fmt not in PATHS else None
-    if kernel is None or not runs_kernel(fmt, spec.kind):
+    if kernel is None or not runs_kernel(fmt, spec.kind, spec.runtime):
         return None
     return kernel if kernel.max_tokens is None or tokens <= kernel.max_tokens else None
+
+
+def _format_in_runtime(shape: LayerShape, option: Option, runtime: str) -> str:
+    """How a linear layer computes in ``runtime``: autotune's modules as the method says;
+    in a runtime it is exported to, integer weight-only layers (``rtn``, ``gptq``) as that
+    runtime's int4 or symmetric int8 weight-only kernel (whether it has one is
+    :func:`priced_kernel`'s question), anything else dequantised."""
+    method = method_of(option)
+    if runtime == OWN_RUNTIME or option.method not in ("rtn", "gptq"):
+        return method.runtime_format(shape, option)
+    bits = getattr(option, "bits", None)
+    if bits == 4:
+        return "int4_weight_only"
+    if bits == 8 and getattr(option, "symmetric", False):
+        return "int8_weight_only"
+    return "dequantize"
 
 
 def layer_latency(
@@ -71,7 +88,7 @@ def layer_latency(
         return moved / spec.bandwidth / efficiency + ops * spec.op_overhead_s
     flops = cost.flops_per_token * tokens
     activations = tokens * (shape.cols + shape.rows) * act
-    fmt = fmt or method.runtime_format(shape, option)
+    fmt = fmt or _format_in_runtime(shape, option, spec.runtime)
     kernel = priced_kernel(spec, fmt, tokens)
     if kernel is not None:
         moved = cost.weight_bytes + cost.other_bytes + activations

@@ -1,0 +1,156 @@
+"""Runtimes a plan can be tuned for: what runs the compressed model once it is exported.
+
+``torch`` is autotune's own modules (every option). ``vllm`` serves a compressed-tensors
+export with its Marlin weight-only kernels on GPUs; ``onnxruntime`` runs an ONNX export on
+CPUs. A tune for a runtime offers each layer only the options that runtime's export holds
+and its kernels run (:meth:`Runtime.refusal`), and prices latency with the kernels that
+runtime runs (:data:`profilers.kernel_support.RUNTIME_KERNELS`, through the target spec's
+``runtime``), so the plan it returns exports without a refused layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+from autotune.errors import AutotuneError
+from autotune.layers import LayerRef
+from methods.base import LayerShape, Option
+from methods.keep import KeepOption
+from profilers.hardware import HardwareSpec
+
+
+class RuntimeChoiceError(AutotuneError, ValueError):
+    """A runtime that is unknown or cannot run on the chosen target."""
+
+
+class Runtime(ABC):
+    """One runtime: its name (``--runtime``), the kinds of device it runs on, the export
+    format it loads, and which options it holds."""
+
+    name: ClassVar[str]
+    device_kinds: ClassVar[tuple[str, ...]]
+    export_format: ClassVar[str | None] = None
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def refusal(self, layer: str, shape: LayerShape, option: Option) -> str | None:
+        """Why this runtime cannot run ``option`` on ``layer``; ``None`` when it can."""
+
+    def check_target(self, spec: HardwareSpec, target: str) -> None:
+        """Refuse a target this runtime does not run on, or one timed in autotune's modules."""
+        if target == "local" and self.name != TorchRuntime.name:
+            raise RuntimeChoiceError(
+                f"--runtime {self.name} with --target local would time autotune's torch "
+                f"modules, not {self.name}: use a named target (e.g. --target "
+                f"{'cpu' if 'cpu' in self.device_kinds else 'a100'}), whose roofline prices "
+                f"{self.name}'s kernels"
+            )
+        if spec.kind not in self.device_kinds:
+            raise RuntimeChoiceError(
+                f"--runtime {self.name} runs on {' or '.join(self.device_kinds)} targets; "
+                f"{spec.name} is a {spec.kind}"
+            )
+
+    def spec_for(self, spec: HardwareSpec) -> HardwareSpec:
+        """``spec`` priced with this runtime's kernels."""
+        return dataclasses.replace(spec, runtime=self.name)
+
+    def restrict(
+        self, layers: Sequence[LayerRef], options: Mapping[str, list[Option]]
+    ) -> dict[str, list[Option]]:
+        """Each layer's options without those this runtime refuses (keep always stays)."""
+        shapes = {ref.name: ref.shape for ref in layers}
+        return {
+            name: [
+                o
+                for o in offered
+                if isinstance(o, KeepOption) or self.refusal(name, shapes[name], o) is None
+            ]
+            for name, offered in options.items()
+        }
+
+
+class TorchRuntime(Runtime):
+    name = "torch"
+    device_kinds = ("cpu", "gpu")
+    description = "autotune's own modules (apply, load_compressed): every option"
+
+    def refusal(self, layer: str, shape: LayerShape, option: Option) -> str | None:
+        return None
+
+
+class _ExportedRuntime(Runtime):
+    """A runtime that loads an export: it holds what the exporter holds, and more rules."""
+
+    def refusal(self, layer: str, shape: LayerShape, option: Option) -> str | None:
+        from autotune.export import get_exporter
+
+        assert self.export_format is not None
+        why = get_exporter(self.export_format).refusal(layer, shape, option)
+        return why if why is not None else self.kernel_refusal(shape, option)
+
+    def kernel_refusal(self, shape: LayerShape, option: Option) -> str | None:
+        return None
+
+
+# Marlin, vLLM's weight-only kernel for compressed-tensors W4A16/W8A16 checkpoints
+MARLIN_GROUPS = (None, 32, 64, 128)
+MARLIN_TILE_ROWS, MARLIN_TILE_COLS = 64, 128
+
+
+class VLLMRuntime(_ExportedRuntime):
+    name = "vllm"
+    device_kinds = ("gpu",)
+    export_format = "compressed-tensors"
+    description = (
+        "vLLM serving a compressed-tensors export with Marlin kernels: symmetric int4 and "
+        "int8, per channel or in groups of 32, 64 or 128"
+    )
+
+    def kernel_refusal(self, shape: LayerShape, option: Option) -> str | None:
+        bits = getattr(option, "bits", None)
+        group = getattr(option, "group_size", None)
+        symmetric = getattr(option, "symmetric", None)
+        if bits is None:
+            return None
+        if bits not in (4, 8) or not symmetric:
+            return (
+                "vLLM's Marlin kernels take symmetric int4 and int8 (an asymmetric layer is "
+                "exported with one more bit and no zero point, which they do not run)"
+            )
+        if group not in MARLIN_GROUPS:
+            return "vLLM's Marlin kernels take per-channel scales or groups of 32, 64 or 128"
+        if shape.rows % MARLIN_TILE_ROWS or shape.cols % MARLIN_TILE_COLS:
+            return (
+                f"vLLM's Marlin kernels need {MARLIN_TILE_ROWS}-row and {MARLIN_TILE_COLS}-"
+                f"column tiles; the layer is {shape.rows} x {shape.cols}"
+            )
+        return None
+
+
+class OnnxRuntimeRuntime(_ExportedRuntime):
+    name = "onnxruntime"
+    device_kinds = ("cpu",)
+    export_format = "onnx"
+    description = "ONNX Runtime on CPUs running an ONNX export (MatMulNBits for 4-bit blocks)"
+
+
+RUNTIMES: dict[str, Runtime] = {}
+
+
+def register_runtime(runtime: Runtime) -> Runtime:
+    RUNTIMES[runtime.name] = runtime
+    return runtime
+
+
+for _runtime in (TorchRuntime(), VLLMRuntime(), OnnxRuntimeRuntime()):
+    register_runtime(_runtime)
+
+
+def get_runtime(name: str) -> Runtime:
+    if name not in RUNTIMES:
+        raise RuntimeChoiceError(f"unknown runtime {name!r}; allowed: {', '.join(RUNTIMES)}")
+    return RUNTIMES[name]

@@ -1,0 +1,143 @@
+"""Runtimes a plan is tuned for: which options each holds, which targets it runs on, and
+that a tune for one offers only those options and prices that runtime's kernels."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from autotune.layers import LayerRef
+from autotune.runtimes import RUNTIMES, RuntimeChoiceError, get_runtime
+from autotune.targets import get_target
+from methods.base import LayerShape
+from methods.codebook import CodebookOption
+from methods.keep import KeepOption
+from methods.registry import option_from_dict
+from methods.rtn import QuantOption
+from profilers.kernel_support import RUNTIME_KERNELS, runtimes
+from profilers.roofline import layer_latency
+
+SQUARE = LayerShape("linear", rows=256, cols=256)
+
+
+def test_every_runtime_is_registered_with_its_kernels() -> None:
+    assert set(RUNTIMES) == set(runtimes())
+    for name, runtime in RUNTIMES.items():
+        assert runtime.name == name
+        assert runtime.device_kinds
+        if name != "torch":
+            assert runtime.export_format is not None
+            assert set(RUNTIME_KERNELS[name]) <= set(runtime.device_kinds)
+
+
+def test_unknown_runtime_is_refused_naming_the_allowed_ones() -> None:
+    with pytest.raises(RuntimeChoiceError, match="allowed: torch, vllm, onnxruntime"):
+        get_runtime("tensorrt")
+
+
+def test_torch_runs_every_option() -> None:
+    torch_runtime = get_runtime("torch")
+    for option in (QuantOption(3, 64, False), CodebookOption("nf", 4, 64)):
+        assert torch_runtime.refusal("layer", SQUARE, option) is None
+
+
+@pytest.mark.parametrize(
+    ("option", "held"),
+    [
+        (QuantOption(4, 128, True), True),
+        (QuantOption(4, 32, False), False),  # exported as int5 without zero points
+        (QuantOption(4, None, True), True),
+        (QuantOption(8, None, True), True),
+        (QuantOption(8, None, False), False),  # Marlin's int8 is symmetric only
+        (QuantOption(3, 64, True), False),
+        (QuantOption(4, 16, True), False),
+        (CodebookOption("nf", 4, 64), False),
+    ],
+)
+def test_vllm_holds_what_marlin_runs(option, held: bool) -> None:
+    why = get_runtime("vllm").refusal("layer", SQUARE, option)
+    assert (why is None) == held, why
+
+
+def test_vllm_refuses_shapes_off_marlin_tiles() -> None:
+    why = get_runtime("vllm").refusal(
+        "layer", LayerShape("linear", rows=96, cols=256), QuantOption(4)
+    )
+    assert why is not None and "96 x 256" in why
+
+
+def test_targets_a_runtime_does_not_run_on_are_refused() -> None:
+    with pytest.raises(RuntimeChoiceError, match="vllm runs on gpu targets; cpu is a cpu"):
+        get_runtime("vllm").check_target(get_target("cpu"), "cpu")
+    with pytest.raises(RuntimeChoiceError, match="onnxruntime runs on cpu targets"):
+        get_runtime("onnxruntime").check_target(get_target("a100"), "a100")
+    with pytest.raises(RuntimeChoiceError, match="--target local would time autotune's"):
+        get_runtime("onnxruntime").check_target(get_target("cpu"), "local")
+    get_runtime("torch").check_target(get_target("a100"), "a100")
+
+
+def test_restrict_keeps_keep_and_drops_refused_options() -> None:
+    layers = [LayerRef("a", SQUARE)]
+    offered = {"a": [KeepOption(), QuantOption(4, 128, True), QuantOption(3, 64, True)]}
+    kept = get_runtime("vllm").restrict(layers, offered)
+    assert kept == {"a": [KeepOption(), QuantOption(4, 128, True)]}
+
+
+def test_a_gpu_target_prices_int4_as_vllms_kernel_and_as_dequantise_for_torch() -> None:
+    """On a GPU, autotune's modules dequantise; vLLM runs Marlin: the same layer is priced
+    faster for vLLM at one token, and the same above the kernel's token limit."""
+    spec = get_target("a100")
+    vllm_spec = get_runtime("vllm").spec_for(spec)
+    assert vllm_spec.runtime == "vllm" and spec.runtime == "torch"
+    big = LayerShape("linear", rows=4096, cols=4096)
+    option = QuantOption(4, 128, True)
+    assert layer_latency(big, option, vllm_spec, 1) < layer_latency(big, option, spec, 1)
+    limit = spec.kernels["int4_weight_only"].max_tokens
+    if limit is not None:
+        above = limit * 4
+        assert layer_latency(big, option, vllm_spec, above) == pytest.approx(
+            layer_latency(big, option, spec, above)
+        )
+
+
+def test_runtime_survives_the_plan_round_trip() -> None:
+    from profilers.hardware import HardwareSpec
+
+    spec = get_runtime("vllm").spec_for(get_target("a100"))
+    assert HardwareSpec.from_dict(spec.to_dict()) == spec
+    old = {k: v for k, v in dataclasses.asdict(spec).items() if k != "runtime"}
+    assert HardwareSpec.from_dict(old).runtime == "torch"  # plans from before runtimes
+
+
+def test_tune_for_vllm_offers_only_what_vllm_runs(tokenizer) -> None:
+    from autotune.tuner import autotune
+    from tests.conftest import make_tiny_bert
+
+    result = autotune(
+        make_tiny_bert(hidden=128),
+        "40%",
+        "a100",
+        tokenizer=tokenizer,
+        runtime="vllm",
+        measure=False,
+        progress=False,
+        search="allocator",
+        seq_len=32,
+        calibration_windows=8,
+        sensitivity_windows=2,
+        selection_windows=4,
+        heldout_windows=4,
+    )
+    assert result.plan.target["runtime"] == "vllm"
+    vllm = get_runtime("vllm")
+    compressed = 0
+    for ref, option in result.plan.layer_options(make_tiny_bert(hidden=128)).items():
+        assert vllm.refusal(ref.name, ref.shape, option) is None, (ref.name, option)
+        compressed += not isinstance(option, KeepOption)
+    assert compressed
+
+
+def test_plan_options_parse_as_runtimes_see_them() -> None:
+    option = option_from_dict({"method": "gptq", "bits": 4, "group_size": 128, "symmetric": True})
+    assert get_runtime("vllm").kernel_refusal(SQUARE, option) is None  # type: ignore[attr-defined]
