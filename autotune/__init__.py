@@ -15,6 +15,7 @@ from autotune.errors import (
     PlanError,
     TargetError,
 )
+from autotune.export import ExportError, ExportResult, export_plan
 from autotune.plan import Plan
 from autotune.saved import load_compressed, save_compressed
 from autotune.streamed import StreamedResult, apply_streamed, tune_streamed, validate_streamed
@@ -27,6 +28,8 @@ __all__ = [
     "Budget",
     "BudgetError",
     "CalibrationError",
+    "ExportError",
+    "ExportResult",
     "FingerprintMismatchError",
     "InfeasibleBudgetError",
     "ModelLoadError",
@@ -41,6 +44,7 @@ __all__ = [
     "apply_plan",
     "apply_streamed",
     "autotune",
+    "export_plan",
     "get_target",
     "list_targets",
     "load_compressed",

@@ -67,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated methods to search (default: rtn, plus w8a8 on CPU targets)",
     )
     tune.add_argument(
+        "--runtime",
+        default="torch",
+        metavar="RUNTIME",
+        help="what will run the plan: torch (autotune's modules, every option; default), vllm "
+        "(GPU targets: options vLLM's kernels run from a compressed-tensors export) or "
+        "onnxruntime (CPU targets: options an ONNX export holds)",
+    )
+    tune.add_argument(
         "--options",
         help="comma-separated option labels to offer, e.g. int8-ch-sym,int4-g64-asym "
         "(default: every option of the methods' grids)",
@@ -140,6 +148,21 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("-o", "--output", required=True, metavar="DIR")
     _low_memory(apply)
     _common(apply)
+
+    export = sub.add_parser(
+        "export", help="write a plan's compressed model in a format another runtime loads"
+    )
+    export.add_argument("plan", help="plan JSON (autotune tune -o)")
+    export.add_argument("model", help="the model the plan was made for")
+    export.add_argument(
+        "--format",
+        required=True,
+        metavar="FORMAT",
+        help="compressed-tensors (a folder transformers and vLLM load) or onnx (one file "
+        "ONNX Runtime runs)",
+    )
+    export.add_argument("-o", "--output", required=True, metavar="PATH")
+    _common(export)
 
     profile = sub.add_parser(
         "profile", help="sensitivity and cost tables of every layer and option"
@@ -228,6 +251,7 @@ def _emit(args: argparse.Namespace, text: str, data: Any) -> None:
 def _cmd_tune(args: argparse.Namespace) -> int:
     from autotune.budget import Budget
     from autotune.loading import load_model
+    from autotune.runtimes import get_runtime
     from autotune.saved import save_compressed
     from autotune.targets import get_target
     from autotune.tuner import autotune
@@ -240,6 +264,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         kv_dtype=args.kv_dtype,
     )
     target = get_target(args.target, args.target_file)  # fail fast on a bad target
+    get_runtime(args.runtime).check_target(target, args.target)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     labels = [o.strip() for o in args.options.split(",") if o.strip()] if args.options else None
     if _streams(args):
@@ -266,6 +291,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         storage=args.storage,
         study_name=args.study,
         structured={"ffn": args.prune_ffn, "heads": args.prune_heads},
+        runtime=args.runtime,
     )
     result.plan.model["source"] = loaded.source
     if args.output:
@@ -275,6 +301,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     text = result.report.layer_table() + "\n\n" + str(result.report)
     if args.output:
         text += f"\nplan written to {args.output}"
+        fmt = get_runtime(args.runtime).export_format
+        if fmt is not None:
+            text += (
+                f"\nfor {args.runtime}: autotune export {args.output} {args.model} "
+                f"--format {fmt} -o OUT"
+            )
     _emit(args, text, result.plan.to_dict())
     holds = result.report.holds()
     return EXIT_OK if all(holds.values()) else EXIT_BROKEN
@@ -291,6 +323,7 @@ def _tune_streamed(
         "--sensitivity": args.sensitivity != "end-to-end",
         "--prune-ffn/--prune-heads": bool(args.prune_ffn or args.prune_heads),
         "--storage": args.storage is not None,
+        "--runtime": args.runtime != "torch",
     }
     refused = [flag for flag, given in unsupported.items() if given]
     if refused:
@@ -392,6 +425,24 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from autotune.export import export_plan
+    from autotune.loading import load_model
+
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    result = export_plan(
+        args.plan, loaded.model, args.format, args.output, tokenizer=loaded.tokenizer
+    )
+    compressed = sum(1 for scheme in result.layers.values() if scheme != "float")
+    _emit(
+        args,
+        f"{args.format}: {result.bytes:,} bytes written to {result.path} ({compressed} of "
+        f"{len(result.layers)} layers compressed)",
+        result.to_dict(),
+    )
+    return EXIT_OK
+
+
 def _cmd_profile(args: argparse.Namespace) -> int:
     from autotune.io import write_text_atomic
     from autotune.loading import load_model
@@ -483,6 +534,7 @@ COMMANDS = {
     "report": _cmd_report,
     "diff": _cmd_diff,
     "targets": _cmd_targets,
+    "export": _cmd_export,
 }
 
 

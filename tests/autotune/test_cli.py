@@ -12,6 +12,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,6 +128,12 @@ def test_targets_lists_the_registry(capsys) -> None:
         (["--budget", "1KB", "--target", "cpu"], "cannot be met"),
         (["--budget", "15MB,decode=5MB", "--target", "cpu"], "only latency terms take a phase"),
         (["--budget", "50%,decode=5ms", "--target", "cpu"], "for causal language models"),
+        (["--budget", "50%", "--target", "cpu", "--runtime", "vllm"], "vllm runs on gpu"),
+        (["--budget", "50%", "--target", "cpu", "--runtime", "trt"], "unknown runtime 'trt'"),
+        (
+            ["--budget", "50%", "--target", "local", "--runtime", "onnxruntime"],
+            "would time autotune's torch modules",
+        ),
     ],
 )
 def test_bad_tune_input_is_one_line_exit_2_and_writes_nothing(
@@ -224,3 +231,48 @@ def test_pytest_helper(tuned_plan: Path, tiny_bert_dir: Path, tmp_path: Path) ->
     assert lines[0] == f"{broken} no longer holds:"
     assert any(line.startswith("  memory: measured") for line in lines)
     assert any(line.startswith("  held-out error (nmse): measured") for line in lines)
+
+
+def test_export_refuses_an_unknown_format_and_writes_nothing(
+    tuned_plan: Path, tiny_bert_dir: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "model.gguf"
+    code = main(["export", str(tuned_plan), str(tiny_bert_dir), "--format", "gguf", "-o", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown export format 'gguf'; allowed: compressed-tensors, onnx" in err
+    assert "\n" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_a_plan_tuned_for_onnxruntime_exports_and_runs_there(
+    tiny_bert_dir: Path, tmp_path: Path, capsys
+) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    plan, model_file = tmp_path / "plan.json", tmp_path / "model.onnx"
+    tune = ["tune", str(tiny_bert_dir), "--budget", "40%", "--target", "cpu"]
+    assert (
+        main([*tune, "--runtime", "onnxruntime", "-o", str(plan), *FAST, "--search", "allocator"])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert f"autotune export {plan} {tiny_bert_dir} --format onnx -o OUT" in printed
+    assert json.loads(plan.read_text())["target"]["runtime"] == "onnxruntime"
+    code = main(
+        [
+            "export",
+            str(plan),
+            str(tiny_bert_dir),
+            "--format",
+            "onnx",
+            "-o",
+            str(model_file),
+            "--json",
+        ]
+    )
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["format"] == "onnx" and model_file.stat().st_size == result["bytes"]
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    feeds = {i.name: np.ones((1, 8), dtype=np.int64) for i in session.get_inputs()}
+    (hidden, *_) = session.run(None, feeds)
+    assert hidden.shape[:2] == (1, 8) and np.isfinite(hidden).all()

@@ -1,0 +1,272 @@
+"""ONNX exports of the demo model: autotune's plans against ONNX Runtime's own quantisers.
+
+The demo model (all-MiniLM-L6-v2 as a transformers ``BertModel``) in ONNX Runtime on the CPU:
+
+* ``ort float32``: the plain ``torch.onnx.export`` (dynamo exporter, its graph optimiser on);
+* ``ort quantize_dynamic``: ONNX Runtime's ``quantize_dynamic`` of that file (its defaults:
+  int8 weights per tensor, int8 activations per call; embeddings and the pooler too);
+* ``ort 4-bit bN``: ONNX Runtime's ``MatMulNBitsQuantizer`` (4 bits, symmetric, blocks of
+  32 or 128; MatMul weights only, so embeddings and the pooler's Gemm stay float);
+* ``autotune ...``: ``autotune.export`` to ONNX of a uniform RTN int4 g32 symmetric plan
+  (linear layers, embeddings float: the same coverage as ORT 4-bit), a uniform int8
+  per-channel plan (every layer, as quantize_dynamic) and a plan tuned by ``autotune()``
+  for ``runtime="onnxruntime"`` at the byte size of ORT's 4-bit block-32 file; the uniform
+  plans also with ``accuracy_level=4`` (ONNX Runtime quantises MatMulNBits' activations to
+  int8 per block: faster, no longer autotune's numerics);
+* ``torch float32``: the float model in torch, for scale.
+
+Both exporters' per-node debug metadata is dropped, so file sizes compare the tensors.
+Errors are measured on the held-out windows (the stdlib held-out split; nothing here is
+chosen on them) against the float model: 1 - cosine of the mean-pooled embeddings (averaged
+over windows) and the relative MSE of ``last_hidden_state``; ``torch 1-cos`` is autotune's own
+compressed model on the same windows. Latency is the median of ``session.run`` at batch 1 x
+16 and 1 x 128 tokens, every variant timed in turn, round after round, in one process.
+
+Run: ``python benchmarks/exports.py`` (about 2 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# run as a script, this folder must not shadow the packages named like its files (methods)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse
+import contextlib
+import io
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import quantize_dynamic
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+from torch import nn
+
+from autotune import autotune
+from autotune.apply import apply_plan
+from autotune.calibration import build_heldout
+from autotune.export.onnx import OnnxExporter
+from autotune.loading import load_model
+from autotune.plan import Plan
+
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+OUTPUTS = ("last_hidden_state", "pooler_output")
+SHAPES = (16, 128)
+T = TypeVar("T")
+
+
+def rtn(bits: int, group: int | None, symmetric: bool) -> dict:
+    return {"method": "rtn", "bits": bits, "group_size": group, "symmetric": symmetric}
+
+
+INT4_PLAN = Plan(layers={"_default": rtn(4, 32, True), r"re:embeddings\..*": {"method": "none"}})
+INT8_PLAN = Plan(layers={"_default": rtn(8, None, True)})
+
+
+@dataclass
+class Variant:
+    name: str
+    path: Path | None = None
+    model: nn.Module | None = None
+    torch_error: float | None = None
+    session: ort.InferenceSession | None = None
+    error: tuple[float, float] = (float("nan"), float("nan"))
+    times: dict[int, list[float]] = field(default_factory=lambda: {s: [] for s in SHAPES})
+
+    @property
+    def bytes(self) -> int | None:
+        return self.path.stat().st_size if self.path else None
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        if self.session is not None:
+            return self.session.run([OUTPUTS[0]], feed)[0]
+        assert self.model is not None
+        with torch.inference_mode():
+            tensors = {k: torch.from_numpy(v) for k, v in feed.items()}
+            return self.model(**tensors).last_hidden_state.numpy()
+
+
+def quiet(call: Callable[[], T]) -> T:
+    """Run ``call`` without the exporters' progress prints and warnings."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return call()
+
+
+def export_float(model: nn.Module, path: Path) -> Path:
+    ids = torch.arange(1, 17).reshape(2, 8)
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    example["token_type_ids"] = torch.zeros_like(ids)
+    program = quiet(
+        lambda: torch.onnx.export(
+            model,
+            (),
+            kwargs=example,
+            dynamo=True,
+            opset_version=21,
+            input_names=list(INPUTS),
+            output_names=list(OUTPUTS),
+            dynamic_shapes={k: {0: "batch", 1: "sequence"} for k in INPUTS},
+        )
+    )
+    proto = program.model_proto
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    onnx.save_model(proto, str(path))
+    return path
+
+
+def ort_4bit(source: Path, path: Path, block: int) -> Path:
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(source)), bits=4, block_size=block, is_symmetric=True
+    )
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(path))
+    return path
+
+
+def export(plan: Plan, compressed: nn.Module, path: Path, accuracy_level: int) -> None:
+    """autotune's ONNX export of an applied plan (``export_plan`` applies it itself; this
+    reuses the compressed model, and sets the exporter's accuracy level)."""
+    OnnxExporter(accuracy_level).write(compressed, plan, path)
+
+
+def pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    weights = mask[..., None].astype(np.float64)
+    return (hidden * weights).sum(axis=1) / weights.sum(axis=1)
+
+
+def errors(outputs: list[np.ndarray], reference: list[np.ndarray], masks: list) -> tuple:
+    """(mean 1 - cosine of mean-pooled embeddings, relative MSE of last_hidden_state)."""
+    distances, num, den = [], 0.0, 0.0
+    for out, ref, mask in zip(outputs, reference, masks, strict=True):
+        a, b = pooled(out, mask), pooled(ref, mask)
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        distances.extend((1 - cos).tolist())
+        keep = mask.astype(bool)
+        num += float(((out - ref)[keep] ** 2).sum())
+        den += float((ref[keep] ** 2).sum())
+    return float(np.mean(distances)), num / den
+
+
+def torch_error(model: nn.Module, feeds: list[dict], reference: list, masks: list) -> float:
+    variant = Variant("torch", model=model)
+    return errors([variant.run(f) for f in feeds], reference, masks)[0]
+
+
+def timing_feeds(feed: dict[str, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
+    """Batch 1 x 16 and 1 x 128 tokens cut from a held-out window."""
+    return {s: {k: np.ascontiguousarray(v[:1, :s]) for k, v in feed.items()} for s in SHAPES}
+
+
+def time_round_robin(variants: list[Variant], feeds: dict, rounds: int) -> None:
+    for variant in variants:
+        for feed in feeds.values():
+            for _ in range(3):
+                variant.run(feed)
+    for _ in range(rounds):
+        for size, feed in feeds.items():
+            for variant in variants:
+                start = time.perf_counter()
+                variant.run(feed)
+                variant.times[size].append(time.perf_counter() - start)
+
+
+def print_table(variants: list[Variant], tuned: Plan, model: nn.Module) -> None:
+    base = {s: statistics.median(variants[0].times[s]) for s in SHAPES}
+    print(
+        "\n| variant | file bytes | held-out 1-cos | held-out rel. MSE | torch 1-cos "
+        "| 1x16 p50 ms | vs ort fp32 | 1x128 p50 ms | vs ort fp32 |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for v in variants:
+        cells = [f"{v.bytes:,}" if v.bytes else "-"]
+        cells += [f"{v.error[0]:.2e}", f"{v.error[1]:.2e}"]
+        cells.append(f"{v.torch_error:.2e}" if v.torch_error is not None else "-")
+        for s in SHAPES:
+            median = statistics.median(v.times[s])
+            cells += [f"{1000 * median:.2f}", f"{median / base[s]:.2f}"]
+        print(f"| {v.name} | " + " | ".join(cells) + " |")
+    labels = [o.label for o in tuned.layer_options(model).values()]
+    counts = {label: labels.count(label) for label in sorted(set(labels))}
+    print(f"\ntuned plan: {counts} (predicted {tuned.predicted.get('bytes'):,} bytes)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=40, help="timed calls per variant and shape")
+    parser.add_argument("--windows", type=int, default=16, help="held-out windows of 128 tokens")
+    args = parser.parse_args()
+    logging.getLogger("onnxruntime").setLevel(logging.WARNING)
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    loaded = load_model("demo")
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    batches = build_heldout(model, tokenizer, windows=args.windows, seq_len=128, batch_size=8)
+    feeds = [{k: b[k].numpy() for k in INPUTS} for b in batches]
+    masks = [f["attention_mask"] for f in feeds]
+    reference = [Variant("ref", model=model).run(f) for f in feeds]
+
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        float_path = export_float(model, tmp / "float.onnx")
+        variants = [Variant("ort float32", float_path)]
+        quiet(lambda: quantize_dynamic(float_path, tmp / "int8.onnx"))
+        variants.append(Variant("ort quantize_dynamic int8", tmp / "int8.onnx"))
+        for block in (32, 128):
+            path = quiet(lambda b=block: ort_4bit(float_path, tmp / f"int4-b{b}.onnx", b))
+            variants.append(Variant(f"ort 4-bit b{block}", path))
+        budget = variants[2].bytes
+        tuned = quiet(
+            lambda: autotune(
+                model,
+                {"memory_bytes": budget},
+                target="cpu",
+                runtime="onnxruntime",
+                tokenizer=tokenizer,
+                search="allocator",
+                progress=False,
+                measure=False,
+            )
+        )
+        plans = {
+            "autotune int4 g32 sym": (INT4_PLAN, None),
+            "autotune int8 per-channel": (INT8_PLAN, None),
+            f"autotune tuned @ {budget / 1e6:.1f} MB": (tuned.plan, tuned.model),
+        }
+        for index, (name, (plan, compressed)) in enumerate(plans.items()):
+            compressed = compressed or apply_plan(model, plan)
+            error = torch_error(compressed, feeds, reference, masks)
+            for level in (0, 4) if index < 2 else (0,):
+                path = tmp / f"autotune-{index}-{level}.onnx"
+                quiet(lambda p=plan, c=compressed, o=path, a=level: export(p, c, o, a))
+                label = name if level == 0 else f"{name}, accuracy_level 4"
+                variants.append(Variant(label, path, torch_error=error))
+        options = ort.SessionOptions()
+        # idle ORT threads must not spin: the variants are timed interleaved with torch's
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for variant in variants:
+            variant.session = ort.InferenceSession(
+                str(variant.path), options, providers=["CPUExecutionProvider"]
+            )
+            variant.error = errors([variant.run(f) for f in feeds], reference, masks)
+        variants.append(Variant("torch float32", model=model))
+        variants[-1].error = (0.0, 0.0)
+        time_round_robin(variants, timing_feeds(feeds[0]), args.rounds)
+        print_table(variants, tuned.plan, model)
+    print(f"\n{time.perf_counter() - started:.0f} s, {torch.get_num_threads()} torch threads")
+
+
+if __name__ == "__main__":
+    main()
