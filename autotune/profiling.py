@@ -280,7 +280,8 @@ def _fit(model, spec, options, calib, observers, batch_size, seq_len) -> dict[st
         name=f"{spec.name}-fitted",
         source=f"on {type(model).__name__} at {batch_size}x{seq_len} and {batch_size}x16 tokens",
     )
-    entry = {k: v for k, v in result.spec.to_dict().items() if k != "probed"}
+    # a target file describes a device; what runs on it is a tune's choice (--runtime)
+    entry = {k: v for k, v in result.spec.to_dict().items() if k not in ("probed", "runtime")}
     return {"entry": entry, "before": result.before, "after": result.after}
 
 

@@ -62,7 +62,7 @@ def test_vllm_holds_what_marlin_runs(option, held: bool) -> None:
 
 def test_vllm_refuses_shapes_off_marlin_tiles() -> None:
     why = get_runtime("vllm").refusal(
-        "layer", LayerShape("linear", rows=96, cols=256), QuantOption(4)
+        "layer", LayerShape("linear", rows=96, cols=256), QuantOption(4, 128, True)
     )
     assert why is not None and "96 x 256" in why
 
@@ -116,7 +116,7 @@ def test_tune_for_vllm_offers_only_what_vllm_runs(tokenizer) -> None:
 
     result = autotune(
         make_tiny_bert(hidden=128),
-        "40%",
+        "97%",  # the float embedding table (vLLM's export keeps it) is most of the model
         "a100",
         tokenizer=tokenizer,
         runtime="vllm",
