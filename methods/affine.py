@@ -77,3 +77,19 @@ def decode(
     if offset is None:
         return (codes.to(dtype) - levels(bits) // 2) * s
     return codes.to(dtype) * s + offset.to(dtype).unsqueeze(-1)
+
+
+def whole_zero_points(scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor | None:
+    """The whole zero point ``z`` of each group, as uint8: the one whose ``-z * scale``,
+    rounded to float16, is the stored ``offset`` (``round(-offset / scale)`` or a neighbour,
+    where float16 rounding of a tiny offset blurs it); ``None`` when some offset is no such
+    value. Formats that store ``w = s * (u - z)`` (compressed-tensors, ONNX) need it."""
+    scale, offset = scale.detach().cpu().float(), offset.detach().cpu().float()
+    guess = torch.round(-offset / scale)
+    top = levels(bits) - 1
+    zero = torch.full_like(guess, -1.0)
+    for delta in (0.0, -1.0, 1.0):
+        candidate = (guess + delta).clamp(0, top)
+        fits = (zero < 0) & ((-candidate * scale).to(torch.float16).float() == offset)
+        zero = torch.where(fits, candidate, zero)
+    return None if bool((zero < 0).any()) else zero.to(torch.uint8)

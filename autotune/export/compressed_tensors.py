@@ -40,6 +40,7 @@ from autotune.export.base import Exporter, ExportError, ExportResult, register_e
 from autotune.io import atomic_directory
 from autotune.layers import compressible_layers
 from autotune.plan import Plan
+from methods import affine
 from methods.base import KeepsStoredFormat, LayerShape, Option
 from methods.quantized import QuantizedLinear, RowLookup
 from methods.tied import TiedHead
@@ -320,21 +321,13 @@ def zero_points(module: QuantizedLinear, name: str = "layer") -> torch.Tensor:
     """The whole zero point ``z`` of each group: the one whose ``-z * scale``, rounded to
     float16, is the stored offset (``round(-offset / scale)`` or a neighbour, where float16
     rounding of a tiny offset blurs it). Offsets that are no such value are refused."""
-    scales = module.scales.detach().cpu().float()
-    offsets = module.offsets.detach().cpu().float()
-    guess = torch.round(-offsets / scales)
-    top = (1 << module.bits) - 1
-    zero = torch.full_like(guess, -1.0)
-    for delta in (0.0, -1.0, 1.0):
-        candidate = (guess + delta).clamp(0, top)
-        fits = (zero < 0) & ((-candidate * scales).to(torch.float16).float() == offsets)
-        zero = torch.where(fits, candidate, zero)
-    if bool((zero < 0).any()):
+    zero = affine.whole_zero_points(module.scales, module.offsets, module.bits)
+    if zero is None:
         raise ExportError(
             f"--format compressed-tensors cannot hold layer {name!r}: its asymmetric offsets "
-            f"are not whole zero points (-z * scale, z in 0..{top})"
+            f"are not whole zero points (-z * scale, z in 0..{(1 << module.bits) - 1})"
         )
-    return zero.to(torch.uint8)
+    return zero
 
 
 def _layer_labels(model: nn.Module, quantized: Mapping[str, QuantizedLinear]) -> dict[str, str]:

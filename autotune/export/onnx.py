@@ -51,6 +51,7 @@ from autotune.export.base import Exporter, ExportError, ExportResult, register_e
 from autotune.io import write_atomic
 from autotune.layers import compressible_layers
 from autotune.plan import Plan
+from methods import affine
 from methods.base import KeepsStoredFormat, LayerShape, Option
 from methods.quantized import QuantizedEmbedding, QuantizedLinear
 from methods.smoothquant import W8A8Linear
@@ -404,20 +405,13 @@ def whole_zero_points(module: QuantizedLinear | QuantizedEmbedding, name: str) -
     scales = module.scales.detach().cpu().float()
     if module.symmetric:
         return np.full(tuple(scales.shape), 1 << (module.bits - 1), dtype=np.uint8)
-    offsets = module.offsets.detach().cpu().float()
-    guess = torch.round(-offsets / scales)
-    top = (1 << module.bits) - 1
-    zero = torch.full_like(guess, -1.0)
-    for delta in (0.0, -1.0, 1.0):
-        candidate = (guess + delta).clamp(0, top)
-        fits = (zero < 0) & ((-candidate * scales).to(torch.float16).float() == offsets)
-        zero = torch.where(fits, candidate, zero)
-    if bool((zero < 0).any()):
+    zero = affine.whole_zero_points(module.scales, module.offsets, module.bits)
+    if zero is None:
         raise ExportError(
-            f"--format onnx cannot hold layer {name!r}: its asymmetric offsets are not whole "
-            f"zero points (-z * scale, z in 0..{top})"
+            f"--format onnx cannot hold layer {name!r}: its asymmetric offsets are not "
+            f"whole zero points (-z * scale, z in 0..{(1 << module.bits) - 1})"
         )
-    return zero.to(torch.uint8).numpy()
+    return zero.numpy()
 
 
 @dataclass
