@@ -32,6 +32,25 @@ def make_tiny_bert(seed: int = 0, hidden: int = 64, layers: int = 2):
     return transformers.BertModel(config).eval()
 
 
+def make_tiny_llama(seed: int = 0, vocab_size: int = 3072):
+    """A small Llama causal LM with tied input and output embeddings and random weights
+    (grouped-query attention: 4 heads, 2 key/value heads)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
 TINY_TOKENIZER = Path(__file__).resolve().parent / "data" / "tiny_tokenizer.json"
 
 

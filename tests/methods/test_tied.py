@@ -16,6 +16,7 @@ from methods.quantized import QuantizedEmbedding
 from methods.registry import get_method, registered_methods
 from methods.rtn import QuantOption
 from methods.tied import TiedHead, tied_heads, untie_output_embeddings
+from tests.conftest import make_tiny_llama
 
 VOCAB, WIDTH = 300, 64
 INT8_PER_ROW = QuantOption(8, None, True)
@@ -30,18 +31,7 @@ def tiny_gpt2() -> transformers.GPT2LMHeadModel:
 
 
 def tiny_tied_llama() -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return make_tiny_llama(vocab_size=512)
 
 
 class TiedLM(nn.Module):

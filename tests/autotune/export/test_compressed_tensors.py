@@ -23,7 +23,7 @@ from autotune.plan import Plan  # noqa: E402
 from methods.base import LayerShape  # noqa: E402
 from methods.quantized import QuantizedLinear  # noqa: E402
 from methods.registry import registered_methods  # noqa: E402
-from tests.conftest import make_tiny_bert  # noqa: E402
+from tests.conftest import make_tiny_bert, make_tiny_llama  # noqa: E402
 
 FORMAT = "compressed-tensors"
 IDS = [[2, 15, 99, 731, 1200, 3000, 7, 42, 5, 3]]
@@ -84,21 +84,6 @@ for folder, auto in {folders}:
     save_file({{"output": first.contiguous(), **weights}}, folder + "-loaded.safetensors")
 assert "autotune" not in sys.modules and "methods" not in sys.modules
 """
-
-
-def make_tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=3072,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from autotune.plan import Plan  # noqa: E402
 from methods.base import LayerShape  # noqa: E402
 from methods.quantized import QuantizedEmbedding, QuantizedLinear  # noqa: E402
 from methods.registry import registered_methods  # noqa: E402
-from tests.conftest import make_tiny_bert  # noqa: E402
+from tests.conftest import make_tiny_bert, make_tiny_llama  # noqa: E402
 
 FORMAT = "onnx"
 CALIBRATION = {"seq_len": 32, "calibration_windows": 4, "batch_size": 4}
@@ -83,21 +83,6 @@ EXPECTED_OPS = {
     "llama": {"MatMulNBits": 14, "DequantizeLinear": 0, "GatherBlockQuantized": 1},
     "w8a8": {"MatMulInteger": 3, "MatMulNBits": 0},
 }
-
-
-def make_tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=3072,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def inputs(key: str) -> dict[str, torch.Tensor]:
