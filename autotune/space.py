@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -116,6 +117,23 @@ class CostModel:
         self.decode_seconds = decode.seconds
         self.fixed_decode_seconds = decode.fixed_seconds
         return self
+
+    def only(self, label: str) -> CostModel:
+        """This model with each layer offered only its option ``label`` (which every layer
+        must have, as ``keep``)."""
+        index = {n: [o.label for o in opts].index(label) for n, opts in self.options.items()}
+
+        def pick(table: dict[str, list]) -> dict[str, list]:
+            return {n: [values[index[n]]] for n, values in table.items()}
+
+        return dataclasses.replace(
+            self,
+            options=pick(self.options),
+            bytes=pick(self.bytes),
+            weight_bits=pick(self.weight_bits),
+            seconds=pick(self.seconds),
+            decode_seconds=None if self.decode_seconds is None else pick(self.decode_seconds),
+        )
 
     def totals(self, choice: dict[str, int]) -> dict[str, float]:
         """``bytes``, ``avg_bits``, ``latency_ms`` and, when known, ``decode_ms`` of an

@@ -21,6 +21,7 @@ from autotune.choices import (
     allocate_plan,
     candidate_totals,
     check_feasible,
+    choice_table,
     fitting_uniforms,
     layer_profile,
     limits_for,
@@ -45,6 +46,7 @@ from autotune.space import (
     drop_undercalibrated,
     layer_options,
 )
+from autotune.storage_bounds import StorageBounds, keep_only
 from autotune.targets import get_target
 from methods.errors import OptionError
 from methods.keep import KeepOption
@@ -55,7 +57,7 @@ from profilers.decode import DecodeError, decode_inputs, max_context
 from profilers.hardware import HardwareSpec
 from profilers.memory import PeakPrediction, activation_peak, kv_cache_bytes, scratch_bytes
 from profilers.observe import collect_observers
-from profilers.quality import is_causal_lm, run_outputs
+from profilers.quality import is_causal_lm, metric_for, run_outputs
 from profilers.sensitivity import SensitivityTable, measure_sensitivity
 
 _FINAL_CHOICE = " + selection split vs uniform plans"
@@ -184,6 +186,35 @@ def _prune_structure(
     }
 
 
+def _storage_answer(
+    model: nn.Module,
+    budget: Budget,
+    runner: Any,
+    methods: Sequence[str],
+    option_labels: Sequence[str] | None,
+    structured: Mapping[str, float] | None,
+) -> bool:
+    """From layer shapes alone, before calibration: refuse a storage budget no plan meets,
+    and say whether the uncompressed model meets it already. Structured pruning changes
+    the shapes first, so it is left to the priced check."""
+    if structured and any(structured.values()):
+        return False
+    layers = compressible_layers(model)
+    if not layers:
+        return False
+    options = runner.restrict(layers, layer_options(layers, methods, option_labels))
+    bounds = StorageBounds.of(model, layers, options)
+    bounds.refuse_unreachable(budget)
+    return bounds.met_as_is(budget)
+
+
+def _keep_fits(costs: CostModel, limits: dict[str, float]) -> bool:
+    """Whether keeping every layer as it is meets all the limits once priced."""
+    table = choice_table(costs, {n: [0.0] * len(o) for n, o in costs.options.items()})
+    keep = table.uniform(KeepOption().label)
+    return keep is not None and table.fits(keep, limits)
+
+
 def autotune(
     model: nn.Module | str | Path,
     budget: Budget | str | dict,
@@ -282,6 +313,13 @@ def autotune(
     original_fp = fingerprint(model)
     work = model if inplace else copy.deepcopy(model)
     tied = untie_output_embeddings(work)  # a tied embedding is one layer, stored once
+    methods = methods if methods is not None else default_methods(spec)
+    as_is = _storage_answer(work, budget, runner, methods, option_labels, structured)
+    if as_is:
+        say.say(
+            f"the uncompressed model already meets budget {budget.spec}: every layer is kept "
+            "and nothing is profiled"
+        )
 
     calib = build_calibration(
         work,
@@ -309,8 +347,9 @@ def autotune(
             "the model has no compressible layer (linear or embedding layers of at least "
             "4096 weights that are not shared with another layer)"
         )
-    methods = methods if methods is not None else default_methods(spec)
     options = runner.restrict(layers, layer_options(layers, methods, option_labels))
+    if as_is:
+        options = keep_only(options)
     latency_inputs = calib.latency_inputs(budget.batch_size, budget.seq_len)
     observers = collect_observers(work, options, calib.calibration)
     left_out = drop_undercalibrated(layers, options, observers)
@@ -337,6 +376,13 @@ def autotune(
     overhead = serving.get("kv_cache", 0) + serving.get("activations", 0)
     limits = limits_for(budget, costs, overhead, latency_margin=margin)
     check_feasible(budget, costs, limits)
+    if not as_is and _keep_fits(costs, limits):
+        as_is = True
+        say.say(
+            f"the uncompressed model already meets budget {budget.spec} on {spec.name}: "
+            "every layer is kept and nothing is profiled"
+        )
+        options, costs = keep_only(options), costs.only(KeepOption().label)
     say.say(
         f"{len(layers)} layers x {max(len(o) for o in options.values())} options; "
         f"target {spec.name}; budget {budget.spec}"
@@ -356,7 +402,14 @@ def autotune(
         table_cache = SensitivityCache(folder, key)
     kind = sensitivity
     with say.bar(sum(len(o) for o in options.values()), f"sensitivity ({kind})") as bar:
-        if kind == "end-to-end":
+        if as_is:  # one option per layer, which changes nothing: no error to measure
+            sensitivity = SensitivityTable(
+                metric=metric_for(screening_reference[0]),
+                errors={name: {KeepOption().label: 0.0} for name in options},
+                evaluations=0,
+                seconds=0.0,
+            )
+        elif kind == "end-to-end":
             sensitivity = measure_sensitivity(
                 work,
                 options,
@@ -389,7 +442,7 @@ def autotune(
         sensitivity.metric,
         cache,
     )
-    engine = choose_engine(search, table, allocation, costs.total_weights)
+    engine = choose_engine("allocator" if as_is else search, table, allocation, costs.total_weights)
     data_key = f"{tuned_fp}:{batches_digest(calib.calibration)}:{sensitivity.metric}"
     outcome = run_search(
         engine,
@@ -522,6 +575,8 @@ def autotune(
         "solver_seconds": round(allocation.seconds, 3),
         "solver_optimal": allocation.optimal,
     }
+    if as_is:
+        search_info["uncompressed_meets_budget"] = True
     if margin and (budget.latency_ms or budget.decode_ms) is not None:
         search_info["latency_margin"] = margin
     search_info["selection"] = selection.to_dict()
