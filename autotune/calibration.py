@@ -201,8 +201,11 @@ def build_calibration(
         return _from_batches(calibration, heldout, sensitivity_windows)
     if tokenizer is None:
         raise CalibrationError(
-            "this model has no tokenizer: pass a tokenizer, or calibration as a list of input "
-            "batches (dicts of tensors)"
+            "no tokenizer was found beside the model's weights (tokenizer.json, "
+            "tokenizer_config.json or vocabulary files), so calibration text cannot be "
+            "tokenised: save the model's tokenizer into its folder (tokenizer.save_pretrained"
+            "(folder)), pass tokenizer=..., or pass calibration as a list of input batches "
+            "(dicts of tensors)"
         )
     if calibration is None:
         calib_texts: Any = stdlib_texts("calibration")
@@ -288,7 +291,10 @@ def build_heldout(
     if _is_batches(heldout):
         return [dict(b) for b in heldout]
     if tokenizer is None:
-        raise CalibrationError("this model has no tokenizer: pass held-out input batches")
+        raise CalibrationError(
+            "no tokenizer was found beside the model's weights: save the model's tokenizer "
+            "into its folder, or pass held-out input batches"
+        )
     max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if max_positions:
         seq_len = min(seq_len, int(max_positions))

@@ -192,11 +192,21 @@ def _tokenizer(path: Path | str, trust_remote_code: bool) -> Any:
     import transformers
 
     try:
-        return transformers.AutoTokenizer.from_pretrained(
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
             path, local_files_only=True, trust_remote_code=trust_remote_code
         )
     except Exception:
         return None
+    # without vocabulary files some tokenizer classes load empty: every text is unknown
+    return tokenizer if _has_vocabulary(tokenizer) else None
+
+
+def _has_vocabulary(tokenizer: Any) -> bool:
+    try:
+        ids = tokenizer("calibration text", add_special_tokens=False)["input_ids"]
+    except Exception:
+        return False
+    return bool(ids) and getattr(tokenizer, "vocab_size", 1) > 0
 
 
 def load_model(

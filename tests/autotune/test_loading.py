@@ -88,3 +88,21 @@ def test_a_deeply_nested_config_is_one_error(tmp_path: Path, tiny_bert_dir: Path
     (folder / "config.json").write_text('{"a":' * 100_000 + "1" + "}" * 100_000)
     with pytest.raises(ModelLoadError, match=r"config\.json nests arrays and objects"):
         load_model(folder)
+
+
+def test_a_folder_without_tokenizer_files_gives_no_tokenizer_and_a_clear_refusal(
+    tmp_path,
+) -> None:
+    import transformers
+
+    from autotune.calibration import build_calibration
+    from autotune.errors import AutotuneError
+
+    config = transformers.GPT2Config(
+        n_layer=1, n_embd=32, n_head=2, vocab_size=1000, n_positions=64
+    )
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.tokenizer is None
+    with pytest.raises(AutotuneError, match="no tokenizer was found beside the model"):
+        build_calibration(loaded.model, loaded.tokenizer)
