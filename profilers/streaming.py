@@ -50,6 +50,9 @@ _DTYPES = {
 Batch = dict[str, torch.Tensor]
 
 
+MAX_HEADER_BYTES = 100_000_000  # as the safetensors format itself allows
+
+
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or does not match the model."""
 
@@ -66,12 +69,35 @@ class _Entry:
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
     """A safetensors file's JSON header and the offset where its data starts."""
     try:
+        size = path.stat().st_size
         with open(path, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
+            if length > min(MAX_HEADER_BYTES, size - 8):  # checked before reading it
+                raise CheckpointError(
+                    f"the safetensors header of {path} claims {length:,} bytes; the file has "
+                    f"{max(size - 8, 0):,} after its length field"
+                )
             header = json.loads(handle.read(length))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"cannot read the safetensors header of {path}: {exc}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"the safetensors header of {path} is not a JSON object")
     return header, 8 + length
+
+
+def _entry(path: Path, name: str, info: Any, start: int) -> _Entry:
+    """One header entry, or a :class:`CheckpointError` naming what is wrong with it."""
+    try:
+        dtype = _DTYPES[info["dtype"]]
+        shape = tuple(int(d) for d in info["shape"])
+        first, last = (int(v) for v in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(
+            f"{path}: tensor {name!r} needs a known dtype, a shape and two data_offsets"
+        ) from None
+    if min(shape, default=0) < 0 or not 0 <= first <= last:
+        raise CheckpointError(f"{path}: tensor {name!r} has a negative shape or offsets")
+    return _Entry(path, dtype, shape, start + first, last - first)
 
 
 class Checkpoint:
@@ -98,14 +124,8 @@ class Checkpoint:
         for path in files:
             header, start = read_header(path)
             for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                if info["dtype"] not in _DTYPES:
-                    raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}")
-                first, last = info["data_offsets"]
-                self.entries[name] = _Entry(
-                    path, _DTYPES[info["dtype"]], tuple(info["shape"]), start + first, last - first
-                )
+                if name != "__metadata__":
+                    self.entries[name] = _entry(path, name, info, start)
 
     @property
     def names(self) -> list[str]:

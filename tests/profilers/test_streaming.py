@@ -199,3 +199,23 @@ def test_a_truncated_file_and_a_missing_tensor_are_named(tmp_path: Path) -> None
     with pytest.raises(CheckpointError, match="are not in the checkpoint") as info:
         streamed_from(tmp_path, transformers.LlamaForCausalLM)
     assert name in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        (2**40).to_bytes(8, "little") + b"{}",
+        (5).to_bytes(8, "little") + b"{{{{{",
+        (2).to_bytes(8, "little") + b"[]",
+        (40).to_bytes(8, "little") + b'{"w": {"dtype": "F32", "shape": [1, 1]}}',
+        (56).to_bytes(8, "little") + b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": 4}}',
+        b"abc",
+    ],
+    ids=["huge-length", "garbage", "list", "no-offsets", "scalar-offsets", "short"],
+)
+def test_a_corrupt_safetensors_header_is_one_checkpoint_error(tmp_path, raw) -> None:
+    from profilers.streaming import Checkpoint, CheckpointError
+
+    (tmp_path / "model.safetensors").write_bytes(raw + b"\0" * 16)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        Checkpoint(tmp_path)
