@@ -15,6 +15,14 @@ The demo model (all-MiniLM-L6-v2 as a transformers ``BertModel``) in ONNX Runtim
   int8 per block: faster, no longer autotune's numerics);
 * ``torch float32``: the float model in torch, for scale.
 
+A second table is the compressed-tensors export of the bundled causal LM (``tiny-lm``): a
+uniform int4 g128 and int8 per-channel plan (symmetric: what vLLM's Marlin kernels run) and a
+plan tuned with ``runtime="vllm"`` for the ``a100`` target at 8 MB. Each folder is loaded by
+plain transformers in a process that never imports autotune; the table gives the plan's
+predicted bytes beside the folder's ``model.safetensors`` bytes, the held-out KL of the
+loaded model's next-token distribution against the float model, and the largest logit
+difference between the loaded model and autotune's own compressed model.
+
 Both exporters' per-node debug metadata is dropped, so file sizes compare the tensors.
 Errors are measured on the held-out windows (the stdlib held-out split; nothing here is
 chosen on them) against the float model: 1 - cosine of the mean-pooled embeddings (averaged
@@ -22,7 +30,7 @@ over windows) and the relative MSE of ``last_hidden_state``; ``torch 1-cos`` is 
 compressed model on the same windows. Latency is the median of ``session.run`` at batch 1 x
 16 and 1 x 128 tokens, every variant timed in turn, round after round, in one process.
 
-Run: ``python benchmarks/exports.py`` (about 2 minutes on 2 cores).
+Run: ``python benchmarks/exports.py`` (about 4 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -36,8 +44,10 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import argparse
 import contextlib
 import io
+import json
 import logging
 import statistics
+import subprocess
 import tempfile
 import time
 import warnings
@@ -51,14 +61,17 @@ import onnxruntime as ort
 import torch
 from onnxruntime.quantization import quantize_dynamic
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from autotune import autotune
 from autotune.apply import apply_plan
 from autotune.calibration import build_heldout
+from autotune.export import export_plan
 from autotune.export.onnx import OnnxExporter
 from autotune.loading import load_model
 from autotune.plan import Plan
+from profilers.measure import model_bytes
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUTS = ("last_hidden_state", "pooler_output")
@@ -203,14 +216,111 @@ def print_table(variants: list[Variant], tuned: Plan, model: nn.Module) -> None:
     print(f"\ntuned plan: {counts} (predicted {tuned.predicted.get('bytes'):,} bytes)")
 
 
+CT_PLANS = {
+    "int4 g128 sym": Plan(
+        layers={"_default": rtn(4, 128, True), "model.embed_tokens": {"method": "none"}}
+    ),
+    "int8 per-channel sym": Plan(
+        layers={"_default": rtn(8, None, True), "model.embed_tokens": {"method": "none"}}
+    ),
+}
+
+# run by a fresh interpreter: plain transformers loads every folder; autotune is never imported
+LOAD_FOLDERS = """
+import json, sys
+import torch, transformers
+from safetensors.torch import load_file, save_file
+
+for folder in json.loads(sys.argv[1]):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    batches = load_file(folder + "-inputs.safetensors")
+    with torch.no_grad():
+        logits = {k: model(input_ids=v).logits.contiguous() for k, v in batches.items()}
+    save_file(logits, folder + "-logits.safetensors")
+assert "autotune" not in sys.modules
+"""
+
+
+def kl(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean KL divergence of the next-token distributions, reference first."""
+    ref = torch.log_softmax(reference.double(), -1)
+    out = torch.log_softmax(logits.double(), -1)
+    return float((ref.exp() * (ref - out)).sum(-1).mean())
+
+
+def compressed_tensors_table(windows: int) -> None:
+    loaded = load_model("tiny-lm")
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    batches = build_heldout(model, tokenizer, windows=windows, seq_len=128, batch_size=8)
+    inputs = {f"b{i}": b["input_ids"].contiguous() for i, b in enumerate(batches)}
+    with torch.inference_mode():
+        reference = {k: model(input_ids=v).logits for k, v in inputs.items()}
+    tuned = autotune(
+        model, "8MB", "a100", runtime="vllm", tokenizer=tokenizer, progress=False, measure=False
+    )
+    plans = {**CT_PLANS, "tuned for vllm @ 8 MB": tuned.plan}
+    with tempfile.TemporaryDirectory() as folder:
+        tmp, folders = Path(folder), {}
+        for index, (name, plan) in enumerate(plans.items()):
+            out = tmp / f"ct-{index}"
+            export_plan(plan, model, "compressed-tensors", out, tokenizer=tokenizer)
+            save_file(inputs, f"{out}-inputs.safetensors")
+            folders[name] = out
+        run = subprocess.run(
+            [sys.executable, "-c", LOAD_FOLDERS, json.dumps([str(f) for f in folders.values()])],
+            capture_output=True,
+            text=True,
+            cwd=tmp,
+        )
+        if run.returncode != 0:
+            raise SystemExit(run.stderr[-3000:])
+        print(
+            "\n| tiny-lm, compressed-tensors | plan bytes | model.safetensors bytes | file / "
+            "plan | held-out KL, transformers | held-out KL, autotune | max abs logit diff |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for name, plan in plans.items():
+            out = folders[name]
+            compressed = tuned.model if plan is tuned.plan else apply_plan(model, plan)
+            with torch.inference_mode():
+                ours = {k: compressed(input_ids=v).logits for k, v in inputs.items()}
+            theirs = load_file(f"{out}-logits.safetensors")
+            predicted = plan.predicted.get("bytes") or model_bytes(compressed)
+            file_bytes = (out / "model.safetensors").stat().st_size
+            diff = max(float((theirs[k] - ours[k]).abs().max()) for k in inputs)
+            cells = [
+                f"{predicted:,}",
+                f"{file_bytes:,}",
+                f"{file_bytes / predicted:.4f}",
+                f"{statistics.fmean(kl(theirs[k], reference[k]) for k in inputs):.4g}",
+                f"{statistics.fmean(kl(ours[k], reference[k]) for k in inputs):.4g}",
+                f"{diff:.2e}",
+            ]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+    labels = [o.label for o in tuned.plan.layer_options(model).values()]
+    counts = {label: labels.count(label) for label in sorted(set(labels))}
+    print(f"\ntuned for vllm: {counts}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=40, help="timed calls per variant and shape")
     parser.add_argument("--windows", type=int, default=16, help="held-out windows of 128 tokens")
+    parser.add_argument(
+        "--part", choices=("all", "onnx", "compressed-tensors"), default="all", help="which table"
+    )
     args = parser.parse_args()
     logging.getLogger("onnxruntime").setLevel(logging.WARNING)
     started = time.perf_counter()
     torch.manual_seed(0)
+    if args.part != "compressed-tensors":
+        onnx_table(args)
+    if args.part != "onnx":
+        compressed_tensors_table(args.windows)
+    print(f"\n{time.perf_counter() - started:.0f} s, {torch.get_num_threads()} torch threads")
+
+
+def onnx_table(args: argparse.Namespace) -> None:
     loaded = load_model("demo")
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     batches = build_heldout(model, tokenizer, windows=args.windows, seq_len=128, batch_size=8)
@@ -265,7 +375,6 @@ def main() -> None:
         variants[-1].error = (0.0, 0.0)
         time_round_robin(variants, timing_feeds(feeds[0]), args.rounds)
         print_table(variants, tuned.plan, model)
-    print(f"\n{time.perf_counter() - started:.0f} s, {torch.get_num_threads()} torch threads")
 
 
 if __name__ == "__main__":
