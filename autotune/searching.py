@@ -1,5 +1,5 @@
-"""Run the chosen search engine from the allocator's plan, with a progress bar and an
-optional Optuna study (resume and cooperation through ``storage``)."""
+"""Run the chosen search engine (:mod:`autotune.engines`) from the allocator's plan, with a
+progress bar and an optional Optuna study (resume and cooperation through ``storage``)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from autotune.engines import AUTO, LEVEL_RESOURCE, SearchRun, get_engine
 from autotune.errors import AutotuneError
 from autotune.fitness import PlanFitness
-from search import Allocation, ChoiceTable, SearchResult, evolve, optuna_search
-from search.study import check_storage, open_study, space_key
+from search import Allocation, ChoiceTable, SearchResult
+from search.study import check_storage, space_key
 
-ENGINES = ("auto", "allocator", "evolution", "tpe", "nsga2")
 DEFAULT_MAX_EVALS = 100.0
 AUTO_MAX_WEIGHTS = 1_000_000_000  # above this, a whole-model evaluation costs too much
-LEVEL_RESOURCE = "bytes"  # levels are ordered by stored bytes whatever the budget
-# 16 offspring screened on the profiling windows, the best one evaluated in full: on the
-# demo at 3 bits this beat keeping 4 (or 2 of 8 or 32) for the same number of evaluations
-EVOLUTION = {"offspring": 16, "survivors": [1]}
 
 
 @dataclass
@@ -35,8 +31,8 @@ def check_settings(
     search: str, max_evals: float | None, timeout: float | None, storage: str | None
 ) -> None:
     """Refuse bad search settings before any work, in one line each."""
-    if search not in ENGINES:
-        raise AutotuneError(f"unknown search {search!r}; allowed: {', '.join(ENGINES)}")
+    if search != AUTO:
+        get_engine(search)
     if max_evals is not None and not max_evals > 0:
         raise AutotuneError(f"max_evals must be a positive number, got {max_evals}")
     if timeout is not None and not timeout > 0:
@@ -52,7 +48,7 @@ def choose_engine(search: str, table: ChoiceTable, allocation: Allocation, weigh
     """``auto``: evolution from the allocator's plan, unless there is nothing to gain (one
     layer, or the allocator's plan loses nothing) or the model is too large to evaluate
     whole plans often (over a billion weights): then the allocator alone."""
-    if search != "auto":
+    if search != AUTO:
         return search
     if len(table.variables) < 2 or allocation.score <= 0 or weights > AUTO_MAX_WEIGHTS:
         return "allocator"
@@ -97,7 +93,8 @@ def run_search(
     """Search from the allocator's plan; every evaluation is recorded in the study when
     ``storage`` is given (``study_name`` defaults to one derived from the search space and
     ``data_key``, so the same tune resumes the same study)."""
-    if engine == "allocator":
+    chosen = get_engine(engine)
+    if not chosen.searches:
         return SearchOutcome(engine, None)
     budget = DEFAULT_MAX_EVALS if max_evals is None else float(max_evals)
     levels = table.levels(LEVEL_RESOURCE)
@@ -107,61 +104,19 @@ def run_search(
     if storage is not None:
         info = {"storage": _redact(storage), "name": name}
     bar, update = _bar(progress, budget, limits)
+    settings = SearchRun(seed, budget, timeout, storage, name, key, update)
     try:
-        if engine == "evolution":
-            study = None
-            if storage is not None:
-                study = open_study(storage, name, key=key)
-            result = evolve(
-                table,
-                limits,
-                fitness,
-                allocation.assignment,
-                seed=seed,
-                max_evals=budget,
-                timeout=timeout,
-                study=study,
-                order_by=LEVEL_RESOURCE,
-                progress=update,
-                **EVOLUTION,
-            )
-        else:
-            objectives = ("error", "bytes", "seconds") if engine == "nsga2" else ("error",)
-            result = optuna_search(
-                table,
-                limits,
-                _FullFidelity(fitness),
-                sampler=engine,
-                objectives=objectives,
-                warm_start=[allocation.assignment],
-                seed=seed,
-                max_evals=budget,
-                timeout=timeout,
-                storage=storage,
-                study_name=name if storage is not None else None,
-                key=key,
-                order_by=LEVEL_RESOURCE,
-                progress=update,
-            )
+        result = chosen.run(table, limits, fitness, allocation, settings)
     except ValueError as exc:
         raise AutotuneError(str(exc)) from None
     finally:
         bar.close()
+    if result is None:
+        return SearchOutcome(engine, None)
     if storage is not None:
         info["trials_before"] = result.resumed
         info["trials_from_other_processes"] = result.shared
     return SearchOutcome(engine, result.assignment, result, info)
-
-
-class _FullFidelity:
-    """Optuna engines evaluate at the full fidelity only."""
-
-    def __init__(self, fitness: PlanFitness) -> None:
-        self.fitness = fitness
-        self.costs = [1.0]
-
-    def __call__(self, assignment: list[int], fidelity: int) -> float:
-        return self.fitness(assignment, -1)
 
 
 def _redact(url: str) -> str:

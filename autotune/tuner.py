@@ -27,6 +27,7 @@ from autotune.choices import (
     limits_for,
 )
 from autotune.choices import options_of as plan_options
+from autotune.engines import get_engine
 from autotune.errors import AutotuneError
 from autotune.fingerprint import fingerprint
 from autotune.fitness import PlanFitness, windows_of
@@ -59,14 +60,6 @@ from profilers.memory import PeakPrediction, activation_peak, kv_cache_bytes, sc
 from profilers.observe import collect_observers
 from profilers.quality import is_causal_lm, metric_for, run_outputs
 from profilers.sensitivity import SensitivityTable, measure_sensitivity
-
-_FINAL_CHOICE = " + selection split vs uniform plans"
-ALGORITHMS = {
-    "allocator": "milp-allocator" + _FINAL_CHOICE,
-    "evolution": "milp-allocator -> evolution (EvoPress-style)" + _FINAL_CHOICE,
-    "tpe": "milp-allocator -> optuna TPE" + _FINAL_CHOICE,
-    "nsga2": "milp-allocator -> optuna NSGA-II (error x bytes x latency)" + _FINAL_CHOICE,
-}
 
 
 @dataclass
@@ -550,7 +543,7 @@ def autotune(
             "total": int(totals["bytes"]) + overhead,
         }
     search_info = {
-        "algorithm": ALGORITHMS[engine],
+        "algorithm": get_engine(engine).provenance,
         "engine": engine,
         "requested": search,
         "sensitivity": kind,
