@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from autotune.calibration import build_calibration
+from autotune.estimators import get_estimator
 from autotune.fingerprint import fingerprint
 from autotune.io import write_text_atomic
 from autotune.layers import compressible_layers
@@ -36,9 +37,7 @@ from profilers.decode import DecodeError, decode_inputs
 from profilers.hardware import HardwareSpec
 from profilers.observe import collect_observers
 from profilers.quality import is_causal_lm
-from profilers.sensitivity import SensitivityTable, measure_sensitivity
-
-SENSITIVITY_KINDS = ("end-to-end", "local", "fisher")
+from profilers.sensitivity import SensitivityTable
 
 
 @dataclass
@@ -160,21 +159,14 @@ def sensitivity_table(
     cache: SensitivityCache | None,
     progress: bool = False,
 ) -> SensitivityTable:
-    if kind == "end-to-end":
-        total = sum(len(o) for o in options.values())
-        with tqdm(
-            total=total, desc="sensitivity", disable=None if progress else True, leave=False
-        ) as bar:
-            return measure_sensitivity(
-                model, options, batches, observers=observers, cache=cache, progress=bar.update
-            )
-    from profilers import proxies
-
-    if kind == "local":
-        return proxies.local_error_table(model, options, batches, observers=observers)
-    if kind == "fisher":
-        return proxies.fisher_table(model, options, batches, observers=observers)
-    raise ValueError(f"unknown sensitivity {kind!r}; allowed: {', '.join(SENSITIVITY_KINDS)}")
+    estimator = get_estimator(kind)
+    total = sum(len(o) for o in options.values()) if estimator.steps_per_option else 0
+    with tqdm(
+        total=total, desc="sensitivity", disable=None if progress else True, leave=False
+    ) as bar:
+        return estimator.table(
+            model, options, batches, observers=observers, cache=cache, progress=bar.update
+        )
 
 
 def profile_model(
@@ -192,10 +184,7 @@ def profile_model(
     progress: bool = False,
 ) -> Profile:
     """Sensitivity and cost of every (layer, option) of ``model`` on ``spec``."""
-    if sensitivity not in SENSITIVITY_KINDS:
-        raise ValueError(
-            f"unknown sensitivity {sensitivity!r}; allowed: {', '.join(SENSITIVITY_KINDS)}"
-        )
+    estimator = get_estimator(sensitivity)
     model.eval()
     if tied_pairs(model):  # a tied table is one layer: untie a copy, never the caller's model
         model = copy.deepcopy(model)
@@ -210,7 +199,7 @@ def profile_model(
     prefill_costs = build_costs(model, layers, options, spec, prefill, observers=observers)
     decode_costs = build_costs(model, layers, options, spec, decode, observers=observers)
     table_cache = None
-    if cache and sensitivity == "end-to-end":
+    if cache and estimator.cacheable:
         folder = default_cache_dir() if cache is True else Path(cache)
         key = table_key(fingerprint(model), batches_digest(calib.sensitivity), sensitivity)
         table_cache = SensitivityCache(folder, key)

@@ -29,6 +29,7 @@ from autotune.choices import (
 from autotune.choices import options_of as plan_options
 from autotune.engines import get_engine
 from autotune.errors import AutotuneError
+from autotune.estimators import get_estimator
 from autotune.fingerprint import fingerprint
 from autotune.fitness import PlanFitness, windows_of
 from autotune.layers import compressible_layers
@@ -59,7 +60,7 @@ from profilers.hardware import HardwareSpec
 from profilers.memory import PeakPrediction, activation_peak, kv_cache_bytes, scratch_bytes
 from profilers.observe import collect_observers
 from profilers.quality import is_causal_lm, metric_for, run_outputs
-from profilers.sensitivity import SensitivityTable, measure_sensitivity
+from profilers.sensitivity import SensitivityTable
 
 
 @dataclass
@@ -87,30 +88,6 @@ def _pareto_point(costs: CostModel, options: dict, error: float) -> dict[str, An
         **candidate_totals(costs, options),
         "layers": {n: o.label for n, o in options.items()},
     }
-
-
-SENSITIVITY_KINDS = ("end-to-end", "fisher", "local")
-
-
-def proxy_table(
-    model: nn.Module, options: dict, batches: list, kind: str, observers: dict
-) -> SensitivityTable:
-    from profilers import proxies
-
-    if kind == "fisher":
-        table = proxies.fisher_table(model, options, batches, observers=observers)
-    else:
-        table = proxies.local_error_table(model, options, batches, observers=observers)
-    # the search compares errors with end-to-end checks of candidates, in the model's metric
-    table.metric = metric_for_model(model, batches)
-    return table
-
-
-def metric_for_model(model: nn.Module, batches: list) -> str:
-    from profilers.quality import metric_for, select_outputs
-
-    with torch.inference_mode():
-        return metric_for(select_outputs(model(**batches[0])))
 
 
 def _serving_memory(model: nn.Module, budget: Budget, activation_bytes: int) -> dict[str, Any]:
@@ -282,10 +259,7 @@ def autotune(
     spec = runner.spec_for(spec)
     check_settings(search, max_evals, timeout, storage)
     check_structured(structured)
-    if sensitivity not in SENSITIVITY_KINDS:
-        raise AutotuneError(
-            f"unknown sensitivity {sensitivity!r}; allowed: {', '.join(SENSITIVITY_KINDS)}"
-        )
+    estimator = get_estimator(sensitivity)
     source = "nn.Module"
     if isinstance(model, (str, Path)):
         loaded = load_model(model, trust_remote_code=trust_remote_code)
@@ -389,12 +363,13 @@ def autotune(
     )
 
     table_cache = None
-    if cache and sensitivity == "end-to-end":
+    if cache and estimator.cacheable:
         folder = default_cache_dir() if cache is True else Path(cache)
-        key = table_key(tuned_fp, batches_digest(calib.sensitivity), "end-to-end")
+        key = table_key(tuned_fp, batches_digest(calib.sensitivity), estimator.name)
         table_cache = SensitivityCache(folder, key)
-    kind = sensitivity
-    with say.bar(sum(len(o) for o in options.values()), f"sensitivity ({kind})") as bar:
+    kind = estimator.name
+    steps = sum(len(o) for o in options.values()) if estimator.steps_per_option else 0
+    with say.bar(steps, f"sensitivity ({kind})") as bar:
         if as_is:  # one option per layer, which changes nothing: no error to measure
             sensitivity = SensitivityTable(
                 metric=metric_for(screening_reference[0]),
@@ -402,17 +377,17 @@ def autotune(
                 evaluations=0,
                 seconds=0.0,
             )
-        elif kind == "end-to-end":
-            sensitivity = measure_sensitivity(
+        else:
+            sensitivity = estimator.table(
                 work,
                 options,
                 calib.sensitivity,
-                progress=bar.update,
                 observers=observers,
                 cache=table_cache,
+                progress=bar.update,
             )
-        else:
-            sensitivity = proxy_table(work, options, calib.sensitivity, kind, observers)
+    # the search compares errors with end-to-end checks of candidates, in the model's metric
+    sensitivity.metric = metric_for(screening_reference[0])
     cached = f", {table_cache.hits} from the cache" if table_cache and table_cache.hits else ""
     say.say(
         f"sensitivity: {sensitivity.evaluations} evaluations in {sensitivity.seconds:.1f} s"

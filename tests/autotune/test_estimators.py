@@ -1,0 +1,57 @@
+"""The sensitivity-estimator registry: every estimator scores every offered option."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from autotune.calibration import build_calibration
+from autotune.errors import AutotuneError
+from autotune.estimators import ESTIMATORS, get_estimator
+from autotune.layers import compressible_layers
+from autotune.space import layer_options
+from profilers.observe import collect_observers
+from tests.conftest import make_tiny_bert
+
+
+@pytest.fixture(scope="module")
+def setting(tokenizer):
+    model = make_tiny_bert()
+    layers = compressible_layers(model)
+    options = layer_options(layers, ("rtn",), ["int8-ch-sym", "int4-g32-sym", "keep"])
+    calib = build_calibration(
+        model,
+        tokenizer,
+        seq_len=32,
+        calibration_windows=4,
+        selection_windows=2,
+        heldout_windows=2,
+        sensitivity_windows=2,
+    )
+    observers = collect_observers(model, options, calib.calibration)
+    return model, options, calib.sensitivity, observers
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_every_estimator_scores_every_option_and_leaves_the_model(name, setting) -> None:
+    model, options, batches, observers = setting
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    estimator = get_estimator(name)
+    assert estimator.description
+    table = estimator.table(model, options, batches, observers=observers)
+    assert set(table.errors) == set(options)
+    for layer, offered in options.items():
+        scores = table.errors[layer]
+        assert {o.label for o in offered} <= set(scores)
+        assert all(math.isfinite(v) and v >= 0 for v in scores.values())
+        assert scores["keep"] == pytest.approx(0.0, abs=1e-9)
+        assert scores["int4-g32-sym"] >= scores["int8-ch-sym"]  # coarser never scores less
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_an_unknown_estimator_is_refused_naming_the_registered_ones() -> None:
+    with pytest.raises(AutotuneError, match="allowed: end-to-end, fisher, local"):
+        get_estimator("bogus")
