@@ -10,19 +10,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from autotune.latency_models import Pricing, latency_model_for
 from autotune.layers import LayerRef, compressible_layers, weight_numel
-from methods.base import LayerShape, Option, is_weight_layer
+from methods.base import Option
 from methods.errors import OptionError
 from methods.keep import KeepOption
 from methods.registry import get_method, method_of
-from methods.tied import TiedHead, tied_heads
+from methods.tied import tied_heads
 from profilers.hardware import HardwareSpec
 from profilers.kernel_support import runs_kernel
-from profilers.latency_table import measure_in_model
 from profilers.measure import model_bytes
 from profilers.observe import Observers
-from profilers.opcount import rest_of_model
-from profilers.roofline import layer_latency, rest_latency
 
 DEFAULT_METHODS = ("rtn",)
 
@@ -166,10 +164,10 @@ def build_costs(
 ) -> CostModel:
     """Price every option of every layer on ``spec`` at the shape of ``latency_inputs``.
 
-    Named targets are priced by their roofline. ``local`` is measured: every distinct
-    (layer shape, option) is timed inside the model with its real module, and the rest of
-    the model is the measured forward pass minus its layers (see
-    :mod:`profilers.latency_table`). An embedding that tied output layers read
+    The latency model that serves ``spec`` (:mod:`autotune.latency_models`) gives the
+    seconds: a named target's roofline, or ``local`` timed inside the model, every distinct
+    (layer shape, option) with its real module and the rest of the model as the measured
+    forward pass minus its layers. An embedding that tied output layers read
     (:class:`methods.tied.TiedHead`) is charged their matmul too, under the same option.
     ``run(**latency_inputs)`` makes the forward pass the roofline counts (default: the model
     itself; a model streamed from disk passes its block-at-a-time pass).
@@ -177,23 +175,10 @@ def build_costs(
     tokens = int(latency_inputs["input_ids"].numel())
     chosen = {r.name for r in layers}
     others = [r for r in compressible_layers(model, min_numel=0) if r.name not in chosen]
-    heads = tied_heads(model)
-    if spec.name == "local":
-        if run is not None:
-            raise ValueError("the local target times the model in memory: it takes no run")
-        latency, fixed_seconds = _measured_latency(
-            model, layers, options, others, latency_inputs, observers, progress, heads
-        )
-    else:
-
-        def seconds(ref: LayerRef, option: Option) -> float:
-            own = layer_latency(ref.shape, option, spec, tokens)
-            return own + _head_latency(heads.get(ref.name, []), ref.shape, option, spec, tokens)
-
-        latency = {ref.name: [seconds(ref, o) for o in options[ref.name]] for ref in layers}
-        all_layers = [m for m in model.modules() if is_weight_layer(m) or isinstance(m, TiedHead)]
-        rest = rest_of_model(model, latency_inputs, all_layers, run)
-        fixed_seconds = rest_latency(rest, spec) + sum(seconds(r, KeepOption()) for r in others)
+    job = Pricing(
+        model, layers, options, others, tied_heads(model), latency_inputs, observers, progress, run
+    )
+    latency, fixed_seconds = latency_model_for(spec).price(spec, job)
     per_bytes: dict[str, list[int]] = {}
     per_bits: dict[str, list[int]] = {}
     variable_bytes = 0
@@ -217,51 +202,6 @@ def build_costs(
         original_bytes=original,
         tokens=tokens,
     )
-
-
-def _measured_latency(
-    model: nn.Module,
-    layers: Sequence[LayerRef],
-    options: dict[str, list[Option]],
-    others: Sequence[LayerRef],
-    inputs: dict[str, torch.Tensor],
-    observers: Observers | None,
-    progress=None,
-    heads: dict[str, list[TiedHead]] | None = None,
-) -> tuple[dict[str, list[float]], float]:
-    """Per-layer seconds measured inside the model, and the rest of the model; tied output
-    layers are timed as part of the embedding they read."""
-    timed: dict[str, list[Option]] = {ref.name: options[ref.name] for ref in layers}
-    timed.update({ref.name: [KeepOption()] for ref in others})
-    result = measure_in_model(
-        model, timed, inputs, observers=observers, progress=progress, also_timed=heads
-    )
-    latency = {
-        ref.name: [result.layers.get((ref.shape, o.label), float("inf")) for o in options[ref.name]]
-        for ref in layers
-    }
-    kept = sum(result.layers[(ref.shape, "keep")] for ref in others)
-    return latency, result.rest + kept
-
-
-def _head_latency(
-    heads: Sequence[TiedHead],
-    shape: LayerShape,
-    option: Option,
-    spec: HardwareSpec,
-    tokens: int,
-) -> float:
-    """Seconds of the tied output layers reading an embedding table of ``shape`` stored as
-    ``option``: a linear layer of the table's shape that runs the int8 kernel where the
-    option's format names it and dequantises otherwise (a tied head has no int4 kernel)."""
-    total = 0.0
-    for head in heads:
-        linear = LayerShape("linear", shape.rows, shape.cols, head.bias is not None, shape.dtype)
-        fmt = method_of(option).runtime_format(linear, option)
-        if fmt != "dense" and (fmt != "int8_weight_only" or head.transposed):
-            fmt = "dequantize"
-        total += layer_latency(linear, option, spec, tokens, fmt=fmt)
-    return total
 
 
 class KeepCost:

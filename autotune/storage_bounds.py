@@ -59,8 +59,12 @@ class StorageBounds:
         )
 
     def refuse_unreachable(self, budget: Budget) -> None:
-        """Raise :class:`InfeasibleBudgetError` when no plan meets the storage terms."""
+        """Raise :class:`InfeasibleBudgetError` when no plan meets the storage terms (a
+        serving budget, whose memory also holds the KV cache and activations, is checked
+        once those are known)."""
         parts, smallest = [], {}
+        if budget.context:
+            return
         memory = budget.memory_limit(self.kept_bytes)
         if memory is not None and self.smallest_bytes > memory:
             smallest["bytes"] = float(self.smallest_bytes)

@@ -150,7 +150,7 @@ def test_measured_costs_time_the_head_with_its_embedding(monkeypatch: pytest.Mon
         seconds = {(shapes[n], o.label): 1.0 for n, opts in layers.items() for o in opts}
         return InModelLatency(seconds, 1.0, 0.0)
 
-    monkeypatch.setattr("autotune.space.measure_in_model", measure)
+    monkeypatch.setattr("autotune.latency_models.measure_in_model", measure)
     model = build("gpt2")
     untie_output_embeddings(model)
     layers = compressible_layers(model)

@@ -1,0 +1,163 @@
+"""Latency models: how each (layer, option) of a model is given seconds on a target.
+
+A named target is priced by its roofline; ``local`` is timed on this machine inside the
+model (autotune's torch modules). Each model is a :class:`LatencyModel`; the first
+registered one that :meth:`~LatencyModel.serves` a target prices it
+(:func:`latency_model_for`), and :func:`register_latency_model` adds one ahead of the rest.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from autotune.layers import LayerRef
+from methods.base import LayerShape, Option, is_weight_layer
+from methods.keep import KeepOption
+from methods.registry import method_of
+from methods.tied import TiedHead
+from profilers.hardware import HardwareSpec
+from profilers.latency_table import measure_in_model
+from profilers.observe import Observers
+from profilers.opcount import rest_of_model
+from profilers.roofline import layer_latency, rest_latency
+
+
+@dataclass
+class Pricing:
+    """What a latency model prices: the layers and their options, the model's other weight
+    layers (kept as they are), tied output heads per embedding, and the inputs."""
+
+    model: nn.Module
+    layers: Sequence[LayerRef]
+    options: dict[str, list[Option]]
+    others: Sequence[LayerRef]
+    heads: dict[str, list[TiedHead]]
+    inputs: dict[str, torch.Tensor]
+    observers: Observers | None = None
+    progress: Callable[[int], None] | None = None
+    run: Callable[..., Any] | None = None  # the forward pass a roofline counts
+
+    @property
+    def tokens(self) -> int:
+        return int(self.inputs["input_ids"].numel())
+
+
+class LatencyModel(ABC):
+    name: ClassVar[str]
+    description: ClassVar[str]
+    measures: ClassVar[bool] = False  # times (layer shape, option)s on this machine
+
+    @abstractmethod
+    def serves(self, spec: HardwareSpec) -> bool:
+        """Whether this model prices ``spec``."""
+
+    @abstractmethod
+    def price(self, spec: HardwareSpec, job: Pricing) -> tuple[dict[str, list[float]], float]:
+        """Seconds of each layer under each option, and of everything else."""
+
+
+class Roofline(LatencyModel):
+    name = "roofline"
+    description = "the named target's roofline: bytes moved and operations over its peaks"
+
+    def serves(self, spec: HardwareSpec) -> bool:
+        return spec.name != "local"
+
+    def price(self, spec, job):
+        tokens = job.tokens
+
+        def seconds(ref: LayerRef, option: Option) -> float:
+            own = layer_latency(ref.shape, option, spec, tokens)
+            heads = job.heads.get(ref.name, [])
+            return own + head_latency(heads, ref.shape, option, spec, tokens)
+
+        latency = {ref.name: [seconds(ref, o) for o in job.options[ref.name]] for ref in job.layers}
+        model = job.model
+        counted = [m for m in model.modules() if is_weight_layer(m) or isinstance(m, TiedHead)]
+        rest = rest_of_model(model, job.inputs, counted, job.run)
+        fixed = rest_latency(rest, spec) + sum(seconds(r, KeepOption()) for r in job.others)
+        return latency, fixed
+
+
+class TorchTimed(LatencyModel):
+    name = "torch-timed"
+    description = (
+        "timed on this machine inside the model, each (layer shape, option) with its real "
+        "module (see profilers.latency_table)"
+    )
+    measures = True
+
+    def serves(self, spec: HardwareSpec) -> bool:
+        return spec.name == "local"
+
+    def price(self, spec, job):
+        if job.run is not None:
+            raise ValueError("the local target times the model in memory: it takes no run")
+        timed: dict[str, list[Option]] = {ref.name: job.options[ref.name] for ref in job.layers}
+        timed.update({ref.name: [KeepOption()] for ref in job.others})
+        result = measure_in_model(
+            job.model,
+            timed,
+            job.inputs,
+            observers=job.observers,
+            progress=job.progress,
+            also_timed=job.heads,
+        )
+        return per_layer(job, result.layers), result.rest + sum(
+            result.layers[(ref.shape, "keep")] for ref in job.others
+        )
+
+
+def per_layer(job: Pricing, timed: dict[tuple[LayerShape, str], float]) -> dict[str, list[float]]:
+    """Each layer's seconds per option from timings per (shape, label); an option that was
+    not timed (it could not be built) costs infinity, so it is never chosen."""
+    return {
+        ref.name: [timed.get((ref.shape, o.label), float("inf")) for o in job.options[ref.name]]
+        for ref in job.layers
+    }
+
+
+def head_latency(
+    heads: Sequence[TiedHead],
+    shape: LayerShape,
+    option: Option,
+    spec: HardwareSpec,
+    tokens: int,
+) -> float:
+    """Seconds of the tied output layers reading an embedding table of ``shape`` stored as
+    ``option``: a linear layer of the table's shape that runs the int8 kernel where the
+    option's format names it and dequantises otherwise (a tied head has no int4 kernel)."""
+    total = 0.0
+    for head in heads:
+        linear = LayerShape("linear", shape.rows, shape.cols, head.bias is not None, shape.dtype)
+        fmt = method_of(option).runtime_format(linear, option)
+        if fmt != "dense" and (fmt != "int8_weight_only" or head.transposed):
+            fmt = "dequantize"
+        total += layer_latency(linear, option, spec, tokens, fmt=fmt)
+    return total
+
+
+LATENCY_MODELS: list[LatencyModel] = []
+
+
+def register_latency_model(model: LatencyModel) -> LatencyModel:
+    """Add ``model`` ahead of those registered before (a more specific one first)."""
+    LATENCY_MODELS.insert(0, model)
+    return model
+
+
+def latency_model_for(spec: HardwareSpec) -> LatencyModel:
+    for model in LATENCY_MODELS:
+        if model.serves(spec):
+            return model
+    raise ValueError(f"no latency model prices target {spec.name!r}")
+
+
+for _model in (Roofline(), TorchTimed()):
+    register_latency_model(_model)

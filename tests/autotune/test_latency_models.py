@@ -1,0 +1,48 @@
+"""The latency-model registry: each model serves its targets and prices every option."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from autotune.latency_models import LATENCY_MODELS, Pricing, latency_model_for
+from autotune.layers import compressible_layers
+from autotune.space import layer_options
+from autotune.targets import get_target
+from methods.tied import tied_heads
+from tests.conftest import make_tiny_bert
+
+TARGETS = {"roofline": "cpu", "torch-timed": "local"}
+
+
+def _job() -> Pricing:
+    model = make_tiny_bert()
+    layers = compressible_layers(model)
+    chosen = {r.name for r in layers}
+    others = [r for r in compressible_layers(model, min_numel=0) if r.name not in chosen]
+    options = layer_options(layers, ("rtn",), ["int8-ch-sym", "int4-g32-sym", "keep"])
+    ids = torch.randint(5, 1000, (1, 16))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return Pricing(model, layers, options, others, tied_heads(model), inputs)
+
+
+@pytest.mark.parametrize("model", LATENCY_MODELS, ids=lambda m: m.name)
+def test_every_latency_model_prices_every_option_of_a_target_it_serves(model) -> None:
+    assert model.description
+    spec = get_target(TARGETS[model.name])
+    assert latency_model_for(spec) is model
+    job = _job()
+    latency, fixed = model.price(spec, job)
+    assert set(latency) == {ref.name for ref in job.layers}
+    for ref in job.layers:
+        seconds = latency[ref.name]
+        assert len(seconds) == len(job.options[ref.name])
+        assert all(math.isfinite(s) and s > 0 for s in seconds)
+    assert math.isfinite(fixed) and fixed >= 0
+
+
+def test_a_named_target_is_never_timed_here_and_local_never_priced_by_roofline() -> None:
+    assert not latency_model_for(get_target("a100")).measures
+    assert latency_model_for(get_target("local")).measures
