@@ -40,7 +40,7 @@ def _table() -> ChoiceTable:
 class _Fitness:
     """Whole-plan error: the summed scores plus an interaction the allocator cannot see."""
 
-    costs = [0.25, 1.0]
+    costs = (0.25, 1.0)
 
     def __init__(self, table: ChoiceTable) -> None:
         self.table = table

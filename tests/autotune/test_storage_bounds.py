@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from autotune import tuner
 from autotune.budget import Budget
 from autotune.errors import InfeasibleBudgetError
 from autotune.layers import compressible_layers
+from autotune.pipeline import prepare as prepare_stage
 from autotune.space import layer_options
 from autotune.storage_bounds import StorageBounds
 from autotune.tuner import autotune
@@ -58,7 +58,7 @@ def test_an_unreachable_budget_is_refused_before_any_calibration(monkeypatch, to
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibration was built")
 
-    monkeypatch.setattr(tuner, "build_calibration", no_calibration)
+    monkeypatch.setattr(prepare_stage, "build_calibration", no_calibration)
     with pytest.raises(InfeasibleBudgetError, match="smallest plan"):
         autotune(make_tiny_bert(), "1KB", "cpu", tokenizer=tokenizer, progress=False, **SMALL)
 

@@ -74,13 +74,14 @@ def test_the_selection_split_judges_the_front_runner_against_every_fitting_unifo
 
 
 def test_the_heldout_split_is_read_only_after_the_choice(tokenizer, monkeypatch) -> None:
-    import autotune.tuner as tuner
+    from autotune.pipeline import choose as choose_stage
+    from autotune.pipeline import prepare as prepare_stage
 
     made, events = {}, []
     real_build, real_choose, real_evaluate = (
-        tuner.build_calibration,
-        tuner.choose,
-        tuner.evaluate,
+        prepare_stage.build_calibration,
+        choose_stage.choose,
+        choose_stage.evaluate,
     )
 
     def build(*args, **kwargs):
@@ -102,9 +103,9 @@ def test_the_heldout_split_is_read_only_after_the_choice(tokenizer, monkeypatch)
         events.append(split)
         return real_evaluate(model, options, batches, *rest)
 
-    monkeypatch.setattr(tuner, "build_calibration", build)
-    monkeypatch.setattr(tuner, "choose", choose)
-    monkeypatch.setattr(tuner, "evaluate", evaluate)
+    monkeypatch.setattr(prepare_stage, "build_calibration", build)
+    monkeypatch.setattr(choose_stage, "choose", choose)
+    monkeypatch.setattr(choose_stage, "evaluate", evaluate)
     _tune("35%", tokenizer, search="allocator")
     assert "selection" in events and "heldout" in events
     assert "heldout" not in events[: events.index("chosen")]

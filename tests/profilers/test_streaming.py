@@ -217,5 +217,5 @@ def test_a_corrupt_safetensors_header_is_one_checkpoint_error(tmp_path, raw) -> 
     from profilers.streaming import Checkpoint, CheckpointError
 
     (tmp_path / "model.safetensors").write_bytes(raw + b"\0" * 16)
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
         Checkpoint(tmp_path)

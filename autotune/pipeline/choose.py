@@ -1,0 +1,209 @@
+"""Stages 4 to 6: score each (layer, option), search for the plan, and select it against
+every uniform plan that fits on the selection split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autotune.candidates import Candidate, ModuleCache, evaluate, select
+from autotune.choices import allocate_plan, fitting_uniforms
+from autotune.choices import options_of as plan_options
+from autotune.fitness import PlanFitness, windows_of
+from autotune.pipeline.config import TuneConfig
+from autotune.pipeline.prepare import Data, Setup
+from autotune.pipeline.price import Priced
+from autotune.searching import SearchOutcome, choose_engine, run_search
+from autotune.selection import Selection, choose, is_uniform
+from methods.base import Option
+from methods.keep import KeepOption
+from profilers.cache import SensitivityCache, batches_digest, default_cache_dir, table_key
+from profilers.quality import metric_for
+from profilers.sensitivity import SensitivityTable
+from search import Allocation, ChoiceTable
+
+
+@dataclass
+class Scored:
+    table: SensitivityTable
+    cache: SensitivityCache | None
+
+
+def score(setup: Setup, data: Data, priced: Priced, config: TuneConfig) -> Scored:
+    """Every (layer, option) scored by the estimator, from the on-disk cache where it keeps
+    one; errors are in the model's own metric, as the search's end-to-end checks are."""
+    estimator, options, say = setup.estimator, priced.options, setup.say
+    cache = None
+    if config.search.cache and estimator.cacheable:
+        setting = config.search.cache
+        folder = default_cache_dir() if setting is True else Path(setting)
+        digest = batches_digest(data.calib.sensitivity)
+        cache = SensitivityCache(folder, table_key(data.fingerprint, digest, estimator.name))
+    metric = metric_for(data.screening_reference[0])
+    steps = sum(len(o) for o in options.values()) if estimator.steps_per_option else 0
+    with say.bar(steps, f"sensitivity ({estimator.name})") as bar:
+        if setup.as_is:  # one option per layer, which changes nothing: no error to measure
+            table = SensitivityTable(
+                metric=metric,
+                errors={name: {KeepOption().label: 0.0} for name in options},
+                evaluations=0,
+                seconds=0.0,
+            )
+        else:
+            table = estimator.table(
+                setup.work,
+                options,
+                data.calib.sensitivity,
+                observers=priced.observers,
+                cache=cache,
+                progress=bar.update,
+            )
+    table.metric = metric
+    cached = f", {cache.hits} from the cache" if cache and cache.hits else ""
+    say.say(
+        f"sensitivity: {table.evaluations} evaluations in {table.seconds:.1f} s"
+        f"{cached} (prefix replay {'on' if table.prefix_cached else 'off'})"
+    )
+    return Scored(table, cache)
+
+
+@dataclass
+class Searched:
+    """The allocator's plan, the engine's, and the candidates the final choice weighs (the
+    searched ones first, then every uniform plan that fits)."""
+
+    table: ChoiceTable
+    allocation: Allocation
+    fitness: PlanFitness
+    modules: ModuleCache
+    engine: str
+    outcome: SearchOutcome
+    candidates: list[Candidate]
+    searched: int
+
+    def options_of(self, costs: Any, assignment: list[int]) -> dict[str, Option]:
+        return plan_options(costs, self.table, assignment)
+
+
+def search(
+    setup: Setup, data: Data, priced: Priced, scored: Scored, config: TuneConfig
+) -> Searched:
+    """The allocator's plan on the summed errors, then the engine's search from it."""
+    costs, metric = priced.costs, scored.table.metric
+    table, allocation = allocate_plan(setup.budget, costs, priced.limits, scored.table.errors)
+    modules = ModuleCache(
+        setup.work, cap_bytes=_module_cache_cap(costs.original_bytes), observers=priced.observers
+    )
+    calib = data.calib
+    fitness = PlanFitness(
+        setup.work,
+        table.variables,
+        costs.options,
+        [
+            (calib.sensitivity, data.screening_reference),
+            (calib.calibration, data.calibration_reference),
+        ],
+        metric,
+        modules,
+    )
+    settings = config.search
+    requested = "allocator" if setup.as_is else settings.search
+    engine = choose_engine(requested, table, allocation, costs.total_weights)
+    outcome = run_search(
+        engine,
+        table,
+        priced.limits,
+        fitness,
+        allocation,
+        seed=settings.seed,
+        max_evals=settings.max_evals,
+        timeout=settings.timeout,
+        storage=settings.storage,
+        study_name=settings.study_name,
+        data_key=f"{data.fingerprint}:{batches_digest(calib.calibration)}:{metric}",
+        progress=config.progress,
+    )
+    if outcome.result is not None:
+        result = outcome.result
+        setup.say.say(
+            f"{engine}: {result.evaluations.full_equivalent:.1f} full evaluations in "
+            f"{result.seconds:.1f} s, stopped by {result.stopped}"
+            + (f", {result.resumed} trials resumed" if result.resumed else "")
+        )
+    candidates = []
+    if outcome.assignment is not None and outcome.assignment != allocation.assignment:
+        candidates.append(Candidate(engine, plan_options(costs, table, outcome.assignment)))
+    candidates.append(Candidate("allocator", plan_options(costs, table, allocation.assignment)))
+    searched = len(candidates)
+    for name, uniform in fitting_uniforms(costs, table, priced.limits).items():
+        candidates.append(Candidate(name, uniform))
+    return Searched(table, allocation, fitness, modules, engine, outcome, candidates, searched)
+
+
+def _module_cache_cap(original_bytes: int) -> int:
+    """Converted modules kept for the search: up to 12x the model, within a third of the
+    memory available now."""
+    import psutil
+
+    return int(min(12 * original_bytes, psutil.virtual_memory().available / 3))
+
+
+@dataclass
+class Selected:
+    """The plan chosen on the selection split, the best uniform plan beside it, and that
+    uniform plan's held-out error (read only once the choice is made)."""
+
+    chosen: Candidate
+    selection: Selection
+    best_uniform: Candidate | None
+    uniform_heldout: float | None
+
+
+def select_plan(
+    setup: Setup, data: Data, scored: Scored, searched: Searched, config: TuneConfig
+) -> Selected:
+    """Screen the candidates on the calibration data for a front runner, then keep it or
+    the uniform plan with the least error on the selection split."""
+    say, candidates, count = setup.say, searched.candidates, searched.searched
+    fitness, metric, calib = searched.fitness, scored.table.metric, data.calib
+    with say.bar(len(candidates) + count + min(3, len(candidates) - count), "candidates") as bar:
+        front = select(candidates, fitness.error, searched=count, progress=bar.update)
+    by_name = {c.name: c for c in candidates}
+    with say.bar(1 + len(candidates) - count, "selection split") as bar:
+        selection = choose(
+            front.name,
+            [c.name for c in candidates[count:] if is_uniform(c.name)],
+            lambda name: evaluate(
+                setup.work,
+                by_name[name].options,
+                calib.selection,
+                data.selection_reference,
+                metric,
+                searched.modules,
+            ),
+            windows_of(calib.selection),
+            progress=bar.update,
+        )
+    chosen = by_name[selection.chosen]
+    if chosen.calibration_error is None:  # a uniform plan that was not a finalist won
+        chosen.calibration_error = fitness.error(chosen.options, -1)
+    best_uniform = by_name[selection.best_uniform] if selection.best_uniform else None
+    # the plan is fixed: only now is the held-out split read, to measure and never to choose
+    uniform_heldout = (
+        evaluate(
+            setup.work,
+            best_uniform.options,
+            calib.heldout,
+            data.heldout_reference,
+            metric,
+            searched.modules,
+        )
+        if config.measure and best_uniform is not None
+        else None
+    )
+    say.say(
+        f"chose {chosen.name} (selection error {selection.errors[chosen.name]:.4g}; "
+        f"calibration front runner {selection.front_runner})"
+    )
+    return Selected(chosen, selection, best_uniform, uniform_heldout)

@@ -1,0 +1,161 @@
+"""Stage 3: the layers, the options each is offered, their bytes and latency, and the
+limits the budget sets on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from autotune.budget import Budget
+from autotune.choices import LOCAL_LATENCY_MARGIN, check_feasible, choice_table, limits_for
+from autotune.errors import AutotuneError
+from autotune.latency_models import latency_model_for
+from autotune.layers import LayerRef, compressible_layers
+from autotune.measurement import Measured, measure_model
+from autotune.pipeline.config import TuneConfig
+from autotune.pipeline.prepare import Data, Setup
+from autotune.space import CostModel, build_costs, drop_undercalibrated, layer_options
+from autotune.storage_bounds import keep_only
+from methods.base import Option
+from methods.keep import KeepOption
+from profilers.decode import DecodeError, decode_inputs
+from profilers.memory import ActivationPeak, activation_peak, kv_cache_bytes
+from profilers.observe import Observers, collect_observers
+from profilers.quality import is_causal_lm
+
+
+@dataclass
+class Priced:
+    """The search space with its costs: ``serving`` is the KV cache and activation peak a
+    serving budget counts beside the weights; ``baseline`` the model timed before tuning in
+    place (tuning in place leaves no original to time at the end)."""
+
+    layers: list[LayerRef]
+    options: dict[str, list[Option]]
+    observers: Observers
+    left_out: dict[str, int]
+    costs: CostModel
+    latency_inputs: dict[str, Any]
+    decode: dict[str, Any] | None
+    activations: ActivationPeak
+    serving: dict[str, Any]
+    limits: dict[str, float]
+    margin: float
+    baseline: Measured | None = None
+
+
+def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
+    """Enumerate the layers and options, price them on the target, set the limits; when
+    keeping every layer meets them, offer only that."""
+    work, spec, budget, say = setup.work, setup.spec, setup.budget, setup.say
+    layers = compressible_layers(work)
+    if not layers:
+        raise AutotuneError(
+            "the model has no compressible layer (linear or embedding layers of at least "
+            "4096 weights that are not shared with another layer)"
+        )
+    offered = layer_options(layers, setup.methods, config.search.option_labels)
+    options = setup.runtime.restrict(layers, offered)
+    if setup.as_is:
+        options = keep_only(options)
+    calib = data.calib
+    latency_inputs = calib.latency_inputs(budget.batch_size, budget.seq_len)
+    observers = collect_observers(work, options, calib.calibration)
+    left_out = drop_undercalibrated(layers, options, observers)
+    for name, count in left_out.items():
+        say.say(
+            f"{name}: {count} calibrated options left out (fewer calibration tokens than "
+            "inputs: their statistics would be rank-deficient)"
+        )
+    timed = latency_model_for(spec).measures
+    steps = len({(r.shape, o.label) for r in layers for o in options[r.name]}) if timed else 0
+    with say.bar(steps, "latency") as bar:
+        costs = build_costs(
+            work, layers, options, spec, latency_inputs, progress=bar.update, observers=observers
+        )
+    activations = activation_peak(work, latency_inputs)  # of the uncompressed model
+    decode = _decode_inputs(work, calib, budget)
+    if decode is not None:
+        with say.bar(steps, "decode latency") as bar:
+            decode_costs = build_costs(
+                work, layers, options, spec, decode, progress=bar.update, observers=observers
+            )
+        costs.with_decode(decode_costs)
+    serving = _serving_memory(work, budget, activations.peak_bytes)
+    margin = LOCAL_LATENCY_MARGIN if timed else 0.0
+    overhead = serving.get("kv_cache", 0) + serving.get("activations", 0)
+    limits = limits_for(budget, costs, overhead, latency_margin=margin)
+    check_feasible(budget, costs, limits)
+    if not setup.as_is and _keep_fits(costs, limits):
+        setup.as_is = True
+        say.say(
+            f"the uncompressed model already meets budget {budget.spec} on {spec.name}: "
+            "every layer is kept and nothing is profiled"
+        )
+        options, costs = keep_only(options), costs.only(KeepOption().label)
+    say.say(
+        f"{len(layers)} layers x {max(len(o) for o in options.values())} options; "
+        f"target {spec.name}; budget {budget.spec}"
+    )
+    baseline = (
+        measure_model(work, latency_inputs=latency_inputs, decode_inputs=decode)
+        if config.measure and setup.inplace
+        else None
+    )
+    return Priced(
+        layers,
+        options,
+        observers,
+        left_out,
+        costs,
+        latency_inputs,
+        decode,
+        activations,
+        serving,
+        limits,
+        margin,
+        baseline,
+    )
+
+
+def _keep_fits(costs: CostModel, limits: dict[str, float]) -> bool:
+    """Whether keeping every layer as it is meets all the limits once priced."""
+    table = choice_table(costs, {n: [0.0] * len(o) for n, o in costs.options.items()})
+    keep = table.uniform(KeepOption().label)
+    return keep is not None and table.fits(keep, limits)
+
+
+def _serving_memory(model: nn.Module, budget: Budget, activation_bytes: int) -> dict[str, Any]:
+    """With a context in the budget: the KV cache and activation peak the memory budget
+    includes beside the stored bytes (empty otherwise)."""
+    if budget.context is None:
+        return {}
+    if not is_causal_lm(model):
+        raise AutotuneError(
+            f"a context (KV cache) budget is for causal language models; "
+            f"{type(model).__name__} is not one: leave out --context"
+        )
+    kv = kv_cache_bytes(model, budget.batch_size, budget.context, budget.kv_bytes_per_element)
+    return {
+        "kv_cache": kv,
+        "activations": activation_bytes,
+        "batch_size": budget.batch_size,
+        "context": budget.context,
+        "kv_dtype": budget.kv_dtype,
+    }
+
+
+def _decode_inputs(model: nn.Module, calib: Any, budget: Budget) -> dict[str, Any] | None:
+    """Inputs of one decode step at the budget's batch size and context for a causal LM
+    (``None`` for other models, or when the model cannot decode and no budget asks it to)."""
+    if not is_causal_lm(model):
+        return None
+    tokens = calib.latency_inputs(budget.batch_size, budget.decode_context)["input_ids"]
+    try:
+        return decode_inputs(model, tokens)
+    except DecodeError as exc:
+        if budget.decode_ms is not None:
+            raise AutotuneError(f"cannot time a decode step: {exc}") from None
+        return None
