@@ -56,7 +56,7 @@ from autotune.targets import get_target
 from autotune.validate import ValidationResult, heldout_batches, plan_checks
 from methods.base import LayerShape, Option
 from methods.keep import KeepOption
-from methods.registry import method_of
+from methods.registry import get_method, method_of
 from methods.tied import untie_output_embeddings
 from profilers.decode import max_context
 from profilers.hardware import HardwareSpec
@@ -67,7 +67,6 @@ from profilers.streaming import INDEX, Checkpoint, CheckpointError, StreamedMode
 
 ALGORITHM = "milp-allocator + selection split vs uniform plans, streamed block by block"
 # methods whose statistics need backward passes through the whole model
-NEEDS_WHOLE_MODEL = ("fisher_svd",)
 
 
 @dataclass
@@ -113,7 +112,7 @@ def _refuse(budget: Budget, spec: HardwareSpec, methods: Sequence[str]) -> None:
             "decode and serving-memory budgets need the whole model in memory; tuned block "
             "by block, a budget takes memory, bits, a share of the size and latency"
         )
-    refused = sorted(set(methods) & set(NEEDS_WHOLE_MODEL))
+    refused = sorted(m for m in set(methods) if get_method(m).needs_whole_model)
     if refused:
         raise AutotuneError(
             f"method(s) {', '.join(refused)} need backward passes through the whole model "

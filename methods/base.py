@@ -303,6 +303,8 @@ class Method(ABC):
     name: ClassVar[str]
     option_type: ClassVar[type[Option]]
     version: ClassVar[str] = "1"  # bump when conversion changes: it keys cached tables
+    # its statistics need backward passes through the whole model (not one block at a time)
+    needs_whole_model: ClassVar[bool] = False
 
     @abstractmethod
     def supports(self, shape: LayerShape) -> bool:

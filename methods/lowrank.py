@@ -522,6 +522,7 @@ class FisherSVD(LowRank):
     name: ClassVar[str] = "fisher_svd"
     option_type: ClassVar[type[Option]] = FisherSVDOption
     off_target: ClassVar[float] = 1.1
+    needs_whole_model: ClassVar[bool] = True  # Fisher information: backward passes
 
     def needs_calibration(self, option: Option) -> bool:
         return True
