@@ -1,48 +1,153 @@
 """The ``autotune`` command line.
 
 Exit codes: 0 success (``validate``: the plan holds; ``diff``: same layer options); 1 a budget
-or tolerance is broken (``diff``: the plans differ); 2 bad input (unknown target, malformed
-budget or plan, missing model, ...); 130 interrupted.
+or tolerance is broken (``diff``: the plans differ); 2 bad input (a malformed command line,
+unknown target, malformed budget or plan, missing model, ...), told in one line on stderr
+with nothing written; 130 interrupted (``tune`` and ``profile`` keep the sensitivity
+measurements they finished, so running the same command again resumes from them).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from autotune import __version__
 
 EXIT_OK, EXIT_BROKEN, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
+MODEL_HELP = (
+    "'demo' (the bundled all-MiniLM-L6-v2), 'tiny-lm' (the bundled small causal LM), a local "
+    "model folder, or a model id in the local cache"
+)
+TARGET_HELP = (
+    "hardware target: a name or alias listed by 'autotune targets', or local (this machine, "
+    "probed and timed)"
+)
+TARGET_FILE_HELP = "extra target JSON file, in the registry's format (repeatable)"
+PLAN_HELP = "plan JSON file (autotune tune -o)"
+CACHE_HELP = (
+    "sensitivity cache folder (default: $AUTOTUNE_CACHE, else $XDG_CACHE_HOME/autotune, "
+    "else ~/.cache/autotune)"
+)
+_CHOOSE_FROM = re.compile(r"\(choose from (.*)\)$")
+# a budget's terms, as ``autotune.budget`` reads them, so that '15 MB' is known for one
+_BUDGET_TERM = (
+    r"(?:[a-z]+\s*=\s*)?(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)(?:e[+-]?[0-9]+)?\s*"
+    r"(?:[kmgt]i?b|b|[uµm]?s|bits?|%)"
+)
+_BUDGET_TEXT = re.compile(rf"{_BUDGET_TERM}(?:\s*,\s*{_BUDGET_TERM})*", re.IGNORECASE)
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+
+class UsageError(Exception):
+    """A malformed command line, told in one line that names the command."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(f"{prog}: error: {message}; run '{prog} --help' for usage")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default after its help, unless there is none or the help tells it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or "default" in text
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or default == []
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors raise :class:`UsageError` (one line) instead of
+    printing the usage and exiting, and which knows its options that take one value."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.options: set[str] = set()  # every option string
+        self.valued: set[str] = set()  # option strings that take exactly one value
+        self.commands: dict[str, _Parser] = {}  # subcommand parsers, by name
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.options.update(action.option_strings)
+        if action.option_strings and action.nargs is None:
+            self.valued.update(action.option_strings)
+        return action
+
+    def error(self, message: str) -> NoReturn:
+        match = _CHOOSE_FROM.search(message)
+        if match:
+            allowed = ", ".join(c.strip().strip("'\"") for c in match.group(1).split(","))
+            message = f"{message[: match.start()]}(allowed: {allowed})"
+        elif self.commands and message.endswith("COMMAND"):
+            message += f" (allowed: {', '.join(self.commands)})"
+        raise UsageError(self.prog, message)
+
+    def is_option(self, token: str) -> bool:
+        """Whether ``token`` names one of this parser's options (or abbreviates one)."""
+        if token == "--" or token.split("=", 1)[0] in self.options:
+            return True
+        if token.startswith("--"):
+            stem = token.split("=", 1)[0]
+            return any(option.startswith(stem) for option in self.options)
+        return token[:2] in self.options
+
+
+def _parser() -> _Parser:
+    parser = _Parser(
         prog="autotune",
         description="Hardware-aware per-layer compression plans for PyTorch / Hugging Face models.",
         epilog="exit codes: 0 ok, 1 budget or tolerance broken, 2 bad input, 130 interrupted",
     )
     parser.add_argument("--version", action="version", version=f"autotune {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+    _add_tune(sub)
+    _add_validate(sub)
+    _add_apply(sub)
+    _add_export(sub)
+    _add_profile(sub)
+    _add_report(sub)
+    _add_diff(sub)
+    _add_targets(sub)
+    parser.commands = dict(sub.choices)
+    return parser
 
+
+def _add_tune(sub: Any) -> None:
     tune = sub.add_parser("tune", help="find the best plan for a budget on a target")
+    tune.add_argument("model", help=MODEL_HELP)
     tune.add_argument(
-        "model", help="'demo', a local model folder, or a model id in the local cache"
+        "--budget",
+        required=True,
+        help="one word, e.g. 15MB, 8GiB, 4.5bits, 25%%, 20ms, decode=5ms or 8GB,20ms",
     )
-    tune.add_argument(
-        "--budget", required=True, help="e.g. 15MB, 8GiB, 4.5bits, 25%%, 20ms, '8GB,20ms'"
-    )
-    tune.add_argument("--target", default="local", help="hardware target (see 'autotune targets')")
-    tune.add_argument("--target-file", action="append", default=[], help="extra target JSON file")
+    tune.add_argument("--target", default="local", help=TARGET_HELP)
+    tune.add_argument("--target-file", action="append", default=[], help=TARGET_FILE_HELP)
     tune.add_argument("-o", "--output", help="write the plan JSON here")
     tune.add_argument("--save-model", metavar="DIR", help="also save the compressed model here")
     tune.add_argument(
         "--calibration", help="text file for calibration (default: stdlib docstrings)"
     )
-    tune.add_argument("--heldout", help="text file held out for validation")
-    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument(
+        "--heldout", help="text file held out for validation (default: stdlib docstrings)"
+    )
+    tune.add_argument(
+        "--seed", type=int, default=0, help="random seed of calibration sampling and search"
+    )
     tune.add_argument(
         "--batch-size",
         "--batch",
@@ -80,15 +185,14 @@ def _parser() -> argparse.ArgumentParser:
         "(default: every option of the methods' grids)",
     )
     tune.add_argument("--no-measure", action="store_true", help="skip measuring the result")
-    tune.add_argument(
-        "--cache-dir", help="sensitivity cache (default: $AUTOTUNE_CACHE or ~/.cache/autotune)"
-    )
+    tune.add_argument("--cache-dir", help=CACHE_HELP)
     tune.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     tune.add_argument(
         "--sensitivity",
         default="end-to-end",
         choices=["end-to-end", "fisher", "local"],
-        help="how each (layer, option) is scored: end-to-end output error or a cheaper proxy",
+        help="how each (layer, option) is scored: end-to-end output error (cached) or a "
+        "cheaper proxy",
     )
     tune.add_argument(
         "--search",
@@ -102,7 +206,9 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         help="most full-calibration evaluations the engine may spend (default 100)",
     )
-    tune.add_argument("--timeout", type=float, help="most seconds the engine may search")
+    tune.add_argument(
+        "--timeout", type=float, help="most seconds the engine may search (default: no limit)"
+    )
     tune.add_argument(
         "--storage",
         help="Optuna storage URL to record, resume and share the search "
@@ -128,10 +234,14 @@ def _parser() -> argparse.ArgumentParser:
     _low_memory(tune)
     _common(tune)
 
+
+def _add_validate(sub: Any) -> None:
     validate = sub.add_parser("validate", help="re-check a plan against a model (CI)")
-    validate.add_argument("plan")
-    validate.add_argument("model")
-    validate.add_argument("--tolerance", type=float, default=0.10, help="relative error slack")
+    validate.add_argument("plan", help=PLAN_HELP)
+    validate.add_argument("model", help=f"the model the plan was made for: {MODEL_HELP}")
+    validate.add_argument(
+        "--tolerance", type=float, default=0.10, help="relative error slack, at least 0"
+    )
     validate.add_argument(
         "--heldout", help="held-out text file (if the plan was not tuned on stdlib text)"
     )
@@ -142,18 +252,24 @@ def _parser() -> argparse.ArgumentParser:
     _low_memory(validate)
     _common(validate)
 
+
+def _add_apply(sub: Any) -> None:
     apply = sub.add_parser("apply", help="apply a plan and save the compressed model")
-    apply.add_argument("plan")
-    apply.add_argument("model")
-    apply.add_argument("-o", "--output", required=True, metavar="DIR")
+    apply.add_argument("plan", help=PLAN_HELP)
+    apply.add_argument("model", help=f"the model the plan was made for: {MODEL_HELP}")
+    apply.add_argument(
+        "-o", "--output", required=True, metavar="DIR", help="folder the compressed model goes to"
+    )
     _low_memory(apply)
     _common(apply)
 
+
+def _add_export(sub: Any) -> None:
     export = sub.add_parser(
         "export", help="write a plan's compressed model in a format another runtime loads"
     )
-    export.add_argument("plan", help="plan JSON (autotune tune -o)")
-    export.add_argument("model", help="the model the plan was made for")
+    export.add_argument("plan", help=PLAN_HELP)
+    export.add_argument("model", help=f"the model the plan was made for: {MODEL_HELP}")
     export.add_argument(
         "--format",
         required=True,
@@ -161,26 +277,36 @@ def _parser() -> argparse.ArgumentParser:
         help="compressed-tensors (a folder transformers and vLLM load) or onnx (one file "
         "ONNX Runtime runs)",
     )
-    export.add_argument("-o", "--output", required=True, metavar="PATH")
+    export.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="PATH",
+        help="where the export goes: a folder (compressed-tensors) or a file (onnx)",
+    )
     _common(export)
 
+
+def _add_profile(sub: Any) -> None:
     profile = sub.add_parser(
         "profile", help="sensitivity and cost tables of every layer and option"
     )
-    profile.add_argument("model")
-    profile.add_argument("--target", default="local")
-    profile.add_argument("--target-file", action="append", default=[])
+    profile.add_argument("model", help=MODEL_HELP)
+    profile.add_argument("--target", default="local", help=TARGET_HELP)
+    profile.add_argument("--target-file", action="append", default=[], help=TARGET_FILE_HELP)
     profile.add_argument(
         "--calibration", help="text file for calibration (default: stdlib docstrings)"
     )
-    profile.add_argument("--batch-size", type=int, default=1)
-    profile.add_argument("--seq-len", type=int, default=128)
+    profile.add_argument(
+        "--batch-size", type=int, default=1, help="batch size latency is judged at"
+    )
+    profile.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     profile.add_argument("--methods", help="comma-separated methods (default: as tune)")
     profile.add_argument(
         "--sensitivity",
         default="end-to-end",
         choices=["end-to-end", "local", "fisher"],
-        help="end-to-end output error (default) or a cheap proxy",
+        help="end-to-end output error (default, cached) or a cheap proxy",
     )
     profile.add_argument(
         "-o", "--output", help="write the tables as JSON here (and a CSV beside it)"
@@ -191,26 +317,31 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="fit the target's roofline to latencies measured here; write the entry to FILE",
     )
-    profile.add_argument("--cache-dir")
-    profile.add_argument("--no-cache", action="store_true")
+    profile.add_argument("--cache-dir", help=CACHE_HELP)
+    profile.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     _common(profile)
 
+
+def _add_report(sub: Any) -> None:
     report = sub.add_parser(
         "report", help="a plan's report: text, or HTML and Markdown with figures"
     )
-    report.add_argument("plan")
+    report.add_argument("plan", help=PLAN_HELP)
     report.add_argument("-o", "--output", help="write OUTPUT.html, OUTPUT.md and OUTPUT_files/")
-    report.add_argument("--json", action="store_true")
+    report.add_argument("--json", action="store_true", help="machine-readable output")
 
+
+def _add_diff(sub: Any) -> None:
     diff = sub.add_parser("diff", help="compare two plans (exit 0 same options, 1 different)")
-    diff.add_argument("a")
-    diff.add_argument("b")
-    diff.add_argument("--json", action="store_true")
+    diff.add_argument("a", help="first plan JSON file")
+    diff.add_argument("b", help="second plan JSON file")
+    diff.add_argument("--json", action="store_true", help="machine-readable output")
 
-    targets = sub.add_parser("targets", help="list the hardware registry")
-    targets.add_argument("--target-file", action="append", default=[])
-    targets.add_argument("--json", action="store_true")
-    return parser
+
+def _add_targets(sub: Any) -> None:
+    targets = sub.add_parser("targets", help="list the hardware registry, aliases included")
+    targets.add_argument("--target-file", action="append", default=[], help=TARGET_FILE_HELP)
+    targets.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _low_memory(parser: argparse.ArgumentParser) -> None:
@@ -238,7 +369,11 @@ def _streams(args: argparse.Namespace) -> bool:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
-    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let transformers run the model's own code from its folder or cache",
+    )
 
 
 def _emit(args: argparse.Namespace, text: str, data: Any) -> None:
@@ -267,7 +402,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     get_runtime(args.runtime).check_target(target, args.target)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     labels = [o.strip() for o in args.options.split(",") if o.strip()] if args.options else None
-    if _streams(args):
+    args.streamed = _streams(args)
+    if args.streamed:
         return _tune_streamed(args, budget, target, methods, labels)
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
     result = autotune(
@@ -500,18 +636,24 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:
-    from autotune.targets import list_targets
+    from autotune.targets import aliases_by_target, load_registry
 
-    specs = list_targets(args.target_file)
+    specs, aliases = load_registry(args.target_file)
+    named = aliases_by_target(specs, aliases)
     if args.json:
-        print(json.dumps([s.to_dict() for s in specs], indent=2))
+        print(
+            json.dumps([s.to_dict() | {"aliases": named[s.name]} for s in specs.values()], indent=2)
+        )
         return EXIT_OK
-    rows = [("name", "kind", "memory", "bandwidth", "peak (dense)", "fast weight formats")]
-    for spec in specs:
+    rows = [
+        ("name", "aliases", "kind", "memory", "bandwidth", "peak (dense)", "fast weight formats")
+    ]
+    for spec in specs.values():
         peaks = ", ".join(f"{k} {v / 1e12:.3g}T" for k, v in spec.peak_flops.items())
         rows.append(
             (
                 spec.name,
+                ", ".join(named[spec.name]) or "-",
                 spec.kind,
                 f"{spec.memory_bytes / 2**30:.0f} GiB",
                 f"{spec.bandwidth / 1e9:.0f} GB/s",
@@ -519,7 +661,7 @@ def _cmd_targets(args: argparse.Namespace) -> int:
                 ", ".join(spec.kernels) or "-",
             )
         )
-    rows.append(("local", "probed", "-", "-", "measured on this machine when used", "-"))
+    rows.append(("local", "-", "probed", "-", "-", "measured on this machine when used", "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip())
@@ -539,18 +681,118 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = _parse(parser, list(sys.argv[1:] if argv is None else argv))
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except SystemExit as exc:  # --help and --version, after printing
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"autotune: {_interrupted(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _parse(parser: _Parser, argv: list[str]) -> argparse.Namespace:
+    """The parsed command line; raises :class:`UsageError` on a malformed one."""
+    argv = _attach_dash_values(parser, argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        command = parser.commands.get(getattr(args, "command", None) or "", parser)
+        command.error(_split_budget(argv) or f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
+def _attach_dash_values(parser: _Parser, argv: list[str]) -> list[str]:
+    """``--budget -15MB`` as ``--budget=-15MB``: after an option that takes one value, a word
+    that starts with '-' but is none of the command's options is that value (argparse would
+    take it for an option and say the value is missing)."""
+    start = next((i for i, token in enumerate(argv) if not token.startswith("-")), len(argv))
+    command = parser.commands.get(argv[start]) if start < len(argv) else None
+    if command is None:
+        return argv
+    out, rest = argv[: start + 1], iter(argv[start + 1 :])
+    for token in rest:
+        if token == "--":
+            return [*out, token, *rest]
+        value = next(rest, None) if token in command.valued else None
+        if value is None:
+            out.append(token)
+        elif value.startswith("-") and not command.is_option(value):
+            out.append(f"{token}={value}")
+        else:
+            out.extend([token, value])
+    return out
+
+
+def _split_budget(argv: list[str]) -> str | None:
+    """The hint for ``--budget 15 MB``: a budget spread over several words."""
+    for i, token in enumerate(argv):
+        if token == "--budget" and i + 1 < len(argv):
+            words, rest = [argv[i + 1]], argv[i + 2 :]
+        elif token.startswith("--budget="):
+            words, rest = [token.partition("=")[2]], argv[i + 1 :]
+        else:
+            continue
+        for word in rest:
+            if not _BUDGET_TEXT.fullmatch(" ".join([*words, word])):
+                break
+            words.append(word)
+        if len(words) > 1:
+            return (
+                f"a budget is one word: --budget {''.join(words)} "
+                f"(or quoted: --budget '{' '.join(words)}')"
+            )
+    return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; bad input found on the way is one line on stderr and exit 2."""
     from autotune.errors import AutotuneError
     from methods.errors import OptionError
 
-    args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except (AutotuneError, OptionError) as exc:
         print(f"autotune: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("autotune: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What an interrupt leaves behind, and how to go on from it."""
+    if args.command not in ("tune", "profile"):
+        return "interrupted"
+    notes = [_cache_note(args)]
+    if getattr(args, "storage", None):
+        notes.append(f"the search's trials are kept in {args.storage}, so its study resumes too")
+    return "; ".join(["interrupted", *notes])
+
+
+def _cache_note(args: argparse.Namespace) -> str:
+    """Whether finished sensitivity measurements were kept, and where."""
+    why = _not_cached_because(args)
+    if why:
+        return f"sensitivity measurements are not cached ({why}): running again measures anew"
+    from profilers.cache import default_cache_dir
+
+    folder = args.cache_dir or default_cache_dir()
+    return (
+        f"finished sensitivity measurements are cached in {folder}; running the same command "
+        "again resumes from them"
+    )
+
+
+def _not_cached_because(args: argparse.Namespace) -> str | None:
+    if args.no_cache:
+        return "--no-cache"
+    if args.sensitivity != "end-to-end":
+        return f"--sensitivity {args.sensitivity}"
+    if getattr(args, "streamed", False):
+        return "block by block"
+    return None
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ per-operation overhead of at most one second.
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -148,10 +149,30 @@ def get_target(name: str | HardwareSpec, target_files: Iterable[str | Path] = ()
     key = aliases.get(key, key)
     if key not in specs:
         known = sorted([*specs, *aliases, LOCAL])
-        raise TargetError(f"unknown target {name!r}; known targets: {', '.join(known)}")
+        raise TargetError(
+            f"unknown target {name!r}; {_did_you_mean(key, known)}known targets: {', '.join(known)}"
+        )
     return specs[key]
 
 
+def _did_you_mean(key: str, known: Iterable[str]) -> str:
+    """``"did you mean 'a100'? "`` for a near miss of a known name, else nothing."""
+    close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
+    return f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+
+
+def aliases_by_target(
+    specs: Mapping[str, HardwareSpec], aliases: Mapping[str, str]
+) -> dict[str, list[str]]:
+    """Each target's aliases, sorted (as :func:`load_registry` returns both)."""
+    named: dict[str, list[str]] = {name: [] for name in specs}
+    for alias, name in sorted(aliases.items()):
+        if name in named:
+            named[name].append(alias)
+    return named
+
+
 def list_targets(target_files: Iterable[str | Path] = ()) -> list[HardwareSpec]:
+    """Every named target (``local`` aside), user files included."""
     specs, _ = load_registry(target_files)
     return list(specs.values())

@@ -178,8 +178,11 @@ def test_console_script_is_installed() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"autotune {importlib.metadata.version('autotune')}"
     usage = subprocess.run([script, "tune"], capture_output=True, text=True, check=False)
-    assert usage.returncode == 2
-    assert "usage: autotune tune" in usage.stderr and "Traceback" not in usage.stderr
+    assert usage.returncode == 2 and usage.stdout == ""
+    assert usage.stderr.splitlines() == [
+        "autotune tune: error: the following arguments are required: model, --budget; "
+        "run 'autotune tune --help' for usage"
+    ]
 
 
 def test_validate_a_saved_compressed_model(

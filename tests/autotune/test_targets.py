@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from autotune.errors import TargetError
-from autotune.targets import get_target, list_targets, load_registry
+from autotune.targets import aliases_by_target, get_target, list_targets, load_registry
 from profilers.hardware import HardwareSpec
 from profilers.kernel_support import allowed_kernel_entries
 
@@ -40,6 +40,32 @@ def test_unknown_target_lists_known_ones() -> None:
         get_target("tpu-v9")
     assert "unknown target 'tpu-v9'" in str(info.value)
     assert "cpu" in str(info.value) and "local" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("typed", "meant"), [("a10O", "a100"), ("h10", "h100"), ("H100-SXN", "h100-sxm")]
+)
+def test_a_near_miss_gets_a_suggestion(typed: str, meant: str) -> None:
+    with pytest.raises(TargetError) as info:
+        get_target(typed)
+    message = str(info.value)
+    assert message.startswith(f"unknown target {typed!r}; did you mean ")
+    suggested = message.split("did you mean ", 1)[1].split("?", 1)[0]
+    assert repr(meant) in suggested and "known targets: " in message
+
+
+def test_a_far_miss_gets_no_suggestion() -> None:
+    with pytest.raises(TargetError) as info:
+        get_target("quantum-9000")
+    assert "did you mean" not in str(info.value)
+
+
+def test_aliases_by_target_includes_user_files(tmp_path: Path) -> None:
+    file = tmp_path / "mine.json"
+    file.write_text(json.dumps({"targets": [_entry("my-gpu")], "aliases": {"mine": "my-gpu"}}))
+    named = aliases_by_target(*load_registry([file]))
+    assert named["my-gpu"] == ["mine"]
+    assert named["h100"] == ["h100-80gb", "h100-sxm"] and named["t4"] == []
 
 
 def _entry(name: str) -> dict:
