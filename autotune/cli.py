@@ -190,16 +190,18 @@ def _add_tune(sub: Any) -> None:
     tune.add_argument(
         "--sensitivity",
         default="end-to-end",
-        choices=["end-to-end", "fisher", "local"],
-        help="how each (layer, option) is scored: end-to-end output error (cached) or a "
-        "cheaper proxy",
+        metavar="ESTIMATOR",
+        help="how each (layer, option) is scored, an estimator registered in "
+        "autotune.estimators: end-to-end output error (cached), fisher or local (cheaper "
+        "proxies)",
     )
     tune.add_argument(
         "--search",
         default="auto",
-        choices=["auto", "allocator", "evolution", "tpe", "nsga2"],
-        help="engine that improves on the allocator's plan by whole-model evaluations "
-        "(default auto: evolution up to 1B weights)",
+        metavar="ENGINE",
+        help="engine that improves on the allocator's plan by whole-model evaluations, one "
+        "registered in autotune.engines (allocator, evolution, tpe, nsga2) or auto: "
+        "evolution up to 1B weights",
     )
     tune.add_argument(
         "--max-evals",
@@ -305,8 +307,9 @@ def _add_profile(sub: Any) -> None:
     profile.add_argument(
         "--sensitivity",
         default="end-to-end",
-        choices=["end-to-end", "local", "fisher"],
-        help="end-to-end output error (default, cached) or a cheap proxy",
+        metavar="ESTIMATOR",
+        help="an estimator registered in autotune.estimators: end-to-end output error "
+        "(cached), fisher or local (cheap proxies)",
     )
     profile.add_argument(
         "-o", "--output", help="write the tables as JSON here (and a CSV beside it)"
@@ -385,9 +388,11 @@ def _emit(args: argparse.Namespace, text: str, data: Any) -> None:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from autotune.budget import Budget
+    from autotune.estimators import get_estimator
     from autotune.loading import load_model
     from autotune.runtimes import get_runtime
     from autotune.saved import save_compressed
+    from autotune.searching import check_settings
     from autotune.targets import get_target
     from autotune.tuner import autotune
 
@@ -400,6 +405,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     )
     target = get_target(args.target, args.target_file)  # fail fast on a bad target
     get_runtime(args.runtime).check_target(target, args.target)
+    check_settings(args.search, args.max_evals, args.timeout, args.storage)
+    get_estimator(args.sensitivity)  # registered engines and estimators, before any loading
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     labels = [o.strip() for o in args.options.split(",") if o.strip()] if args.options else None
     args.streamed = _streams(args)
@@ -437,6 +444,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     text = result.report.layer_table() + "\n\n" + str(result.report)
     if args.output:
         text += f"\nplan written to {args.output}"
+    if args.save_model:
+        text += f"\ncompressed model written to {args.save_model} (autotune.load_compressed)"
+    elif args.output:
+        text += f"\nto save the compressed model: autotune apply {args.output} {args.model} -o DIR"
+    if args.output:
         fmt = get_runtime(args.runtime).export_format
         if fmt is not None:
             text += (
@@ -580,12 +592,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
+    from autotune.estimators import get_estimator
     from autotune.io import write_text_atomic
     from autotune.loading import load_model
     from autotune.profiling import fitted_target_file, profile_model, write_profile
     from autotune.targets import get_target
 
     spec = get_target(args.target, args.target_file)
+    get_estimator(args.sensitivity)
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
     profile = profile_model(
         loaded.model,

@@ -123,3 +123,18 @@ def test_auto_cannot_be_registered() -> None:
 
     with pytest.raises(ValueError, match="reserved"):
         register_engine(Auto())
+
+
+def test_the_command_line_offers_a_registered_engine_without_other_edits(
+    toy_engine, tiny_bert_dir, tmp_path, capsys
+) -> None:
+    import json
+
+    from autotune.cli import main
+
+    out = tmp_path / "plan.json"
+    argv = ["tune", str(tiny_bert_dir), "--budget", "35%", "--target", "cpu", "--quiet"]
+    assert main([*argv, "--search", "toy", "--no-measure", "-o", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    assert plan["search"]["engine"] == "toy"
+    assert plan["search"]["engine_run"]["stopped"] == "toy"
