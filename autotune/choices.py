@@ -203,7 +203,9 @@ def allocate_plan(
         ) from None
 
 
-def options_of(costs: CostModel, table: ChoiceTable, assignment: list[int]) -> dict[str, Option]:
+def assignment_options(
+    costs: CostModel, table: ChoiceTable, assignment: list[int]
+) -> dict[str, Option]:
     """The option of each layer in an assignment of ``table``."""
     return {n: costs.options[n][i] for n, i in zip(table.variables, assignment, strict=True)}
 
@@ -217,5 +219,5 @@ def fitting_uniforms(
     for label in sorted(labels):
         uniform = table.uniform(label)
         if uniform is not None and table.fits(uniform, limits):
-            found[f"uniform {label}"] = options_of(costs, table, uniform)
+            found[f"uniform {label}"] = assignment_options(costs, table, uniform)
     return found

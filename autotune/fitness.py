@@ -49,7 +49,7 @@ class PlanFitness:
         self.known: dict[tuple[tuple[str, ...], int], float] = {}
         self.evaluations = [0] * len(self.tiers)
 
-    def options_of(self, assignment: Sequence[int]) -> dict[str, Option]:
+    def assignment_options(self, assignment: Sequence[int]) -> dict[str, Option]:
         return {n: self.options[n][c] for n, c in zip(self.layers, assignment, strict=True)}
 
     def error(self, chosen: Mapping[str, Option], fidelity: int) -> float:
@@ -65,7 +65,7 @@ class PlanFitness:
         return self.known[key]
 
     def __call__(self, assignment: list[int], fidelity: int) -> float:
-        return self.error(self.options_of(assignment), fidelity)
+        return self.error(self.assignment_options(assignment), fidelity)
 
     @property
     def full_equivalent(self) -> float:

@@ -31,12 +31,12 @@ from autotune.budget import Budget
 from autotune.calibration import build_calibration
 from autotune.choices import (
     allocate_plan,
+    assignment_options,
     candidate_totals,
     check_feasible,
     fitting_uniforms,
     layer_profile,
     limits_for,
-    options_of,
 )
 from autotune.errors import AutotuneError, ModelLoadError, PlanError
 from autotune.fingerprint import fingerprint
@@ -316,7 +316,7 @@ def tune_streamed(
     with say.bar(sum(len(o) for o in options.values()), "sensitivity (block output)") as bar:
         sensitivity = profile(streamed, options, calib.sensitivity, progress=bar.update)
     table, allocation = allocate_plan(budget, costs, limits, sensitivity.errors)
-    candidates = {"allocator": options_of(costs, table, allocation.assignment)}
+    candidates = {"allocator": assignment_options(costs, table, allocation.assignment)}
     candidates.update(fitting_uniforms(costs, table, limits))
     splits = {
         "calibration": calib.calibration,

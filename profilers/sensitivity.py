@@ -22,7 +22,7 @@ from profilers.cache import SensitivityCache
 from profilers.observe import Observers, collect_observers
 from profilers.quality import OutputError, metric_for, select_outputs
 
-Progress = Callable[[int], None]
+StepCallback = Callable[[int], None]  # called with the steps just done
 
 
 @dataclass
@@ -73,7 +73,7 @@ def measure_sensitivity(
     model: nn.Module,
     options: Mapping[str, list[Option]],
     batches: list[dict[str, torch.Tensor]],
-    progress: Progress | None = None,
+    progress: StepCallback | None = None,
     observers: Observers | None = None,
     cache: SensitivityCache | None = None,
 ) -> SensitivityTable:

@@ -37,7 +37,7 @@ from profilers.quality import select_outputs
 from profilers.sensitivity import SensitivityTable, measure_sensitivity
 from profilers.streaming import Batch, BlockCall, StreamedModel
 
-Progress = Callable[[int], None]
+StepCallback = Callable[[int], None]  # called with the steps just done
 
 
 class BlockStage(nn.Module):
@@ -134,7 +134,7 @@ def profile(
     streamed: StreamedModel,
     options: Mapping[str, Sequence[Option]],
     batches: Sequence[Batch],
-    progress: Progress | None = None,
+    progress: StepCallback | None = None,
 ) -> SensitivityTable:
     """Every (layer, option)'s error, one stage at a time (see the module docstring)."""
     groups = _groups(streamed, list(options))
@@ -244,7 +244,7 @@ def evaluate(
     variants: Mapping[str, Variant],
     judge: Callable[[], Judge],
     observe: Sequence[Batch] | None = None,
-    progress: Progress | None = None,
+    progress: StepCallback | None = None,
 ) -> dict[str, Any]:
     """For every variant, the result of a new ``judge()`` fed its outputs beside those of
     the model as it is, batch by batch, from one pass that loads each block once.
@@ -336,7 +336,7 @@ def compare(
     other: StreamedModel,
     batches: Sequence[Batch],
     judge: Callable[[], Judge],
-    progress: Progress | None = None,
+    progress: StepCallback | None = None,
 ) -> Any:
     """The result of ``judge()`` fed the outputs of two streamed models of the same
     architecture (e.g. the original and its compressed version read back from disk), run

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.candidates import Candidate, ModuleCache, evaluate, select
-from autotune.choices import allocate_plan, fitting_uniforms
-from autotune.choices import options_of as plan_options
+from autotune.choices import allocate_plan, assignment_options, fitting_uniforms
 from autotune.fitness import PlanFitness, windows_of
 from autotune.pipeline.config import TuneConfig
 from autotune.pipeline.prepare import Data, Setup
@@ -82,8 +81,9 @@ class Searched:
     candidates: list[Candidate]
     searched: int
 
-    def options_of(self, costs: Any, assignment: list[int]) -> dict[str, Option]:
-        return plan_options(costs, self.table, assignment)
+    def options(self, costs: Any, assignment: list[int]) -> dict[str, Option]:
+        """The option of each layer in an assignment of this search's table."""
+        return assignment_options(costs, self.table, assignment)
 
 
 def search(
@@ -133,8 +133,10 @@ def search(
         )
     candidates = []
     if outcome.assignment is not None and outcome.assignment != allocation.assignment:
-        candidates.append(Candidate(engine, plan_options(costs, table, outcome.assignment)))
-    candidates.append(Candidate("allocator", plan_options(costs, table, allocation.assignment)))
+        candidates.append(Candidate(engine, assignment_options(costs, table, outcome.assignment)))
+    candidates.append(
+        Candidate("allocator", assignment_options(costs, table, allocation.assignment))
+    )
     searched = len(candidates)
     for name, uniform in fitting_uniforms(costs, table, priced.limits).items():
         candidates.append(Candidate(name, uniform))

@@ -159,14 +159,14 @@ def _search_record(
             "stopped": result.stopped,
             "best_error": result.error,
             "allocator_error": fitness.error(
-                searched.options_of(costs, searched.allocation.assignment), -1
+                searched.options(costs, searched.allocation.assignment), -1
             ),
         }
         if outcome.study:
             record["study"] = outcome.study
         if result.pareto:
             record["pareto"] = [
-                _pareto_point(costs, searched.options_of(costs, p["assignment"]), p["error"])
+                _pareto_point(costs, searched.options(costs, p["assignment"]), p["error"])
                 for p in result.pareto
             ]
     return record

@@ -7,10 +7,10 @@ import pytest
 from autotune.budget import Budget
 from autotune.choices import (
     allocate_plan,
+    assignment_options,
     check_feasible,
     fitting_uniforms,
     limits_for,
-    options_of,
 )
 from autotune.errors import InfeasibleBudgetError
 from autotune.layers import compressible_layers
@@ -59,7 +59,7 @@ def test_the_allocation_and_the_uniform_plans_that_fit(costs) -> None:
         for name, opts in costs.options.items()
     }
     table, allocation = allocate_plan(budget, costs, limits, errors)
-    plan = options_of(costs, table, allocation.assignment)
+    plan = assignment_options(costs, table, allocation.assignment)
     assert set(plan) == set(costs.options)
     assert (
         costs.totals({n: costs.options[n].index(o) for n, o in plan.items()})["bytes"]
