@@ -24,11 +24,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from autotune.calibration import build_calibration
+from autotune.costs import build_costs, default_methods, drop_undercalibrated, layer_options
 from autotune.estimators import get_estimator
 from autotune.fingerprint import fingerprint
 from autotune.io import write_text_atomic
 from autotune.layers import compressible_layers
-from autotune.space import build_costs, default_methods, drop_undercalibrated, layer_options
 from methods.keep import KeepOption
 from methods.registry import method_of
 from methods.tied import tied_pairs, untie_output_embeddings
@@ -257,7 +257,7 @@ def _decode_step(model: nn.Module, prefill: dict[str, Any]) -> dict[str, Any]:
 
 
 def _fit(model, spec, options, calib, observers, batch_size, seq_len) -> dict[str, Any]:
-    from profilers.calibrate import fit_target, observe
+    from profilers.roofline_fit import fit_target, observe
 
     every = {r.name: [KeepOption()] for r in compressible_layers(model, min_numel=0)}
     every.update(options)

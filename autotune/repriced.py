@@ -2,7 +2,7 @@
 
 ``validate`` and the report do not trust ``plan.predicted["latency_ms"]`` (anyone can edit a
 JSON file): they price the plan's per-layer options again on the target spec the plan holds,
-with the cost model the tuner uses (:func:`autotune.space.build_costs`). With the model at
+with the cost model the tuner uses (:func:`autotune.costs.build_costs`). With the model at
 hand (:func:`plan_roofline`) everything is recomputed: the layers' shapes, the tied output
 layers and the rest of the model (attention, norms, per-operator overhead). From the plan
 alone (:func:`profile_roofline`) the layers are repriced from the shapes in the plan's
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from autotune.costs import build_costs
 from autotune.plan import Plan
-from autotune.space import build_costs
 from methods.base import LayerShape
 from methods.keep import KeepOption
 from profilers.decode import decode_inputs

@@ -26,10 +26,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from autotune.apply import check_options, plan_calibration
-from autotune.budget import Budget
-from autotune.calibration import build_calibration
-from autotune.choices import (
+from autotune.allocation import (
     allocate_plan,
     assignment_options,
     candidate_totals,
@@ -38,20 +35,23 @@ from autotune.choices import (
     layer_profile,
     limits_for,
 )
+from autotune.apply import check_options, plan_calibration
+from autotune.budget import Budget
+from autotune.calibration import build_calibration
+from autotune.costs import build_costs, default_methods, layer_options
 from autotune.errors import AutotuneError, ModelLoadError, PlanError
 from autotune.fingerprint import fingerprint
 from autotune.fitness import windows_of
 from autotune.io import atomic_directory
 from autotune.layers import compressible_layers, weight_numel
 from autotune.loading import LoadedModel, load_skeleton, model_folder
-from autotune.measurement import Measured
+from autotune.measured_figures import Measured
 from autotune.plan import DEFAULT_KEY, Plan
 from autotune.progress import Progress
 from autotune.report import Report
 from autotune.safetensors_check import check_folder
 from autotune.saved import PLAN
 from autotune.selection import UNIFORM_PREFIX, choose, is_uniform
-from autotune.space import build_costs, default_methods, layer_options
 from autotune.targets import get_target
 from autotune.validate import ValidationResult, heldout_batches, plan_checks
 from methods.base import LayerShape, Option

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from autotune.budget import Budget
+from autotune.costs import CostModel
 from autotune.pipeline.choose import score, search, select_plan
 from autotune.pipeline.config import TuneConfig
 from autotune.pipeline.prepare import calibrate, prepare
@@ -17,7 +18,6 @@ from autotune.pipeline.price import price
 from autotune.pipeline.record import apply_chosen, measure_result, record_plan
 from autotune.plan import Plan
 from autotune.report import Report
-from autotune.space import CostModel
 from profilers.hardware import HardwareSpec
 from profilers.sensitivity import SensitivityTable
 

@@ -20,7 +20,7 @@ from autotune.calibration import STDLIB_SOURCE, CalibrationSet, build_heldout
 from autotune.errors import CalibrationError, PlanError
 from autotune.layers import weight_numel
 from autotune.loading import load_model
-from autotune.measurement import Measured, device_description, measure_model
+from autotune.measured_figures import Measured, device_description, measure_model
 from autotune.plan import Plan
 from autotune.repriced import LABEL, RooflineLatency, plan_roofline, profile_roofline
 from profilers.decode import decode_inputs

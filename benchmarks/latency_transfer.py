@@ -40,18 +40,18 @@ from torch import nn
 
 from autotune.apply import compress
 from autotune.calibration import build_calibration
+from autotune.costs import CostModel, build_costs, default_methods, layer_options
 from autotune.layers import compressible_layers
 from autotune.loading import load_model
-from autotune.space import CostModel, build_costs, default_methods, layer_options
 from autotune.targets import get_target
 from methods import KeepOption
 from methods.base import Option
 from methods.tied import untie_output_embeddings
-from profilers.calibrate import fit_target, observe
 from profilers.decode import decode_inputs
 from profilers.hardware import HardwareSpec
 from profilers.measure import measure_latencies
 from profilers.observe import collect_observers
+from profilers.roofline_fit import fit_target, observe
 from search import ChoiceTable, allocate
 
 UNIFORM = ("keep", "int8-ch-sym", "int4-g32-asym", "int4-g128-sym", "w8a8-sq0.6")

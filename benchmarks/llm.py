@@ -43,7 +43,7 @@ from autotune.budget import Budget
 from autotune.calibration import build_calibration
 from autotune.layers import weight_numel
 from autotune.loading import load_model
-from autotune.measurement import measure_model
+from autotune.measured_figures import measure_model
 from methods.keep import KeepOption
 from profilers.decode import decode_inputs
 from profilers.measure import model_bytes

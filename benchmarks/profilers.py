@@ -34,15 +34,15 @@ from scipy.stats import spearmanr
 
 from autotune.apply import compress
 from autotune.calibration import build_calibration
+from autotune.costs import build_costs, layer_options
 from autotune.layers import compressible_layers
 from autotune.loading import load_model
-from autotune.space import build_costs, layer_options
 from autotune.targets import get_target
 from methods import KeepOption
-from profilers.calibrate import fit_target, observe
 from profilers.measure import measure_latencies, model_bytes
 from profilers.observe import collect_observers
 from profilers.proxies import fisher_table, local_error_table, spearman
+from profilers.roofline_fit import fit_target, observe
 from profilers.sensitivity import measure_sensitivity
 
 UNIFORM = ["keep", "int8-ch-sym", "int4-g32-asym", "int4-g128-sym", "int3-g64-asym", "w8a8-sq0.6"]
@@ -137,7 +137,7 @@ def main() -> int:
     calib = build_calibration(demo.model, demo.tokenizer)
     demo_inputs = {"1x128": calib.latency_inputs(1, 128), "1x16": calib.latency_inputs(1, 16)}
 
-    # fit the cpu roofline on the demo (every weight layer listed: see profilers.calibrate)
+    # fit the cpu roofline on the demo (every weight layer listed: see profilers.roofline_fit)
     layers = compressible_layers(demo.model)
     options = layer_options(layers, ("rtn", "w8a8"))
     every = {r.name: [KeepOption()] for r in compressible_layers(demo.model, min_numel=0)}

@@ -39,11 +39,11 @@ import numpy as np
 import torch
 import transformers
 
+from autotune.allocation import choice_table, limits_for
 from autotune.budget import Budget
 from autotune.candidates import ModuleCache, evaluate
-from autotune.choices import choice_table, limits_for
+from autotune.costs import build_costs, layer_options
 from autotune.layers import compressible_layers
-from autotune.space import build_costs, layer_options
 from autotune.streamed import open_streamed, tune_streamed
 from autotune.targets import get_target
 from profilers.quality import run_outputs

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from autotune.allocation import allocate_plan, assignment_options, fitting_uniforms
 from autotune.candidates import Candidate, ModuleCache, evaluate, select
-from autotune.choices import allocate_plan, assignment_options, fitting_uniforms
 from autotune.fitness import PlanFitness, windows_of
 from autotune.pipeline.config import TuneConfig
 from autotune.pipeline.prepare import Data, Setup

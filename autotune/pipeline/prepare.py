@@ -13,6 +13,7 @@ from torch import nn
 
 from autotune.budget import Budget
 from autotune.calibration import CalibrationSet, build_calibration
+from autotune.costs import default_methods, layer_options
 from autotune.errors import AutotuneError
 from autotune.estimators import SensitivityEstimator, get_estimator
 from autotune.fingerprint import fingerprint
@@ -22,7 +23,6 @@ from autotune.pipeline.config import TuneConfig
 from autotune.progress import Progress
 from autotune.runtimes import Runtime, get_runtime
 from autotune.searching import check_settings
-from autotune.space import default_methods, layer_options
 from autotune.storage_bounds import StorageBounds
 from autotune.targets import get_target
 from methods.errors import OptionError

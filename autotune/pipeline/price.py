@@ -8,15 +8,15 @@ from typing import Any
 
 from torch import nn
 
+from autotune.allocation import LOCAL_LATENCY_MARGIN, check_feasible, choice_table, limits_for
 from autotune.budget import Budget
-from autotune.choices import LOCAL_LATENCY_MARGIN, check_feasible, choice_table, limits_for
+from autotune.costs import CostModel, build_costs, drop_undercalibrated, layer_options
 from autotune.errors import AutotuneError
 from autotune.latency_models import latency_model_for
 from autotune.layers import LayerRef, compressible_layers
-from autotune.measurement import Measured, measure_model
+from autotune.measured_figures import Measured, measure_model
 from autotune.pipeline.config import TuneConfig
 from autotune.pipeline.prepare import Data, Setup
-from autotune.space import CostModel, build_costs, drop_undercalibrated, layer_options
 from autotune.storage_bounds import keep_only
 from methods.base import Option
 from methods.keep import KeepOption

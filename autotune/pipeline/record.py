@@ -5,18 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from autotune.allocation import candidate_totals, layer_profile
 from autotune.apply import compress
-from autotune.choices import candidate_totals, layer_profile
+from autotune.costs import CostModel
 from autotune.engines import get_engine
 from autotune.fitness import windows_of
-from autotune.measurement import measure_model
+from autotune.measured_figures import measure_model
 from autotune.pipeline.choose import Scored, Searched, Selected
 from autotune.pipeline.config import TuneConfig
 from autotune.pipeline.prepare import Data, Setup
 from autotune.pipeline.price import Priced
 from autotune.plan import DEFAULT_KEY, Plan
 from autotune.selection import UNIFORM_PREFIX
-from autotune.space import CostModel
 from methods.keep import KeepOption
 from profilers.memory import PeakPrediction, scratch_bytes
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from autotune.calibration import build_calibration
+from autotune.costs import layer_options
 from autotune.errors import AutotuneError
 from autotune.estimators import ESTIMATORS, get_estimator
 from autotune.layers import compressible_layers
-from autotune.space import layer_options
 from profilers.observe import collect_observers
 from tests.conftest import make_tiny_bert
 

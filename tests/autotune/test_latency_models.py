@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from autotune.costs import layer_options
 from autotune.latency_models import LATENCY_MODELS, Pricing, latency_model_for
 from autotune.layers import compressible_layers
-from autotune.space import layer_options
 from autotune.targets import get_target
 from methods.tied import tied_heads
 from tests.conftest import make_tiny_bert

@@ -3,10 +3,10 @@ from __future__ import annotations
 import pytest
 
 from autotune.budget import Budget
+from autotune.costs import layer_options
 from autotune.errors import InfeasibleBudgetError
 from autotune.layers import compressible_layers
 from autotune.pipeline import prepare as prepare_stage
-from autotune.space import layer_options
 from autotune.storage_bounds import StorageBounds
 from autotune.tuner import autotune
 from methods.keep import KeepOption

@@ -14,10 +14,10 @@ import transformers
 from torch import nn
 
 from autotune.apply import apply_plan
+from autotune.costs import build_costs, layer_options
 from autotune.layers import compressible_layers
 from autotune.plan import Plan
 from autotune.saved import load_compressed, save_compressed
-from autotune.space import build_costs, layer_options
 from autotune.targets import get_target
 from autotune.tuner import TuneResult, autotune
 from autotune.validate import validate_plan

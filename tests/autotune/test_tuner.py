@@ -5,9 +5,9 @@ import re
 import pytest
 import torch
 
-from autotune.choices import LOCAL_LATENCY_MARGIN
+from autotune.allocation import LOCAL_LATENCY_MARGIN
+from autotune.costs import default_methods
 from autotune.errors import InfeasibleBudgetError
-from autotune.space import default_methods
 from autotune.targets import get_target
 from autotune.tuner import autotune
 from methods import QuantizedLinear

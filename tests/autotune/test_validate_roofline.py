@@ -8,7 +8,7 @@ import copy
 import pytest
 
 from autotune.budget import Budget
-from autotune.measurement import Measured
+from autotune.measured_figures import Measured
 from autotune.plan import Plan
 from autotune.report import Report
 from autotune.repriced import LABEL, plan_roofline, profile_roofline

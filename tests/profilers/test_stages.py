@@ -11,8 +11,8 @@ import torch
 import transformers
 
 from autotune.apply import compress
+from autotune.costs import layer_options
 from autotune.layers import compressible_layers
-from autotune.space import layer_options
 from methods.base import LayerShape
 from methods.gptq import GPTQOption
 from methods.registry import method_of

@@ -1,4 +1,4 @@
-"""Fitting a target's roofline to measured latencies (profilers.calibrate)."""
+"""Fitting a target's roofline to measured latencies (profilers.roofline_fit)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from methods.base import LayerShape
 from methods.keep import KeepOption
 from methods.rtn import QuantOption
-from profilers.calibrate import LayerObservation, RestObservation, accuracy, fit_target
 from profilers.hardware import HardwareSpec, KernelSpec
 from profilers.roofline import RestOfModel, layer_latency, rest_latency
+from profilers.roofline_fit import LayerObservation, RestObservation, accuracy, fit_target
 
 SHAPES = [LayerShape("linear", 384, 384, True), LayerShape("linear", 1536, 384, True)]
 OPTIONS = [

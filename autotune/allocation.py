@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from autotune.budget import Budget
+from autotune.costs import CostModel
 from autotune.errors import InfeasibleBudgetError
-from autotune.space import CostModel
 from methods.base import Option
 from methods.keep import KeepOption
 from profilers.sensitivity import SensitivityTable

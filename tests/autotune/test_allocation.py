@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from autotune.budget import Budget
-from autotune.choices import (
+from autotune.allocation import (
     allocate_plan,
     assignment_options,
     check_feasible,
     fitting_uniforms,
     limits_for,
 )
+from autotune.budget import Budget
+from autotune.costs import build_costs, layer_options
 from autotune.errors import InfeasibleBudgetError
 from autotune.layers import compressible_layers
-from autotune.space import build_costs, layer_options
 from autotune.targets import get_target
 from tests.conftest import make_tiny_bert
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import transformers
 
+from autotune.costs import drop_undercalibrated, layer_options
 from autotune.layers import compressible_layers, weight_numel
-from autotune.space import drop_undercalibrated, layer_options
 from methods.tied import untie_output_embeddings
 from profilers.observe import collect_observers
 from tests.conftest import make_tiny_bert
