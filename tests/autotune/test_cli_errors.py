@@ -205,7 +205,7 @@ def test_tune_help_names_the_bundled_models_and_defaults(
 
 
 def test_every_argument_has_help() -> None:
-    for name, command in cli._parser().commands.items():
+    for name, command in cli.build_parser().commands.items():
         for action in command._actions:
             assert action.help, f"autotune {name} {action.dest}"
 
