@@ -2,7 +2,8 @@
 
 The calibration data picks the search's front runner (the candidate with the least error on
 it); the selection split, which neither profiling nor search saw, then judges that plan
-against every uniform plan that fits the budget, and the least error wins. The held-out
+against every uniform plan that fits the budget (and, when calibrated options are offered,
+the allocator's plan without them), and the least error wins. The held-out
 split is not read here: it measures the chosen plan once the choice is made.
 """
 
@@ -42,15 +43,15 @@ def is_uniform(name: str) -> bool:
 
 def choose(
     front_runner: str,
-    uniforms: Sequence[str],
+    baselines: Sequence[str],
     error: Callable[[str], float],
     windows: int,
     progress: Callable[[int], Any] | None = None,
 ) -> Selection:
-    """Judge ``front_runner`` and every plan in ``uniforms`` by ``error`` (their error on the
-    selection split) and keep the least; ties go to the front runner, then to the order of
-    ``uniforms``."""
-    names = [front_runner, *(u for u in uniforms if u != front_runner)]
+    """Judge ``front_runner`` and every plan in ``baselines`` (the uniform plans that fit,
+    and any other plan it must beat) by ``error`` (their error on the selection split) and
+    keep the least; ties go to the front runner, then to the order of ``baselines``."""
+    names = [front_runner, *(u for u in baselines if u != front_runner)]
     errors: dict[str, float] = {}
     for name in names:
         errors[name] = float(error(name))

@@ -9,6 +9,7 @@ from typing import Any
 
 from autotune.allocation import allocate_plan, assignment_options, fitting_uniforms
 from autotune.candidates import Candidate, ModuleCache, evaluate, select
+from autotune.errors import InfeasibleBudgetError
 from autotune.fitness import PlanFitness, windows_of
 from autotune.pipeline.config import TuneConfig
 from autotune.pipeline.prepare import Data, Setup
@@ -17,6 +18,7 @@ from autotune.searching import SearchOutcome, choose_engine, run_search
 from autotune.selection import Selection, choose, is_uniform
 from methods.base import Option
 from methods.keep import KeepOption
+from methods.registry import method_of
 from profilers.cache import SensitivityCache, batches_digest, default_cache_dir, table_key
 from profilers.quality import metric_for
 from profilers.sensitivity import SensitivityTable
@@ -137,10 +139,44 @@ def search(
     candidates.append(
         Candidate("allocator", assignment_options(costs, table, allocation.assignment))
     )
+    uncalibrated = _uncalibrated_plan(setup, priced, scored)
+    if uncalibrated is not None and uncalibrated not in [c.options for c in candidates]:
+        candidates.append(Candidate(UNCALIBRATED, uncalibrated))
     searched = len(candidates)
     for name, uniform in fitting_uniforms(costs, table, priced.limits).items():
         candidates.append(Candidate(name, uniform))
     return Searched(table, allocation, fitness, modules, engine, outcome, candidates, searched)
+
+
+UNCALIBRATED = "allocator, uncalibrated options only"
+
+
+def _uncalibrated_plan(setup: Setup, priced: Priced, scored: Scored) -> dict[str, Option] | None:
+    """The allocator's plan without calibrated options (GPTQ, activation-aware, ...), when
+    some are offered: calibrated options can fit the calibration data better than they
+    generalise, so the final choice weighs this plan too, and adding methods never leaves
+    the tune worse on the selection split than leaving them out."""
+    costs, errors = priced.costs, scored.table.errors
+    calibrated = {
+        (name, o.label)
+        for name, opts in costs.options.items()
+        for o in opts
+        if method_of(o).needs_calibration(o)
+    }
+    if not calibrated:
+        return None
+    masked = {
+        name: {
+            label: (float("inf") if (name, label) in calibrated else error)
+            for label, error in by_label.items()
+        }
+        for name, by_label in errors.items()
+    }
+    try:
+        table, allocation = allocate_plan(setup.budget, costs, priced.limits, masked)
+    except InfeasibleBudgetError:
+        return None
+    return assignment_options(costs, table, allocation.assignment)
 
 
 def _module_cache_cap(original_bytes: int) -> int:
@@ -172,10 +208,12 @@ def select_plan(
     with say.bar(len(candidates) + count + min(3, len(candidates) - count), "candidates") as bar:
         front = select(candidates, fitness.error, searched=count, progress=bar.update)
     by_name = {c.name: c for c in candidates}
-    with say.bar(1 + len(candidates) - count, "selection split") as bar:
+    with say.bar(2 + len(candidates) - count, "selection split") as bar:
+        baselines = [c.name for c in candidates if c.name == UNCALIBRATED]
+        baselines += [c.name for c in candidates[count:] if is_uniform(c.name)]
         selection = choose(
             front.name,
-            [c.name for c in candidates[count:] if is_uniform(c.name)],
+            baselines,
             lambda name: evaluate(
                 setup.work,
                 by_name[name].options,

@@ -203,3 +203,28 @@ def test_tuning_with_the_fisher_proxy(tokenizer) -> None:
     assert result.plan.search["sensitivity"] == "fisher"
     assert result.plan.predicted["bytes"] <= int(0.35 * model_bytes(make_tiny_bert()))
     assert result.plan.predicted["metric"] == "nmse"
+
+
+@pytest.mark.parametrize("budget", ["4bits", "3bits"])
+def test_with_calibrated_options_the_uncalibrated_plan_is_weighed_on_the_selection_split(
+    budget, tokenizer
+) -> None:
+    from autotune.pipeline.choose import UNCALIBRATED
+
+    _, result = _tune(budget, tokenizer, methods=["rtn", "gptq"], search="allocator")
+    search = result.plan.search
+    candidates = {c["name"]: c for c in search["candidates"]}
+    assert UNCALIBRATED in candidates
+    assert candidates[UNCALIBRATED]["calibration_error"] is not None  # a finalist
+    errors = search["selection"]["errors"]
+    assert errors[search["chosen"]] == min(errors.values()) <= errors[UNCALIBRATED]
+    assert search["selection"]["best_uniform"] != UNCALIBRATED
+    if search["chosen"] == UNCALIBRATED:
+        assert all(e.get("method") != "gptq" for e in result.plan.layers.values())
+
+
+def test_without_calibrated_options_no_uncalibrated_plan_is_added(tuned) -> None:
+    from autotune.pipeline.choose import UNCALIBRATED
+
+    _, result = tuned
+    assert UNCALIBRATED not in [c["name"] for c in result.plan.search["candidates"]]
