@@ -7,6 +7,9 @@ command line read the registry.
 
 from __future__ import annotations
 
+import math
+import statistics
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import ClassVar
@@ -14,7 +17,8 @@ from typing import ClassVar
 from torch import nn
 
 from autotune.errors import AutotuneError
-from methods.base import Option
+from methods.base import LayerShape, Option
+from methods.registry import method_of
 from profilers.cache import SensitivityCache
 from profilers.observe import Observers
 from profilers.sensitivity import SensitivityTable, measure_sensitivity
@@ -26,6 +30,7 @@ class SensitivityEstimator(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     cacheable: ClassVar[bool] = False  # whether its entries are kept in the on-disk cache
+    cache_name: ClassVar[str] = ""  # the table its cached entries belong to (default: name)
     steps_per_option: ClassVar[bool] = False  # whether ``progress`` counts (layer, option)s
 
     @abstractmethod
@@ -57,7 +62,7 @@ def get_estimator(name: str) -> SensitivityEstimator:
 
 
 class EndToEnd(SensitivityEstimator):
-    name = "end-to-end"
+    name = cache_name = "end-to-end"
     description = "the model's output error with only that layer compressed (default)"
     cacheable = True
     steps_per_option = True
@@ -91,5 +96,88 @@ class LocalError(SensitivityEstimator):
         return local_error_table(model, options, batches, observers=observers)
 
 
-for _estimator in (EndToEnd(), Fisher(), LocalError()):
+class Hybrid(SensitivityEstimator):
+    """End-to-end errors where the allocator can use them, Fisher estimates elsewhere.
+
+    Every option is first given its Fisher estimate. Per layer, an option that stores more
+    bytes than another and is estimated worse is never worth choosing, so only the options
+    on the front of (bytes, estimate), and those the estimate cannot see (no float weight,
+    such as activation quantisation), are measured end to end; the others keep their
+    estimate scaled by the layer's median ratio of measured to estimated error."""
+
+    name = "hybrid"
+    description = (
+        "Fisher estimates for every option, end-to-end errors for the options on each "
+        "layer's front of bytes against estimate"
+    )
+    cacheable = True
+    cache_name = EndToEnd.cache_name  # its measured entries are end-to-end ones
+    steps_per_option = True
+
+    def table(self, model, options, batches, *, observers, cache=None, progress=None):
+        from profilers.proxies import fisher_table
+
+        start = time.perf_counter()
+        estimate = fisher_table(model, options, batches, observers=observers)
+        front = {name: _front(model, name, opts, estimate) for name, opts in options.items()}
+        if progress is not None:
+            progress(sum(len(o) - len(front[n]) for n, o in options.items()))
+        measured = measure_sensitivity(
+            model, front, batches, progress=progress, observers=observers, cache=cache
+        )
+        errors = {
+            name: _merged(measured.errors.get(name, {}), estimate.errors.get(name, {}))
+            for name in options
+        }
+        estimated = sum(len(e) for e in errors.values()) - sum(
+            len(e) for e in measured.errors.values()
+        )
+        return SensitivityTable(
+            metric=measured.metric,
+            errors=errors,
+            evaluations=measured.evaluations + estimate.evaluations,
+            seconds=time.perf_counter() - start,
+            skipped=measured.skipped,
+            prefix_cached=measured.prefix_cached,
+            scored_by={
+                "end-to-end": sum(len(e) for e in measured.errors.values()),
+                "fisher": estimated,
+            },
+        )
+
+
+def _front(
+    model: nn.Module, name: str, options: list[Option], estimate: SensitivityTable
+) -> list[Option]:
+    """The options of a layer no cheaper option beats on the estimate, and those it lacks."""
+    shape = LayerShape.of(model.get_submodule(name))
+    scores = estimate.errors.get(name, {})
+    unseen = [o for o in options if o.label not in scores]
+    seen = sorted(
+        (o for o in options if o.label in scores),
+        key=lambda o: (method_of(o).cost(shape, o).bytes, scores[o.label]),
+    )
+    kept, best = [], math.inf
+    for option in seen:
+        if scores[option.label] < best:
+            kept.append(option)
+            best = scores[option.label]
+    return [o for o in options if o in kept or o in unseen]
+
+
+def _merged(measured: dict[str, float], estimated: dict[str, float]) -> dict[str, float]:
+    """Measured errors, and estimates scaled by the median measured-to-estimated ratio."""
+    ratios = [
+        measured[label] / estimated[label]
+        for label in measured
+        if estimated.get(label, 0.0) > 0.0 and measured[label] > 0.0
+    ]
+    scale = statistics.median(ratios) if ratios else 1.0
+    return {
+        **{label: scale * value for label, value in estimated.items()},
+        **measured,
+    }
+
+
+for _estimator in (EndToEnd(), Fisher(), LocalError(), Hybrid()):
     register_estimator(_estimator)

@@ -201,7 +201,8 @@ def profile_model(
     table_cache = None
     if cache and estimator.cacheable:
         folder = default_cache_dir() if cache is True else Path(cache)
-        key = table_key(fingerprint(model), batches_digest(calib.sensitivity), sensitivity)
+        digest = batches_digest(calib.sensitivity)
+        key = table_key(fingerprint(model), digest, estimator.cache_name or sensitivity)
         table_cache = SensitivityCache(folder, key)
     start = time.perf_counter()
     table = sensitivity_table(

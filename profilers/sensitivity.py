@@ -35,6 +35,7 @@ class SensitivityTable:
     seconds: float
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)
     prefix_cached: bool = False
+    scored_by: dict[str, int] = field(default_factory=dict)  # pairs per way of scoring
 
 
 class _Evaluator:

@@ -40,7 +40,8 @@ def score(setup: Setup, data: Data, priced: Priced, config: TuneConfig) -> Score
         setting = config.search.cache
         folder = default_cache_dir() if setting is True else Path(setting)
         digest = batches_digest(data.calib.sensitivity)
-        cache = SensitivityCache(folder, table_key(data.fingerprint, digest, estimator.name))
+        cached_as = estimator.cache_name or estimator.name
+        cache = SensitivityCache(folder, table_key(data.fingerprint, digest, cached_as))
     metric = metric_for(data.screening_reference[0])
     steps = sum(len(o) for o in options.values()) if estimator.steps_per_option else 0
     with say.bar(steps, f"sensitivity ({estimator.name})") as bar:

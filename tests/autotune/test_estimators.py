@@ -55,3 +55,26 @@ def test_every_estimator_scores_every_option_and_leaves_the_model(name, setting)
 def test_an_unknown_estimator_is_refused_naming_the_registered_ones() -> None:
     with pytest.raises(AutotuneError, match="allowed: end-to-end, fisher, local"):
         get_estimator("bogus")
+
+
+def test_hybrid_measures_the_front_end_to_end_and_scales_the_estimate_elsewhere(setting) -> None:
+    from autotune.estimators import _front
+    from profilers.proxies import fisher_table
+
+    model, options, batches, observers = setting
+    options = layer_options(
+        compressible_layers(model), ("rtn",), None
+    )  # the whole grid: many options per layer are dominated
+    hybrid = get_estimator("hybrid").table(model, options, batches, observers=observers)
+    exact = get_estimator("end-to-end").table(model, options, batches, observers=observers)
+    estimate = fisher_table(model, options, batches, observers=observers)
+    total = sum(len(o) for o in options.values())
+    assert sum(hybrid.scored_by.values()) == total
+    assert 0 < hybrid.scored_by["end-to-end"] < total
+    for layer, offered in options.items():
+        front = {o.label for o in _front(model, layer, offered, estimate)}
+        for label in front:
+            assert hybrid.errors[layer][label] == pytest.approx(exact.errors[layer][label])
+        rest = [o.label for o in offered if o.label not in front]
+        ratios = {hybrid.errors[layer][r] / estimate.errors[layer][r] for r in rest}
+        assert len({round(r, 9) for r in ratios}) <= 1  # one scale per layer
