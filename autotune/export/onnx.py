@@ -122,17 +122,28 @@ class OnnxExporter(Exporter):
     def write(
         self, compressed: nn.Module, plan: Plan, out: Path, tokenizer: Any = None
     ) -> ExportResult:
-        layers = compressed_modules(compressed)
-        _check_plan(plan, compressed, layers)
-        heads = _tied_heads(compressed, layers)
-        model = export_float_graph(compressed, layers)
-        labels = replace_layers(model.graph, layers, heads, self.accuracy_level)
-        _finish(model, plan)
+        model, labels = self.build(compressed, plan)
         out = Path(out)
         _save(model, out)
         for ref in compressible_layers(compressed, min_numel=0):
             labels.setdefault(ref.name, "float")
         return ExportResult(self.name, out, _written_bytes(out), labels)
+
+    def build(
+        self, compressed: nn.Module, plan: Plan, float_graph: Any = None
+    ) -> tuple[Any, dict[str, str]]:
+        """The ``ModelProto`` of ``compressed`` (in memory, not checked) and the scheme each
+        compressed layer got. ``float_graph``: the graph :func:`export_float_graph` traced
+        for the float model ``compressed`` was made from, with no layers left out, reused
+        instead of a new trace (it is changed in place; the weights the compressed layers
+        replace are dropped as initializers nothing reads)."""
+        layers = compressed_modules(compressed)
+        _check_plan(plan, compressed, layers)
+        heads = _tied_heads(compressed, layers)
+        model = export_float_graph(compressed, layers) if float_graph is None else float_graph
+        labels = replace_layers(model.graph, layers, heads, self.accuracy_level)
+        _finish(model, plan)
+        return model, labels
 
 
 # ---------------------------------------------------------------------------- the model
