@@ -1,13 +1,15 @@
 """Latency models: how each (layer, option) of a model is given seconds on a target.
 
 A named target is priced by its roofline; ``local`` is timed on this machine inside the
-model (autotune's torch modules). Each model is a :class:`LatencyModel`; the first
+model: in autotune's torch modules, or, for ``--runtime onnxruntime``, inside ONNX Runtime
+sessions of the model's export. Each model is a :class:`LatencyModel`; the first
 registered one that :meth:`~LatencyModel.serves` a target prices it
 (:func:`latency_model_for`), and :func:`register_latency_model` adds one ahead of the rest.
 """
 
 from __future__ import annotations
 
+import statistics
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from methods.registry import method_of
 from methods.tied import TiedHead
 from profilers.hardware import HardwareSpec
 from profilers.latency_table import measure_in_model
+from profilers.measure import LatencyStats
 from profilers.observe import Observers
 from profilers.opcount import rest_of_model
 from profilers.roofline import layer_latency, rest_latency
@@ -60,6 +63,14 @@ class LatencyModel(ABC):
     @abstractmethod
     def price(self, spec: HardwareSpec, job: Pricing) -> tuple[dict[str, list[float]], float]:
         """Seconds of each layer under each option, and of everything else."""
+
+    def measure(
+        self, compressed: nn.Module, plan: Any, original: nn.Module | None, inputs: dict
+    ) -> dict[str, LatencyStats] | None:
+        """The compressed model's (``"model"``) and the original's (``"baseline"``) latency
+        where this model times them elsewhere than autotune's modules; ``None``: the result
+        is timed in autotune's modules (:func:`autotune.measured_figures.measure_model`)."""
+        return None
 
 
 class Roofline(LatencyModel):
@@ -114,6 +125,81 @@ class TorchTimed(LatencyModel):
         )
 
 
+class OnnxRuntimeTimed(TorchTimed):
+    name = "onnxruntime-timed"
+    description = (
+        "timed on this machine inside ONNX Runtime sessions of the model's ONNX export, each "
+        "(layer shape, option) as the exporter writes it (see autotune.export.ort_latency)"
+    )
+
+    def serves(self, spec: HardwareSpec) -> bool:
+        return spec.name == "local" and spec.runtime == "onnxruntime"
+
+    def price(self, spec, job):
+        from autotune.export.ort_latency import measure_in_ort
+
+        if job.run is not None:
+            raise ValueError("the local target times the model in memory: it takes no run")
+        timed: dict[str, list[Option]] = {ref.name: job.options[ref.name] for ref in job.layers}
+        timed.update({ref.name: [KeepOption()] for ref in job.others})
+        result = measure_in_ort(
+            job.model, timed, job.inputs, observers=job.observers, progress=job.progress
+        )
+        return per_layer(job, result.layers), result.rest + sum(
+            result.layers[(ref.shape, "keep")] for ref in job.others
+        )
+
+    def measure(self, compressed, plan, original, inputs):
+        """Both models exported to ONNX and timed in ONNX Runtime, visited in turn."""
+        import tempfile
+        from pathlib import Path
+
+        from autotune.export.onnx import OnnxExporter
+        from autotune.export.ort_latency import (
+            WARMUP,
+            feed_for,
+            model_source,
+            open_session,
+            session_options,
+            timed_run,
+        )
+        from autotune.plan import Plan
+
+        exporter = OnnxExporter()
+        graphs = {"model": exporter.build(compressed, plan)[0]}
+        if original is not None:
+            kept = Plan(layers={"_default": KeepOption().to_dict()})
+            graphs["baseline"] = exporter.build(original, kept)[0]
+        with tempfile.TemporaryDirectory(prefix="autotune-ort-") as folder:
+            sessions = {
+                name: open_session(model_source(g, Path(folder)), session_options())
+                for name, g in graphs.items()
+            }
+            feeds = {name: feed_for(session, inputs) for name, session in sessions.items()}
+            for name, session in sessions.items():
+                for _ in range(WARMUP):
+                    session.run(None, feeds[name])
+            times: dict[str, list[float]] = {name: [] for name in sessions}
+            for _ in range(ORT_ROUNDS):
+                for name, session in sessions.items():
+                    times[name].append(timed_run(session, feeds[name]))
+        return {name: _stats(values) for name, values in times.items()}
+
+
+ORT_ROUNDS = 30
+
+
+def _stats(seconds: list[float]) -> LatencyStats:
+    ordered = sorted(seconds)
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+    return LatencyStats(
+        p50_ms=1e3 * statistics.median(ordered),
+        p90_ms=1e3 * p90,
+        mean_ms=1e3 * statistics.fmean(ordered),
+        repeats=len(ordered),
+    )
+
+
 def per_layer(job: Pricing, timed: dict[tuple[LayerShape, str], float]) -> dict[str, list[float]]:
     """Each layer's seconds per option from timings per (shape, label); an option that was
     not timed (it could not be built) costs infinity, so it is never chosen."""
@@ -159,5 +245,5 @@ def latency_model_for(spec: HardwareSpec) -> LatencyModel:
     raise ValueError(f"no latency model prices target {spec.name!r}")
 
 
-for _model in (Roofline(), TorchTimed()):
+for _model in (Roofline(), TorchTimed(), OnnxRuntimeTimed()):
     register_latency_model(_model)

@@ -34,14 +34,16 @@ class Runtime(ABC):
     device_kinds: ClassVar[tuple[str, ...]]
     export_format: ClassVar[str | None] = None
     description: ClassVar[str] = ""
+    timed_locally: ClassVar[bool] = False  # ``local`` times options in this runtime here
 
     @abstractmethod
     def refusal(self, layer: str, shape: LayerShape, option: Option) -> str | None:
         """Why this runtime cannot run ``option`` on ``layer``; ``None`` when it can."""
 
     def check_target(self, spec: HardwareSpec, target: str) -> None:
-        """Refuse a target this runtime does not run on, or one timed in autotune's modules."""
-        if target == "local" and self.name != TorchRuntime.name:
+        """Refuse a target this runtime does not run on, or ``local`` where it cannot be timed
+        in this runtime here."""
+        if target == "local" and not self.timed_locally:
             raise RuntimeChoiceError(
                 f"--runtime {self.name} with --target local would time autotune's torch "
                 f"modules, not {self.name}: use a named target (e.g. --target "
@@ -76,6 +78,7 @@ class Runtime(ABC):
 class TorchRuntime(Runtime):
     name = "torch"
     device_kinds = ("cpu", "gpu")
+    timed_locally = True
     description = "autotune's own modules (apply, load_compressed): every option"
 
     def refusal(self, layer: str, shape: LayerShape, option: Option) -> str | None:
@@ -134,6 +137,7 @@ class VLLMRuntime(_ExportedRuntime):
 class OnnxRuntimeRuntime(_ExportedRuntime):
     name = "onnxruntime"
     device_kinds = ("cpu",)
+    timed_locally = True  # autotune.export.ort_latency times each option in ORT sessions
     export_format = "onnx"
     description = "ONNX Runtime on CPUs running an ONNX export (MatMulNBits for 4-bit blocks)"
 

@@ -17,6 +17,7 @@ from autotune.layers import LayerRef, compressible_layers
 from autotune.measured_figures import Measured, measure_model
 from autotune.pipeline.config import TuneConfig
 from autotune.pipeline.prepare import Data, Setup
+from autotune.plan import Plan
 from autotune.storage_bounds import keep_only
 from methods.base import Option
 from methods.keep import KeepOption
@@ -99,11 +100,13 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
         f"{len(layers)} layers x {max(len(o) for o in options.values())} options; "
         f"target {spec.name}; budget {budget.spec}"
     )
-    baseline = (
-        measure_model(work, latency_inputs=latency_inputs, decode_inputs=decode)
-        if config.measure and setup.inplace
-        else None
-    )
+    baseline = None
+    if config.measure and setup.inplace:
+        baseline = measure_model(work, latency_inputs=latency_inputs, decode_inputs=decode)
+        kept = Plan(layers={"_default": KeepOption().to_dict()})
+        outside = latency_model_for(spec).measure(work, kept, None, latency_inputs)
+        if outside is not None:  # the original as the runtime the plan is for runs it
+            baseline.latency, baseline.decode = outside["model"], None
     return Priced(
         layers,
         options,

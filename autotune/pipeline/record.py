@@ -10,6 +10,7 @@ from autotune.apply import compress
 from autotune.costs import CostModel
 from autotune.engines import get_engine
 from autotune.fitness import windows_of
+from autotune.latency_models import latency_model_for
 from autotune.measured_figures import measure_model
 from autotune.pipeline.choose import Scored, Searched, Selected
 from autotune.pipeline.config import TuneConfig
@@ -200,7 +201,15 @@ def measure_result(
         metric=metric,
         baseline=None if setup.inplace else setup.original,
     )
+    latency_model = latency_model_for(setup.spec)
+    baseline = None if setup.inplace else setup.original
+    elsewhere = latency_model.measure(setup.work, plan, baseline, priced.latency_inputs)
+    if elsewhere is not None:  # timed where the plan will run, not in autotune's modules
+        measured.latency = elsewhere["model"]
+        measured.baseline_latency = elsewhere.get("baseline")
     plan.measured = measured.to_dict([budget.batch_size, budget.seq_len], metric)
+    if elsewhere is not None:
+        plan.measured["timed_in"] = latency_model.name
     if priced.baseline is not None and priced.baseline.latency is not None:
         plan.measured["baseline"] = {
             **priced.baseline.latency_figures(),

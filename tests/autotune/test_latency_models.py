@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -14,7 +15,14 @@ from autotune.targets import get_target
 from methods.tied import tied_heads
 from tests.conftest import make_tiny_bert
 
-TARGETS = {"roofline": "cpu", "torch-timed": "local"}
+TARGETS = {"roofline": "cpu", "torch-timed": "local", "onnxruntime-timed": "local"}
+RUNTIMES = {"onnxruntime-timed": "onnxruntime"}
+
+
+def _spec(model_name: str):
+    spec = get_target(TARGETS[model_name])
+    runtime = RUNTIMES.get(model_name)
+    return dataclasses.replace(spec, runtime=runtime) if runtime else spec
 
 
 def _job() -> Pricing:
@@ -31,7 +39,7 @@ def _job() -> Pricing:
 @pytest.mark.parametrize("model", LATENCY_MODELS, ids=lambda m: m.name)
 def test_every_latency_model_prices_every_option_of_a_target_it_serves(model) -> None:
     assert model.description
-    spec = get_target(TARGETS[model.name])
+    spec = _spec(model.name)
     assert latency_model_for(spec) is model
     job = _job()
     latency, fixed = model.price(spec, job)
@@ -46,3 +54,30 @@ def test_every_latency_model_prices_every_option_of_a_target_it_serves(model) ->
 def test_a_named_target_is_never_timed_here_and_local_never_priced_by_roofline() -> None:
     assert not latency_model_for(get_target("a100")).measures
     assert latency_model_for(get_target("local")).measures
+
+
+def test_a_tune_for_onnxruntime_on_local_is_timed_and_measured_in_onnxruntime(tokenizer) -> None:
+    pytest.importorskip("onnxruntime")
+    from autotune.tuner import autotune
+
+    result = autotune(
+        make_tiny_bert(),
+        "40%,1000ms",
+        "local",
+        runtime="onnxruntime",
+        tokenizer=tokenizer,
+        progress=False,
+        search="allocator",
+        latency_seq_len=16,
+        seq_len=32,
+        calibration_windows=8,
+        sensitivity_windows=2,
+        heldout_windows=4,
+    )
+    measured = result.plan.measured
+    assert measured["timed_in"] == "onnxruntime-timed"
+    assert measured["latency_p50_ms"] > 0 and measured["baseline"]["latency_p50_ms"] > 0
+    assert result.plan.target["runtime"] == "onnxruntime"
+    assert all(
+        entry.get("method") in ("none", "rtn", "w8a8") for entry in result.plan.layers.values()
+    )
