@@ -23,6 +23,7 @@ from search.space import ChoiceTable
 from search.study import WORKER_ATTR, constraint_dict, finished, record
 
 Progress = Callable[[Counter, float, dict[str, float]], None]
+NO_NEW_PLAN = "no new plan within the limits"
 
 
 @dataclass
@@ -88,6 +89,206 @@ class _Mutator:
         return child
 
 
+def out_of_time(began: float, timeout: float | None) -> bool:
+    """Whether more than ``timeout`` seconds (if any) have passed since ``began``."""
+    return timeout is not None and time.perf_counter() - began > timeout
+
+
+def _survivors(survivors: Sequence[int] | None, offspring: int, fidelities: int) -> Sequence[int]:
+    """``survivors``, or the default; one entry per cheaper fidelity."""
+    if survivors is None:
+        survivors = default_survivors(offspring, fidelities)
+    if len(survivors) != fidelities - 1:
+        raise ValueError(f"survivors needs {fidelities - 1} entries, one per cheaper fidelity")
+    return survivors
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """When to stop: the cost in full evaluations and the seconds allowed."""
+
+    max_evals: float
+    timeout: float | None
+    began: float
+
+    def spent(self, counter: Counter) -> str | None:
+        """Why to stop before another generation, or ``None`` to go on."""
+        if counter.full_equivalent >= self.max_evals:
+            return "max_evals"
+        if out_of_time(self.began, self.timeout):
+            return "timeout"
+        return None
+
+
+Scores = dict[tuple[int, ...], dict[int, float]]
+
+
+class _Evolution:
+    """One run's state: the parent, the plans seen, the evaluations and the study's trials."""
+
+    def __init__(
+        self,
+        table: ChoiceTable,
+        limits: dict[str, float],
+        fitness: Fitness,
+        mutate: _Mutator,
+        study: Any,
+        start: list[int],
+    ) -> None:
+        self.table = table
+        self.limits = limits
+        self.fitness = fitness
+        self.mutate = mutate
+        self.study = study
+        self.counter = Counter(fitness.costs)
+        self.full = len(fitness.costs) - 1
+        self.seen: set[tuple[int, ...]] = set()
+        self.synced: set[int] = set()
+        self.shared = 0  # trials of other processes: earlier runs or concurrent workers
+        self.parent = list(start)
+        self.parent_error: float | None = None
+        self.history: list[float] = []
+
+    def sync(self) -> int:
+        """Take in the study's evaluations not seen yet (earlier runs, other processes): they
+        are never repeated, and the best complete plan within the limits becomes the parent
+        if it is better. Returns how many were new."""
+        if self.study is None:
+            return 0
+        new = 0
+        for assignment, trial in finished(self.study, self.table, self.mutate.levels):
+            if trial.number not in self.synced:
+                self.synced.add(trial.number)
+                self._take(assignment, trial)
+                new += 1
+        return new
+
+    def _take(self, assignment: list[int], trial: Any) -> None:
+        """Note one of the study's trials as seen; its plan becomes the parent if better."""
+        if trial.user_attrs.get(WORKER_ATTR) != os.getpid():
+            self.shared += 1
+        self.seen.add(tuple(assignment))
+        if (
+            trial.values
+            and self.table.fits(assignment, self.limits)
+            and self._better(trial.values[0])
+        ):
+            self.parent, self.parent_error = assignment, trial.values[0]
+
+    def _better(self, error: float) -> bool:
+        """Whether a plan with ``error`` would be a better parent."""
+        return self.parent_error is None or error < self.parent_error
+
+    def evaluate(self, plan: list[int], fidelity: int) -> float:
+        """The fitness of ``plan`` at ``fidelity``, counted."""
+        self.counter.add(fidelity)
+        return float(self.fitness(plan, fidelity))
+
+    def save(self, plan: list[int], scores: dict[int, float]) -> None:
+        """Record an evaluation in the study: complete if it reached the full fidelity."""
+        if self.study is None:
+            return
+        record(
+            self.study,
+            self.table,
+            self.mutate.levels,
+            plan,
+            value=scores.get(self.full),
+            intermediate=scores,
+            constraints=constraint_dict(self.table.margins(plan, self.limits)),
+            engine="evolution",
+        )
+
+    def begin(self) -> None:
+        """Evaluate the starting plan unless the study gave a parent; start the history."""
+        if self.parent_error is None:
+            self.parent_error = self.evaluate(self.parent, self.full)
+            self.seen.add(tuple(self.parent))
+            self.save(self.parent, {self.full: self.parent_error})
+        self.history.append(self.parent_error)
+
+    def breed(self, offspring: int, flips: tuple[int, int]) -> list[list[int]]:
+        """Up to ``offspring`` mutations of the parent within the limits, none seen before."""
+        children: list[list[int]] = []
+        for _ in range(offspring * 50):
+            if len(children) == offspring:
+                break
+            child = self.mutate(self.parent, flips)
+            if child is not None and tuple(child) not in self.seen:
+                self.seen.add(tuple(child))
+                children.append(child)
+        return children
+
+    def screen(
+        self, children: list[list[int]], survivors: Sequence[int]
+    ) -> tuple[list[list[int]], Scores]:
+        """Score the children at each fidelity in turn, keeping ``survivors[f]`` after each
+        cheaper fidelity ``f`` (the others are recorded at once, for other workers to see)."""
+        scores: Scores = {tuple(c): {} for c in children}
+        pool = children
+        for fidelity in range(self.full + 1):
+            for child in pool:
+                scores[tuple(child)][fidelity] = self.evaluate(child, fidelity)
+            if fidelity < self.full:
+                pool = self._cut(pool, scores, fidelity, survivors[fidelity])
+        return pool, scores
+
+    def _cut(
+        self, pool: list[list[int]], scores: Scores, fidelity: int, keep: int
+    ) -> list[list[int]]:
+        """The ``keep`` best of ``pool`` at ``fidelity``; the rest are recorded."""
+        ranked = sorted(pool, key=lambda c: (scores[tuple(c)][fidelity], c))
+        for child in ranked[keep:]:
+            self.save(child, scores[tuple(child)])
+        return ranked[:keep]
+
+    def accept(self, pool: list[list[int]], scores: Scores) -> None:
+        """The best of the fully evaluated ``pool`` replaces the parent if better; all are
+        recorded."""
+        best = min(pool, key=lambda c: (scores[tuple(c)][self.full], c))
+        error = scores[tuple(best)][self.full]
+        if self._better(error):
+            self.parent, self.parent_error = best, error
+        for child in pool:
+            self.save(child, scores[tuple(child)])
+
+    def generation(self, offspring: int, flips: tuple[int, int], survivors: Sequence[int]) -> bool:
+        """Breed, screen and select once; ``False`` if no new plan within the limits was
+        found."""
+        self.sync()
+        children = self.breed(offspring, flips)
+        if not children:
+            return False
+        self.accept(*self.screen(children, survivors))
+        self.history.append(self.parent_error)
+        return True
+
+    def finish(self) -> None:
+        """A last look at the study: a better plan another process found is taken."""
+        if self.sync() and self.parent_error < self.history[-1]:
+            self.history.append(self.parent_error)
+
+
+def _generations(
+    run: _Evolution,
+    budget: _Budget,
+    offspring: int,
+    flips: tuple[int, int],
+    survivors: Sequence[int],
+    progress: Progress | None,
+) -> tuple[int, str]:
+    """Run generations until the budget is spent or no new plan is found; returns how many
+    ran and why they stopped."""
+    generations = 0
+    while (stopped := budget.spent(run.counter)) is None:
+        if not run.generation(offspring, flips, survivors):
+            return generations, NO_NEW_PLAN
+        generations += 1
+        if progress is not None:
+            progress(run.counter, run.parent_error, run.table.margins(run.parent, run.limits))
+    return generations, stopped
+
+
 def evolve(
     table: ChoiceTable,
     limits: dict[str, float],
@@ -117,119 +318,22 @@ def evolve(
     began = time.perf_counter()
     if not table.fits(start, limits):
         raise ValueError("the starting plan does not meet the limits")
-    fidelities = len(fitness.costs)
-    if survivors is None:
-        survivors = default_survivors(offspring, fidelities)
-    if len(survivors) != fidelities - 1:
-        raise ValueError(f"survivors needs {fidelities - 1} entries, one per cheaper fidelity")
-    rng = random.Random(seed)
-    mutate = _Mutator(table, limits, rng, order_by or primary_resource(limits))
-    counter = Counter(fitness.costs)
-    seen: set[tuple[int, ...]] = set()
-    parent, parent_error = list(start), None
-    synced: set[int] = set()
-    shared = [0]  # trials of other processes: earlier runs or concurrent workers
-
-    def sync() -> int:
-        """Take in the study's evaluations not seen yet (earlier runs, other processes): they
-        are never repeated, and the best complete plan within the limits becomes the parent
-        if it is better. Returns how many were new."""
-        nonlocal parent, parent_error
-        if study is None:
-            return 0
-        new = 0
-        for assignment, trial in finished(study, table, mutate.levels):
-            if trial.number in synced:
-                continue
-            synced.add(trial.number)
-            new += 1
-            if trial.user_attrs.get(WORKER_ATTR) != os.getpid():
-                shared[0] += 1
-            seen.add(tuple(assignment))
-            if (
-                trial.values
-                and table.fits(assignment, limits)
-                and (parent_error is None or trial.values[0] < parent_error)
-            ):
-                parent, parent_error = assignment, trial.values[0]
-        return new
-
-    resumed = sync()
-    full = fidelities - 1
-
-    def evaluate(plan: list[int], fidelity: int) -> float:
-        counter.add(fidelity)
-        return float(fitness(plan, fidelity))
-
-    def save(plan: list[int], scores: dict[int, float]) -> None:
-        if study is None:
-            return
-        complete = full in scores
-        constraints = constraint_dict(table.margins(plan, limits))
-        record(
-            study,
-            table,
-            mutate.levels,
-            plan,
-            value=scores[full] if complete else None,
-            intermediate=scores,
-            constraints=constraints,
-            engine="evolution",
-        )
-
-    if parent_error is None:
-        parent_error = evaluate(parent, full)
-        seen.add(tuple(parent))
-        save(parent, {full: parent_error})
-    history = [parent_error]
-    generations, stopped = 0, "max_evals"
-    while True:
-        if counter.full_equivalent >= max_evals:
-            break
-        if timeout is not None and time.perf_counter() - began > timeout:
-            stopped = "timeout"
-            break
-        sync()
-        children: list[list[int]] = []
-        for _ in range(offspring * 50):
-            if len(children) == offspring:
-                break
-            child = mutate(parent, flips)
-            if child is not None and tuple(child) not in seen:
-                seen.add(tuple(child))
-                children.append(child)
-        if not children:
-            stopped = "no new plan within the limits"
-            break
-        scores: dict[tuple[int, ...], dict[int, float]] = {tuple(c): {} for c in children}
-        pool = children
-        for fidelity in range(fidelities):
-            for child in pool:
-                scores[tuple(child)][fidelity] = evaluate(child, fidelity)
-            if fidelity < full:
-                ranked = sorted(pool, key=lambda c, f=fidelity: (scores[tuple(c)][f], c))
-                pool = ranked[: survivors[fidelity]]
-                for child in ranked[survivors[fidelity] :]:  # visible to other workers now
-                    save(child, scores[tuple(child)])
-        best = min(pool, key=lambda c: (scores[tuple(c)][full], c))
-        if scores[tuple(best)][full] < parent_error:
-            parent, parent_error = best, scores[tuple(best)][full]
-        for child in pool:
-            save(child, scores[tuple(child)])
-        generations += 1
-        history.append(parent_error)
-        if progress is not None:
-            progress(counter, parent_error, table.margins(parent, limits))
-    if sync() and parent_error < history[-1]:  # a better plan another process found
-        history.append(parent_error)
+    survivors = _survivors(survivors, offspring, len(fitness.costs))
+    mutate = _Mutator(table, limits, random.Random(seed), order_by or primary_resource(limits))
+    run = _Evolution(table, limits, fitness, mutate, study, start)
+    resumed = run.sync()
+    run.begin()
+    budget = _Budget(max_evals, timeout, began)
+    generations, stopped = _generations(run, budget, offspring, flips, survivors, progress)
+    run.finish()
     return SearchResult(
-        assignment=parent,
-        error=parent_error,
-        evaluations=counter,
+        assignment=run.parent,
+        error=run.parent_error,
+        evaluations=run.counter,
         seconds=time.perf_counter() - began,
         iterations=generations,
-        history=history,
+        history=run.history,
         stopped=stopped,
         resumed=resumed,
-        shared=shared[0],
+        shared=run.shared,
     )

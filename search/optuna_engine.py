@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from search.evolution import Progress, SearchResult, primary_resource
+from search.evolution import Progress, SearchResult, out_of_time, primary_resource
 from search.fitness import Counter, Fitness
 from search.space import ChoiceTable
 from search.study import (
@@ -29,9 +29,12 @@ from search.study import (
 )
 
 SAMPLERS = ("tpe", "nsga2")
+NOTHING_NEW = "the sampler proposes nothing new within the limits"
+Best = tuple[float, list[int]]  # (error, plan)
 
 
 def _sampler(name: str, seed: int, population: int) -> Any:
+    """The Optuna sampler called ``name``, seeded."""
     import optuna
 
     if name == "tpe":
@@ -39,6 +42,168 @@ def _sampler(name: str, seed: int, population: int) -> Any:
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
     raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLERS)}")
+
+
+def _open(
+    storage: str | None,
+    study_name: str | None,
+    objectives: Sequence[str],
+    sampler: Any,
+    key: str | None,
+) -> Any:
+    """The study to search in, one direction (minimise) per objective."""
+    return open_study(
+        storage,
+        study_name,
+        directions=["minimize"] * len(objectives),
+        sampler=sampler,
+        key=key,
+    )
+
+
+def _warm_start(
+    study: Any,
+    plans: Sequence[list[int]],
+    table: ChoiceTable,
+    levels: list[list[int]],
+    limits: dict[str, float],
+) -> None:
+    """Enqueue the given plans within the limits as the first trials."""
+    for plan in plans:
+        if table.fits(plan, limits):
+            study.enqueue_trial(to_params(plan, table, levels), skip_if_exists=True)
+
+
+class _Sampling:
+    """One run's state: the study, the plans evaluated (also by earlier runs) and the best."""
+
+    def __init__(
+        self,
+        study: Any,
+        table: ChoiceTable,
+        limits: dict[str, float],
+        fitness: Fitness,
+        levels: list[list[int]],
+        spaces: dict[str, Any],
+        engine: str,
+        objectives: Sequence[str],
+    ) -> None:
+        self.study = study
+        self.table = table
+        self.limits = limits
+        self.fitness = fitness
+        self.levels = levels
+        self.spaces = spaces
+        self.engine = engine
+        self.objectives = objectives
+        self.full = len(fitness.costs) - 1
+        self.counter = Counter(fitness.costs)
+        self.known = {
+            tuple(plan): trial.values[0]
+            for trial, plan in _feasible_trials(study, table, levels, limits)
+        }
+        self.best: Best | None = None
+
+    def step(self) -> bool:
+        """Ask for one trial and evaluate its plan, or the plan repaired within the limits;
+        ``False`` if that repaired plan was nothing new."""
+        trial = self.study.ask(self.spaces)
+        plan = from_params(trial.params, self.table, self.levels)
+        assert plan is not None
+        margins = self.table.margins(plan, self.limits)
+        self._label(trial, margins)
+        if any(m < 0 for m in margins.values()):
+            outcome = self._repaired(trial, plan)
+        else:
+            outcome = self._feasible(trial, plan)
+        if outcome is None:
+            return False
+        if self.best is None or outcome[0] < self.best[0]:
+            self.best = outcome
+        return True
+
+    def _label(self, trial: Any, margins: dict[str, float]) -> None:
+        """Give the trial its constraints (from the limit margins) and this engine's name."""
+        for resource, value in constraint_dict(margins).items():
+            trial.set_constraint(resource, value)
+        trial.set_user_attr(ENGINE_ATTR, self.engine)
+
+    def _extra(self, plan: list[int]) -> list[float]:
+        """The plan's resource objectives."""
+        return [self.table.total(r, plan) for r in self.objectives[1:]]
+
+    def _feasible(self, trial: Any, plan: list[int]) -> Best:
+        """Tell the trial its plan's error (evaluated unless known)."""
+        if tuple(plan) not in self.known:
+            self.known[tuple(plan)] = float(self.fitness(plan, self.full))
+            self.counter.add(self.full)
+        error = self.known[tuple(plan)]
+        self.study.tell(trial, [error, *self._extra(plan)])
+        return error, plan
+
+    def _repaired(self, trial: Any, over: list[int]) -> Best | None:
+        """Tell a trial over a limit a cheap estimate (it is infeasible); evaluate the plan
+        stepped down within the limits instead, as a trial of its own, unless known."""
+        self.study.tell(trial, [self.table.score(over), *self._extra(over)])
+        plan = self.table.repair(over, self.limits, self.levels)
+        if plan is None or tuple(plan) in self.known:
+            return None
+        error = float(self.fitness(plan, self.full))
+        self.counter.add(self.full)
+        self.known[tuple(plan)] = error
+        record(
+            self.study,
+            self.table,
+            self.levels,
+            plan,
+            value=[error, *self._extra(plan)],
+            intermediate={},
+            constraints=constraint_dict(self.table.margins(plan, self.limits)),
+            engine=self.engine,
+            attrs={"repaired": True},
+        )
+        return error, plan
+
+
+def _sample(
+    run: _Sampling,
+    max_evals: float,
+    began: float,
+    timeout: float | None,
+    progress: Progress | None,
+) -> tuple[int, str]:
+    """Ask for trials until ``max_evals`` evaluations, the timeout or too many asks without
+    anything new; returns the number of asks and why they stopped."""
+    asks = 0
+    while run.counter.calls[run.full] < max_evals:
+        if out_of_time(began, timeout):
+            return asks, "timeout"
+        if asks > 50 * max(max_evals, 1):
+            return asks, NOTHING_NEW
+        asks += 1
+        if run.step() and progress is not None and run.best is not None:
+            progress(run.counter, run.best[0], run.table.margins(run.best[1], run.limits))
+    return asks, "max_evals"
+
+
+def _result(run: _Sampling, began: float, asks: int, stopped: str, resumed: int) -> SearchResult:
+    """The best feasible plan in the study (earlier runs included) and the Pareto front."""
+    best = _best_feasible(run.study, run.table, run.levels, run.limits) or run.best
+    if best is None:
+        raise ValueError("the search evaluated no plan within the limits")
+    front: list[dict[str, Any]] = []
+    if len(run.objectives) > 1:
+        front = _front(run.study, run.table, run.levels, run.limits, run.objectives)
+    return SearchResult(
+        assignment=best[1],
+        error=best[0],
+        evaluations=run.counter,
+        seconds=time.perf_counter() - began,
+        iterations=asks,
+        stopped=stopped,
+        resumed=resumed,
+        pareto=front,
+    )
 
 
 def optuna_search(
@@ -67,88 +232,12 @@ def optuna_search(
         raise ValueError("the first objective must be 'error'")
     levels = table.levels(order_by or primary_resource(limits))
     spaces = distributions(table, levels)
-    study = open_study(
-        storage,
-        study_name,
-        directions=["minimize"] * len(objectives),
-        sampler=_sampler(sampler, seed, population),
-        key=key,
-    )
+    study = _open(storage, study_name, objectives, _sampler(sampler, seed, population), key)
     resumed = len(study.trials)
-    for plan in warm_start:
-        if table.fits(plan, limits):
-            study.enqueue_trial(to_params(plan, table, levels), skip_if_exists=True)
-    full = len(fitness.costs) - 1
-    counter = Counter(fitness.costs)
-    known = {
-        tuple(plan): trial.values[0]
-        for trial, plan in _feasible_trials(study, table, levels, limits)
-    }
-    best: tuple[float, list[int]] | None = None
-    asks = 0
-    stopped = "max_evals"
-    while counter.calls[full] < max_evals:
-        if timeout is not None and time.perf_counter() - began > timeout:
-            stopped = "timeout"
-            break
-        if asks > 50 * max(max_evals, 1):
-            stopped = "the sampler proposes nothing new within the limits"
-            break
-        asks += 1
-        trial = study.ask(spaces)
-        plan = from_params(trial.params, table, levels)
-        assert plan is not None
-        margins = table.margins(plan, limits)
-        for resource, value in constraint_dict(margins).items():
-            trial.set_constraint(resource, value)
-        trial.set_user_attr(ENGINE_ATTR, sampler)
-        extra = [table.total(r, plan) for r in objectives[1:]]
-        if any(m < 0 for m in margins.values()):
-            # over a limit: told a cheap estimate and marked infeasible; the plan stepped
-            # down within the limits is evaluated instead and added as a trial of its own
-            study.tell(trial, [table.score(plan), *extra])
-            plan = table.repair(plan, limits, levels)
-            if plan is None or tuple(plan) in known:
-                continue
-            error = float(fitness(plan, full))
-            counter.add(full)
-            known[tuple(plan)] = error
-            record(
-                study,
-                table,
-                levels,
-                plan,
-                value=[error, *[table.total(r, plan) for r in objectives[1:]]],
-                intermediate={},
-                constraints=constraint_dict(table.margins(plan, limits)),
-                engine=sampler,
-                attrs={"repaired": True},
-            )
-        else:
-            key = tuple(plan)
-            if key not in known:
-                known[key] = float(fitness(plan, full))
-                counter.add(full)
-            error = known[key]
-            study.tell(trial, [error, *extra])
-        if best is None or error < best[0]:
-            best = (error, plan)
-        if progress is not None:
-            progress(counter, best[0], table.margins(best[1], limits))
-    best = _best_feasible(study, table, levels, limits) or best
-    if best is None:
-        raise ValueError("the search evaluated no plan within the limits")
-    front = _front(study, table, levels, limits, objectives) if len(objectives) > 1 else []
-    return SearchResult(
-        assignment=best[1],
-        error=best[0],
-        evaluations=counter,
-        seconds=time.perf_counter() - began,
-        iterations=asks,
-        stopped=stopped,
-        resumed=resumed,
-        pareto=front,
-    )
+    _warm_start(study, warm_start, table, levels, limits)
+    run = _Sampling(study, table, limits, fitness, levels, spaces, sampler, objectives)
+    asks, stopped = _sample(run, max_evals, began, timeout, progress)
+    return _result(run, began, asks, stopped, resumed)
 
 
 def _feasible_trials(study: Any, table: ChoiceTable, levels: list[list[int]], limits) -> list:

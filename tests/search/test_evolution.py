@@ -5,10 +5,10 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from search import evolve
-from search.evolution import default_survivors
+from search import allocate, evolve
+from search.evolution import NO_NEW_PLAN, default_survivors
 from search.study import open_study
-from tests.search.synthetic import SyntheticFitness
+from tests.search.synthetic import SyntheticFitness, bits_limit, make_problem
 
 
 def test_improves_on_the_additive_optimum_and_keeps_the_limits(problem):
@@ -66,6 +66,18 @@ def test_stops_on_timeout(problem):
         table, limits, SyntheticFitness(table, weights), start, max_evals=10**6, timeout=0.2
     )
     assert result.stopped == "timeout"
+
+
+def test_stops_when_no_new_plan_fits():
+    table, weights = make_problem(n=3)
+    limits = bits_limit(table, 2.5)
+    start = allocate(table, limits).assignment
+    fitness = SyntheticFitness(table, weights)
+    result = evolve(table, limits, fitness, start, max_evals=10**6, offspring=4, seed=0)
+    assert result.stopped == NO_NEW_PLAN
+    assert result.evaluations.full_equivalent < 10**6
+    assert len(fitness.calls) == len(set(fitness.calls))
+    assert all(table.fits(list(plan), limits) for plan, _ in fitness.calls)
 
 
 def test_refuses_a_start_over_the_limits(problem):

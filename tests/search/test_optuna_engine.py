@@ -5,9 +5,10 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from search import optuna_search
+from search import allocate, optuna_search
+from search.optuna_engine import NOTHING_NEW
 from search.study import open_study
-from tests.search.synthetic import SyntheticFitness
+from tests.search.synthetic import SyntheticFitness, bits_limit, make_problem
 
 
 def test_tpe_evaluates_only_plans_within_the_limits_and_starts_warm(problem):
@@ -106,3 +107,14 @@ def test_plans_over_the_limits_are_repaired_not_wasted(problem):
     assert result.evaluations.calls[0] == 20
     assert result.iterations <= 30
     assert all(table.fits(list(plan), limits) for plan, _ in fitness.calls)
+
+
+def test_stops_when_the_sampler_proposes_nothing_new():
+    table, weights = make_problem(n=2)
+    limits = bits_limit(table, 2.0)  # only the cheapest plan fits
+    fitness = SyntheticFitness(table, weights, costs=(1.0,))
+    result = optuna_search(table, limits, fitness, max_evals=2, seed=0)
+    assert result.stopped == NOTHING_NEW
+    assert result.evaluations.calls == [1]
+    assert result.iterations > 50 * 2
+    assert result.assignment == allocate(table, limits).assignment
