@@ -10,9 +10,12 @@ The demo model (all-MiniLM-L6-v2 as a transformers ``BertModel``) in ONNX Runtim
 * ``autotune ...``: ``autotune.export`` to ONNX of a uniform RTN int4 g32 symmetric plan
   (linear layers, embeddings float: the same coverage as ORT 4-bit), a uniform int8
   per-channel plan (every layer, as quantize_dynamic) and a plan tuned by ``autotune()``
-  for ``runtime="onnxruntime"`` at the byte size of ORT's 4-bit block-32 file; the uniform
-  plans also with ``accuracy_level=4`` (ONNX Runtime quantises MatMulNBits' activations to
-  int8 per block: faster, no longer autotune's numerics);
+  for ``runtime="onnxruntime"`` on the ``cpu`` target at the byte size of ORT's 4-bit
+  block-32 file, of ORT's int8 file and at 15 MB, and one tuned on ``local`` (every option
+  timed inside ONNX Runtime sessions) for the int8 file's size and its 1 x 16 latency,
+  measured just before; the uniform plans also with ``accuracy_level=4`` (ONNX Runtime
+  quantises MatMulNBits' activations to int8 per block: faster, no longer autotune's
+  numerics);
 * ``torch float32``: the float model in torch, for scale.
 
 A second table is the compressed-tensors export of the bundled causal LM (``tiny-lm``): a
@@ -67,8 +70,10 @@ from torch import nn
 from autotune import autotune
 from autotune.apply import apply_plan
 from autotune.calibration import build_heldout
+from autotune.errors import InfeasibleBudgetError
 from autotune.export import export_plan
 from autotune.export.onnx import OnnxExporter
+from autotune.export.ort_latency import time_onnx
 from autotune.loading import load_model
 from autotune.plan import Plan
 from profilers.measure import model_bytes
@@ -183,6 +188,10 @@ def timing_feeds(feed: dict[str, np.ndarray]) -> dict[int, dict[str, np.ndarray]
     return {s: {k: np.ascontiguousarray(v[:1, :s]) for k, v in feed.items()} for s in SHAPES}
 
 
+def timing_inputs(feed: dict[str, np.ndarray], tokens: int) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v[:1, :tokens])) for k, v in feed.items()}
+
+
 def time_round_robin(variants: list[Variant], feeds: dict, rounds: int) -> None:
     for variant in variants:
         for feed in feeds.values():
@@ -196,7 +205,7 @@ def time_round_robin(variants: list[Variant], feeds: dict, rounds: int) -> None:
                 variant.times[size].append(time.perf_counter() - start)
 
 
-def print_table(variants: list[Variant], tuned: Plan, model: nn.Module) -> None:
+def print_table(variants: list[Variant], tuned: dict[str, Plan], model: nn.Module) -> None:
     base = {s: statistics.median(variants[0].times[s]) for s in SHAPES}
     print(
         "\n| variant | file bytes | held-out 1-cos | held-out rel. MSE | torch 1-cos "
@@ -211,9 +220,10 @@ def print_table(variants: list[Variant], tuned: Plan, model: nn.Module) -> None:
             median = statistics.median(v.times[s])
             cells += [f"{1000 * median:.2f}", f"{median / base[s]:.2f}"]
         print(f"| {v.name} | " + " | ".join(cells) + " |")
-    labels = [o.label for o in tuned.layer_options(model).values()]
-    counts = {label: labels.count(label) for label in sorted(set(labels))}
-    print(f"\ntuned plan: {counts} (predicted {tuned.predicted.get('bytes'):,} bytes)")
+    for name, plan in tuned.items():
+        labels = [o.label for o in plan.layer_options(model).values()]
+        counts = {label: labels.count(label) for label in sorted(set(labels))}
+        print(f"\n{name}: {counts} (predicted {plan.predicted.get('bytes'):,} bytes)")
 
 
 CT_PLANS = {
@@ -337,24 +347,44 @@ def onnx_table(args: argparse.Namespace) -> None:
         for block in (32, 128):
             path = quiet(lambda b=block: ort_4bit(float_path, tmp / f"int4-b{b}.onnx", b))
             variants.append(Variant(f"ort 4-bit b{block}", path))
-        budget = variants[2].bytes
-        tuned = quiet(
-            lambda: autotune(
-                model,
-                {"memory_bytes": budget},
-                target="cpu",
-                runtime="onnxruntime",
-                tokenizer=tokenizer,
-                search="allocator",
-                progress=False,
-                measure=False,
+        int4_bytes, int8_bytes = variants[2].bytes, variants[1].bytes
+        int8_ms = 1e3 * time_onnx(variants[1].path, timing_inputs(feeds[0], 16), rounds=40)[0]
+
+        def tune(budget: str, **kwargs) -> tuple[Plan, nn.Module] | None:
+            try:
+                result = tune_once(budget, **kwargs)
+            except InfeasibleBudgetError as exc:
+                print(f"not tuned: {exc}")
+                return None
+            return result.plan, result.model
+
+        def tune_once(budget: str, **kwargs):
+            return quiet(
+                lambda: autotune(
+                    model,
+                    budget,
+                    runtime="onnxruntime",
+                    tokenizer=tokenizer,
+                    search="allocator",
+                    progress=False,
+                    measure=False,
+                    **kwargs,
+                )
             )
-        )
+
+        int8_budget = f"{int8_bytes}B,{int8_ms:.3f}ms"
         plans = {
             "autotune int4 g32 sym": (INT4_PLAN, None),
             "autotune int8 per-channel": (INT8_PLAN, None),
-            f"autotune tuned @ {budget / 1e6:.1f} MB": (tuned.plan, tuned.model),
+            f"autotune tuned @ {int4_bytes / 1e6:.1f} MB": tune(f"{int4_bytes}B", target="cpu"),
+            f"autotune tuned @ {int8_bytes / 1e6:.1f} MB": tune(f"{int8_bytes}B", target="cpu"),
+            "autotune tuned @ 15 MB": tune("15MB", target="cpu"),
+            f"autotune tuned @ {int8_bytes / 1e6:.1f} MB, {int8_ms:.2f} ms (ORT-timed)": tune(
+                int8_budget, target="local", latency_seq_len=16
+            ),
         }
+        plans = {name: entry for name, entry in plans.items() if entry is not None}
+        tuned = {name: plan for name, (plan, _) in list(plans.items())[2:]}
         for index, (name, (plan, compressed)) in enumerate(plans.items()):
             compressed = compressed or apply_plan(model, plan)
             error = torch_error(compressed, feeds, reference, masks)
@@ -374,7 +404,7 @@ def onnx_table(args: argparse.Namespace) -> None:
         variants.append(Variant("torch float32", model=model))
         variants[-1].error = (0.0, 0.0)
         time_round_robin(variants, timing_feeds(feeds[0]), args.rounds)
-        print_table(variants, tuned.plan, model)
+        print_table(variants, tuned, model)
 
 
 if __name__ == "__main__":
