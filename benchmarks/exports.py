@@ -12,8 +12,8 @@ The demo model (all-MiniLM-L6-v2 as a transformers ``BertModel``) in ONNX Runtim
   per-channel plan (every layer, as quantize_dynamic) and a plan tuned by ``autotune()``
   for ``runtime="onnxruntime"`` on the ``cpu`` target at the byte size of ORT's 4-bit
   block-32 file, of ORT's int8 file and at 15 MB, and one tuned on ``local`` (every option
-  timed inside ONNX Runtime sessions) for the int8 file's size and its 1 x 16 latency,
-  measured just before; the uniform plans also with ``accuracy_level=4`` (ONNX Runtime
+  timed inside ONNX Runtime sessions) for the int8 file's size and 1.5x ORT float32's 1 x 16
+  latency, measured just before; the uniform plans also with ``accuracy_level=4`` (ONNX Runtime
   quantises MatMulNBits' activations to int8 per block: faster, no longer autotune's
   numerics);
 * ``torch float32``: the float model in torch, for scale.
@@ -81,6 +81,7 @@ from profilers.measure import model_bytes
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUTS = ("last_hidden_state", "pooler_output")
 SHAPES = (16, 128)
+LATENCY_FACTOR = 1.5  # the latency-bound plan's budget, in ORT float32's 1 x 16 time
 T = TypeVar("T")
 
 
@@ -348,7 +349,10 @@ def onnx_table(args: argparse.Namespace) -> None:
             path = quiet(lambda b=block: ort_4bit(float_path, tmp / f"int4-b{b}.onnx", b))
             variants.append(Variant(f"ort 4-bit b{block}", path))
         int4_bytes, int8_bytes = variants[2].bytes, variants[1].bytes
-        int8_ms = 1e3 * time_onnx(variants[1].path, timing_inputs(feeds[0], 16), rounds=40)[0]
+        # ORT int8's latency is out of reach of every option ONNX holds here (it fuses the
+        # activation quantisation): the latency-bound plan gets 1.5x ORT float32's instead
+        float_ms = 1e3 * time_onnx(float_path, timing_inputs(feeds[0], 16), rounds=40)[0]
+        latency_ms = LATENCY_FACTOR * float_ms
 
         def tune(budget: str, **kwargs) -> tuple[Plan, nn.Module] | None:
             try:
@@ -372,15 +376,15 @@ def onnx_table(args: argparse.Namespace) -> None:
                 )
             )
 
-        int8_budget = f"{int8_bytes}B,{int8_ms:.3f}ms"
+        bound = f"{int8_bytes}B,{latency_ms:.3f}ms"
         plans = {
             "autotune int4 g32 sym": (INT4_PLAN, None),
             "autotune int8 per-channel": (INT8_PLAN, None),
             f"autotune tuned @ {int4_bytes / 1e6:.1f} MB": tune(f"{int4_bytes}B", target="cpu"),
             f"autotune tuned @ {int8_bytes / 1e6:.1f} MB": tune(f"{int8_bytes}B", target="cpu"),
             "autotune tuned @ 15 MB": tune("15MB", target="cpu"),
-            f"autotune tuned @ {int8_bytes / 1e6:.1f} MB, {int8_ms:.2f} ms (ORT-timed)": tune(
-                int8_budget, target="local", latency_seq_len=16
+            f"autotune tuned @ {int8_bytes / 1e6:.1f} MB, {latency_ms:.2f} ms (ORT-timed)": tune(
+                bound, target="local", latency_seq_len=16
             ),
         }
         plans = {name: entry for name, entry in plans.items() if entry is not None}
