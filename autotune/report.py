@@ -65,6 +65,14 @@ class Report:
             return _fmt(self.predicted_ms(phase), " ms") + " [measured here, per layer]"
         return _fmt(self.predicted_ms(phase), " ms") + f" [{LABEL}]"
 
+    def _measured_header(self) -> str:
+        """``measured``, named after the machine when the target is another one (a named
+        target's latency is then this machine's, beside the target's roofline)."""
+        device = (self.plan.measured or {}).get("device")
+        if self.local or not device:
+            return "measured"
+        return f"measured (this {'gpu' if str(device).startswith('cuda') else 'cpu'})"
+
     @property
     def budget(self) -> Budget:
         return Budget.parse(self.plan.budget)
@@ -102,7 +110,7 @@ class Report:
         limit = budget.memory_limit(pred.get("original_bytes", 0) or 0)
         holds = self.holds()
         rows = [
-            ("figure", "predicted", "measured", "budget", "holds"),
+            ("figure", "predicted", self._measured_header(), "budget", "holds"),
             (
                 "stored bytes",
                 _fmt_bytes(pred.get("bytes")),
@@ -247,10 +255,9 @@ class Report:
             for phase, what in (("latency", "measured p50"), ("decode", "decode p50")):
                 key = f"{phase}_p50_ms"
                 if baseline.get(key) is not None and meas.get(key):
-                    speedup = baseline[key] / meas[key]
                     parts.append(
-                        f"{what} {baseline[key]:.4g} ms (compressed is {speedup:.2f}x "
-                        f"{'faster' if speedup >= 1 else 'slower'})"
+                        f"{what} {baseline[key]:.4g} ms (compressed is "
+                        f"{speed_words(baseline[key], meas[key])})"
                     )
             lines.append("reference: " + "; ".join(parts))
         uniform = meas.get("best_uniform") or {}
@@ -367,3 +374,14 @@ class Report:
             "roofline": priced.to_dict() if (priced := self.priced()) is not None else None,
             "layers": dict(self.layer_summary()),
         }
+
+
+def speed_words(baseline_ms: float, compressed_ms: float) -> str:
+    """``"1.37x slower"``, ``"1.40x faster"`` or ``"as fast"``: the ratio is always the slower
+    time over the faster one."""
+    if compressed_ms <= 0 or baseline_ms <= 0:
+        return "not comparable"
+    ratio = max(baseline_ms, compressed_ms) / min(baseline_ms, compressed_ms)
+    if round(ratio, 2) == 1.0:
+        return "as fast"
+    return f"{ratio:.2f}x {'faster' if baseline_ms > compressed_ms else 'slower'}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from autotune.plan import Plan
 from autotune.report import Report
 
@@ -42,3 +44,32 @@ def test_best_uniform_note_gives_both_sizes_and_the_error_ratio() -> None:
     assert "on the selection split (int4-g32-asym)" in note
     assert "990 B against this plan's 1,000 B" in note
     assert "0.25x that" in note
+
+
+@pytest.mark.parametrize(
+    ("baseline", "compressed", "words"),
+    [(15.88, 21.89, "1.38x slower"), (21.0, 15.0, "1.40x faster"), (10.0, 10.02, "as fast")],
+)
+def test_speed_is_worded_with_a_ratio_of_at_least_one(baseline, compressed, words) -> None:
+    from autotune.report import speed_words
+
+    assert speed_words(baseline, compressed) == words
+
+
+@pytest.mark.parametrize(
+    ("target", "device", "header"),
+    [
+        ("local", "cpu: some cpu", "measured"),
+        ("a100", "cpu: some cpu, 2 threads", "measured (this cpu)"),
+        ("cpu", "cuda: H100", "measured (this gpu)"),
+    ],
+)
+def test_the_measured_column_names_the_machine_when_the_target_is_another(
+    target, device, header
+) -> None:
+    plan = _plan({"windows": 8, "front_runner": "allocator", "chosen": "allocator"})
+    plan.target = {"name": target}
+    plan.measured = {**(plan.measured or {}), "device": device}
+    report = Report(plan)
+    report.priced = lambda: None  # no profile to reprice: the header is what is checked
+    assert report.figure_rows()[0][2] == header
