@@ -242,6 +242,7 @@ def candidates_figure(plan: Plan) -> Figure | None:
         return None
     figure = Figure(figsize=(11, 4))
     ax = figure.add_subplot()
+    labels: list[Any] = []
     for candidate in candidates:
         error = candidate.get("screening_error")  # every candidate has one: comparable
         if error is None:
@@ -256,12 +257,14 @@ def candidates_figure(plan: Plan) -> Figure | None:
             color="#d62728" if chosen else ("#7f7f7f" if uniform else "#1f77b4"),
             zorder=3,
         )
-        ax.annotate(
-            candidate["name"].removeprefix("uniform "),
-            (candidate["bytes"] / 1e6, error),
-            fontsize=7,
-            xytext=(4, 2),
-            textcoords="offset points",
+        labels.append(
+            ax.annotate(
+                candidate["name"].removeprefix("uniform "),
+                (candidate["bytes"] / 1e6, error),
+                fontsize=7,
+                xytext=(4, 2),
+                textcoords="offset points",
+            )
         )
     if front:
         points = sorted((p["bytes"] / 1e6, p["error"]) for p in front if "bytes" in p)
@@ -279,7 +282,27 @@ def candidates_figure(plan: Plan) -> Figure | None:
     ax.set_ylabel("output error (candidates: on the profiling batches)")
     ax.set_title("Candidates checked end to end (star: chosen; circles: uniform plans)")
     figure.tight_layout()
+    separate_labels(figure, labels)
     return figure
+
+
+def separate_labels(figure: Figure, labels: list[Any], gap_points: float = 1.0) -> None:
+    """Move annotations down, one line at a time, until none overlaps one placed before it
+    (candidates of equal size and error would otherwise print their names over each other)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = figure.canvas if hasattr(figure.canvas, "get_renderer") else FigureCanvasAgg(figure)
+    renderer = canvas.get_renderer()
+    placed: list[Any] = []
+    for label in labels:
+        for _ in range(len(labels) + 1):
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            step = box.height * 72.0 / figure.dpi + gap_points
+            x, y = label.xyann
+            label.xyann = (x, y - step)
+        placed.append(label.get_window_extent(renderer))
 
 
 FIGURES = {
