@@ -132,7 +132,7 @@ def test_targets_lists_the_registry(capsys) -> None:
         (["--budget", "50%", "--target", "cpu", "--runtime", "vllm"], "vllm runs on gpu"),
         (["--budget", "50%", "--target", "cpu", "--runtime", "trt"], "unknown runtime 'trt'"),
         (
-            ["--budget", "50%", "--target", "local", "--runtime", "onnxruntime"],
+            ["--budget", "50%", "--target", "local", "--runtime", "vllm"],
             "would time autotune's torch modules",
         ),
     ],
