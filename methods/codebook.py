@@ -25,7 +25,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.stats import norm
 from torch import nn
 
@@ -44,6 +43,7 @@ from methods.errors import OptionError
 from methods.packing import pack_codes, packed_row_bytes, unpack_codes
 from methods.quantized import RowLookup
 from methods.registry import register
+from methods.weight_only import WeightOnlyLinear
 
 ALLOWED_BITS = {"nf": (2, 3, 4), "fp": (4,), "lloyd": (2, 3, 4)}
 STORED_TABLE = frozenset({"lloyd"})
@@ -284,7 +284,7 @@ class CodebookStorage(KeepsStoredFormat):
         )
 
 
-class CodebookLinear(CodebookStorage):
+class CodebookLinear(WeightOnlyLinear, CodebookStorage):
     """A linear layer with code-book weight storage and a float bias."""
 
     def __init__(
@@ -299,22 +299,7 @@ class CodebookLinear(CodebookStorage):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(out_features, in_features, fmt, bits, group_size, device)
-        self.in_features, self.out_features = in_features, out_features
-        bias_tensor = torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None
-        self.register_buffer("bias", bias_tensor)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = F.linear(x.reshape(-1, self.in_features), self.dequantize_scratch(x.dtype))
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, " + super().extra_repr()
-        )
+        self._set_linear(in_features, out_features, bias, bias_dtype, device)
 
 
 class CodebookEmbedding(RowLookup, CodebookStorage):

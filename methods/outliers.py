@@ -47,6 +47,7 @@ from methods.observers import SHARED, ChannelObserver, HessianObserver
 from methods.quantized import QuantizedLinear
 from methods.registry import get_method, register
 from methods.rtn import QuantOption, check_quant_option, quant_cost
+from methods.weight_only import WeightOnlyLinear
 
 BASES = ("gptq", "rtn")
 MAX_FRACTION = 0.5
@@ -126,7 +127,7 @@ def select_channels(sumsq: torch.Tensor, weight: torch.Tensor, k: int) -> torch.
     return order[:k].sort().values
 
 
-class OutlierLinear(KeepsStoredFormat):
+class OutlierLinear(WeightOnlyLinear, KeepsStoredFormat):
     """``y = quantized(x) + x[..., outlier_index] @ outlier_weight.T + bias``."""
 
     stored_buffers = ("outlier_index", "outlier_weight")
@@ -140,16 +141,13 @@ class OutlierLinear(KeepsStoredFormat):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        self.in_features, self.out_features = quantized.in_features, quantized.out_features
+        cols, rows = quantized.in_features, quantized.out_features
         self.quantized = quantized
-        index = torch.arange(kept, dtype=index_dtype(self.in_features), device=device)
+        index = torch.arange(kept, dtype=index_dtype(cols), device=device)
         self.register_buffer("outlier_index", index)
-        weight = torch.zeros(self.out_features, kept, dtype=torch.float16, device=device)
+        weight = torch.zeros(rows, kept, dtype=torch.float16, device=device)
         self.register_buffer("outlier_weight", weight)
-        bias_tensor = (
-            torch.zeros(self.out_features, dtype=bias_dtype, device=device) if bias else None
-        )
-        self.register_buffer("bias", bias_tensor)
+        self._set_linear(cols, rows, bias, bias_dtype, device)
 
     def stored_weight_bytes(self) -> int:
         """Bytes that stand for the weight: the quantised part, indices and kept columns."""
@@ -164,15 +162,11 @@ class OutlierLinear(KeepsStoredFormat):
         weight[:, self.outlier_index.long()] += self.outlier_weight.to(dtype)
         return weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """The quantised part's product (its kernels included) plus the kept columns'."""
         y = self.quantized(x2)
         kept = x2.index_select(1, self.outlier_index.long())
-        y = torch.addmm(y, kept, self.outlier_weight.to(y.dtype).t())
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+        return torch.addmm(y, kept, self.outlier_weight.to(y.dtype).t())
 
     def extra_repr(self) -> str:
         return (

@@ -9,12 +9,12 @@ decodes only the rows it looks up. Both hold nothing but their state: the bytes 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from methods import affine, kernels, workspace
 from methods.base import KeepsStoredFormat
 from methods.packing import pack_codes, packed_row_bytes, unpack_codes
+from methods.weight_only import WeightOnlyLinear
 
 
 class QuantizedStorage(KeepsStoredFormat):
@@ -153,8 +153,9 @@ class QuantizedStorage(KeepsStoredFormat):
         )
 
 
-class QuantizedLinear(QuantizedStorage):
-    """A linear layer with quantised weight storage and a float bias."""
+class QuantizedLinear(WeightOnlyLinear, QuantizedStorage):
+    """A linear layer with quantised weight storage and a float bias; runs the int8 / int4
+    kernels where they apply."""
 
     def __init__(
         self,
@@ -168,9 +169,7 @@ class QuantizedLinear(QuantizedStorage):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(out_features, in_features, bits, group_size, symmetric, device)
-        self.in_features, self.out_features = in_features, out_features
-        bias_tensor = torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None
-        self.register_buffer("bias", bias_tensor)
+        self._set_linear(in_features, out_features, bias, bias_dtype, device)
         self._kernel_layout = False
 
     @property
@@ -180,26 +179,21 @@ class QuantizedLinear(QuantizedStorage):
             return None
         return kernels.int4_group_for(self.rows, self.cols, self.group_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2 W^T``: by the int8 or int4 kernel where it applies, else dequantised."""
         tokens = x2.shape[0]
         if (
             self.bits == 8
             and self.symmetric
             and self.group_size == self.cols
-            and kernels.int8_kernel_usable(x.device, tokens, self.cols)
+            and kernels.int8_kernel_usable(x2.device, tokens, self.cols)
         ):
-            y = self._int8_forward(x2)
-        elif (group := self.int4_kernel_group) and kernels.int4_kernel_usable(
-            x.device, tokens, self.rows, self.cols, group
+            return self._int8_forward(x2)
+        if (group := self.int4_kernel_group) and kernels.int4_kernel_usable(
+            x2.device, tokens, self.rows, self.cols, group
         ):
-            y = self._int4_forward(x2, group)
-        else:
-            y = F.linear(x2, self.dequantize_scratch(x.dtype), None)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+            return self._int4_forward(x2, group)
+        return super().matmul(x2)
 
     def _int8_forward(self, x2: torch.Tensor) -> torch.Tensor:
         # symmetric only: an offset would be added as sum(x) * (m + 128 s), a large term that
@@ -252,12 +246,6 @@ class QuantizedLinear(QuantizedStorage):
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         self._to_portable_layout()
         return super()._apply(fn, recurse)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, " + super().extra_repr()
-        )
 
 
 class RowLookup(nn.Module):

@@ -16,7 +16,8 @@ layer's shape and the option. Buffers:
   :mod:`methods.affine`, fitted per block on the kept values only.
 * ``bias`` in the layer's dtype.
 
-The forward pass rebuilds the dense weight in a scratch buffer and runs one float matmul.
+The forward pass rebuilds the dense weight in a scratch buffer and runs one float matmul
+(:class:`methods.weight_only.WeightOnlyLinear`).
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ import math
 from functools import cache
 
 import torch
-import torch.nn.functional as F
 
 from methods import affine, workspace
 from methods.base import KeepsStoredFormat, ceil_div
 from methods.packing import pack_codes, packed_row_bytes, unpack_codes
+from methods.weight_only import WeightOnlyLinear
 
 FLOAT_BITS = 16  # ``bits`` value meaning "kept values stored as float16"
 
@@ -71,7 +72,7 @@ def decode_pattern(codes: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return sets.to(codes.device)[codes.long()].reshape(codes.shape[0], -1)
 
 
-class SparseLinear(KeepsStoredFormat):
+class SparseLinear(WeightOnlyLinear, KeepsStoredFormat):
     """A pruned linear layer: every row keeps ``keep`` weights of each block of ``block``
     columns (unstructured, ``nm=None``) or ``n`` of every ``m`` columns (``nm=(n, m)``, where
     ``block`` is a multiple of ``m``); kept values are float16 (``bits=16``) or ``bits``-bit
@@ -98,7 +99,6 @@ class SparseLinear(KeepsStoredFormat):
             raise ValueError(f"block {block} must divide {cols} and be a multiple of M")
         if nm is not None:
             keep = block // nm[1] * nm[0]
-        self.in_features, self.out_features = in_features, out_features
         self.rows, self.cols, self.block, self.keep = rows, cols, block, keep
         self.nm, self.bits, self.symmetric = nm, bits, symmetric
         self.kept_per_row = cols // block * keep
@@ -122,8 +122,7 @@ class SparseLinear(KeepsStoredFormat):
         self.register_buffer("values", values)
         self.register_buffer("scales", scales)
         self.register_buffer("offsets", offsets)
-        bias_tensor = torch.zeros(rows, dtype=bias_dtype, device=device) if bias else None
-        self.register_buffer("bias", bias_tensor)
+        self._set_linear(in_features, out_features, bias, bias_dtype, device)
 
     @property
     def quantized(self) -> bool:
@@ -225,22 +224,12 @@ class SparseLinear(KeepsStoredFormat):
         weight = weight.view(self.rows, self.cols).zero_()
         return weight.masked_scatter_(self.kept_mask(), self.value_array(dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = F.linear(x.reshape(-1, self.in_features), self.dequantize_scratch(x.dtype), None)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
-
     def extra_repr(self) -> str:
         kind = f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"keep={self.keep}"
         values = "float16" if not self.quantized else f"int{self.bits}"
         if self.quantized:
             values += "-sym" if self.symmetric else "-asym"
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, {kind}, block={self.block}, values={values}"
-        )
+        return f"{self.linear_repr()}, {kind}, block={self.block}, values={values}"
 
 
 def sparse_weight_bytes(
