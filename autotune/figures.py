@@ -213,24 +213,37 @@ def predicted_measured_figure(plan: Plan) -> Figure | None:
         "MB",
         "Stored bytes",
     )
+    _latency_panel(right, plan, budget)
+    figure.tight_layout()
+    return figure
+
+
+def _latency_panel(ax: Any, plan: Plan, budget: Budget | None) -> None:
+    """Predicted, measured, uncompressed and budget latency; measured bars name this machine
+    when the target is another (a named target's prediction is its roofline)."""
+    predicted, measured = plan.predicted or {}, plan.measured or {}
     shape = predicted.get("latency_shape") or measured.get("latency_shape") or ["?", "?"]
     baseline = measured.get("baseline") or {}
-    local = plan.target.get("name") == "local"
-    predicted_label = "predicted" if local else "predicted (roofline)"
+    report = Report(plan)
+    machine = report.measured_machine()
+    here = f"\n({machine})" if machine else ""
+    target = plan.target.get("name", "?")
     _bar_panel(
-        right,
+        ax,
         [
-            (predicted_label, Report(plan).predicted_ms("latency")),
-            ("measured p50", measured.get("latency_p50_ms")),
-            ("measured p90", measured.get("latency_p90_ms")),
-            ("uncompressed p50", baseline.get("latency_p50_ms")),
+            (
+                "predicted" if report.local else "predicted (roofline)",
+                report.predicted_ms("latency"),
+            ),
+            (f"measured p50{here}", measured.get("latency_p50_ms")),
+            (f"measured p90{here}", measured.get("latency_p90_ms")),
+            (f"uncompressed p50{here}", baseline.get("latency_p50_ms")),
             ("budget", budget.latency_ms if budget else None),
         ],
         "ms",
-        f"Latency at {shape[0]} x {shape[1]} tokens on {plan.target.get('name', '?')}",
+        f"Latency at {shape[0]} x {shape[1]} tokens on {target}"
+        + (f"\n(measured on {machine})" if machine else ""),
     )
-    figure.tight_layout()
-    return figure
 
 
 def candidates_figure(plan: Plan) -> Figure | None:
@@ -255,16 +268,17 @@ def candidates_figure(plan: Plan) -> Figure | None:
             marker="*" if chosen else ("o" if uniform else "s"),
             s=180 if chosen else 40,
             color="#d62728" if chosen else ("#7f7f7f" if uniform else "#1f77b4"),
-            zorder=3,
+            zorder=4 if chosen else 3,
         )
-        labels.append(
+        labels.insert(  # the chosen plan's label is placed first, beside its star
+            0 if chosen else len(labels),
             ax.annotate(
                 candidate["name"].removeprefix("uniform "),
                 (candidate["bytes"] / 1e6, error),
                 fontsize=7,
                 xytext=(4, 2),
                 textcoords="offset points",
-            )
+            ),
         )
     if front:
         points = sorted((p["bytes"] / 1e6, p["error"]) for p in front if "bytes" in p)
@@ -287,22 +301,56 @@ def candidates_figure(plan: Plan) -> Figure | None:
 
 
 def separate_labels(figure: Figure, labels: list[Any], gap_points: float = 1.0) -> None:
-    """Move annotations down, one line at a time, until none overlaps one placed before it
-    (candidates of equal size and error would otherwise print their names over each other)."""
+    """Place annotations so that none overlaps one placed before it (candidates of equal or
+    near-equal size and error would otherwise print their names over each other): a label
+    past the axes' right edge moves to the left of its point, then one that collides moves
+    whole lines down (or, below the axes, up) until it is free."""
+    renderer = _renderer(figure)
+    placed: list[Any] = []
+    for label in labels:
+        frame = label.axes.get_window_extent(renderer)
+        _keep_left_of(label, frame.x1, renderer)
+        placed.append(_free_line(label, placed, frame, renderer, gap_points))
+
+
+def _renderer(figure: Figure) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     canvas = figure.canvas if hasattr(figure.canvas, "get_renderer") else FigureCanvasAgg(figure)
-    renderer = canvas.get_renderer()
-    placed: list[Any] = []
-    for label in labels:
-        for _ in range(len(labels) + 1):
-            box = label.get_window_extent(renderer)
-            if not any(box.overlaps(other) for other in placed):
-                break
-            step = box.height * 72.0 / figure.dpi + gap_points
-            x, y = label.xyann
-            label.xyann = (x, y - step)
-        placed.append(label.get_window_extent(renderer))
+    return canvas.get_renderer()
+
+
+def _keep_left_of(label: Any, right: float, renderer: Any) -> None:
+    """Mirror a label to the left of its point when it runs past ``right`` (pixels)."""
+    if label.get_window_extent(renderer).x1 > right:
+        x, y = label.xyann
+        label.xyann = (-abs(x), y)
+        label.set_horizontalalignment("right")
+
+
+def _line_steps(count: int) -> list[int]:
+    """``0, -1, -2, ..., 1, 2, ...``: down first, so that a stack of labels reads in order,
+    and enough lines that ``count`` boxes cannot block them all (a box of one line's height
+    overlaps at most two)."""
+    return [-k for k in range(count + 2)] + list(range(1, count + 2))
+
+
+def _free_line(label: Any, placed: list[Any], frame: Any, renderer: Any, gap: float) -> Any:
+    """Move ``label`` to the first line offset where it overlaps none of ``placed``, inside
+    ``frame`` if any such line is; returns its box there."""
+    x, y = label.xyann
+    step = label.get_window_extent(renderer).height * 72.0 / label.figure.dpi + gap
+    outside = None
+    for k in _line_steps(len(placed)):
+        label.xyann = (x, y + k * step)
+        box = label.get_window_extent(renderer)
+        if any(box.overlaps(other) for other in placed):
+            continue
+        if frame.y0 <= box.y0 and box.y1 <= frame.y1:
+            return box
+        outside = k if outside is None else outside
+    label.xyann = (x, y + (outside or 0) * step)
+    return label.get_window_extent(renderer)
 
 
 FIGURES = {

@@ -65,13 +65,42 @@ class Report:
             return _fmt(self.predicted_ms(phase), " ms") + " [measured here, per layer]"
         return _fmt(self.predicted_ms(phase), " ms") + f" [{LABEL}]"
 
-    def _measured_header(self) -> str:
-        """``measured``, named after the machine when the target is another one (a named
-        target's latency is then this machine's, beside the target's roofline)."""
+    def measured_on(self) -> dict[str, Any] | None:
+        """Where the measured figures were taken: the device, its kind (``cpu`` or ``gpu``),
+        whether it is the target (only ``local`` is) and whether it is the same kind of device
+        (``None`` when the target names no kind). ``None`` when the plan records no device."""
         device = (self.plan.measured or {}).get("device")
-        if self.local or not device:
-            return "measured"
-        return f"measured (this {'gpu' if str(device).startswith('cuda') else 'cpu'})"
+        if not device:
+            return None
+        kind = _device_kind(str(device))
+        target_kind = self.plan.target.get("kind")
+        same = True if self.local else (None if not target_kind else target_kind == kind)
+        return {
+            "device": device,
+            "kind": kind,
+            "is_target": self.local,
+            "same_kind_as_target": same,
+        }
+
+    def measured_machine(self) -> str | None:
+        """``"this cpu"`` or ``"this gpu"`` when the figures were measured on a machine other
+        than the target (a named target is priced by its roofline, never timed), else
+        ``None``."""
+        where = self.measured_on()
+        return None if where is None or where["is_target"] else f"this {where['kind']}"
+
+    def _measured_header(self) -> str:
+        machine = self.measured_machine()
+        return f"measured ({machine})" if machine else "measured"
+
+    def _measured_ms(self, key: str) -> str:
+        """A measured latency; tagged with this machine when the target is another kind of
+        device (CPU timings beside a GPU's roofline, or the reverse)."""
+        cell = _fmt((self.plan.measured or {}).get(key), " ms")
+        where = self.measured_on()
+        if cell == "-" or where is None or where["same_kind_as_target"] is not False:
+            return cell
+        return f"{cell} [{self.measured_machine()}]"
 
     @property
     def budget(self) -> Budget:
@@ -130,11 +159,11 @@ class Report:
                 f"{'prefill' if 'decode_ms' in pred else 'latency'} p50 "
                 f"({shape[0]}x{shape[1]} tokens)",
                 self._latency_cell("latency"),
-                _fmt(meas.get("latency_p50_ms"), " ms"),
+                self._measured_ms("latency_p50_ms"),
                 _fmt(budget.latency_ms, " ms"),
                 _yes_no(holds.get("latency")),
             ),
-            ("  p90", "-", _fmt(meas.get("latency_p90_ms"), " ms"), "-", "-"),
+            ("  p90", "-", self._measured_ms("latency_p90_ms"), "-", "-"),
             *self._decode_rows(holds.get("decode")),
             (
                 "peak memory (traced)",
@@ -198,11 +227,11 @@ class Report:
             (
                 f"decode p50 per token ({batch} x {context} context)",
                 self._latency_cell("decode"),
-                _fmt(meas.get("decode_p50_ms"), " ms"),
+                self._measured_ms("decode_p50_ms"),
                 _fmt(self.budget.decode_ms, " ms"),
                 _yes_no(holds),
             ),
-            ("  p90", "-", _fmt(meas.get("decode_p90_ms"), " ms"), "-", "-"),
+            ("  p90", "-", self._measured_ms("decode_p90_ms"), "-", "-"),
         ]
 
     def headline(self) -> str:
@@ -252,11 +281,13 @@ class Report:
                     f"predicted latency {pred['original_latency_ms']:.4g} ms (as recorded when "
                     "tuned)"
                 )
+            machine = self.measured_machine()
+            where = f" on {machine}" if machine else ""
             for phase, what in (("latency", "measured p50"), ("decode", "decode p50")):
                 key = f"{phase}_p50_ms"
                 if baseline.get(key) is not None and meas.get(key):
                     parts.append(
-                        f"{what} {baseline[key]:.4g} ms (compressed is "
+                        f"{what} {baseline[key]:.4g} ms{where} (compressed is "
                         f"{speed_words(baseline[key], meas[key])})"
                     )
             lines.append("reference: " + "; ".join(parts))
@@ -369,6 +400,7 @@ class Report:
         return {
             "predicted": self.plan.predicted,
             "measured": self.plan.measured,
+            "measured_on": self.measured_on(),
             "budget": self.plan.budget,
             "holds": self.holds(),
             "roofline": priced.to_dict() if (priced := self.priced()) is not None else None,
@@ -385,3 +417,8 @@ def speed_words(baseline_ms: float, compressed_ms: float) -> str:
     if round(ratio, 2) == 1.0:
         return "as fast"
     return f"{ratio:.2f}x {'faster' if baseline_ms > compressed_ms else 'slower'}"
+
+
+def _device_kind(device: str) -> str:
+    """``gpu`` for a device recorded as ``cuda: ...``, else ``cpu``."""
+    return "gpu" if device.startswith("cuda") else "cpu"

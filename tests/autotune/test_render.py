@@ -16,7 +16,7 @@ from autotune.cli import main
 from autotune.diff import diff_plans
 from autotune.figures import FIGURES, allocation_figure, layer_rows, short_label
 from autotune.plan import Plan
-from autotune.render import write_report
+from autotune.render import render_html, render_markdown, write_report
 from autotune.tuner import autotune
 from tests.conftest import make_tiny_bert
 
@@ -180,3 +180,32 @@ def test_the_candidates_figure_draws_a_recorded_pareto_front(tuned_plan: Plan) -
     (line,) = [line for line in front if "Pareto" in str(line.get_label())]
     assert list(line.get_xdata()) == [0.04, 0.06]
     assert list(line.get_ydata()) == [0.2, 0.1]
+
+
+TIMED_ON_CPU_FOR_A100 = Plan(
+    layers={"_default": {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": False}},
+    target={"name": "a100-80gb", "kind": "gpu"},
+    budget={"memory_bytes": 2000},
+    predicted={"bytes": 1000, "original_bytes": 4000, "latency_shape": [1, 128]},
+    measured={
+        "bytes": 1000,
+        "latency_p50_ms": 21.89,
+        "latency_p90_ms": 22.51,
+        "device": "cpu: some cpu, 2 threads",
+        "baseline": {"latency_p50_ms": 15.88},
+    },
+)
+
+
+def test_pages_name_the_machine_beside_a_gpu_targets_latency() -> None:
+    markdown = render_markdown(TIMED_ON_CPU_FOR_A100, "r_files", [])
+    page = render_html(TIMED_ON_CPU_FOR_A100, "r_files", [])
+    header = next(line for line in markdown.splitlines() if line.startswith("| figure"))
+    assert header.split(" | ")[2] == "measured (this cpu)"
+    latency = next(line for line in markdown.splitlines() if line.startswith("| latency p50"))
+    assert latency.split(" | ")[2] == "21.89 ms [this cpu]"
+    assert "<th>measured (this cpu)</th>" in page
+    assert '<td class="num">21.89 ms [this cpu]</td>' in page
+    for text in (markdown, page):
+        assert "15.88 ms on this cpu (compressed is 1.38x slower)" in text
+        assert "0.73x" not in text and "faster" not in text

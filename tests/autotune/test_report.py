@@ -73,3 +73,72 @@ def test_the_measured_column_names_the_machine_when_the_target_is_another(
     report = Report(plan)
     report.priced = lambda: None  # no profile to reprice: the header is what is checked
     assert report.figure_rows()[0][2] == header
+
+
+def _timed_plan(target: dict, device: str = "cpu: some cpu, 2 threads") -> Plan:
+    plan = _plan({"windows": 8, "front_runner": "allocator", "chosen": "allocator"})
+    plan.target = target
+    plan.predicted = {**plan.predicted, "latency_shape": [1, 128]}
+    plan.measured = {
+        **(plan.measured or {}),
+        "latency_p50_ms": 21.89,
+        "latency_p90_ms": 22.51,
+        "device": device,
+        "baseline": {"latency_p50_ms": 15.88},
+    }
+    return plan
+
+
+def _row(report: Report, prefix: str) -> tuple[str, ...]:
+    return next(row for row in report.figure_rows() if row[0].startswith(prefix))
+
+
+@pytest.mark.parametrize(
+    ("target", "device", "tagged"),
+    [
+        ({"name": "a100-80gb", "kind": "gpu"}, "cpu: some cpu, 2 threads", True),
+        ({"name": "cpu", "kind": "cpu"}, "cuda: NVIDIA H100", True),
+        ({"name": "cpu", "kind": "cpu"}, "cpu: some cpu, 2 threads", False),
+        ({"name": "local", "kind": "cpu"}, "cpu: some cpu, 2 threads", False),
+    ],
+)
+def test_latency_timed_on_another_kind_of_device_is_tagged_with_it(target, device, tagged) -> None:
+    report = Report(_timed_plan(target, device))
+    kind = "gpu" if device.startswith("cuda") else "cpu"
+    tag = f" [this {kind}]"
+    assert _row(report, "latency p50")[2] == "21.89 ms" + (tag if tagged else "")
+    assert _row(report, "  p90")[2] == "22.51 ms" + (tag if tagged else "")
+    assert _row(report, "stored bytes")[2] == "1,000 B (0.001 MB)"  # bytes are the same anywhere
+
+
+def test_the_text_table_stays_aligned_with_the_machine_named() -> None:
+    text = str(Report(_timed_plan({"name": "a100-80gb", "kind": "gpu"})))
+    header = next(line for line in text.splitlines() if line.startswith("figure "))
+    latency = next(line for line in text.splitlines() if line.startswith("latency p50"))
+    assert "measured (this cpu)" in header
+    column = header.index("measured (this cpu)")
+    assert latency[column:].startswith("21.89 ms [this cpu]")
+    assert header.index("budget") == latency.index("-", column + len("21.89 ms [this cpu]"))
+
+
+@pytest.mark.parametrize(
+    ("target", "where"),
+    [({"name": "a100-80gb", "kind": "gpu"}, " on this cpu"), ({"name": "local"}, "")],
+)
+def test_the_reference_note_says_where_the_uncompressed_model_was_timed(target, where) -> None:
+    notes = Report(_timed_plan(target)).notes()
+    reference = next(n for n in notes if n.startswith("reference"))
+    assert f"measured p50 15.88 ms{where} (compressed is 1.38x slower)" in reference
+
+
+def test_the_json_report_says_where_it_was_measured() -> None:
+    named = Report(_timed_plan({"name": "a100-80gb", "kind": "gpu"})).to_dict()
+    assert named["measured_on"] == {
+        "device": "cpu: some cpu, 2 threads",
+        "kind": "cpu",
+        "is_target": False,
+        "same_kind_as_target": False,
+    }
+    local = Report(_timed_plan({"name": "local"})).to_dict()["measured_on"]
+    assert local["is_target"] and local["same_kind_as_target"]
+    assert Report(_plan({})).to_dict()["measured_on"] is None  # no device recorded
