@@ -172,9 +172,21 @@ def layer_profile(costs: CostModel, sensitivity: SensitivityTable, chosen: dict)
     return {"metric": sensitivity.metric, "layers": layers}
 
 
+def _screen(costs: CostModel) -> ChoiceTable:
+    """The choice table of ``costs`` before any scores (every option scored 0)."""
+    return choice_table(costs, {n: [0.0] * len(o) for n, o in costs.options.items()})
+
+
+def keep_fits(costs: CostModel, limits: dict[str, float]) -> bool:
+    """Whether keeping every layer as it is meets all the limits once priced."""
+    screen = _screen(costs)
+    keep = screen.uniform(KeepOption().label)
+    return keep is not None and screen.fits(keep, limits)
+
+
 def check_feasible(budget: Budget, costs: CostModel, limits: dict[str, float]) -> None:
     """Refuse, before any profiling, limits that even the cheapest options break."""
-    screen = choice_table(costs, {n: [0.0] * len(o) for n, o in costs.options.items()})
+    screen = _screen(costs)
     if any(screen.minimum(r) > limit for r, limit in limits.items()):
         raise InfeasibleBudgetError(
             infeasible_message(budget, screen, limits, costs),

@@ -24,7 +24,7 @@ from methods.keep import KeepOption
 from methods.registry import method_of
 from methods.tied import TiedHead
 from profilers.hardware import HardwareSpec
-from profilers.latency_table import measure_in_model
+from profilers.latency_table import InModelLatency, measure_in_model
 from profilers.measure import LatencyStats
 from profilers.observe import Observers
 from profilers.opcount import rest_of_model
@@ -112,16 +112,20 @@ class TorchTimed(LatencyModel):
             raise ValueError("the local target times the model in memory: it takes no run")
         timed: dict[str, list[Option]] = {ref.name: job.options[ref.name] for ref in job.layers}
         timed.update({ref.name: [KeepOption()] for ref in job.others})
-        result = measure_in_model(
+        result = self.time(job, timed)
+        return per_layer(job, result.layers), result.rest + sum(
+            result.layers[(ref.shape, "keep")] for ref in job.others
+        )
+
+    def time(self, job: Pricing, timed: dict[str, list[Option]]) -> InModelLatency:
+        """Every option of ``timed`` (layer -> options) timed inside the model."""
+        return measure_in_model(
             job.model,
             timed,
             job.inputs,
             observers=job.observers,
             progress=job.progress,
             also_timed=job.heads,
-        )
-        return per_layer(job, result.layers), result.rest + sum(
-            result.layers[(ref.shape, "keep")] for ref in job.others
         )
 
 
@@ -135,18 +139,13 @@ class OnnxRuntimeTimed(TorchTimed):
     def serves(self, spec: HardwareSpec) -> bool:
         return spec.name == "local" and spec.runtime == "onnxruntime"
 
-    def price(self, spec, job):
+    def time(self, job: Pricing, timed: dict[str, list[Option]]) -> InModelLatency:
+        """Every option of ``timed`` timed inside ONNX Runtime sessions of the export (tied
+        heads are found by the exporter)."""
         from autotune.export.ort_latency import measure_in_ort
 
-        if job.run is not None:
-            raise ValueError("the local target times the model in memory: it takes no run")
-        timed: dict[str, list[Option]] = {ref.name: job.options[ref.name] for ref in job.layers}
-        timed.update({ref.name: [KeepOption()] for ref in job.others})
-        result = measure_in_ort(
+        return measure_in_ort(
             job.model, timed, job.inputs, observers=job.observers, progress=job.progress
-        )
-        return per_layer(job, result.layers), result.rest + sum(
-            result.layers[(ref.shape, "keep")] for ref in job.others
         )
 
     def measure(self, compressed, plan, original, inputs):

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from autotune.allocation import LOCAL_LATENCY_MARGIN, check_feasible, choice_table, limits_for
+from autotune.allocation import LOCAL_LATENCY_MARGIN, check_feasible, keep_fits, limits_for
 from autotune.budget import Budget
 from autotune.costs import CostModel, build_costs, drop_undercalibrated, layer_options
 from autotune.errors import AutotuneError
@@ -89,7 +89,7 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
     overhead = serving.get("kv_cache", 0) + serving.get("activations", 0)
     limits = limits_for(budget, costs, overhead, latency_margin=margin)
     check_feasible(budget, costs, limits)
-    if not setup.as_is and _keep_fits(costs, limits):
+    if not setup.as_is and keep_fits(costs, limits):
         setup.as_is = True
         say.say(
             f"the uncompressed model already meets budget {budget.spec} on {spec.name}: "
@@ -121,13 +121,6 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
         margin,
         baseline,
     )
-
-
-def _keep_fits(costs: CostModel, limits: dict[str, float]) -> bool:
-    """Whether keeping every layer as it is meets all the limits once priced."""
-    table = choice_table(costs, {n: [0.0] * len(o) for n, o in costs.options.items()})
-    keep = table.uniform(KeepOption().label)
-    return keep is not None and table.fits(keep, limits)
 
 
 def _serving_memory(model: nn.Module, budget: Budget, activation_bytes: int) -> dict[str, Any]:
