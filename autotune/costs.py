@@ -12,6 +12,7 @@ from torch import nn
 
 from autotune.latency_models import Pricing, latency_model_for
 from autotune.layers import LayerRef, compressible_layers, weight_numel
+from autotune.runtimes import get_runtime
 from methods.base import Option
 from methods.errors import OptionError
 from methods.keep import KeepOption
@@ -170,7 +171,9 @@ def build_costs(
     forward pass minus its layers. An embedding that tied output layers read
     (:class:`methods.tied.TiedHead`) is charged their matmul too, under the same option.
     ``run(**latency_inputs)`` makes the forward pass the roofline counts (default: the model
-    itself; a model streamed from disk passes its block-at-a-time pass).
+    itself; a model streamed from disk passes its block-at-a-time pass). Bytes are autotune's
+    stored bytes, or those of the runtime's export where it prices them
+    (:meth:`autotune.runtimes.Runtime.byte_prices`).
     """
     tokens = int(latency_inputs["input_ids"].numel())
     chosen = {r.name for r in layers}
@@ -189,13 +192,17 @@ def build_costs(
         variable_bytes += KeepCost.bytes(ref)
     fixed_bits = sum(8 * KeepCost.weight_bytes(r) for r in others)
     original = model_bytes(model)
+    fixed_bytes = original - variable_bytes
+    exported = get_runtime(spec.runtime).byte_prices(model, layers, options)
+    if exported is not None:  # the runtime's export stores them otherwise
+        per_bytes, fixed_bytes, original = exported.per_layer, exported.fixed, exported.original
     return CostModel(
         layers=list(layers),
         options=options,
         bytes=per_bytes,
         weight_bits=per_bits,
         seconds=latency,
-        fixed_bytes=original - variable_bytes,
+        fixed_bytes=fixed_bytes,
         fixed_weight_bits=fixed_bits,
         fixed_seconds=fixed_seconds,
         total_weights=weight_numel(model),

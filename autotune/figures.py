@@ -54,16 +54,19 @@ def layer_rows(plan: Plan) -> list[LayerRow]:
 
 
 def short_label(label: str) -> str:
-    """``int4-g32-asym`` -> ``4 g32 a``; ``w8a8-sq0.6`` -> ``w8a8 .6``; ``keep`` -> ``fp``."""
+    """``int4-g32-asym`` -> ``4 g32 a``; ``w8a8-sq0.6`` -> ``w8a8 .6``; ``w8a8-a8-tensor-sq0.6``
+    -> ``w8a8 a8 t .6``; ``keep`` -> ``fp``."""
     if label == "keep":
         return "fp"
     match = re.fullmatch(r"int(\d+)-(ch|g\d+)-(sym|asym)", label)
     if match:
         return f"{match.group(1)} {match.group(2)} {match.group(3)[0]}"
-    if label.startswith("w8a8"):
-        return (
-            "w8a8 " + label.removeprefix("w8a8-sq").removeprefix("0") if "sq" in label else "w8a8"
-        )
+    match = re.fullmatch(r"w8a8(-a\d+)?(-tensor)?(?:-sq([\d.]+))?", label)
+    if match:
+        activations, per_tensor, alpha = match.groups()
+        parts = ["w8a8", activations and activations[1:], per_tensor and "t"]
+        parts.append(alpha and alpha.removeprefix("0"))
+        return " ".join(part for part in parts if part)
     return label
 
 

@@ -3,9 +3,11 @@
 ``torch`` is autotune's own modules (every option). ``vllm`` serves a compressed-tensors
 export with its Marlin weight-only kernels on GPUs; ``onnxruntime`` runs an ONNX export on
 CPUs. A tune for a runtime offers each layer only the options that runtime's export holds
-and its kernels run (:meth:`Runtime.refusal`), and prices latency with the kernels that
-runtime runs (:data:`profilers.kernel_support.RUNTIME_KERNELS`, through the target spec's
-``runtime``), so the plan it returns exports without a refused layer.
+and its kernels run (:meth:`Runtime.refusal`), in the forms they run (:meth:`Runtime.forms`),
+prices latency with the kernels that runtime runs
+(:data:`profilers.kernel_support.RUNTIME_KERNELS`, through the target spec's ``runtime``) and
+bytes as its export stores them (:meth:`Runtime.byte_prices`), so the plan it returns exports
+without a refused layer and within its budget.
 """
 
 from __future__ import annotations
@@ -13,13 +15,29 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
 
 from autotune.errors import AutotuneError
 from autotune.layers import LayerRef
 from methods.base import LayerShape, Option
 from methods.keep import KeepOption
+from methods.smoothquant import W8A8Option
 from profilers.hardware import HardwareSpec
+
+ORT_ACTIVATION_BITS = 8  # DynamicQuantizeLinear's range
+
+
+@dataclass(frozen=True)
+class BytePrices:
+    """Stored bytes as a runtime's export holds them: per layer, one per offered option (in
+    order); ``fixed``: the rest of the model; ``original``: the export of the float model."""
+
+    per_layer: dict[str, list[int]]
+    fixed: int
+    original: int
 
 
 class RuntimeChoiceError(AutotuneError, ValueError):
@@ -60,19 +78,41 @@ class Runtime(ABC):
         """``spec`` priced with this runtime's kernels."""
         return dataclasses.replace(spec, runtime=self.name)
 
+    def forms(self, option: Option) -> list[Option]:
+        """The forms of ``option`` this runtime's kernels run (the option itself by default;
+        e.g. ONNX Runtime's fused dynamic int8 matmul quantises activations to 8 bits, with
+        weight scales per channel or per tensor)."""
+        return [option]
+
     def restrict(
         self, layers: Sequence[LayerRef], options: Mapping[str, list[Option]]
     ) -> dict[str, list[Option]]:
-        """Each layer's options without those this runtime refuses (keep always stays)."""
+        """Each layer's options in the forms this runtime runs (:meth:`forms`, once each),
+        without those it refuses (keep always stays)."""
         shapes = {ref.name: ref.shape for ref in layers}
-        return {
-            name: [
-                o
-                for o in offered
-                if isinstance(o, KeepOption) or self.refusal(name, shapes[name], o) is None
-            ]
-            for name, offered in options.items()
-        }
+        restricted: dict[str, list[Option]] = {}
+        for name, offered in options.items():
+            kept: dict[str, Option] = {}
+            for option in (form for o in offered for form in self.forms(o)):
+                refused = not isinstance(option, KeepOption) and self.refusal(
+                    name, shapes[name], option
+                )
+                if not refused:
+                    kept.setdefault(option.label, option)
+            restricted[name] = list(kept.values())
+        return restricted
+
+    def byte_prices(
+        self, model: nn.Module, layers: Sequence[LayerRef], options: Mapping[str, list[Option]]
+    ) -> BytePrices | None:
+        """The bytes this runtime's export stores for each (layer, option) and for the rest
+        of the model, where they differ from autotune's own storage; ``None``: they do not."""
+        return None
+
+    def stored_bytes(self, compressed: nn.Module, plan: Any) -> dict[str, int] | None:
+        """``bytes`` (tensors) and ``file_bytes`` of the export of ``compressed`` (built,
+        not written), where :meth:`byte_prices` prices them; ``None`` otherwise."""
+        return None
 
 
 class TorchRuntime(Runtime):
@@ -139,7 +179,45 @@ class OnnxRuntimeRuntime(_ExportedRuntime):
     device_kinds = ("cpu",)
     timed_locally = True  # autotune.export.ort_latency times each option in ORT sessions
     export_format = "onnx"
-    description = "ONNX Runtime on CPUs running an ONNX export (MatMulNBits for 4-bit blocks)"
+    description = (
+        "ONNX Runtime on CPUs running an ONNX export (MatMulNBits for 2- to 8-bit blocks, "
+        "DynamicQuantizeMatMul for w8a8); budgets count the export's own tensor bytes"
+    )
+
+    def forms(self, option: Option) -> list[Option]:
+        """W8A8 with 8-bit activations; weight scales per channel and per tensor, smoothed
+        as asked and not at all (unsmoothed layers reading one input share its
+        quantisation in ONNX Runtime, and skip the division)."""
+        if not isinstance(option, W8A8Option):
+            return [option]
+        fused = dataclasses.replace(option, activation_bits=ORT_ACTIVATION_BITS)
+        alphas = dict.fromkeys([fused.alpha, 0.0])
+        scales = [fused.weight_scales] if fused.per_tensor else ["channel", "tensor"]
+        return [
+            dataclasses.replace(fused, alpha=alpha, weight_scales=scale)
+            for alpha in alphas
+            for scale in scales
+        ]
+
+    def kernel_refusal(self, shape: LayerShape, option: Option) -> str | None:
+        if isinstance(option, W8A8Option) and option.activation_bits != ORT_ACTIVATION_BITS:
+            return (
+                f"{option.label}: ONNX Runtime's fused dynamic int8 matmul quantises "
+                f"activations to {ORT_ACTIVATION_BITS} bits (activation_bits "
+                f"{ORT_ACTIVATION_BITS}); {option.activation_bits}-bit ones run as unfused "
+                "standard ops"
+            )
+        return None
+
+    def byte_prices(self, model, layers, options):
+        from autotune.export.onnx_bytes import onnx_byte_prices
+
+        return onnx_byte_prices(model, layers, options)
+
+    def stored_bytes(self, compressed, plan):
+        from autotune.export.onnx_bytes import onnx_stored_bytes
+
+        return onnx_stored_bytes(compressed, plan)
 
 
 RUNTIMES: dict[str, Runtime] = {}

@@ -7,6 +7,7 @@ now, and the held-out error with the one the plan recorded.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,8 +156,13 @@ def validate_plan(
         heldout=(batches, reference) if batches else None,
         metric=metric,
     )
+    exported = _export_bytes(plan, compressed)
+    if exported is not None:  # the plan's runtime counts the bytes of its export
+        now = dataclasses.replace(now, bytes=exported["bytes"])
     checks = plan_checks(plan, now, tolerance, roofline)
     measured = now.__dict__.copy()
+    if exported is not None:
+        measured.update(exported, bytes_counted_in=plan.target.get("runtime"))
     measured["latency"] = now.latency.to_dict() if now.latency else None
     measured["decode"] = now.decode.to_dict() if now.decode else None
     measured["device"] = device_description()
@@ -228,6 +234,14 @@ def plan_checks(
             )
         )
     return checks
+
+
+def _export_bytes(plan: Plan, compressed: nn.Module) -> dict[str, int] | None:
+    """The bytes of the export of ``compressed``, recomputed, where the plan's runtime counts
+    a budget in its export (``--runtime onnxruntime``)."""
+    from autotune.runtimes import get_runtime
+
+    return get_runtime(plan.target.get("runtime") or "torch").stored_bytes(compressed, plan)
 
 
 def _load_saved(folder: str | Path, plan: Plan, trust_remote_code: bool) -> nn.Module:

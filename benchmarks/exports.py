@@ -4,18 +4,22 @@ The demo model (all-MiniLM-L6-v2 as a transformers ``BertModel``) in ONNX Runtim
 
 * ``ort float32``: the plain ``torch.onnx.export`` (dynamo exporter, its graph optimiser on);
 * ``ort quantize_dynamic``: ONNX Runtime's ``quantize_dynamic`` of that file (its defaults:
-  int8 weights per tensor, int8 activations per call; embeddings and the pooler too);
+  int8 weights per tensor, int8 activations per call; embeddings and the pooler too), and the
+  same with ``per_channel=True``;
 * ``ort 4-bit bN``: ONNX Runtime's ``MatMulNBitsQuantizer`` (4 bits, symmetric, blocks of
   32 or 128; MatMul weights only, so embeddings and the pooler's Gemm stay float);
 * ``autotune ...``: ``autotune.export`` to ONNX of a uniform RTN int4 g32 symmetric plan
   (linear layers, embeddings float: the same coverage as ORT 4-bit), a uniform int8
-  per-channel plan (every layer, as quantize_dynamic) and a plan tuned by ``autotune()``
-  for ``runtime="onnxruntime"`` on the ``cpu`` target at the byte size of ORT's 4-bit
-  block-32 file, of ORT's int8 file and at 15 MB, and one tuned on ``local`` (every option
-  timed inside ONNX Runtime sessions) for the int8 file's size and 1.5x ORT float32's 1 x 16
-  latency, measured just before; the uniform plans also with ``accuracy_level=4`` (ONNX Runtime
-  quantises MatMulNBits' activations to int8 per block: faster, no longer autotune's
-  numerics);
+  per-channel plan (every layer, as quantize_dynamic), uniform W8A8 plans with 8-bit dynamic
+  activations (``DynamicQuantizeLinear``, which ONNX Runtime fuses with the int8 matmul as it
+  does quantize_dynamic's) and int8 embeddings, weight scales per tensor and per channel, and
+  plans tuned by ``autotune()`` for ``runtime="onnxruntime"`` on the ``cpu`` target at the
+  tensor bytes of ORT's 4-bit block-32 file, of ORT's int8 file and at 15 MB, and one tuned on
+  ``local`` (every option timed inside ONNX Runtime sessions) for the int8 file's tensor bytes
+  and 1.15x quantize_dynamic's 1 x 16 latency, timed just before as the tune times (its
+  sessions visited in turn); the int4 and int8 weight-only plans also with
+  ``accuracy_level=4`` (ONNX Runtime quantises MatMulNBits' activations to int8 per block:
+  faster, no longer autotune's numerics);
 * ``torch float32``: the float model in torch, for scale.
 
 A second table is the compressed-tensors export of the bundled causal LM (``tiny-lm``): a
@@ -26,7 +30,9 @@ predicted bytes beside the folder's ``model.safetensors`` bytes, the held-out KL
 loaded model's next-token distribution against the float model, and the largest logit
 difference between the loaded model and autotune's own compressed model.
 
-Both exporters' per-node debug metadata is dropped, so file sizes compare the tensors.
+Both exporters' per-node debug metadata is dropped. ``tensor bytes`` are the file's
+initializers, what a ``--runtime onnxruntime`` budget counts; the rest of a file is its graph
+(and, in autotune's, the plan).
 Errors are measured on the held-out windows (the stdlib held-out split; nothing here is
 chosen on them) against the float model: 1 - cosine of the mean-pooled embeddings (averaged
 over windows) and the relative MSE of ``last_hidden_state``; ``torch 1-cos`` is autotune's own
@@ -72,8 +78,8 @@ from autotune.apply import apply_plan
 from autotune.calibration import build_heldout
 from autotune.errors import InfeasibleBudgetError
 from autotune.export import export_plan
-from autotune.export.onnx import OnnxExporter
-from autotune.export.ort_latency import time_onnx
+from autotune.export.onnx import OnnxExporter, tensor_bytes
+from autotune.export.ort_latency import SETTLE, open_session, run_rounds, session_options
 from autotune.loading import load_model
 from autotune.plan import Plan
 from profilers.measure import model_bytes
@@ -81,7 +87,7 @@ from profilers.measure import model_bytes
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUTS = ("last_hidden_state", "pooler_output")
 SHAPES = (16, 128)
-LATENCY_FACTOR = 1.5  # the latency-bound plan's budget, in ORT float32's 1 x 16 time
+LATENCY_FACTOR = 1.15  # the latency-bound plan's budget, in quantize_dynamic's 1 x 16 time
 T = TypeVar("T")
 
 
@@ -91,6 +97,12 @@ def rtn(bits: int, group: int | None, symmetric: bool) -> dict:
 
 INT4_PLAN = Plan(layers={"_default": rtn(4, 32, True), r"re:embeddings\..*": {"method": "none"}})
 INT8_PLAN = Plan(layers={"_default": rtn(8, None, True)})
+
+
+def w8a8_plan(weight_scales: str) -> Plan:
+    """Every linear layer W8A8 with 8-bit activations (unsmoothed), int8 embeddings."""
+    w8a8 = {"method": "w8a8", "alpha": 0, "activation_bits": 8, "weight_scales": weight_scales}
+    return Plan(layers={"_default": w8a8, r"re:embeddings\..*": rtn(8, None, True)})
 
 
 @dataclass
@@ -106,6 +118,10 @@ class Variant:
     @property
     def bytes(self) -> int | None:
         return self.path.stat().st_size if self.path else None
+
+    @property
+    def tensor_bytes(self) -> int | None:
+        return tensor_bytes(onnx.load(str(self.path))) if self.path else None
 
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         if self.session is not None:
@@ -161,6 +177,17 @@ def export(plan: Plan, compressed: nn.Module, path: Path, accuracy_level: int) -
     OnnxExporter(accuracy_level).write(compressed, plan, path)
 
 
+def tune_regime_ms(
+    path: Path, beside: Path, feed: dict[str, np.ndarray], rounds: int = 30
+) -> float:
+    """Median ms of an ONNX file at 1 x 16 tokens timed as a tune on ``local`` times its
+    variants: sessions (the file's and ``beside``'s) visited in turn, settled at each visit."""
+    inputs = timing_inputs(feed, 16)
+    sessions = [open_session(str(p), session_options()) for p in (path, beside)]
+    walls = run_rounds(sessions, inputs, rounds, SETTLE)
+    return 1e3 * statistics.median(walls[0])
+
+
 def pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     weights = mask[..., None].astype(np.float64)
     return (hidden * weights).sum(axis=1) / weights.sum(axis=1)
@@ -209,12 +236,13 @@ def time_round_robin(variants: list[Variant], feeds: dict, rounds: int) -> None:
 def print_table(variants: list[Variant], tuned: dict[str, Plan], model: nn.Module) -> None:
     base = {s: statistics.median(variants[0].times[s]) for s in SHAPES}
     print(
-        "\n| variant | file bytes | held-out 1-cos | held-out rel. MSE | torch 1-cos "
-        "| 1x16 p50 ms | vs ort fp32 | 1x128 p50 ms | vs ort fp32 |"
+        "\n| variant | file bytes | tensor bytes | held-out 1-cos | held-out rel. MSE "
+        "| torch 1-cos | 1x16 p50 ms | vs ort fp32 | 1x128 p50 ms | vs ort fp32 |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for v in variants:
         cells = [f"{v.bytes:,}" if v.bytes else "-"]
+        cells.append(f"{v.tensor_bytes:,}" if v.tensor_bytes else "-")
         cells += [f"{v.error[0]:.2e}", f"{v.error[1]:.2e}"]
         cells.append(f"{v.torch_error:.2e}" if v.torch_error is not None else "-")
         for s in SHAPES:
@@ -224,7 +252,15 @@ def print_table(variants: list[Variant], tuned: dict[str, Plan], model: nn.Modul
     for name, plan in tuned.items():
         labels = [o.label for o in plan.layer_options(model).values()]
         counts = {label: labels.count(label) for label in sorted(set(labels))}
-        print(f"\n{name}: {counts} (predicted {plan.predicted.get('bytes'):,} bytes)")
+        predicted, measured = plan.predicted or {}, plan.measured or {}
+        figures = f"predicted {predicted.get('bytes'):,} tensor bytes"
+        if "latency_ms" in predicted:
+            figures += (
+                f", {predicted['latency_ms']:.2f} ms in ONNX Runtime (measured "
+                f"{measured.get('latency_p50_ms', float('nan')):.2f} ms beside the float "
+                f"model's {measured.get('baseline', {}).get('latency_p50_ms', float('nan')):.2f})"
+            )
+        print(f"\n{name}: {counts} ({figures})")
 
 
 CT_PLANS = {
@@ -348,11 +384,11 @@ def onnx_table(args: argparse.Namespace) -> None:
         for block in (32, 128):
             path = quiet(lambda b=block: ort_4bit(float_path, tmp / f"int4-b{b}.onnx", b))
             variants.append(Variant(f"ort 4-bit b{block}", path))
-        int4_bytes, int8_bytes = variants[2].bytes, variants[1].bytes
-        # ORT int8's latency is out of reach of every option ONNX holds here (it fuses the
-        # activation quantisation): the latency-bound plan gets 1.5x ORT float32's instead
-        float_ms = 1e3 * time_onnx(float_path, timing_inputs(feeds[0], 16), rounds=40)[0]
-        latency_ms = LATENCY_FACTOR * float_ms
+        quiet(lambda: quantize_dynamic(float_path, tmp / "int8-pc.onnx", per_channel=True))
+        variants.append(Variant("ort quantize_dynamic int8 per-channel", tmp / "int8-pc.onnx"))
+        int4_bytes, int8_bytes = variants[2].tensor_bytes, variants[1].tensor_bytes
+        assert int4_bytes is not None and int8_bytes is not None
+        latency_ms = LATENCY_FACTOR * tune_regime_ms(variants[1].path, float_path, feeds[0])
 
         def tune(budget: str, **kwargs) -> tuple[Plan, nn.Module] | None:
             try:
@@ -371,7 +407,6 @@ def onnx_table(args: argparse.Namespace) -> None:
                     tokenizer=tokenizer,
                     search="allocator",
                     progress=False,
-                    measure=False,
                     **kwargs,
                 )
             )
@@ -380,19 +415,25 @@ def onnx_table(args: argparse.Namespace) -> None:
         plans = {
             "autotune int4 g32 sym": (INT4_PLAN, None),
             "autotune int8 per-channel": (INT8_PLAN, None),
-            f"autotune tuned @ {int4_bytes / 1e6:.1f} MB": tune(f"{int4_bytes}B", target="cpu"),
-            f"autotune tuned @ {int8_bytes / 1e6:.1f} MB": tune(f"{int8_bytes}B", target="cpu"),
-            "autotune tuned @ 15 MB": tune("15MB", target="cpu"),
+            "autotune w8a8 a8 per-tensor": (w8a8_plan("tensor"), None),
+            "autotune w8a8 a8 per-channel": (w8a8_plan("channel"), None),
+            f"autotune tuned @ {int4_bytes / 1e6:.1f} MB": tune(
+                f"{int4_bytes}B", target="cpu", measure=False
+            ),
+            f"autotune tuned @ {int8_bytes / 1e6:.1f} MB": tune(
+                f"{int8_bytes}B", target="cpu", measure=False
+            ),
+            "autotune tuned @ 15 MB": tune("15MB", target="cpu", measure=False),
             f"autotune tuned @ {int8_bytes / 1e6:.1f} MB, {latency_ms:.2f} ms (ORT-timed)": tune(
                 bound, target="local", latency_seq_len=16
             ),
         }
         plans = {name: entry for name, entry in plans.items() if entry is not None}
-        tuned = {name: plan for name, (plan, _) in list(plans.items())[2:]}
+        tuned = {name: plan for name, (plan, _) in list(plans.items())[4:]}
         for index, (name, (plan, compressed)) in enumerate(plans.items()):
             compressed = compressed or apply_plan(model, plan)
             error = torch_error(compressed, feeds, reference, masks)
-            for level in (0, 4) if index < 2 else (0,):
+            for level in (0, 4) if index < 2 else (0,):  # MatMulNBits' accuracy levels
                 path = tmp / f"autotune-{index}-{level}.onnx"
                 quiet(lambda p=plan, c=compressed, o=path, a=level: export(p, c, o, a))
                 label = name if level == 0 else f"{name}, accuracy_level 4"

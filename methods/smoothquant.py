@@ -10,10 +10,15 @@ relative form gives 0.0101 against 0.0427 held-out error at alpha 0.6). The sear
 several strengths and picks one per layer by its measured output error (layer-local error
 proved a poor guide: it always favours the strongest smoothing).
 
-Storage: int8 codes (symmetric, one float16 scale per output channel), the float16 smoothing
-vector, and the bias. On CPUs with fbgemm the layer runs torch's dynamic int8 kernel
-(``quantized::linear_dynamic``: activations quantised per call, per tensor, to 7 bits), which
-holds the same codes in its packed form; elsewhere an exact float reference of that kernel.
+Storage: int8 codes (symmetric, one float16 scale per output channel, or one for the whole
+weight with ``weight_scales="tensor"``), the float16 smoothing vector, and the bias.
+Activations are quantised per call, per tensor, asymmetrically, to 7 bits
+(``activation_bits=7``, fbgemm's default, safe on every x86 CPU) or to 8 bits
+(``activation_bits=8``: ONNX Runtime's ``DynamicQuantizeLinear``, which its fused
+``DynamicQuantizeMatMul`` kernel runs). On CPUs with fbgemm the layer runs torch's dynamic int8
+kernel (``quantized::linear_dynamic``), which holds the same codes in its packed form; 8-bit
+activations take it only on CPUs with VNNI (elsewhere its 16-bit pair sums can saturate);
+every other case runs an exact float reference of the kernel.
 """
 
 from __future__ import annotations
@@ -39,19 +44,31 @@ from methods.errors import OptionError
 from methods.registry import register
 
 GRID_ALPHAS = (0.45, 0.6, 0.75)
+ACTIVATION_BITS = (7, 8)
+WEIGHT_SCALES = ("channel", "tensor")
 _FP16_MAX = 65504.0
 
 
 @dataclass(frozen=True)
 class W8A8Option(Option):
-    """``alpha``: smoothing strength in [0, 1]; 0 disables smoothing."""
+    """``alpha``: smoothing strength in [0, 1]; 0 disables smoothing. ``activation_bits``: 7
+    (fbgemm's range) or 8 (ONNX Runtime's ``DynamicQuantizeLinear``). ``weight_scales``:
+    one scale per output channel, or one per tensor (ONNX Runtime's fastest int8 matmul)."""
 
     method: ClassVar[str] = "w8a8"
     alpha: float = 0.75
+    activation_bits: int = 7
+    weight_scales: str = "channel"
 
     @property
     def label(self) -> str:
-        return "w8a8" if self.alpha == 0 else f"w8a8-sq{self.alpha:g}"
+        name = "w8a8" if self.activation_bits == 7 else f"w8a8-a{self.activation_bits}"
+        name += "" if self.weight_scales == "channel" else f"-{self.weight_scales}"
+        return name if self.alpha == 0 else f"{name}-sq{self.alpha:g}"
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.weight_scales == "tensor"
 
     @property
     def smooths(self) -> bool:
@@ -59,10 +76,10 @@ class W8A8Option(Option):
 
     @property
     def effective_bits(self) -> int:
-        """Precision of its coarser half: activations take 7 bits per call, per tensor, so
-        the range is set by the largest one (about 4 sigma for Gaussian data) and typical
-        values see about 6 bits."""
-        return 6
+        """Precision of its coarser half: activations take 7 (or 8) bits per call, per
+        tensor, so the range is set by the largest one (about 4 sigma for Gaussian data) and
+        typical values see about one bit less."""
+        return self.activation_bits - 1
 
 
 class ActivationObserver(Observer):
@@ -79,14 +96,24 @@ class ActivationObserver(Observer):
         self.calls += 1
 
 
-def dynamic_quantize(x: torch.Tensor) -> torch.Tensor:
-    """``x`` after per-tensor 7-bit dynamic quantisation, as fbgemm does it (float result)."""
+def dynamic_quantize(x: torch.Tensor, bits: int = 7) -> torch.Tensor:
+    """``x`` after per-tensor dynamic quantisation to ``bits`` (float result): 7 as fbgemm
+    does it; 8 as ONNX Runtime's ``DynamicQuantizeLinear`` (float32 scale and zero point,
+    ties to even), which fbgemm's 8-bit range matches."""
+    levels = float(2**bits - 1)
     low = min(float(x.min()), 0.0)
     high = max(float(x.max()), 0.0)
-    scale = max((high - low) / 127.0, 1.1920928955078125e-07)
-    zero = int(min(max(-round(low / scale), 0), 127))
-    q = torch.clamp(torch.round(x / scale) + zero, 0, 127)
-    return (q - zero) * scale
+    if bits == 7:
+        scale = max((high - low) / levels, 1.1920928955078125e-07)
+        zero = float(min(max(-round(low / scale), 0), levels))
+        q = torch.clamp(torch.round(x / scale) + zero, 0, levels)
+        return (q - zero) * scale
+    scale32 = torch.tensor((high - low) / levels, dtype=torch.float32)
+    if float(scale32) == 0.0:
+        return torch.zeros_like(x)
+    zero32 = torch.clamp(torch.round(-torch.tensor(low, dtype=torch.float32) / scale32), 0, levels)
+    q = torch.clamp(torch.round(x.float() / scale32) + zero32, 0, levels)
+    return (q - zero32) * scale32
 
 
 def smoothing(absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -101,24 +128,36 @@ def smoothing(absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch
     return s.to(torch.float16)
 
 
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes in [-127, 127] and float16 per-row scales."""
-    scale = (weight.abs().amax(dim=1) / 127).clamp(2.0**-24, _FP16_MAX).to(torch.float16)
+def quantize_weight(
+    weight: torch.Tensor, per_tensor: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes in [-127, 127] and float16 scales, one per row (or one in all)."""
+    absmax = weight.abs().amax().reshape(1) if per_tensor else weight.abs().amax(dim=1)
+    scale = (absmax / 127).clamp(2.0**-24, _FP16_MAX).to(torch.float16)
     codes = torch.clamp(torch.round(weight / scale.float()[:, None]), -127, 127)
     return codes.to(torch.int8), scale
 
 
-def _fbgemm_ready(x: torch.Tensor) -> bool:
+def _fbgemm_ready(x: torch.Tensor, activation_bits: int = 7) -> bool:
+    """Whether fbgemm's dynamic int8 kernel computes this layer exactly on ``x``'s device:
+    7-bit activations on any CPU with fbgemm, 8-bit ones only with VNNI."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and "fbgemm" in torch.backends.quantized.supported_engines
         and hasattr(torch.ops.quantized, "linear_dynamic")
+        and (activation_bits == 7 or _has_vnni())
     )
 
 
+def _has_vnni() -> bool:
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
 class W8A8Linear(KeepsStoredFormat):
-    """A linear layer stored as int8 codes, per-row scales, a smoothing vector and a bias."""
+    """A linear layer stored as int8 codes, per-row (or one) scales, a smoothing vector and a
+    bias."""
 
     stored_buffers = ("codes", "scales", "smooth")
 
@@ -130,14 +169,18 @@ class W8A8Linear(KeepsStoredFormat):
         bias: bool = True,
         bias_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        activation_bits: int = 7,
+        per_tensor: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.activation_bits = activation_bits
         self.rows, self.cols = out_features, in_features
         self.register_buffer(
             "codes", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
         )
-        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float16, device=device))
+        scales = torch.ones(1 if per_tensor else out_features, dtype=torch.float16, device=device)
+        self.register_buffer("scales", scales)
         smooth = torch.ones(in_features, dtype=torch.float16, device=device) if smooths else None
         self.register_buffer("smooth", smooth)
         bias_tensor = torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None
@@ -147,7 +190,7 @@ class W8A8Linear(KeepsStoredFormat):
     # ------------------------------------------------------------------ storage
     def stored_weight_bytes(self) -> int:
         smooth = 0 if self.smooth is None else self.smooth.numel() * 2
-        return self.rows * self.cols + self.rows * 2 + smooth
+        return self.rows * self.cols + self.scales.numel() * 2 + smooth
 
     def opaque_bytes(self) -> int:
         """Bytes held by fbgemm's packed weight in place of the ``codes`` buffer."""
@@ -170,10 +213,15 @@ class W8A8Linear(KeepsStoredFormat):
         if self._packed is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                zeros = torch.zeros(self.rows, dtype=torch.long)
-                weight = torch._make_per_channel_quantized_tensor(
-                    self.codes, self.scales.double(), zeros, 0
-                )
+                if self.scales.numel() == 1:
+                    weight = torch._make_per_tensor_quantized_tensor(
+                        self.codes, float(self.scales), 0
+                    )
+                else:
+                    zeros = torch.zeros(self.rows, dtype=torch.long)
+                    weight = torch._make_per_channel_quantized_tensor(
+                        self.codes, self.scales.double(), zeros, 0
+                    )
                 bias = None if self.bias is None else self.bias.float()
                 self._packed = torch.ops.quantized.linear_prepack(weight, bias)
             self.codes = torch.zeros(0, dtype=torch.int8)  # the packed weight holds the codes
@@ -211,7 +259,7 @@ class W8A8Linear(KeepsStoredFormat):
         x2 = x2.float()
         if self.smooth is not None:
             x2 = x2 / self.smooth.float()
-        y = dynamic_quantize(x2) @ self.dequantize(torch.float32).t()
+        y = dynamic_quantize(x2, self.activation_bits) @ self.dequantize(torch.float32).t()
         return y if self.bias is None else y + self.bias.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,10 +267,11 @@ class W8A8Linear(KeepsStoredFormat):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] == 0:
             return x.new_zeros(*shape[:-1], self.out_features)
-        if _fbgemm_ready(x2):
+        if _fbgemm_ready(x2, self.activation_bits):
             if self.smooth is not None:
                 x2 = x2 / self.smooth.to(x2.dtype)
-            y = torch.ops.quantized.linear_dynamic(x2.contiguous(), self._pack(), True)
+            reduce_range = self.activation_bits == 7
+            y = torch.ops.quantized.linear_dynamic(x2.contiguous(), self._pack(), reduce_range)
         else:
             y = self.reference(x2).to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
@@ -230,7 +279,8 @@ class W8A8Linear(KeepsStoredFormat):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, smoothed={self.smooth is not None}"
+            f"bias={self.bias is not None}, smoothed={self.smooth is not None}, "
+            f"activation_bits={self.activation_bits}, per_tensor={self.scales.numel() == 1}"
         )
 
 
@@ -254,11 +304,22 @@ class SmoothQuantW8A8(Method):
             raise OptionError(
                 f"{layer}: w8a8 alpha {option.alpha} is out of range; allowed: a number in [0, 1]"
             )
+        if option.weight_scales not in WEIGHT_SCALES:
+            raise OptionError(
+                f"{layer}: w8a8 weight_scales {option.weight_scales!r} is not allowed; "
+                f"allowed: {', '.join(WEIGHT_SCALES)}"
+            )
+        if option.activation_bits not in ACTIVATION_BITS:
+            raise OptionError(
+                f"{layer}: w8a8 activation_bits {option.activation_bits!r} is not allowed; "
+                f"allowed: {' or '.join(map(str, ACTIVATION_BITS))}"
+            )
 
     def cost(self, shape: LayerShape, option: Option) -> Cost:
         assert isinstance(option, W8A8Option)
         smooth = 2 * shape.cols if option.smooths else 0
-        weight = shape.rows * shape.cols + 2 * shape.rows + smooth
+        scales = 1 if option.per_tensor else shape.rows
+        weight = shape.rows * shape.cols + 2 * scales + smooth
         return Cost(weight, shape.bias_bytes, 2 * shape.rows * shape.cols)
 
     def grid(self, shape: LayerShape) -> list[Option]:
@@ -294,7 +355,7 @@ class SmoothQuantW8A8(Method):
                 )
             smooth = smoothing(observer.absmax, weight, option.alpha)
             weight = weight * smooth.float()[None, :]
-        codes, scales = quantize_weight(weight)
+        codes, scales = quantize_weight(weight, option.per_tensor)
         out = self.empty(shape, option, like=module)
         out.store(codes, scales, smooth)
         if out.bias is not None:
@@ -311,6 +372,8 @@ class SmoothQuantW8A8(Method):
             bias=shape.has_bias,
             bias_dtype=dtype_from_name(shape.dtype),
             device=device,
+            activation_bits=option.activation_bits,
+            per_tensor=option.per_tensor,
         )
 
 

@@ -56,12 +56,12 @@ def device_for(kind: str) -> torch.device:
 # The runtime a plan is tuned for (``--runtime``): ``torch`` is autotune's own modules, whose
 # kernels are probed above; the others run the exported model with kernels of their own,
 # listed here per kind of device (vLLM's Marlin weight-only kernels on GPUs; ONNX Runtime's
-# MatMulNBits on CPUs). Options those kernels cannot take are kept out of such plans by
-# :mod:`autotune.runtimes`.
+# MatMulNBits and its fused dynamic int8 matmul, DynamicQuantizeMatMul, on CPUs). Options those
+# kernels cannot take are kept out of such plans by :mod:`autotune.runtimes`.
 OWN_RUNTIME = "torch"
 RUNTIME_KERNELS: dict[str, dict[str, frozenset[str]]] = {
     "vllm": {"gpu": frozenset({"int4_weight_only", "int8_weight_only"})},
-    "onnxruntime": {"cpu": frozenset({"int4_weight_only"})},
+    "onnxruntime": {"cpu": frozenset({"int4_weight_only", "int8_dynamic"})},
 }
 
 

@@ -487,7 +487,7 @@ def blocked_codes(module: QuantizedLinear | QuantizedEmbedding, name: str, block
 
 
 @dataclass
-class _Site:
+class Site:
     """Where a linear layer's weight is used: the node to replace (``MatMul`` or ``Gemm``),
     its activation input, the output, a bias for a ``Gemm``, and a ``Transpose`` to drop."""
 
@@ -499,7 +499,7 @@ class _Site:
 
 
 @dataclass
-class _Edit:
+class Edit:
     """Node replacements and new initializers, applied at the end in one pass."""
 
     replaced: dict[int, list[Any]] = field(default_factory=dict)
@@ -561,7 +561,7 @@ class _Graph:
     def node(self, index: int) -> Any:
         return self.graph.node[index]
 
-    def linear_site(self, index: int, slot: int, layer: str) -> _Site:
+    def linear_site(self, index: int, slot: int, layer: str) -> Site:
         """The matmul a linear weight feeds: ``MatMul(x, Transpose(W))`` or
         ``Gemm(x, W, bias, transB=1)``; anything else is refused."""
         node = self.node(index)
@@ -571,10 +571,10 @@ class _Graph:
                 (matmul, matmul_slot) = readers[0]
                 reader = self.node(matmul)
                 if reader.op_type == "MatMul" and matmul_slot == 1:
-                    return _Site(matmul, reader.input[0], reader.output[0], dropped=(index,))
+                    return Site(matmul, reader.input[0], reader.output[0], dropped=(index,))
         if node.op_type == "Gemm" and slot == 1 and _gemm_is_linear(node):
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-            return _Site(index, node.input[0], node.output[0], bias)
+            return Site(index, node.input[0], node.output[0], bias)
         raise ExportError(
             f"--format onnx: the weight of layer {layer!r} feeds a {node.op_type} node the "
             "exporter does not recognise as its matmul"
@@ -618,7 +618,7 @@ def replace_layers(
     the scheme each layer got. Each layer must be found exactly where expected: one matmul
     per linear layer, one lookup per embedding plus one matmul per tied output layer."""
     view = _Graph(graph)
-    edit = _Edit()
+    edit = Edit()
     labels: dict[str, str] = {}
     for name, module in layers.items():
         weight = PREFIX + name + ".weight"
@@ -634,15 +634,15 @@ def replace_layers(
             )
         site = view.linear_site(*readers[0], layer=name)
         if isinstance(module, W8A8Linear):
-            labels[name] = _w8a8(edit, site, name, module)
+            labels[name] = w8a8_nodes(edit, site, name, module)
         else:
-            labels[name] = _quantized_linear(edit, site, name, module, accuracy_level)
+            labels[name] = quantized_linear_nodes(edit, site, name, module, accuracy_level)
     _check_replaced(graph, edit, layers)
     edit.apply(graph)
     return labels
 
 
-def _check_replaced(graph: Any, edit: _Edit, layers: Mapping[str, nn.Module]) -> None:
+def _check_replaced(graph: Any, edit: Edit, layers: Mapping[str, nn.Module]) -> None:
     """No node may still read a compressed layer's float weight."""
     kept = [
         node
@@ -658,7 +658,7 @@ def _check_replaced(graph: Any, edit: _Edit, layers: Mapping[str, nn.Module]) ->
                 )
 
 
-def _finish_site(edit: _Edit, site: _Site, nodes: list[Any], result: str) -> None:
+def _finish_site(edit: Edit, site: Site, nodes: list[Any], result: str) -> None:
     """Put ``nodes`` (computing ``result`` without bias) where the site's matmul was."""
     from onnx import helper
 
@@ -668,8 +668,8 @@ def _finish_site(edit: _Edit, site: _Site, nodes: list[Any], result: str) -> Non
     edit.dropped.update(site.dropped)
 
 
-def _quantized_linear(
-    edit: _Edit, site: _Site, name: str, module: QuantizedLinear, accuracy_level: int
+def quantized_linear_nodes(
+    edit: Edit, site: Site, name: str, module: QuantizedLinear, accuracy_level: int
 ) -> str:
     block = linear_block(module.cols, module.group_size)
     result = site.output if site.bias is None else f"{name}/matmul"
@@ -689,7 +689,7 @@ def _quantized_linear(
 
 
 def _matmul_nbits(
-    edit: _Edit,
+    edit: Edit,
     activation: str,
     output: str,
     name: str,
@@ -724,7 +724,7 @@ def _matmul_nbits(
 
 
 def _dequantize_matmul(
-    edit: _Edit, activation: str, output: str, name: str, module: QuantizedLinear
+    edit: Edit, activation: str, output: str, name: str, module: QuantizedLinear
 ) -> list[Any]:
     """Standard ONNX: blocked DequantizeLinear of the ``[cols, rows]`` codes, then MatMul."""
     from onnx import helper
@@ -754,7 +754,7 @@ def _dequantize_matmul(
 
 def _embedding(
     view: _Graph,
-    edit: _Edit,
+    edit: Edit,
     name: str,
     module: QuantizedEmbedding,
     readers: list[tuple[int, int]],
@@ -779,19 +779,7 @@ def _embedding(
     if block is None:
         raise ExportError(f"--format onnx cannot hold layer {name!r}: {EMBEDDINGS_HELD}")
     blocked = blocked_codes(module, name, block)
-    rows = blocked.rows
-    flat = blocked.codes.reshape(rows, -1)
-    edit.tensor(f"{name}.scales", blocked.scales)
-    if blocked.zero_points is not None:
-        edit.tensor(f"{name}.zero_points", blocked.zero_points)
-    nodes = []
-    if heads:
-        codes = edit.tensor(f"{name}.codes", blocked.codes)
-        shape = edit.tensor(f"{name}.codes_2d_shape", np.array(flat.shape, dtype=np.int64))
-        data = f"{name}/codes_2d"
-        nodes.append(helper.make_node("Reshape", [codes, shape], [data], name=f"{name}/Reshape"))
-    else:
-        data = edit.tensor(f"{name}.codes", flat)
+    data, nodes = embedding_tensors(edit, name, blocked, tied=bool(heads))
     inputs = [data, lookup.input[1], f"{name}.scales"]
     if blocked.zero_points is not None:
         inputs.append(f"{name}.zero_points")
@@ -823,10 +811,70 @@ def _embedding(
     return labels
 
 
-def _w8a8(edit: _Edit, site: _Site, name: str, module: W8A8Linear) -> str:
-    """Smoothing, then autotune's 7-bit dynamic per-tensor quantisation of the activations
-    (range widened to 0, its scalars in float64 as the reference takes them), ``MatMulInteger``
-    on the int8 codes, and both scales."""
+def embedding_tensors(edit: Edit, name: str, blocked: Blocked, tied: bool) -> tuple[str, list]:
+    """Write an embedding's codes, scales and zero points; returns the name of the 2-D codes
+    the lookup reads, and the nodes that make them (a ``Reshape`` of the 3-D codes that tied
+    output layers read through MatMulNBits)."""
+    from onnx import helper
+
+    flat = blocked.codes.reshape(blocked.rows, -1)
+    edit.tensor(f"{name}.scales", blocked.scales)
+    if blocked.zero_points is not None:
+        edit.tensor(f"{name}.zero_points", blocked.zero_points)
+    if not tied:
+        return edit.tensor(f"{name}.codes", flat), []
+    codes = edit.tensor(f"{name}.codes", blocked.codes)
+    shape = edit.tensor(f"{name}.codes_2d_shape", np.array(flat.shape, dtype=np.int64))
+    data = f"{name}/codes_2d"
+    return data, [helper.make_node("Reshape", [codes, shape], [data], name=f"{name}/Reshape")]
+
+
+def w8a8_nodes(edit: Edit, site: Site, name: str, module: W8A8Linear) -> str:
+    """Smoothing, then the dynamic per-tensor quantisation of the activations (8 bits:
+    ``DynamicQuantizeLinear``; 7 bits: autotune's own, written out in standard ops), then
+    ``MatMulInteger`` on the int8 codes and a multiply by both scales."""
+    if module.activation_bits == 8:
+        return _w8a8_fused(edit, site, name, module)
+    return _w8a8_seven_bits(edit, site, name, module)
+
+
+def _w8a8_fused(edit: Edit, site: Site, name: str, module: W8A8Linear) -> str:
+    """``DynamicQuantizeLinear`` -> ``MatMulInteger`` -> ``Cast`` -> ``Mul`` by the product of
+    both scales: the pattern ONNX Runtime fuses into its ``DynamicQuantizeMatMul`` kernel."""
+    from onnx import TensorProto, helper
+
+    nodes: list[Any] = []
+    x = site.activation
+    if module.smooth is not None:
+        inverse = edit.tensor(f"{name}.smooth", module.smooth.detach().cpu().float().numpy())
+        x = f"{name}/smoothed"
+        nodes.append(helper.make_node("Div", [site.activation, inverse], [x], name=x))
+    quantised, scale, zero = (f"{name}/{part}" for part in ("quantised", "scale", "zero_point"))
+    nodes.append(
+        helper.make_node(
+            "DynamicQuantizeLinear", [x], [quantised, scale, zero], name=f"{name}/quantise"
+        )
+    )
+    codes = edit.tensor(f"{name}.codes", module.portable_codes().cpu().numpy().T.astype(np.int8))
+    scales = module.scales.detach().cpu().float().numpy()
+    scales = edit.tensor(f"{name}.scales", scales.reshape(()) if scales.size == 1 else scales)
+    product, product_f, factor = f"{name}/product", f"{name}/product_f", f"{name}/factor"
+    result = site.output if site.bias is None else f"{name}/matmul"
+    nodes += [
+        helper.make_node("MatMulInteger", [quantised, codes, zero], [product], name=product),
+        helper.make_node("Cast", [product], [product_f], name=product_f, to=TensorProto.FLOAT),
+        helper.make_node("Mul", [scale, scales], [factor], name=factor),
+        helper.make_node("Mul", [product_f, factor], [result], name=f"{name}/Mul"),
+    ]
+    _finish_site(edit, site, nodes, result)
+    smoothed = ", smoothed" if module.smooth is not None else ""
+    per = "per-tensor" if module.scales.numel() == 1 else "per-channel"
+    return f"DynamicQuantizeLinear + MatMulInteger int8 {per}{smoothed}"
+
+
+def _w8a8_seven_bits(edit: Edit, site: Site, name: str, module: W8A8Linear) -> str:
+    """Autotune's 7-bit dynamic per-tensor quantisation (range widened to 0, its scalars in
+    float64 as the reference takes them), written out in standard ops."""
     from onnx import TensorProto, helper
 
     nodes: list[Any] = []
@@ -862,7 +910,8 @@ def _w8a8(edit: _Edit, site: _Site, name: str, module: W8A8Linear) -> str:
     nodes.append(helper.make_node("Mul", [product_f, factor], [result], name=f"{name}/Mul"))
     _finish_site(edit, site, nodes, result)
     smoothed = ", smoothed" if module.smooth is not None else ""
-    return f"MatMulInteger int8 per-channel, 7-bit dynamic activations{smoothed}"
+    per = "per-tensor" if module.scales.numel() == 1 else "per-channel"
+    return f"MatMulInteger int8 {per}, 7-bit dynamic activations{smoothed}"
 
 
 # ---------------------------------------------------------------------------- the file
@@ -888,7 +937,8 @@ def _finish(model: Any, plan: Plan) -> None:
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
-def _tensor_bytes(model: Any) -> int:
+def tensor_bytes(model: Any) -> int:
+    """Bytes of every initializer of a ``ModelProto``."""
     return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
@@ -898,7 +948,7 @@ def _save(model: Any, out: Path) -> None:
     import onnx
 
     data = out.with_name(out.name + ".data")
-    if _tensor_bytes(model) <= PROTO_LIMIT:
+    if tensor_bytes(model) <= PROTO_LIMIT:
         onnx.checker.check_model(model)
         write_atomic(out, lambda tmp: onnx.save_model(model, tmp))
         data.unlink(missing_ok=True)

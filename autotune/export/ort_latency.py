@@ -447,7 +447,7 @@ def measure_in_ort(
         timed = _open_sessions(
             model, list(layers), variants, exporter, inputs, threads, rounds, Path(folder)
         )
-        walls = _run_rounds([t.session for t in timed.values()], inputs, rounds, settle)
+        walls = run_rounds([t.session for t in timed.values()], inputs, rounds, settle)
     return _table(timed, dict(zip(timed, walls, strict=True)), shapes)
 
 
@@ -534,7 +534,7 @@ def _kernel_seconds(
     return {layer: statistics.median(run[layer] for run in seconds) for layer in seconds[0]}
 
 
-def _run_rounds(
+def run_rounds(
     sessions: Sequence[Any],
     inputs: Mapping[str, torch.Tensor],
     rounds: int,

@@ -208,6 +208,9 @@ def measure_result(
         measured.latency = elsewhere["model"]
         measured.baseline_latency = elsewhere.get("baseline")
     plan.measured = measured.to_dict([budget.batch_size, budget.seq_len], metric)
+    exported = setup.runtime.stored_bytes(setup.work, plan)
+    if exported is not None:  # counted in the runtime's export, as the budget counts them
+        plan.measured.update(exported, bytes_counted_in=setup.runtime.export_format)
     if elsewhere is not None:
         plan.measured["timed_in"] = latency_model.name
     if priced.baseline is not None and priced.baseline.latency is not None:

@@ -78,6 +78,10 @@ def test_a_tune_for_onnxruntime_on_local_is_timed_and_measured_in_onnxruntime(to
     assert measured["timed_in"] == "onnxruntime-timed"
     assert measured["latency_p50_ms"] > 0 and measured["baseline"]["latency_p50_ms"] > 0
     assert result.plan.target["runtime"] == "onnxruntime"
+    # the budget counts the export's tensors: predicted to the byte, recounted in the export
+    assert measured["bytes_counted_in"] == "onnx"
+    assert measured["bytes"] == result.plan.predicted["bytes"] < measured["file_bytes"]
+    assert measured["bytes"] != measured["state_dict_bytes"]
     assert all(
         entry.get("method") in ("none", "rtn", "w8a8") for entry in result.plan.layers.values()
     )

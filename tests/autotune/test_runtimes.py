@@ -142,3 +142,28 @@ def test_tune_for_vllm_offers_only_what_vllm_runs(tokenizer) -> None:
 def test_plan_options_parse_as_runtimes_see_them() -> None:
     option = option_from_dict({"method": "gptq", "bits": 4, "group_size": 128, "symmetric": True})
     assert get_runtime("vllm").kernel_refusal(SQUARE, option) is None  # type: ignore[attr-defined]
+
+
+def test_onnxruntime_offers_w8a8_as_its_fused_int8_kernel_runs_it() -> None:
+    """Each W8A8 option becomes 8-bit activations (DynamicQuantizeLinear), with weight scales
+    per channel and per tensor, smoothed as offered and not at all; 7-bit activations are
+    refused for ONNX Runtime, and each form is offered once."""
+    from methods.smoothquant import W8A8Option
+
+    runtime = get_runtime("onnxruntime")
+    layers = [LayerRef("a", SQUARE)]
+    offered = {"a": [KeepOption(), W8A8Option(0.45), W8A8Option(0.6)]}
+    labels = [o.label for o in runtime.restrict(layers, offered)["a"]]
+    assert labels == [
+        "keep",
+        "w8a8-a8-sq0.45",
+        "w8a8-a8-tensor-sq0.45",
+        "w8a8-a8",
+        "w8a8-a8-tensor",
+        "w8a8-a8-sq0.6",
+        "w8a8-a8-tensor-sq0.6",
+    ]
+    assert "8 bits" in runtime.refusal("a", SQUARE, W8A8Option(0.6))
+    assert runtime.refusal("a", SQUARE, W8A8Option(0.6, activation_bits=8)) is None
+    assert get_runtime("torch").restrict(layers, offered) == offered
+    assert "int8_dynamic" in RUNTIME_KERNELS["onnxruntime"]["cpu"]

@@ -404,3 +404,52 @@ def test_a_model_that_is_not_the_plans_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="holds a float weight"):
         exporter.write(apply_plan(model, kept), int8, out)
     assert not out.exists()
+
+
+W8A8_FUSED_PLAN = Plan(
+    layers={
+        "_default": {"method": "none"},
+        r"re:encoder\.layer\.\d+\.intermediate\.dense": {
+            "method": "w8a8",
+            "alpha": 0.5,
+            "activation_bits": 8,
+        },
+        r"re:encoder\.layer\.\d+\.attention\.self\.(query|value)": {
+            "method": "w8a8",
+            "alpha": 0,
+            "activation_bits": 8,
+            "weight_scales": "tensor",
+        },
+        "encoder.layer.0.attention.self.key": {"method": "w8a8", "alpha": 0, "activation_bits": 8},
+    },
+    calibration=CALIBRATION,
+)
+
+
+def test_eight_bit_w8a8_runs_onnx_runtimes_fused_int8_matmul(tmp_path: Path, tokenizer) -> None:
+    """8-bit activations are written as DynamicQuantizeLinear -> MatMulInteger -> scales,
+    which ONNX Runtime fuses into its dynamic int8 kernels (no MatMulInteger is left after
+    its optimiser); the output is autotune's model up to the rounding of activations."""
+    model = make_tiny_bert(hidden=96)
+    path = tmp_path / "fused.onnx"
+    result = export_plan(W8A8_FUSED_PLAN, model, FORMAT, path, tokenizer=tokenizer)
+    assert result.layers["encoder.layer.0.intermediate.dense"] == (
+        "DynamicQuantizeLinear + MatMulInteger int8 per-channel, smoothed"
+    )
+    assert result.layers["encoder.layer.1.attention.self.value"] == (
+        "DynamicQuantizeLinear + MatMulInteger int8 per-tensor"
+    )
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    counts = op_counts(tmp_path / "optimised.onnx")
+    assert counts["MatMulInteger"] == 0
+    assert counts["DynamicQuantizeMatMul"] + counts["MatMulIntegerToFloat"] == 7, counts
+    feed = inputs("bert")
+    ours = session.run(None, {k: v.numpy() for k, v in feed.items()})[0]
+    compressed = apply_plan(model, W8A8_FUSED_PLAN, tokenizer=tokenizer)
+    autotune = main_output(compressed, feed)
+    plan_error = relative(autotune, main_output(model, feed))
+    error = relative(ours, autotune)
+    print(f"\nfused w8a8: against autotune's model {error:.1e}; plan error {plan_error:.1e}")
+    assert error < plan_error / 5
