@@ -149,18 +149,18 @@ class OnnxRuntimeTimed(TorchTimed):
         )
 
     def measure(self, compressed, plan, original, inputs):
-        """Both models exported to ONNX and timed in ONNX Runtime, visited in turn."""
+        """Both models exported to ONNX and timed in ONNX Runtime, visited in turn and
+        settled at each visit as the options were when they were priced."""
         import tempfile
         from pathlib import Path
 
         from autotune.export.onnx import OnnxExporter
         from autotune.export.ort_latency import (
-            WARMUP,
-            feed_for,
+            SETTLE,
             model_source,
             open_session,
+            run_rounds,
             session_options,
-            timed_run,
         )
         from autotune.plan import Plan
 
@@ -170,18 +170,12 @@ class OnnxRuntimeTimed(TorchTimed):
             kept = Plan(layers={"_default": KeepOption().to_dict()})
             graphs["baseline"] = exporter.build(original, kept)[0]
         with tempfile.TemporaryDirectory(prefix="autotune-ort-") as folder:
-            sessions = {
-                name: open_session(model_source(g, Path(folder)), session_options())
-                for name, g in graphs.items()
-            }
-            feeds = {name: feed_for(session, inputs) for name, session in sessions.items()}
-            for name, session in sessions.items():
-                for _ in range(WARMUP):
-                    session.run(None, feeds[name])
-            times: dict[str, list[float]] = {name: [] for name in sessions}
-            for _ in range(ORT_ROUNDS):
-                for name, session in sessions.items():
-                    times[name].append(timed_run(session, feeds[name]))
+            sessions = [
+                open_session(model_source(g, Path(folder)), session_options())
+                for g in graphs.values()
+            ]
+            walls = run_rounds(sessions, inputs, ORT_ROUNDS, SETTLE)
+        times = dict(zip(graphs, walls, strict=True))
         return {name: _stats(values) for name, values in times.items()}
 
 

@@ -254,7 +254,7 @@ def print_table(variants: list[Variant], tuned: dict[str, Plan], model: nn.Modul
         counts = {label: labels.count(label) for label in sorted(set(labels))}
         predicted, measured = plan.predicted or {}, plan.measured or {}
         figures = f"predicted {predicted.get('bytes'):,} tensor bytes"
-        if "latency_ms" in predicted:
+        if measured.get("timed_in") == "onnxruntime-timed":
             figures += (
                 f", {predicted['latency_ms']:.2f} ms in ONNX Runtime (measured "
                 f"{measured.get('latency_p50_ms', float('nan')):.2f} ms beside the float "
