@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from autotune.errors import AutotuneError
 from autotune.fitness import PlanFitness
 from search import Allocation, ChoiceTable, SearchResult, evolve, optuna_search
+from search.evolution import Stall
 from search.study import open_study
 
 AUTO = "auto"
@@ -92,8 +93,9 @@ class AllocatorOnly(SearchEngine):
 
 
 # 16 offspring screened on the profiling windows, the best one evaluated in full: on the
-# demo at 3 bits this beat keeping 4 (or 2 of 8 or 32) for the same number of evaluations
-EVOLUTION = {"offspring": 16, "survivors": [1]}
+# demo at 3 bits this beat keeping 4 (or 2 of 8 or 32) for the same number of evaluations;
+# the evaluation budget is a ceiling: the search stops earlier once its best error stalls
+EVOLUTION = {"offspring": 16, "survivors": [1], "stall": Stall()}
 
 
 class Evolution(SearchEngine):

@@ -26,6 +26,32 @@ Progress = Callable[[Counter, float, dict[str, float]], None]
 NO_NEW_PLAN = "no new plan within the limits"
 
 
+@dataclass(frozen=True)
+class Stall:
+    """Stop once the parent's error fell by less than ``gain`` (relative) over the last
+    ``generations`` generations."""
+
+    generations: int = 8
+    gain: float = 0.005
+
+    def __post_init__(self) -> None:
+        if self.generations < 1 or not 0 <= self.gain < 1:
+            raise ValueError(
+                f"a stall needs generations >= 1 and 0 <= gain < 1, got {self.generations}, "
+                f"{self.gain}"
+            )
+
+    def reason(self, history: Sequence[float]) -> str | None:
+        """Why the search stalled after ``history`` (the parent's error per generation, the
+        start first), or ``None``."""
+        if len(history) <= self.generations:
+            return None
+        before, now = history[-1 - self.generations], history[-1]
+        if before - now > self.gain * abs(before):
+            return None
+        return f"stalled (under {100 * self.gain:g}% lower error in {self.generations} generations)"
+
+
 @dataclass
 class SearchResult:
     """The best plan an engine found, at full fidelity, and what it cost to find it."""
@@ -276,9 +302,10 @@ def _generations(
     flips: tuple[int, int],
     survivors: Sequence[int],
     progress: Progress | None,
+    stall: Stall | None = None,
 ) -> tuple[int, str]:
-    """Run generations until the budget is spent or no new plan is found; returns how many
-    ran and why they stopped."""
+    """Run generations until the budget is spent, no new plan is found or the search stalls;
+    returns how many ran and why they stopped."""
     generations = 0
     while (stopped := budget.spent(run.counter)) is None:
         if not run.generation(offspring, flips, survivors):
@@ -286,6 +313,8 @@ def _generations(
         generations += 1
         if progress is not None:
             progress(run.counter, run.parent_error, run.table.margins(run.parent, run.limits))
+        if stall is not None and (stalled := stall.reason(run.history)) is not None:
+            return generations, stalled
     return generations, stopped
 
 
@@ -304,6 +333,7 @@ def evolve(
     study: Any = None,
     order_by: str | None = None,
     progress: Progress | None = None,
+    stall: Stall | None = None,
 ) -> SearchResult:
     """Improve ``start`` (a plan within ``limits``) by evolution.
 
@@ -313,7 +343,8 @@ def evolve(
     ``study``, evaluations already in it (earlier runs, other processes: read again every
     generation) are not repeated, its best complete plan within the limits becomes the
     parent if better, and every new evaluation is recorded there. Choices are ordered into
-    levels by their cost in ``order_by`` (default: the first limit's resource).
+    levels by their cost in ``order_by`` (default: the first limit's resource). With
+    ``stall``, the search also stops once its best error stops falling (see :class:`Stall`).
     """
     began = time.perf_counter()
     if not table.fits(start, limits):
@@ -324,7 +355,7 @@ def evolve(
     resumed = run.sync()
     run.begin()
     budget = _Budget(max_evals, timeout, began)
-    generations, stopped = _generations(run, budget, offspring, flips, survivors, progress)
+    generations, stopped = _generations(run, budget, offspring, flips, survivors, progress, stall)
     run.finish()
     return SearchResult(
         assignment=run.parent,

@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from search import allocate, evolve
-from search.evolution import NO_NEW_PLAN, default_survivors
+from search.evolution import NO_NEW_PLAN, Stall, default_survivors
 from search.study import open_study
 from tests.search.synthetic import SyntheticFitness, bits_limit, make_problem
 
@@ -78,6 +78,44 @@ def test_stops_when_no_new_plan_fits():
     assert result.evaluations.full_equivalent < 10**6
     assert len(fitness.calls) == len(set(fitness.calls))
     assert all(table.fits(list(plan), limits) for plan, _ in fitness.calls)
+
+
+def test_stops_when_the_best_error_stalls_and_says_so(problem):
+    """With a stall rule the search ends once the parent's error fell by less than the gain
+    over the last generations, well before the evaluation ceiling; without one it runs on."""
+    table, weights, limits, start = problem
+    stall = Stall(generations=3, gain=0.01)
+    stalled = evolve(
+        table,
+        limits,
+        SyntheticFitness(table, weights),
+        start,
+        max_evals=10**4,
+        seed=4,
+        stall=stall,
+    )
+    assert stalled.stopped.startswith("stalled (under 1% lower error in 3 generations)")
+    history = stalled.history
+    assert history[-4] - history[-1] <= 0.01 * history[-4]
+    assert all(  # no earlier window of 3 generations had stalled
+        history[i - 3] - history[i] > 0.01 * history[i - 3] for i in range(3, len(history) - 1)
+    )
+    free = evolve(
+        table,
+        limits,
+        SyntheticFitness(table, weights),
+        start,
+        max_evals=10**4,
+        seed=4,
+        timeout=3 * stalled.seconds + 0.5,
+    )
+    assert free.stopped != stalled.stopped and free.iterations > stalled.iterations
+
+
+@pytest.mark.parametrize(("generations", "gain"), [(0, 0.01), (3, -0.1), (3, 1.0)])
+def test_a_stall_rule_out_of_range_is_refused(generations: int, gain: float):
+    with pytest.raises(ValueError, match="a stall needs"):
+        Stall(generations, gain)
 
 
 def test_refuses_a_start_over_the_limits(problem):
