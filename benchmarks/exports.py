@@ -52,6 +52,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -119,7 +120,7 @@ class Variant:
     def bytes(self) -> int | None:
         return self.path.stat().st_size if self.path else None
 
-    @property
+    @functools.cached_property
     def tensor_bytes(self) -> int | None:
         return tensor_bytes(onnx.load(str(self.path))) if self.path else None
 

@@ -867,8 +867,7 @@ def _w8a8_fused(edit: Edit, site: Site, name: str, module: W8A8Linear) -> str:
         helper.make_node("Mul", [product_f, factor], [result], name=f"{name}/Mul"),
     ]
     _finish_site(edit, site, nodes, result)
-    smoothed = ", smoothed" if module.smooth is not None else ""
-    per = "per-tensor" if module.scales.numel() == 1 else "per-channel"
+    per, smoothed = _w8a8_scheme(module)
     return f"DynamicQuantizeLinear + MatMulInteger int8 {per}{smoothed}"
 
 
@@ -909,9 +908,14 @@ def _w8a8_seven_bits(edit: Edit, site: Site, name: str, module: W8A8Linear) -> s
     product_f = cast(product, TensorProto.FLOAT)
     nodes.append(helper.make_node("Mul", [product_f, factor], [result], name=f"{name}/Mul"))
     _finish_site(edit, site, nodes, result)
-    smoothed = ", smoothed" if module.smooth is not None else ""
-    per = "per-tensor" if module.scales.numel() == 1 else "per-channel"
+    per, smoothed = _w8a8_scheme(module)
     return f"MatMulInteger int8 {per}, 7-bit dynamic activations{smoothed}"
+
+
+def _w8a8_scheme(module: W8A8Linear) -> tuple[str, str]:
+    """``per-tensor`` or ``per-channel``, and ``, smoothed`` where the layer is."""
+    per = "per-tensor" if module.scales.numel() == 1 else "per-channel"
+    return per, ", smoothed" if module.smooth is not None else ""
 
 
 # ---------------------------------------------------------------------------- the file

@@ -84,31 +84,19 @@ def test_stops_when_the_best_error_stalls_and_says_so(problem):
     """With a stall rule the search ends once the parent's error fell by less than the gain
     over the last generations, well before the evaluation ceiling; without one it runs on."""
     table, weights, limits, start = problem
-    stall = Stall(generations=3, gain=0.01)
-    stalled = evolve(
-        table,
-        limits,
-        SyntheticFitness(table, weights),
-        start,
-        max_evals=10**4,
-        seed=4,
-        stall=stall,
-    )
+
+    def run(**stop):
+        fitness = SyntheticFitness(table, weights)
+        return evolve(table, limits, fitness, start, max_evals=10**4, seed=4, **stop)
+
+    stalled = run(stall=Stall(generations=3, gain=0.01))
     assert stalled.stopped.startswith("stalled (under 1% lower error in 3 generations)")
     history = stalled.history
     assert history[-4] - history[-1] <= 0.01 * history[-4]
     assert all(  # no earlier window of 3 generations had stalled
         history[i - 3] - history[i] > 0.01 * history[i - 3] for i in range(3, len(history) - 1)
     )
-    free = evolve(
-        table,
-        limits,
-        SyntheticFitness(table, weights),
-        start,
-        max_evals=10**4,
-        seed=4,
-        timeout=3 * stalled.seconds + 0.5,
-    )
+    free = run(timeout=3 * stalled.seconds + 0.5)
     assert free.stopped != stalled.stopped and free.iterations > stalled.iterations
 
 
