@@ -532,12 +532,17 @@ def state_layout(module: nn.Module) -> list[tuple[str, tuple[int, ...], torch.dt
 
 
 def uncalibrated_twin(method: Method, shape: LayerShape, option: Option) -> Option | None:
-    """The option of another, uncalibrated method that stores the same thing: built from the
-    values of the fields both option types have, valid, with equal bytes and runtime format,
+    """An uncalibrated option that stores the same thing: one of the method's own grid (the
+    closest first), or
+    one of another method built from the values of the fields both option types have; valid,
+    with equal bytes and runtime format,
     the same module type and state layout (names, shapes, dtypes). ``None`` when no
     registered method has one."""
     values = {f.name: getattr(option, f.name) for f in dataclasses.fields(option)}
     stored = method.empty(shape, option)
+    own = [o for o in method.grid(shape) if not method.needs_calibration(o)]
+    differing = lambda o: sum(getattr(o, k) != v for k, v in values.items())  # noqa: E731
+    candidates: list[tuple[Method, Option]] = [(method, o) for o in sorted(own, key=differing)]
     for _, other in sorted(registered_methods().items()):
         if other is method or not other.supports(shape):
             continue
@@ -547,6 +552,8 @@ def uncalibrated_twin(method: Method, shape: LayerShape, option: Option) -> Opti
             other.check(shape, twin)
         except (OptionError, TypeError):
             continue
+        candidates.append((other, twin))
+    for other, twin in candidates:
         if (
             not other.needs_calibration(twin)
             and other.cost(shape, twin) == method.cost(shape, option)

@@ -1,0 +1,96 @@
+"""llama.cpp's own quantizer, called in the ``libggml-base`` that ``llama-cpp-python`` ships.
+
+``ggml_quantize_chunk`` is the function ``llama-quantize`` runs on every tensor, so codes made
+here are the codes llama.cpp would write, bit for bit, with or without an importance matrix.
+Only K- and i-quants need it (``gguf`` encodes the 32-wide legacy types in NumPy); without
+``llama-cpp-python`` those types are refused in one line that says how to install it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from methods.errors import OptionError
+
+INSTALL_HINT = "pip install 'autotune[llama]' (llama-cpp-python, which builds llama.cpp)"
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    lib_dir = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    found = sorted(lib_dir.glob("libggml-base.*"))
+    if not found:
+        return None
+    lib = ctypes.CDLL(str(found[0]))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    return lib
+
+
+def available() -> bool:
+    """Whether llama.cpp's quantizer can be called here."""
+    return _library() is not None
+
+
+def _lib(what: str) -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise OptionError(f"{what} needs llama.cpp's quantizer: {INSTALL_HINT}")
+    return lib
+
+
+def row_size(ggml_type: int, cols: int) -> int:
+    """llama.cpp's bytes for one row of ``cols`` weights of ``ggml_type``."""
+    return int(_lib("ggml_row_size").ggml_row_size(ggml_type, cols))
+
+
+def requires_imatrix(ggml_type: int) -> bool:
+    return bool(_lib("an importance check").ggml_quantize_requires_imatrix(ggml_type))
+
+
+def quantize(
+    weight: np.ndarray, ggml_type: int, imatrix: np.ndarray | None = None, what: str = "quantize"
+) -> np.ndarray:
+    """Rows of ``weight`` (``[rows, cols]`` float32) as llama.cpp stores them in
+    ``ggml_type``: ``[rows, row_size]`` bytes. ``imatrix`` (``[cols]``) weighs each column's
+    error as ``llama-quantize --imatrix`` does."""
+    lib = _lib(what)
+    src = np.ascontiguousarray(weight, dtype=np.float32)
+    rows, cols = src.shape
+    row_bytes = int(lib.ggml_row_size(ggml_type, cols))
+    out = np.zeros((rows, row_bytes), dtype=np.uint8)
+    importance = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    if importance is not None and importance.shape != (cols,):
+        raise ValueError(f"an importance matrix has one value per column ({cols})")
+    written = lib.ggml_quantize_chunk(
+        ggml_type,
+        src.ctypes.data,
+        out.ctypes.data,
+        0,
+        rows,
+        cols,
+        None if importance is None else importance.ctypes.data,
+    )
+    if written != out.nbytes:
+        raise RuntimeError(f"llama.cpp wrote {written} bytes, expected {out.nbytes}")
+    return out
