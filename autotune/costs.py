@@ -162,6 +162,7 @@ def build_costs(
     progress=None,
     observers: Observers | None = None,
     run: Callable[..., Any] | None = None,
+    tokenizer: Any = None,
 ) -> CostModel:
     """Price every option of every layer on ``spec`` at the shape of ``latency_inputs``.
 
@@ -173,7 +174,8 @@ def build_costs(
     ``run(**latency_inputs)`` makes the forward pass the roofline counts (default: the model
     itself; a model streamed from disk passes its block-at-a-time pass). Bytes are autotune's
     stored bytes, or those of the runtime's export where it prices them
-    (:meth:`autotune.runtimes.Runtime.byte_prices`).
+    (:meth:`autotune.runtimes.Runtime.byte_prices`; ``tokenizer`` for an export that
+    holds it).
     """
     tokens = int(latency_inputs["input_ids"].numel())
     chosen = {r.name for r in layers}
@@ -193,7 +195,7 @@ def build_costs(
     fixed_bits = sum(8 * KeepCost.weight_bytes(r) for r in others)
     original = model_bytes(model)
     fixed_bytes = original - variable_bytes
-    exported = get_runtime(spec.runtime).byte_prices(model, layers, options)
+    exported = get_runtime(spec.runtime).byte_prices(model, layers, options, tokenizer)
     if exported is not None:  # the runtime's export stores them otherwise
         per_bytes, fixed_bytes, original = exported.per_layer, exported.fixed, exported.original
     return CostModel(

@@ -309,6 +309,9 @@ class Report:
                 f"held-out error {uniform['heldout_error']:.4g}, {sizes}; this plan's "
                 f"held-out error is {ratio:.2f}x that"
             )
+        in_runtime = meas.get("in_runtime")
+        if in_runtime:
+            lines.append(_in_runtime_line(in_runtime, meas))
         streamed = meas.get("streamed")
         if streamed:
             lines.append(
@@ -422,3 +425,18 @@ def speed_words(baseline_ms: float, compressed_ms: float) -> str:
 def _device_kind(device: str) -> str:
     """``gpu`` for a device recorded as ``cuda: ...``, else ``cpu``."""
     return "gpu" if device.startswith("cuda") else "cpu"
+
+
+def _in_runtime_line(figures: dict[str, Any], measured: dict[str, Any]) -> str:
+    """The export's quality as its runtime computes it, beside autotune's modules'."""
+    if "skipped" in figures:
+        return f"not measured in {figures['runtime']}: {figures['skipped']}"
+    ours = measured.get("heldout_error")
+    beside = f" (autotune's modules: {ours:.4g})" if ours is not None else ""
+    text = (
+        f"measured in {figures['runtime']} on its export: held-out error "
+        f"{figures['heldout_error']:.4g}{beside}"
+    )
+    if figures.get("perplexity") is not None:
+        text += f", perplexity {figures['perplexity']:.4g}"
+    return text

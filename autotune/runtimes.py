@@ -102,16 +102,41 @@ class Runtime(ABC):
             restricted[name] = list(kept.values())
         return restricted
 
-    def byte_prices(
-        self, model: nn.Module, layers: Sequence[LayerRef], options: Mapping[str, list[Option]]
-    ) -> BytePrices | None:
-        """The bytes this runtime's export stores for each (layer, option) and for the rest
-        of the model, where they differ from autotune's own storage; ``None``: they do not."""
+    def methods(self, spec: HardwareSpec) -> tuple[str, ...] | None:
+        """The methods a tune for this runtime searches by default (``None``: those the
+        target's kernels favour, :func:`autotune.costs.default_methods`)."""
         return None
 
-    def stored_bytes(self, compressed: nn.Module, plan: Any) -> dict[str, int] | None:
+    def byte_prices(
+        self,
+        model: nn.Module,
+        layers: Sequence[LayerRef],
+        options: Mapping[str, list[Option]],
+        tokenizer: Any = None,
+    ) -> BytePrices | None:
+        """The bytes this runtime's export stores for each (layer, option) and for the rest
+        of the model (with ``tokenizer`` where the export holds it), where they differ from
+        autotune's own storage; ``None``: they do not."""
+        return None
+
+    def stored_bytes(
+        self, compressed: nn.Module, plan: Any, tokenizer: Any = None
+    ) -> dict[str, int] | None:
         """``bytes`` (tensors) and ``file_bytes`` of the export of ``compressed`` (built,
         not written), where :meth:`byte_prices` prices them; ``None`` otherwise."""
+        return None
+
+    def measure_export(
+        self,
+        compressed: nn.Module,
+        plan: Any,
+        tokenizer: Any,
+        batches: list,
+        reference: list,
+        metric: str,
+    ) -> dict[str, Any] | None:
+        """Held-out error (and perplexity) of ``compressed``'s export computed by this
+        runtime itself; ``None`` where it is not (the tune's own figures are autotune's)."""
         return None
 
 
@@ -209,15 +234,54 @@ class OnnxRuntimeRuntime(_ExportedRuntime):
             )
         return None
 
-    def byte_prices(self, model, layers, options):
+    def byte_prices(self, model, layers, options, tokenizer=None):
         from autotune.export.onnx_bytes import onnx_byte_prices
 
         return onnx_byte_prices(model, layers, options)
 
-    def stored_bytes(self, compressed, plan):
+    def stored_bytes(self, compressed, plan, tokenizer=None):
         from autotune.export.onnx_bytes import onnx_stored_bytes
 
         return onnx_stored_bytes(compressed, plan)
+
+
+class LlamaCppRuntime(_ExportedRuntime):
+    name = "llama.cpp"
+    device_kinds = ("cpu", "gpu")
+    export_format = "gguf"
+    description = (
+        "llama.cpp running a GGUF export: each tensor one of llama.cpp's types (Q8_0, Q6_K, "
+        "Q4_K, IQ4_XS, ...); budgets count the GGUF file's bytes"
+    )
+
+    def methods(self, spec: HardwareSpec) -> tuple[str, ...]:
+        return ("gguf",)
+
+    def byte_prices(self, model, layers, options, tokenizer=None):
+        from autotune.export.gguf import gguf_byte_prices
+
+        return gguf_byte_prices(model, layers, options, tokenizer)
+
+    def stored_bytes(self, compressed, plan, tokenizer=None):
+        from autotune.export.gguf import gguf_stored_bytes
+
+        return gguf_stored_bytes(compressed, plan, tokenizer)
+
+    def measure_export(self, compressed, plan, tokenizer, batches, reference, metric):
+        """The GGUF file written to a temporary folder and run in llama.cpp."""
+        import tempfile
+        from pathlib import Path
+
+        from autotune.export import get_exporter
+        from autotune.export.llama_cpp import INSTALL, available, quality_in_llama_cpp
+
+        if not available():
+            return {"runtime": self.name, "skipped": f"llama.cpp is not installed: {INSTALL}"}
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.gguf"
+            get_exporter("gguf").write(compressed, plan, path, tokenizer)
+            figures = quality_in_llama_cpp(path, batches, reference, metric)
+        return {"runtime": self.name, "metric": metric, **figures}
 
 
 RUNTIMES: dict[str, Runtime] = {}
@@ -228,7 +292,7 @@ def register_runtime(runtime: Runtime) -> Runtime:
     return runtime
 
 
-for _runtime in (TorchRuntime(), VLLMRuntime(), OnnxRuntimeRuntime()):
+for _runtime in (TorchRuntime(), VLLMRuntime(), OnnxRuntimeRuntime(), LlamaCppRuntime()):
     register_runtime(_runtime)
 
 

@@ -156,7 +156,7 @@ def validate_plan(
         heldout=(batches, reference) if batches else None,
         metric=metric,
     )
-    exported = _export_bytes(plan, compressed)
+    exported = _export_bytes(plan, compressed, tokenizer)
     if exported is not None:  # the plan's runtime counts the bytes of its export
         now = dataclasses.replace(now, bytes=exported["bytes"])
     checks = plan_checks(plan, now, tolerance, roofline)
@@ -236,12 +236,13 @@ def plan_checks(
     return checks
 
 
-def _export_bytes(plan: Plan, compressed: nn.Module) -> dict[str, int] | None:
+def _export_bytes(plan: Plan, compressed: nn.Module, tokenizer: Any) -> dict[str, int] | None:
     """The bytes of the export of ``compressed``, recomputed, where the plan's runtime counts
     a budget in its export (``--runtime onnxruntime``)."""
     from autotune.runtimes import get_runtime
 
-    return get_runtime(plan.target.get("runtime") or "torch").stored_bytes(compressed, plan)
+    runtime = get_runtime(plan.target.get("runtime") or "torch")
+    return runtime.stored_bytes(compressed, plan, tokenizer=tokenizer)
 
 
 def _load_saved(folder: str | Path, plan: Plan, trust_remote_code: bool) -> nn.Module:

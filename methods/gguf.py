@@ -109,6 +109,9 @@ class GGUFStorage(KeepsStoredFormat):
             self.blocks.device
         )
 
+    def stored_weight_bytes(self) -> int:
+        return self.blocks.numel()
+
     def extra_repr(self) -> str:
         return f"type={self.kind.name}"
 

@@ -99,7 +99,7 @@ def export_formats() -> list[str]:
 def _load_builtin() -> None:
     """Import the built-in exporters (each registers itself; importing one does not import
     its runtime, which is imported only when it writes)."""
-    from autotune.export import compressed_tensors, onnx  # noqa: F401
+    from autotune.export import compressed_tensors, gguf, onnx  # noqa: F401
 
 
 def check_plan(exporter: Exporter, model: nn.Module, plan: Plan, strict: bool = True) -> None:

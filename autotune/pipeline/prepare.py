@@ -89,7 +89,9 @@ def prepare(
     original_fp = fingerprint(model)
     work = model if inplace else copy.deepcopy(model)
     tied = untie_output_embeddings(work)  # a tied embedding is one layer, stored once
-    methods = search.methods if search.methods is not None else default_methods(spec)
+    methods = search.methods
+    if methods is None:
+        methods = runtime.methods(spec) or default_methods(spec)
     as_is = _storage_answer(work, parsed, runtime, methods, search.option_labels, search)
     if as_is:
         say.say(

@@ -74,14 +74,28 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
     steps = len({(r.shape, o.label) for r in layers for o in options[r.name]}) if timed else 0
     with say.bar(steps, "latency") as bar:
         costs = build_costs(
-            work, layers, options, spec, latency_inputs, progress=bar.update, observers=observers
+            work,
+            layers,
+            options,
+            spec,
+            latency_inputs,
+            progress=bar.update,
+            observers=observers,
+            tokenizer=setup.tokenizer,
         )
     activations = activation_peak(work, latency_inputs)  # of the uncompressed model
     decode = _decode_inputs(work, calib, budget)
     if decode is not None:
         with say.bar(steps, "decode latency") as bar:
             decode_costs = build_costs(
-                work, layers, options, spec, decode, progress=bar.update, observers=observers
+                work,
+                layers,
+                options,
+                spec,
+                decode,
+                progress=bar.update,
+                observers=observers,
+                tokenizer=setup.tokenizer,
             )
         costs.with_decode(decode_costs)
     serving = _serving_memory(work, budget, activations.peak_bytes)

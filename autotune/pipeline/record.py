@@ -208,11 +208,16 @@ def measure_result(
         measured.latency = elsewhere["model"]
         measured.baseline_latency = elsewhere.get("baseline")
     plan.measured = measured.to_dict([budget.batch_size, budget.seq_len], metric)
-    exported = setup.runtime.stored_bytes(setup.work, plan)
+    exported = setup.runtime.stored_bytes(setup.work, plan, tokenizer=setup.tokenizer)
     if exported is not None:  # counted in the runtime's export, as the budget counts them
         plan.measured.update(exported, bytes_counted_in=setup.runtime.export_format)
     if elsewhere is not None:
         plan.measured["timed_in"] = latency_model.name
+    in_runtime = setup.runtime.measure_export(
+        setup.work, plan, setup.tokenizer, data.calib.heldout, data.heldout_reference, metric
+    )
+    if in_runtime is not None:
+        plan.measured["in_runtime"] = in_runtime
     if priced.baseline is not None and priced.baseline.latency is not None:
         plan.measured["baseline"] = {
             **priced.baseline.latency_figures(),

@@ -54,14 +54,14 @@ def add_export(sub: Any) -> None:
         "--format",
         required=True,
         metavar="FORMAT",
-        help="compressed-tensors (a folder transformers and vLLM load) or onnx (one file "
-        "ONNX Runtime runs)",
+        help="compressed-tensors (a folder transformers and vLLM load), onnx (one file "
+        "ONNX Runtime runs) or gguf (one file llama.cpp loads)",
     )
     export.add_argument(
         "-o",
         "--output",
         required=True,
         metavar="PATH",
-        help="where the export goes: a folder (compressed-tensors) or a file (onnx)",
+        help="where the export goes: a folder (compressed-tensors) or a file (onnx, gguf)",
     )
     add_common(export)

@@ -83,8 +83,9 @@ def _add_space(tune: argparse.ArgumentParser) -> None:
         default="torch",
         metavar="RUNTIME",
         help="what will run the plan: torch (autotune's modules, every option; default), vllm "
-        "(GPU targets: options vLLM's kernels run from a compressed-tensors export) or "
-        "onnxruntime (CPU targets: options an ONNX export holds)",
+        "(GPU targets: options vLLM's kernels run from a compressed-tensors export), "
+        "onnxruntime (CPU targets: options an ONNX export holds) or llama.cpp (llama.cpp's "
+        "tensor types, Q8_0 ... IQ2_XXS, in a GGUF file)",
     )
     tune.add_argument(
         "--options",

@@ -1,0 +1,354 @@
+"""Export to GGUF, the file llama.cpp loads: metadata, tokenizer and every tensor.
+
+Layers compressed with the ``gguf`` method are written as the blocks autotune stores (never
+re-quantised); kept layers, norms and biases as F32. Tensor names come from ``gguf``'s name
+map for the architecture; Llama-style families have their query and key rows reordered for
+llama.cpp's rotary layout (rows are independent in every GGML type, so reordering the stored
+blocks row by row is what converting the float rows first would give).
+
+The file size is known before the file exists: a header, the key-value and tensor-info
+sections (sizes that depend on names and shapes, not on types), padded to 32 bytes, then each
+tensor padded to 32 bytes. :func:`gguf_byte_prices` prices every (layer, option) that way and
+:func:`gguf_stored_bytes` recounts a built model. The plan is not embedded (its length would
+vary with the plan); its fingerprint and the model's are, as fixed-length keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from autotune.export.base import Exporter, ExportError, ExportResult, register_exporter
+from autotune.io import write_atomic
+from autotune.layers import LayerRef, compressible_layers
+from autotune.plan import Plan
+from methods.base import LayerShape, Option
+from methods.gguf import GGUFOption, GGUFStorage
+from methods.keep import KeepOption
+from methods.registry import method_of
+from methods.tied import TiedHead
+
+ALIGNMENT = 32  # GGUF's default data alignment
+PLAN_KEY = "autotune.plan_fingerprint"
+MODEL_KEY = "autotune.model_fingerprint"
+EMPTY_FINGERPRINT = "0" * 64
+HELD = "allowed: method gguf (llama.cpp's tensor types) or keep"
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one model family becomes a llama.cpp architecture."""
+
+    arch: str
+    permute_qk: bool  # llama.cpp's Llama rotary layout pairs rows differently from HF's
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", True),
+    "mistral": Family("llama", True),
+    "qwen2": Family("qwen2", False),
+}
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family of ``model``'s config, or one line naming those written."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in FAMILIES:
+        raise ExportError(
+            f"--format gguf writes {', '.join(sorted(FAMILIES))} models for llama.cpp; this "
+            f"model is {kind or type(model).__name__!r}"
+        )
+    rope = _rope(config)
+    if rope.get("rope_type", "default") != "default":
+        raise ExportError(
+            f"--format gguf writes default rotary embeddings; this model's rope_type is "
+            f"{rope.get('rope_type')!r}"
+        )
+    return FAMILIES[kind]
+
+
+def _rope(config: Any) -> dict[str, Any]:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if isinstance(rope, dict):
+        return rope
+    return {"rope_theta": getattr(config, "rope_theta", 10000.0)}
+
+
+def pad(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+@dataclass
+class Tensor:
+    """One tensor of the file: its GGUF name, data (``None`` when only priced), GGML type,
+    its shape in bytes along the last axis, and its bytes."""
+
+    name: str
+    data: np.ndarray | None
+    ggml: Any
+    byte_shape: tuple[int, ...]
+    nbytes: int
+    source: str = ""  # the model's name for it (``weight`` for stored blocks)
+
+
+def tensors(model: nn.Module, family: Family, priced_only: bool = False) -> list[Tensor]:
+    """Every tensor of ``model`` (compressed or not) as the file holds it, in state order."""
+    import gguf
+
+    config = model.config
+    arch = _arch(family)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    heads, kv_heads = config.num_attention_heads, _kv_heads(config)
+    state = model.state_dict(keep_vars=True)
+    out: list[Tensor] = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, TiedHead):
+            continue  # no output tensor: llama.cpp reads the token embedding instead
+        prefix = f"{module_name}." if module_name else ""
+        for local, value in module.named_buffers(recurse=False, prefix=""):
+            if value is None or prefix + local not in state:
+                continue  # non-persistent (rotary tables)
+            out.append(_tensor(names, prefix, local, value, module, family, heads, kv_heads))
+        for local, value in module.named_parameters(recurse=False, prefix=""):
+            out.append(_tensor(names, prefix, local, value, module, family, heads, kv_heads))
+    if priced_only:
+        for t in out:
+            t.data = None
+    return out
+
+
+def _tensor(names, prefix, local, value, module, family, heads, kv_heads) -> Tensor:
+    import gguf
+
+    blocks = isinstance(module, GGUFStorage) and local == "blocks"
+    key = prefix + ("weight" if blocks else local)
+    name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise ExportError(f"--format gguf has no llama.cpp name for tensor {key!r}")
+    data = value.detach().cpu()
+    array = data.numpy() if blocks else data.float().numpy()
+    if family.permute_qk and (".attn_q." in name or ".attn_k." in name):
+        array = _permute_rows(array, heads if ".attn_q." in name else kv_heads)
+    ggml = module.kind.ggml if blocks else gguf.GGMLQuantizationType.F32
+    array = np.ascontiguousarray(array)
+    byte_shape = (*array.shape[:-1], array.shape[-1] * array.itemsize)
+    return Tensor(name, array, ggml, byte_shape, int(array.nbytes), key)
+
+
+def _permute_rows(array: np.ndarray, heads: int) -> np.ndarray:
+    """HF's rotate-half rows to llama.cpp's interleaved pairs, per head."""
+    rows = array.shape[0]
+    return (
+        array.reshape(heads, 2, rows // heads // 2, *array.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(array.shape)
+    )
+
+
+def _kv_heads(config: Any) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def _arch(family: Family) -> Any:
+    import gguf
+
+    return next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == family.arch)
+
+
+def _metadata(writer: Any, model: nn.Module, tokenizer: Any, fingerprints: tuple[str, str]):
+    import gguf
+
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    writer.add_name(str(getattr(config, "_name_or_path", "") or "model")[-64:] or "model")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(_kv_heads(config))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_rope_freq_base(float(_rope(config).get("rope_theta", 10000.0)))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.GUESSED)
+    _tokenizer(writer, tokenizer, config.vocab_size)
+    writer.add_string(PLAN_KEY, fingerprints[0])
+    writer.add_string(MODEL_KEY, fingerprints[1])
+
+
+def _tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer (GPT-2, Llama 3, Qwen2 style) as llama.cpp's ``gpt2``
+    vocabulary; without a tokenizer, ``none`` (llama.cpp then takes token ids only)."""
+    import gguf
+
+    if tokenizer is None:
+        writer.add_tokenizer_model("none")
+        return
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model_type = type(backend.model).__name__ if backend is not None else None
+    pre = type(backend.pre_tokenizer).__name__ if backend is not None else None
+    if model_type != "BPE" or pre != "ByteLevel":
+        raise ExportError(
+            "--format gguf writes byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2 style); "
+            f"this one is {model_type or type(tokenizer).__name__} with {pre} pre-tokenizer"
+        )
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    special = {str(t) for t in tokenizer.all_special_tokens}
+    added = {str(t) for t in tokenizer.get_added_vocab()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(token)
+            kind = gguf.TokenType.NORMAL
+            if token in special:
+                kind = gguf.TokenType.CONTROL
+            elif token in added:
+                kind = gguf.TokenType.USER_DEFINED
+            types.append(kind)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_add_space_prefix(bool(getattr(backend.pre_tokenizer, "add_prefix_space", False)))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer)
+
+
+def _writer(path: str, model: nn.Module, family: Family, tokenizer: Any, fingerprints, parts):
+    import gguf
+
+    writer = gguf.GGUFWriter(path, _arch_name(family))
+    _metadata(writer, model, tokenizer, fingerprints)
+    for t in parts:
+        if t.data is None:
+            writer.add_tensor_info(t.name, t.byte_shape, np.dtype(np.uint8), t.nbytes, t.ggml)
+        elif t.data.dtype == np.uint8:
+            writer.add_tensor(t.name, t.data, raw_dtype=t.ggml)
+        else:
+            writer.add_tensor(t.name, t.data)
+    return writer
+
+
+def _arch_name(family: Family) -> str:
+    return family.arch
+
+
+def prefix_bytes(
+    model: nn.Module, tokenizer: Any, parts: Sequence[Tensor], family: Family | None = None
+) -> int:
+    """Bytes before the first tensor: header, key-values and tensor infos, padded."""
+    family = family or family_of(model)
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(Path(folder) / "head.gguf")
+        # types do not change the tensor infos' sizes
+        shells = [Tensor(t.name, None, t.ggml, t.byte_shape, t.nbytes) for t in parts]
+        writer = _writer(path, model, family, tokenizer, (EMPTY_FINGERPRINT,) * 2, shells)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        return pad(Path(path).stat().st_size)
+
+
+def file_bytes(prefix: int, parts: Sequence[Tensor]) -> int:
+    return prefix + sum(pad(t.nbytes) for t in parts)
+
+
+def _fingerprints(plan: Plan | None) -> tuple[str, str]:
+    if plan is None:
+        return EMPTY_FINGERPRINT, EMPTY_FINGERPRINT
+    digest = hashlib.sha256(plan.to_json().encode()).hexdigest()
+    model = str(plan.model.get("fingerprint") or "")
+    model = hashlib.sha256(model.encode()).hexdigest() if len(model) != 64 else model
+    return digest, model
+
+
+class GGUFExporter(Exporter):
+    name = "gguf"
+    requires = ("gguf",)
+    install = "gguf"
+    writes = "file"
+    description = "a GGUF file llama.cpp loads (llama, mistral, qwen2 families)"
+
+    def refusal(self, layer: str, shape: LayerShape, option: Option) -> str | None:
+        if isinstance(option, KeepOption):
+            return None
+        if not isinstance(option, GGUFOption):
+            return f"{option.label} has no llama.cpp tensor type; {HELD}"
+        return None
+
+    def write(
+        self, compressed: nn.Module, plan: Plan, out: Path, tokenizer: Any = None
+    ) -> ExportResult:
+        family = family_of(compressed)
+        parts = tensors(compressed, family)
+        fingerprints = _fingerprints(plan)
+
+        def write(tmp: str) -> None:
+            writer = _writer(tmp, compressed, family, tokenizer, fingerprints, parts)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+
+        out = Path(out)
+        write_atomic(out, write)
+        layers = {ref.name for ref in compressible_layers(compressed, min_numel=0)}
+        labels = {
+            t.source.removesuffix(".weight"): t.ggml.name
+            for t in parts
+            if t.source.removesuffix(".weight") in layers
+        }
+        return ExportResult(self.name, out, out.stat().st_size, labels)
+
+
+def gguf_byte_prices(
+    model: nn.Module,
+    layers: Sequence[LayerRef],
+    options: Mapping[str, list[Option]],
+    tokenizer: Any = None,
+):
+    """Each (layer, option)'s bytes in the GGUF file (weight and bias tensors, each padded),
+    the rest of the file, and the float model's file."""
+    from autotune.runtimes import BytePrices
+
+    family = family_of(model)
+    parts = tensors(model, family, priced_only=True)
+    prefix = prefix_bytes(model, tokenizer, parts, family)
+    owned = {f"{ref.name}.{suffix}" for ref in layers for suffix in ("weight", "bias")}
+    fixed = prefix + sum(pad(t.nbytes) for t in parts if t.source not in owned)
+    per_layer: dict[str, list[int]] = {}
+    for ref in layers:
+        bias = pad(ref.shape.bias_bytes) if ref.shape.has_bias else 0
+        per_layer[ref.name] = [
+            pad(method_of(o).cost(ref.shape, o).weight_bytes) + bias for o in options[ref.name]
+        ]
+    return BytePrices(per_layer, fixed, file_bytes(prefix, parts))
+
+
+def gguf_stored_bytes(compressed: nn.Module, plan: Any, tokenizer: Any = None) -> dict[str, int]:
+    """The GGUF file's bytes for ``compressed`` (built in memory, not written)."""
+    family = family_of(compressed)
+    parts = tensors(compressed, family, priced_only=True)
+    size = file_bytes(prefix_bytes(compressed, tokenizer, parts, family), parts)
+    return {"bytes": size, "file_bytes": size}
+
+
+register_exporter(GGUFExporter())
