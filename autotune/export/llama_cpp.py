@@ -13,6 +13,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,16 @@ def _quiet() -> Iterator[None]:
 
 class LlamaCppModel:
     """A GGUF file loaded in llama.cpp, called like a causal LM: ``model(input_ids=...,
-    attention_mask=...)`` returns ``{"logits": [batch, tokens, vocab]}``."""
+    attention_mask=...)`` returns ``{"logits": [batch, tokens, vocab]}``. ``all_logits``
+    off: only the last position's (as a server generating text), for timing."""
 
-    def __init__(self, path: str | Path, n_ctx: int = 512, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        n_ctx: int = 512,
+        threads: int | None = None,
+        all_logits: bool = True,
+    ) -> None:
         require()
         import llama_cpp
 
@@ -74,7 +82,7 @@ class LlamaCppModel:
                 str(self.path),
                 n_ctx=n_ctx,
                 n_batch=n_ctx,
-                logits_all=True,
+                logits_all=all_logits,
                 verbose=False,
                 n_threads=threads or os.cpu_count() or 1,
             )
@@ -142,3 +150,18 @@ def quality_in_llama_cpp(
     finally:
         model.close()
     return {"heldout_error": error.value(), "perplexity": loss.perplexity()}
+
+
+def time_tokens(model: LlamaCppModel, prompt: list[int], generate: int) -> tuple[float, float]:
+    """Seconds llama.cpp takes to read ``prompt`` in one batch (prompt processing, pp) and
+    per token to extend it one token at a time ``generate`` times (generation, tg)."""
+    llm = model.llm
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    prompt_seconds = time.perf_counter() - start
+    token = prompt[-1]
+    start = time.perf_counter()
+    for _ in range(generate):
+        llm.eval([token])
+    return prompt_seconds, (time.perf_counter() - start) / max(generate, 1)

@@ -1,0 +1,189 @@
+"""tiny-lm in llama.cpp: llama.cpp's own quantisation mixes against autotune's plans of the
+same file size, quality and speed measured by llama.cpp itself.
+
+For each mix (``Q8_0``, ``Q6_K``, ``Q5_K_M``, ``Q4_K_M``, ``Q3_K_M``, ``Q2_K`` by default),
+``llama_model_quantize`` (the library function behind ``llama-quantize``, with its built-in
+per-tensor heuristic and no importance matrix) converts an F32 GGUF of tiny-lm; its file size
+is then the budget of one ``autotune(..., runtime="llama.cpp", target="cpu")`` run, once with
+every type offered (importance-matrix options included, computed from autotune's calibration
+text) and once with plain types only (``--no-imatrix`` rows: the mixes' own footing). Every
+plan is exported to GGUF and all files are run in llama.cpp:
+
+* **KL**: mean next-token KL divergence against the uncompressed model (its torch logits) on
+  held-out windows of standard-library docstrings, a split no tune calibrates or selects on;
+  **ppl**: perplexity on the same windows;
+* **tg** / **pp**: generation (one token at a time, 64 tokens after a 16-token prompt) and
+  prompt (128 tokens in one batch) speed, timed in rounds that visit every file in turn; the
+  ratio is autotune's time over the mix's, the median over rounds (above 1: slower).
+
+Run: ``python benchmarks/llama_cpp.py`` (about 10 minutes on 2 cores; needs
+``pip install 'autotune[llama]'``); ``--mixes Q4_K_M`` for a part.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# run as a script, this folder must not shadow the packages named like its files (methods)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse
+import ctypes
+import statistics
+import tempfile
+import time
+
+from autotune import autotune
+from autotune.calibration import build_heldout
+from autotune.export import export_plan, get_exporter
+from autotune.export.llama_cpp import LlamaCppModel, quality_in_llama_cpp, time_tokens
+from autotune.loading import load_model
+from methods.gguf import GGUFTypes
+from profilers.quality import run_outputs
+
+MIXES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
+
+
+def quantize_mix(source: Path, out: Path, mix: str) -> None:
+    """llama.cpp's own mix ``mix`` of the GGUF ``source``."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}")
+    params.nthread = 2
+    if llama_cpp.llama_model_quantize(
+        str(source).encode(), str(out).encode(), ctypes.byref(params)
+    ):
+        raise RuntimeError(f"llama_model_quantize failed for {mix}")
+
+
+def plain_labels(model) -> list[str]:
+    """Every type without an importance matrix, for every layer shape of ``model``."""
+    from autotune.layers import compressible_layers
+
+    method = GGUFTypes()
+    return sorted(
+        {
+            o.label
+            for ref in compressible_layers(model)
+            for o in method.grid(ref.shape)
+            if not o.imatrix
+        }
+    )
+
+
+def speeds(paths: dict[str, Path], rounds: int) -> dict[str, tuple[float, float]]:
+    """Median (pp seconds, tg seconds per token) of each file, visited in turn each round."""
+    models = {
+        name: LlamaCppModel(p, n_ctx=256, threads=2, all_logits=False) for name, p in paths.items()
+    }
+    prompt, short = list(range(3, 131)), list(range(3, 19))
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, model in models.items():
+            pp, _ = time_tokens(model, prompt, 0)
+            _, tg = time_tokens(model, short, 64)
+            samples[name].append((pp, tg))
+    for model in models.values():
+        model.close()
+    return {
+        name: (statistics.median(s[0] for s in got), statistics.median(s[1] for s in got))
+        for name, got in samples.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mixes", default=",".join(MIXES))
+    parser.add_argument("--windows", type=int, default=32, help="held-out windows of 128 tokens")
+    parser.add_argument("--rounds", type=int, default=7, help="timing rounds")
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain-types tunes")
+    args = parser.parse_args()
+    mixes = [m.strip() for m in args.mixes.split(",") if m.strip()]
+
+    loaded = load_model("tiny-lm")
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    heldout = build_heldout(model, tokenizer, windows=args.windows, seq_len=128, batch_size=8)
+    reference = run_outputs(model, heldout)
+    plain = plain_labels(model)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        source = work / "f32.gguf"
+        get_exporter("gguf").write(model, None, source, tokenizer)
+        paths: dict[str, Path] = {}
+        tune_seconds: dict[str, float] = {}
+        for mix in mixes:
+            mix_path = work / f"{mix}.gguf"
+            quantize_mix(source, mix_path, mix)
+            paths[mix] = mix_path
+            size = mix_path.stat().st_size
+            variants = {"autotune": None} if args.no_plain else {"autotune": None, "plain": plain}
+            for variant, labels in variants.items():
+                start = time.perf_counter()
+                result = autotune(
+                    model,
+                    f"{size}B",
+                    "cpu",
+                    runtime="llama.cpp",
+                    tokenizer=tokenizer,
+                    option_labels=labels,
+                    progress=False,
+                    measure=False,
+                )
+                tune_seconds[f"{variant} @ {mix}"] = time.perf_counter() - start
+                path = work / f"{variant}-{mix}.gguf"
+                export_plan(result.plan, model, "gguf", path, tokenizer=tokenizer)
+                paths[f"{variant} @ {mix}"] = path
+        quality = {
+            name: quality_in_llama_cpp(path, heldout, reference, "kl")
+            for name, path in paths.items()
+        }
+        timed = speeds(paths, args.rounds)
+        for mix in mixes:
+            base_kl = quality[mix]["heldout_error"]
+            base_pp, base_tg = timed[mix]
+            for name in [mix, f"autotune @ {mix}", f"plain @ {mix}"]:
+                if name not in paths:
+                    continue
+                pp, tg = timed[name]
+                kl = quality[name]["heldout_error"]
+                rows.append(
+                    (
+                        name if name == mix else f"{name.split(' @ ')[0]} at {mix}'s size",
+                        paths[name].stat().st_size,
+                        kl,
+                        kl / base_kl if base_kl else float("nan"),
+                        quality[name]["perplexity"],
+                        1.0 / tg,
+                        tg / base_tg,
+                        pp / base_pp,
+                        tune_seconds.get(name),
+                    )
+                )
+    f32_ppl = quality_ppl_reference(heldout, reference)
+    print(
+        f"tiny-lm, {args.windows} held-out windows of 128 tokens; float32 perplexity {f32_ppl:.2f}"
+    )
+    print(
+        "| file | bytes | KL | KL vs mix | ppl | tg tok/s | tg time vs mix | pp time vs mix "
+        "| tune s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, size, kl, ratio, ppl, tps, tg, pp, seconds in rows:
+        tune = f"{seconds:.0f}" if seconds is not None else "-"
+        print(
+            f"| {name} | {size:,} | {kl:.3e} | {ratio:.2f}x | {ppl:.2f} | {tps:.0f} | "
+            f"{tg:.2f}x | {pp:.2f}x | {tune} |"
+        )
+
+
+def quality_ppl_reference(heldout, reference) -> float:
+    from profilers.quality import perplexity
+
+    return perplexity(None, heldout, reference)
+
+
+if __name__ == "__main__":
+    main()
