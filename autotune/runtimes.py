@@ -102,6 +102,9 @@ class Runtime(ABC):
             restricted[name] = list(kept.values())
         return restricted
 
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse, before any work, a model this runtime's export cannot hold."""
+
     def methods(self, spec: HardwareSpec) -> tuple[str, ...] | None:
         """The methods a tune for this runtime searches by default (``None``: those the
         target's kernels favour, :func:`autotune.costs.default_methods`)."""
@@ -253,6 +256,11 @@ class LlamaCppRuntime(_ExportedRuntime):
         "llama.cpp running a GGUF export: each tensor one of llama.cpp's types (Q8_0, Q6_K, "
         "Q4_K, IQ4_XS, ...); budgets count the GGUF file's bytes"
     )
+
+    def check_model(self, model: nn.Module) -> None:
+        from autotune.export.gguf import family_of
+
+        family_of(model)
 
     def methods(self, spec: HardwareSpec) -> tuple[str, ...]:
         return ("gguf",)

@@ -24,6 +24,7 @@ from autotune.loading import load_model
 from autotune.measured_figures import Measured, device_description, measure_model
 from autotune.plan import Plan
 from autotune.repriced import LABEL, RooflineLatency, plan_roofline, profile_roofline
+from autotune.validate_gguf import is_gguf, validate_gguf
 from profilers.decode import decode_inputs
 from profilers.measure import LatencyStats
 from profilers.quality import run_outputs
@@ -106,7 +107,8 @@ def validate_plan(
     """Apply ``plan`` to ``model`` and check budget, predicted bytes and quality.
 
     ``compressed`` (a folder written by ``autotune apply``, or a module) is checked instead of
-    a fresh application of the plan; the folder's plan must be the same plan.
+    a fresh application of the plan; the folder's plan must be the same plan. A GGUF file is
+    read and run in llama.cpp (:mod:`autotune.validate_gguf`).
 
     Quality holds when the held-out error is at most ``(1 + tolerance)`` times the error the
     plan recorded. Latency is measured against the budget when the plan's target is this
@@ -125,6 +127,16 @@ def validate_plan(
     needs_error = "heldout_error" in recorded
     batches = heldout_batches(plan, model, tokenizer, heldout) if needs_error else None
     reference = run_outputs(model, batches) if batches else None
+    if isinstance(compressed, (str, Path)) and is_gguf(compressed):
+        return validate_gguf(
+            plan,
+            model,
+            compressed,
+            batches=batches,
+            reference=reference,
+            tolerance=tolerance,
+            strict=strict,
+        )
     if compressed is None:
         compressed = apply_plan(model, plan, tokenizer=tokenizer, strict=strict)
     elif isinstance(compressed, (str, Path)):

@@ -109,6 +109,10 @@ class GGUFStorage(KeepsStoredFormat):
             self.blocks.device
         )
 
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole weight in ``dtype`` (a tied output layer reads the table this way)."""
+        return self.decode().to(dtype)
+
     def stored_weight_bytes(self) -> int:
         return self.blocks.numel()
 
@@ -132,7 +136,7 @@ class GGUFLinear(WeightOnlyLinear, GGUFStorage):
         self._set_linear(in_features, out_features, bias, bias_dtype, device)
 
     def forward_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.decode().to(dtype)
+        return self.dequantize(dtype)
 
 
 class GGUFEmbedding(GGUFStorage):

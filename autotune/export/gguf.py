@@ -16,6 +16,7 @@ vary with the plan); its fingerprint and the model's are, as fixed-length keys.
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -104,7 +105,7 @@ def tensors(model: nn.Module, family: Family, priced_only: bool = False) -> list
     import gguf
 
     config = model.config
-    arch = _arch(family)
+    arch = gguf_arch(family)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     heads, kv_heads = config.num_attention_heads, _kv_heads(config)
     state = model.state_dict(keep_vars=True)
@@ -157,7 +158,8 @@ def _kv_heads(config: Any) -> int:
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
-def _arch(family: Family) -> Any:
+def gguf_arch(family: Family) -> Any:
+    """gguf's ``MODEL_ARCH`` of ``family``."""
     import gguf
 
     return next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == family.arch)
@@ -234,7 +236,7 @@ def _tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
 def _writer(path: str, model: nn.Module, family: Family, tokenizer: Any, fingerprints, parts):
     import gguf
 
-    writer = gguf.GGUFWriter(path, _arch_name(family))
+    writer = gguf.GGUFWriter(path, family.arch)
     _metadata(writer, model, tokenizer, fingerprints)
     for t in parts:
         if t.data is None:
@@ -244,10 +246,6 @@ def _writer(path: str, model: nn.Module, family: Family, tokenizer: Any, fingerp
         else:
             writer.add_tensor(t.name, t.data)
     return writer
-
-
-def _arch_name(family: Family) -> str:
-    return family.arch
 
 
 def prefix_bytes(
@@ -271,13 +269,18 @@ def file_bytes(prefix: int, parts: Sequence[Tensor]) -> int:
     return prefix + sum(pad(t.nbytes) for t in parts)
 
 
-def _fingerprints(plan: Plan | None) -> tuple[str, str]:
+def plan_fingerprints(plan: Plan | None) -> tuple[str, str]:
+    """SHA-256 of what decides the file's tensors (the plan's layers and structure) and of
+    the model fingerprint the plan was made for: fixed-length keys, so the file's size does
+    not depend on them."""
     if plan is None:
         return EMPTY_FINGERPRINT, EMPTY_FINGERPRINT
-    digest = hashlib.sha256(plan.to_json().encode()).hexdigest()
+    decides = json.dumps({"layers": plan.layers, "structure": plan.structure}, sort_keys=True)
     model = str(plan.model.get("fingerprint") or "")
-    model = hashlib.sha256(model.encode()).hexdigest() if len(model) != 64 else model
-    return digest, model
+    return (
+        hashlib.sha256(decides.encode()).hexdigest(),
+        hashlib.sha256(model.encode()).hexdigest(),
+    )
 
 
 class GGUFExporter(Exporter):
@@ -299,7 +302,7 @@ class GGUFExporter(Exporter):
     ) -> ExportResult:
         family = family_of(compressed)
         parts = tensors(compressed, family)
-        fingerprints = _fingerprints(plan)
+        fingerprints = plan_fingerprints(plan)
 
         def write(tmp: str) -> None:
             writer = _writer(tmp, compressed, family, tokenizer, fingerprints, parts)

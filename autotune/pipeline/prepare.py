@@ -78,6 +78,7 @@ def prepare(
             loaded.source,
             True,
         )
+    runtime.check_model(model)
     parsed.check_positions(max_context(model))
     if parsed.decode_ms is not None and not is_causal_lm(model):
         raise AutotuneError(

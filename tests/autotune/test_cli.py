@@ -132,6 +132,14 @@ def test_targets_lists_the_registry(capsys) -> None:
         (["--budget", "50%", "--target", "cpu", "--runtime", "vllm"], "vllm runs on gpu"),
         (["--budget", "50%", "--target", "cpu", "--runtime", "trt"], "unknown runtime 'trt'"),
         (
+            ["--budget", "50%", "--target", "cpu", "--export", "m.gguf"],
+            "--export writes the --runtime's format and torch has none",
+        ),
+        (
+            ["--budget", "50%", "--target", "cpu", "--runtime", "llama.cpp"],
+            "--format gguf writes llama, mistral, qwen2 models",
+        ),
+        (
             ["--budget", "50%", "--target", "local", "--runtime", "vllm"],
             "would time autotune's torch modules",
         ),
@@ -280,3 +288,24 @@ def test_a_plan_tuned_for_onnxruntime_exports_and_runs_there(
     feeds = {i.name: np.ones((1, 8), dtype=np.int64) for i in session.get_inputs()}
     (hidden, *_) = session.run(None, feeds)
     assert hidden.shape[:2] == (1, 8) and np.isfinite(hidden).all()
+
+
+@pytest.mark.slow
+def test_tune_for_llama_cpp_exports_a_gguf_that_validates(tmp_path: Path, capsys) -> None:
+    """``tune --runtime llama.cpp --export`` writes the plan and its GGUF file, whose size the
+    plan predicted; ``validate --compressed`` reads the file back and passes (exit 0)."""
+    import transformers
+
+    from tests.autotune.export.test_gguf import make_model
+
+    folder = tmp_path / "llama"
+    make_model().save_pretrained(folder)
+    shipped = Path(__file__).resolve().parents[2] / "autotune" / "data" / "tiny_lm"
+    transformers.AutoTokenizer.from_pretrained(shipped).save_pretrained(folder)
+    plan, gguf = tmp_path / "plan.json", tmp_path / "m.gguf"
+    tune = ["tune", str(folder), "--budget", "2.4MB", "--target", "cpu", "--runtime", "llama.cpp"]
+    assert main([*tune, "-o", str(plan), "--export", str(gguf), "--search", "allocator"]) == 0
+    out = capsys.readouterr().out
+    assert f"gguf export written to {gguf}" in out
+    assert json.loads(plan.read_text())["measured"]["bytes"] == gguf.stat().st_size <= 2_400_000
+    assert main(["validate", str(plan), str(folder), "--compressed", str(gguf)]) == 0

@@ -4,6 +4,7 @@ that a tune for one offers only those options and prices that runtime's kernels.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -167,3 +168,65 @@ def test_onnxruntime_offers_w8a8_as_its_fused_int8_kernel_runs_it() -> None:
     assert runtime.refusal("a", SQUARE, W8A8Option(0.6, activation_bits=8)) is None
     assert get_runtime("torch").restrict(layers, offered) == offered
     assert "int8_dynamic" in RUNTIME_KERNELS["onnxruntime"]["cpu"]
+
+
+def test_llama_cpp_offers_its_tensor_types_only() -> None:
+    from methods.gguf import GGUFOption
+
+    runtime = get_runtime("llama.cpp")
+    assert runtime.methods(get_target("cpu")) == ("gguf",)
+    layers = [LayerRef("blk", SQUARE)]
+    offered = {"blk": [KeepOption(), QuantOption(4, 32, True), GGUFOption("Q4_0")]}
+    kept = runtime.restrict(layers, offered)["blk"]
+    assert [o.label for o in kept] == ["keep", "gguf-q4_0"]
+    assert "no llama.cpp tensor type" in runtime.refusal("blk", SQUARE, QuantOption(4, 32, True))
+    with pytest.raises(RuntimeChoiceError, match="--target local"):
+        runtime.check_target(get_target("local"), "local")
+
+
+@pytest.mark.slow
+def test_tune_for_llama_cpp_is_within_budget_in_the_gguf_files_own_bytes(tmp_path) -> None:
+    """The plan's bytes are the GGUF file's, predicted and recounted alike, within the
+    budget; the export written afterwards is that size; llama.cpp's own held-out error is
+    recorded beside the torch modules' and close to it."""
+    import transformers
+
+    from autotune.export import export_plan
+    from autotune.export.llama_cpp import available
+    from autotune.tuner import autotune
+    from tests.autotune.export.test_gguf import make_model
+
+    shipped = Path(__file__).resolve().parents[2] / "autotune" / "data" / "tiny_lm"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(shipped)
+    budget = 2_200_000  # the float file is about 7.4 MB
+    result = autotune(
+        make_model(),
+        f"{budget}B",
+        "cpu",
+        tokenizer=tokenizer,
+        runtime="llama.cpp",
+        progress=False,
+        search="allocator",
+        seq_len=32,
+        calibration_windows=16,
+        sensitivity_windows=2,
+        selection_windows=4,
+        heldout_windows=4,
+    )
+    measured = result.plan.measured
+    assert measured["bytes_counted_in"] == "gguf"
+    assert measured["bytes"] == result.plan.predicted["bytes"] <= budget
+    written = export_plan(
+        result.plan, make_model(), "gguf", tmp_path / "m.gguf", tokenizer=tokenizer
+    )
+    assert written.bytes == measured["bytes"]
+    in_runtime = measured["in_runtime"]
+    if not available():
+        assert "llama-cpp-python" in in_runtime["skipped"]
+        return
+    assert in_runtime["runtime"] == "llama.cpp"
+    assert (
+        0.5 * measured["heldout_error"]
+        < in_runtime["heldout_error"]
+        < 2 * measured["heldout_error"]
+    )

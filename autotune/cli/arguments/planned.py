@@ -25,7 +25,10 @@ def add_validate(sub: Any) -> None:
     )
     validate.add_argument("--no-latency", action="store_true", help="do not time the model")
     validate.add_argument(
-        "--compressed", metavar="DIR", help="check this saved compressed model (autotune apply -o)"
+        "--compressed",
+        metavar="PATH",
+        help="check this saved compressed model (autotune apply -o) or GGUF file (autotune "
+        "export --format gguf; read and run in llama.cpp)",
     )
     add_low_memory(validate)
     add_common(validate)

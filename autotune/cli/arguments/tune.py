@@ -40,6 +40,12 @@ def _add_problem(tune: argparse.ArgumentParser) -> None:
     tune.add_argument("--target-file", action="append", default=[], help=TARGET_FILE_HELP)
     tune.add_argument("-o", "--output", help="write the plan JSON here")
     tune.add_argument("--save-model", metavar="DIR", help="also save the compressed model here")
+    tune.add_argument(
+        "--export",
+        metavar="PATH",
+        help="also write the compressed model in the --runtime's format (onnx, gguf: a file; "
+        "compressed-tensors: a folder)",
+    )
     tune.add_argument("--calibration", help=CALIBRATION_HELP)
     tune.add_argument(
         "--heldout", help="text file held out for validation (default: stdlib docstrings)"

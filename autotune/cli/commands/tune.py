@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from autotune.cli.commands.output import emit
@@ -16,6 +17,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     methods = _words(args.methods)
     labels = _words(args.options)
     args.streamed = streams(args)
+    if args.streamed and args.export:
+        from autotune.errors import AutotuneError
+
+        raise AutotuneError("--export is not available block by block; run autotune export")
     if args.streamed:
         from autotune.cli.commands.tune_streamed import tune_streamed
 
@@ -39,7 +44,25 @@ def _checked_problem(args: argparse.Namespace) -> tuple[Any, Any]:
         kv_dtype=args.kv_dtype,
     )
     target = get_target(args.target, args.target_file)  # fail fast on a bad target
-    get_runtime(args.runtime).check_target(target, args.target)
+    runtime = get_runtime(args.runtime)
+    runtime.check_target(target, args.target)
+    if getattr(args, "export", None) and runtime.export_format is None:
+        from autotune.runtimes import RUNTIMES, RuntimeChoiceError
+
+        exported = ", ".join(n for n, r in RUNTIMES.items() if r.export_format)
+        raise RuntimeChoiceError(
+            f"--export writes the --runtime's format and {args.runtime} has none; allowed "
+            f"runtimes: {exported}"
+        )
+    if getattr(args, "export", None):
+        from autotune.export import ExportError, get_exporter
+
+        exporter = get_exporter(runtime.export_format)
+        if exporter.missing():
+            raise ExportError(
+                f"--export {args.export} needs {', '.join(exporter.missing())}: pip install "
+                f"{exporter.install}"
+            )
     check_settings(args.search, args.max_evals, args.timeout, args.storage)
     get_estimator(args.sensitivity)  # registered engines and estimators, before any loading
     return budget, target
@@ -87,6 +110,15 @@ def _tune_in_memory(
         result.plan.save(args.output)
     if args.save_model:
         save_compressed(result.model, result.plan, args.save_model, loaded.tokenizer)
+    if args.export:
+        from autotune.export import get_exporter
+        from autotune.runtimes import get_runtime
+
+        fmt = get_runtime(args.runtime).export_format
+        assert fmt is not None
+        out = Path(args.export)
+        written = get_exporter(fmt).write(result.model, result.plan, out, loaded.tokenizer)
+        args.exported = written
     text = result.report.layer_table() + "\n\n" + str(result.report) + _next_steps(args)
     emit(args, text, result.plan.to_dict())
     holds = result.report.holds()
@@ -104,7 +136,10 @@ def _next_steps(args: argparse.Namespace) -> str:
         text += f"\ncompressed model written to {args.save_model} (autotune.load_compressed)"
     elif args.output:
         text += f"\nto save the compressed model: autotune apply {args.output} {args.model} -o DIR"
-    if args.output:
+    written = getattr(args, "exported", None)
+    if written is not None:
+        text += f"\n{written.format} export written to {written.path} ({written.bytes:,} bytes)"
+    elif args.output:
         fmt = get_runtime(args.runtime).export_format
         if fmt is not None:
             text += (

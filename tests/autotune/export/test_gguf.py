@@ -1,0 +1,182 @@
+"""The GGUF export: the file size priced before the file exists is the written file's, to the
+byte; llama.cpp loads the file and computes what autotune's modules compute; what llama.cpp
+or the format cannot take is refused in one line and nothing is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from autotune.apply import apply_plan
+from autotune.export import ExportError, export_plan
+from autotune.export.gguf import gguf_byte_prices, gguf_stored_bytes
+from autotune.layers import compressible_layers
+from autotune.plan import Plan
+from methods import ggml_quantizer
+from methods.keep import KeepOption
+from methods.tied import untie_output_embeddings
+
+needs_llama = pytest.mark.skipif(
+    not ggml_quantizer.available(), reason="llama.cpp (llama-cpp-python) is not installed"
+)
+
+
+def gguf(type_: str, imatrix: bool = False) -> dict:
+    return {"method": "gguf", "type": type_, "imatrix": imatrix}
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    """tiny-lm's byte-level BPE tokenizer (4096 tokens)."""
+    import transformers
+
+    folder = Path(__file__).resolve().parents[3] / "autotune" / "data" / "tiny_lm"
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def make_model(family: str = "llama", tied: bool = False, seed: int = 0):
+    """A small random model of ``family`` as wide as K-quants need (256), 4096 tokens."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tied,
+    )
+    if family == "qwen2":
+        config = transformers.Qwen2Config(**common)  # biases on q, k and v
+        return transformers.Qwen2ForCausalLM(config).eval()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
+
+
+PLANS = {
+    "float": Plan(layers={"_default": {"method": "none"}}),
+    "legacy types": Plan(
+        layers={
+            "_default": gguf("Q8_0"),
+            r"re:.*mlp\..*": gguf("Q4_1"),
+            "model.embed_tokens": gguf("Q5_0"),
+        }
+    ),
+    "k-quants": Plan(
+        layers={
+            "_default": gguf("Q4_K"),
+            r"re:.*v_proj": gguf("Q6_K"),
+            r"re:.*down_proj": gguf("Q3_K"),
+            "model.layers.1.mlp.up_proj": gguf("IQ4_XS"),
+            "model.layers.0.self_attn.o_proj": {"method": "none"},
+            "model.embed_tokens": gguf("Q2_K"),
+        }
+    ),
+}
+CASES = [
+    ("llama", False, "float"),
+    ("llama", False, "legacy types"),
+    ("llama", False, "k-quants"),
+    ("llama", True, "legacy types"),
+    ("qwen2", False, "legacy types"),
+]
+
+
+def compress(model, plan: Plan):
+    return apply_plan(model, plan)
+
+
+@pytest.mark.parametrize(("family", "tied", "plan_name"), CASES)
+def test_priced_bytes_are_the_written_files_bytes(
+    family: str, tied: bool, plan_name: str, bpe_tokenizer, tmp_path: Path
+) -> None:
+    if plan_name == "k-quants" and not ggml_quantizer.available():
+        pytest.skip("K-quants need llama.cpp's quantizer")
+    model = make_model(family, tied)
+    plan = PLANS[plan_name]
+    work = make_model(family, tied)
+    untie_output_embeddings(work)  # as a tune does: a tied table is one layer
+    layers = compressible_layers(work, min_numel=0)
+    chosen = plan.resolve([ref.name for ref in layers], strict=False)
+    options = {ref.name: [KeepOption(), chosen[ref.name]] for ref in layers}
+    prices = gguf_byte_prices(work, layers, options, bpe_tokenizer)
+    predicted = prices.fixed + sum(
+        prices.per_layer[ref.name][0 if chosen[ref.name].method == "none" else 1] for ref in layers
+    )
+    result = export_plan(plan, model, "gguf", tmp_path / "m.gguf", tokenizer=bpe_tokenizer)
+    assert result.bytes == (tmp_path / "m.gguf").stat().st_size == predicted
+    stored = gguf_stored_bytes(compress(model, plan), plan, bpe_tokenizer)
+    assert stored["bytes"] == predicted
+    if plan_name == "float":
+        assert prices.original == predicted
+
+
+def logits_in_llama_cpp(path: Path, ids: list[int]) -> torch.Tensor:
+    from autotune.export.llama_cpp import LlamaCppModel
+
+    model = LlamaCppModel(path, n_ctx=64)
+    try:
+        return model(input_ids=torch.tensor([ids]))["logits"][0]
+    finally:
+        model.close()
+
+
+def kl(reference: torch.Tensor, other: torch.Tensor) -> float:
+    p, q = torch.log_softmax(reference.double(), -1), torch.log_softmax(other.double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@needs_llama
+@pytest.mark.parametrize(
+    ("family", "tied", "plan_name"),
+    [
+        ("llama", False, "float"),
+        ("llama", False, "k-quants"),
+        ("llama", True, "legacy types"),
+        ("qwen2", False, "legacy types"),
+    ],
+)
+def test_llama_cpp_computes_what_autotunes_modules_compute(
+    family: str, tied: bool, plan_name: str, bpe_tokenizer, tmp_path: Path
+) -> None:
+    """The same weights: llama.cpp's logits match the torch modules' (its dot products
+    quantise activations to 8 bits, so not to the last bit), far closer than the
+    compression error itself."""
+    model = make_model(family, tied)
+    plan = PLANS[plan_name]
+    export_plan(plan, model, "gguf", tmp_path / "m.gguf", tokenizer=bpe_tokenizer)
+    compressed = compress(model, plan)
+    ids = list(range(5, 45))
+    with torch.no_grad():
+        ours = compressed(input_ids=torch.tensor([ids])).logits[0]
+        original = model(input_ids=torch.tensor([ids])).logits[0]
+    theirs = logits_in_llama_cpp(tmp_path / "m.gguf", ids)
+    if plan_name == "float":
+        assert torch.allclose(theirs, ours, atol=1e-3)
+    else:
+        assert kl(ours, theirs) < 0.1 * kl(original, ours)
+
+
+def test_an_option_without_a_llama_cpp_type_is_refused_before_writing(tmp_path: Path) -> None:
+    plan = Plan(layers={"_default": {"method": "rtn", "bits": 4, "group_size": 32}})
+    with pytest.raises(ExportError, match=r"no llama.cpp tensor type; allowed: method gguf"):
+        export_plan(plan, make_model(), "gguf", tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_family_llama_cpp_is_not_written_for_is_refused(tmp_path: Path) -> None:
+    from tests.conftest import make_tiny_bert
+
+    with pytest.raises(ExportError, match="writes llama, mistral, qwen2 models"):
+        export_plan(PLANS["float"], make_tiny_bert(), "gguf", tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tokenizer_that_is_not_byte_level_bpe_is_refused(tokenizer, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="byte-level BPE"):
+        export_plan(PLANS["float"], make_model(), "gguf", tmp_path / "m.gguf", tokenizer=tokenizer)
+    assert list(tmp_path.iterdir()) == []
