@@ -102,7 +102,7 @@ class Runtime(ABC):
             restricted[name] = list(kept.values())
         return restricted
 
-    def check_model(self, model: nn.Module) -> None:
+    def check_model(self, model: nn.Module) -> None:  # noqa: B027 (most runtimes take any)
         """Refuse, before any work, a model this runtime's export cannot hold."""
 
     def methods(self, spec: HardwareSpec) -> tuple[str, ...] | None:
