@@ -439,4 +439,11 @@ def _in_runtime_line(figures: dict[str, Any], measured: dict[str, Any]) -> str:
     )
     if figures.get("perplexity") is not None:
         text += f", perplexity {figures['perplexity']:.4g}"
+    for kind, label in (("prompt", "pp"), ("generate", "tg")):
+        speed = figures.get(f"{kind}_tokens_per_s")
+        if speed is not None:
+            text += f"; {label} {speed:,.0f} tokens/s"
+            base = figures.get(f"baseline_{kind}_tokens_per_s")
+            if base:
+                text += f" ({speed / base:.2f}x float32's {base:,.0f})"
     return text

@@ -137,9 +137,11 @@ class Runtime(ABC):
         batches: list,
         reference: list,
         metric: str,
+        original: nn.Module | None = None,
     ) -> dict[str, Any] | None:
         """Held-out error (and perplexity) of ``compressed``'s export computed by this
-        runtime itself; ``None`` where it is not (the tune's own figures are autotune's)."""
+        runtime itself, and its speed there beside ``original``'s where given; ``None``
+        where it is not (the tune's own figures are autotune's)."""
         return None
 
 
@@ -275,21 +277,39 @@ class LlamaCppRuntime(_ExportedRuntime):
 
         return gguf_stored_bytes(compressed, plan, tokenizer)
 
-    def measure_export(self, compressed, plan, tokenizer, batches, reference, metric):
-        """The GGUF file written to a temporary folder and run in llama.cpp."""
+    def measure_export(
+        self, compressed, plan, tokenizer, batches, reference, metric, original=None
+    ):
+        """The GGUF file written to a temporary folder and run in llama.cpp: held-out error
+        and perplexity, then prompt and generation speed beside the float model's file."""
         import tempfile
         from pathlib import Path
 
         from autotune.export import get_exporter
-        from autotune.export.llama_cpp import INSTALL, available, quality_in_llama_cpp
+        from autotune.export.llama_cpp import (
+            INSTALL,
+            available,
+            quality_in_llama_cpp,
+            speeds_in_llama_cpp,
+        )
 
         if not available():
             return {"runtime": self.name, "skipped": f"llama.cpp is not installed: {INSTALL}"}
+        exporter = get_exporter("gguf")
         with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "model.gguf"
-            get_exporter("gguf").write(compressed, plan, path, tokenizer)
-            figures = quality_in_llama_cpp(path, batches, reference, metric)
-        return {"runtime": self.name, "metric": metric, **figures}
+            paths = {"model": Path(folder) / "model.gguf"}
+            exporter.write(compressed, plan, paths["model"], tokenizer)
+            figures: dict[str, Any] = {"runtime": self.name, "metric": metric}
+            figures.update(quality_in_llama_cpp(paths["model"], batches, reference, metric))
+            if original is not None:
+                paths["baseline"] = Path(folder) / "float.gguf"
+                exporter.write(original, None, paths["baseline"], tokenizer)
+            prompt = [int(t) for t in batches[0]["input_ids"][0].tolist()]
+            for name, speed in speeds_in_llama_cpp(paths, prompt).items():
+                prefix = "" if name == "model" else "baseline_"
+                figures[f"{prefix}prompt_tokens_per_s"] = round(speed.prompt_tokens_per_s, 1)
+                figures[f"{prefix}generate_tokens_per_s"] = round(speed.generate_tokens_per_s, 1)
+        return figures
 
 
 RUNTIMES: dict[str, Runtime] = {}

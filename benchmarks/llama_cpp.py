@@ -30,14 +30,13 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import argparse
 import ctypes
-import statistics
 import tempfile
 import time
 
 from autotune import autotune
 from autotune.calibration import build_heldout
 from autotune.export import export_plan, get_exporter
-from autotune.export.llama_cpp import LlamaCppModel, quality_in_llama_cpp, time_tokens
+from autotune.export.llama_cpp import quality_in_llama_cpp, speeds_in_llama_cpp
 from autotune.loading import load_model
 from methods.gguf import GGUFTypes
 from profilers.quality import run_outputs
@@ -71,26 +70,6 @@ def plain_labels(model) -> list[str]:
             if not o.imatrix
         }
     )
-
-
-def speeds(paths: dict[str, Path], rounds: int) -> dict[str, tuple[float, float]]:
-    """Median (pp seconds, tg seconds per token) of each file, visited in turn each round."""
-    models = {
-        name: LlamaCppModel(p, n_ctx=256, threads=2, all_logits=False) for name, p in paths.items()
-    }
-    prompt, short = list(range(3, 131)), list(range(3, 19))
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
-    for _ in range(rounds):
-        for name, model in models.items():
-            pp, _ = time_tokens(model, prompt, 0)
-            _, tg = time_tokens(model, short, 64)
-            samples[name].append((pp, tg))
-    for model in models.values():
-        model.close()
-    return {
-        name: (statistics.median(s[0] for s in got), statistics.median(s[1] for s in got))
-        for name, got in samples.items()
-    }
 
 
 def main() -> None:
@@ -140,14 +119,15 @@ def main() -> None:
             name: quality_in_llama_cpp(path, heldout, reference, "kl")
             for name, path in paths.items()
         }
-        timed = speeds(paths, args.rounds)
+        prompt = heldout[0]["input_ids"][0].tolist()
+        timed = speeds_in_llama_cpp(paths, prompt, generate=64, rounds=args.rounds, threads=2)
         for mix in mixes:
             base_kl = quality[mix]["heldout_error"]
-            base_pp, base_tg = timed[mix]
+            base = timed[mix]
             for name in [mix, f"autotune @ {mix}", f"plain @ {mix}"]:
                 if name not in paths:
                     continue
-                pp, tg = timed[name]
+                speed = timed[name]
                 kl = quality[name]["heldout_error"]
                 rows.append(
                     (
@@ -156,9 +136,9 @@ def main() -> None:
                         kl,
                         kl / base_kl if base_kl else float("nan"),
                         quality[name]["perplexity"],
-                        1.0 / tg,
-                        tg / base_tg,
-                        pp / base_pp,
+                        speed.generate_tokens_per_s,
+                        base.generate_tokens_per_s / speed.generate_tokens_per_s,
+                        base.prompt_tokens_per_s / speed.prompt_tokens_per_s,
                         tune_seconds.get(name),
                     )
                 )

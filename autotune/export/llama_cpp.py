@@ -13,8 +13,10 @@ import contextlib
 import functools
 import importlib.util
 import os
+import statistics
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +167,45 @@ def time_tokens(model: LlamaCppModel, prompt: list[int], generate: int) -> tuple
     for _ in range(generate):
         llm.eval([token])
     return prompt_seconds, (time.perf_counter() - start) / max(generate, 1)
+
+
+@dataclass(frozen=True)
+class Speed:
+    """llama.cpp's prompt processing (pp: tokens read in one batch per second) and
+    generation (tg: tokens per second, one at a time) of one file."""
+
+    prompt_tokens_per_s: float
+    generate_tokens_per_s: float
+
+
+def speeds_in_llama_cpp(
+    paths: Mapping[str, str | Path],
+    prompt: list[int],
+    generate: int = 64,
+    rounds: int = 5,
+    threads: int | None = None,
+) -> dict[str, Speed]:
+    """The median pp and tg speed of each file, all loaded at once and visited in turn every
+    round (so that a slower moment of the machine hits each alike)."""
+    n_ctx = len(prompt) + generate + 1
+    models = {
+        name: LlamaCppModel(path, n_ctx=n_ctx, threads=threads, all_logits=False)
+        for name, path in paths.items()
+    }
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+    try:
+        for _ in range(rounds):
+            for name, model in models.items():
+                pp, _ = time_tokens(model, prompt, 0)
+                _, tg = time_tokens(model, prompt[:16], generate)
+                samples[name].append((pp, tg))
+    finally:
+        for model in models.values():
+            model.close()
+    return {
+        name: Speed(
+            len(prompt) / statistics.median(s[0] for s in got),
+            1.0 / statistics.median(s[1] for s in got),
+        )
+        for name, got in samples.items()
+    }

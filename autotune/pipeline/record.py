@@ -214,7 +214,13 @@ def measure_result(
     if elsewhere is not None:
         plan.measured["timed_in"] = latency_model.name
     in_runtime = setup.runtime.measure_export(
-        setup.work, plan, setup.tokenizer, data.calib.heldout, data.heldout_reference, metric
+        setup.work,
+        plan,
+        setup.tokenizer,
+        data.calib.heldout,
+        data.heldout_reference,
+        metric,
+        original=None if setup.inplace else setup.original,
     )
     if in_runtime is not None:
         plan.measured["in_runtime"] = in_runtime
