@@ -144,6 +144,7 @@ class Plan:
     measured: dict[str, Any] | None = None
     search: dict[str, Any] = field(default_factory=dict)
     profile: dict[str, Any] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)  # the runtime's export, described
     tool: dict[str, Any] = field(
         default_factory=lambda: {"name": "autotune", "version": __version__}
     )
@@ -168,6 +169,7 @@ class Plan:
             "measured": self.measured,
             "search": self.search,
             "profile": self.profile,
+            **({"export": self.export} if self.export else {}),
         }
 
     def to_json(self) -> str:

@@ -102,6 +102,11 @@ class Runtime(ABC):
             restricted[name] = list(kept.values())
         return restricted
 
+    def describe_export(self, compressed: nn.Module, options: Sequence[Option]) -> dict[str, Any]:
+        """The plan's ``export`` section: how this runtime's export holds ``compressed``
+        (compressed with ``options``); empty where there is nothing to add to the plan."""
+        return {}
+
     def check_model(self, model: nn.Module) -> None:  # noqa: B027 (most runtimes take any)
         """Refuse, before any work, a model this runtime's export cannot hold."""
 
@@ -263,6 +268,11 @@ class LlamaCppRuntime(_ExportedRuntime):
         from autotune.export.gguf import family_of
 
         family_of(model)
+
+    def describe_export(self, compressed, options):
+        from autotune.export.gguf import describe
+
+        return describe(compressed, options)
 
     def methods(self, spec: HardwareSpec) -> tuple[str, ...]:
         return ("gguf",)

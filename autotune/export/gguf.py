@@ -28,9 +28,9 @@ from torch import nn
 
 from autotune.export.base import Exporter, ExportError, ExportResult, register_exporter
 from autotune.io import write_atomic
-from autotune.layers import LayerRef, compressible_layers
+from autotune.layers import LayerRef
 from autotune.plan import Plan
-from methods.base import LayerShape, Option
+from methods.base import LayerShape, Option, is_weight_layer
 from methods.gguf import GGUFOption, GGUFStorage
 from methods.keep import KeepOption
 from methods.registry import method_of
@@ -283,6 +283,15 @@ def plan_fingerprints(plan: Plan | None) -> tuple[str, str]:
     )
 
 
+def layer_weights(model: nn.Module) -> set[str]:
+    """The state names of the weights of ``model``'s layers, compressed or not."""
+    return {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, GGUFStorage) or is_weight_layer(module)
+    }
+
+
 class GGUFExporter(Exporter):
     name = "gguf"
     requires = ("gguf",)
@@ -313,11 +322,9 @@ class GGUFExporter(Exporter):
 
         out = Path(out)
         write_atomic(out, write)
-        layers = {ref.name for ref in compressible_layers(compressed, min_numel=0)}
+        layers = layer_weights(compressed)
         labels = {
-            t.source.removesuffix(".weight"): t.ggml.name
-            for t in parts
-            if t.source.removesuffix(".weight") in layers
+            t.source.removesuffix(".weight"): t.ggml.name for t in parts if t.source in layers
         }
         return ExportResult(self.name, out, out.stat().st_size, labels)
 
@@ -355,3 +362,27 @@ def gguf_stored_bytes(compressed: nn.Module, plan: Any, tokenizer: Any = None) -
 
 
 register_exporter(GGUFExporter())
+
+
+def describe(compressed: nn.Module, options: Sequence[Option]) -> dict[str, Any]:
+    """The plan's ``export`` section for llama.cpp: each layer tensor's type in the file and
+    a ``llama-quantize`` command that gives every tensor the same type (from an F32 GGUF of
+    the model; the codes match where no importance matrix is used, as llama-quantize's
+    ``--imatrix`` weighs every tensor it quantises)."""
+    import re
+
+    family = family_of(compressed)
+    layers = layer_weights(compressed)
+    types = {t.name: t.ggml.name for t in tensors(compressed, family, True) if t.source in layers}
+    command = ["llama-quantize"]
+    for name, kind in types.items():
+        if name == "token_embd.weight":
+            command += ["--token-embedding-type", kind.lower()]
+        elif name == "output.weight":
+            command += ["--output-tensor-type", kind.lower()]
+        else:
+            command += ["--tensor-type", f"'{re.escape(name)}={kind.lower()}'"]
+    if any(getattr(o, "imatrix", False) for o in options):
+        command += ["--imatrix", "imatrix.gguf"]
+    command += ["model-f32.gguf", "model.gguf", "F32"]
+    return {"format": "gguf", "tensor_types": types, "llama_quantize": " ".join(command)}

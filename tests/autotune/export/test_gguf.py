@@ -180,3 +180,27 @@ def test_a_tokenizer_that_is_not_byte_level_bpe_is_refused(tokenizer, tmp_path: 
     with pytest.raises(ExportError, match="byte-level BPE"):
         export_plan(PLANS["float"], make_model(), "gguf", tmp_path / "m.gguf", tokenizer=tokenizer)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_plans_export_section_names_each_tensors_type_in_the_file(
+    bpe_tokenizer, tmp_path: Path
+) -> None:
+    """``describe`` (the plan's ``export`` section) agrees with the types the written file
+    holds, read back with gguf's reader, and its llama-quantize line sets each of them."""
+    import gguf as gguf_package
+
+    from autotune.export.gguf import describe
+
+    plan = PLANS["legacy types"]
+    model = make_model()
+    export_plan(plan, model, "gguf", tmp_path / "m.gguf", tokenizer=bpe_tokenizer)
+    described = describe(compress(model, plan), list(plan.options().values()))
+    in_file = {
+        t.name: t.tensor_type.name
+        for t in gguf_package.GGUFReader(tmp_path / "m.gguf").tensors
+        if len(t.shape) == 2
+    }
+    assert described["tensor_types"] == in_file
+    command = described["llama_quantize"]
+    assert "--token-embedding-type q5_0" in command and "--imatrix" not in command
+    assert command.count("--tensor-type") == len(in_file) - 2  # token_embd, output
