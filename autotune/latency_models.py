@@ -2,8 +2,9 @@
 
 A named target is priced by its roofline; ``local`` is timed on this machine inside the
 model: in autotune's torch modules, or, for ``--runtime onnxruntime``, inside ONNX Runtime
-sessions of the model's export. Each model is a :class:`LatencyModel`; the first
-registered one that :meth:`~LatencyModel.serves` a target prices it
+sessions of the model's export, and for ``--runtime llama.cpp`` in llama.cpp. Each model is
+a :class:`LatencyModel`; the first registered one that :meth:`~LatencyModel.serves` a target
+prices it
 (:func:`latency_model_for`), and :func:`register_latency_model` adds one ahead of the rest.
 """
 
@@ -55,6 +56,7 @@ class LatencyModel(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     measures: ClassVar[bool] = False  # times (layer shape, option)s on this machine
+    measures_decode: ClassVar[bool] = False  # :meth:`measure` also times decode inputs
 
     @abstractmethod
     def serves(self, spec: HardwareSpec) -> bool:
@@ -182,6 +184,42 @@ class OnnxRuntimeTimed(TorchTimed):
 ORT_ROUNDS = 30
 
 
+class LlamaCppTimed(TorchTimed):
+    name = "llama.cpp-timed"
+    measures_decode = True
+    description = (
+        "timed on this machine in llama.cpp, one GGUF file per option label (see "
+        "autotune.export.llama_latency)"
+    )
+
+    def serves(self, spec: HardwareSpec) -> bool:
+        return spec.name == "local" and spec.runtime == "llama.cpp"
+
+    def time(self, job: Pricing, timed: dict[str, list[Option]]) -> InModelLatency:
+        from autotune.export.llama_latency import measure_in_llama_cpp
+
+        return measure_in_llama_cpp(
+            job.model, timed, job.inputs, progress=job.progress, observers=job.observers
+        )
+
+    def measure(self, compressed, plan, original, inputs):
+        """The plan's GGUF file and the float model's, timed in llama.cpp in turn."""
+        import tempfile
+        from pathlib import Path
+
+        from autotune.export.gguf import GGUFExporter
+        from autotune.export.llama_latency import measure_files
+
+        exporter = GGUFExporter()
+        with tempfile.TemporaryDirectory(prefix="autotune-llama-") as folder:
+            paths = {"model": Path(folder) / "model.gguf"}
+            exporter.write(compressed, plan, paths["model"])
+            if original is not None:
+                paths["baseline"] = Path(folder) / "float.gguf"
+                exporter.write(original, None, paths["baseline"])
+            return measure_files(paths, inputs)
+
+
 def _stats(seconds: list[float]) -> LatencyStats:
     ordered = sorted(seconds)
     p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
@@ -238,5 +276,5 @@ def latency_model_for(spec: HardwareSpec) -> LatencyModel:
     raise ValueError(f"no latency model prices target {spec.name!r}")
 
 
-for _model in (Roofline(), TorchTimed(), OnnxRuntimeTimed()):
+for _model in (Roofline(), TorchTimed(), OnnxRuntimeTimed(), LlamaCppTimed()):
     register_latency_model(_model)

@@ -259,6 +259,7 @@ class LlamaCppRuntime(_ExportedRuntime):
     name = "llama.cpp"
     device_kinds = ("cpu", "gpu")
     export_format = "gguf"
+    timed_locally = True  # autotune.export.llama_latency times each type in llama.cpp
     description = (
         "llama.cpp running a GGUF export: each tensor one of llama.cpp's types (Q8_0, Q6_K, "
         "Q4_K, IQ4_XS, ...); budgets count the GGUF file's bytes"

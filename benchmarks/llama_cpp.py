@@ -3,20 +3,26 @@ same file size, quality and speed measured by llama.cpp itself.
 
 For each mix (``Q8_0``, ``Q6_K``, ``Q5_K_M``, ``Q4_K_M``, ``Q3_K_M``, ``Q2_K`` by default),
 ``llama_model_quantize`` (the library function behind ``llama-quantize``, with its built-in
-per-tensor heuristic and no importance matrix) converts an F32 GGUF of tiny-lm; its file size
-is then the budget of one ``autotune(..., runtime="llama.cpp", target="cpu")`` run, once with
-every type offered (importance-matrix options included, computed from autotune's calibration
-text) and once with plain types only (``--no-imatrix`` rows: the mixes' own footing). Every
-plan is exported to GGUF and all files are run in llama.cpp:
+per-tensor heuristic and no importance matrix) converts an F32 GGUF of tiny-lm. Its file size
+is then the budget of three ``autotune(..., runtime="llama.cpp")`` runs:
+
+* **autotune**: target ``cpu``, every type offered (importance-matrix options included,
+  computed from autotune's calibration text);
+* **plain**: the same with plain types only (no importance matrix: the mixes' own footing);
+* **decode-bound**: target ``local`` (every type timed in llama.cpp here) with the mix's
+  own decode time as a second budget (one token after 127, timed in llama.cpp beforehand).
+
+Every plan is exported to GGUF and all files are run in llama.cpp:
 
 * **KL**: mean next-token KL divergence against the uncompressed model (its torch logits) on
   held-out windows of standard-library docstrings, a split no tune calibrates or selects on;
   **ppl**: perplexity on the same windows;
 * **tg** / **pp**: generation (one token at a time, 64 tokens after a 16-token prompt) and
-  prompt (128 tokens in one batch) speed, timed in rounds that visit every file in turn; the
-  ratio is autotune's time over the mix's, the median over rounds (above 1: slower).
+  prompt (the first held-out window, 128 tokens, in one batch) speed, timed in rounds that
+  visit every file in turn; the ratio is the file's time over the mix's, the median over
+  rounds (above 1: slower).
 
-Run: ``python benchmarks/llama_cpp.py`` (about 10 minutes on 2 cores; needs
+Run: ``python benchmarks/llama_cpp.py`` (about 12 minutes on 2 cores; needs
 ``pip install 'autotune[llama]'``); ``--mixes Q4_K_M`` for a part.
 """
 
@@ -33,10 +39,13 @@ import ctypes
 import tempfile
 import time
 
+import torch
+
 from autotune import autotune
 from autotune.calibration import build_heldout
 from autotune.export import export_plan, get_exporter
 from autotune.export.llama_cpp import quality_in_llama_cpp, speeds_in_llama_cpp
+from autotune.export.llama_latency import measure_files
 from autotune.loading import load_model
 from methods.gguf import GGUFTypes
 from profilers.quality import run_outputs
@@ -55,6 +64,16 @@ def quantize_mix(source: Path, out: Path, mix: str) -> None:
         str(source).encode(), str(out).encode(), ctypes.byref(params)
     ):
         raise RuntimeError(f"llama_model_quantize failed for {mix}")
+
+
+class Context:
+    """A decode input's context length, as a frozen KV cache reports it."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+
+    def get_seq_length(self) -> int:
+        return self.tokens
 
 
 def plain_labels(model) -> list[str]:
@@ -94,17 +113,26 @@ def main() -> None:
         paths: dict[str, Path] = {}
         tune_seconds: dict[str, float] = {}
         for mix in mixes:
-            mix_path = work / f"{mix}.gguf"
-            quantize_mix(source, mix_path, mix)
-            paths[mix] = mix_path
-            size = mix_path.stat().st_size
-            variants = {"autotune": None} if args.no_plain else {"autotune": None, "plain": plain}
-            for variant, labels in variants.items():
+            paths[mix] = work / f"{mix}.gguf"
+            quantize_mix(source, paths[mix], mix)
+        # each mix's decode step as a local tune times it (1 token after 127)
+        decode = {"input_ids": torch.zeros(1, 1, dtype=torch.long), "cache": Context(127)}
+        mix_decode = measure_files({m: paths[m] for m in mixes}, decode, rounds=args.rounds)
+        for mix in mixes:
+            size = paths[mix].stat().st_size
+            variants = {
+                "autotune": (f"{size}B", "cpu", None),
+                "plain": (f"{size}B", "cpu", plain),
+                "decode-bound": (f"{size}B,decode={mix_decode[mix].p50_ms:.4f}ms", "local", None),
+            }
+            if args.no_plain:
+                del variants["plain"]
+            for variant, (budget, target, labels) in variants.items():
                 start = time.perf_counter()
                 result = autotune(
                     model,
-                    f"{size}B",
-                    "cpu",
+                    budget,
+                    target,
                     runtime="llama.cpp",
                     tokenizer=tokenizer,
                     option_labels=labels,
@@ -124,7 +152,7 @@ def main() -> None:
         for mix in mixes:
             base_kl = quality[mix]["heldout_error"]
             base = timed[mix]
-            for name in [mix, f"autotune @ {mix}", f"plain @ {mix}"]:
+            for name in [mix, *(f"{v} @ {mix}" for v in ("autotune", "plain", "decode-bound"))]:
                 if name not in paths:
                     continue
                 speed = timed[name]

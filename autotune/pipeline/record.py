@@ -208,6 +208,9 @@ def measure_result(
     if elsewhere is not None:  # timed where the plan will run, not in autotune's modules
         measured.latency = elsewhere["model"]
         measured.baseline_latency = elsewhere.get("baseline")
+        if priced.decode is not None and latency_model.measures_decode:
+            decode = latency_model.measure(setup.work, plan, baseline, priced.decode)
+            measured.decode, measured.baseline_decode = decode["model"], decode.get("baseline")
     plan.measured = measured.to_dict([budget.batch_size, budget.seq_len], metric)
     exported = setup.runtime.stored_bytes(setup.work, plan, tokenizer=setup.tokenizer)
     if exported is not None:  # counted in the runtime's export, as the budget counts them

@@ -54,6 +54,8 @@ def make_model(family: str = "llama", tied: bool = False, seed: int = 0):
     if family == "qwen2":
         config = transformers.Qwen2Config(**common)  # biases on q, k and v
         return transformers.Qwen2ForCausalLM(config).eval()
+    if family == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**common)).eval()
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
 
 
@@ -83,6 +85,7 @@ CASES = [
     ("llama", False, "k-quants"),
     ("llama", True, "legacy types"),
     ("qwen2", False, "legacy types"),
+    ("mistral", False, "legacy types"),
 ]
 
 
@@ -138,6 +141,7 @@ def kl(reference: torch.Tensor, other: torch.Tensor) -> float:
         ("llama", False, "k-quants"),
         ("llama", True, "legacy types"),
         ("qwen2", False, "legacy types"),
+        ("mistral", False, "k-quants"),
     ],
 )
 def test_llama_cpp_computes_what_autotunes_modules_compute(

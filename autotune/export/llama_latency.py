@@ -1,0 +1,174 @@
+"""Latency of GGUF tensor types timed in llama.cpp on this machine (``--runtime llama.cpp
+--target local``).
+
+For every option label, one GGUF file gives each layer that offers the label that type (the
+rest stay F32); all files and the all-F32 one are loaded at once and timed in rounds that
+visit each in turn: prompt processing of the latency shape's tokens, or, for a decode shape,
+one token at a time against its context. A layer's share of a variant's gain over F32 is its
+share of the variant's weights (llama.cpp's matmuls scale with them), so the sum over any
+uniform plan is that variant's measured time, and a mixed plan is priced as the sum of its
+layers' shares; the F32 time itself is split among layers by weights too (the split of a
+constant changes no plan's total).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import statistics
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from autotune.layers import LayerRef, compressible_layers
+from methods.base import LayerShape, Option
+from methods.gguf import GGUFOption
+from methods.gguf_types import NEEDS_IMATRIX
+from methods.keep import KeepOption
+from profilers.latency_table import InModelLatency
+from profilers.measure import LatencyStats
+
+ROUNDS = 5
+KEEP = KeepOption().label
+DECODE_STEPS = 16
+
+
+def shape_of(inputs: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(rows, new tokens per row, context before them) of a prefill or decode input."""
+    ids = inputs["input_ids"]
+    rows, tokens = int(ids.shape[0]), int(ids.shape[1])
+    context = 0
+    for value in inputs.values():
+        length = getattr(value, "get_seq_length", None)
+        if callable(length):
+            context = int(length())
+    return rows, tokens, context
+
+
+def time_file(model: Any, rows: int, tokens: int, context: int) -> float:
+    """Seconds llama.cpp takes for ``rows`` sequences of ``tokens`` new tokens after
+    ``context`` tokens (prefill: one batch; decode: per step, one token at a time)."""
+    from autotune.export.llama_cpp import time_tokens
+
+    prompt = [3 + i % 200 for i in range(max(context, 1) + tokens)]
+    if context == 0:
+        pp, _ = time_tokens(model, prompt[:tokens], 0)
+        return rows * pp
+    _, tg = time_tokens(model, prompt[:context], DECODE_STEPS)
+    return rows * tg * tokens
+
+
+def _variant(model: nn.Module, chosen: Mapping[str, Option], observers: Any) -> nn.Module:
+    """A copy of ``model`` with the ``chosen`` layers converted (the others as they are)."""
+    from autotune.apply import compress
+
+    work = copy.deepcopy(model)
+    compress(work, dict(chosen), observers=observers)
+    return work
+
+
+def measure_in_llama_cpp(
+    model: nn.Module,
+    timed: Mapping[str, list[Option]],
+    inputs: Mapping[str, Any],
+    tokenizer: Any = None,
+    progress: Callable[[int], None] | None = None,
+    rounds: int = ROUNDS,
+    observers: Any = None,
+) -> InModelLatency:
+    """Seconds per (layer shape, label) of every option in ``timed``, from one GGUF file per
+    label timed in llama.cpp (see the module's docstring)."""
+    from autotune.export.gguf import GGUFExporter
+
+    refs = {ref.name: ref for ref in compressible_layers(model, min_numel=0)}
+    labels: dict[str, dict[str, Option]] = {}  # timed label -> layer -> option timed
+    aliases: dict[str, str] = {}  # an option's label -> the label it is timed as
+    for name, options in timed.items():
+        for option in options:
+            if not isinstance(option, KeepOption):
+                same = timing_form(option)
+                labels.setdefault(same.label, {})[name] = same
+                aliases[option.label] = same.label
+    exporter = GGUFExporter()
+    with tempfile.TemporaryDirectory(prefix="autotune-llama-") as folder:
+        paths = {KEEP: Path(folder) / "keep.gguf"}
+        exporter.write(model, None, paths[KEEP], tokenizer)
+        for index, (label, chosen) in enumerate(labels.items()):
+            paths[label] = Path(folder) / f"v{index}.gguf"
+            exporter.write(_variant(model, chosen, observers), None, paths[label], tokenizer)
+            if progress is not None:
+                progress(len({refs[n].shape for n in chosen}))
+        measured = measure_files(paths, inputs, rounds)
+    seconds = {k: v.p50_ms / 1e3 for k, v in measured.items()}
+    result = split(seconds, labels, timed, refs)
+    for (shape, label), value in list(result.layers.items()):
+        for alias, same in aliases.items():
+            if same == label and alias != label:
+                result.layers[(shape, alias)] = value
+    return result
+
+
+def timing_form(option: Option) -> Option:
+    """The option as it runs: an importance matrix changes a type's codes, not its speed,
+    so the plain type is timed for both (and needs no calibration to build)."""
+    if isinstance(option, GGUFOption) and option.imatrix and option.type not in NEEDS_IMATRIX:
+        return dataclasses.replace(option, imatrix=False)
+    return option
+
+
+def split(
+    seconds: Mapping[str, float],
+    labels: Mapping[str, Mapping[str, Option]],
+    timed: Mapping[str, list[Option]],
+    refs: Mapping[str, LayerRef],
+) -> InModelLatency:
+    """Per (shape, label) seconds from each variant's time (see the module's docstring)."""
+    weights = {name: refs[name].shape.numel for name in timed}
+    total = sum(weights.values()) or 1
+    whole = seconds[KEEP]
+    layers: dict[tuple[LayerShape, str], float] = {}
+    for name in timed:
+        shape = refs[name].shape
+        layers[(shape, KEEP)] = whole * weights[name] / total
+    for label, chosen in labels.items():
+        gain = seconds[label] - whole
+        inside = sum(weights[n] for n in chosen) or 1
+        for name in chosen:
+            shape = refs[name].shape
+            keep = layers[(shape, KEEP)]
+            layers[(shape, label)] = max(keep + gain * weights[name] / inside, 0.0)
+    return InModelLatency(layers=layers, whole=whole, rest=0.0)
+
+
+def stats(values: list[float]) -> LatencyStats:
+    ordered = sorted(values)
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+    return LatencyStats(
+        p50_ms=1e3 * statistics.median(ordered),
+        p90_ms=1e3 * p90,
+        mean_ms=1e3 * statistics.fmean(ordered),
+        repeats=len(ordered),
+    )
+
+
+def measure_files(
+    paths: Mapping[str, Path], inputs: Mapping[str, Any], rounds: int = 15
+) -> dict[str, LatencyStats]:
+    """Each GGUF file's latency at the shape of ``inputs``, timed in turn each round."""
+    from autotune.export.llama_cpp import LlamaCppModel
+
+    rows, tokens, context = shape_of(inputs)
+    n_ctx = context + max(tokens, DECODE_STEPS) + 2
+    loaded = {k: LlamaCppModel(p, n_ctx=n_ctx, all_logits=False) for k, p in paths.items()}
+    samples: dict[str, list[float]] = {k: [] for k in loaded}
+    try:
+        for _ in range(rounds):
+            for key, llm in loaded.items():
+                samples[key].append(time_file(llm, rows, tokens, context))
+    finally:
+        for llm in loaded.values():
+            llm.close()
+    return {k: stats(v) for k, v in samples.items()}
