@@ -43,6 +43,7 @@ import torch
 
 from autotune import autotune
 from autotune.calibration import build_heldout
+from autotune.errors import AutotuneError
 from autotune.export import export_plan, get_exporter
 from autotune.export.llama_cpp import quality_in_llama_cpp, speeds_in_llama_cpp
 from autotune.export.llama_latency import measure_files
@@ -112,6 +113,7 @@ def main() -> None:
         get_exporter("gguf").write(model, None, source, tokenizer)
         paths: dict[str, Path] = {}
         tune_seconds: dict[str, float] = {}
+        refused: dict[str, str] = {}
         for mix in mixes:
             paths[mix] = work / f"{mix}.gguf"
             quantize_mix(source, paths[mix], mix)
@@ -129,16 +131,20 @@ def main() -> None:
                 del variants["plain"]
             for variant, (budget, target, labels) in variants.items():
                 start = time.perf_counter()
-                result = autotune(
-                    model,
-                    budget,
-                    target,
-                    runtime="llama.cpp",
-                    tokenizer=tokenizer,
-                    option_labels=labels,
-                    progress=False,
-                    measure=False,
-                )
+                try:
+                    result = autotune(
+                        model,
+                        budget,
+                        target,
+                        runtime="llama.cpp",
+                        tokenizer=tokenizer,
+                        option_labels=labels,
+                        progress=False,
+                        measure=False,
+                    )
+                except AutotuneError as exc:  # a budget no plan meets, as predicted
+                    refused[f"{variant} @ {mix}"] = str(exc).split(": ", 1)[-1]
+                    continue
                 tune_seconds[f"{variant} @ {mix}"] = time.perf_counter() - start
                 path = work / f"{variant}-{mix}.gguf"
                 export_plan(result.plan, model, "gguf", path, tokenizer=tokenizer)
@@ -185,6 +191,11 @@ def main() -> None:
             f"| {name} | {size:,} | {kl:.3e} | {ratio:.2f}x | {ppl:.2f} | {tps:.0f} | "
             f"{tg:.2f}x | {pp:.2f}x | {tune} |"
         )
+    print()
+    for mix in mixes:
+        print(f"{mix}: decode {mix_decode[mix].p50_ms:.4f} ms per token after 127 (the bound)")
+    for name, why in refused.items():
+        print(f"{name}: no plan, {why}")
 
 
 def quality_ppl_reference(heldout, reference) -> float:

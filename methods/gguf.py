@@ -232,7 +232,7 @@ class GGUFTypes(Method):
                 raise OptionError(
                     f"{option.label} needs calibration data for its importance matrix"
                 )
-            importance = (observer.sumsq / observer.tokens).numpy()
+            importance = imatrix_values(observer)
         weight = finite_weight(module, option.label).float().cpu().numpy()
         out = self.empty(shape, option, like=module)
         out.store(encode(weight, option.tensor_type, importance, option.label))
@@ -250,6 +250,13 @@ class GGUFTypes(Method):
             )
         padding_idx = getattr(like, "padding_idx", None)
         return GGUFEmbedding(shape.rows, shape.cols, option.tensor_type, padding_idx, dtype, device)
+
+
+def imatrix_values(observer: ChannelObserver) -> np.ndarray:
+    """Each input column's mean square, computed as llama-quantize computes it from an
+    imatrix file: the float32 sum over the float32 token count, in float32."""
+    sums = observer.sumsq.numpy().astype(np.float32)
+    return sums / np.float32(observer.tokens)
 
 
 def encode(

@@ -324,7 +324,9 @@ class GGUFExporter(Exporter):
         write_atomic(out, write)
         layers = layer_weights(compressed)
         labels = {
-            t.source.removesuffix(".weight"): t.ggml.name for t in parts if t.source in layers
+            t.source.removesuffix(".weight"): "float" if t.ggml.name == "F32" else t.ggml.name
+            for t in parts
+            if t.source in layers
         }
         return ExportResult(self.name, out, out.stat().st_size, labels)
 
@@ -366,9 +368,9 @@ register_exporter(GGUFExporter())
 
 def describe(compressed: nn.Module, options: Sequence[Option]) -> dict[str, Any]:
     """The plan's ``export`` section for llama.cpp: each layer tensor's type in the file and
-    a ``llama-quantize`` command that gives every tensor the same type (from an F32 GGUF of
-    the model; the codes match where no importance matrix is used, as llama-quantize's
-    ``--imatrix`` weighs every tensor it quantises)."""
+    the ``llama-quantize`` line that writes the same file's tensors from an F32 GGUF of the
+    model (with ``--imatrix``, the file :func:`autotune.export.imatrix.write_imatrix` writes,
+    where the plan uses an importance matrix)."""
     import re
 
     family = family_of(compressed)
@@ -384,5 +386,7 @@ def describe(compressed: nn.Module, options: Sequence[Option]) -> dict[str, Any]
             command += ["--tensor-type", f"'{re.escape(name)}={kind.lower()}'"]
     if any(getattr(o, "imatrix", False) for o in options):
         command += ["--imatrix", "imatrix.gguf"]
-    command += ["model-f32.gguf", "model.gguf", "F32"]
+    # the base type only has to be a quantised one (llama-quantize applies --tensor-type only
+    # then); every layer tensor is named, so it decides nothing
+    command += ["model-f32.gguf", "model.gguf", "Q8_0"]
     return {"format": "gguf", "tensor_types": types, "llama_quantize": " ".join(command)}

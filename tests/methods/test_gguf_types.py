@@ -116,7 +116,8 @@ def test_the_importance_matrix_is_what_llama_cpp_is_given() -> None:
     module = layer()
     inputs = torch.randn(300, 512)
     converted = METHOD.convert(module, GGUFOption("Q4_K", True), observed(module, inputs))
-    importance = inputs.double().pow(2).mean(0).float().numpy()
+    sums = inputs.double().pow(2).sum(0).numpy().astype(np.float32)
+    importance = sums / np.float32(300)
     direct = ggml_quantizer.quantize(
         module.weight.detach().numpy(), GGMLQuantizationType.Q4_K.value, importance
     )

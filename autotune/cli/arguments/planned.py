@@ -67,4 +67,10 @@ def add_export(sub: Any) -> None:
         metavar="PATH",
         help="where the export goes: a folder (compressed-tensors) or a file (onnx, gguf)",
     )
+    export.add_argument(
+        "--imatrix",
+        metavar="FILE",
+        help="with --format gguf: also write the importance matrix of the plan's -imat layers "
+        "in llama.cpp's imatrix format (for llama-quantize --imatrix)",
+    )
     add_common(export)
