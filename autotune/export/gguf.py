@@ -171,7 +171,8 @@ def _metadata(writer: Any, model: nn.Module, tokenizer: Any, fingerprints: tuple
     config = model.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    writer.add_name(str(getattr(config, "_name_or_path", "") or "model")[-64:] or "model")
+    # the class, not the folder it was read from: the file's size must not depend on a path
+    writer.add_name(str((getattr(config, "architectures", None) or [config.model_type])[0]))
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
