@@ -60,6 +60,7 @@ REFUSED = {
     "svd": "low-rank factor pairs have no compressed-tensors form",
     "whitened_svd": "low-rank factor pairs have no compressed-tensors form",
     "fisher_svd": "low-rank factor pairs have no compressed-tensors form",
+    "gguf": "llama.cpp's block types have no compressed-tensors form (use --format gguf)",
     "w8a8": (
         "its smoothing vector scales the layer's input, which a weight-only checkpoint cannot "
         "hold (use rtn with 8 bits)"

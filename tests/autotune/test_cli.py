@@ -248,11 +248,11 @@ def test_pytest_helper(tuned_plan: Path, tiny_bert_dir: Path, tmp_path: Path) ->
 def test_export_refuses_an_unknown_format_and_writes_nothing(
     tuned_plan: Path, tiny_bert_dir: Path, tmp_path: Path, capsys
 ) -> None:
-    out = tmp_path / "model.gguf"
-    code = main(["export", str(tuned_plan), str(tiny_bert_dir), "--format", "gguf", "-o", str(out)])
-    assert code == 2
+    out = tmp_path / "model.engine"
+    args = ["export", str(tuned_plan), str(tiny_bert_dir), "--format", "tensorrt", "-o", str(out)]
+    assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert "unknown export format 'gguf'; allowed: compressed-tensors, onnx" in err
+    assert "unknown export format 'tensorrt'; allowed: compressed-tensors, gguf, onnx" in err
     assert "\n" not in err and list(tmp_path.iterdir()) == []
 
 

@@ -15,8 +15,13 @@ from autotune.targets import get_target
 from methods.tied import tied_heads
 from tests.conftest import make_tiny_bert
 
-TARGETS = {"roofline": "cpu", "torch-timed": "local", "onnxruntime-timed": "local"}
-RUNTIMES = {"onnxruntime-timed": "onnxruntime"}
+TARGETS = {
+    "roofline": "cpu",
+    "torch-timed": "local",
+    "onnxruntime-timed": "local",
+    "llama.cpp-timed": "local",
+}
+RUNTIMES = {"onnxruntime-timed": "onnxruntime", "llama.cpp-timed": "llama.cpp"}
 
 
 def _spec(model_name: str):
@@ -25,12 +30,19 @@ def _spec(model_name: str):
     return dataclasses.replace(spec, runtime=runtime) if runtime else spec
 
 
-def _job() -> Pricing:
-    model = make_tiny_bert()
+def _job(model_name: str = "") -> Pricing:
+    """Options of the runtime the latency model serves on a model it runs."""
+    if model_name == "llama.cpp-timed":
+        pytest.importorskip("llama_cpp")
+        from tests.autotune.export.test_gguf import make_model
+
+        model, methods, labels = make_model(), ("gguf",), ["gguf-q8_0", "gguf-q4_k", "keep"]
+    else:
+        model, methods, labels = make_tiny_bert(), ("rtn",), ["int8-ch-sym", "int4-g32-sym", "keep"]
     layers = compressible_layers(model)
     chosen = {r.name for r in layers}
     others = [r for r in compressible_layers(model, min_numel=0) if r.name not in chosen]
-    options = layer_options(layers, ("rtn",), ["int8-ch-sym", "int4-g32-sym", "keep"])
+    options = layer_options(layers, methods, labels)
     ids = torch.randint(5, 1000, (1, 16))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     return Pricing(model, layers, options, others, tied_heads(model), inputs)
@@ -41,7 +53,7 @@ def test_every_latency_model_prices_every_option_of_a_target_it_serves(model) ->
     assert model.description
     spec = _spec(model.name)
     assert latency_model_for(spec) is model
-    job = _job()
+    job = _job(model.name)
     latency, fixed = model.price(spec, job)
     assert set(latency) == {ref.name for ref in job.layers}
     for ref in job.layers:

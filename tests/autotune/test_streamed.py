@@ -238,7 +238,8 @@ def test_a_model_three_times_the_memory_cap_is_tuned_block_by_block(
 def test_the_cap_stops_the_model_from_being_loaded_whole(large_model: Path, tmp_path) -> None:
     result = capped(large_model, tmp_path / "out", "load")
     assert not result["ok"]
-    assert "memory" in result["error"].lower() or "allocate" in result["error"].lower()
+    error = result["error"].lower()  # however the allocation under the cap failed
+    assert any(word in error for word in ("memory", "allocate", "mmap")), error
 
 
 def test_bad_safetensors_headers_are_refused_before_streaming(tmp_path: Path) -> None:
