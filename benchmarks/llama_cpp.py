@@ -3,8 +3,11 @@ same file size, quality and speed measured by llama.cpp itself.
 
 For each mix (``Q8_0``, ``Q6_K``, ``Q5_K_M``, ``Q4_K_M``, ``Q3_K_M``, ``Q2_K`` by default),
 ``llama_model_quantize`` (the library function behind ``llama-quantize``, with its built-in
-per-tensor heuristic and no importance matrix) converts an F32 GGUF of tiny-lm. Its file size
-is then the budget of three ``autotune(..., runtime="llama.cpp")`` runs:
+per-tensor heuristic and no importance matrix) converts an F32 GGUF of tiny-lm; where
+``scripts/llama-tools`` has built ``llama-quantize``, each mix is also made with an importance
+matrix of every linear layer (``+ imatrix`` rows; written by autotune from the calibration
+text its tunes use, in llama.cpp's imatrix format). The plain mix's file size is then the
+budget of three ``autotune(..., runtime="llama.cpp")`` runs:
 
 * **autotune**: target ``cpu``, every type offered (importance-matrix options included,
   computed from autotune's calibration text);
@@ -15,14 +18,15 @@ is then the budget of three ``autotune(..., runtime="llama.cpp")`` runs:
 Every plan is exported to GGUF and all files are run in llama.cpp:
 
 * **KL**: mean next-token KL divergence against the uncompressed model (its torch logits) on
-  held-out windows of standard-library docstrings, a split no tune calibrates or selects on;
-  **ppl**: perplexity on the same windows;
+  held-out windows of standard-library docstrings, a split no tune calibrates or selects on
+  (**KL in torch**: the same plan in autotune's own modules); **ppl**: perplexity on the
+  same windows;
 * **tg** / **pp**: generation (one token at a time, 64 tokens after a 16-token prompt) and
-  prompt (the first held-out window, 128 tokens, in one batch) speed, timed in rounds that
-  visit every file in turn; the ratio is the file's time over the mix's, the median over
-  rounds (above 1: slower).
+  prompt (the first held-out window, 128 tokens, in one batch) speed with 2 threads (tg also
+  with 1), timed in rounds that visit every file in turn; the ratio is the file's time over
+  the plain mix's, the median over rounds (above 1: slower).
 
-Run: ``python benchmarks/llama_cpp.py`` (about 12 minutes on 2 cores; needs
+Run: ``python benchmarks/llama_cpp.py`` (about 15 minutes on 2 cores; needs
 ``pip install 'autotune[llama]'``); ``--mixes Q4_K_M`` for a part.
 """
 
@@ -36,6 +40,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import argparse
 import ctypes
+import subprocess
 import tempfile
 import time
 
@@ -45,13 +50,19 @@ from autotune import autotune
 from autotune.calibration import build_heldout
 from autotune.errors import AutotuneError
 from autotune.export import export_plan, get_exporter
+from autotune.export.imatrix import write_imatrix
 from autotune.export.llama_cpp import quality_in_llama_cpp, speeds_in_llama_cpp
 from autotune.export.llama_latency import measure_files
+from autotune.export.llama_tools import find_tool
+from autotune.layers import compressible_layers
 from autotune.loading import load_model
+from autotune.plan import Plan
 from methods.gguf import GGUFTypes
-from profilers.quality import run_outputs
+from profilers.quality import output_error, run_outputs
 
 MIXES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
+# the calibration a default tune uses (stdlib docstrings, 32 windows of 128 tokens)
+CALIBRATION = {"seq_len": 128, "calibration_windows": 32, "batch_size": 8}
 
 
 def quantize_mix(source: Path, out: Path, mix: str) -> None:
@@ -77,10 +88,30 @@ class Context:
         return self.tokens
 
 
+def imatrix_mixes(
+    model, tokenizer, source: Path, mixes: list[str], folder: Path
+) -> dict[str, Path]:
+    """Each mix made by llama.cpp's own ``llama-quantize`` with an importance matrix of every
+    linear layer, computed by autotune from the calibration text its tunes use (none where
+    ``scripts/llama-tools`` has not built llama-quantize)."""
+    tool = find_tool("llama-quantize")
+    if tool is None:
+        return {}
+    linear = [ref.name for ref in compressible_layers(model) if ref.shape.kind == "linear"]
+    imatrix = folder / "imatrix.gguf"
+    described = Plan(layers={"_default": {"method": "none"}}, calibration=CALIBRATION)
+    write_imatrix(model, described, imatrix, tokenizer=tokenizer, layers=linear)
+    out = {}
+    for mix in mixes:
+        path = folder / f"{mix}-imatrix.gguf"
+        args = [str(tool), "--imatrix", str(imatrix), str(source), str(path), mix]
+        subprocess.run(args, check=True, capture_output=True, timeout=600)
+        out[f"{mix} + imatrix"] = path
+    return out
+
+
 def plain_labels(model) -> list[str]:
     """Every type without an importance matrix, for every layer shape of ``model``."""
-    from autotune.layers import compressible_layers
-
     method = GGUFTypes()
     return sorted(
         {
@@ -114,9 +145,12 @@ def main() -> None:
         paths: dict[str, Path] = {}
         tune_seconds: dict[str, float] = {}
         refused: dict[str, str] = {}
+        in_torch: dict[str, float] = {}
         for mix in mixes:
             paths[mix] = work / f"{mix}.gguf"
             quantize_mix(source, paths[mix], mix)
+        weighted_mixes = imatrix_mixes(model, tokenizer, source, mixes, work)
+        paths.update(weighted_mixes)
         # each mix's decode step as a local tune times it (1 token after 127)
         decode = {"input_ids": torch.zeros(1, 1, dtype=torch.long), "cache": Context(127)}
         mix_decode = measure_files({m: paths[m] for m in mixes}, decode, rounds=args.rounds)
@@ -149,29 +183,37 @@ def main() -> None:
                 path = work / f"{variant}-{mix}.gguf"
                 export_plan(result.plan, model, "gguf", path, tokenizer=tokenizer)
                 paths[f"{variant} @ {mix}"] = path
+                error = output_error(result.model, heldout, reference, "kl")
+                in_torch[f"{variant} @ {mix}"] = error
         quality = {
             name: quality_in_llama_cpp(path, heldout, reference, "kl")
             for name, path in paths.items()
         }
         prompt = heldout[0]["input_ids"][0].tolist()
         timed = speeds_in_llama_cpp(paths, prompt, generate=64, rounds=args.rounds, threads=2)
+        one = speeds_in_llama_cpp(paths, prompt, generate=64, rounds=args.rounds, threads=1)
         for mix in mixes:
             base_kl = quality[mix]["heldout_error"]
-            base = timed[mix]
-            for name in [mix, *(f"{v} @ {mix}" for v in ("autotune", "plain", "decode-bound"))]:
+            base, base_one = timed[mix], one[mix]
+            names = [mix, f"{mix} + imatrix"]
+            names += [f"{v} @ {mix}" for v in ("autotune", "plain", "decode-bound")]
+            for name in names:
                 if name not in paths:
                     continue
                 speed = timed[name]
                 kl = quality[name]["heldout_error"]
+                label = name if " @ " not in name else f"{name.split(' @ ')[0]} at {mix}'s size"
                 rows.append(
                     (
-                        name if name == mix else f"{name.split(' @ ')[0]} at {mix}'s size",
+                        label,
                         paths[name].stat().st_size,
                         kl,
                         kl / base_kl if base_kl else float("nan"),
+                        in_torch.get(name),
                         quality[name]["perplexity"],
                         speed.generate_tokens_per_s,
                         base.generate_tokens_per_s / speed.generate_tokens_per_s,
+                        base_one.generate_tokens_per_s / one[name].generate_tokens_per_s,
                         base.prompt_tokens_per_s / speed.prompt_tokens_per_s,
                         tune_seconds.get(name),
                     )
@@ -181,15 +223,16 @@ def main() -> None:
         f"tiny-lm, {args.windows} held-out windows of 128 tokens; float32 perplexity {f32_ppl:.2f}"
     )
     print(
-        "| file | bytes | KL | KL vs mix | ppl | tg tok/s | tg time vs mix | pp time vs mix "
-        "| tune s |"
+        "| file | bytes | KL | KL vs mix | KL in torch | ppl | tg tok/s | tg time vs mix "
+        "| 1 thread | pp128 time vs mix | tune s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, size, kl, ratio, ppl, tps, tg, pp, seconds in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, size, kl, ratio, torch_kl, ppl, tps, tg, tg_one, pp, seconds in rows:
         tune = f"{seconds:.0f}" if seconds is not None else "-"
+        in_modules = f"{torch_kl:.3e}" if torch_kl is not None else "-"
         print(
-            f"| {name} | {size:,} | {kl:.3e} | {ratio:.2f}x | {ppl:.2f} | {tps:.0f} | "
-            f"{tg:.2f}x | {pp:.2f}x | {tune} |"
+            f"| {name} | {size:,} | {kl:.3e} | {ratio:.2f}x | {in_modules} | {ppl:.2f} | "
+            f"{tps:.0f} | {tg:.2f}x | {tg_one:.2f}x | {pp:.2f}x | {tune} |"
         )
     print()
     for mix in mixes:

@@ -13,6 +13,7 @@ codes the plan's export holds.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,11 @@ def write_imatrix(
     *,
     tokenizer: Any = None,
     calibration: Any = None,
+    layers: Iterable[str] | None = None,
 ) -> int:
     """Write the imatrix file of ``plan`` on ``model`` (float) to ``path``, atomically;
-    returns the number of tensors it covers."""
+    returns the number of tensors it covers. ``layers``: these linear layers instead of the
+    plan's weighted ones (e.g. every one, for llama-quantize's own mixes)."""
     import gguf
 
     from autotune.apply import plan_calibration
@@ -68,6 +71,8 @@ def write_imatrix(
     family = family_of(model)
     options = plan.layer_options(model)
     weighted = {ref.name for ref, option in options.items() if getattr(option, "imatrix", False)}
+    if layers is not None:
+        weighted = set(layers)
     if not weighted:
         raise ExportError("the plan gives no layer an importance matrix: there is none to write")
     batches = plan_calibration(plan, model, tokenizer, calibration)
