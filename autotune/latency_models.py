@@ -10,7 +10,6 @@ prices it
 
 from __future__ import annotations
 
-import statistics
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from methods.registry import method_of
 from methods.tied import TiedHead
 from profilers.hardware import HardwareSpec
 from profilers.latency_table import InModelLatency, measure_in_model
-from profilers.measure import LatencyStats
+from profilers.measure import LatencyStats, latency_stats
 from profilers.observe import Observers
 from profilers.opcount import rest_of_model
 from profilers.roofline import layer_latency, rest_latency
@@ -178,7 +177,7 @@ class OnnxRuntimeTimed(TorchTimed):
             ]
             walls = run_rounds(sessions, inputs, ORT_ROUNDS, SETTLE)
         times = dict(zip(graphs, walls, strict=True))
-        return {name: _stats(values) for name, values in times.items()}
+        return {name: latency_stats(values) for name, values in times.items()}
 
 
 ORT_ROUNDS = 30
@@ -218,17 +217,6 @@ class LlamaCppTimed(TorchTimed):
                 paths["baseline"] = Path(folder) / "float.gguf"
                 exporter.write(original, None, paths["baseline"])
             return measure_files(paths, inputs)
-
-
-def _stats(seconds: list[float]) -> LatencyStats:
-    ordered = sorted(seconds)
-    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
-    return LatencyStats(
-        p50_ms=1e3 * statistics.median(ordered),
-        p90_ms=1e3 * p90,
-        mean_ms=1e3 * statistics.fmean(ordered),
-        repeats=len(ordered),
-    )
 
 
 def per_layer(job: Pricing, timed: dict[tuple[LayerShape, str], float]) -> dict[str, list[float]]:

@@ -92,7 +92,7 @@ def measure_latency(
         deadline = time.perf_counter() + max_seconds
         while len(times) < repeats and (len(times) < 3 or time.perf_counter() < deadline):
             times.append(timed_call(lambda: model(**inputs), cuda))
-    return _stats(times)
+    return latency_stats(times)
 
 
 def measure_latencies(
@@ -119,10 +119,11 @@ def measure_latencies(
                 break
             for name, model in order if done % 2 == 0 else reversed(order):
                 times[name].append(timed_call(lambda m=model: m(**inputs), cuda))
-    return {name: _stats(values) for name, values in times.items()}
+    return {name: latency_stats(values) for name, values in times.items()}
 
 
-def _stats(times: list[float]) -> LatencyStats:
+def latency_stats(times: list[float]) -> LatencyStats:
+    """p50, p90 and mean (in ms) of wall times in seconds."""
     ordered = sorted(times)
     p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
     return LatencyStats(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import statistics
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,7 +28,7 @@ from methods.gguf import GGUFOption
 from methods.gguf_types import NEEDS_IMATRIX
 from methods.keep import KeepOption
 from profilers.latency_table import InModelLatency
-from profilers.measure import LatencyStats
+from profilers.measure import LatencyStats, latency_stats
 
 ROUNDS = 5
 KEEP = KeepOption().label
@@ -143,17 +142,6 @@ def split(
     return InModelLatency(layers=layers, whole=whole, rest=0.0)
 
 
-def stats(values: list[float]) -> LatencyStats:
-    ordered = sorted(values)
-    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
-    return LatencyStats(
-        p50_ms=1e3 * statistics.median(ordered),
-        p90_ms=1e3 * p90,
-        mean_ms=1e3 * statistics.fmean(ordered),
-        repeats=len(ordered),
-    )
-
-
 def measure_files(
     paths: Mapping[str, Path], inputs: Mapping[str, Any], rounds: int = 15
 ) -> dict[str, LatencyStats]:
@@ -171,4 +159,4 @@ def measure_files(
     finally:
         for llm in loaded.values():
             llm.close()
-    return {k: stats(v) for k, v in samples.items()}
+    return {k: latency_stats(v) for k, v in samples.items()}
