@@ -24,8 +24,9 @@ from torch import nn
 from autotune.export.base import ExportError
 from autotune.io import write_atomic
 from autotune.plan import Plan
-from methods.base import LayerShape, is_weight_layer
+from methods.gguf import GGUFOption
 from methods.observers import ChannelObserver
+from profilers.observe import collect_observers
 
 IMATRIX_TYPE = "imatrix"
 
@@ -33,22 +34,12 @@ IMATRIX_TYPE = "imatrix"
 def layer_statistics(
     model: nn.Module, batches: list[dict[str, torch.Tensor]], layers: set[str]
 ) -> dict[str, ChannelObserver]:
-    """The input sums of squares over ``batches`` of each linear layer named in ``layers``."""
-    observers: dict[str, ChannelObserver] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if name in layers and is_weight_layer(module) and LayerShape.of(module).kind == "linear":
-            observer = ChannelObserver(LayerShape.of(module).cols)
-            observers[name] = observer
-            handles.append(module.register_forward_hook(observer.observe))
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return observers
+    """The input sums of squares over ``batches`` of each linear layer named in ``layers``,
+    observed as a conversion observes them (any importance-matrix option asks for the same
+    statistic; Q8_0 stands in for all)."""
+    stand_in = [GGUFOption("Q8_0", imatrix=True)]
+    observers = collect_observers(model, {name: stand_in for name in sorted(layers)}, batches)
+    return {layer: observer for (layer, _), observer in observers.items()}  # type: ignore[misc]
 
 
 def write_imatrix(
