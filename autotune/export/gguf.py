@@ -107,26 +107,26 @@ def tensors(model: nn.Module, family: Family, priced_only: bool = False) -> list
     config = model.config
     arch = gguf_arch(family)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    heads, kv_heads = config.num_attention_heads, _kv_heads(config)
+    heads = (config.num_attention_heads, _kv_heads(config))  # query heads, key/value heads
     state = model.state_dict(keep_vars=True)
     out: list[Tensor] = []
     for module_name, module in model.named_modules():
         if isinstance(module, TiedHead):
             continue  # no output tensor: llama.cpp reads the token embedding instead
         prefix = f"{module_name}." if module_name else ""
-        for local, value in module.named_buffers(recurse=False, prefix=""):
-            if value is None or prefix + local not in state:
-                continue  # non-persistent (rotary tables)
-            out.append(_tensor(names, prefix, local, value, module, family, heads, kv_heads))
-        for local, value in module.named_parameters(recurse=False, prefix=""):
-            out.append(_tensor(names, prefix, local, value, module, family, heads, kv_heads))
-    if priced_only:
-        for t in out:
-            t.data = None
+        found = [
+            (local, value)
+            for local, value in module.named_buffers(recurse=False, prefix="")
+            if value is not None and prefix + local in state  # not the rotary tables
+        ]
+        found += list(module.named_parameters(recurse=False, prefix=""))
+        for local, value in found:
+            out.append(_tensor(names, prefix, local, value, module, family, heads, priced_only))
     return out
 
 
-def _tensor(names, prefix, local, value, module, family, heads, kv_heads) -> Tensor:
+def _tensor(names, prefix, local, value, module, family, heads, priced_only) -> Tensor:
+    """One tensor as the file holds it; ``priced_only``: its shape and bytes, no data."""
     import gguf
 
     blocks = isinstance(module, GGUFStorage) and local == "blocks"
@@ -134,14 +134,16 @@ def _tensor(names, prefix, local, value, module, family, heads, kv_heads) -> Ten
     name = names.get_name(key, try_suffixes=(".weight", ".bias"))
     if name is None:
         raise ExportError(f"--format gguf has no llama.cpp name for tensor {key!r}")
+    ggml = module.kind.ggml if blocks else gguf.GGMLQuantizationType.F32
+    size = 1 if blocks else 4  # bytes per stored element: raw blocks, or float32
+    byte_shape = (*value.shape[:-1], value.shape[-1] * size)
+    if priced_only:  # rows are reordered, not resized: nothing to convert
+        return Tensor(name, None, ggml, byte_shape, value.numel() * size, key)
     data = value.detach().cpu()
     array = data.numpy() if blocks else data.float().numpy()
     if family.permute_qk and (".attn_q." in name or ".attn_k." in name):
-        array = _permute_rows(array, heads if ".attn_q." in name else kv_heads)
-    ggml = module.kind.ggml if blocks else gguf.GGMLQuantizationType.F32
-    array = np.ascontiguousarray(array)
-    byte_shape = (*array.shape[:-1], array.shape[-1] * array.itemsize)
-    return Tensor(name, array, ggml, byte_shape, int(array.nbytes), key)
+        array = _permute_rows(array, heads[0] if ".attn_q." in name else heads[1])
+    return Tensor(name, np.ascontiguousarray(array), ggml, byte_shape, int(array.nbytes), key)
 
 
 def _permute_rows(array: np.ndarray, heads: int) -> np.ndarray:
