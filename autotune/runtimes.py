@@ -298,14 +298,14 @@ class LlamaCppRuntime(_ExportedRuntime):
 
         from autotune.export import get_exporter
         from autotune.export.llama_cpp import (
-            INSTALL,
             available,
             quality_in_llama_cpp,
             speeds_in_llama_cpp,
         )
+        from methods.ggml_quantizer import INSTALL_HINT
 
         if not available():
-            return {"runtime": self.name, "skipped": f"llama.cpp is not installed: {INSTALL}"}
+            return {"runtime": self.name, "skipped": f"llama.cpp is not installed: {INSTALL_HINT}"}
         exporter = get_exporter("gguf")
         with tempfile.TemporaryDirectory() as folder:
             paths = {"model": Path(folder) / "model.gguf"}

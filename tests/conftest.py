@@ -90,6 +90,18 @@ def demo_tokenizer(demo_dir: Path):
     return transformers.AutoTokenizer.from_pretrained(demo_dir, local_files_only=True)
 
 
+TINY_LM = Path(__file__).resolve().parents[1] / "autotune" / "data" / "tiny_lm"
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """tiny-lm's byte-level BPE tokenizer (4096 tokens), for the Llama-family test models
+    that llama.cpp's GGUF export takes."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(TINY_LM)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The tokenizer of the models built from configs: the shipped tiny one."""

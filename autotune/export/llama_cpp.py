@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 from autotune.export.base import ExportError
-
-INSTALL = "pip install 'autotune[llama]' (llama-cpp-python builds llama.cpp; a few minutes)"
+from methods.ggml_quantizer import INSTALL_HINT
 
 
 def available() -> bool:
@@ -34,7 +33,7 @@ def available() -> bool:
 
 def require() -> None:
     if not available():
-        raise ExportError(f"running a GGUF file needs llama.cpp: {INSTALL}")
+        raise ExportError(f"running a GGUF file needs llama.cpp: {INSTALL_HINT}")
 
 
 @functools.cache

@@ -291,17 +291,16 @@ def test_a_plan_tuned_for_onnxruntime_exports_and_runs_there(
 
 
 @pytest.mark.slow
-def test_tune_for_llama_cpp_exports_a_gguf_that_validates(tmp_path: Path, capsys) -> None:
+def test_tune_for_llama_cpp_exports_a_gguf_that_validates(
+    tmp_path: Path, capsys, bpe_tokenizer
+) -> None:
     """``tune --runtime llama.cpp --export`` writes the plan and its GGUF file, whose size the
     plan predicted; ``validate --compressed`` reads the file back and passes (exit 0)."""
-    import transformers
-
     from tests.autotune.export.test_gguf import make_model
 
     folder = tmp_path / "llama"
     make_model().save_pretrained(folder)
-    shipped = Path(__file__).resolve().parents[2] / "autotune" / "data" / "tiny_lm"
-    transformers.AutoTokenizer.from_pretrained(shipped).save_pretrained(folder)
+    bpe_tokenizer.save_pretrained(folder)
     plan, gguf = tmp_path / "plan.json", tmp_path / "m.gguf"
     tune = ["tune", str(folder), "--budget", "2.4MB", "--target", "cpu", "--runtime", "llama.cpp"]
     assert main([*tune, "-o", str(plan), "--export", str(gguf), "--search", "allocator"]) == 0

@@ -4,7 +4,6 @@ that a tune for one offers only those options and prices that runtime's kernels.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 
@@ -183,34 +182,19 @@ def test_llama_cpp_offers_its_tensor_types_only() -> None:
 
 
 @pytest.mark.slow
-def test_tune_for_llama_cpp_is_within_budget_in_the_gguf_files_own_bytes(tmp_path) -> None:
+def test_tune_for_llama_cpp_is_within_budget_in_the_gguf_files_own_bytes(
+    tmp_path, bpe_tokenizer
+) -> None:
     """The plan's bytes are the GGUF file's, predicted and recounted alike, within the
     budget; the export written afterwards is that size; llama.cpp's own held-out error is
     recorded beside the torch modules' and close to it."""
-    import transformers
-
     from autotune.export import export_plan
     from autotune.export.llama_cpp import available
-    from autotune.tuner import autotune
-    from tests.autotune.export.test_gguf import make_model
+    from tests.autotune.export.test_gguf import make_model, tune_for_llama_cpp
 
-    shipped = Path(__file__).resolve().parents[2] / "autotune" / "data" / "tiny_lm"
-    tokenizer = transformers.AutoTokenizer.from_pretrained(shipped)
+    tokenizer = bpe_tokenizer
     budget = 2_200_000  # the float file is about 7.4 MB
-    result = autotune(
-        make_model(),
-        f"{budget}B",
-        "cpu",
-        tokenizer=tokenizer,
-        runtime="llama.cpp",
-        progress=False,
-        search="allocator",
-        seq_len=32,
-        calibration_windows=16,
-        sensitivity_windows=2,
-        selection_windows=4,
-        heldout_windows=4,
-    )
+    result = tune_for_llama_cpp(budget, tokenizer)
     measured = result.plan.measured
     assert measured["bytes_counted_in"] == "gguf"
     assert measured["bytes"] == result.plan.predicted["bytes"] <= budget

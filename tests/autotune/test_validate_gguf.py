@@ -13,37 +13,13 @@ from autotune.export import export_plan
 from autotune.plan import Plan
 from autotune.validate import validate_plan
 from autotune.validate_gguf import is_gguf, layer_types
-from tests.autotune.export.test_gguf import make_model
-
-SHIPPED = Path(__file__).resolve().parents[2] / "autotune" / "data" / "tiny_lm"
-
-
-@pytest.fixture(scope="module")
-def bpe_tokenizer():
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(SHIPPED)
+from tests.autotune.export.test_gguf import make_model, tune_for_llama_cpp
 
 
 @pytest.fixture(scope="module")
 def tuned(bpe_tokenizer, tmp_path_factory) -> tuple[Plan, Path]:
     """A plan tuned for llama.cpp and its GGUF file."""
-    from autotune.tuner import autotune
-
-    result = autotune(
-        make_model(),
-        "2400000B",
-        "cpu",
-        tokenizer=bpe_tokenizer,
-        runtime="llama.cpp",
-        progress=False,
-        search="allocator",
-        seq_len=32,
-        calibration_windows=16,
-        sensitivity_windows=2,
-        selection_windows=4,
-        heldout_windows=4,
-    )
+    result = tune_for_llama_cpp(2_400_000, bpe_tokenizer)
     path = tmp_path_factory.mktemp("gguf") / "m.gguf"
     export_plan(result.plan, make_model(), "gguf", path, tokenizer=bpe_tokenizer)
     return result.plan, path

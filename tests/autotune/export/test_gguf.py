@@ -27,15 +27,6 @@ def gguf(type_: str, imatrix: bool = False) -> dict:
     return {"method": "gguf", "type": type_, "imatrix": imatrix}
 
 
-@pytest.fixture(scope="module")
-def bpe_tokenizer():
-    """tiny-lm's byte-level BPE tokenizer (4096 tokens)."""
-    import transformers
-
-    folder = Path(__file__).resolve().parents[3] / "autotune" / "data" / "tiny_lm"
-    return transformers.AutoTokenizer.from_pretrained(folder)
-
-
 def make_model(family: str = "llama", tied: bool = False, seed: int = 0):
     """A small random model of ``family`` as wide as K-quants need (256), 4096 tokens."""
     import transformers
@@ -57,6 +48,26 @@ def make_model(family: str = "llama", tied: bool = False, seed: int = 0):
     if family == "mistral":
         return transformers.MistralForCausalLM(transformers.MistralConfig(**common)).eval()
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
+
+
+def tune_for_llama_cpp(budget_bytes: int, tokenizer):
+    """A quick tune of :func:`make_model` for llama.cpp (allocator, few short windows)."""
+    from autotune.tuner import autotune
+
+    return autotune(
+        make_model(),
+        f"{budget_bytes}B",
+        "cpu",
+        tokenizer=tokenizer,
+        runtime="llama.cpp",
+        progress=False,
+        search="allocator",
+        seq_len=32,
+        calibration_windows=16,
+        sensitivity_windows=2,
+        selection_windows=4,
+        heldout_windows=4,
+    )
 
 
 PLANS = {

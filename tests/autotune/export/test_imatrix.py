@@ -23,14 +23,6 @@ QUANTIZE = find_tool("llama-quantize")
 pytestmark = pytest.mark.skipif(
     QUANTIZE is None, reason="llama-quantize is not built (bash scripts/llama-tools)"
 )
-SHIPPED = Path(__file__).resolve().parents[3] / "autotune" / "data" / "tiny_lm"
-
-
-@pytest.fixture(scope="module")
-def bpe_tokenizer():
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(SHIPPED)
 
 
 def tensors_of(path: Path) -> dict[str, tuple[str, bytes]]:
