@@ -359,10 +359,11 @@ def gguf_byte_prices(
 
 
 def gguf_stored_bytes(compressed: nn.Module, plan: Any, tokenizer: Any = None) -> dict[str, int]:
-    """The GGUF file's bytes for ``compressed`` (built in memory, not written)."""
-    family = family_of(compressed)
-    parts = tensors(compressed, family, priced_only=True)
-    size = file_bytes(prefix_bytes(compressed, tokenizer, parts, family), parts)
+    """The GGUF file's bytes for ``compressed``: the file written to a temporary folder and
+    measured on disk (not the layout arithmetic that priced it)."""
+    with tempfile.TemporaryDirectory(prefix="autotune-gguf-") as folder:
+        path = Path(folder) / "model.gguf"
+        size = GGUFExporter().write(compressed, plan, path, tokenizer).bytes
     return {"bytes": size, "file_bytes": size}
 
 
