@@ -83,29 +83,31 @@ def evaluate(
 
 def select(
     candidates: list[Candidate],
-    error: Callable[[Mapping[str, Option], int], float],
+    errors: Callable[[list[Mapping[str, Option]], int], list[float]],
     finalists: int = 3,
     searched: int = 0,
     progress=None,
 ) -> Candidate:
-    """The candidate with the least error on the full calibration set (``error(options, -1)``).
+    """The candidate with the least error on the full calibration set (fidelity ``-1``).
 
-    Every candidate is first screened on the profiling batches (``error(options, 0)``); the
-    first ``searched`` candidates (the search's plans) and the ``finalists`` best-screened
-    others are then checked on the full set."""
-    for candidate in candidates:
-        candidate.screening_error = error(candidate.options, 0)
-        if progress is not None:
-            progress(1)
+    Every candidate is first screened on the profiling batches (fidelity ``0``); the first
+    ``searched`` candidates (the search's plans) and the ``finalists`` best-screened others
+    are then checked on the full set. ``errors(plans, fidelity)`` measures several plans at
+    once."""
+    screened = errors([c.options for c in candidates], 0)
+    for candidate, error in zip(candidates, screened, strict=True):
+        candidate.screening_error = error
+    if progress is not None:
+        progress(len(candidates))
     others = sorted(
         range(searched, len(candidates)), key=lambda i: (candidates[i].screening_error, i)
     )
     checked = list(range(searched)) + others[:finalists]
-    for index in checked:
-        candidate = candidates[index]
-        candidate.calibration_error = error(candidate.options, -1)
-        if progress is not None:
-            progress(1)
+    full = errors([candidates[i].options for i in checked], -1)
+    for index, error in zip(checked, full, strict=True):
+        candidates[index].calibration_error = error
+    if progress is not None:
+        progress(len(checked))
     return min(
         (candidates[i] for i in checked), key=lambda c: (c.calibration_error, candidates.index(c))
     )

@@ -22,6 +22,7 @@ from methods.registry import method_of
 from profilers.cache import SensitivityCache
 from profilers.observe import Observers
 from profilers.sensitivity import SensitivityTable, measure_sensitivity
+from profilers.streaming import StreamedModel
 
 
 class SensitivityEstimator(ABC):
@@ -32,6 +33,7 @@ class SensitivityEstimator(ABC):
     cacheable: ClassVar[bool] = False  # whether its entries are kept in the on-disk cache
     cache_name: ClassVar[str] = ""  # the table its cached entries belong to (default: name)
     steps_per_option: ClassVar[bool] = False  # whether ``progress`` counts (layer, option)s
+    streams: ClassVar[bool] = False  # whether it scores a model streamed block by block
 
     @abstractmethod
     def table(
@@ -45,6 +47,19 @@ class SensitivityEstimator(ABC):
         progress: Callable[[int], None] | None = None,
     ) -> SensitivityTable:
         """The scores; ``model`` is restored before this returns."""
+
+    def streamed_table(
+        self,
+        streamed: StreamedModel,
+        options: Mapping[str, list[Option]],
+        batches: list,
+        progress: Callable[[int], None] | None = None,
+    ) -> SensitivityTable:
+        """The scores of a model streamed block by block (only where ``streams``)."""
+        raise AutotuneError(
+            f"sensitivity {self.name!r} needs the whole model in memory; block by block, "
+            f"allowed: {', '.join(n for n, e in ESTIMATORS.items() if e.streams)}"
+        )
 
 
 ESTIMATORS: dict[str, SensitivityEstimator] = {}
@@ -179,5 +194,33 @@ def _merged(measured: dict[str, float], estimated: dict[str, float]) -> dict[str
     }
 
 
-for _estimator in (EndToEnd(), Fisher(), LocalError(), Hybrid()):
+class BlockOutput(SensitivityEstimator):
+    """The error at the output of the layer's block: what a model streamed block by block
+    can measure (one block in memory at a time), and the same figure in memory."""
+
+    name = "block-output"
+    description = (
+        "the output error of the layer's block with only that layer compressed (the layer's "
+        "own output error outside the blocks); the default block by block"
+    )
+    streams = True
+    steps_per_option = True
+
+    def table(self, model, options, batches, *, observers, cache=None, progress=None):
+        from profilers.resident import ResidentModel
+        from profilers.streaming import CheckpointError
+
+        try:
+            resident = ResidentModel(model)
+        except CheckpointError as exc:
+            raise AutotuneError(f"sensitivity {self.name!r}: {exc}") from None
+        return self.streamed_table(resident, options, batches, progress)
+
+    def streamed_table(self, streamed, options, batches, progress=None):
+        from profilers.stages import profile
+
+        return profile(streamed, options, batches, progress=progress)
+
+
+for _estimator in (EndToEnd(), Fisher(), LocalError(), Hybrid(), BlockOutput()):
     register_estimator(_estimator)

@@ -2,12 +2,12 @@
 
 The model is never whole in memory: it is built with its parameters on the ``meta`` device,
 and each pass over it loads one block's weights from its safetensors files, runs the
-calibration activations through, and frees them (see :mod:`profilers.streaming`). A tune
-makes four such passes: profiling (every layer's options scored on its block's output),
-candidate checks (the allocator's plan and every uniform plan that fits, end to end on
-calibration and held-out data, side by side), writing the compressed model shard by shard,
-and validating the written model by reading it back. Memory holds the outer modules
-(embeddings, head), one block and its compressed versions, and the activations.
+activations through, and frees them (see :mod:`profilers.streaming`). A tune is the stages
+of :func:`autotune.tuner.autotune` run by the block-by-block executor
+(:mod:`autotune.executors.blocks`); this module holds what it and ``apply`` / ``validate``
+share: opening a model to stream, writing a compressed model shard by shard, and reading
+one back to measure it beside the original. Memory holds the outer modules (embeddings,
+head), one block and its compressed versions, and the activations.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import json
 import resource
 import sys
 import tempfile
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,43 +25,26 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from autotune.allocation import (
-    allocate_plan,
-    assignment_options,
-    candidate_totals,
-    check_feasible,
-    fitting_uniforms,
-    layer_profile,
-    limits_for,
-)
 from autotune.apply import check_options, plan_calibration
 from autotune.budget import Budget
-from autotune.calibration import build_calibration
-from autotune.costs import build_costs, default_methods, layer_options
 from autotune.errors import AutotuneError, ModelLoadError, PlanError
 from autotune.fingerprint import fingerprint
-from autotune.fitness import windows_of
 from autotune.io import atomic_directory
-from autotune.layers import compressible_layers, weight_numel
+from autotune.layers import weight_numel
 from autotune.loading import LoadedModel, load_skeleton, model_folder
 from autotune.measured_figures import Measured
-from autotune.plan import DEFAULT_KEY, Plan
-from autotune.progress import Progress
+from autotune.plan import Plan
 from autotune.report import Report
 from autotune.safetensors_check import check_folder
 from autotune.saved import PLAN
-from autotune.selection import UNIFORM_PREFIX, choose, is_uniform
-from autotune.targets import get_target
 from autotune.validate import ValidationResult, heldout_batches, plan_checks
 from methods.base import LayerShape, Option
 from methods.keep import KeepOption
-from methods.registry import get_method, method_of
-from methods.tied import untie_output_embeddings
-from profilers.decode import max_context
+from methods.registry import method_of
 from profilers.hardware import HardwareSpec
 from profilers.measure import model_bytes, weight_storage_bytes
 from profilers.quality import NextTokenLoss, OutputError, is_causal_lm, metric_for
-from profilers.stages import Outputs, Variant, compare, evaluate, profile, stage_of
+from profilers.stages import Outputs, Variant, compare, evaluate
 from profilers.streaming import INDEX, Checkpoint, CheckpointError, StreamedModel
 
 ALGORITHM = "milp-allocator + selection split vs uniform plans, streamed block by block"
@@ -101,44 +83,7 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
 
-def _refuse(budget: Budget, spec: HardwareSpec, methods: Sequence[str]) -> None:
-    if spec.name == "local":
-        raise AutotuneError(
-            "a model tuned block by block is priced on a named target (e.g. cpu, a100): "
-            "'local' times the whole model in memory"
-        )
-    if budget.decode_ms is not None or budget.context is not None:
-        raise AutotuneError(
-            "decode and serving-memory budgets need the whole model in memory; tuned block "
-            "by block, a budget takes memory, bits, a share of the size and latency"
-        )
-    refused = sorted(m for m in set(methods) if get_method(m).needs_whole_model)
-    if refused:
-        raise AutotuneError(
-            f"method(s) {', '.join(refused)} need backward passes through the whole model "
-            "and cannot be tuned block by block"
-        )
-
-
-def _outer_calibrated_options(
-    streamed: StreamedModel, options: dict[str, list[Option]]
-) -> dict[str, int]:
-    """Leave out, in place, calibrated options of the layers outside the blocks (a head or
-    pooler may see too few calibration tokens for its statistics); counts per layer."""
-    stages = stage_of(streamed, list(options))
-    inner = range(len(streamed.blocks))
-    dropped = {}
-    for name, opts in options.items():
-        if stages[name] in inner:
-            continue
-        kept = [o for o in opts if not method_of(o).needs_calibration(o)]
-        if len(kept) < len(opts):
-            dropped[name] = len(opts) - len(kept)
-            options[name] = kept
-    return dropped
-
-
-class _Figures:
+class Figures:
     """A judge of :func:`profilers.stages.evaluate`: the output error against the reference
     on each split of the batches (``parts[i]`` names batch ``i``'s split), in the model's
     metric; with ``perplexity``, the next-token perplexity of both models on the held-out
@@ -247,175 +192,28 @@ def tune_streamed(
     target: str | HardwareSpec = "cpu",
     *,
     save_to: str | Path,
-    calibration: Any = None,
-    heldout: Any = None,
     tokenizer: Any = None,
-    seed: int = 0,
-    methods: Sequence[str] | None = None,
-    option_labels: Sequence[str] | None = None,
-    target_files: Iterable[str | Path] = (),
-    seq_len: int = 128,
-    batch_size: int | None = None,
-    latency_seq_len: int | None = None,
-    calibration_windows: int = 32,
-    sensitivity_windows: int = 4,
-    selection_windows: int = 8,
-    heldout_windows: int = 16,
-    trust_remote_code: bool = False,
-    progress: bool = True,
+    **settings: Any,
 ) -> StreamedResult:
     """Tune a model stored as safetensors without ever holding it whole, write the
-    compressed model to ``save_to`` shard by shard, and validate what was written.
+    compressed model to ``save_to`` shard by shard, and validate what was written: the
+    stages of :func:`autotune.tuner.autotune` run by the block-by-block executor
+    (:mod:`autotune.executors.blocks`). ``settings`` are those of ``autotune()``; layers are
+    scored by the error at their block's output unless ``sensitivity`` names another
+    estimator that streams."""
+    from autotune.tuner import autotune
 
-    The per-layer scores are the error at the output of the layer's block (the layer's own
-    output error for layers outside the blocks), a proxy of the end-to-end error; the
-    allocator's plan and every uniform plan that fits are then run end to end in one pass over
-    the three splits: the calibration data picks the front runner, the selection split keeps
-    it or a uniform plan (:func:`autotune.selection.choose`), as in
-    :func:`autotune.tuner.autotune`; the held-out figures of that pass are read only once
-    the choice is made."""
-    started = time.perf_counter()
-    say = Progress(progress)
-    budget = Budget.parse(budget, batch_size=batch_size, seq_len=latency_seq_len)
-    spec = get_target(target, target_files)
-    methods = tuple(methods) if methods is not None else default_methods(spec)
-    _refuse(budget, spec, methods)
-    torch.manual_seed(seed)
-    streamed, loaded = open_streamed(model, trust_remote_code)
-    tokenizer = tokenizer or loaded.tokenizer
-    skeleton = streamed.model
-    budget.check_positions(max_context(skeleton))
-    say.say(
-        f"{type(skeleton).__name__}: {len(streamed.blocks)} blocks streamed from "
-        f"{streamed.checkpoint.nbytes:,} bytes of safetensors"
+    result = autotune(
+        model,
+        budget,
+        target,
+        tokenizer=tokenizer,
+        executor="block-by-block",
+        save_to=save_to,
+        **settings,
     )
-    original_fp = fingerprint(skeleton, streamed.state_tensors())
-    tied = untie_output_embeddings(skeleton)
-    calib = build_calibration(
-        skeleton,
-        tokenizer,
-        calibration,
-        heldout,
-        seq_len=seq_len,
-        calibration_windows=calibration_windows,
-        selection_windows=selection_windows,
-        heldout_windows=heldout_windows,
-        sensitivity_windows=sensitivity_windows,
-    )
-    layers = compressible_layers(skeleton)
-    if not layers:
-        raise AutotuneError("the model has no compressible layer")
-    options = layer_options(layers, methods, option_labels)
-    left_out = _outer_calibrated_options(streamed, options)
-    latency_inputs = calib.latency_inputs(budget.batch_size, budget.seq_len)
-    costs = build_costs(skeleton, layers, options, spec, latency_inputs, run=streamed.forward_pass)
-    limits = limits_for(budget, costs)
-    check_feasible(budget, costs, limits)
-    say.say(f"{len(layers)} layers; target {spec.name}; budget {budget.spec}")
-
-    with say.bar(sum(len(o) for o in options.values()), "sensitivity (block output)") as bar:
-        sensitivity = profile(streamed, options, calib.sensitivity, progress=bar.update)
-    table, allocation = allocate_plan(budget, costs, limits, sensitivity.errors)
-    candidates = {"allocator": assignment_options(costs, table, allocation.assignment)}
-    candidates.update(fitting_uniforms(costs, table, limits))
-    splits = {
-        "calibration": calib.calibration,
-        "selection": calib.selection,
-        "heldout": calib.heldout,
-    }
-    batches = [b for part in splits.values() for b in part]
-    parts = [name for name, part in splits.items() for _ in part]
-    with say.bar(len(streamed.blocks), f"{len(candidates)} candidates, end to end") as bar:
-        checked = evaluate(
-            streamed,
-            batches,
-            {name: Variant(opts) for name, opts in candidates.items()},
-            lambda: _Figures(batches, parts),
-            observe=calib.calibration,
-            progress=bar.update,
-        )
-    metric = checked["allocator"]["metric"]
-    front_runner = min(checked, key=lambda n: checked[n]["calibration"])
-    selection = choose(
-        front_runner,
-        [n for n in candidates if is_uniform(n)],
-        lambda name: checked[name]["selection"],
-        windows_of(calib.selection),
-    )
-    chosen, best_uniform = selection.chosen, selection.best_uniform
-    say.say(
-        f"chose {chosen} (selection error {selection.errors[chosen]:.4g}; calibration front "
-        f"runner {front_runner})"
-    )
-    options_chosen = candidates[chosen]
-    totals = costs.totals({n: costs.options[n].index(o) for n, o in options_chosen.items()})
-    original = costs.totals({n: costs.options[n].index(KeepOption()) for n in costs.options})
-    plan = Plan(
-        layers={
-            DEFAULT_KEY: KeepOption().to_dict(),
-            **{ref.name: options_chosen[ref.name].to_dict() for ref in layers},
-        },
-        model={
-            "source": loaded.source,
-            "class": type(skeleton).__name__,
-            "fingerprint": original_fp,
-            **({"tied": tied} if tied else {}),
-        },
-        target={k: v for k, v in spec.to_dict().items() if k != "probed"},
-        budget=budget.to_dict(),
-        calibration=calib.description,
-        predicted={
-            "bytes": int(totals["bytes"]),
-            "original_bytes": costs.original_bytes,
-            "avg_bits": round(totals["avg_bits"], 6),
-            "latency_ms": round(totals["latency_ms"], 6),
-            "original_latency_ms": round(original["latency_ms"], 6),
-            "latency_shape": [budget.batch_size, budget.seq_len],
-            "error": checked[chosen]["calibration"],
-            "error_additive": float(
-                sum(sensitivity.errors[n][o.label] for n, o in options_chosen.items())
-            ),
-            "metric": metric,
-        },
-        search={
-            "algorithm": ALGORITHM,
-            "engine": "allocator",
-            "sensitivity": "block-output",
-            "seed": seed,
-            "chosen": chosen,
-            "sensitivity_evaluations": sensitivity.evaluations,
-            "full_evaluations": len(candidates),
-            "candidates": [
-                {
-                    "name": name,
-                    "calibration_error": checked[name]["calibration"],
-                    "selection_error": checked[name]["selection"],
-                    **candidate_totals(costs, opts),
-                }
-                for name, opts in candidates.items()
-            ],
-            "solver_seconds": round(allocation.seconds, 3),
-            "solver_optimal": allocation.optimal,
-            "selection": selection.to_dict(),
-            **({"undercalibrated_options_left_out": left_out} if left_out else {}),
-        },
-        profile=layer_profile(costs, sensitivity, options_chosen),
-    )
-    say.say(f"writing the compressed model to {save_to}")
-    write_streamed(streamed, options_chosen, plan, save_to, calib.calibration, tokenizer)
-    say.say("validating the written model")
-    measured = validate_saved(streamed, save_to, calib.heldout, metric)
-    if best_uniform is not None:
-        measured["best_uniform"] = {  # its held-out figure is read now that the plan is fixed
-            "option": best_uniform.removeprefix(UNIFORM_PREFIX),
-            "selection_error": selection.errors[best_uniform],
-            "heldout_error": checked[best_uniform]["heldout"],
-            "bytes": candidate_totals(costs, candidates[best_uniform])["bytes"],
-        }
-    plan.measured = measured
-    plan.search["seconds"] = round(time.perf_counter() - started, 2)
-    plan.save(Path(save_to) / "plan.json")
-    return StreamedResult(plan, Report(plan), Path(save_to))
+    assert result.saved is not None
+    return StreamedResult(result.plan, result.report, result.saved)
 
 
 def open_saved(folder: str | Path, trust_remote_code: bool = False) -> tuple[StreamedModel, Plan]:
@@ -454,7 +252,7 @@ def validate_saved(
         original,
         saved,
         heldout,
-        lambda: _Figures(heldout, ["heldout"] * len(heldout), perplexity=causal),
+        lambda: Figures(heldout, ["heldout"] * len(heldout), perplexity=causal),
     )
     figures["heldout_error"] = figures.pop("heldout")
     return {

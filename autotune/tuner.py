@@ -15,22 +15,25 @@ from autotune.pipeline.choose import score, search, select_plan
 from autotune.pipeline.config import TuneConfig
 from autotune.pipeline.prepare import calibrate, prepare
 from autotune.pipeline.price import price
-from autotune.pipeline.record import apply_chosen, measure_result, record_plan
+from autotune.pipeline.record import apply_chosen, measure_result, record_plan, write_model
 from autotune.plan import Plan
 from autotune.report import Report
+from autotune.saved import PLAN
 from profilers.hardware import HardwareSpec
 from profilers.sensitivity import SensitivityTable
 
 
 @dataclass
 class TuneResult:
-    """The plan, the compressed model, and the predicted-vs-measured report."""
+    """The plan, the compressed model (block by block: the model's skeleton, its weights
+    on the ``meta`` device), and the predicted-vs-measured report."""
 
     plan: Plan
     model: nn.Module
     report: Report
     sensitivity: SensitivityTable
     costs: CostModel
+    saved: Path | None = None  # where the compressed model was written, if it was
 
 
 def autotune(
@@ -78,9 +81,12 @@ def autotune(
     scored = score(setup, data, priced, config)
     searched = search(setup, data, priced, scored, config)
     selected = select_plan(setup, data, scored, searched, config)
-    apply_chosen(setup, priced, searched, selected)
+    apply_chosen(setup, selected)
     plan = record_plan(setup, data, priced, scored, searched, selected, config)
+    saved = write_model(setup, data, plan)
     if config.measure:
         measure_result(setup, data, priced, scored, selected, plan)
     plan.search["seconds"] = round(time.perf_counter() - started, 2)
-    return TuneResult(plan, setup.work, Report(plan), scored.table, priced.costs)
+    if saved is not None:  # the plan beside the model, with its measured figures
+        plan.save(saved / PLAN)
+    return TuneResult(plan, setup.work, Report(plan), scored.table, priced.costs, saved)

@@ -209,7 +209,9 @@ def _model_state(model: nn.Module) -> Iterable[torch.Tensor]:
         yield from (v for v in vars(module).values() if isinstance(v, torch.Tensor))
 
 
-def activation_peak(model: nn.Module, inputs: dict[str, Any]) -> ActivationPeak:
+def activation_peak(
+    model: nn.Module, inputs: dict[str, Any], run: Callable[..., Any] | None = None
+) -> ActivationPeak:
     """Most bytes of op outputs live at once during one ``model(**inputs)`` under
     ``torch.inference_mode``.
 
@@ -219,11 +221,12 @@ def activation_peak(model: nn.Module, inputs: dict[str, Any]) -> ActivationPeak:
     scratch: see :func:`scratch_bytes`; weights repacked on first use) are not counted.
     Memory a kernel uses internally without returning it is not seen. A model's first call
     can hold more than later ones (e.g. weights converted to a kernel layout on first use).
+    ``run(**inputs)`` makes the pass instead of the model (a model streamed from disk).
     """
     tracker = _LiveBytes()
     try:
         with torch.inference_mode(), tracker:
-            out = model(**inputs)
+            out = (run or model)(**inputs)
         tracker.exclude(scratch_in_use())
         tracker.exclude(_model_state(model))
     finally:

@@ -33,8 +33,10 @@ def _not_cached_because(args: argparse.Namespace) -> str | None:
     """Why the sensitivity measurements were not cached, or None if they were."""
     if args.no_cache:
         return "--no-cache"
-    if args.sensitivity != "end-to-end":
-        return f"--sensitivity {args.sensitivity}"
     if getattr(args, "streamed", False):
         return "block by block"
+    from autotune.estimators import get_estimator
+
+    if not get_estimator(args.sensitivity or "end-to-end").cacheable:
+        return f"--sensitivity {args.sensitivity}"
     return None

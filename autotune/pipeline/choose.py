@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.allocation import allocate_plan, assignment_options, fitting_uniforms
-from autotune.candidates import Candidate, ModuleCache, evaluate, select
+from autotune.candidates import Candidate, select
 from autotune.errors import InfeasibleBudgetError
 from autotune.fitness import PlanFitness, windows_of
 from autotune.pipeline.config import TuneConfig
@@ -20,7 +20,6 @@ from methods.base import Option
 from methods.keep import KeepOption
 from methods.registry import method_of
 from profilers.cache import SensitivityCache, batches_digest, default_cache_dir, table_key
-from profilers.quality import metric_for
 from profilers.sensitivity import SensitivityTable
 from search import Allocation, ChoiceTable
 
@@ -42,7 +41,7 @@ def score(setup: Setup, data: Data, priced: Priced, config: TuneConfig) -> Score
         digest = batches_digest(data.calib.sensitivity)
         cached_as = estimator.cache_name or estimator.name
         cache = SensitivityCache(folder, table_key(data.fingerprint, digest, cached_as))
-    metric = metric_for(data.screening_reference[0])
+    metric = setup.executor.metric(data.screening)
     steps = sum(len(o) for o in options.values()) if estimator.steps_per_option else 0
     with say.bar(steps, f"sensitivity ({estimator.name})") as bar:
         if setup.as_is:  # one option per layer, which changes nothing: no error to measure
@@ -53,13 +52,8 @@ def score(setup: Setup, data: Data, priced: Priced, config: TuneConfig) -> Score
                 seconds=0.0,
             )
         else:
-            table = estimator.table(
-                setup.work,
-                options,
-                data.calib.sensitivity,
-                observers=priced.observers,
-                cache=cache,
-                progress=bar.update,
+            table = setup.executor.sensitivity(
+                estimator, options, data.calib.sensitivity, priced.observers, cache, bar.update
             )
     table.metric = metric
     cached = f", {cache.hits} from the cache" if cache and cache.hits else ""
@@ -78,7 +72,6 @@ class Searched:
     table: ChoiceTable
     allocation: Allocation
     fitness: PlanFitness
-    modules: ModuleCache
     engine: str
     outcome: SearchOutcome
     candidates: list[Candidate]
@@ -95,20 +88,9 @@ def search(
     """The allocator's plan on the summed errors, then the engine's search from it."""
     costs, metric = priced.costs, scored.table.metric
     table, allocation = allocate_plan(setup.budget, costs, priced.limits, scored.table.errors)
-    modules = ModuleCache(
-        setup.work, cap_bytes=_module_cache_cap(costs.original_bytes), observers=priced.observers
-    )
     calib = data.calib
     fitness = PlanFitness(
-        setup.work,
-        table.variables,
-        costs.options,
-        [
-            (calib.sensitivity, data.screening_reference),
-            (calib.calibration, data.calibration_reference),
-        ],
-        metric,
-        modules,
+        setup.executor, table.variables, costs.options, [data.screening, data.calibration], metric
     )
     settings = config.search
     requested = "allocator" if setup.as_is else settings.search
@@ -146,7 +128,7 @@ def search(
     searched = len(candidates)
     for name, uniform in fitting_uniforms(costs, table, priced.limits).items():
         candidates.append(Candidate(name, uniform))
-    return Searched(table, allocation, fitness, modules, engine, outcome, candidates, searched)
+    return Searched(table, allocation, fitness, engine, outcome, candidates, searched)
 
 
 UNCALIBRATED = "allocator, uncalibrated options only"
@@ -180,14 +162,6 @@ def _uncalibrated_plan(setup: Setup, priced: Priced, scored: Scored) -> dict[str
     return assignment_options(costs, table, allocation.assignment)
 
 
-def _module_cache_cap(original_bytes: int) -> int:
-    """Converted modules kept for the search: up to 12x the model, within a third of the
-    memory available now."""
-    import psutil
-
-    return int(min(12 * original_bytes, psutil.virtual_memory().available / 3))
-
-
 @dataclass
 class Selected:
     """The plan chosen on the selection split, the best uniform plan beside it, and that
@@ -205,41 +179,28 @@ def select_plan(
     """Screen the candidates on the calibration data for a front runner, then keep it or
     the uniform plan with the least error on the selection split."""
     say, candidates, count = setup.say, searched.candidates, searched.searched
-    fitness, metric, calib = searched.fitness, scored.table.metric, data.calib
+    fitness, metric, executor = searched.fitness, scored.table.metric, setup.executor
     with say.bar(len(candidates) + count + min(3, len(candidates) - count), "candidates") as bar:
-        front = select(candidates, fitness.error, searched=count, progress=bar.update)
+        front = select(candidates, fitness.errors, searched=count, progress=bar.update)
     by_name = {c.name: c for c in candidates}
-    with say.bar(2 + len(candidates) - count, "selection split") as bar:
-        baselines = [c.name for c in candidates if c.name == UNCALIBRATED]
-        baselines += [c.name for c in candidates[count:] if is_uniform(c.name)]
-        selection = choose(
-            front.name,
-            baselines,
-            lambda name: evaluate(
-                setup.work,
-                by_name[name].options,
-                calib.selection,
-                data.selection_reference,
-                metric,
-                searched.modules,
-            ),
-            windows_of(calib.selection),
-            progress=bar.update,
+    baselines = [c.name for c in candidates if c.name == UNCALIBRATED]
+    baselines += [c.name for c in candidates[count:] if is_uniform(c.name)]
+    judged = [front.name, *(n for n in baselines if n != front.name)]
+    with say.bar(1, "selection split") as bar:
+        on_selection = executor.errors(
+            {n: by_name[n].options for n in judged}, data.selection, metric
         )
+        bar.update(1)
+    selection = choose(
+        front.name, baselines, on_selection.__getitem__, windows_of(data.selection.batches)
+    )
     chosen = by_name[selection.chosen]
     if chosen.calibration_error is None:  # a uniform plan that was not a finalist won
         chosen.calibration_error = fitness.error(chosen.options, -1)
     best_uniform = by_name[selection.best_uniform] if selection.best_uniform else None
     # the plan is fixed: only now is the held-out split read, to measure and never to choose
     uniform_heldout = (
-        evaluate(
-            setup.work,
-            best_uniform.options,
-            calib.heldout,
-            data.heldout_reference,
-            metric,
-            searched.modules,
-        )
+        executor.errors({"uniform": best_uniform.options}, data.heldout, metric)["uniform"]
         if config.measure and best_uniform is not None
         else None
     )

@@ -36,7 +36,7 @@ class SearchConfig:
 
     methods: Sequence[str] | None = None
     option_labels: Sequence[str] | None = None
-    sensitivity: str = "end-to-end"
+    sensitivity: str | None = None  # None: the executor's default
     search: str = "auto"
     max_evals: float | None = None
     timeout: float | None = None
@@ -49,7 +49,10 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """A whole tune's settings besides the model and the budget."""
+    """A whole tune's settings besides the model and the budget: ``executor`` runs the
+    model (in memory, or block by block from its safetensors files, which needs
+    ``save_to``); ``save_to`` is where the compressed model is written (optional in
+    memory)."""
 
     target: str | HardwareSpec = "local"
     target_files: Iterable[str | Path] = ()
@@ -60,6 +63,8 @@ class TuneConfig:
     progress: bool = True
     measure: bool = True
     trust_remote_code: bool = False
+    executor: str = "in-memory"  # or "block-by-block": see autotune.executors
+    save_to: str | Path | None = None  # where the compressed model is written
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +15,9 @@ from autotune.calibration import CalibrationSet, build_calibration
 from autotune.costs import default_methods, layer_options
 from autotune.errors import AutotuneError
 from autotune.estimators import SensitivityEstimator, get_estimator
+from autotune.executors import Executor, Split, get_executor
 from autotune.fingerprint import fingerprint
 from autotune.layers import compressible_layers
-from autotune.loading import load_model
 from autotune.pipeline.config import TuneConfig
 from autotune.progress import Progress
 from autotune.runtimes import Runtime, get_runtime
@@ -30,7 +29,7 @@ from methods.structured import UNIT_KINDS, prune_structured
 from methods.tied import untie_output_embeddings
 from profilers.decode import max_context
 from profilers.hardware import HardwareSpec
-from profilers.quality import is_causal_lm, run_outputs
+from profilers.quality import is_causal_lm
 
 
 @dataclass
@@ -41,6 +40,7 @@ class Setup:
     budget: Budget
     spec: HardwareSpec
     runtime: Runtime
+    executor: Executor
     estimator: SensitivityEstimator
     methods: Sequence[str]
     original: nn.Module
@@ -68,16 +68,14 @@ def prepare(
     search = config.search
     check_settings(search.search, search.max_evals, search.timeout, search.storage)
     check_structured(search.structured)
-    estimator = get_estimator(search.sensitivity)
-    source, inplace = "nn.Module", config.inplace
-    if isinstance(model, (str, Path)):
-        loaded = load_model(model, trust_remote_code=config.trust_remote_code)
-        model, tokenizer, source, inplace = (
-            loaded.model,
-            tokenizer or loaded.tokenizer,
-            loaded.source,
-            True,
-        )
+    executor = get_executor(config.executor, config.save_to)
+    estimator = get_estimator(search.sensitivity or executor.default_sensitivity)
+    methods = search.methods
+    if methods is None:
+        methods = runtime.methods(spec) or default_methods(spec)
+    executor.refuse(parsed, spec, config, methods, estimator)
+    opened = executor.open(model, config, tokenizer)
+    model, work = opened.original, opened.work
     runtime.check_model(model)
     parsed.check_positions(max_context(model))
     if parsed.decode_ms is not None and not is_causal_lm(model):
@@ -86,13 +84,7 @@ def prepare(
             "is not one: use a plain latency term (e.g. 20ms)"
         )
     torch.manual_seed(search.seed)
-    model.eval()
-    original_fp = fingerprint(model)
-    work = model if inplace else copy.deepcopy(model)
     tied = untie_output_embeddings(work)  # a tied embedding is one layer, stored once
-    methods = search.methods
-    if methods is None:
-        methods = runtime.methods(spec) or default_methods(spec)
     as_is = _storage_answer(work, parsed, runtime, methods, search.option_labels, search)
     if as_is:
         say.say(
@@ -103,14 +95,15 @@ def prepare(
         parsed,
         spec,
         runtime,
+        executor,
         estimator,
         methods,
         model,
         work,
-        tokenizer,
-        source,
-        inplace,
-        original_fp,
+        opened.tokenizer,
+        opened.source,
+        opened.inplace,
+        opened.fingerprint,
         tied,
         say,
         as_is,
@@ -155,14 +148,15 @@ def check_structured(fractions: Mapping[str, float] | None) -> None:
 
 @dataclass
 class Data:
-    """The four splits, the model's reference outputs on each (before any pruning), the
-    structured pruning done, and the fingerprint that keys caches and studies."""
+    """The four splits with the model's reference outputs on each (before any pruning,
+    where the executor keeps them), the structured pruning done, and the fingerprint that
+    keys caches and studies."""
 
     calib: CalibrationSet
-    heldout_reference: list
-    selection_reference: list
-    calibration_reference: list
-    screening_reference: list
+    heldout: Split
+    selection: Split
+    calibration: Split
+    screening: Split  # the sensitivity batches: a subset of calibration
     structure: dict[str, Any]
     fingerprint: str
 
@@ -183,14 +177,17 @@ def calibrate(setup: Setup, config: TuneConfig) -> Data:
         sensitivity_windows=settings.sensitivity_windows,
     )
     # quality is judged against the model as given, before any structured pruning
-    references = [run_outputs(work, b) for b in (calib.heldout, calib.selection)]
-    references += [run_outputs(work, b) for b in (calib.calibration, calib.sensitivity)]
+    executor = setup.executor
+    splits = [
+        executor.split(name, getattr(calib, name))
+        for name in ("heldout", "selection", "calibration", "sensitivity")
+    ]
     structure = _prune_structure(work, config.search.structured, calib.calibration)
     if structure:
         setup.say.say(f"structured pruning: {structure['removed_parameters']:,} parameters removed")
     return Data(
         calib,
-        *references,
+        *splits,
         structure=structure,
         fingerprint=fingerprint(work) if structure else setup.fingerprint,
     )

@@ -10,7 +10,7 @@ from torch import nn
 
 from autotune.allocation import LOCAL_LATENCY_MARGIN, check_feasible, keep_fits, limits_for
 from autotune.budget import Budget
-from autotune.costs import CostModel, build_costs, drop_undercalibrated, layer_options
+from autotune.costs import CostModel, build_costs, layer_options
 from autotune.errors import AutotuneError
 from autotune.latency_models import latency_model_for
 from autotune.layers import LayerRef, compressible_layers
@@ -23,7 +23,7 @@ from methods.base import Option
 from methods.keep import KeepOption
 from profilers.decode import DecodeError, decode_inputs
 from profilers.memory import ActivationPeak, activation_peak, kv_cache_bytes
-from profilers.observe import Observers, collect_observers
+from profilers.observe import Observers
 from profilers.quality import is_causal_lm
 
 
@@ -63,8 +63,8 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
         options = keep_only(options)
     calib = data.calib
     latency_inputs = calib.latency_inputs(budget.batch_size, budget.seq_len)
-    observers = collect_observers(work, options, calib.calibration)
-    left_out = drop_undercalibrated(layers, options, observers)
+    executor = setup.executor
+    observers, left_out = executor.calibrated(layers, options, calib.calibration)
     for name, count in left_out.items():
         say.say(
             f"{name}: {count} calibrated options left out (fewer calibration tokens than "
@@ -81,10 +81,11 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
             latency_inputs,
             progress=bar.update,
             observers=observers,
+            run=executor.run,
             tokenizer=setup.tokenizer,
         )
-    activations = activation_peak(work, latency_inputs)  # of the uncompressed model
-    decode = _decode_inputs(work, calib, budget)
+    activations = activation_peak(work, latency_inputs, run=executor.run)  # uncompressed
+    decode = _decode_inputs(work, calib, budget) if executor.holds_whole_model else None
     if decode is not None:
         with say.bar(steps, "decode latency") as bar:
             decode_costs = build_costs(
@@ -115,7 +116,7 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
         f"target {spec.name}; budget {budget.spec}"
     )
     baseline = None
-    if config.measure and setup.inplace:
+    if config.measure and setup.inplace and executor.holds_whole_model:
         baseline = measure_model(work, latency_inputs=latency_inputs, decode_inputs=decode)
         kept = Plan(layers={"_default": KeepOption().to_dict()})
         outside = latency_model_for(spec).measure(work, kept, None, latency_inputs)

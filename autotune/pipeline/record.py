@@ -3,15 +3,13 @@ measured on the held-out split."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from autotune.allocation import candidate_totals, layer_profile
-from autotune.apply import compress
 from autotune.costs import CostModel
 from autotune.engines import get_engine
 from autotune.fitness import windows_of
-from autotune.latency_models import latency_model_for
-from autotune.measured_figures import measure_model
 from autotune.pipeline.choose import Scored, Searched, Selected
 from autotune.pipeline.config import TuneConfig
 from autotune.pipeline.prepare import Data, Setup
@@ -22,17 +20,17 @@ from methods.keep import KeepOption
 from profilers.memory import PeakPrediction, scratch_bytes
 
 
-def apply_chosen(setup: Setup, priced: Priced, searched: Searched, selected: Selected) -> None:
-    """Compress the working model to the chosen plan, reusing the modules converted for the
-    search, then free them."""
-    work, options = setup.work, selected.chosen.options
-    modules = searched.modules
-    compress(
-        work,
-        options,
-        prebuilt={n: modules.get(n, o, work.get_submodule(n)) for n, o in options.items()},
-    )
-    modules.store.clear()
+def apply_chosen(setup: Setup, selected: Selected) -> None:
+    """Compress the working model to the chosen plan (reusing the modules converted for
+    the search where the executor kept them), then free what the search kept."""
+    setup.executor.apply(selected.chosen.options)
+
+
+def write_model(setup: Setup, data: Data, plan: Plan) -> Path | None:
+    """Write the compressed model where the settings ask (block by block: always)."""
+    if setup.executor.save_to is not None:
+        setup.say.say(f"writing the compressed model to {setup.executor.save_to}")
+    return setup.executor.write(plan, setup.tokenizer, data.calib.calibration)
 
 
 def record_plan(
@@ -191,48 +189,8 @@ def measure_result(
     plan: Plan,
 ) -> None:
     """Measure the compressed model (bytes, latency beside the original, held-out error)
-    into ``plan.measured``."""
-    budget, metric = setup.budget, scored.table.metric
-    measured = measure_model(
-        setup.work,
-        total_weights=priced.costs.total_weights,
-        latency_inputs=priced.latency_inputs,
-        decode_inputs=priced.decode,
-        heldout=(data.calib.heldout, data.heldout_reference),
-        metric=metric,
-        baseline=None if setup.inplace else setup.original,
-    )
-    latency_model = latency_model_for(setup.spec)
-    baseline = None if setup.inplace else setup.original
-    elsewhere = latency_model.measure(setup.work, plan, baseline, priced.latency_inputs)
-    if elsewhere is not None:  # timed where the plan will run, not in autotune's modules
-        measured.latency = elsewhere["model"]
-        measured.baseline_latency = elsewhere.get("baseline")
-        if priced.decode is not None and latency_model.measures_decode:
-            decode = latency_model.measure(setup.work, plan, baseline, priced.decode)
-            measured.decode, measured.baseline_decode = decode["model"], decode.get("baseline")
-    plan.measured = measured.to_dict([budget.batch_size, budget.seq_len], metric)
-    exported = setup.runtime.stored_bytes(setup.work, plan, tokenizer=setup.tokenizer)
-    if exported is not None:  # counted in the runtime's export, as the budget counts them
-        plan.measured.update(exported, bytes_counted_in=setup.runtime.export_format)
-    if elsewhere is not None:
-        plan.measured["timed_in"] = latency_model.name
-    in_runtime = setup.runtime.measure_export(
-        setup.work,
-        plan,
-        setup.tokenizer,
-        data.calib.heldout,
-        data.heldout_reference,
-        metric,
-        original=None if setup.inplace else setup.original,
-    )
-    if in_runtime is not None:
-        plan.measured["in_runtime"] = in_runtime
-    if priced.baseline is not None and priced.baseline.latency is not None:
-        plan.measured["baseline"] = {
-            **priced.baseline.latency_figures(),
-            "timed": "before tuning (the model was tuned in place)",
-        }
+    into ``plan.measured``, and the best uniform plan's held-out error beside it."""
+    plan.measured = setup.executor.measure(setup, data, priced, scored, plan)
     uniform = selected.best_uniform
     if uniform is not None:
         plan.measured["best_uniform"] = {

@@ -74,38 +74,23 @@ def test_the_selection_split_judges_the_front_runner_against_every_fitting_unifo
 
 
 def test_the_heldout_split_is_read_only_after_the_choice(tokenizer, monkeypatch) -> None:
+    from autotune.executors import InMemory
     from autotune.pipeline import choose as choose_stage
-    from autotune.pipeline import prepare as prepare_stage
 
-    made, events = {}, []
-    real_build, real_choose, real_evaluate = (
-        prepare_stage.build_calibration,
-        choose_stage.choose,
-        choose_stage.evaluate,
-    )
-
-    def build(*args, **kwargs):
-        made["calib"] = real_build(*args, **kwargs)
-        return made["calib"]
+    events = []
+    real_choose, real_errors = choose_stage.choose, InMemory.errors
 
     def choose(*args, **kwargs):
         selection = real_choose(*args, **kwargs)
         events.append("chosen")
         return selection
 
-    def evaluate(model, options, batches, *rest):
-        calib = made["calib"]
-        split = next(
-            name
-            for name in ("calibration", "sensitivity", "selection", "heldout")
-            if batches is getattr(calib, name)
-        )
-        events.append(split)
-        return real_evaluate(model, options, batches, *rest)
+    def errors(self, plans, split, metric):
+        events.append(split.name)
+        return real_errors(self, plans, split, metric)
 
-    monkeypatch.setattr(prepare_stage, "build_calibration", build)
     monkeypatch.setattr(choose_stage, "choose", choose)
-    monkeypatch.setattr(choose_stage, "evaluate", evaluate)
+    monkeypatch.setattr(InMemory, "errors", errors)
     _tune("35%", tokenizer, search="allocator")
     assert "selection" in events and "heldout" in events
     assert "heldout" not in events[: events.index("chosen")]

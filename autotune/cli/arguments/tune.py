@@ -103,11 +103,10 @@ def _add_space(tune: argparse.ArgumentParser) -> None:
     tune.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     tune.add_argument(
         "--sensitivity",
-        default="end-to-end",
         metavar="ESTIMATOR",
         help="how each (layer, option) is scored, an estimator registered in "
-        "autotune.estimators: end-to-end output error (cached), fisher or local (cheaper "
-        "proxies)",
+        "autotune.estimators: end-to-end output error (cached; the default in memory), "
+        "block-output (the default block by block), hybrid, fisher or local (cheaper proxies)",
     )
 
 

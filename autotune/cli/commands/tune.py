@@ -64,7 +64,8 @@ def _checked_problem(args: argparse.Namespace) -> tuple[Any, Any]:
                 f"{exporter.install}"
             )
     check_settings(args.search, args.max_evals, args.timeout, args.storage)
-    get_estimator(args.sensitivity)  # registered engines and estimators, before any loading
+    if args.sensitivity is not None:
+        get_estimator(args.sensitivity)  # registered engines and estimators, before any loading
     return budget, target
 
 

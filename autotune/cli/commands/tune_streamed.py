@@ -28,6 +28,15 @@ def tune_streamed(
         option_labels=labels,
         trust_remote_code=args.trust_remote_code,
         progress=not args.quiet,
+        measure=not args.no_measure,
+        sensitivity=args.sensitivity,
+        search=args.search,
+        max_evals=args.max_evals,
+        timeout=args.timeout,
+        storage=args.storage,
+        study_name=args.study,
+        structured={"ffn": args.prune_ffn, "heads": args.prune_heads},
+        runtime=args.runtime,
     )
     if args.output:
         result.plan.save(args.output)
@@ -40,23 +49,10 @@ def tune_streamed(
 
 
 def _check_streamable(args: argparse.Namespace) -> None:
-    """Refuse the options that need the whole model in memory, and a missing --save-model."""
+    """Refuse a missing --save-model (what else block by block cannot do, the block-by-block
+    executor refuses itself)."""
     from autotune.errors import AutotuneError
 
-    unsupported = {
-        "--search": args.search not in ("auto", "allocator"),
-        "--sensitivity": args.sensitivity != "end-to-end",
-        "--prune-ffn/--prune-heads": bool(args.prune_ffn or args.prune_heads),
-        "--storage": args.storage is not None,
-        "--runtime": args.runtime != "torch",
-    }
-    refused = [flag for flag, given in unsupported.items() if given]
-    if refused:
-        raise AutotuneError(
-            f"{', '.join(refused)} need the whole model in memory; block by block a tune "
-            "scores layers on their block's output and checks the allocator's plan against "
-            "every uniform plan"
-        )
     if not args.save_model:
         raise AutotuneError(
             "block by block, the compressed model is written as it is made: add --save-model DIR"
