@@ -44,13 +44,21 @@ def check_settings(
             raise AutotuneError(str(exc)) from None
 
 
-def choose_engine(search: str, table: ChoiceTable, allocation: Allocation, weights: int) -> str:
+def choose_engine(
+    search: str,
+    table: ChoiceTable,
+    allocation: Allocation,
+    weights: int,
+    in_memory: bool = True,
+) -> str:
     """``auto``: evolution from the allocator's plan, unless there is nothing to gain (one
-    layer, or the allocator's plan loses nothing) or the model is too large to evaluate
-    whole plans often (over a billion weights): then the allocator alone."""
+    layer, or the allocator's plan loses nothing) or whole plans cost too much to evaluate
+    often (over a billion weights, or a model streamed from disk, where each evaluation
+    reads every block): then the allocator alone."""
     if search != AUTO:
         return search
-    if len(table.variables) < 2 or allocation.score <= 0 or weights > AUTO_MAX_WEIGHTS:
+    costly = weights > AUTO_MAX_WEIGHTS or not in_memory
+    if len(table.variables) < 2 or allocation.score <= 0 or costly:
         return "allocator"
     return "evolution"
 

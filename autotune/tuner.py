@@ -12,6 +12,7 @@ from torch import nn
 from autotune.budget import Budget
 from autotune.costs import CostModel
 from autotune.pipeline.choose import score, search, select_plan
+from autotune.pipeline.clock import StageClock
 from autotune.pipeline.config import TuneConfig
 from autotune.pipeline.prepare import calibrate, prepare
 from autotune.pipeline.price import price
@@ -53,7 +54,10 @@ def autotune(
     (this machine, timed). The settings are a
     :class:`~autotune.pipeline.config.TuneConfig` (``config``) or its fields as keywords:
 
-    * run: ``target_files``, ``runtime`` (``"torch"``, ``"vllm"``, ``"onnxruntime"``: only
+    * run: ``executor`` (``"in-memory"``, or ``"block-by-block"`` to stream a model folder
+      from its safetensors files one block at a time; see :mod:`autotune.executors`),
+      ``save_to`` (a folder the compressed model is written to; needed block by block),
+      ``target_files``, ``runtime`` (``"torch"``, ``"vllm"``, ``"onnxruntime"``: only
       options that runtime's export holds, priced with its kernels; see
       :mod:`autotune.runtimes`), ``batch_size``, ``latency_seq_len``, ``inplace``,
       ``progress``, ``measure``, ``trust_remote_code``;
@@ -64,7 +68,8 @@ def autotune(
       with the least error there, and the held-out split only measures the result;
     * search (:class:`~autotune.pipeline.config.SearchConfig`): ``methods``,
       ``option_labels`` (e.g. ``["int8-ch-sym", "int4-g64-asym"]``), ``sensitivity`` (an
-      estimator of :mod:`autotune.estimators`: ``"end-to-end"``, ``"fisher"``, ``"local"``),
+      estimator of :mod:`autotune.estimators`: ``"end-to-end"`` (default in memory),
+      ``"block-output"`` (default block by block), ``"hybrid"``, ``"fisher"``, ``"local"``),
       ``search`` (``"auto"`` or an engine of :mod:`autotune.engines`), ``max_evals``,
       ``timeout``, ``storage`` and ``study_name`` (an Optuna study that records the search,
       so a killed one resumes), ``structured`` (e.g. ``{"ffn": 0.25}``: prune that share of
@@ -75,18 +80,20 @@ def autotune(
         config = TuneConfig.from_kwargs(target or "local", **settings)
     elif target is not None or settings:
         raise TypeError("autotune() takes its settings in config or as keywords, not both")
-    setup = prepare(model, budget, config, tokenizer)
-    data = calibrate(setup, config)
-    priced = price(setup, data, config)
-    scored = score(setup, data, priced, config)
-    searched = search(setup, data, priced, scored, config)
-    selected = select_plan(setup, data, scored, searched, config)
-    apply_chosen(setup, selected)
+    clock = StageClock()
+    setup = clock.run("prepare", prepare, model, budget, config, tokenizer)
+    data = clock.run("calibrate", calibrate, setup, config)
+    priced = clock.run("price", price, setup, data, config)
+    scored = clock.run("score", score, setup, data, priced, config)
+    searched = clock.run("search", search, setup, data, priced, scored, config)
+    selected = clock.run("select", select_plan, setup, data, scored, searched, config)
+    clock.run("apply", apply_chosen, setup, selected)
     plan = record_plan(setup, data, priced, scored, searched, selected, config)
-    saved = write_model(setup, data, plan)
+    saved = clock.run("write", write_model, setup, data, plan)
     if config.measure:
-        measure_result(setup, data, priced, scored, selected, plan)
+        clock.run("measure", measure_result, setup, data, priced, scored, selected, plan)
     plan.search["seconds"] = round(time.perf_counter() - started, 2)
+    plan.search["stage_seconds"] = clock.seconds
     if saved is not None:  # the plan beside the model, with its measured figures
         plan.save(saved / PLAN)
     return TuneResult(plan, setup.work, Report(plan), scored.table, priced.costs, saved)

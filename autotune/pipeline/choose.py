@@ -94,7 +94,8 @@ def search(
     )
     settings = config.search
     requested = "allocator" if setup.as_is else settings.search
-    engine = choose_engine(requested, table, allocation, costs.total_weights)
+    in_memory = setup.executor.holds_whole_model
+    engine = choose_engine(requested, table, allocation, costs.total_weights, in_memory)
     outcome = run_search(
         engine,
         table,

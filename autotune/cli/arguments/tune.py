@@ -118,7 +118,7 @@ def _add_search(tune: argparse.ArgumentParser) -> None:
         metavar="ENGINE",
         help="engine that improves on the allocator's plan by whole-model evaluations, one "
         "registered in autotune.engines (allocator, evolution, tpe, nsga2) or auto: "
-        "evolution up to 1B weights",
+        "evolution up to 1B weights in memory, the allocator alone block by block",
     )
     tune.add_argument(
         "--max-evals",
