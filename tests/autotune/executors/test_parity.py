@@ -87,7 +87,7 @@ def test_both_executors_give_the_same_plan(folder: Path, tmp_path: Path, search:
     for result in (whole, streamed):  # every stage timed, in order, within the whole tune
         timed = result.plan.search["stage_seconds"]
         assert list(timed) == [*stages, "measure"]
-        assert sum(timed.values()) <= result.plan.search["seconds"]
+        assert sum(timed.values()) <= result.plan.search["seconds"] + 0.02  # rounding
     written = load_compressed(streamed.saved)
     batch = SETTINGS["heldout"][0]
     with torch.inference_mode():
