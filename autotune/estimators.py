@@ -207,8 +207,8 @@ class BlockOutput(SensitivityEstimator):
     steps_per_option = True
 
     def table(self, model, options, batches, *, observers, cache=None, progress=None):
+        from profilers.checkpoint import CheckpointError
         from profilers.resident import ResidentModel
-        from profilers.streaming import CheckpointError
 
         try:
             resident = ResidentModel(model)

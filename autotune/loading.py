@@ -245,7 +245,7 @@ def load_skeleton(
     which :class:`profilers.streaming.StreamedModel` reads a block at a time."""
     import transformers
 
-    from profilers.streaming import parameters_on_meta
+    from profilers.checkpoint import parameters_on_meta
 
     path, source, trust_remote_code = _resolve(name_or_path, trust_remote_code)
     if not isinstance(path, Path):

@@ -43,7 +43,7 @@ from methods.errors import OptionError
 from methods.keep import KeepOption
 from methods.registry import option_from_dict
 from methods.tied import untie_output_embeddings
-from profilers.decode import max_context
+from profilers.adapters import adapter_for
 from profilers.hardware import HardwareSpec
 
 SCHEMA_VERSION = 2
@@ -296,7 +296,7 @@ class Plan:
             from methods.structured import apply_kept_units
 
             try:
-                apply_kept_units(model, kept)
+                apply_kept_units(model, kept, adapter_for(model).unit_groups(model))
             except OptionError as exc:
                 raise PlanError(f"the plan's structure does not fit this model: {exc}") from None
         untie_output_embeddings(model)
@@ -317,7 +317,7 @@ class Plan:
             )
         if self.budget:
             try:
-                Budget.from_dict(self.budget).check_positions(max_context(model))
+                Budget.from_dict(self.budget).check_positions(adapter_for(model).max_context(model))
             except AutotuneError as exc:
                 raise PlanError(f"the plan's budget does not fit this model: {exc}") from None
 

@@ -31,9 +31,10 @@ from autotune.io import write_text_atomic
 from autotune.layers import compressible_layers
 from methods.keep import KeepOption
 from methods.registry import method_of
-from methods.tied import tied_pairs, untie_output_embeddings
+from methods.tied import untie_output_embeddings
+from profilers.adapters import adapter_for
 from profilers.cache import SensitivityCache, batches_digest, default_cache_dir, table_key
-from profilers.decode import DecodeError, decode_inputs
+from profilers.decode import DecodeError
 from profilers.hardware import HardwareSpec
 from profilers.observe import collect_observers
 from profilers.quality import is_causal_lm
@@ -186,7 +187,9 @@ def profile_model(
     """Sensitivity and cost of every (layer, option) of ``model`` on ``spec``."""
     estimator = get_estimator(sensitivity)
     model.eval()
-    if tied_pairs(model):  # a tied table is one layer: untie a copy, never the caller's model
+    if adapter_for(model).tied_pairs(
+        model
+    ):  # a tied table is one layer: untie a copy, never the caller's model
         model = copy.deepcopy(model)
         untie_output_embeddings(model)
     layers = compressible_layers(model)
@@ -253,7 +256,7 @@ def _decode_step(model: nn.Module, prefill: dict[str, Any]) -> dict[str, Any]:
     context), else one token per sequence."""
     if is_causal_lm(model):
         with contextlib.suppress(DecodeError):
-            return decode_inputs(model, prefill["input_ids"])
+            return adapter_for(model).decode_inputs(model, prefill["input_ids"])
     return {k: v[:, :1].contiguous() for k, v in prefill.items()}
 
 

@@ -23,7 +23,7 @@ from autotune.costs import build_costs
 from autotune.plan import Plan
 from methods.base import LayerShape
 from methods.keep import KeepOption
-from profilers.decode import decode_inputs
+from profilers.adapters import adapter_for
 from profilers.hardware import HardwareSpec
 from profilers.kernel_support import DEVICE_KINDS, unrun_kernels
 from profilers.roofline import layer_latency
@@ -97,7 +97,7 @@ def plan_roofline(
 
     decode = None
     if decode_tokens is not None:
-        decode = priced(decode_inputs(work, decode_tokens))
+        decode = priced(adapter_for(work).decode_inputs(work, decode_tokens))
     return RooflineLatency(spec.name, priced(inputs), decode, "model", kernel_notes(spec))
 
 

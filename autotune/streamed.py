@@ -41,11 +41,12 @@ from autotune.validate import ValidationResult, heldout_batches, plan_checks
 from methods.base import LayerShape, Option
 from methods.keep import KeepOption
 from methods.registry import method_of
+from profilers.checkpoint import INDEX, Checkpoint, CheckpointError
 from profilers.hardware import HardwareSpec
 from profilers.measure import model_bytes, weight_storage_bytes
 from profilers.quality import NextTokenLoss, OutputError, is_causal_lm, metric_for
 from profilers.stages import Outputs, Variant, compare, evaluate
-from profilers.streaming import INDEX, Checkpoint, CheckpointError, StreamedModel
+from profilers.streaming import StreamedModel
 
 ALGORITHM = "milp-allocator + selection split vs uniform plans, streamed block by block"
 # methods whose statistics need backward passes through the whole model

@@ -25,7 +25,7 @@ from autotune.measured_figures import Measured, device_description, measure_mode
 from autotune.plan import Plan
 from autotune.repriced import LABEL, RooflineLatency, plan_roofline, profile_roofline
 from autotune.validate_gguf import is_gguf, validate_gguf
-from profilers.decode import decode_inputs
+from profilers.adapters import adapter_for
 from profilers.measure import LatencyStats
 from profilers.quality import run_outputs
 
@@ -158,7 +158,7 @@ def validate_plan(
     if not (measure_latency and batches):
         latency_inputs = None  # roofline only: nothing is timed here
     elif decode_tokens is not None:
-        decode = decode_inputs(model, decode_tokens)
+        decode = adapter_for(model).decode_inputs(model, decode_tokens)
     metric = recorded.get("metric", predicted.get("metric", "nmse"))
     now = measure_model(
         compressed,

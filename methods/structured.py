@@ -284,8 +284,10 @@ def prune_structured(
     model: nn.Module,
     fractions: Mapping[UnitKind, float],
     batches: Sequence[Mapping[str, torch.Tensor]],
+    groups: Sequence[UnitGroup] | None = None,
 ) -> dict[str, list[int]]:
-    """Remove the lowest-scoring ``fractions[kind]`` of units of every group, in place.
+    """Remove the lowest-scoring ``fractions[kind]`` of units of every group (``groups``:
+    the model's, as its adapter finds them; default :func:`find_unit_groups`), in place.
 
     Returns the kept units per consumer layer, which :func:`apply_kept_units` replays on an
     unpruned copy of the model without calibration."""
@@ -293,7 +295,7 @@ def prune_structured(
     if unknown:
         raise OptionError(f"unknown structured unit kind(s) {unknown}; allowed: {list(UNIT_KINDS)}")
     kinds = [k for k, f in fractions.items() if f > 0]
-    groups = find_unit_groups(model, kinds)
+    groups = [g for g in (find_unit_groups(model) if groups is None else groups) if g.kind in kinds]
     missing = sorted(set(kinds) - {g.kind for g in groups})
     if missing:
         raise OptionError(
@@ -302,18 +304,23 @@ def prune_structured(
         )
     scores = unit_scores(model, groups, batches)
     kept = {g.consumer: units_to_keep(scores[g.consumer], fractions[g.kind]) for g in groups}
-    return apply_kept_units(model, {k: v.tolist() for k, v in kept.items()})
+    return apply_kept_units(model, {k: v.tolist() for k, v in kept.items()}, groups)
 
 
-def apply_kept_units(model: nn.Module, kept: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
-    """Shrink the groups named by their consumer layer to the given units, in place."""
-    groups = {g.consumer: g for g in find_unit_groups(model)}
-    unknown = sorted(set(kept) - set(groups))
+def apply_kept_units(
+    model: nn.Module,
+    kept: Mapping[str, Sequence[int]],
+    groups: Sequence[UnitGroup] | None = None,
+) -> dict[str, list[int]]:
+    """Shrink the groups named by their consumer layer to the given units, in place
+    (``groups``: as in :func:`prune_structured`)."""
+    by_consumer = {g.consumer: g for g in (find_unit_groups(model) if groups is None else groups)}
+    unknown = sorted(set(kept) - set(by_consumer))
     if unknown:
         raise OptionError(
             f"structured pruning names {unknown[:3]}, which are not the output layer of an "
-            f"FFN or attention block of this model; allowed: {sorted(groups)[:4]}..."
+            f"FFN or attention block of this model; allowed: {sorted(by_consumer)[:4]}..."
         )
     for consumer, units in kept.items():
-        remove_units(model, groups[consumer], torch.tensor(list(units), dtype=torch.int64))
+        remove_units(model, by_consumer[consumer], torch.tensor(list(units), dtype=torch.int64))
     return {k: [int(u) for u in v] for k, v in kept.items()}

@@ -69,10 +69,7 @@ class OutputError:
             if keep is not None:
                 ref, out = ref[keep], out[keep]
             if self.metric == "kl":
-                log_p = F.log_softmax(ref, dim=-1)
-                log_q = F.log_softmax(out, dim=-1)
-                kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
-                num, den = float(kl.sum()), float(kl.numel())
+                num, den = _kl_sum(ref, out), float(ref[..., 0].numel())
             else:
                 num = float((out - ref).pow(2).sum())
                 den = float(ref.pow(2).sum())
@@ -84,6 +81,23 @@ class OutputError:
             raise ValueError("no batch was added")
         ratios = [self._num[k] / self._den[k] if self._den[k] > 0 else 0.0 for k in self._num]
         return max(sum(ratios) / len(ratios), 0.0)
+
+
+KL_CHUNK_ELEMENTS = 1 << 22  # the temporaries of one chunk of rows: 16 MB each in float32
+
+
+def _kl_sum(reference: torch.Tensor, output: torch.Tensor) -> float:
+    """The summed KL divergence of ``output``'s distributions from ``reference``'s over every
+    row (token), a chunk of rows at a time, so a large vocabulary's temporaries stay small."""
+    vocab = reference.shape[-1]
+    ref, out = reference.reshape(-1, vocab), output.reshape(-1, vocab)
+    rows = max(1, KL_CHUNK_ELEMENTS // vocab)
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, ref.shape[0], rows):
+        log_p = F.log_softmax(ref[start : start + rows], dim=-1)
+        log_q = F.log_softmax(out[start : start + rows], dim=-1)
+        total += (log_p.exp() * (log_p - log_q)).sum(dim=-1).sum(dtype=torch.float64)
+    return float(total)
 
 
 def run_outputs(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[dict]:

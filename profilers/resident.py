@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from profilers.blocks import find_blocks
-from profilers.streaming import CheckpointError, StreamedModel
+from profilers.adapters import adapter_for
+from profilers.checkpoint import CheckpointError
+from profilers.streaming import StreamedModel
 
 
 class ResidentModel(StreamedModel):
@@ -21,7 +22,7 @@ class ResidentModel(StreamedModel):
     def __init__(self, model: nn.Module) -> None:  # no checkpoint to match
         self.model = model.eval()
         self.checkpoint = None  # type: ignore[assignment]
-        self.blocks = find_blocks(model)
+        self.blocks = adapter_for(model).blocks(model)
         if not self.blocks:
             raise CheckpointError(
                 f"{type(model).__name__} has no stack of blocks to run one at a time"

@@ -17,7 +17,8 @@ from torch import nn
 from methods.base import Option
 from methods.errors import OptionError
 from methods.registry import method_of
-from profilers.blocks import BlockCache, block_index, find_blocks
+from profilers.adapters import adapter_for
+from profilers.blocks import BlockCache, block_index
 from profilers.cache import SensitivityCache
 from profilers.observe import Observers, collect_observers
 from profilers.quality import OutputError, metric_for, select_outputs
@@ -42,7 +43,7 @@ class _Evaluator:
     def __init__(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
         self.model = model
         self.batches = batches
-        self.cache = BlockCache(find_blocks(model))
+        self.cache = BlockCache(adapter_for(model).blocks(model))
         with torch.inference_mode(), self.cache.recording():
             self.reference = [
                 {k: v.detach().float() for k, v in select_outputs(model(**b)).items()}

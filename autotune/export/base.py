@@ -106,9 +106,9 @@ def check_plan(exporter: Exporter, model: nn.Module, plan: Plan, strict: bool = 
     """Refuse, in one line, a plan with a layer the format cannot hold. Layers are those
     :func:`autotune.apply.apply_plan` compresses: after structured pruning, and with a tied
     embedding table one layer (see :meth:`Plan.shaped`)."""
-    from methods.tied import tied_pairs
+    from profilers.adapters import adapter_for
 
-    reshaped = plan.structure.get("kept") or tied_pairs(model)
+    reshaped = plan.structure.get("kept") or adapter_for(model).tied_pairs(model)
     shaped = plan.shaped(_structure_copy(model)) if reshaped else model
     for ref, option in plan.layer_options(shaped, strict=strict).items():
         why = exporter.refusal(ref.name, ref.shape, option)

@@ -27,7 +27,7 @@ from autotune.targets import get_target
 from methods.errors import OptionError
 from methods.structured import UNIT_KINDS, prune_structured
 from methods.tied import untie_output_embeddings
-from profilers.decode import max_context
+from profilers.adapters import adapter_for
 from profilers.hardware import HardwareSpec
 from profilers.quality import is_causal_lm
 
@@ -77,7 +77,7 @@ def prepare(
     opened = executor.open(model, config, tokenizer)
     model, work = opened.original, opened.work
     runtime.check_model(model)
-    parsed.check_positions(max_context(model))
+    parsed.check_positions(adapter_for(model).max_context(model))
     if parsed.decode_ms is not None and not is_causal_lm(model):
         raise AutotuneError(
             f"a decode latency budget is for causal language models; {type(model).__name__} "
@@ -201,7 +201,8 @@ def _prune_structure(
         return {}
     before = sum(p.numel() for p in model.parameters())
     try:
-        kept = prune_structured(model, fractions, batches)
+        groups = adapter_for(model).unit_groups(model)
+        kept = prune_structured(model, fractions, batches, groups)
     except OptionError as exc:
         raise AutotuneError(str(exc)) from None
     return {

@@ -21,7 +21,8 @@ from autotune.plan import Plan
 from autotune.storage_bounds import keep_only
 from methods.base import Option
 from methods.keep import KeepOption
-from profilers.decode import DecodeError, decode_inputs
+from profilers.adapters import adapter_for
+from profilers.decode import DecodeError
 from profilers.memory import ActivationPeak, activation_peak, kv_cache_bytes
 from profilers.observe import Observers
 from profilers.quality import is_causal_lm
@@ -165,7 +166,7 @@ def _decode_inputs(model: nn.Module, calib: Any, budget: Budget) -> dict[str, An
         return None
     tokens = calib.latency_inputs(budget.batch_size, budget.decode_context)["input_ids"]
     try:
-        return decode_inputs(model, tokens)
+        return adapter_for(model).decode_inputs(model, tokens)
     except DecodeError as exc:
         if budget.decode_ms is not None:
             raise AutotuneError(f"cannot time a decode step: {exc}") from None
