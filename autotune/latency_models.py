@@ -156,7 +156,7 @@ class OnnxRuntimeTimed(TorchTimed):
         from pathlib import Path
 
         from autotune.export.onnx import OnnxExporter
-        from autotune.export.ort_latency import (
+        from autotune.export.ort_sessions import (
             SETTLE,
             model_source,
             open_session,

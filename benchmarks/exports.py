@@ -80,7 +80,7 @@ from autotune.calibration import build_heldout
 from autotune.errors import InfeasibleBudgetError
 from autotune.export import export_plan
 from autotune.export.onnx import OnnxExporter, tensor_bytes
-from autotune.export.ort_latency import SETTLE, open_session, run_rounds, session_options
+from autotune.export.ort_sessions import SETTLE, open_session, run_rounds, session_options
 from autotune.loading import load_model
 from autotune.plan import Plan
 from profilers.measure import model_bytes

@@ -15,19 +15,11 @@ from collections.abc import Mapping, Sequence
 from torch import nn
 
 from autotune.export.base import ExportError
-from autotune.export.onnx import (
-    PREFIX,
-    PROTO_LIMIT,
-    Edit,
-    OnnxExporter,
-    Site,
-    blocked_codes,
-    embedding_block,
-    embedding_tensors,
-    quantized_linear_nodes,
-    tensor_bytes,
-    w8a8_nodes,
-)
+from autotune.export.onnx import PROTO_LIMIT, OnnxExporter, tensor_bytes
+from autotune.export.onnx_edit import Edit, Site
+from autotune.export.onnx_graph import PREFIX
+from autotune.export.onnx_nodes import embedding_tensors, quantized_linear_nodes, w8a8_nodes
+from autotune.export.onnx_packing import blocked_codes, embedding_block
 from autotune.layers import LayerRef
 from autotune.plan import Plan
 from autotune.runtimes import BytePrices

@@ -20,36 +20,53 @@ not taken as they are:
   are shared among its layers in proportion to their profiled kernel seconds. A plan giving
   every layer that label is thus predicted at its export's wall time.
 
-A profiled node is a layer's by name or by the values it reads (:func:`node_owners`). A bias
-added by a node of its own is part of ``rest`` (ONNX Runtime fuses it into the next
-normalisation or activation alike in every variant). Tied output layers
-(:class:`methods.tied.TiedHead`) count as their embedding: the exporter writes them on the
-embedding's codes. The unprofiled sessions are visited round-robin after warm-up runs, a few
-unrecorded runs then one recorded run per visit, and every figure is a median, so that bursts
-of load hit all variants alike.
+A profiled node is a layer's by name or by the values it reads
+(:func:`autotune.export.ort_profile.node_owners`). A bias added by a node of its own is part
+of ``rest`` (ONNX Runtime fuses it into the next normalisation or activation alike in every
+variant). Tied output layers (:class:`methods.tied.TiedHead`) count as their embedding: the
+exporter writes them on the embedding's codes. The unprofiled sessions are visited
+round-robin after warm-up runs, a few unrecorded runs then one recorded run per visit, and
+every figure is a median, so that bursts of load hit all variants alike.
+
+The sessions and their timing are :mod:`autotune.export.ort_sessions`'s, the profiled
+sessions and their attribution :mod:`autotune.export.ort_profile`'s; this module builds the
+variants and makes the table.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import copy
-import json
 import statistics
 import tempfile
-import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from autotune.export.base import ExportError
-from autotune.export.onnx import PREFIX, PROTO_LIMIT, OnnxExporter, _save, export_float_graph
+from autotune.export.onnx import OnnxExporter
+from autotune.export.onnx_graph import export_float_graph
+from autotune.export.ort_profile import (
+    ProfiledSession,
+    layer_aliases,
+    layer_values,
+    name_float_layers,
+    profiled_session,
+)
+from autotune.export.ort_sessions import (
+    SETTLE,
+    WARMUP,
+    feed_for,
+    model_source,
+    open_session,
+    run_rounds,
+    session_options,
+)
 from autotune.plan import Plan
 from methods.base import LayerShape, Option
 from methods.errors import OptionError
@@ -58,260 +75,8 @@ from methods.tied import TiedHead
 from profilers.latency_table import InModelLatency
 from profilers.observe import Observers
 
-WARMUP = 2  # unrecorded runs of every session before the rounds
-# unrecorded runs before the recorded one at each visit of a session: the first runs after
-# other sessions ran are slower (measured up to a quarter for a float BERT), a steady run of
-# one model (what :func:`time_onnx` times) is not
-SETTLE = 3
-KERNEL = "_kernel_time"  # suffix of a node's event in ONNX Runtime's profile
 KEEP = "keep"
 _TRACEABLE = (nn.Linear, nn.Embedding)  # their float stand-ins trace alike
-
-
-# ------------------------------------------------------------------------ sessions
-
-
-def session_options(threads: int | None = None, folder: Path | None = None) -> Any:
-    """CPU session options: ``threads`` intra-op threads (default: torch's), idle threads
-    not spinning; with ``folder``, profiling into it and the optimised graph written there."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if folder is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = str(folder / "profile")
-        options.optimized_model_filepath = str(folder / "optimized.onnx")
-        options.add_session_config_entry(
-            "session.optimized_model_external_initializers_file_name", "optimized.data"
-        )
-        options.add_session_config_entry(
-            "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
-        )
-    return options
-
-
-def model_source(model: Any, folder: Path, consume: bool = False) -> bytes | str:
-    """What a session loads for a ``ModelProto``, bytes or a path: the proto's bytes, or
-    above protobuf's limit a file written in ``folder`` with the tensors beside it (writing
-    empties the proto's tensors: a copy is written unless ``consume``)."""
-    import onnx
-
-    if isinstance(model, (bytes, str)):
-        return model
-    if isinstance(model, Path):
-        return str(model)
-    if sum(len(t.raw_data) for t in model.graph.initializer) <= PROTO_LIMIT:
-        return model.SerializeToString()
-    if not consume:
-        model, proto = onnx.ModelProto(), model
-        model.CopyFrom(proto)
-    path = Path(tempfile.mkdtemp(dir=folder)) / "model.onnx"
-    _save(model, path)
-    return str(path)
-
-
-def open_session(source: bytes | str, options: Any) -> Any:
-    """An ``InferenceSession`` on CPU of a :func:`model_source`."""
-    import onnxruntime as ort
-
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def feed_for(session: Any, inputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """The session's inputs from ``inputs``; a missing attention mask is all ones, missing
-    token type ids all zeros."""
-    ids = inputs["input_ids"]
-    defaults = {"attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
-    feed = {}
-    for arg in session.get_inputs():
-        value = inputs.get(arg.name, defaults.get(arg.name))
-        if value is None:
-            raise ValueError(f"the ONNX model takes {arg.name!r}, which the inputs lack")
-        feed[arg.name] = np.ascontiguousarray(value.detach().cpu().numpy())
-    return feed
-
-
-def timed_run(session: Any, feed: Mapping[str, np.ndarray]) -> float:
-    """Wall seconds of one run."""
-    start = time.perf_counter()
-    session.run(None, dict(feed))
-    return time.perf_counter() - start
-
-
-def time_onnx(
-    model_or_path: Any,
-    inputs: Mapping[str, torch.Tensor],
-    rounds: int = 20,
-    *,
-    threads: int | None = None,
-) -> tuple[float, float]:
-    """Median and 90th percentile wall seconds of an ONNX model (``ModelProto``, bytes or a
-    path) run by ONNX Runtime on CPU on ``inputs``, after warm-up runs."""
-    if rounds < 1:
-        raise ValueError(f"rounds must be at least 1, got {rounds}")
-    with tempfile.TemporaryDirectory(prefix="autotune-ort-") as folder:
-        source = model_source(model_or_path, Path(folder))
-        session = open_session(source, session_options(threads))
-        feed = feed_for(session, inputs)
-        for _ in range(WARMUP):
-            session.run(None, feed)
-        times = [timed_run(session, feed) for _ in range(rounds)]
-    return statistics.median(times), float(np.percentile(times, 90))
-
-
-# --------------------------------------------------------------------- attribution
-
-
-def layer_aliases(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
-    """Layer of each name the graph may use: a layer is its own, a tied output layer counts
-    as the embedding whose table it reads."""
-    aliases = {name: name for name in names}
-    for head, module in model.named_modules():
-        if isinstance(module, TiedHead) and module.embedding_name in aliases:
-            aliases[head] = module.embedding_name
-    return aliases
-
-
-def name_float_layers(graph: Any, aliases: Mapping[str, str]) -> None:
-    """Name ``<layer>/timed_<op>_<i>`` the nodes that read a float layer's weight, and the matmul
-    reading its transposed copy, as the exporter names the nodes of compressed layers; and
-    the unnamed node reading a value the exporter named after a layer (the bias add after
-    the product that replaced a ``Gemm``)."""
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for value in node.input:
-            consumers.setdefault(value, []).append(node)
-    counts: dict[str, int] = {}
-
-    def rename(node: Any, layer: str) -> None:
-        counts[layer] = counts.get(layer, 0) + 1
-        node.name = f"{layer}/timed_{node.op_type}_{counts[layer]}"
-
-    for node in graph.node:  # the bias add after a compressed Gemm's product
-        if not node.name:
-            owner = next(filter(None, (_named_owner(v, aliases) for v in node.input)), None)
-            if owner is not None:
-                rename(node, owner)
-    initializers = {t.name for t in graph.initializer}
-    for layer in dict.fromkeys(aliases.values()):
-        weight = PREFIX + layer + ".weight"
-        if weight not in initializers:
-            continue
-        for node in consumers.get(weight, []):
-            rename(node, layer)
-            if node.op_type == "Transpose":
-                for reader in consumers.get(node.output[0], []):
-                    rename(reader, layer)
-
-
-def _named_owner(name: str, aliases: Mapping[str, str]) -> str | None:
-    return aliases.get(name.split("/", 1)[0]) if "/" in name else None
-
-
-def layer_values(graph: Any, aliases: Mapping[str, str]) -> dict[str, str]:
-    """Values only a layer's nodes read (its weights, codes, scales and what its nodes pass
-    one another), each with its layer; the layer's input and output are shared, not its."""
-    owners: dict[str, set[str | None]] = {}
-    for node in graph.node:
-        owner = _named_owner(node.name, aliases)
-        for value in node.input:
-            owners.setdefault(value, set()).add(owner)
-    own = {t.name for t in graph.initializer}
-    own.update(v for n in graph.node if _named_owner(n.name, aliases) for v in n.output)
-    own.difference_update(o.name for o in graph.output)
-    return {
-        value: next(iter(found))
-        for value, found in owners.items()
-        if value in own and len(found) == 1 and None not in found
-    }
-
-
-def node_owners(
-    optimized: Any, values: Mapping[str, str], aliases: Mapping[str, str]
-) -> dict[str, tuple[str, ...]]:
-    """Layers of each node of the graph ONNX Runtime optimised: the layer its name starts
-    with (``<layer>/``), else those whose values it reads (a node a fusion renamed); a node
-    reading several layers' values is shared among them."""
-    found: dict[str, tuple[str, ...]] = {}
-    for node in optimized.graph.node:
-        named = _named_owner(node.name, aliases)
-        layers = (
-            (named,)
-            if named
-            else tuple(dict.fromkeys(values[v] for v in node.input if v in values))
-        )
-        if layers and node.name:
-            found[node.name] = layers
-    return found
-
-
-@dataclass
-class ProfiledSession:
-    """A profiled session of one variant and the layers each of its nodes belongs to."""
-
-    session: Any
-    owners: dict[str, tuple[str, ...]]
-    folder: Path
-
-    @property
-    def layers(self) -> set[str]:
-        return {layer for layers in self.owners.values() for layer in layers}
-
-    def layer_seconds(self, skip: int = 0) -> list[dict[str, float]]:
-        """Ends profiling: each layer's kernel seconds in every run after the first ``skip``."""
-        events = json.loads(Path(self.session.end_profiling()).read_text())
-        runs = sorted(
-            e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"
-        )
-        totals = [dict.fromkeys(self.layers, 0.0) for _ in runs]
-        for event in events:
-            name = event.get("name", "")
-            if event.get("cat") != "Node" or not name.endswith(KERNEL):
-                continue
-            layers = self.owners.get(name[: -len(KERNEL)])
-            run = bisect.bisect_right(runs, event["ts"]) - 1
-            if not layers or run < 0:
-                continue
-            for layer in layers:
-                totals[run][layer] += event["dur"] * 1e-6 / len(layers)
-        return totals[skip:]
-
-
-def open_profiled(
-    model: Any, aliases: Mapping[str, str], threads: int | None, folder: Path
-) -> ProfiledSession:
-    """A profiled session of the ``ModelProto`` ``model`` (its float layers named by
-    :func:`name_float_layers`) with its nodes attributed to layers; every layer of
-    ``aliases`` must own a node."""
-    folder.mkdir(parents=True, exist_ok=True)
-    values = layer_values(model.graph, aliases)
-    return _profiled_session(model_source(model, folder), values, aliases, threads, folder)
-
-
-def _profiled_session(
-    source: bytes | str,
-    values: Mapping[str, str],
-    aliases: Mapping[str, str],
-    threads: int | None,
-    folder: Path,
-) -> ProfiledSession:
-    """A profiled session of ``source`` writing its profile and optimised graph in ``folder``,
-    its nodes attributed by name or by ``values`` (:func:`layer_values`)."""
-    import onnx
-
-    session = open_session(source, session_options(threads, folder))
-    optimized = onnx.load(str(folder / "optimized.onnx"), load_external_data=False)
-    profiled = ProfiledSession(session, node_owners(optimized, values, aliases), folder)
-    missing = sorted(set(aliases.values()) - profiled.layers)
-    if missing:
-        raise ExportError(
-            f"no node of the ONNX Runtime graph could be attributed to layer {missing[0]!r}"
-        )
-    return profiled
 
 
 # ------------------------------------------------------------------------ variants
@@ -510,7 +275,7 @@ def _open_sessions(
             values = layer_values(graph.graph, aliases)
             source = model_source(graph, folder, consume=True)
             del graph
-            profiled = _profiled_session(source, values, aliases, threads, folder)
+            profiled = profiled_session(source, values, aliases, threads, folder)
         except ExportError as exc:
             if not index:
                 raise
@@ -532,24 +297,3 @@ def _kernel_seconds(
         profiled.session.run(None, feed)
     seconds = profiled.layer_seconds(WARMUP)
     return {layer: statistics.median(run[layer] for run in seconds) for layer in seconds[0]}
-
-
-def run_rounds(
-    sessions: Sequence[Any],
-    inputs: Mapping[str, torch.Tensor],
-    rounds: int,
-    settle: int,
-) -> list[list[float]]:
-    """Warm-up runs, then ``rounds`` rounds visiting every session, the order reversed every
-    other round: ``settle`` runs and one recorded run per visit. Wall seconds per session."""
-    order = [(index, session, feed_for(session, inputs)) for index, session in enumerate(sessions)]
-    for _, session, feed in order:
-        for _ in range(WARMUP):
-            session.run(None, feed)
-    walls: list[list[float]] = [[] for _ in sessions]
-    for round_index in range(rounds):
-        for index, session, feed in order if round_index % 2 else reversed(order):
-            for _ in range(settle):
-                session.run(None, feed)
-            walls[index].append(timed_run(session, feed))
-    return walls

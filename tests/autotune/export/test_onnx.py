@@ -21,6 +21,8 @@ transformers = pytest.importorskip("transformers")
 from autotune.apply import apply_plan  # noqa: E402
 from autotune.export import onnx as onnx_export  # noqa: E402
 from autotune.export.base import ExportError, check_plan, export_plan, get_exporter  # noqa: E402
+from autotune.export.onnx_graph import OPSET, PREFIX  # noqa: E402
+from autotune.export.onnx_packing import container_bits  # noqa: E402
 from autotune.plan import Plan  # noqa: E402
 from methods.base import LayerShape  # noqa: E402
 from methods.quantized import QuantizedEmbedding, QuantizedLinear  # noqa: E402
@@ -242,10 +244,10 @@ def test_the_file_holds_codes_not_float_weights(exported: dict, key: str) -> Non
     }
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
     for name, module in compressed.items():
-        assert onnx_export.PREFIX + name + ".weight" not in initializers
+        assert PREFIX + name + ".weight" not in initializers
         codes = initializers[f"{name}.codes"]
         assert codes.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.UINT4)
-        wide = onnx_export.container_bits(module.bits)
+        wide = container_bits(module.bits)
         assert len(codes.raw_data) <= module.rows * (module.cols + 64) * wide // 8
     floats = sum(
         len(t.raw_data)
@@ -281,7 +283,7 @@ def test_graph_inputs_and_outputs(exported: dict) -> None:
     assert [o.name for o in bert.graph.output] == ["last_hidden_state", "pooler_output"]
     assert [i.name for i in llama.graph.input] == ["input_ids", "attention_mask"]
     assert [o.name for o in llama.graph.output] == ["logits"]
-    assert {o.domain: o.version for o in bert.opset_import}[""] == onnx_export.OPSET
+    assert {o.domain: o.version for o in bert.opset_import}[""] == OPSET
 
 
 # ------------------------------------------------------------------------------ refusals

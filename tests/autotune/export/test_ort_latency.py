@@ -16,9 +16,10 @@ pytest.importorskip("onnxscript")
 transformers = pytest.importorskip("transformers")
 
 from autotune.export import onnx as onnx_export  # noqa: E402
-from autotune.export import ort_latency  # noqa: E402
+from autotune.export import ort_latency, ort_profile, ort_sessions  # noqa: E402
 from autotune.export.base import ExportError  # noqa: E402
-from autotune.export.onnx import OnnxExporter, export_float_graph  # noqa: E402
+from autotune.export.onnx import OnnxExporter  # noqa: E402
+from autotune.export.onnx_graph import export_float_graph  # noqa: E402
 from autotune.layers import compressible_layers  # noqa: E402
 from autotune.plan import Plan  # noqa: E402
 from methods.base import LayerShape  # noqa: E402
@@ -65,7 +66,7 @@ def test_every_held_option_is_timed_and_the_model_unchanged(
     limit: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if limit is not None:  # as a model above protobuf's limit: files, tensors beside them
-        monkeypatch.setattr(ort_latency, "PROTO_LIMIT", limit)
+        monkeypatch.setattr(ort_sessions, "PROTO_LIMIT", limit)
         monkeypatch.setattr(onnx_export, "PROTO_LIMIT", limit)
     model = make_tiny_bert()  # hidden 64: no group of 128 divides the query layer
     names = layer_names(model)
@@ -131,7 +132,7 @@ def test_a_variant_on_the_reused_trace_is_the_exporters_own_graph(bert: Traced) 
     assert any(n.op_type == "MatMulNBits" for n in reused.graph.node)
 
 
-def _profiled(traced: Traced, label: str, folder: Path) -> ort_latency.ProfiledSession:
+def _profiled(traced: Traced, label: str, folder: Path) -> ort_profile.ProfiledSession:
     """A profiled session of the model with every layer under ``label`` where it can be."""
     model, float_graph = traced
     names = layer_names(model)
@@ -141,12 +142,12 @@ def _profiled(traced: Traced, label: str, folder: Path) -> ort_latency.ProfiledS
         options = {name: [QuantOption(4, 32, True)] for name in names}
         (variant,) = ort_latency.build_variants(model, options, exporter, {})
     graph = ort_latency.variant_graph(model, variant, exporter, float_graph)
-    aliases = ort_latency.layer_aliases(model, names)
-    ort_latency.name_float_layers(graph.graph, aliases)
-    return ort_latency.open_profiled(graph, aliases, 1, folder)
+    aliases = ort_profile.layer_aliases(model, names)
+    ort_profile.name_float_layers(graph.graph, aliases)
+    return ort_profile.open_profiled(graph, aliases, 1, folder)
 
 
-def _ops_by_layer(profiled: ort_latency.ProfiledSession) -> dict[str, set[str]]:
+def _ops_by_layer(profiled: ort_profile.ProfiledSession) -> dict[str, set[str]]:
     optimized = onnx.load(str(profiled.folder / "optimized.onnx"), load_external_data=False)
     found: dict[str, set[str]] = {}
     for node in optimized.graph.node:
@@ -164,8 +165,8 @@ def test_each_layer_owns_its_matmul_or_lookup(label: str, bert: Traced, tmp_path
         kind = LayerShape.of(model.get_submodule(name)).kind
         assert ops.get(name, set()) & (GATHERS if kind == "embedding" else MATMULS), name
     assert not any("Softmax" in found or "LayerNormalization" in found for found in ops.values())
-    feed = ort_latency.feed_for(profiled.session, tokens())
-    walls = [ort_latency.timed_run(profiled.session, feed) for _ in range(3)]
+    feed = ort_sessions.feed_for(profiled.session, tokens())
+    walls = [ort_sessions.timed_run(profiled.session, feed) for _ in range(3)]
     runs = profiled.layer_seconds(skip=1)
     assert len(runs) == 2 and all(set(run) == set(layer_names(model)) for run in runs)
     assert all(0 < sum(run.values()) < wall for run, wall in zip(runs, walls[1:], strict=True))
@@ -175,10 +176,10 @@ def test_a_layer_no_node_belongs_to_is_refused(bert: Traced, tmp_path: Path) -> 
     model = bert[0]
     graph = onnx.ModelProto()
     graph.CopyFrom(bert[1])
-    aliases = ort_latency.layer_aliases(model, [*layer_names(model), "encoder.absent"])
-    ort_latency.name_float_layers(graph.graph, aliases)
+    aliases = ort_profile.layer_aliases(model, [*layer_names(model), "encoder.absent"])
+    ort_profile.name_float_layers(graph.graph, aliases)
     with pytest.raises(ExportError, match=r"encoder\.absent"):
-        ort_latency.open_profiled(graph, aliases, 1, tmp_path)
+        ort_profile.open_profiled(graph, aliases, 1, tmp_path)
 
 
 @pytest.mark.parametrize("label", ["keep", "int4-g32-sym"])
@@ -200,11 +201,11 @@ def test_time_onnx_times_a_file_and_a_model(
     path = tmp_path / "model.onnx"  # as the exporter writes it
     onnx_export._save(ort_latency.variant_graph(model, variant, OnnxExporter(), float_graph), path)
     for source in (path, bert[1]):
-        p50, p90 = ort_latency.time_onnx(source, tokens(), rounds=5, threads=1)
+        p50, p90 = ort_sessions.time_onnx(source, tokens(), rounds=5, threads=1)
         assert 0 < p50 <= p90 < 1.0
     # a model above protobuf's limit runs from a file with its tensors beside it
-    monkeypatch.setattr(ort_latency, "PROTO_LIMIT", 0)
+    monkeypatch.setattr(ort_sessions, "PROTO_LIMIT", 0)
     monkeypatch.setattr(onnx_export, "PROTO_LIMIT", 0)
-    assert 0 < ort_latency.time_onnx(bert[1], tokens(), rounds=2, threads=1)[0] < 1.0
+    assert 0 < ort_sessions.time_onnx(bert[1], tokens(), rounds=2, threads=1)[0] < 1.0
     with pytest.raises(ValueError, match="rounds"):
-        ort_latency.time_onnx(path, tokens(), rounds=0)
+        ort_sessions.time_onnx(path, tokens(), rounds=0)
