@@ -19,41 +19,24 @@ the budget's input shape.
 Every figure is bounded, in text, dict and keyword form alike: memory from 1 byte to 1 PB,
 latency from 1 us to a day, average bits up to 64, a share from 0.0000001% to 100%, and
 batch sizes and token counts within :data:`MAX_BATCH_SIZE` and :data:`MAX_TOKENS`. Text is
-at most :data:`MAX_SPEC_CHARS` characters and is read by a pattern in which every character
-has one way to match (linear time), its numbers refused beyond 1e30 before any arithmetic.
-An accepted budget's :meth:`Budget.to_dict` parses back to the same budget.
+at most :data:`autotune.budget_text.MAX_SPEC_CHARS` characters and is read (by
+:mod:`autotune.budget_text`) with a pattern in which every character has one way to match
+(linear time), its numbers refused beyond 1e30 before any arithmetic. An accepted budget's
+:meth:`Budget.to_dict` parses back to the same budget.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, fields
-from decimal import Context, Decimal, InvalidOperation, localcontext
+from decimal import Decimal, localcontext
 from typing import Any
 
+from autotune.budget_text import EXACT, SYNTAX, format_bytes, number_text, parse_terms
 from autotune.errors import BudgetError
 from autotune.json_input import short_repr
 
-_MEMORY_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
 KV_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1}
-_LATENCY_UNITS = {
-    "us": Decimal("0.001"),
-    "µs": Decimal("0.001"),
-    "ms": Decimal(1),
-    "s": Decimal(1000),
-}
-MAX_SPEC_CHARS = 200
 MAX_MEMORY_BYTES = 10**15  # 1 PB
 MIN_LATENCY_MS = 1e-3  # 1 us
 MAX_LATENCY_MS = 86_400_000.0  # one day
@@ -62,21 +45,6 @@ MAX_AVG_BITS = 64.0
 MIN_SIZE_RATIO = 1e-9  # 0.0000001%
 MAX_BATCH_SIZE = 2**20
 MAX_TOKENS = 10**7
-_MAX_EXPONENT = 30  # a number in budget text beyond 1e30 (or below 1e-30) is refused as is
-# exact decimal arithmetic for every number that fits in MAX_SPEC_CHARS characters
-_EXACT = Context(prec=2 * MAX_SPEC_CHARS, Emax=10 * MAX_SPEC_CHARS, Emin=-10 * MAX_SPEC_CHARS)
-# one term: an optional phase, a number, a unit; every character has one way to match
-_TERM = re.compile(
-    r"(?:([a-z]+)\s*=\s*)?([0-9]+(?:\.[0-9]+)?|\.[0-9]+)(e[+-]?[0-9]+)?\s*([a-zµ%]+)",
-    re.IGNORECASE,
-)
-_PHASES = {"prefill": "latency_ms", "decode": "decode_ms"}
-SYNTAX = (
-    "each term is a number with a unit: memory (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), "
-    "latency (us, ms, s; 'prefill=20ms', or 'decode=5ms' per generated token), average bits "
-    "('4.5bits') or a share of the original size ('25%'); join terms with commas, "
-    "e.g. '8GB,20ms' or '4GB,decode=8ms'"
-)
 # constraint fields: what they are called in errors, their bounds, and the bounds as text
 _BOUNDS: dict[str, tuple[str, float, float, str, str]] = {
     "memory_bytes": ("memory", 1, MAX_MEMORY_BYTES, "1B", "1 PB (1000TB)"),
@@ -98,27 +66,6 @@ _ALLOWED_KEYS = (
     "spec, memory, latency, prefill, decode, bits, ratio, batch_size, seq_len, context, "
     "kv_dtype (or the field names memory_bytes, latency_ms, decode_ms, avg_bits, size_ratio)"
 )
-
-
-def _number_text(value: float) -> str:
-    """The shortest text that reads back as exactly ``value`` (``20``, ``0.8``, ``1e-05``)."""
-    text = repr(float(value))
-    return text[:-2] if text.endswith(".0") else text
-
-
-def _format_bytes(n: int) -> str:
-    """Shortest exact text for ``n`` bytes: ``15MB``, ``8GiB``, ``15.5MB`` or ``123B``."""
-    levels = (("TiB", "TB"), ("GiB", "GB"), ("MiB", "MB"), ("KiB", "KB"))
-    for binary, decimal in levels:
-        for unit in (binary, decimal):
-            size = _MEMORY_UNITS[unit.lower()]
-            if n >= size and n % size == 0:
-                return f"{n // size}{unit}"
-        size = _MEMORY_UNITS[decimal.lower()]
-        value = Decimal(n) / size
-        if n >= size and value == value.quantize(Decimal("0.000001")):
-            return f"{value.normalize():f}{decimal}"
-    return f"{n}B"
 
 
 @dataclass(frozen=True)
@@ -205,7 +152,7 @@ class Budget:
         if "spec" in data:
             if not isinstance(data["spec"], str):
                 raise BudgetError(f"budget spec must be a string, got {short_repr(data['spec'])}")
-            values.update(_parse_terms(data["spec"]))
+            values.update(parse_terms(data["spec"]))
         for key, value in data.items():
             name = _ALIASES.get(key, key) if isinstance(key, str) else key
             if key == "spec":
@@ -236,17 +183,17 @@ class Budget:
         """The canonical text form, e.g. ``"15MB,20ms"``; it parses back exactly."""
         terms = []
         if self.memory_bytes is not None:
-            terms.append(_format_bytes(self.memory_bytes))
+            terms.append(format_bytes(self.memory_bytes))
         if self.size_ratio is not None:
-            with localcontext(_EXACT):
+            with localcontext(EXACT):
                 percent = Decimal(repr(self.size_ratio)) * 100
             terms.append(f"{percent.normalize():f}%")
         if self.avg_bits is not None:
-            terms.append(f"{_number_text(self.avg_bits)}bits")
+            terms.append(f"{number_text(self.avg_bits)}bits")
         if self.latency_ms is not None:
-            terms.append(f"{_number_text(self.latency_ms)}ms")
+            terms.append(f"{number_text(self.latency_ms)}ms")
         if self.decode_ms is not None:
-            terms.append(f"decode={_number_text(self.decode_ms)}ms")
+            terms.append(f"decode={number_text(self.decode_ms)}ms")
         return ",".join(terms)
 
     def memory_limit(self, original_bytes: int) -> int | None:
@@ -351,7 +298,7 @@ def _field_value(name: str, value: Any) -> float | int:
     """A constraint given in a dict or as a keyword: a number (bytes, ms, bits, a fraction)
     or text with a unit."""
     if isinstance(value, str):
-        parsed = _parse_terms(value)
+        parsed = parse_terms(value)
         if name == "decode_ms" and list(parsed) == ["latency_ms"]:
             parsed = {name: parsed["latency_ms"]}  # {"decode": "5ms"}
         if list(parsed) != [name]:
@@ -368,69 +315,3 @@ def _field_value(name: str, value: Any) -> float | int:
             raise BudgetError(f"memory_bytes must be a whole number of bytes, got {value}")
         return int(value)
     return value
-
-
-def _number(text: str, term: str) -> Decimal:
-    """The exact value of a number in budget text, refused beyond 1e30 or below 1e-30."""
-    try:
-        exact = Decimal(text)
-    except InvalidOperation:
-        raise BudgetError(f"malformed budget term {term!r}: {SYNTAX}") from None
-    if exact.is_zero():
-        return Decimal(0)
-    if not -_MAX_EXPONENT <= exact.adjusted() <= _MAX_EXPONENT:
-        raise BudgetError(
-            f"the number in budget term {term!r} is out of range (1e-{_MAX_EXPONENT} to "
-            f"1e{_MAX_EXPONENT}); {SYNTAX}"
-        )
-    return exact
-
-
-def _term(term: str) -> tuple[str, int | float]:
-    """The field one budget term sets, and its value."""
-    match = _TERM.fullmatch(term)
-    if not match:
-        raise BudgetError(f"malformed budget term {term!r}: {SYNTAX}")
-    phase, digits, exponent, unit = match.groups()
-    exact, lowered = _number(digits + (exponent or ""), term), unit.lower()
-    if phase is not None and (phase.lower() not in _PHASES or lowered not in _LATENCY_UNITS):
-        raise BudgetError(
-            f"malformed budget term {term!r}: only latency terms take a phase "
-            f"({', '.join(p + '=' for p in _PHASES)}); {SYNTAX}"
-        )
-    with localcontext(_EXACT):
-        if lowered in _MEMORY_UNITS:
-            total = exact * _MEMORY_UNITS[lowered]
-            if total != total.to_integral_value():
-                raise BudgetError(f"budget term {term!r} is not a whole number of bytes")
-            return "memory_bytes", int(total)
-        if lowered in _LATENCY_UNITS:
-            name = _PHASES[phase.lower()] if phase is not None else "latency_ms"
-            return name, float(exact * _LATENCY_UNITS[lowered])
-        if lowered in ("bits", "bit"):
-            return "avg_bits", float(exact)
-        if unit == "%":
-            return "size_ratio", float(exact / 100)
-    raise BudgetError(f"unknown unit {unit!r} in budget term {term!r}: {SYNTAX}")
-
-
-def _parse_terms(text: str) -> dict[str, Any]:
-    """The fields a budget text sets; its length is bounded before anything else."""
-    if len(text) > MAX_SPEC_CHARS:
-        raise BudgetError(
-            f"a budget text is at most {MAX_SPEC_CHARS} characters, this one has "
-            f"{len(text):,}; {SYNTAX}"
-        )
-    terms = text.split(",")
-    if not text.strip() or any(not t.strip() for t in terms):
-        raise BudgetError(f"malformed budget {text!r}: {SYNTAX}")
-    values: dict[str, Any] = {}
-    for term in terms:
-        name, value = _term(term.strip())
-        if name in values:
-            what = {"latency_ms": "latency (prefill)", "decode_ms": "decode latency"}.get(
-                name, name.split("_")[0]
-            )
-            raise BudgetError(f"budget {text!r} constrains {what} twice")
-        values[name] = value
-    return values

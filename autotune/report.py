@@ -8,24 +8,21 @@ from typing import Any
 
 from autotune.budget import Budget
 from autotune.plan import DEFAULT_KEY, Plan
+from autotune.report_text import (
+    device_kind,
+    fmt,
+    fmt_bytes,
+    in_runtime_line,
+    search_line,
+    speed_words,
+    streamed_line,
+    structure_line,
+    table_lines,
+    uniform_line,
+    yes_no,
+)
 from autotune.repriced import LABEL, RooflineLatency, kernel_notes, profile_roofline, target_spec
 from methods.registry import option_from_dict
-
-
-def _fmt_bytes(n: float | None) -> str:
-    return "-" if n is None else f"{int(n):,} B ({n / 1e6:.3f} MB)"
-
-
-def _fmt(value: Any, unit: str = "", digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}{unit}"
-    return f"{value}{unit}"
-
-
-def _yes_no(holds: bool | None) -> str:
-    return "-" if holds is None else ("yes" if holds else "NO")
 
 
 @dataclass
@@ -62,8 +59,8 @@ class Report:
 
     def _latency_cell(self, phase: str) -> str:
         if self.local:
-            return _fmt(self.predicted_ms(phase), " ms") + " [measured here, per layer]"
-        return _fmt(self.predicted_ms(phase), " ms") + f" [{LABEL}]"
+            return fmt(self.predicted_ms(phase), " ms") + " [measured here, per layer]"
+        return fmt(self.predicted_ms(phase), " ms") + f" [{LABEL}]"
 
     def measured_on(self) -> dict[str, Any] | None:
         """Where the measured figures were taken: the device, its kind (``cpu`` or ``gpu``),
@@ -72,7 +69,7 @@ class Report:
         device = (self.plan.measured or {}).get("device")
         if not device:
             return None
-        kind = _device_kind(str(device))
+        kind = device_kind(str(device))
         target_kind = self.plan.target.get("kind")
         same = True if self.local else (None if not target_kind else target_kind == kind)
         return {
@@ -96,7 +93,7 @@ class Report:
     def _measured_ms(self, key: str) -> str:
         """A measured latency; tagged with this machine when the target is another kind of
         device (CPU timings beside a GPU's roofline, or the reverse)."""
-        cell = _fmt((self.plan.measured or {}).get(key), " ms")
+        cell = fmt((self.plan.measured or {}).get(key), " ms")
         where = self.measured_on()
         if cell == "-" or where is None or where["same_kind_as_target"] is not False:
             return cell
@@ -142,40 +139,40 @@ class Report:
             ("figure", "predicted", self._measured_header(), "budget", "holds"),
             (
                 "stored bytes",
-                _fmt_bytes(pred.get("bytes")),
-                _fmt_bytes(meas.get("bytes")),
-                _fmt_bytes(limit) if limit is not None else "-",
-                _yes_no(holds.get("memory")),
+                fmt_bytes(pred.get("bytes")),
+                fmt_bytes(meas.get("bytes")),
+                fmt_bytes(limit) if limit is not None else "-",
+                yes_no(holds.get("memory")),
             ),
-            ("  saved (state_dict)", "-", _fmt_bytes(meas.get("state_dict_bytes")), "-", "-"),
+            ("  saved (state_dict)", "-", fmt_bytes(meas.get("state_dict_bytes")), "-", "-"),
             (
                 "avg bits per weight",
-                _fmt(pred.get("avg_bits")),
-                _fmt(meas.get("avg_bits")),
-                _fmt(budget.avg_bits),
-                _yes_no(holds.get("avg_bits")),
+                fmt(pred.get("avg_bits")),
+                fmt(meas.get("avg_bits")),
+                fmt(budget.avg_bits),
+                yes_no(holds.get("avg_bits")),
             ),
             (
                 f"{'prefill' if 'decode_ms' in pred else 'latency'} p50 "
                 f"({shape[0]}x{shape[1]} tokens)",
                 self._latency_cell("latency"),
                 self._measured_ms("latency_p50_ms"),
-                _fmt(budget.latency_ms, " ms"),
-                _yes_no(holds.get("latency")),
+                fmt(budget.latency_ms, " ms"),
+                yes_no(holds.get("latency")),
             ),
             ("  p90", "-", self._measured_ms("latency_p90_ms"), "-", "-"),
             *self._decode_rows(holds.get("decode")),
             (
                 "peak memory (traced)",
-                _fmt_bytes(pred.get("peak_memory_bytes")),
-                _fmt_bytes(meas.get("peak_memory_bytes")),
+                fmt_bytes(pred.get("peak_memory_bytes")),
+                fmt_bytes(meas.get("peak_memory_bytes")),
                 "-",
                 "-",
             ),
             (
                 f"output error ({pred.get('metric', meas.get('metric', '?'))})",
-                _fmt(pred.get("error")) + " [calibration]",
-                _fmt(meas.get("heldout_error")) + " [held-out]",
+                fmt(pred.get("error")) + " [calibration]",
+                fmt(meas.get("heldout_error")) + " [held-out]",
                 "-",
                 "-",
             ),
@@ -186,22 +183,22 @@ class Report:
             rows[2:2] = [
                 (
                     f"  + KV cache ({breakdown['kv_dtype']}, {shape})",
-                    _fmt_bytes(breakdown["kv_cache"]),
+                    fmt_bytes(breakdown["kv_cache"]),
                     "-",
                     "-",
                     "-",
                 ),
-                ("  + activation peak", _fmt_bytes(breakdown["activations"]), "-", "-", "-"),
+                ("  + activation peak", fmt_bytes(breakdown["activations"]), "-", "-", "-"),
                 (
                     "  = serving memory",
-                    _fmt_bytes(breakdown["total"]),
-                    _fmt_bytes(
+                    fmt_bytes(breakdown["total"]),
+                    fmt_bytes(
                         meas["bytes"] + breakdown["kv_cache"] + breakdown["activations"]
                         if meas.get("bytes") is not None
                         else None
                     ),
-                    _fmt_bytes(limit),
-                    _yes_no(holds.get("memory")),
+                    fmt_bytes(limit),
+                    yes_no(holds.get("memory")),
                 ),
             ]
         if meas.get("perplexity") is not None:
@@ -209,8 +206,8 @@ class Report:
                 (
                     "perplexity (held-out)",
                     "-",
-                    f"{_fmt(meas['perplexity'])} "
-                    f"(uncompressed {_fmt(meas.get('baseline_perplexity'))})",
+                    f"{fmt(meas['perplexity'])} "
+                    f"(uncompressed {fmt(meas.get('baseline_perplexity'))})",
                     "-",
                     "-",
                 )
@@ -228,8 +225,8 @@ class Report:
                 f"decode p50 per token ({batch} x {context} context)",
                 self._latency_cell("decode"),
                 self._measured_ms("decode_p50_ms"),
-                _fmt(self.budget.decode_ms, " ms"),
-                _yes_no(holds),
+                fmt(self.budget.decode_ms, " ms"),
+                yes_no(holds),
             ),
             ("  p90", "-", self._measured_ms("decode_p90_ms"), "-", "-"),
         ]
@@ -243,31 +240,8 @@ class Report:
         )
 
     def search_line(self) -> str | None:
-        search = self.plan.search
-        if not search:
-            return None
-        line = (
-            f"search: {search.get('algorithm', '?')}, chose '{search.get('chosen', '?')}'; "
-            f"{search.get('sensitivity_evaluations', 0):,} layer evaluations, "
-            f"{float(search.get('full_evaluations', 0)):.1f} whole-model evaluations "
-            "(in calibration sets), "
-            f"{search.get('seconds', 0):.1f} s"
-        )
-        run = search.get("engine_run")
-        if run:
-            line += (
-                f"; {search.get('engine')}: calibration error {run['allocator_error']:.4g} "
-                f"for the allocator's plan, {run['best_error']:.4g} for the best found "
-                f"({run['full_evaluations']:.1f} evaluations, stopped by {run['stopped']})"
-            )
-        selection = search.get("selection") or {}
-        chosen, front = selection.get("chosen"), selection.get("front_runner")
-        if chosen and front and chosen != front:
-            line += (
-                f"; on the selection split ({selection.get('windows', '?')} windows) "
-                f"'{chosen}' beat the calibration front runner '{front}' and was kept"
-            )
-        return line
+        """How the plan was searched for (``None`` when it records no search)."""
+        return search_line(self.plan.search)
 
     def notes(self) -> list[str]:
         """Reference figures: the uncompressed model, the best uniform plan, the device."""
@@ -275,7 +249,7 @@ class Report:
         lines = self.latency_notes()
         baseline = meas.get("baseline") or {}
         if baseline or pred.get("original_bytes"):
-            parts = [f"uncompressed model {_fmt_bytes(pred.get('original_bytes'))}"]
+            parts = [f"uncompressed model {fmt_bytes(pred.get('original_bytes'))}"]
             if pred.get("original_latency_ms") is not None:
                 parts.append(
                     f"predicted latency {pred['original_latency_ms']:.4g} ms (as recorded when "
@@ -291,34 +265,15 @@ class Report:
                         f"{speed_words(baseline[key], meas[key])})"
                     )
             lines.append("reference: " + "; ".join(parts))
-        uniform = meas.get("best_uniform") or {}
+        uniform = uniform_line(pred, meas)
         if uniform:
-            ratio = (
-                meas["heldout_error"] / uniform["heldout_error"]
-                if uniform.get("heldout_error")
-                else float("nan")
-            )
-            plan_bytes = pred.get("bytes")
-            sizes = (
-                f"{uniform['bytes']:,} B against this plan's {plan_bytes:,} B"
-                if plan_bytes is not None
-                else f"{uniform['bytes']:,} B"
-            )
-            lines.append(
-                f"best uniform plan that fits on the selection split ({uniform['option']}): "
-                f"held-out error {uniform['heldout_error']:.4g}, {sizes}; this plan's "
-                f"held-out error is {ratio:.2f}x that"
-            )
+            lines.append(uniform)
         in_runtime = meas.get("in_runtime")
         if in_runtime:
-            lines.append(_in_runtime_line(in_runtime, meas))
+            lines.append(in_runtime_line(in_runtime, meas))
         streamed = meas.get("streamed")
         if streamed:
-            lines.append(
-                f"worked block by block: {streamed['blocks']} blocks read one at a time from "
-                f"{_fmt_bytes(streamed['checkpoint_bytes'])} of weights; peak resident memory "
-                f"of the process {_fmt_bytes(streamed['peak_rss_bytes'])}"
-            )
+            lines.append(streamed_line(streamed))
         if meas.get("device"):
             lines.append(f"measured on {meas['device']}")
         return lines
@@ -347,17 +302,7 @@ class Report:
 
     def structure_line(self) -> str | None:
         """What structured pruning removed before the layer options, if any."""
-        structure = self.plan.structure
-        if not structure.get("kept"):
-            return None
-        parts = [
-            f"{100 * f:g}% of {'FFN neurons' if kind == 'ffn' else 'attention heads'}"
-            for kind, f in (structure.get("fractions") or {}).items()
-            if f
-        ]
-        removed = structure.get("removed_parameters")
-        tail = f" ({removed:,} parameters)" if isinstance(removed, int) else ""
-        return "structure: removed " + " and ".join(parts) + tail
+        return structure_line(self.plan.structure)
 
     def layer_summary(self) -> list[tuple[str, int]]:
         counts = Counter(
@@ -375,17 +320,14 @@ class Report:
         ]
         for label, count in self.layer_summary():
             lines.append(f"  {label:<16} {count:>4} layer{'s' if count != 1 else ''}")
-        structure_line = self.structure_line()
-        if structure_line:
-            lines.append(structure_line)
-        search_line = self.search_line()
-        if search_line:
-            lines.append(search_line)
-        rows = self.figure_rows()
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        structure = self.structure_line()
+        if structure:
+            lines.append(structure)
+        searched = self.search_line()
+        if searched:
+            lines.append(searched)
         lines.append("")
-        for row in rows:
-            lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+        lines.extend(table_lines(self.figure_rows()))
         notes = self.notes()
         if notes:
             lines.append("")
@@ -409,41 +351,3 @@ class Report:
             "roofline": priced.to_dict() if (priced := self.priced()) is not None else None,
             "layers": dict(self.layer_summary()),
         }
-
-
-def speed_words(baseline_ms: float, compressed_ms: float) -> str:
-    """``"1.37x slower"``, ``"1.40x faster"`` or ``"as fast"``: the ratio is always the slower
-    time over the faster one."""
-    if compressed_ms <= 0 or baseline_ms <= 0:
-        return "not comparable"
-    ratio = max(baseline_ms, compressed_ms) / min(baseline_ms, compressed_ms)
-    if round(ratio, 2) == 1.0:
-        return "as fast"
-    return f"{ratio:.2f}x {'faster' if baseline_ms > compressed_ms else 'slower'}"
-
-
-def _device_kind(device: str) -> str:
-    """``gpu`` for a device recorded as ``cuda: ...``, else ``cpu``."""
-    return "gpu" if device.startswith("cuda") else "cpu"
-
-
-def _in_runtime_line(figures: dict[str, Any], measured: dict[str, Any]) -> str:
-    """The export's quality as its runtime computes it, beside autotune's modules'."""
-    if "skipped" in figures:
-        return f"not measured in {figures['runtime']}: {figures['skipped']}"
-    ours = measured.get("heldout_error")
-    beside = f" (autotune's modules: {ours:.4g})" if ours is not None else ""
-    text = (
-        f"measured in {figures['runtime']} on its export: held-out error "
-        f"{figures['heldout_error']:.4g}{beside}"
-    )
-    if figures.get("perplexity") is not None:
-        text += f", perplexity {figures['perplexity']:.4g}"
-    for kind, label in (("prompt", "pp"), ("generate", "tg")):
-        speed = figures.get(f"{kind}_tokens_per_s")
-        if speed is not None:
-            text += f"; {label} {speed:,.0f} tokens/s"
-            base = figures.get(f"baseline_{kind}_tokens_per_s")
-            if base:
-                text += f" ({speed / base:.2f}x float32's {base:,.0f})"
-    return text

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from methods.base import Method, Option, short_repr
+from methods.base import Method, Option
 from methods.errors import OptionError
+from methods.option_fields import short_repr
 
 _METHODS: dict[str, Method] = {}
 

@@ -51,7 +51,7 @@ def test_best_uniform_note_gives_both_sizes_and_the_error_ratio() -> None:
     [(15.88, 21.89, "1.38x slower"), (21.0, 15.0, "1.40x faster"), (10.0, 10.02, "as fast")],
 )
 def test_speed_is_worded_with_a_ratio_of_at_least_one(baseline, compressed, words) -> None:
-    from autotune.report import speed_words
+    from autotune.report_text import speed_words
 
     assert speed_words(baseline, compressed) == words
 

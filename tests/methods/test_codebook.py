@@ -15,10 +15,8 @@ from transformers.pytorch_utils import Conv1D
 
 from methods import QuantOption, get_method, option_from_dict
 from methods.base import LayerShape
-from methods.codebook import (
-    CodebookEmbedding,
-    CodebookLinear,
-    CodebookOption,
+from methods.codebook import CodebookEmbedding, CodebookLinear, CodebookOption
+from methods.codebook_levels import (
     fixed_levels,
     fp4_levels,
     lloyd_levels,
