@@ -15,7 +15,7 @@ from autotune.plan import Plan
 from methods.base import LayerShape, Option
 from methods.errors import OptionError
 from methods.registry import method_of
-from profilers.observe import Observers, collect_observers, needs_statistics
+from profilers.execution.observe import Observers, collect_observers, needs_statistics
 
 
 def check_options(model: nn.Module, options: Mapping[str, Option]) -> None:

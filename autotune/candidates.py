@@ -16,7 +16,7 @@ from torch import nn
 
 from methods.base import Option
 from methods.registry import method_of
-from profilers.observe import Observers
+from profilers.execution.observe import Observers
 from profilers.quality import output_error
 
 

@@ -18,10 +18,10 @@ from methods.errors import OptionError
 from methods.keep import KeepOption
 from methods.registry import get_method, method_of
 from methods.tied import tied_heads
+from profilers.execution.observe import Observers
 from profilers.hardware import HardwareSpec
 from profilers.kernel_support import runs_kernel
 from profilers.measure import model_bytes
-from profilers.observe import Observers
 
 DEFAULT_METHODS = ("rtn",)
 

@@ -20,9 +20,9 @@ from autotune.errors import AutotuneError
 from methods.base import LayerShape, Option
 from methods.registry import method_of
 from profilers.cache import SensitivityCache
-from profilers.observe import Observers
+from profilers.execution.observe import Observers
+from profilers.execution.streaming import StreamedModel
 from profilers.sensitivity import SensitivityTable, measure_sensitivity
-from profilers.streaming import StreamedModel
 
 
 class SensitivityEstimator(ABC):
@@ -207,8 +207,8 @@ class BlockOutput(SensitivityEstimator):
     steps_per_option = True
 
     def table(self, model, options, batches, *, observers, cache=None, progress=None):
-        from profilers.checkpoint import CheckpointError
-        from profilers.resident import ResidentModel
+        from profilers.execution.checkpoint import CheckpointError
+        from profilers.execution.resident import ResidentModel
 
         try:
             resident = ResidentModel(model)
@@ -217,7 +217,7 @@ class BlockOutput(SensitivityEstimator):
         return self.streamed_table(resident, options, batches, progress)
 
     def streamed_table(self, streamed, options, batches, progress=None):
-        from profilers.stages import profile
+        from profilers.execution.stages import profile
 
         return profile(streamed, options, batches, progress=progress)
 

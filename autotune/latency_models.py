@@ -23,10 +23,10 @@ from methods.base import LayerShape, Option, is_weight_layer
 from methods.keep import KeepOption
 from methods.registry import method_of
 from methods.tied import TiedHead
+from profilers.execution.observe import Observers
 from profilers.hardware import HardwareSpec
 from profilers.latency_table import InModelLatency, measure_in_model
 from profilers.measure import LatencyStats, latency_stats
-from profilers.observe import Observers
 from profilers.opcount import rest_of_model
 from profilers.roofline import layer_latency, rest_latency
 

@@ -242,10 +242,10 @@ def load_skeleton(
 ) -> LoadedModel:
     """The model built from its config with every parameter on the ``meta`` device (no
     memory; buffers are real), and its tokenizer; ``path`` is the folder of its weights,
-    which :class:`profilers.streaming.StreamedModel` reads a block at a time."""
+    which :class:`profilers.execution.streaming.StreamedModel` reads a block at a time."""
     import transformers
 
-    from profilers.checkpoint import parameters_on_meta
+    from profilers.execution.checkpoint import parameters_on_meta
 
     path, source, trust_remote_code = _resolve(name_or_path, trust_remote_code)
     if not isinstance(path, Path):

@@ -99,7 +99,7 @@ def measure_model(
 ) -> Measured:
     """Measure ``model``: bytes of parameters and buffers, state bytes, average stored bits
     per weight, latency of a forward pass on ``latency_inputs`` and of a decode step on
-    ``decode_inputs`` (see :func:`profilers.decode.decode_inputs`) when given, interleaved
+    ``decode_inputs`` (see :func:`profilers.execution.decode.decode_inputs`) when given, interleaved
     with ``baseline``'s (whose figures land in ``baseline_latency`` and ``baseline_decode``),
     and held-out error (against reference)."""
     weights = total_weights or weight_numel(model)

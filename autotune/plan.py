@@ -43,7 +43,7 @@ from methods.errors import OptionError
 from methods.keep import KeepOption
 from methods.registry import option_from_dict
 from methods.tied import untie_output_embeddings
-from profilers.adapters import adapter_for
+from profilers.execution.adapters import adapter_for
 from profilers.hardware import HardwareSpec
 
 SCHEMA_VERSION = 2

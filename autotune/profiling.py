@@ -32,11 +32,11 @@ from autotune.layers import compressible_layers
 from methods.keep import KeepOption
 from methods.registry import method_of
 from methods.tied import untie_output_embeddings
-from profilers.adapters import adapter_for
 from profilers.cache import SensitivityCache, batches_digest, default_cache_dir, table_key
-from profilers.decode import DecodeError
+from profilers.execution.adapters import adapter_for
+from profilers.execution.decode import DecodeError
+from profilers.execution.observe import collect_observers
 from profilers.hardware import HardwareSpec
-from profilers.observe import collect_observers
 from profilers.quality import is_causal_lm
 from profilers.sensitivity import SensitivityTable
 

@@ -23,7 +23,7 @@ from autotune.costs import build_costs
 from autotune.plan import Plan
 from methods.base import LayerShape
 from methods.keep import KeepOption
-from profilers.adapters import adapter_for
+from profilers.execution.adapters import adapter_for
 from profilers.hardware import HardwareSpec
 from profilers.kernel_support import DEVICE_KINDS, unrun_kernels
 from profilers.roofline import layer_latency

@@ -2,7 +2,7 @@
 
 The model is never whole in memory: it is built with its parameters on the ``meta`` device,
 and each pass over it loads one block's weights from its safetensors files, runs the
-activations through, and frees them (see :mod:`profilers.streaming`). A tune is the stages
+activations through, and frees them (see :mod:`profilers.execution.streaming`). A tune is the stages
 of :func:`autotune.tuner.autotune` run by the block-by-block executor
 (:mod:`autotune.executors.blocks`); this module holds what it and ``apply`` / ``validate``
 share: opening a model to stream, writing a compressed model shard by shard, and reading
@@ -41,12 +41,12 @@ from autotune.validate import ValidationResult, heldout_batches, plan_checks
 from methods.base import LayerShape, Option
 from methods.keep import KeepOption
 from methods.registry import method_of
-from profilers.checkpoint import INDEX, Checkpoint, CheckpointError
+from profilers.execution.checkpoint import INDEX, Checkpoint, CheckpointError
+from profilers.execution.stages import Outputs, Variant, compare, evaluate
+from profilers.execution.streaming import StreamedModel
 from profilers.hardware import HardwareSpec
 from profilers.measure import model_bytes, weight_storage_bytes
 from profilers.quality import NextTokenLoss, OutputError, is_causal_lm, metric_for
-from profilers.stages import Outputs, Variant, compare, evaluate
-from profilers.streaming import StreamedModel
 
 ALGORITHM = "milp-allocator + selection split vs uniform plans, streamed block by block"
 # methods whose statistics need backward passes through the whole model
@@ -85,8 +85,8 @@ def peak_rss_bytes() -> int:
 
 
 class Figures:
-    """A judge of :func:`profilers.stages.evaluate`: the output error against the reference
-    on each split of the batches (``parts[i]`` names batch ``i``'s split), in the model's
+    """A judge of :func:`profilers.execution.stages.evaluate`: the output error against the
+    reference on each split of the batches (``parts[i]`` names batch ``i``'s split), in the model's
     metric; with ``perplexity``, the next-token perplexity of both models on the held-out
     batches."""
 

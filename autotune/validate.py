@@ -25,7 +25,7 @@ from autotune.measured_figures import Measured, device_description, measure_mode
 from autotune.plan import Plan
 from autotune.repriced import LABEL, RooflineLatency, plan_roofline, profile_roofline
 from autotune.validate_gguf import is_gguf, validate_gguf
-from profilers.adapters import adapter_for
+from profilers.execution.adapters import adapter_for
 from profilers.measure import LatencyStats
 from profilers.quality import run_outputs
 

@@ -47,10 +47,10 @@ from autotune.targets import get_target
 from methods import KeepOption
 from methods.base import Option
 from methods.tied import untie_output_embeddings
-from profilers.decode import decode_inputs
+from profilers.execution.decode import decode_inputs
+from profilers.execution.observe import collect_observers
 from profilers.hardware import HardwareSpec
 from profilers.measure import measure_latencies
-from profilers.observe import collect_observers
 from profilers.roofline_fit import fit_target, observe
 from search import ChoiceTable, allocate
 

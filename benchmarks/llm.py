@@ -45,7 +45,7 @@ from autotune.layers import weight_numel
 from autotune.loading import load_model
 from autotune.measured_figures import measure_model
 from methods.keep import KeepOption
-from profilers.decode import decode_inputs
+from profilers.execution.decode import decode_inputs
 from profilers.measure import model_bytes
 from profilers.quality import output_error, perplexity, run_outputs
 

@@ -2,9 +2,9 @@
 
 Every linear layer of the demo model is compressed on its own (the rest stays as it is).
 Methods that need statistics observe the layer inputs on the calibration windows (through
-``profilers.observe.collect_observers``, as ``autotune`` does); the error is measured on the
-held-out windows: ``||Y - Y'|| / ||Y||`` of the layer's output, averaged over layers.
-Each row compares a candidate with a baseline, mostly of the same bytes (both sizes are
+``profilers.execution.observe.collect_observers``, as ``autotune`` does); the error is
+measured on the held-out windows: ``||Y - Y'|| / ||Y||`` of the layer's output, averaged
+over layers. Each row compares a candidate with a baseline, mostly of the same bytes (both sizes are
 printed), and gives the candidate's error over the baseline's, with the ratio the method
 promises where it promises one.
 
@@ -34,7 +34,7 @@ from autotune.calibration import build_calibration
 from autotune.loading import load_model
 from methods.base import LayerShape, Option, is_weight_layer
 from methods.registry import method_of, option_from_dict
-from profilers.observe import Observers, collect_observers
+from profilers.execution.observe import Observers, collect_observers
 from profilers.proxies import capture_inputs
 
 

@@ -39,8 +39,8 @@ from autotune.layers import compressible_layers
 from autotune.loading import load_model
 from autotune.targets import get_target
 from methods import KeepOption
+from profilers.execution.observe import collect_observers
 from profilers.measure import measure_latencies, model_bytes
-from profilers.observe import collect_observers
 from profilers.proxies import fisher_table, local_error_table, spearman
 from profilers.roofline_fit import fit_target, observe
 from profilers.sensitivity import measure_sensitivity

@@ -58,9 +58,9 @@ from autotune.costs import build_costs, layer_options
 from autotune.layers import compressible_layers
 from autotune.streamed import open_streamed, tune_streamed
 from autotune.targets import get_target
+from profilers.execution.stages import profile as streamed_profile
 from profilers.quality import run_outputs
 from profilers.sensitivity import measure_sensitivity
-from profilers.stages import profile as streamed_profile
 from search import allocate
 
 LABELS = ("int8-ch-sym", "int4-g64-asym", "int4-g32-asym")

@@ -24,8 +24,8 @@ from torch import nn
 from methods.base import LayerShape, Option
 from methods.errors import OptionError
 from methods.registry import method_of
+from profilers.execution.observe import Observers
 from profilers.measure import timed_call
-from profilers.observe import Observers
 
 
 @dataclass

@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from methods import workspace
-from profilers.adapters import adapter_for
+from profilers.execution.adapters import adapter_for
 
 
 @dataclass(frozen=True)
@@ -306,8 +306,9 @@ def measure_peak(
 
 def kv_cache_bytes(model: nn.Module, batch: int, context: int, bytes_per_element: int) -> int:
     """Bytes of the key/value cache of ``batch`` sequences of ``context`` tokens, from the
-    model's cache geometry (:meth:`profilers.adapters.ModelAdapter.kv_geometry`: the key and
-    value widths of every layer that holds a cache, after structured pruning; sliding-window layers
-    hold at most their window). Raises :class:`profilers.kv_geometry.KVGeometryError` for a
-    model whose geometry is not recognised."""
+    model's cache geometry (:meth:`profilers.execution.adapters.ModelAdapter.kv_geometry`:
+    the key and value widths of every layer that holds a cache, after structured pruning;
+    sliding-window layers hold at most their window). Raises
+    :class:`profilers.kv_geometry.KVGeometryError` for a model whose geometry is not
+    recognised."""
     return adapter_for(model).kv_geometry(model).bytes(batch, context, bytes_per_element)

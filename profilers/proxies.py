@@ -29,8 +29,8 @@ from methods.base import Option, is_weight_layer, linear_weight
 from methods.errors import OptionError
 from methods.registry import method_of
 from methods.smoothquant import W8A8Linear
+from profilers.execution.observe import Observers, collect_observers, needs_statistics
 from profilers.fisher import fisher_diagonals
-from profilers.observe import Observers, collect_observers, needs_statistics
 from profilers.sensitivity import SensitivityTable
 
 Batch = dict[str, torch.Tensor]

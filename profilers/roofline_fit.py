@@ -22,9 +22,9 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from methods.base import LayerShape, Option, is_weight_layer
+from profilers.execution.observe import Observers
 from profilers.hardware import HardwareSpec, KernelSpec
 from profilers.latency_table import measure_in_model
-from profilers.observe import Observers
 from profilers.opcount import rest_of_model
 from profilers.roofline import RestOfModel, layer_latency, rest_latency
 

@@ -17,10 +17,10 @@ from torch import nn
 from methods.base import Option
 from methods.errors import OptionError
 from methods.registry import method_of
-from profilers.adapters import adapter_for
-from profilers.blocks import BlockCache, block_index
 from profilers.cache import SensitivityCache
-from profilers.observe import Observers, collect_observers
+from profilers.execution.adapters import adapter_for
+from profilers.execution.blocks import BlockCache, block_index
+from profilers.execution.observe import Observers, collect_observers
 from profilers.quality import OutputError, metric_for, select_outputs
 
 StepCallback = Callable[[int], None]  # called with the steps just done

@@ -21,8 +21,8 @@ from torch import nn
 from autotune.errors import AutotuneError
 from methods.base import Option
 from profilers.cache import SensitivityCache
+from profilers.execution.observe import Observers
 from profilers.hardware import HardwareSpec
-from profilers.observe import Observers
 from profilers.sensitivity import SensitivityTable
 
 if TYPE_CHECKING:

@@ -1,8 +1,8 @@
 """A model streamed from its safetensors files one block at a time, never whole in memory.
 
 The model is built with its parameters on the ``meta`` device; every pass over it loads
-one block's weights, runs the data through, and frees them (:mod:`profilers.streaming`).
-Plans are evaluated side by side in one pass each (:func:`profilers.stages.evaluate`),
+one block's weights, runs the data through, and frees them (:mod:`profilers.execution.streaming`).
+Plans are evaluated side by side in one pass each (:func:`profilers.execution.stages.evaluate`),
 against the model as given run in the same pass, so no reference output is kept; calibrated
 options observe the calibration batches stage by stage as the pass reaches them. The
 compressed model is written shard by shard and measured by reading it back.
@@ -17,8 +17,8 @@ from autotune.executors.base import Executor, Opened, Split, register_executor
 from autotune.fingerprint import fingerprint
 from autotune.streamed import Figures, open_streamed, validate_saved, write_streamed
 from methods.registry import get_method, method_of
+from profilers.execution.stages import Variant, evaluate, stage_of
 from profilers.quality import metric_for, select_outputs
-from profilers.stages import Variant, evaluate, stage_of
 
 WHOLE_MODEL = "need the whole model in memory"
 

@@ -15,7 +15,7 @@ from autotune.fingerprint import fingerprint
 from autotune.latency_models import latency_model_for
 from autotune.loading import load_model
 from autotune.measured_figures import measure_model
-from profilers.observe import collect_observers
+from profilers.execution.observe import collect_observers
 from profilers.quality import metric_for, run_outputs
 
 

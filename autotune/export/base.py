@@ -106,7 +106,7 @@ def check_plan(exporter: Exporter, model: nn.Module, plan: Plan, strict: bool = 
     """Refuse, in one line, a plan with a layer the format cannot hold. Layers are those
     :func:`autotune.apply.apply_plan` compresses: after structured pruning, and with a tied
     embedding table one layer (see :meth:`Plan.shaped`)."""
-    from profilers.adapters import adapter_for
+    from profilers.execution.adapters import adapter_for
 
     reshaped = plan.structure.get("kept") or adapter_for(model).tied_pairs(model)
     shaped = plan.shaped(_structure_copy(model)) if reshaped else model

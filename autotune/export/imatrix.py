@@ -26,7 +26,7 @@ from autotune.io import write_atomic
 from autotune.plan import Plan
 from methods.gguf import GGUFOption
 from methods.observers import ChannelObserver
-from profilers.observe import collect_observers
+from profilers.execution.observe import collect_observers
 
 IMATRIX_TYPE = "imatrix"
 

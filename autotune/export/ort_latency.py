@@ -72,8 +72,8 @@ from methods.base import LayerShape, Option
 from methods.errors import OptionError
 from methods.registry import method_of
 from methods.tied import TiedHead
+from profilers.execution.observe import Observers
 from profilers.latency_table import InModelLatency
-from profilers.observe import Observers
 
 KEEP = "keep"
 _TRACEABLE = (nn.Linear, nn.Embedding)  # their float stand-ins trace alike

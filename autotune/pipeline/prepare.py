@@ -15,7 +15,7 @@ from autotune.calibration import CalibrationSet, build_calibration
 from autotune.costs import default_methods, layer_options
 from autotune.errors import AutotuneError
 from autotune.estimators import SensitivityEstimator, get_estimator
-from autotune.executors import Executor, Split, get_executor
+from autotune.executors import Executor, Opened, Split, get_executor
 from autotune.fingerprint import fingerprint
 from autotune.layers import compressible_layers
 from autotune.pipeline.config import TuneConfig
@@ -27,13 +27,13 @@ from autotune.targets import get_target
 from methods.errors import OptionError
 from methods.structured import UNIT_KINDS, prune_structured
 from methods.tied import untie_output_embeddings
-from profilers.adapters import adapter_for
+from profilers.execution.adapters import adapter_for
 from profilers.hardware import HardwareSpec
 from profilers.quality import is_causal_lm
 
 
 @dataclass
-class Setup:
+class Setup(Opened):
     """What a tune works on: ``original`` is the model as given (timed beside the result),
     ``work`` the copy that is compressed (the same object when tuning in place)."""
 
@@ -43,12 +43,6 @@ class Setup:
     executor: Executor
     estimator: SensitivityEstimator
     methods: Sequence[str]
-    original: nn.Module
-    work: nn.Module
-    tokenizer: Any
-    source: str
-    inplace: bool
-    fingerprint: str
     tied: Any
     say: Progress
     as_is: bool  # the uncompressed model meets the budget: every layer is kept
@@ -92,21 +86,16 @@ def prepare(
             "and nothing is profiled"
         )
     return Setup(
-        parsed,
-        spec,
-        runtime,
-        executor,
-        estimator,
-        methods,
-        model,
-        work,
-        opened.tokenizer,
-        opened.source,
-        opened.inplace,
-        opened.fingerprint,
-        tied,
-        say,
-        as_is,
+        **vars(opened),
+        budget=parsed,
+        spec=spec,
+        runtime=runtime,
+        executor=executor,
+        estimator=estimator,
+        methods=methods,
+        tied=tied,
+        say=say,
+        as_is=as_is,
     )
 
 

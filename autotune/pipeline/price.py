@@ -21,10 +21,10 @@ from autotune.plan import Plan
 from autotune.storage_bounds import keep_only
 from methods.base import Option
 from methods.keep import KeepOption
-from profilers.adapters import adapter_for
-from profilers.decode import DecodeError
+from profilers.execution.adapters import adapter_for
+from profilers.execution.decode import DecodeError
+from profilers.execution.observe import Observers
 from profilers.memory import ActivationPeak, activation_peak, kv_cache_bytes
-from profilers.observe import Observers
 from profilers.quality import is_causal_lm
 
 

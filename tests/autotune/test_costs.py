@@ -8,7 +8,7 @@ import transformers
 from autotune.costs import drop_undercalibrated, layer_options
 from autotune.layers import compressible_layers, weight_numel
 from methods.tied import untie_output_embeddings
-from profilers.observe import collect_observers
+from profilers.execution.observe import collect_observers
 from tests.conftest import make_tiny_bert
 
 

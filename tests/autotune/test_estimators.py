@@ -12,7 +12,7 @@ from autotune.costs import layer_options
 from autotune.errors import AutotuneError
 from autotune.estimators import ESTIMATORS, get_estimator
 from autotune.layers import compressible_layers
-from profilers.observe import collect_observers
+from profilers.execution.observe import collect_observers
 from tests.conftest import make_tiny_bert
 
 

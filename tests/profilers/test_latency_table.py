@@ -11,8 +11,8 @@ from methods.base import LayerShape
 from methods.keep import KeepOption
 from methods.rtn import QuantOption
 from methods.smoothquant import W8A8Option
+from profilers.execution.observe import collect_observers
 from profilers.latency_table import measure_in_model
-from profilers.observe import collect_observers
 from tests.profilers.profiler_helpers import Batch, make_batch, make_bert
 
 OPTIONS = [KeepOption(), QuantOption(8, None, True), QuantOption(4, 32, False), W8A8Option(0.6)]

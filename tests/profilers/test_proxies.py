@@ -18,7 +18,7 @@ from methods.keep import KeepOption
 from methods.registry import method_of
 from methods.rtn import QuantOption
 from methods.smoothquant import W8A8Option
-from profilers.observe import collect_observers
+from profilers.execution.observe import collect_observers
 from profilers.proxies import (
     NO_INPUT,
     effective_weight,

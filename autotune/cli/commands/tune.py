@@ -8,6 +8,7 @@ from typing import Any
 
 from autotune.cli.commands.output import emit
 from autotune.cli.commands.streaming import streams
+from autotune.cli.commands.tune_settings import tune_settings
 from autotune.cli.exit_codes import EXIT_BROKEN, EXIT_OK
 
 
@@ -83,28 +84,15 @@ def _tune_in_memory(
     from autotune.tuner import autotune
 
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    settings = tune_settings(args, methods, labels)
     result = autotune(
         loaded.model,
         budget,
         target,
-        calibration=args.calibration,
-        heldout=args.heldout,
         tokenizer=loaded.tokenizer,
-        seed=args.seed,
-        methods=methods,
-        option_labels=labels,
         inplace=False,
-        progress=not args.quiet,
-        measure=not args.no_measure,
         cache=False if args.no_cache else (args.cache_dir or True),
-        sensitivity=args.sensitivity,
-        search=args.search,
-        max_evals=args.max_evals,
-        timeout=args.timeout,
-        storage=args.storage,
-        study_name=args.study,
-        structured={"ffn": args.prune_ffn, "heads": args.prune_heads},
-        runtime=args.runtime,
+        **settings,
     )
     result.plan.model["source"] = loaded.source
     if args.output:

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from autotune.cli.commands.output import emit
+from autotune.cli.commands.tune_settings import tune_settings
 from autotune.cli.exit_codes import EXIT_BROKEN, EXIT_OK
 
 
@@ -16,28 +17,8 @@ def tune_streamed(
     from autotune.streamed import tune_streamed as run
 
     _check_streamable(args)
-    result = run(
-        args.model,
-        budget,
-        target,
-        save_to=args.save_model,
-        calibration=args.calibration,
-        heldout=args.heldout,
-        seed=args.seed,
-        methods=methods,
-        option_labels=labels,
-        trust_remote_code=args.trust_remote_code,
-        progress=not args.quiet,
-        measure=not args.no_measure,
-        sensitivity=args.sensitivity,
-        search=args.search,
-        max_evals=args.max_evals,
-        timeout=args.timeout,
-        storage=args.storage,
-        study_name=args.study,
-        structured={"ffn": args.prune_ffn, "heads": args.prune_heads},
-        runtime=args.runtime,
-    )
+    settings = tune_settings(args, methods, labels)
+    result = run(args.model, budget, target, save_to=args.save_model, **settings)
     if args.output:
         result.plan.save(args.output)
     text = result.report.layer_table() + "\n\n" + str(result.report)

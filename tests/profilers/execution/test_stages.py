@@ -17,9 +17,9 @@ from methods.base import LayerShape
 from methods.gptq import GPTQOption
 from methods.registry import method_of
 from methods.rtn import QuantOption
-from profilers.checkpoint import Checkpoint, parameters_on_meta
-from profilers.stages import Variant, compare, evaluate, profile, stage_of
-from profilers.streaming import StreamedModel
+from profilers.execution.checkpoint import Checkpoint, parameters_on_meta
+from profilers.execution.stages import Variant, compare, evaluate, profile, stage_of
+from profilers.execution.streaming import StreamedModel
 
 VOCAB = 128
 

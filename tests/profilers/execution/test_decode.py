@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from profilers.decode import DecodeError, cache_argument, decode_inputs, max_context
+from profilers.execution.decode import DecodeError, cache_argument, decode_inputs, max_context
 from profilers.opcount import rest_of_model
 
 

@@ -23,8 +23,8 @@ from torch import nn
 
 from methods.structured import UNIT_KINDS, UnitGroup, UnitKind, find_unit_groups
 from methods.tied import tied_pairs
-from profilers.blocks import find_blocks
-from profilers.decode import decode_inputs, max_context
+from profilers.execution.blocks import find_blocks
+from profilers.execution.decode import decode_inputs, max_context
 from profilers.kv_geometry import KVGeometry, kv_geometry
 
 

@@ -11,9 +11,9 @@ from torch import nn
 from autotune.estimators import get_estimator
 from methods.base import LayerShape
 from methods.registry import get_method
-from profilers.adapters import ADAPTERS, ModelAdapter, TransformerStack, adapter_for
-from profilers.checkpoint import CheckpointError
-from profilers.resident import ResidentModel
+from profilers.execution.adapters import ADAPTERS, ModelAdapter, TransformerStack, adapter_for
+from profilers.execution.checkpoint import CheckpointError
+from profilers.execution.resident import ResidentModel
 
 VOCAB = 128
 

@@ -1,4 +1,4 @@
-"""Phase one of calibrated methods: observers fed by forward hooks (profilers.observe)."""
+"""Phase one of calibrated methods: observers fed by forward hooks (profilers.execution.observe)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from methods.keep import KeepOption
 from methods.observers import HessianObserver
 from methods.rtn import QuantOption
 from methods.smoothquant import ActivationObserver, W8A8Option
-from profilers.observe import collect_observers, needs_statistics
+from profilers.execution.observe import collect_observers, needs_statistics
 from tests.profilers.profiler_helpers import Batch, make_bert
 
 LAYERS = ["encoder.layer.0.attention.self.query", "encoder.layer.1.output.dense"]
@@ -108,8 +108,8 @@ def test_observers_asking_for_fisher_information_get_the_weight_diagonal(
     """After the forward pass, observers with ``needs_fisher`` receive the diagonal Fisher /
     Gauss-Newton information of their layer's weight, as the Fisher proxy computes it."""
     from methods.lowrank import FisherSVDOption
+    from profilers.execution.observe import FISHER_SAMPLES
     from profilers.fisher import fisher_diagonals
-    from profilers.observe import FISHER_SAMPLES
 
     model = make_bert()
     options = {name: [FisherSVDOption(fraction=0.25), QuantOption(4, 32, False)] for name in LAYERS}

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
-from profilers.adapters import adapter_for
-from profilers.checkpoint import Checkpoint, CheckpointError
+from profilers.execution.adapters import adapter_for
+from profilers.execution.checkpoint import Checkpoint, CheckpointError
 from profilers.memory import return_free_memory
 
 Batch = dict[str, torch.Tensor]

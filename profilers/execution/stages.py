@@ -1,4 +1,4 @@
-"""Profile and evaluate a streamed model stage by stage (see :mod:`profilers.streaming`).
+"""Profile and evaluate a streamed model stage by stage (see :mod:`profilers.execution.streaming`).
 
 A *stage* is the prefix (the modules before the first block), one block, or the suffix (the
 modules after the last block). Each stage is wrapped as a module of its own whose input is a
@@ -30,12 +30,12 @@ from torch import nn
 from methods.base import Option
 from methods.keep import KeepOption
 from methods.registry import method_of
-from profilers.blocks import block_index
-from profilers.observe import Observers, collect_observers
+from profilers.execution.blocks import block_index
+from profilers.execution.observe import Observers, collect_observers
+from profilers.execution.streaming import Batch, BlockCall, StreamedModel
 from profilers.proxies import local_error_table
 from profilers.quality import select_outputs
 from profilers.sensitivity import SensitivityTable, measure_sensitivity
-from profilers.streaming import Batch, BlockCall, StreamedModel
 
 StepCallback = Callable[[int], None]  # called with the steps just done
 

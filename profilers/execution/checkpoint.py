@@ -4,7 +4,7 @@
 lists, from their headers only (checked against the file's size before they are read), and
 reads one tensor's bytes at a time: no file is mapped whole. :func:`parameters_on_meta`
 builds a model with every parameter on the ``meta`` device, so that a model larger than
-memory can be built and then filled a block at a time (:mod:`profilers.streaming`).
+memory can be built and then filled a block at a time (:mod:`profilers.execution.streaming`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Finding a model's block stack and replaying recorded block outputs (profilers.blocks)."""
+"""Finding a model's block stack and replaying recorded block outputs
+(profilers.execution.blocks)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from profiler_helpers import Batch
 from torch import nn
 
-from profilers.blocks import BlockCache, block_index, find_blocks
+from profilers.execution.blocks import BlockCache, block_index, find_blocks
 
 Counter = Callable[[nn.Module], list[int]]
 Pair = namedtuple("Pair", ["hidden", "aux"])

@@ -1,19 +1,20 @@
 """A model held whole in memory, run stage by stage as a streamed one is.
 
 :class:`ResidentModel` gives an in-memory model the interface of
-:class:`profilers.streaming.StreamedModel` (blocks, recorded calls, prefix and suffix), with
-nothing to load or release, so the stage-by-stage tools of :mod:`profilers.stages` (block
-output sensitivity, side-by-side evaluation) give the same figures on a model in memory as
-on the same model streamed from its safetensors files.
+:class:`profilers.execution.streaming.StreamedModel` (blocks, recorded calls, prefix and
+suffix), with nothing to load or release, so the stage-by-stage tools of
+:mod:`profilers.execution.stages` (block output sensitivity, side-by-side evaluation)
+give the same figures on a model in memory as on the same model streamed from its
+safetensors files.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from profilers.adapters import adapter_for
-from profilers.checkpoint import CheckpointError
-from profilers.streaming import StreamedModel
+from profilers.execution.adapters import adapter_for
+from profilers.execution.checkpoint import CheckpointError
+from profilers.execution.streaming import StreamedModel
 
 
 class ResidentModel(StreamedModel):

@@ -13,9 +13,9 @@ import transformers
 from torch import nn
 
 from autotune.fingerprint import fingerprint
-from profilers.checkpoint import Checkpoint, CheckpointError, parameters_on_meta
+from profilers.execution.checkpoint import Checkpoint, CheckpointError, parameters_on_meta
+from profilers.execution.streaming import StreamedModel
 from profilers.opcount import rest_of_model
-from profilers.streaming import StreamedModel
 
 VOCAB = 96
 
@@ -210,7 +210,7 @@ def test_a_truncated_file_and_a_missing_tensor_are_named(tmp_path: Path) -> None
     ids=["huge-length", "garbage", "list", "no-offsets", "scalar-offsets", "short"],
 )
 def test_a_corrupt_safetensors_header_is_one_checkpoint_error(tmp_path, raw) -> None:
-    from profilers.checkpoint import Checkpoint, CheckpointError
+    from profilers.execution.checkpoint import Checkpoint, CheckpointError
 
     (tmp_path / "model.safetensors").write_bytes(raw + b"\0" * 16)
     with pytest.raises(CheckpointError, match=r"model\.safetensors"):
