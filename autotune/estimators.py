@@ -56,9 +56,17 @@ class SensitivityEstimator(ABC):
         progress: Callable[[int], None] | None = None,
     ) -> SensitivityTable:
         """The scores of a model streamed block by block (only where ``streams``)."""
-        raise AutotuneError(
+        raise AutotuneError(self.streaming_refusal() or f"{self.name} cannot stream")
+
+    def streaming_refusal(self) -> str | None:
+        """Why this estimator cannot score a model streamed block by block (``None``: it
+        can)."""
+        if self.streams:
+            return None
+        allowed = ", ".join(n for n, e in ESTIMATORS.items() if e.streams)
+        return (
             f"sensitivity {self.name!r} needs the whole model in memory; block by block, "
-            f"allowed: {', '.join(n for n, e in ESTIMATORS.items() if e.streams)}"
+            f"allowed: {allowed}"
         )
 
 

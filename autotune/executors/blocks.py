@@ -15,6 +15,7 @@ from pathlib import Path
 from autotune.errors import AutotuneError
 from autotune.executors.base import Executor, Opened, Split, register_executor
 from autotune.fingerprint import fingerprint
+from autotune.runtimes import get_runtime
 from autotune.streamed import Figures, open_streamed, validate_saved, write_streamed
 from methods.registry import get_method, method_of
 from profilers.execution.stages import Variant, evaluate, stage_of
@@ -58,12 +59,16 @@ class BlockByBlock(Executor):
         structured = config.search.structured
         if structured and any(structured.values()):
             raise AutotuneError(f"structured pruning (FFN neurons, heads) {WHOLE_MODEL}")
-        if config.runtime != "torch":
-            raise AutotuneError(f"--runtime {config.runtime} {WHOLE_MODEL}; block by block: torch")
+        if get_runtime(config.runtime).export_format is not None:  # priced and checked in it
+            raise AutotuneError(
+                f"--runtime {config.runtime} {WHOLE_MODEL} (its export is written and checked "
+                "from the compressed model); block by block, autotune's own modules: torch"
+            )
         if config.inplace:
             raise AutotuneError("block by block, the model on disk is never changed: no inplace")
-        if not estimator.streams:
-            estimator.streamed_table(None, {}, [])  # type: ignore[arg-type]  # its one line
+        refusal = estimator.streaming_refusal()
+        if refusal is not None:
+            raise AutotuneError(refusal)
 
     def open(self, model, config, tokenizer):
         if not isinstance(model, (str, Path)):
