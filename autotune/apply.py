@@ -15,7 +15,12 @@ from autotune.plan import Plan
 from methods.base import LayerShape, Option
 from methods.errors import OptionError
 from methods.registry import method_of
-from profilers.execution.observe import Observers, collect_observers, needs_statistics
+from profilers.execution.observe import (
+    Observers,
+    collect_observers,
+    needs_statistics,
+    plan_needs_statistics,
+)
 
 
 def check_options(model: nn.Module, options: Mapping[str, Option]) -> None:
@@ -107,6 +112,6 @@ def apply_plan(
     options = {ref.name: opt for ref, opt in plan.layer_options(work, strict=strict).items()}
     check_options(work, options)
     batches = None
-    if any(method_of(o).needs_calibration(o) for o in options.values()):
+    if plan_needs_statistics(options):
         batches = plan_calibration(plan, work, tokenizer, calibration)
     return compress(work, options, batches)

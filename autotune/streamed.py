@@ -42,6 +42,7 @@ from methods.base import LayerShape, Option
 from methods.keep import KeepOption
 from methods.registry import method_of
 from profilers.execution.checkpoint import INDEX, Checkpoint, CheckpointError
+from profilers.execution.observe import plan_needs_statistics
 from profilers.execution.stages import Outputs, Variant, compare, evaluate
 from profilers.execution.streaming import StreamedModel
 from profilers.hardware import HardwareSpec
@@ -304,7 +305,7 @@ def apply_streamed(
     streamed, loaded, plan, options = _streamed_plan(model, plan, strict, trust_remote_code)
     tokenizer = tokenizer or loaded.tokenizer
     batches: list[dict[str, torch.Tensor]] = []
-    if any(method_of(o).needs_calibration(o) for o in options.values()):
+    if plan_needs_statistics(options):
         batches = plan_calibration(plan, streamed.model, tokenizer, calibration)
     return write_streamed(streamed, options, plan, outdir, batches, tokenizer)
 
@@ -333,7 +334,7 @@ def validate_streamed(
         folder = Path(compressed) if compressed is not None else Path(scratch) / "model"
         if compressed is None:
             calibration = []
-            if any(method_of(o).needs_calibration(o) for o in options.values()):
+            if plan_needs_statistics(options):
                 calibration = plan_calibration(plan, streamed.model, tokenizer, None)
             write_streamed(streamed, options, plan, folder, calibration, tokenizer)
         elif Plan.load(folder / PLAN).layers != plan.layers:

@@ -142,10 +142,6 @@ class Executor(ABC):
         """The measured figures of the compressed model (held-out data only) for
         ``plan.measured``."""
 
-    def release(self) -> None:
-        """Free what was kept for the search (converted modules)."""
-        return None
-
 
 EXECUTORS: dict[str, type[Executor]] = {}
 

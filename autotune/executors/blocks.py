@@ -18,6 +18,7 @@ from autotune.fingerprint import fingerprint
 from autotune.runtimes import get_runtime
 from autotune.streamed import Figures, open_streamed, validate_saved, write_streamed
 from methods.registry import get_method, method_of
+from profilers.execution.observe import plan_needs_statistics
 from profilers.execution.stages import Variant, evaluate, stage_of
 from profilers.quality import metric_for, select_outputs
 
@@ -118,9 +119,7 @@ class BlockByBlock(Executor):
     def errors(self, plans, split, metric):
         """Every plan in one pass over ``split`` (after the calibration batches, which its
         calibrated options observe)."""
-        calibrated = any(
-            method_of(o).needs_calibration(o) for p in plans.values() for o in p.values()
-        )
+        calibrated = any(plan_needs_statistics(options) for options in plans.values())
         observe = self.calibration if calibrated and split.name != "calibration" else []
         batches = [*observe, *split.batches]
         parts = ["observed"] * len(observe) + [split.name] * len(split.batches)
@@ -138,8 +137,7 @@ class BlockByBlock(Executor):
 
     def write(self, plan, tokenizer, calibration):
         assert self.save_to is not None
-        needs = any(method_of(o).needs_calibration(o) for o in self.options.values())
-        batches = calibration if needs else []
+        batches = calibration if plan_needs_statistics(self.options) else []
         return write_streamed(self.streamed, self.options, plan, self.save_to, batches, tokenizer)
 
     def measure(self, setup, data, priced, scored, plan):

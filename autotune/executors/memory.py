@@ -77,7 +77,7 @@ class InMemory(Executor):
                 n: modules.get(n, o, self.work.get_submodule(n)) for n, o in options.items()
             }
         compress(self.work, options, prebuilt=prebuilt)
-        self.release()
+        self._release()
 
     def write(self, plan, tokenizer, calibration):
         if self.save_to is None:
@@ -87,7 +87,8 @@ class InMemory(Executor):
         save_compressed(self.work, plan, self.save_to, tokenizer)
         return self.save_to
 
-    def release(self):
+    def _release(self) -> None:
+        """Free the converted modules kept for the search."""
         if self.modules is not None:
             self.modules.store.clear()
 

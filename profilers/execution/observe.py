@@ -17,7 +17,13 @@ FISHER_SAMPLES = 2  # backward passes per batch for observers that ask for Fishe
 
 
 def needs_statistics(options: Mapping[str, Sequence[Option]]) -> bool:
+    """Whether any option offered to any layer is converted from calibration statistics."""
     return any(method_of(o).needs_calibration(o) for opts in options.values() for o in opts)
+
+
+def plan_needs_statistics(options: Mapping[str, Option]) -> bool:
+    """Whether any layer's one option (a plan's) is converted from calibration statistics."""
+    return needs_statistics({name: [option] for name, option in options.items()})
 
 
 def collect_observers(
