@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal
 
@@ -256,6 +257,21 @@ class Method(ABC):
         self, module: nn.Module, option: Option, observer: Observer | None = None
     ) -> nn.Module:
         """Phase two: a new module with real compressed storage (``module`` is not changed)."""
+
+    def convert_many(
+        self,
+        module: nn.Module,
+        options: Sequence[Option],
+        observer_of: Callable[[Option], Observer | None],
+    ) -> Iterator[tuple[Option, nn.Module | OptionError]]:
+        """Each option's :meth:`convert` of ``module`` in order, or the :class:`OptionError`
+        that refused it. Methods whose options share work on a layer (a factorisation, a
+        sweep) override it to do that work once."""
+        for option in options:
+            try:
+                yield option, self.convert(module, option, observer_of(option))
+            except OptionError as exc:
+                yield option, exc
 
     @abstractmethod
     def empty(self, shape: LayerShape, option: Option, like: nn.Module | None = None) -> nn.Module:

@@ -23,15 +23,16 @@ observer (one ``cols x cols`` matrix per layer, not per option; see methods/obse
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from methods import affine
 from methods.base import Cost, LayerShape, Method, Observer, Option, finite_weight
 from methods.errors import OptionError
+from methods.gptq_solver import Quantized, gptq_quantize, gptq_quantize_many, work_dtype
 from methods.observers import SHARED, HessianObserver
 from methods.registry import get_method, register
 from methods.rtn import QuantOption, check_quant_option, quant_cost
@@ -39,11 +40,6 @@ from methods.rtn import QuantOption, check_quant_option, quant_cost
 # As RTN's grid without 8 bits (GPTQ gains little there): 4-bit per row and in groups, 3- and
 # 2-bit in groups; always with activation order, which costs nothing in storage.
 GRID = {4: (None, 128, 64, 32), 3: (128, 64, 32), 2: (64, 32)}
-# Columns per lazy-update block. Small: on the CPU the rank-one updates of a block then stay
-# under torch's parallel grain for layers of a few hundred rows, whose thread wake-ups cost
-# far more than the arithmetic on a busy machine (8 s against 0.15 s for 384 x 1536).
-BLOCK = 32
-_MAX_DAMP_RETRIES = 4
 
 
 @dataclass(frozen=True)
@@ -69,125 +65,6 @@ class GPTQOption(Option):
     def storage(self) -> QuantOption:
         """The RTN option with the same stored format."""
         return QuantOption(self.bits, self.group_size, self.symmetric)
-
-
-def work_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "cuda" else torch.float64
-
-
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float, label: str) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + d I)^-1``, raising ``d`` while the factorisation fails."""
-    mean_diag = float(hessian.diagonal().mean())
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    damps = [damp] + [max(damp, 0.01) * 10.0**k for k in range(1, _MAX_DAMP_RETRIES)]
-    for fraction in damps:
-        lower, info = torch.linalg.cholesky_ex(hessian + (fraction * mean_diag) * eye)
-        if int(info) != 0:
-            continue
-        # cholesky_solve against the identity: the inverse, as cholesky_inverse gives it, but
-        # 40x faster on a busy 2-core CPU at 1536 columns
-        inverse = torch.cholesky_solve(eye, lower)
-        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-        if int(info) == 0 and torch.isfinite(upper.diagonal()).all():
-            return upper
-    raise OptionError(
-        f"{label}: the calibration Hessian is not positive definite even with "
-        f"dampening {damps[-1]:g}; use more (or more varied) calibration data"
-    )
-
-
-def quantize_column(
-    w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes of one column (per-row scales and offsets) and the values they decode to."""
-    top = affine.levels(bits) - 1
-    if offset is None:
-        half = affine.levels(bits) // 2
-        codes = (torch.round(w / scale) + half).clamp_(0, top)
-        return codes, (codes - half) * scale
-    codes = torch.round((w - offset) / scale).clamp_(0, top)
-    return codes, codes * scale + offset
-
-
-def gptq_quantize(
-    weight: torch.Tensor, hessian: torch.Tensor, option: GPTQOption, label: str = "gptq"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Codes ``[rows, cols]`` (uint8, original column order), float16 scales and offsets of
-    ``weight`` (``[rows, cols]``) for the calibration Hessian ``hessian`` (``[cols, cols]``).
-    Neither argument is modified."""
-    rows, cols = weight.shape
-    dtype = work_dtype(weight.device)
-    w = weight.to(dtype).clone()
-    h = hessian.to(dtype=dtype, device=weight.device).clone()
-    group = option.group_size or cols
-    n_groups = cols // group
-
-    dead = h.diagonal() == 0
-    h.diagonal()[dead] = 1.0
-    w[:, dead] = 0.0
-
-    static = option.act_order or n_groups == 1
-    if static:  # fitted on the original (dead-zeroed) weights, per group of original columns
-        scales, offsets = affine.fit_scales(
-            affine.group_view(w, group), option.bits, option.symmetric
-        )
-    else:
-        scales = torch.empty(rows, n_groups, dtype=torch.float16, device=w.device)
-        offsets = None if option.symmetric else torch.empty_like(scales)
-
-    perm = torch.arange(cols, device=w.device)
-    if option.act_order:
-        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
-        w = w[:, perm]
-        h = h[perm][:, perm]
-    upper = inverse_hessian_factor(h, option.damp, label)
-    del h
-
-    group_of = perm // group  # group of each (permuted) column
-    codes = torch.empty(rows, cols, dtype=torch.uint8, device=w.device)
-    # a group fitted during the sweep starts a block or lies within one
-    block = BLOCK if static or group % BLOCK == 0 or BLOCK % group == 0 else group
-    col_scale = col_offset = None
-    if static:
-        col_scale = scales.to(dtype)[:, group_of]
-        col_offset = None if offsets is None else offsets.to(dtype)[:, group_of]
-
-    for start in range(0, cols, block):
-        end = min(start + block, cols)
-        w1 = w[:, start:end].clone()
-        err = torch.empty_like(w1)
-        u1 = upper[start:end, start:end]
-        for i in range(end - start):
-            j = start + i
-            if static:
-                s = col_scale[:, j]
-                m = None if col_offset is None else col_offset[:, j]
-            else:
-                g = j // group
-                if j % group == 0:  # fit the group on its current (updated) weights
-                    current = w1[:, i : i + group] if j + group <= end else w[:, j : j + group]
-                    s16, m16 = affine.fit_scales(
-                        current.unsqueeze(1), option.bits, option.symmetric
-                    )
-                    scales[:, g] = s16[:, 0]
-                    if offsets is not None:
-                        offsets[:, g] = m16[:, 0]
-                s = scales[:, g].to(dtype)
-                m = None if offsets is None else offsets[:, g].to(dtype)
-            column = w1[:, i]
-            q_codes, q_values = quantize_column(column, s, m, option.bits)
-            codes[:, j] = q_codes.to(torch.uint8)
-            e = (column - q_values) / u1[i, i]
-            err[:, i] = e
-            w1[:, i + 1 :] -= e[:, None] * u1[i, i + 1 :][None, :]
-        if end < cols:
-            w[:, end:] -= err @ upper[start:end, end:]
-
-    if option.act_order:
-        original = torch.empty_like(codes)
-        original[:, perm] = codes
-        codes = original
-    return codes, scales, offsets
 
 
 class GPTQ(Method):
@@ -244,6 +121,58 @@ class GPTQ(Method):
         self, module: nn.Module, option: Option, observer: Observer | None = None
     ) -> nn.Module:
         assert isinstance(option, GPTQOption)
+        weight, hessian = self._inputs(module, option, observer)
+        return self._module(module, option, gptq_quantize(weight, hessian, option, option.label))
+
+    @torch.no_grad()
+    def convert_many(
+        self,
+        module: nn.Module,
+        options: Sequence[Option],
+        observer_of: Callable[[Option], Observer | None],
+    ) -> Iterator[tuple[Option, nn.Module | OptionError]]:
+        """The options that share an observer are solved together: one factor of the inverse
+        Hessian per dampening, and one stacked sweep for many options (methods/gptq_solver.py);
+        each gets the codes :meth:`convert` gives it."""
+        by_observer: dict[int, list[GPTQOption]] = {}
+        observers: dict[int, Observer | None] = {}
+        for option in options:
+            assert isinstance(option, GPTQOption)
+            observer = observer_of(option)
+            by_observer.setdefault(id(observer), []).append(option)
+            observers[id(observer)] = observer
+        done: dict[Option, nn.Module | OptionError] = {}
+        for key, group in by_observer.items():
+            try:
+                weight, hessian = self._inputs(module, group[0], observers[key])
+                for option in group[1:]:
+                    self.check(LayerShape.of(module), option)
+            except OptionError:  # each option is refused with its own reason
+                for option in group:
+                    done[option] = self._refusal(module, option, observers[key])
+                continue
+            results = gptq_quantize_many(weight, hessian, group, group[0].label)
+            try:
+                for option, result in zip(group, results, strict=True):
+                    done[option] = self._module(module, option, result)
+            except OptionError as exc:
+                for option in group:
+                    done.setdefault(option, exc)
+        for option in options:
+            yield option, done[option]
+
+    def _refusal(
+        self, module: nn.Module, option: GPTQOption, observer: Observer | None
+    ) -> nn.Module | OptionError:
+        try:
+            return self.convert(module, option, observer)
+        except OptionError as exc:
+            return exc
+
+    def _inputs(
+        self, module: nn.Module, option: GPTQOption, observer: Observer | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's weight and its calibration Hessian, checked."""
         shape = LayerShape.of(module)
         self.check(shape, option)
         if not isinstance(observer, HessianObserver) or observer.tokens == 0:
@@ -262,9 +191,11 @@ class GPTQ(Method):
         hessian = observer.hessian(work_dtype(weight.device))
         if not torch.isfinite(hessian).all():
             raise OptionError(f"{option.label}: the calibration inputs hold NaN or inf values")
-        codes, scales, offsets = gptq_quantize(weight, hessian, option, option.label)
-        out = self.empty(shape, option, like=module)
-        out.store(codes, scales, offsets)
+        return weight, hessian
+
+    def _module(self, module: nn.Module, option: GPTQOption, result: Quantized) -> nn.Module:
+        out = self.empty(LayerShape.of(module), option, like=module)
+        out.store(result.codes, result.scales, result.offsets)
         if out.bias is not None:
             out.bias.copy_(module.bias.detach())
         return out

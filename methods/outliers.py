@@ -42,7 +42,8 @@ from methods.base import (
     finite_weight,
 )
 from methods.errors import OptionError
-from methods.gptq import GPTQOption, gptq_quantize
+from methods.gptq import GPTQOption
+from methods.gptq_solver import gptq_quantize
 from methods.observers import SHARED, ChannelObserver, HessianObserver
 from methods.quantized import QuantizedLinear
 from methods.registry import get_method, register

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from methods.base import Method, Option
+from torch import nn
+
+from methods.base import Method, Observer, Option
 from methods.errors import OptionError
 from methods.option_fields import short_repr
 
@@ -54,3 +57,18 @@ def option_from_dict(data: Any) -> Option:
         if isinstance(exc, OptionError):
             raise
         raise OptionError(f"bad option {short_repr(data, 80)}: {exc}") from None
+
+
+def convert_each(
+    module: nn.Module,
+    options: Sequence[Option],
+    observer_of: Callable[[Option], Observer | None],
+) -> Iterator[tuple[Option, nn.Module | OptionError]]:
+    """Every option's converted ``module`` (or the :class:`OptionError` that refused it), each
+    method's options handed to its :meth:`Method.convert_many` together so that work they
+    share on the layer is done once; methods in order of first appearance."""
+    by_method: dict[str, list[Option]] = {}
+    for option in options:
+        by_method.setdefault(option.method, []).append(option)
+    for name, group in by_method.items():
+        yield from get_method(name).convert_many(module, group, observer_of)

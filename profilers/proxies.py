@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from torch import nn
 
 from methods.base import Option, is_weight_layer, linear_weight
 from methods.errors import OptionError
-from methods.registry import method_of
+from methods.registry import convert_each
 from methods.smoothquant import W8A8Linear
 from profilers.execution.observe import Observers, collect_observers, needs_statistics
 from profilers.fisher import fisher_diagonals
@@ -38,20 +38,22 @@ Batch = dict[str, torch.Tensor]
 NO_INPUT = "the layer received no input on the calibration batches"
 
 
-def _convert(
+def _converted(
     layer: str,
     module: nn.Module,
-    option: Option,
+    options: Sequence[Option],
     observers: Observers | None,
     skipped: dict[str, dict[str, str]],
-) -> nn.Module | None:
-    """The converted module, or ``None`` (with the reason under ``skipped``) on OptionError."""
-    observer = observers.get((layer, option.label)) if observers else None
-    try:
-        return method_of(option).convert(module, option, observer)
-    except OptionError as exc:
-        skipped.setdefault(layer, {})[option.label] = str(exc)
-        return None
+) -> Iterator[tuple[Option, nn.Module]]:
+    """Each option's converted module; a refused one is left out, its reason under
+    ``skipped``."""
+    for option, compressed in convert_each(
+        module, options, lambda o: observers.get((layer, o.label)) if observers else None
+    ):
+        if isinstance(compressed, OptionError):
+            skipped.setdefault(layer, {})[option.label] = str(compressed)
+        else:
+            yield option, compressed
 
 
 def _observers(
@@ -142,10 +144,7 @@ def local_error_table(
         with torch.inference_mode():
             reference = module(x).float()
         norm = float(reference.pow(2).sum())
-        for option in layer_options:
-            compressed = _convert(layer, module, option, observers, skipped)
-            if compressed is None:
-                continue
+        for option, compressed in _converted(layer, module, layer_options, observers, skipped):
             if compressed is module:
                 errors[layer][option.label] = 0.0
                 continue
@@ -226,10 +225,7 @@ def fisher_table(
         module = model.get_submodule(layer)
         weight = linear_weight(module).float()
         diagonal = diagonals[layer]
-        for option in layer_options:
-            compressed = _convert(layer, module, option, observers, skipped)
-            if compressed is None:
-                continue
+        for option, compressed in _converted(layer, module, layer_options, observers, skipped):
             if compressed is module:
                 errors[layer][option.label] = 0.0
                 continue

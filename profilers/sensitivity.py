@@ -16,7 +16,7 @@ from torch import nn
 
 from methods.base import Option
 from methods.errors import OptionError
-from methods.registry import method_of
+from methods.registry import convert_each
 from profilers.cache import SensitivityCache
 from profilers.execution.adapters import adapter_for
 from profilers.execution.blocks import BlockCache, block_index
@@ -122,12 +122,12 @@ def measure_sensitivity(
         original = model.get_submodule(layer)
         replayed = evaluator.blocks_before(layer)
         errors[layer] = {}
-        for option in layer_options:
-            try:
-                observer = observers.get((layer, option.label))
-                compressed = method_of(option).convert(original, option, observer)
-            except OptionError as exc:
-                skipped.setdefault(layer, {})[option.label] = str(exc)
+        converted = convert_each(
+            original, layer_options, lambda o, layer=layer: observers.get((layer, o.label))
+        )
+        for option, compressed in converted:
+            if isinstance(compressed, OptionError):
+                skipped.setdefault(layer, {})[option.label] = str(compressed)
                 continue
             model.set_submodule(layer, compressed)
             try:

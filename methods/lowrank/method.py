@@ -19,7 +19,7 @@ from methods.base import (
     finite_weight,
 )
 from methods.errors import OptionError
-from methods.gptq import work_dtype
+from methods.gptq_solver import work_dtype
 from methods.lowrank.factorisations import balance
 from methods.lowrank.modules import Float16Factor, LowRankLinear, QuantizedFactor
 from methods.lowrank.options import ALLOWED_BITS, GRID, LowRankOption, factor_shapes

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from methods import affine
-from methods.gptq import inverse_hessian_factor, quantize_column, work_dtype
+from methods.gptq_solver import inverse_hessian_factor, quantize_column, work_dtype
 from methods.pruning.masks import score_mask, top_mask
 from methods.pruning.options import PruneOption
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from methods.base import LayerShape, Observer, Option
 from methods.errors import OptionError
-from methods.gptq import work_dtype
+from methods.gptq_solver import work_dtype
 from methods.observers import SHARED, ChannelObserver, HessianObserver
 from methods.pruning.masks import score_mask
 from methods.pruning.method import SPARSEGPT_GRID, PruningMethod

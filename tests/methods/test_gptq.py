@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 from methods import GPTQOption, QuantizedLinear, QuantOption, affine, get_method
 from methods.base import LayerShape, Observer
 from methods.errors import OptionError
-from methods.gptq import gptq_quantize
+from methods.gptq_solver import gptq_quantize
 from methods.observers import HessianObserver
 
 GPTQ = get_method("gptq")
