@@ -126,7 +126,8 @@ class Hybrid(SensitivityEstimator):
     bytes than another and is estimated worse is never worth choosing, so only the options
     on the front of (bytes, estimate), and those the estimate cannot see (no float weight,
     such as activation quantisation), are measured end to end; the others keep their
-    estimate scaled by the layer's median ratio of measured to estimated error."""
+    estimate scaled by the median ratio of measured to estimated error of their method on
+    the layer."""
 
     name = "hybrid"
     description = (
@@ -149,7 +150,9 @@ class Hybrid(SensitivityEstimator):
             model, front, batches, progress=progress, observers=observers, cache=cache
         )
         errors = {
-            name: _merged(measured.errors.get(name, {}), estimate.errors.get(name, {}))
+            name: _merged(
+                measured.errors.get(name, {}), estimate.errors.get(name, {}), options[name]
+            )
             for name in options
         }
         estimated = sum(len(e) for e in errors.values()) - sum(
@@ -172,7 +175,11 @@ class Hybrid(SensitivityEstimator):
 def _front(
     model: nn.Module, name: str, options: list[Option], estimate: SensitivityTable
 ) -> list[Option]:
-    """The options of a layer no cheaper option beats on the estimate, and those it lacks."""
+    """The options of a layer no cheaper option of the same method beats on the estimate, and
+    those it lacks. Fronts are per method: a weight-space estimate compares the formats of one
+    method well, but it misjudges a calibrated method (GPTQ) against an uncalibrated one, since
+    the calibrated one moves its larger weight error into directions the inputs do not
+    excite."""
     shape = LayerShape.of(model.get_submodule(name))
     scores = estimate.errors.get(name, {})
     unseen = [o for o in options if o.label not in scores]
@@ -180,24 +187,39 @@ def _front(
         (o for o in options if o.label in scores),
         key=lambda o: (method_of(o).cost(shape, o).bytes, scores[o.label]),
     )
-    kept, best = [], math.inf
+    kept, best = [], dict[str, float]()
     for option in seen:
-        if scores[option.label] < best:
+        if scores[option.label] < best.get(option.method, math.inf):
             kept.append(option)
-            best = scores[option.label]
+            best[option.method] = scores[option.label]
     return [o for o in options if o in kept or o in unseen]
 
 
-def _merged(measured: dict[str, float], estimated: dict[str, float]) -> dict[str, float]:
-    """Measured errors, and estimates scaled by the median measured-to-estimated ratio."""
-    ratios = [
-        measured[label] / estimated[label]
-        for label in measured
-        if estimated.get(label, 0.0) > 0.0 and measured[label] > 0.0
-    ]
-    scale = statistics.median(ratios) if ratios else 1.0
+def _merged(
+    measured: dict[str, float], estimated: dict[str, float], options: list[Option]
+) -> dict[str, float]:
+    """Measured errors, and each method's estimates scaled by that method's median
+    measured-to-estimated ratio on the layer (the layer's median where the method has none)."""
+    method = {o.label: o.method for o in options}
+
+    def median_ratio(labels: list[str]) -> float | None:
+        ratios = [
+            measured[label] / estimated[label]
+            for label in labels
+            if estimated.get(label, 0.0) > 0.0 and measured[label] > 0.0
+        ]
+        return statistics.median(ratios) if ratios else None
+
+    layer_scale = median_ratio(list(measured)) or 1.0
+    scale = {
+        name: median_ratio([label for label in measured if method.get(label) == name])
+        for name in set(method.values())
+    }
     return {
-        **{label: scale * value for label, value in estimated.items()},
+        **{
+            label: (scale.get(method.get(label, "")) or layer_scale) * value
+            for label, value in estimated.items()
+        },
         **measured,
     }
 

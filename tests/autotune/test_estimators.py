@@ -78,3 +78,28 @@ def test_hybrid_measures_the_front_end_to_end_and_scales_the_estimate_elsewhere(
         rest = [o.label for o in offered if o.label not in front]
         ratios = {hybrid.errors[layer][r] / estimate.errors[layer][r] for r in rest}
         assert len({round(r, 9) for r in ratios}) <= 1  # one scale per layer
+
+
+def test_hybrid_fronts_and_scales_are_per_method(setting) -> None:
+    """A weight-space estimate ranks GPTQ's formats among themselves, not against RTN's: each
+    method keeps its own front and its own measured-to-estimated scale."""
+    from autotune.estimators import _front
+    from profilers.proxies import fisher_table
+
+    model, _, batches, _ = setting
+    options = layer_options(compressible_layers(model), ("rtn", "gptq"), None)
+    observers = collect_observers(model, options, batches)
+    estimate = fisher_table(model, options, batches, observers=observers)
+    hybrid = get_estimator("hybrid").table(model, options, batches, observers=observers)
+    for layer, offered in options.items():
+        front = _front(model, layer, offered, estimate)
+        for method in ("rtn", "gptq"):
+            own = [o for o in offered if o.method == method]
+            alone = {o.label for o in _front(model, layer, own, estimate)}
+            assert {o.label for o in front if o.method == method} == alone
+        measured = {o.label for o in front}
+        for method in ("rtn", "gptq"):
+            rest = [o.label for o in offered if o.method == method and o.label not in measured]
+            ratios = {round(hybrid.errors[layer][r] / estimate.errors[layer][r], 9) for r in rest}
+            assert len(ratios) <= 1
+    assert any(o.method == "gptq" for opts in options.values() for o in opts)
