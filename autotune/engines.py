@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from autotune.errors import AutotuneError
 from autotune.fitness import PlanFitness
 from search import Allocation, ChoiceTable, SearchResult, evolve, optuna_search
-from search.evolution import Stall
+from search.evolution import Judge, Stall
 from search.study import open_study
 
 AUTO = "auto"
@@ -34,6 +34,7 @@ class SearchRun:
     study_name: str
     key: str
     progress: Any  # progress(counter, best, margins) or None
+    judge: Judge | None = None  # data besides the search's own that says when it stalls
 
 
 class SearchEngine(ABC):
@@ -95,6 +96,7 @@ class AllocatorOnly(SearchEngine):
 # 16 offspring screened on the profiling windows, the best one evaluated in full: on the
 # demo at 3 bits this beat keeping 4 (or 2 of 8 or 32) for the same number of evaluations;
 # the evaluation budget is a ceiling: the search stops earlier once its best error stalls
+# on the selection split (its own calibration error keeps falling as it fits that data)
 EVOLUTION = {"offspring": 16, "survivors": [1], "stall": Stall()}
 
 
@@ -118,6 +120,7 @@ class Evolution(SearchEngine):
             study=study,
             order_by=LEVEL_RESOURCE,
             progress=settings.progress,
+            judge=settings.judge,
             **EVOLUTION,
         )
 

@@ -13,6 +13,7 @@ from autotune.engines import AUTO, LEVEL_RESOURCE, SearchRun, get_engine
 from autotune.errors import AutotuneError
 from autotune.fitness import PlanFitness
 from search import Allocation, ChoiceTable, SearchResult
+from search.evolution import Judge
 from search.study import check_storage, space_key
 
 DEFAULT_MAX_EVALS = 100.0
@@ -97,10 +98,12 @@ def run_search(
     study_name: str | None,
     data_key: str,
     progress: bool,
+    judge: Judge | None = None,
 ) -> SearchOutcome:
     """Search from the allocator's plan; every evaluation is recorded in the study when
     ``storage`` is given (``study_name`` defaults to one derived from the search space and
-    ``data_key``, so the same tune resumes the same study)."""
+    ``data_key``, so the same tune resumes the same study). ``judge``, if given, says when
+    the search stalls."""
     chosen = get_engine(engine)
     if not chosen.searches:
         return SearchOutcome(engine, None)
@@ -112,7 +115,7 @@ def run_search(
     if storage is not None:
         info = {"storage": _redact(storage), "name": name}
     bar, update = _bar(progress, budget, limits)
-    settings = SearchRun(seed, budget, timeout, storage, name, key, update)
+    settings = SearchRun(seed, budget, timeout, storage, name, key, update, judge)
     try:
         result = chosen.run(table, limits, fitness, allocation, settings)
     except ValueError as exc:

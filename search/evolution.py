@@ -41,15 +41,32 @@ class Stall:
                 f"{self.gain}"
             )
 
-    def reason(self, history: Sequence[float]) -> str | None:
+    def reason(self, history: Sequence[float], judged_on: str = "") -> str | None:
         """Why the search stalled after ``history`` (the parent's error per generation, the
-        start first), or ``None``."""
+        start first; ``judged_on`` names the data it was measured on), or ``None``."""
         if len(history) <= self.generations:
             return None
         before, now = history[-1 - self.generations], history[-1]
         if before - now > self.gain * abs(before):
             return None
-        return f"stalled (under {100 * self.gain:g}% lower error in {self.generations} generations)"
+        where = f" on the {judged_on}" if judged_on else ""
+        return (
+            f"stalled (under {100 * self.gain:g}% lower error{where} in "
+            f"{self.generations} generations)"
+        )
+
+
+@dataclass
+class Judge:
+    """Data other than the search's own that judges when it stalls: ``error(assignment)``
+    on it (kept per plan by its caller) and its name for the record."""
+
+    error: Callable[[list[int]], float]
+    name: str = "selection split"
+    history: list[float] = field(default_factory=list)
+
+    def look(self, parent: list[int]) -> None:
+        self.history.append(self.error(parent))
 
 
 @dataclass
@@ -66,6 +83,7 @@ class SearchResult:
     resumed: int = 0
     shared: int = 0
     pareto: list[dict[str, Any]] = field(default_factory=list)
+    judged: list[float] = field(default_factory=list)  # the parent's error on the judge's data
 
 
 def default_survivors(offspring: int, fidelities: int) -> list[int]:
@@ -303,17 +321,28 @@ def _generations(
     survivors: Sequence[int],
     progress: Progress | None,
     stall: Stall | None = None,
+    judge: Judge | None = None,
 ) -> tuple[int, str]:
-    """Run generations until the budget is spent, no new plan is found or the search stalls;
-    returns how many ran and why they stopped."""
+    """Run generations until the budget is spent, no new plan is found or the search stalls
+    (on the judge's data when there is a judge, else on its own); returns how many ran and
+    why they stopped."""
     generations = 0
+    if stall is not None and judge is not None:
+        judge.look(run.parent)
     while (stopped := budget.spent(run.counter)) is None:
         if not run.generation(offspring, flips, survivors):
             return generations, NO_NEW_PLAN
         generations += 1
         if progress is not None:
             progress(run.counter, run.parent_error, run.table.margins(run.parent, run.limits))
-        if stall is not None and (stalled := stall.reason(run.history)) is not None:
+        if stall is None:
+            continue
+        if judge is not None:
+            judge.look(run.parent)
+            stalled = stall.reason(judge.history, judge.name)
+        else:
+            stalled = stall.reason(run.history)
+        if stalled is not None:
             return generations, stalled
     return generations, stopped
 
@@ -334,6 +363,7 @@ def evolve(
     order_by: str | None = None,
     progress: Progress | None = None,
     stall: Stall | None = None,
+    judge: Judge | None = None,
 ) -> SearchResult:
     """Improve ``start`` (a plan within ``limits``) by evolution.
 
@@ -344,7 +374,9 @@ def evolve(
     generation) are not repeated, its best complete plan within the limits becomes the
     parent if better, and every new evaluation is recorded there. Choices are ordered into
     levels by their cost in ``order_by`` (default: the first limit's resource). With
-    ``stall``, the search also stops once its best error stops falling (see :class:`Stall`).
+    ``stall``, the search also stops once its best error stops falling (see :class:`Stall`):
+    on ``judge``'s data when given (the parent is judged after every generation), else on
+    the search's own.
     """
     began = time.perf_counter()
     if not table.fits(start, limits):
@@ -355,7 +387,9 @@ def evolve(
     resumed = run.sync()
     run.begin()
     budget = _Budget(max_evals, timeout, began)
-    generations, stopped = _generations(run, budget, offspring, flips, survivors, progress, stall)
+    generations, stopped = _generations(
+        run, budget, offspring, flips, survivors, progress, stall, judge
+    )
     run.finish()
     return SearchResult(
         assignment=run.parent,
@@ -367,4 +401,5 @@ def evolve(
         stopped=stopped,
         resumed=resumed,
         shared=run.shared,
+        judged=[] if judge is None else list(judge.history),
     )

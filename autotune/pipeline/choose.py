@@ -22,6 +22,7 @@ from methods.registry import method_of
 from profilers.cache import SensitivityCache, batches_digest, default_cache_dir, table_key
 from profilers.sensitivity import SensitivityTable
 from search import Allocation, ChoiceTable
+from search.evolution import Judge
 
 
 @dataclass
@@ -109,6 +110,7 @@ def search(
         study_name=settings.study_name,
         data_key=f"{data.fingerprint}:{batches_digest(calib.calibration)}:{metric}",
         progress=config.progress,
+        judge=_selection_judge(setup, data, table, costs, metric),
     )
     if outcome.result is not None:
         result = outcome.result
@@ -130,6 +132,15 @@ def search(
     for name, uniform in fitting_uniforms(costs, table, priced.limits).items():
         candidates.append(Candidate(name, uniform))
     return Searched(table, allocation, fitness, engine, outcome, candidates, searched)
+
+
+def _selection_judge(
+    setup: Setup, data: Data, table: ChoiceTable, costs: Any, metric: str
+) -> Judge:
+    """The selection split's error of a plan (kept per plan): when the search's gain there
+    stalls, it stops, however much its calibration error still falls."""
+    judged = PlanFitness(setup.executor, table.variables, costs.options, [data.selection], metric)
+    return Judge(lambda assignment: judged(assignment, 0))
 
 
 UNCALIBRATED = "allocator, uncalibrated options only"

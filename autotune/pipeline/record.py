@@ -162,6 +162,8 @@ def _search_record(
                 searched.options(costs, searched.allocation.assignment), -1
             ),
         }
+        if result.judged:  # the parent's selection error per generation, the start first
+            record["engine_run"]["selection_errors"] = result.judged
         if outcome.study:
             record["study"] = outcome.study
         if result.pareto:

@@ -51,6 +51,15 @@ def test_each_engine_starts_from_the_allocator_and_keeps_the_budget(tokenizer, e
         calls = search["evaluations_by_fidelity"]["calls"]
         assert calls[0] > calls[1]
         assert run["full_evaluations"] >= 12
+        # the stall is judged on the selection split: the parent's error there, per
+        # generation, from the allocator's plan on (the final choice judges its plan again)
+        judged = run["selection_errors"]
+        assert len(judged) == run["iterations"] + 1
+        selection = search["selection"]
+        if selection["front_runner"] == engine:
+            assert judged[-1] == pytest.approx(selection["errors"][engine], rel=1e-6)
+        else:  # the engine found nothing better than its start
+            assert judged[-1] == pytest.approx(judged[0])
 
 
 def test_nsga2_records_a_pareto_front_within_the_budget(tokenizer) -> None:

@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from search import allocate, evolve
-from search.evolution import NO_NEW_PLAN, Stall, default_survivors
+from search.evolution import NO_NEW_PLAN, Judge, Stall, default_survivors
 from search.study import open_study
 from tests.search.synthetic import SyntheticFitness, bits_limit, make_problem
 
@@ -98,6 +98,41 @@ def test_stops_when_the_best_error_stalls_and_says_so(problem):
     )
     free = run(timeout=3 * stalled.seconds + 0.5)
     assert free.stopped != stalled.stopped and free.iterations > stalled.iterations
+
+
+def test_a_judge_says_when_the_search_stalls(problem):
+    """With a judge, the stall is read on the judge's errors: a judge that sees no gain stops
+    the search after the stall's generations, though the search's own error still falls."""
+    table, weights, limits, start = problem
+    seen: list[list[int]] = []
+
+    def flat(assignment: list[int]) -> float:
+        seen.append(list(assignment))
+        return 1.0
+
+    judge = Judge(flat)
+    fitness = SyntheticFitness(table, weights)
+    result = evolve(
+        table, limits, fitness, start, max_evals=10**4, seed=4, stall=Stall(3, 0.01), judge=judge
+    )
+    assert result.stopped == (
+        "stalled (under 1% lower error on the selection split in 3 generations)"
+    )
+    assert result.iterations == 3 and result.judged == [1.0] * 4
+    assert seen[0] == start and seen[-1] == result.assignment
+    assert result.history[0] - result.history[-1] > 0.01 * result.history[0]  # own: no stall
+
+
+def test_a_judge_that_keeps_seeing_gains_lets_the_search_run(problem):
+    table, weights, limits, start = problem
+    falling = iter(0.5**k for k in range(10**6))
+    judge = Judge(lambda assignment: next(falling))
+    fitness = SyntheticFitness(table, weights)
+    result = evolve(
+        table, limits, fitness, start, max_evals=60, seed=4, stall=Stall(3, 0.01), judge=judge
+    )
+    assert not result.stopped.startswith("stalled")
+    assert len(result.judged) == result.iterations + 1
 
 
 @pytest.mark.parametrize(("generations", "gain"), [(0, 0.01), (3, -0.1), (3, 1.0)])
