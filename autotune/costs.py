@@ -26,13 +26,15 @@ from profilers.measure import model_bytes
 DEFAULT_METHODS = ("rtn",)
 
 
-def default_methods(spec: HardwareSpec) -> tuple[str, ...]:
-    """RTN everywhere, plus W8A8 where the target runs dynamic int8 matmuls fast (CPUs with
-    fbgemm) and autotune's W8A8 module calls that kernel on such a device; elsewhere W8A8
-    would only run its float reference."""
+def default_methods(spec: HardwareSpec, calibrated: Sequence[str] = ()) -> tuple[str, ...]:
+    """RTN everywhere and the ``calibrated`` methods (GPTQ when the model is in memory: the
+    executor says which), plus W8A8 where the target runs dynamic int8 matmuls fast (CPUs
+    with fbgemm) and autotune's W8A8 module calls that kernel on such a device; elsewhere
+    W8A8 would only run its float reference."""
+    methods = (*DEFAULT_METHODS, *calibrated)
     if "int8_dynamic" in spec.kernels and runs_kernel("int8_dynamic", spec.kind, spec.runtime):
-        return (*DEFAULT_METHODS, "w8a8")
-    return DEFAULT_METHODS
+        return (*methods, "w8a8")
+    return methods
 
 
 def layer_options(

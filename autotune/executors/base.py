@@ -70,6 +70,8 @@ class Executor(ABC):
     description: ClassVar[str]
     holds_whole_model: ClassVar[bool]  # whole-model work (decode, timing, pruning) possible
     default_sensitivity: ClassVar[str]
+    # calibrated methods offered by default beside RTN (when no methods are asked for)
+    default_calibrated_methods: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, save_to: str | Path | None = None) -> None:
         self.save_to = None if save_to is None else Path(save_to)

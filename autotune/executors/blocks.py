@@ -34,6 +34,8 @@ class BlockByBlock(Executor):
     )
     holds_whole_model = False
     default_sensitivity = "block-output"
+    # none: a GPTQ sweep costs rows x cols^2 per option, and on the large layers of a model
+    # that does not fit in memory that outruns the rest of the tune (ask with --methods)
 
     def refuse(self, budget, spec, config, methods, estimator):
         if self.save_to is None:

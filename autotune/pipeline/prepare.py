@@ -66,7 +66,9 @@ def prepare(
     estimator = get_estimator(search.sensitivity or executor.default_sensitivity)
     methods = search.methods
     if methods is None:
-        methods = runtime.methods(spec) or default_methods(spec)
+        methods = runtime.methods(spec) or default_methods(
+            spec, executor.default_calibrated_methods
+        )
     executor.refuse(parsed, spec, config, methods, estimator)
     opened = executor.open(model, config, tokenizer)
     model, work = opened.original, opened.work

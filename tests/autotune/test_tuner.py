@@ -8,6 +8,7 @@ import torch
 from autotune.allocation import LOCAL_LATENCY_MARGIN
 from autotune.costs import default_methods
 from autotune.errors import InfeasibleBudgetError
+from autotune.executors import get_executor
 from autotune.targets import get_target
 from autotune.tuner import autotune
 from methods import QuantizedLinear
@@ -145,9 +146,14 @@ def test_infeasible_budget_fails_before_profiling_and_names_the_smallest_size(to
         _tune(f"{smallest - 1}B", tokenizer)
 
 
-def test_default_methods_follow_the_target() -> None:
+def test_default_methods_follow_the_target_and_the_executor() -> None:
     assert "w8a8" in default_methods(get_target("cpu"))
     assert default_methods(get_target("a100")) == ("rtn",)
+    calibrated = get_executor("in-memory").default_calibrated_methods
+    assert calibrated == ("gptq",)
+    assert default_methods(get_target("a100"), calibrated) == ("rtn", "gptq")
+    # block by block, a GPTQ sweep per option outruns the rest of a tune on large layers
+    assert get_executor("block-by-block").default_calibrated_methods == ()
 
 
 def test_cpu_targets_search_w8a8_too(tuned) -> None:
@@ -155,6 +161,7 @@ def test_cpu_targets_search_w8a8_too(tuned) -> None:
     labels = {label for errors in result.sensitivity.errors.values() for label in errors}
     assert {"w8a8-sq0.45", "w8a8-sq0.6", "w8a8-sq0.75"} <= labels
     assert "int4-g32-asym" in labels
+    assert "gptq4-g32-asym-ao" in labels  # calibrated by default in memory
 
 
 def test_local_target_measures_latency_in_the_model(tokenizer) -> None:

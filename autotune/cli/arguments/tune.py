@@ -82,7 +82,8 @@ def _add_space(tune: argparse.ArgumentParser) -> None:
     """The options offered, what runs them, and how they are scored."""
     tune.add_argument(
         "--methods",
-        help="comma-separated methods to search (default: rtn, plus w8a8 on CPU targets)",
+        help="comma-separated methods to search (default: rtn and gptq, rtn alone with "
+        "--low-memory, plus w8a8 on CPU targets)",
     )
     tune.add_argument(
         "--runtime",
