@@ -19,7 +19,7 @@ from search.evolution import Judge, Stall
 from search.study import open_study
 
 AUTO = "auto"
-FINAL_CHOICE = " + selection split vs uniform plans"
+FINAL_CHOICE = " + selection split vs searched and uniform plans"
 LEVEL_RESOURCE = "bytes"  # levels are ordered by stored bytes whatever the budget
 
 

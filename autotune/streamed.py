@@ -49,7 +49,6 @@ from profilers.hardware import HardwareSpec
 from profilers.measure import model_bytes, weight_storage_bytes
 from profilers.quality import NextTokenLoss, OutputError, is_causal_lm, metric_for
 
-ALGORITHM = "milp-allocator + selection split vs uniform plans, streamed block by block"
 # methods whose statistics need backward passes through the whole model
 
 

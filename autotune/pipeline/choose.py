@@ -188,14 +188,17 @@ class Selected:
 def select_plan(
     setup: Setup, data: Data, scored: Scored, searched: Searched, config: TuneConfig
 ) -> Selected:
-    """Screen the candidates on the calibration data for a front runner, then keep it or
-    the uniform plan with the least error on the selection split."""
+    """Screen the candidates on the calibration data for a front runner, then keep the plan
+    with the least error on the selection split among it, the other searched plans and the
+    uniform plans."""
     say, candidates, count = setup.say, searched.candidates, searched.searched
     fitness, metric, executor = searched.fitness, scored.table.metric, setup.executor
     with say.bar(len(candidates) + count + min(3, len(candidates) - count), "candidates") as bar:
         front = select(candidates, fitness.errors, searched=count, progress=bar.update)
     by_name = {c.name: c for c in candidates}
-    baselines = [c.name for c in candidates if c.name == UNCALIBRATED]
+    # every searched plan (the engine's, the allocator's, the uncalibrated one) meets the
+    # uniform plans there: what fits the calibration data best need not generalise best
+    baselines = [c.name for c in candidates[:count] if c.name != front.name]
     baselines += [c.name for c in candidates[count:] if is_uniform(c.name)]
     judged = [front.name, *(n for n in baselines if n != front.name)]
     with say.bar(1, "selection split") as bar:
