@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from methods import affine
-from methods.gptq_solver import inverse_hessian_factor, quantize_column, work_dtype
+from methods.gptq_solver import factor, quantize_column
 from methods.pruning.masks import score_mask, top_mask
 from methods.pruning.options import PruneOption
 
@@ -94,14 +94,8 @@ def sparsegpt_prune(
     keep another value of a group, its code is clamped to the range).
     """
     rows, cols = weight.shape
-    dtype = work_dtype(weight.device)
-    w = weight.to(dtype).clone()
-    h = hessian.to(dtype=dtype, device=weight.device).clone()
-    dead = h.diagonal() == 0
-    h.diagonal()[dead] = 1.0
-    w[:, dead] = 0.0
-    upper = inverse_hessian_factor(h, damp, label)
-    del h
+    factored = factor(weight, hessian, damp, act_order=False, label=label)
+    w, upper = factored.weight, factored.upper
     sweep = _Sweep(option, rows, cols, upper, w.device)
     lazy = _lazy_block(option)
     for start in range(0, cols, lazy):
