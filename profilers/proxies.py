@@ -29,7 +29,12 @@ from methods.base import Option, is_weight_layer, linear_weight
 from methods.errors import OptionError
 from methods.registry import convert_each
 from methods.smoothquant import W8A8Linear
-from profilers.execution.observe import Observers, collect_observers, needs_statistics
+from profilers.execution.observe import (
+    Observers,
+    collect_observers,
+    needs_statistics,
+    run_hooked,
+)
 from profilers.fisher import fisher_diagonals
 from profilers.sensitivity import SensitivityTable
 
@@ -98,13 +103,7 @@ def capture_inputs(
         model.get_submodule(layer).register_forward_hook(recorder(layer), with_kwargs=True)
         for layer in layers
     ]
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(model, batches, handles)
     return {layer: torch.cat(rows) for layer, rows in parts.items() if rows}
 
 

@@ -54,13 +54,7 @@ def collect_observers(
         model.get_submodule(layer).register_forward_hook(observer.observe)
         for layer, observer in hooked.values()
     ]
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(model, batches, handles)
     wanting = [(layer, o) for layer, o in hooked.values() if o.needs_fisher]
     if wanting:
         layers = sorted({layer for layer, _ in wanting})
@@ -68,3 +62,17 @@ def collect_observers(
         for layer, observer in wanting:
             observer.observe_fisher(diagonals[layer])
     return observers
+
+
+def run_hooked(
+    model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], handles: list
+) -> None:
+    """Run ``model`` on every batch without gradients, then remove the hook ``handles``
+    (also when a pass fails)."""
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
