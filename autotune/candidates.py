@@ -16,6 +16,7 @@ from torch import nn
 
 from methods.base import Option
 from methods.registry import method_of
+from profilers.converted import ConvertedModules
 from profilers.execution.observe import Observers
 from profilers.quality import output_error
 
@@ -29,27 +30,22 @@ class Candidate:
 
 
 class ModuleCache:
-    """Converted modules by (layer, option label), up to a byte cap."""
+    """Converted modules by (layer, option label), converted on first use and kept in
+    ``converted`` (which a sensitivity estimator may have filled already)."""
 
     def __init__(
         self, model: nn.Module, cap_bytes: int, observers: Observers | None = None
     ) -> None:
         self.model = model
-        self.cap = cap_bytes
         self.observers = observers or {}
-        self.used = 0
-        self.store: dict[tuple[str, str], nn.Module] = {}
+        self.converted = ConvertedModules(cap_bytes)
 
     def get(self, layer: str, option: Option, original: nn.Module) -> nn.Module:
-        key = (layer, option.label)
-        if key in self.store:
-            return self.store[key]
-        observer = self.observers.get(key)
-        module = method_of(option).convert(original, option, observer)
-        size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-        if module is not original and self.used + size <= self.cap:
-            self.store[key] = module
-            self.used += size
+        module = self.converted.get(layer, option.label)
+        if module is None:
+            observer = self.observers.get((layer, option.label))
+            module = method_of(option).convert(original, option, observer)
+            self.converted.put(layer, option.label, module, original)
         return module
 
 

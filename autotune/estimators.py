@@ -17,9 +17,11 @@ from typing import ClassVar
 from torch import nn
 
 from autotune.errors import AutotuneError
+from autotune.refinement import Decide, Reach, anchors, next_to_measure
 from methods.base import LayerShape, Option
 from methods.registry import method_of
 from profilers.cache import SensitivityCache
+from profilers.converted import ConvertedModules
 from profilers.execution.observe import Observers
 from profilers.execution.streaming import StreamedModel
 from profilers.sensitivity import SensitivityTable, measure_sensitivity
@@ -45,8 +47,12 @@ class SensitivityEstimator(ABC):
         observers: Observers,
         cache: SensitivityCache | None = None,
         progress: Callable[[int], None] | None = None,
+        decide: Decide | None = None,
+        converted: ConvertedModules | None = None,
     ) -> SensitivityTable:
-        """The scores; ``model`` is restored before this returns."""
+        """The scores; ``model`` is restored before this returns. ``decide`` is the
+        allocator's choice per layer on a table of errors (``None`` outside a tune, where
+        there is no budget); ``converted`` keeps converted modules for the stages after."""
 
     def streamed_table(
         self,
@@ -90,7 +96,18 @@ class EndToEnd(SensitivityEstimator):
     cacheable = True
     steps_per_option = True
 
-    def table(self, model, options, batches, *, observers, cache=None, progress=None):
+    def table(
+        self,
+        model,
+        options,
+        batches,
+        *,
+        observers,
+        cache=None,
+        progress=None,
+        decide=None,
+        converted=None,
+    ):
         return measure_sensitivity(
             model, options, batches, progress=progress, observers=observers, cache=cache
         )
@@ -103,7 +120,18 @@ class Fisher(SensitivityEstimator):
         "like end-to-end on the demo at a tenth of the time)"
     )
 
-    def table(self, model, options, batches, *, observers, cache=None, progress=None):
+    def table(
+        self,
+        model,
+        options,
+        batches,
+        *,
+        observers,
+        cache=None,
+        progress=None,
+        decide=None,
+        converted=None,
+    ):
         from profilers.proxies import fisher_table
 
         return fisher_table(model, options, batches, observers=observers)
@@ -113,7 +141,18 @@ class LocalError(SensitivityEstimator):
     name = "local"
     description = "the layer's own output error on its calibration inputs"
 
-    def table(self, model, options, batches, *, observers, cache=None, progress=None):
+    def table(
+        self,
+        model,
+        options,
+        batches,
+        *,
+        observers,
+        cache=None,
+        progress=None,
+        decide=None,
+        converted=None,
+    ):
         from profilers.proxies import local_error_table
 
         return local_error_table(model, options, batches, observers=observers)
@@ -138,7 +177,18 @@ class Hybrid(SensitivityEstimator):
     cache_name = EndToEnd.cache_name  # its measured entries are end-to-end ones
     steps_per_option = True
 
-    def table(self, model, options, batches, *, observers, cache=None, progress=None):
+    def table(
+        self,
+        model,
+        options,
+        batches,
+        *,
+        observers,
+        cache=None,
+        progress=None,
+        decide=None,
+        converted=None,
+    ):
         from profilers.proxies import fisher_table
 
         start = time.perf_counter()
@@ -170,6 +220,187 @@ class Hybrid(SensitivityEstimator):
                 "fisher": estimated,
             },
         )
+
+
+class Refined(SensitivityEstimator):
+    """Fisher estimates everywhere, end-to-end errors where the allocator's plan depends on
+    them.
+
+    Every option gets its Fisher estimate, and the options it cannot see are measured end to
+    end. Then, in rounds, the allocator chooses on the errors so far (measured ones, and each
+    method's estimates scaled by its measured-to-estimated ratio on the layer) and the
+    options its choice depends on (:func:`autotune.refinement.near_choice`) are measured,
+    until a choice needs no new measurement. The first round measures, beside each layer's
+    choice on the bare estimates, one option per method near it in bytes, so every method's
+    scale is measured. Without a choice to refine (a profile outside a tune) it measures what
+    ``hybrid`` measures."""
+
+    name = "refined"
+    description = (
+        "Fisher estimates for every option, end-to-end errors for the options the "
+        "allocator's plan depends on (the default in memory)"
+    )
+    cacheable = True
+    cache_name = EndToEnd.cache_name  # its measured entries are end-to-end ones
+    steps_per_option = True
+    reach = Reach()
+
+    def table(
+        self,
+        model,
+        options,
+        batches,
+        *,
+        observers,
+        cache=None,
+        progress=None,
+        decide=None,
+        converted=None,
+    ):
+        if decide is None:
+            return ESTIMATORS[Hybrid.name].table(
+                model, options, batches, observers=observers, cache=cache, progress=progress
+            )
+        start = time.perf_counter()
+        estimate = _estimates(model, options, batches, observers, converted, cache)
+        sizes = {name: _sizes(model, name, opts) for name, opts in options.items()}
+        measured = _Measured(model, batches, observers, cache, progress, converted)
+        chosen = decide({n: dict(e) for n, e in estimate.errors.items()})
+        measured.run(
+            {
+                name: [o for o in opts if o.label not in estimate.errors.get(name, {})]
+                + anchors(opts, sizes[name], estimate.errors.get(name, {}), chosen[name])
+                for name, opts in options.items()
+            }
+        )
+        rounds = 1
+        while True:
+            errors = {
+                name: _merged(measured.errors.get(name, {}), estimate.errors.get(name, {}), opts)
+                for name, opts in options.items()
+            }
+            if rounds > self.reach.rounds:
+                break
+            chosen = decide(errors)
+            pending = next_to_measure(options, sizes, errors, measured.tried, chosen, self.reach)
+            if not pending:
+                break
+            measured.run(pending)
+            rounds += 1
+        if converted is not None:  # what the search will try again is near the choice
+            converted.retain({(n, label) for n, e in measured.errors.items() for label in e})
+        pairs = sum(len(e) for e in errors.values())
+        exact = sum(len(e) for e in measured.errors.values())
+        if progress is not None:
+            progress(sum(len(o) for o in options.values()) - measured.steps)
+        return SensitivityTable(
+            metric=measured.metric or estimate.metric,
+            errors=errors,
+            evaluations=measured.evaluations + estimate.evaluations,
+            seconds=time.perf_counter() - start,
+            skipped=measured.skipped,
+            prefix_cached=measured.prefix_cached,
+            scored_by={"end-to-end": exact, "fisher": pairs - exact},
+            rounds=rounds,
+        )
+
+
+class _Measured:
+    """End-to-end errors measured so far, round by round."""
+
+    def __init__(self, model, batches, observers, cache, progress, converted) -> None:
+        self.model, self.batches, self.observers = model, batches, observers
+        self.cache, self.progress, self.converted = cache, progress, converted
+        self.errors: dict[str, dict[str, float]] = {}
+        self.tried: dict[str, set[str]] = {}
+        self.skipped: dict[str, dict[str, str]] = {}
+        self.evaluations = self.steps = 0
+        self.metric = ""
+        self.prefix_cached = False
+
+    def run(self, pending: Mapping[str, list[Option]]) -> None:
+        pending = {name: opts for name, opts in pending.items() if opts}
+        if not pending:
+            return
+        table = measure_sensitivity(
+            self.model,
+            pending,
+            self.batches,
+            progress=self.progress,
+            observers=self.observers,
+            cache=self.cache,
+            converted=self.converted,
+        )
+        for name, opts in pending.items():
+            self.errors.setdefault(name, {}).update(table.errors.get(name, {}))
+            self.tried.setdefault(name, set()).update(o.label for o in opts)
+            self.skipped.setdefault(name, {}).update(table.skipped.get(name, {}))
+            self.steps += len(opts)
+        self.skipped = {name: s for name, s in self.skipped.items() if s}
+        self.evaluations += table.evaluations
+        self.metric = table.metric
+        self.prefix_cached = self.prefix_cached or table.prefix_cached
+
+
+def _estimates(
+    model: nn.Module,
+    options: Mapping[str, list[Option]],
+    batches: list,
+    observers: Observers,
+    converted: ConvertedModules | None,
+    cache: SensitivityCache | None,
+) -> SensitivityTable:
+    """Fisher estimates of every option, each from its method's stand-in where it names one
+    (GPTQ: the RTN option stored alike), so no calibrated option is converted to be
+    estimated; read from and written to ``cache``'s companion table when one is given."""
+    from profilers.proxies import fisher_table
+
+    proxy = {
+        name: {o.label: method_of(o).stand_in(o) or o for o in opts}
+        for name, opts in options.items()
+    }
+    stored = cache.companion(STAND_IN_ESTIMATES) if cache is not None else None
+    if (
+        stored is not None
+        and stored.metric
+        and all(stored.has(name, by_label) for name, by_label in proxy.items())
+    ):
+        raw = {
+            name: {
+                label: value for label in by_label if (value := stored.get(name, label)) is not None
+            }
+            for name, by_label in proxy.items()
+        }
+        return SensitivityTable(metric=stored.metric, errors=raw, evaluations=0, seconds=0.0)
+    needed = {
+        name: list({o.label: o for o in by_label.values()}.values())
+        for name, by_label in proxy.items()
+    }
+    table = fisher_table(model, needed, batches, observers=observers, keep=converted)
+    table.errors = {
+        name: {
+            label: table.errors[name][stand_in.label]
+            for label, stand_in in by_label.items()
+            if stand_in.label in table.errors.get(name, {})
+        }
+        for name, by_label in proxy.items()
+    }
+    if stored is not None:
+        stored.metric = table.metric
+        for name, by_label in proxy.items():
+            for label in by_label:
+                stored.put(name, label, table.errors[name].get(label))
+        stored.save()
+    return table
+
+
+STAND_IN_ESTIMATES = "fisher, from stand-ins"
+
+
+def _sizes(model: nn.Module, name: str, options: list[Option]) -> dict[str, int]:
+    """Each option's stored bytes on layer ``name``."""
+    shape = LayerShape.of(model.get_submodule(name))
+    return {o.label: method_of(o).cost(shape, o).bytes for o in options}
 
 
 def _front(
@@ -236,7 +467,18 @@ class BlockOutput(SensitivityEstimator):
     streams = True
     steps_per_option = True
 
-    def table(self, model, options, batches, *, observers, cache=None, progress=None):
+    def table(
+        self,
+        model,
+        options,
+        batches,
+        *,
+        observers,
+        cache=None,
+        progress=None,
+        decide=None,
+        converted=None,
+    ):
         from profilers.execution.checkpoint import CheckpointError
         from profilers.execution.resident import ResidentModel
 
@@ -252,5 +494,5 @@ class BlockOutput(SensitivityEstimator):
         return profile(streamed, options, batches, progress=progress)
 
 
-for _estimator in (EndToEnd(), Fisher(), LocalError(), Hybrid(), BlockOutput()):
+for _estimator in (EndToEnd(), Fisher(), LocalError(), Hybrid(), Refined(), BlockOutput()):
     register_estimator(_estimator)

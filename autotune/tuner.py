@@ -68,8 +68,10 @@ def autotune(
       with the least error there, and the held-out split only measures the result;
     * search (:class:`~autotune.pipeline.config.SearchConfig`): ``methods``,
       ``option_labels`` (e.g. ``["int8-ch-sym", "int4-g64-asym"]``), ``sensitivity`` (an
-      estimator of :mod:`autotune.estimators`: ``"end-to-end"`` (default in memory),
-      ``"block-output"`` (default block by block), ``"hybrid"``, ``"fisher"``, ``"local"``),
+      estimator of :mod:`autotune.estimators`: ``"refined"`` (default in memory: Fisher
+      estimates, end-to-end errors where the allocator's plan depends on them),
+      ``"end-to-end"``, ``"block-output"`` (default block by block), ``"hybrid"``,
+      ``"fisher"``, ``"local"``),
       ``search`` (``"auto"`` or an engine of :mod:`autotune.engines`), ``max_evals``,
       ``timeout``, ``storage`` and ``study_name`` (an Optuna study that records the search,
       so a killed one resumes), ``structured`` (e.g. ``{"ffn": 0.25}``: prune that share of

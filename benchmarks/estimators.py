@@ -1,16 +1,22 @@
 """Sensitivity estimators side by side: how many (layer, option) pairs each measures end to
 end, how long scoring takes, and the held-out error of the plan the allocator builds on the
-scores.
+scores; then how scoring time grows with the options offered per layer.
 
-For each model (the demo and tiny-lm) and budget, one ``autotune()`` run per estimator on
-target ``cpu`` with ``search="allocator"`` (so the plan follows the scores alone, with the
-selection split's final check against uniform plans as in every tune) and no sensitivity
-cache. ``hybrid`` gives every option its Fisher estimate and measures end to end only the
-options on each layer's front of bytes against estimate. The held-out split is the stdlib
-held-out text, which no run chooses anything on. Rows run one after another on an idle
-machine; read the seconds as ratios to end-to-end in the same run.
+First table: for each model (the demo and tiny-lm) and budget, one ``autotune()`` run per
+estimator on target ``cpu`` with the default methods, ``search="allocator"`` (so the plan
+follows the scores alone, with the selection split's final check as in every tune) and no
+sensitivity cache. ``refined`` (the default in memory) measures end to end the options the
+allocator's plan depends on; ``hybrid`` the options on each layer's front of bytes against
+estimate; ``fisher`` none. The held-out split is the stdlib held-out text, which no run
+chooses anything on.
 
-Run: ``python benchmarks/estimators.py`` (about 8 minutes on 2 cores).
+Second table: the demo at 15 MB scored by ``end-to-end`` and ``refined`` with a growing share
+of the default option labels (every k-th label of the sorted list, ``keep`` always offered),
+to show how scoring time grows with the options per layer.
+
+Rows run one after another on an idle machine; read the seconds as ratios within a table.
+
+Run: ``python benchmarks/estimators.py`` (about 15 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -27,35 +33,53 @@ import time
 from autotune import autotune
 from autotune.loading import load_model
 
-ESTIMATORS = ("end-to-end", "hybrid", "fisher")
+ESTIMATORS = ("end-to-end", "refined", "hybrid", "fisher")
 BUDGETS = {"demo": ["15MB", "3.5bits"], "tiny-lm": ["4.25bits", "3.5bits"]}
+
+
+SCALING_SHARES = (4, 3, 2, 1)  # every k-th option label
+SCALING_ESTIMATORS = ("end-to-end", "refined")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="demo,tiny-lm")
+    parser.add_argument("--tables", default="estimators,scaling")
     args = parser.parse_args()
     started = time.perf_counter()
+    tables = args.tables.split(",")
+    if "estimators" in tables:
+        estimators(args.models.split(","))
+    if "scaling" in tables:
+        scaling()
+    print(f"\n{time.perf_counter() - started:.0f} s")
+
+
+def _tune(loaded, budget: str, **settings):
+    return autotune(
+        loaded.model,
+        budget,
+        "cpu",
+        tokenizer=loaded.tokenizer,
+        search="allocator",
+        cache=False,
+        progress=False,
+        **settings,
+    )
+
+
+def estimators(models: list[str]) -> None:
     print(
         "| model | budget | estimator | pairs | end-to-end pairs | scoring s | x end-to-end "
         "| held-out error | stored bytes |"
     )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
-    for name in args.models.split(","):
+    for name in models:
         loaded = load_model(name)
         for budget in BUDGETS[name]:
             base = None
             for estimator in ESTIMATORS:
-                result = autotune(
-                    loaded.model,
-                    budget,
-                    "cpu",
-                    tokenizer=loaded.tokenizer,
-                    sensitivity=estimator,
-                    search="allocator",
-                    cache=False,
-                    progress=False,
-                )
+                result = _tune(loaded, budget, sensitivity=estimator)
                 table, plan = result.sensitivity, result.plan
                 pairs = sum(len(e) for e in table.errors.values())
                 measured = table.scored_by.get(
@@ -68,7 +92,41 @@ def main() -> None:
                     f"{plan.measured['heldout_error']:.4g} | {plan.measured['bytes']:,} |",
                     flush=True,
                 )
-    print(f"\n{time.perf_counter() - started:.0f} s")
+
+
+def scaling() -> None:
+    """Scoring time against the options offered per layer, on the demo at 15 MB."""
+    from autotune.costs import default_methods, layer_options
+    from autotune.executors import get_executor
+    from autotune.layers import compressible_layers
+    from autotune.targets import get_target
+
+    loaded = load_model("demo")
+    executor = get_executor("in-memory")
+    methods = default_methods(get_target("cpu"), executor.default_calibrated_methods)
+    offered = layer_options(compressible_layers(loaded.model), methods)
+    labels = sorted({o.label for opts in offered.values() for o in opts} - {"keep"})
+    print(
+        "\n| options per layer (most) | estimator | pairs | end-to-end pairs | scoring s "
+        "| s per pair | x fewest options | held-out error |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    base: dict[str, float] = {}
+    for share in SCALING_SHARES:
+        chosen = ["keep", *labels[::share]]
+        for estimator in SCALING_ESTIMATORS:
+            result = _tune(loaded, "15MB", sensitivity=estimator, option_labels=chosen)
+            table = result.sensitivity
+            pairs = sum(len(e) for e in table.errors.values())
+            most = max(len(e) for e in table.errors.values())
+            measured = table.scored_by.get("end-to-end", pairs)
+            base.setdefault(estimator, table.seconds)
+            print(
+                f"| {most} | {estimator} | {pairs} | {measured} | {table.seconds:.1f} | "
+                f"{1e3 * table.seconds / pairs:.1f} ms | {table.seconds / base[estimator]:.2f} | "
+                f"{result.plan.measured['heldout_error']:.4g} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

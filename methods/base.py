@@ -229,6 +229,14 @@ class Method(ABC):
     def needs_calibration(self, option: Option) -> bool:
         return False
 
+    def stand_in(self, option: Option) -> Option | None:
+        """An uncalibrated option stored alike whose weight-space estimate may stand in for
+        this one's, scaled by measurements (``None``: estimate it from its own weight). A
+        calibrated method moves its weight error where the inputs do not reach, so its own
+        weight error says little, and converting every option just to estimate it costs
+        what the calibration costs."""
+        return None
+
     def error_bound(self, shape: LayerShape, option: Option) -> float:
         """The largest relative output error expected on a layer with i.i.d. Gaussian weights
         and inputs; the conformance suite holds every option to it, and a conversion at one

@@ -110,6 +110,10 @@ class GPTQ(Method):
     def needs_calibration(self, option: Option) -> bool:
         return True
 
+    def stand_in(self, option: Option) -> Option | None:
+        assert isinstance(option, GPTQOption)
+        return option.storage()
+
     def observer(self, module: nn.Module, option: Option) -> Observer | None:
         """The layer's Hessian observer: shared with every option (of any method) that asks
         for one before calibration runs, a new one after."""

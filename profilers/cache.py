@@ -66,7 +66,8 @@ class SensitivityCache:
     """One cached table: ``get``/``put`` entries, ``save`` writes the file atomically."""
 
     def __init__(self, directory: str | Path, key: str) -> None:
-        self.path = Path(directory) / "sensitivity" / f"{key}.json"
+        self.directory, self.key = Path(directory), key
+        self.path = self.directory / "sensitivity" / f"{key}.json"
         self.entries: dict[str, dict[str, float | None]] = {}
         self.metric: str | None = None
         self.hits = 0
@@ -82,6 +83,12 @@ class SensitivityCache:
         """The cached error, or ``None`` for an option the layer could not take."""
         self.hits += 1
         return self.entries[layer][label]
+
+    def companion(self, kind: str) -> SensitivityCache:
+        """The cached table of another ``kind`` on the same model and calibration (e.g. the
+        estimates an estimator refines)."""
+        key = hashlib.sha256(f"{self.key}:{kind}".encode()).hexdigest()[:32]
+        return SensitivityCache(self.directory, key)
 
     def has(self, layer: str, labels: Iterable[str]) -> bool:
         known = self.entries.get(layer, {})

@@ -29,6 +29,7 @@ from methods.base import Option, is_weight_layer, linear_weight
 from methods.errors import OptionError
 from methods.registry import convert_each
 from methods.smoothquant import W8A8Linear
+from profilers.converted import ConvertedModules
 from profilers.execution.observe import (
     Observers,
     collect_observers,
@@ -188,6 +189,7 @@ def fisher_table(
     observers: Observers | None = None,
     samples: int = 4,
     seed: int = 0,
+    keep: ConvertedModules | None = None,
 ) -> SensitivityTable:
     """Second-order estimate of the end-to-end error: ``sum_ij F_ij (W'_ij - W_ij)^2 / Z``.
 
@@ -208,7 +210,8 @@ def fisher_table(
     ``evaluations`` counts sweeps over ``batches``: one forward (two for ``nmse``, whose
     normaliser needs all outputs first) and ``samples`` backward.
     ``model`` is left as it was: its ``requires_grad`` flags are set only while this runs,
-    and parameter ``.grad`` fields are not touched.
+    and parameter ``.grad`` fields are not touched. Converted modules are kept in ``keep``
+    (up to its cap) when one is given.
     """
     start = time.perf_counter()
     if not batches:
@@ -228,6 +231,8 @@ def fisher_table(
             if compressed is module:
                 errors[layer][option.label] = 0.0
                 continue
+            if keep is not None:
+                keep.put(layer, option.label, compressed, module)
             perturbed = effective_weight(compressed)
             if perturbed is None or perturbed.shape != weight.shape:
                 reason = (

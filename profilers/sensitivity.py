@@ -8,7 +8,7 @@ model is not recomputed: blocks before the layer's block replay their recorded o
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +18,7 @@ from methods.base import Option
 from methods.errors import OptionError
 from methods.registry import convert_each
 from profilers.cache import SensitivityCache
+from profilers.converted import ConvertedModules
 from profilers.execution.adapters import adapter_for
 from profilers.execution.blocks import BlockCache, block_index
 from profilers.execution.observe import Observers, collect_observers
@@ -37,6 +38,7 @@ class SensitivityTable:
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)
     prefix_cached: bool = False
     scored_by: dict[str, int] = field(default_factory=dict)  # pairs per way of scoring
+    rounds: int = 0  # decisions re-made on new measurements (refined estimators)
 
 
 class _Evaluator:
@@ -71,6 +73,31 @@ class _Evaluator:
         return block_index(self.cache.blocks, layer, self.order) if self.replay else 0
 
 
+def _conversions(
+    layer: str,
+    original: nn.Module,
+    options: list[Option],
+    observers: Observers,
+    converted: ConvertedModules | None,
+) -> Iterator[tuple[Option, nn.Module | OptionError]]:
+    """Each option's module: from ``converted`` where it is kept (first), converted (and
+    kept there, within its cap) otherwise."""
+    fresh = []
+    for option in options:
+        module = None if converted is None else converted.get(layer, option.label)
+        if module is None:
+            fresh.append(option)
+        else:
+            yield option, module
+    if fresh:
+        for option, module in convert_each(
+            original, fresh, lambda o: observers.get((layer, o.label))
+        ):
+            if converted is not None and isinstance(module, nn.Module):
+                converted.put(layer, option.label, module, original)
+            yield option, module
+
+
 def measure_sensitivity(
     model: nn.Module,
     options: Mapping[str, list[Option]],
@@ -78,13 +105,15 @@ def measure_sensitivity(
     progress: StepCallback | None = None,
     observers: Observers | None = None,
     cache: SensitivityCache | None = None,
+    converted: ConvertedModules | None = None,
 ) -> SensitivityTable:
     """Error at the output for each layer in ``options`` under each of its options.
 
     Options that need calibration statistics take them from ``observers`` (keyed by layer
     and option label); when none are given they are collected on ``batches``. Entries found
     in ``cache`` are not measured again (a full hit runs no forward pass), and new ones are
-    stored in it after every layer. ``model`` is modified while this runs and restored
+    stored in it after every layer. Modules already in ``converted`` are not converted
+    again, and new ones are kept there. ``model`` is modified while this runs and restored
     before it returns.
     """
     start = time.perf_counter()
@@ -122,10 +151,8 @@ def measure_sensitivity(
         original = model.get_submodule(layer)
         replayed = evaluator.blocks_before(layer)
         errors[layer] = {}
-        converted = convert_each(
-            original, layer_options, lambda o, layer=layer: observers.get((layer, o.label))
-        )
-        for option, compressed in converted:
+        conversions = _conversions(layer, original, layer_options, observers, converted)
+        for option, compressed in conversions:
             if isinstance(compressed, OptionError):
                 skipped.setdefault(layer, {})[option.label] = str(compressed)
                 continue

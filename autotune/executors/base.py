@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from autotune.pipeline.prepare import Data, Setup
     from autotune.pipeline.price import Priced
     from autotune.plan import Plan
+    from autotune.refinement import Decide
 
 Batch = dict[str, torch.Tensor]
 Outputs = dict[str, torch.Tensor]
@@ -120,8 +121,10 @@ class Executor(ABC):
         observers: Observers,
         cache: SensitivityCache | None,
         progress: Callable[[int], None] | None,
+        decide: Decide | None = None,
     ) -> SensitivityTable:
-        """Every (layer, option) scored by ``estimator``."""
+        """Every (layer, option) scored by ``estimator``; ``decide`` is the allocator's choice
+        on a table of errors, for estimators that refine where it depends on them."""
 
     @abstractmethod
     def errors(

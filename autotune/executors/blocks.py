@@ -115,7 +115,7 @@ class BlockByBlock(Executor):
     def run(self):
         return self.streamed.forward_pass
 
-    def sensitivity(self, estimator, options, batches, observers, cache, progress):
+    def sensitivity(self, estimator, options, batches, observers, cache, progress, decide=None):
         return estimator.streamed_table(self.streamed, options, batches, progress)
 
     def errors(self, plans, split, metric):

@@ -15,6 +15,7 @@ from autotune.fingerprint import fingerprint
 from autotune.latency_models import latency_model_for
 from autotune.loading import load_model
 from autotune.measured_figures import measure_model
+from profilers.converted import default_cap
 from profilers.execution.observe import collect_observers
 from profilers.quality import metric_for, run_outputs
 
@@ -24,7 +25,7 @@ class InMemory(Executor):
     name = "in-memory"
     description = "the whole model in memory (a working copy unless tuned in place)"
     holds_whole_model = True
-    default_sensitivity = "end-to-end"
+    default_sensitivity = "refined"
     # GPTQ beats RTN at equal bytes (the README's methods table); its options of a layer
     # share one Hessian factor and one sweep, so they cost little beside their scoring
     default_calibrated_methods = ("gptq",)
@@ -55,14 +56,19 @@ class InMemory(Executor):
     def calibrated(self, layers, options, batches):
         observers = collect_observers(self.work, options, batches)
         left_out = drop_undercalibrated(layers, options, observers)
-        self.modules = ModuleCache(
-            self.work, cap_bytes=_module_cache_cap(self.work), observers=observers
-        )
+        self.modules = ModuleCache(self.work, cap_bytes=default_cap(self.work), observers=observers)
         return observers, left_out
 
-    def sensitivity(self, estimator, options, batches, observers, cache, progress):
+    def sensitivity(self, estimator, options, batches, observers, cache, progress, decide=None):
         return estimator.table(
-            self.work, options, batches, observers=observers, cache=cache, progress=progress
+            self.work,
+            options,
+            batches,
+            observers=observers,
+            cache=cache,
+            progress=progress,
+            decide=decide,
+            converted=self.modules.converted if self.modules is not None else None,
         )
 
     def errors(self, plans, split, metric):
@@ -93,7 +99,7 @@ class InMemory(Executor):
     def _release(self) -> None:
         """Free the converted modules kept for the search."""
         if self.modules is not None:
-            self.modules.store.clear()
+            self.modules.converted.clear()
 
     def measure(self, setup, data, priced, scored, plan):
         """Bytes, latency beside the original (where the plan's runtime runs it, when its
@@ -141,13 +147,3 @@ class InMemory(Executor):
                 "timed": "before tuning (the model was tuned in place)",
             }
         return figures
-
-
-def _module_cache_cap(model: Any) -> int:
-    """Converted modules kept for the search: up to 12x the model, within a third of the
-    memory available now."""
-    import psutil
-
-    from profilers.measure import model_bytes
-
-    return int(min(12 * model_bytes(model), psutil.virtual_memory().available / 3))

@@ -14,6 +14,7 @@ from autotune.fitness import PlanFitness, windows_of
 from autotune.pipeline.config import TuneConfig
 from autotune.pipeline.prepare import Data, Setup
 from autotune.pipeline.price import Priced
+from autotune.refinement import Decide
 from autotune.searching import SearchOutcome, choose_engine, run_search
 from autotune.selection import Selection, choose, is_uniform
 from methods.base import Option
@@ -54,15 +55,41 @@ def score(setup: Setup, data: Data, priced: Priced, config: TuneConfig) -> Score
             )
         else:
             table = setup.executor.sensitivity(
-                estimator, options, data.calib.sensitivity, priced.observers, cache, bar.update
+                estimator,
+                options,
+                data.calib.sensitivity,
+                priced.observers,
+                cache,
+                bar.update,
+                _allocator_choice(setup, priced),
             )
     table.metric = metric
     cached = f", {cache.hits} from the cache" if cache and cache.hits else ""
     say.say(
         f"sensitivity: {table.evaluations} evaluations in {table.seconds:.1f} s"
-        f"{cached} (prefix replay {'on' if table.prefix_cached else 'off'})"
+        f"{cached} (prefix replay {'on' if table.prefix_cached else 'off'})" + _scored_by(table)
     )
     return Scored(table, cache)
+
+
+def _allocator_choice(setup: Setup, priced: Priced) -> Decide:
+    """The allocator's option per layer on a table of errors, within the tune's limits."""
+
+    def decide(errors: dict[str, dict[str, float]]) -> dict[str, str]:
+        table, allocation = allocate_plan(setup.budget, priced.costs, priced.limits, errors)
+        chosen = assignment_options(priced.costs, table, allocation.assignment)
+        return {name: option.label for name, option in chosen.items()}
+
+    return decide
+
+
+def _scored_by(table: SensitivityTable) -> str:
+    """How many pairs each way of scoring gave, where more than one did."""
+    if len(table.scored_by) < 2:
+        return ""
+    ways = ", ".join(f"{count} by {way}" for way, count in table.scored_by.items())
+    rounds = f" over {table.rounds} rounds" if table.rounds else ""
+    return f"; pairs: {ways}{rounds}"
 
 
 @dataclass

@@ -18,6 +18,7 @@ from autotune.plan import DEFAULT_KEY, Plan
 from autotune.selection import UNIFORM_PREFIX
 from methods.keep import KeepOption
 from profilers.memory import PeakPrediction, scratch_bytes
+from profilers.sensitivity import SensitivityTable
 
 
 def apply_chosen(setup: Setup, selected: Selected) -> None:
@@ -122,6 +123,7 @@ def _search_record(
         "chosen": selected.chosen.name,
         "sensitivity_evaluations": scored.table.evaluations,
         "sensitivity_cached": scored.cache.hits if scored.cache else 0,
+        **_scoring(scored.table),
         "full_evaluations": round(fitness.full_equivalent, 3),
         "evaluations_by_fidelity": {
             "windows": [round(c * windows_of(data.calib.calibration)) for c in fitness.costs],
@@ -171,6 +173,17 @@ def _search_record(
                 _pareto_point(costs, searched.options(costs, p["assignment"]), p["error"])
                 for p in result.pareto
             ]
+    return record
+
+
+def _scoring(table: SensitivityTable) -> dict[str, Any]:
+    """How many (layer, option) pairs each way of scoring gave, and the rounds of
+    refinement, for estimators that mix ways."""
+    record: dict[str, Any] = {}
+    if table.scored_by:
+        record["sensitivity_scored_by"] = dict(table.scored_by)
+    if table.rounds:
+        record["sensitivity_rounds"] = table.rounds
     return record
 
 

@@ -103,3 +103,87 @@ def test_hybrid_fronts_and_scales_are_per_method(setting) -> None:
             ratios = {round(hybrid.errors[layer][r] / estimate.errors[layer][r], 9) for r in rest}
             assert len(ratios) <= 1
     assert any(o.method == "gptq" for opts in options.values() for o in opts)
+
+
+def _lagrangian_choice(model, options, weight: float):
+    """A stand-in for the allocator: per layer, the least error + weight x bytes."""
+    from methods.base import LayerShape
+    from methods.registry import method_of
+
+    sizes = {
+        name: {
+            o.label: method_of(o).cost(LayerShape.of(model.get_submodule(name)), o).bytes
+            for o in opts
+        }
+        for name, opts in options.items()
+    }
+
+    def decide(errors):
+        return {
+            name: min(row, key=lambda label: row[label] + weight * sizes[name][label])
+            for name, row in errors.items()
+        }
+
+    return decide
+
+
+def test_refined_measures_what_the_decision_rests_on(setting) -> None:
+    model, _, batches, _ = setting
+    options = layer_options(compressible_layers(model), ("rtn", "gptq"), None)
+    observers = collect_observers(model, options, batches)
+    exact = get_estimator("end-to-end").table(model, options, batches, observers=observers)
+    scale = max(max(row.values()) for row in exact.errors.values())
+    decide = _lagrangian_choice(model, options, weight=1e-6 * scale)
+    refined = get_estimator("refined").table(
+        model, options, batches, observers=observers, decide=decide
+    )
+    total = sum(len(o) for o in options.values())
+    assert sum(refined.scored_by.values()) == total
+    assert 0 < refined.scored_by["end-to-end"] < total
+    assert refined.rounds >= 2
+    chosen = decide(refined.errors)
+    assert len(set(chosen.values())) >= 3  # a mixed plan, not all kept or all cheapest
+    for layer, label in chosen.items():  # the decision is made on measured errors
+        assert refined.errors[layer][label] == pytest.approx(exact.errors[layer][label])
+    assert chosen == decide(exact.errors)
+
+
+def test_refined_converts_calibrated_options_only_to_measure_them(setting, monkeypatch) -> None:
+    from methods.gptq import GPTQ
+
+    model, _, batches, _ = setting
+    options = layer_options(compressible_layers(model), ("rtn", "gptq"), None)
+    observers = collect_observers(model, options, batches)
+    converted: set[tuple[int, str]] = set()
+    original = GPTQ.convert_many
+
+    def recording(self, module, group, observer_of):
+        converted.update((id(module), o.label) for o in group)
+        yield from original(self, module, group, observer_of)
+
+    monkeypatch.setattr(GPTQ, "convert_many", recording)
+    decide = _lagrangian_choice(model, options, weight=1e-9)
+    refined = get_estimator("refined").table(
+        model, options, batches, observers=observers, decide=decide
+    )
+    gptq_measured = {
+        (id(model.get_submodule(layer)), label)
+        for layer, row in refined.errors.items()
+        for label in row
+        if label.startswith("gptq")
+    }
+    offered = sum(o.method == "gptq" for opts in options.values() for o in opts)
+    assert converted and len(converted) < offered
+    measured_exactly = refined.scored_by["end-to-end"]
+    assert len(converted) <= measured_exactly
+    assert converted <= gptq_measured
+
+
+def test_refined_without_a_decision_measures_what_hybrid_measures(setting) -> None:
+    model, options, batches, observers = setting
+    refined = get_estimator("refined").table(model, options, batches, observers=observers)
+    hybrid = get_estimator("hybrid").table(model, options, batches, observers=observers)
+    assert refined.errors.keys() == hybrid.errors.keys()
+    for layer, row in refined.errors.items():
+        assert row == pytest.approx(hybrid.errors[layer])
+    assert refined.scored_by == hybrid.scored_by

@@ -189,8 +189,20 @@ def test_a_cached_tune_gives_the_same_plan(tokenizer, tmp_path) -> None:
     _, second = _tune("35%", tokenizer, measure=False, cache=tmp_path)
     assert second.plan.search["sensitivity_evaluations"] == 0
     assert second.plan.search["sensitivity_cached"] > 0
+    assert second.plan.search["sensitivity_scored_by"] == first.plan.search["sensitivity_scored_by"]
     assert second.plan.layers == first.plan.layers
     assert second.plan.predicted == first.plan.predicted
+
+
+def test_the_default_scoring_measures_some_pairs_and_records_how_many(tuned) -> None:
+    _, result = tuned
+    search = result.plan.search
+    assert search["sensitivity"] == get_executor("in-memory").default_sensitivity == "refined"
+    pairs = sum(len(errors) for errors in result.sensitivity.errors.values())
+    scored_by = search["sensitivity_scored_by"]
+    assert sum(scored_by.values()) == pairs
+    assert 0 < scored_by["end-to-end"] < pairs
+    assert search["sensitivity_rounds"] >= 1
 
 
 def test_tuning_with_the_fisher_proxy(tokenizer) -> None:

@@ -193,3 +193,20 @@ def test_llama_replay_inside_the_stack_matches_full_runs(
     assert table.metric == "kl"
     assert table.prefix_cached
     assert_tables_match(table, errors_without_replay(llama, options, batches))
+
+
+def test_modules_kept_converted_are_measured_and_new_ones_kept(
+    bert: nn.Module, batches: list[Batch]
+) -> None:
+    from profilers.converted import ConvertedModules
+
+    layer = "encoder.layer.1.output.dense"
+    original = bert.get_submodule(layer)
+    converted = ConvertedModules(cap_bytes=1 << 30)
+    # a module kept under INT8's label is what gets measured for INT8, not a new conversion
+    converted.put(layer, INT8.label, method_of(INT2).convert(original, INT2), original)
+    table = measure_sensitivity(bert, {layer: [INT8, INT2]}, batches, converted=converted)
+    assert table.errors[layer][INT8.label] == table.errors[layer][INT2.label]
+    fresh = measure_sensitivity(bert, {layer: [INT8]}, batches)
+    assert fresh.errors[layer][INT8.label] < table.errors[layer][INT8.label]
+    assert converted.get(layer, INT2.label) is not None  # converted here, kept for later

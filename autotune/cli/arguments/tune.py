@@ -106,8 +106,9 @@ def _add_space(tune: argparse.ArgumentParser) -> None:
         "--sensitivity",
         metavar="ESTIMATOR",
         help="how each (layer, option) is scored, an estimator registered in "
-        "autotune.estimators: end-to-end output error (cached; the default in memory), "
-        "block-output (the default block by block), hybrid, fisher or local (cheaper proxies)",
+        "autotune.estimators: refined (the default in memory: Fisher estimates, end-to-end "
+        "errors where the allocator's plan depends on them; cached), end-to-end (every pair "
+        "measured), block-output (the default block by block), hybrid, fisher or local",
     )
 
 
