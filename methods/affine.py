@@ -79,6 +79,14 @@ def decode(
     return codes.to(dtype) * s + offset.to(dtype).unsqueeze(-1)
 
 
+def round_trip(weight: torch.Tensor, group: int, bits: int, symmetric: bool) -> torch.Tensor:
+    """``[rows, cols]`` float32 weights as their fitted codes decode: what storing them
+    in this format and reading them back gives, without the codes."""
+    groups = group_view(weight.detach().float().contiguous(), group)
+    scale, offset = fit_scales(groups, bits, symmetric)
+    return decode(encode(groups, scale, offset, bits), scale, offset, bits).reshape(weight.shape)
+
+
 def whole_zero_points(scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor | None:
     """The whole zero point ``z`` of each group, as uint8: the one whose ``-z * scale``,
     rounded to float16, is the stored ``offset`` (``round(-offset / scale)`` or a neighbour,

@@ -229,6 +229,14 @@ class Method(ABC):
     def needs_calibration(self, option: Option) -> bool:
         return False
 
+    def simulated_weight(
+        self, module: nn.Module, option: Option, observer: Observer | None = None
+    ) -> torch.Tensor | None:
+        """The float weight the module :meth:`convert` builds computes with, found without
+        building it (no packing), or ``None`` where only converting tells. Estimators that
+        need the weight alone use it."""
+        return None
+
     def stand_in(self, option: Option) -> Option | None:
         """An uncalibrated option stored alike whose weight-space estimate may stand in for
         this one's, scaled by measurements (``None``: estimate it from its own weight). A

@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import nn
 
+from methods import affine
 from methods.base import (
     Cost,
     LayerShape,
@@ -131,6 +133,16 @@ class RoundToNearest(Method):
         if isinstance(out, QuantizedLinear) and out.bias is not None:
             out.bias.copy_(module.bias.detach())
         return out
+
+    def simulated_weight(
+        self, module: nn.Module, option: Option, observer: Observer | None = None
+    ) -> torch.Tensor | None:
+        assert isinstance(option, QuantOption)
+        shape = LayerShape.of(module)
+        self.check(shape, option)
+        weight = finite_weight(module, option.label)
+        group = option.effective_group(shape.cols)
+        return affine.round_trip(weight, group, option.bits, option.symmetric)
 
     def empty(self, shape: LayerShape, option: Option, like: nn.Module | None = None) -> nn.Module:
         assert isinstance(option, QuantOption)

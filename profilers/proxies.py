@@ -27,7 +27,7 @@ from torch import nn
 
 from methods.base import Option, is_weight_layer, linear_weight
 from methods.errors import OptionError
-from methods.registry import convert_each
+from methods.registry import convert_each, method_of
 from methods.smoothquant import W8A8Linear
 from profilers.converted import ConvertedModules
 from profilers.execution.observe import (
@@ -60,6 +60,32 @@ def _converted(
             skipped.setdefault(layer, {})[option.label] = str(compressed)
         else:
             yield option, compressed
+
+
+def _simulated(
+    layer: str,
+    module: nn.Module,
+    options: Sequence[Option],
+    observers: Observers | None,
+    skipped: dict[str, dict[str, str]],
+) -> tuple[dict[str, torch.Tensor], list[Option]]:
+    """The float weight of each option whose method finds it without converting (by label),
+    and the options left to convert; a refused one is left out, its reason under
+    ``skipped``."""
+    found: dict[str, torch.Tensor] = {}
+    rest: list[Option] = []
+    for option in options:
+        observer = observers.get((layer, option.label)) if observers else None
+        try:
+            weight = method_of(option).simulated_weight(module, option, observer)
+        except OptionError as exc:
+            skipped.setdefault(layer, {})[option.label] = str(exc)
+            continue
+        if weight is None:
+            rest.append(option)
+        else:
+            found[option.label] = weight
+    return found, rest
 
 
 def _observers(
@@ -194,7 +220,8 @@ def fisher_table(
     """Second-order estimate of the end-to-end error: ``sum_ij F_ij (W'_ij - W_ij)^2 / Z``.
 
     ``W'`` is the float weight of the module the option's ``convert`` builds (see
-    :func:`effective_weight`), ``F`` the diagonal of the Fisher / Gauss-Newton matrix of the
+    :func:`effective_weight`; found without converting where the method's
+    ``simulated_weight`` gives it), ``F`` the diagonal of the Fisher / Gauss-Newton matrix of the
     model output with respect to the layer's weight, accumulated for all layers in the same
     backward passes (``samples`` per batch, drawn from a generator seeded by ``seed``):
 
@@ -227,7 +254,10 @@ def fisher_table(
         module = model.get_submodule(layer)
         weight = linear_weight(module).float()
         diagonal = diagonals[layer]
-        for option, compressed in _converted(layer, module, layer_options, observers, skipped):
+        simulated, rest = _simulated(layer, module, layer_options, observers, skipped)
+        for label, perturbed in simulated.items():
+            errors[layer][label] = float((diagonal * (perturbed - weight).pow(2)).sum())
+        for option, compressed in _converted(layer, module, rest, observers, skipped):
             if compressed is module:
                 errors[layer][option.label] = 0.0
                 continue

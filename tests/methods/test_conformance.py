@@ -231,6 +231,44 @@ def test_conversion_is_deterministic_and_leaves_the_layer_alone(
 
 
 @pytest.mark.parametrize(CASE_ARGS, CASES)
+def test_a_simulated_weight_is_the_converted_modules_weight(
+    method_name: str, layer: str, option: Option
+) -> None:
+    """Where a method finds an option's float weight without converting, it is exactly the
+    weight the converted module computes with."""
+    from profilers.proxies import effective_weight
+
+    method = get_method(method_name)
+    simulated = method.simulated_weight(make_layer(layer), option)
+    if simulated is None:
+        return
+    expected = effective_weight(converted_layer(method_name, layer, option))
+    assert simulated.dtype == expected.dtype and torch.equal(simulated, expected)
+
+
+@pytest.mark.parametrize(CASE_ARGS, CASES)
+def test_a_stand_in_is_uncalibrated_and_stored_alike(
+    method_name: str, layer: str, option: Option
+) -> None:
+    method = get_method(method_name)
+    stand_in = method.stand_in(option)
+    if stand_in is None:
+        return
+    other, shape = get_method(stand_in.method), SHAPES[layer]
+    assert not other.needs_calibration(stand_in)
+    assert other.cost(shape, stand_in).bytes == method.cost(shape, option).bytes
+    assert other.runtime_format(shape, stand_in) == method.runtime_format(shape, option)
+
+
+def test_some_methods_simulate_weights_and_name_stand_ins() -> None:
+    cases = [case.values for case in CASES]
+    assert any(
+        get_method(n).simulated_weight(make_layer(layer), o) is not None for n, layer, o in cases
+    )
+    assert any(get_method(n).stand_in(o) is not None for n, _, o in cases)
+
+
+@pytest.mark.parametrize(CASE_ARGS, CASES)
 def test_cost_is_the_bytes_of_the_state(method_name: str, layer: str, option: Option) -> None:
     method = get_method(method_name)
     shape = SHAPES[layer]
