@@ -230,11 +230,15 @@ class Method(ABC):
         return False
 
     def simulated_weight(
-        self, module: nn.Module, option: Option, observer: Observer | None = None
+        self,
+        module: nn.Module,
+        option: Option,
+        observer: Observer | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """The float weight the module :meth:`convert` builds computes with, found without
-        building it (no packing), or ``None`` where only converting tells. Estimators that
-        need the weight alone use it."""
+        """The float weight the module :meth:`convert` builds computes with (only the
+        ``rows`` indexed, when given), found without building it (no packing), or ``None``
+        where only converting tells. Estimators that need the weight alone use it."""
         return None
 
     def stand_in(self, option: Option) -> Option | None:

@@ -39,7 +39,7 @@ from methods.rtn import QuantOption, check_quant_option, quant_cost
 
 # As RTN's grid without 8 bits (GPTQ gains little there): 4-bit per row and in groups, 3- and
 # 2-bit in groups; always with activation order, which costs nothing in storage.
-GRID = {4: (None, 128, 64, 32), 3: (128, 64, 32), 2: (64, 32)}
+GRID = {8: (None, 128), 4: (None, 128, 64, 32), 3: (128, 64, 32), 2: (64, 32)}
 
 
 @dataclass(frozen=True)

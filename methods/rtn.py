@@ -135,12 +135,18 @@ class RoundToNearest(Method):
         return out
 
     def simulated_weight(
-        self, module: nn.Module, option: Option, observer: Observer | None = None
+        self,
+        module: nn.Module,
+        option: Option,
+        observer: Observer | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         assert isinstance(option, QuantOption)
         shape = LayerShape.of(module)
         self.check(shape, option)
         weight = finite_weight(module, option.label)
+        if rows is not None:  # each row's groups are its own: a row alone rounds alike
+            weight = weight[rows]
         group = option.effective_group(shape.cols)
         return affine.round_trip(weight, group, option.bits, option.symmetric)
 

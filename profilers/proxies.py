@@ -68,16 +68,17 @@ def _simulated(
     options: Sequence[Option],
     observers: Observers | None,
     skipped: dict[str, dict[str, str]],
+    rows: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[Option]]:
-    """The float weight of each option whose method finds it without converting (by label),
-    and the options left to convert; a refused one is left out, its reason under
-    ``skipped``."""
+    """The float weight (of ``rows`` only, if given) of each option whose method finds it
+    without converting (by label), and the options left to convert; a refused one is left
+    out, its reason under ``skipped``."""
     found: dict[str, torch.Tensor] = {}
     rest: list[Option] = []
     for option in options:
         observer = observers.get((layer, option.label)) if observers else None
         try:
-            weight = method_of(option).simulated_weight(module, option, observer)
+            weight = method_of(option).simulated_weight(module, option, observer, rows)
         except OptionError as exc:
             skipped.setdefault(layer, {})[option.label] = str(exc)
             continue
@@ -86,6 +87,15 @@ def _simulated(
         else:
             found[option.label] = weight
     return found, rest
+
+
+def _live_rows(diagonal: torch.Tensor) -> torch.Tensor | None:
+    """The rows of a Fisher diagonal that are not all zero, when they are fewer than half
+    (an embedding table whose rows the calibration tokens mostly never read); ``None``
+    otherwise."""
+    live = diagonal.reshape(diagonal.shape[0], -1).ne(0).any(dim=1)
+    count = int(live.sum())
+    return live.nonzero().squeeze(1) if 2 * count < live.numel() else None
 
 
 def _observers(
@@ -254,9 +264,11 @@ def fisher_table(
         module = model.get_submodule(layer)
         weight = linear_weight(module).float()
         diagonal = diagonals[layer]
-        simulated, rest = _simulated(layer, module, layer_options, observers, skipped)
+        rows = _live_rows(diagonal)
+        simulated, rest = _simulated(layer, module, layer_options, observers, skipped, rows)
+        live = (diagonal, weight) if rows is None else (diagonal[rows], weight[rows])
         for label, perturbed in simulated.items():
-            errors[layer][label] = float((diagonal * (perturbed - weight).pow(2)).sum())
+            errors[layer][label] = float((live[0] * (perturbed - live[1]).pow(2)).sum())
         for option, compressed in _converted(layer, module, rest, observers, skipped):
             if compressed is module:
                 errors[layer][option.label] = 0.0

@@ -244,6 +244,9 @@ def test_a_simulated_weight_is_the_converted_modules_weight(
         return
     expected = effective_weight(converted_layer(method_name, layer, option))
     assert simulated.dtype == expected.dtype and torch.equal(simulated, expected)
+    rows = torch.tensor([expected.shape[0] - 1, 0, 2])
+    some = method.simulated_weight(make_layer(layer), option, rows=rows)
+    assert some is not None and torch.equal(some, expected[rows])
 
 
 @pytest.mark.parametrize(CASE_ARGS, CASES)

@@ -287,7 +287,8 @@ def test_grid_is_act_order_and_no_larger_than_rtn() -> None:
     labels = [o.label for o in grid]
     assert len(set(labels)) == len(labels)
     assert "gptq4-g128-asym-ao" in labels and "gptq4-ch-sym-ao" in labels
-    assert {o.bits for o in grid} == {2, 3, 4}
+    assert {o.bits for o in grid} == {2, 3, 4, 8}
+    assert {o.storage() for o in grid} == set(RTN.grid(shape))  # every RTN format, fitted
     assert GPTQOption(3, 64, True, act_order=False).label == "gptq3-g64-sym"
     assert {o.group_size for o in GPTQ.grid(LayerShape("linear", 8, 96))} == {None, 32}
 

@@ -335,3 +335,35 @@ def test_spearman_uses_shared_pairs_and_leaves_out_keep() -> None:
     # keep is 0 on both sides everywhere: nothing left to rank
     assert math.isnan(rank_agreement_by_layer(proxy, reference, "keep"))
     assert rank_agreement_by_layer(proxy, reference, "x") == pytest.approx(-1.0)
+
+
+def test_fisher_estimates_equal_the_formula_over_all_rows(
+    bert: nn.Module, batches: list[Batch]
+) -> None:
+    """``sum F (W' - W)^2`` with ``W'`` the converted module's weight, over every row: the
+    estimate skips converting (RTN's simulated weight) and the embedding rows no calibration
+    token reads (their Fisher diagonal is zero), and must not change by it."""
+    from profilers.fisher import fisher_diagonals
+    from profilers.proxies import _live_rows
+
+    layers = ["embeddings.word_embeddings", "encoder.layer.0.attention.self.query"]
+    options = {layer: [QuantOption(4, 32, False), QuantOption(3, 16, True)] for layer in layers}
+    table = fisher_table(bert, options, batches, samples=2, seed=3)
+    diagonals, _, _ = fisher_diagonals(bert, layers, batches, 2, 3)
+    assert _live_rows(diagonals[layers[0]]) is not None  # the embedding is sliced
+    for layer, opts in options.items():
+        module = bert.get_submodule(layer)
+        weight = module.weight.detach().float()
+        for option in opts:
+            perturbed = effective_weight(method_of(option).convert(module, option))
+            expected = float((diagonals[layer] * (perturbed - weight).pow(2)).sum())
+            assert table.errors[layer][option.label] == pytest.approx(expected, rel=1e-5)
+
+
+def test_live_rows_are_the_rows_with_fisher_information() -> None:
+    from profilers.proxies import _live_rows
+
+    diagonal = torch.zeros(10, 4)
+    diagonal[[1, 7]] = 1.0
+    assert _live_rows(diagonal).tolist() == [1, 7]
+    assert _live_rows(torch.ones(10, 4)) is None  # most rows live: no slicing
