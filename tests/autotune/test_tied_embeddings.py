@@ -81,8 +81,14 @@ def tuned(request) -> tuple[str, nn.Module, torch.Tensor, TuneResult]:
     kind = request.param
     model = build(kind)
     before = logits(model)
-    result = autotune(
-        model, "30%", "cpu", calibration=token_batches(), progress=False, search="allocator"
+    result = autotune(  # RTN alone: the plan re-applies without the calibration batches
+        model,
+        "30%",
+        "cpu",
+        calibration=token_batches(),
+        progress=False,
+        search="allocator",
+        methods=["rtn"],
     )
     return kind, model, before, result
 

@@ -230,8 +230,8 @@ def test_with_calibrated_options_the_uncalibrated_plan_is_weighed_on_the_selecti
         assert all(e.get("method") != "gptq" for e in result.plan.layers.values())
 
 
-def test_without_calibrated_options_no_uncalibrated_plan_is_added(tuned) -> None:
+def test_without_calibrated_options_no_uncalibrated_plan_is_added(tokenizer) -> None:
     from autotune.pipeline.choose import UNCALIBRATED
 
-    _, result = tuned
+    _, result = _tune("35%", tokenizer, measure=False, methods=["rtn"], search="allocator")
     assert UNCALIBRATED not in [c["name"] for c in result.plan.search["candidates"]]
