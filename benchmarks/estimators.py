@@ -108,7 +108,7 @@ def scaling() -> None:
     labels = sorted({o.label for opts in offered.values() for o in opts} - {"keep"})
     print(
         "\n| options per layer (most) | estimator | pairs | end-to-end pairs | scoring s "
-        "| s per pair | x fewest options | held-out error |"
+        "| time per pair | x fewest options | held-out error |"
     )
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     base: dict[str, float] = {}
