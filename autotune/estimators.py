@@ -12,6 +12,7 @@ import statistics
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import nn
@@ -27,6 +28,18 @@ from profilers.execution.streaming import StreamedModel
 from profilers.sensitivity import SensitivityTable, measure_sensitivity
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """What an estimator may use beside the model, options and batches (see
+    :meth:`SensitivityEstimator.table`)."""
+
+    observers: Observers
+    cache: SensitivityCache | None = None
+    progress: Callable[[int], None] | None = None
+    decide: Decide | None = None
+    converted: ConvertedModules | None = None
+
+
 class SensitivityEstimator(ABC):
     """Scores every option of every layer; lower is better, comparable across layers."""
 
@@ -37,7 +50,6 @@ class SensitivityEstimator(ABC):
     steps_per_option: ClassVar[bool] = False  # whether ``progress`` counts (layer, option)s
     streams: ClassVar[bool] = False  # whether it scores a model streamed block by block
 
-    @abstractmethod
     def table(
         self,
         model: nn.Module,
@@ -53,6 +65,18 @@ class SensitivityEstimator(ABC):
         """The scores; ``model`` is restored before this returns. ``decide`` is the
         allocator's choice per layer on a table of errors (``None`` outside a tune, where
         there is no budget); ``converted`` keeps converted modules for the stages after."""
+        scoring = Scoring(observers, cache, progress, decide, converted)
+        return self.score(model, options, batches, scoring)
+
+    @abstractmethod
+    def score(
+        self,
+        model: nn.Module,
+        options: Mapping[str, list[Option]],
+        batches: list,
+        scoring: Scoring,
+    ) -> SensitivityTable:
+        """What :meth:`table` returns, its keyword arguments gathered in ``scoring``."""
 
     def streamed_table(
         self,
@@ -92,24 +116,18 @@ def get_estimator(name: str) -> SensitivityEstimator:
 
 class EndToEnd(SensitivityEstimator):
     name = cache_name = "end-to-end"
-    description = "the model's output error with only that layer compressed (default)"
+    description = "the model's output error with only that layer compressed, for every pair"
     cacheable = True
     steps_per_option = True
 
-    def table(
-        self,
-        model,
-        options,
-        batches,
-        *,
-        observers,
-        cache=None,
-        progress=None,
-        decide=None,
-        converted=None,
-    ):
+    def score(self, model, options, batches, scoring):
         return measure_sensitivity(
-            model, options, batches, progress=progress, observers=observers, cache=cache
+            model,
+            options,
+            batches,
+            progress=scoring.progress,
+            observers=scoring.observers,
+            cache=scoring.cache,
         )
 
 
@@ -120,42 +138,20 @@ class Fisher(SensitivityEstimator):
         "like end-to-end on the demo at a tenth of the time)"
     )
 
-    def table(
-        self,
-        model,
-        options,
-        batches,
-        *,
-        observers,
-        cache=None,
-        progress=None,
-        decide=None,
-        converted=None,
-    ):
+    def score(self, model, options, batches, scoring):
         from profilers.proxies import fisher_table
 
-        return fisher_table(model, options, batches, observers=observers)
+        return fisher_table(model, options, batches, observers=scoring.observers)
 
 
 class LocalError(SensitivityEstimator):
     name = "local"
     description = "the layer's own output error on its calibration inputs"
 
-    def table(
-        self,
-        model,
-        options,
-        batches,
-        *,
-        observers,
-        cache=None,
-        progress=None,
-        decide=None,
-        converted=None,
-    ):
+    def score(self, model, options, batches, scoring):
         from profilers.proxies import local_error_table
 
-        return local_error_table(model, options, batches, observers=observers)
+        return local_error_table(model, options, batches, observers=scoring.observers)
 
 
 class Hybrid(SensitivityEstimator):
@@ -177,21 +173,11 @@ class Hybrid(SensitivityEstimator):
     cache_name = EndToEnd.cache_name  # its measured entries are end-to-end ones
     steps_per_option = True
 
-    def table(
-        self,
-        model,
-        options,
-        batches,
-        *,
-        observers,
-        cache=None,
-        progress=None,
-        decide=None,
-        converted=None,
-    ):
+    def score(self, model, options, batches, scoring):
         from profilers.proxies import fisher_table
 
         start = time.perf_counter()
+        observers, cache, progress = scoring.observers, scoring.cache, scoring.progress
         estimate = fisher_table(model, options, batches, observers=observers)
         front = {name: _front(model, name, opts, estimate) for name, opts in options.items()}
         if progress is not None:
@@ -245,22 +231,11 @@ class Refined(SensitivityEstimator):
     steps_per_option = True
     reach = Reach()
 
-    def table(
-        self,
-        model,
-        options,
-        batches,
-        *,
-        observers,
-        cache=None,
-        progress=None,
-        decide=None,
-        converted=None,
-    ):
+    def score(self, model, options, batches, scoring):
+        observers, cache, progress = scoring.observers, scoring.cache, scoring.progress
+        decide, converted = scoring.decide, scoring.converted
         if decide is None:
-            return ESTIMATORS[Hybrid.name].table(
-                model, options, batches, observers=observers, cache=cache, progress=progress
-            )
+            return ESTIMATORS[Hybrid.name].score(model, options, batches, scoring)
         start = time.perf_counter()
         estimate = _estimates(model, options, batches, observers, converted, cache)
         sizes = {name: _sizes(model, name, opts) for name, opts in options.items()}
@@ -467,18 +442,7 @@ class BlockOutput(SensitivityEstimator):
     streams = True
     steps_per_option = True
 
-    def table(
-        self,
-        model,
-        options,
-        batches,
-        *,
-        observers,
-        cache=None,
-        progress=None,
-        decide=None,
-        converted=None,
-    ):
+    def score(self, model, options, batches, scoring):
         from profilers.execution.checkpoint import CheckpointError
         from profilers.execution.resident import ResidentModel
 
@@ -486,7 +450,7 @@ class BlockOutput(SensitivityEstimator):
             resident = ResidentModel(model)
         except CheckpointError as exc:
             raise AutotuneError(f"sensitivity {self.name!r}: {exc}") from None
-        return self.streamed_table(resident, options, batches, progress)
+        return self.streamed_table(resident, options, batches, scoring.progress)
 
     def streamed_table(self, streamed, options, batches, progress=None):
         from profilers.execution.stages import profile
