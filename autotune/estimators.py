@@ -7,7 +7,6 @@ command line read the registry.
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from abc import ABC, abstractmethod
@@ -18,7 +17,7 @@ from typing import ClassVar
 from torch import nn
 
 from autotune.errors import AutotuneError
-from autotune.refinement import Decide, Reach, anchors, next_to_measure
+from autotune.refinement import Decide, Reach, anchors, front, next_to_measure
 from methods.base import LayerShape, Option
 from methods.registry import method_of
 from profilers.cache import SensitivityCache
@@ -386,19 +385,14 @@ def _front(
     method well, but it misjudges a calibrated method (GPTQ) against an uncalibrated one, since
     the calibrated one moves its larger weight error into directions the inputs do not
     excite."""
-    shape = LayerShape.of(model.get_submodule(name))
     scores = estimate.errors.get(name, {})
-    unseen = [o for o in options if o.label not in scores]
-    seen = sorted(
-        (o for o in options if o.label in scores),
-        key=lambda o: (method_of(o).cost(shape, o).bytes, scores[o.label]),
-    )
-    kept, best = [], dict[str, float]()
-    for option in seen:
-        if scores[option.label] < best.get(option.method, math.inf):
-            kept.append(option)
-            best[option.method] = scores[option.label]
-    return [o for o in options if o in kept or o in unseen]
+    sizes = _sizes(model, name, options)
+    kept = {
+        o.label
+        for method in dict.fromkeys(o.method for o in options)
+        for o in front([o for o in options if o.method == method], sizes, scores)
+    }
+    return [o for o in options if o.label in kept or o.label not in scores]
 
 
 def _merged(

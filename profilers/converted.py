@@ -6,12 +6,7 @@ from __future__ import annotations
 import psutil
 from torch import nn
 
-from profilers.measure import model_bytes
-
-
-def module_bytes(module: nn.Module) -> int:
-    """The bytes of a module's parameters and buffers."""
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+from profilers.measure import model_bytes, state_dict_bytes
 
 
 def default_cap(model: nn.Module) -> int:
@@ -35,7 +30,7 @@ class ConvertedModules:
         key = (layer, label)
         if module is original or key in self.store:
             return
-        size = module_bytes(module)
+        size = state_dict_bytes(module)
         if self.used + size <= self.cap:
             self.store[key] = module
             self.used += size
@@ -43,7 +38,7 @@ class ConvertedModules:
     def retain(self, keys: set[tuple[str, str]]) -> None:
         """Drop every module but those of ``keys``."""
         for key in [k for k in self.store if k not in keys]:
-            self.used -= module_bytes(self.store.pop(key))
+            self.used -= state_dict_bytes(self.store.pop(key))
 
     def clear(self) -> None:
         self.store.clear()
