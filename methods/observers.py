@@ -44,6 +44,14 @@ class HessianObserver(Observer):
             raise ValueError("the observer has seen no inputs")
         return self.xtx.to(dtype) * (2.0 / self.tokens)
 
+    def output_error(self, delta: torch.Tensor) -> float:
+        """Mean over the observed tokens of ``||x delta^T||^2``: how much the layer's output
+        moves when its weight moves by ``delta`` (``rows x cols``), exactly, from ``X^T X``."""
+        if self.xtx is None or self.tokens == 0:
+            raise ValueError("the observer has seen no inputs")
+        delta = delta.to(device=self.xtx.device, dtype=self.xtx.dtype)
+        return float((delta @ self.xtx * delta).sum(dtype=torch.float64)) / self.tokens
+
 
 class ChannelObserver(Observer):
     """Sum of squares of each input channel over all calibration tokens (float64, CPU)."""

@@ -26,6 +26,7 @@ from profilers.hardware import HardwareSpec
 from profilers.sensitivity import SensitivityTable
 
 if TYPE_CHECKING:
+    from autotune.agreement import Agreement
     from autotune.budget import Budget
     from autotune.estimators import SensitivityEstimator
     from autotune.layers import LayerRef
@@ -106,6 +107,18 @@ class Executor(ABC):
     ) -> tuple[Observers, dict[str, int]]:
         """Calibration statistics kept for the tune, and the calibrated options left out
         (in place, counted per layer) where a layer sees too few tokens for them."""
+
+    def agreement(
+        self,
+        layers: Sequence[LayerRef],
+        options: dict[str, list[Option]],
+        observers: Observers,
+        selection: list[Batch],
+    ) -> list[Agreement]:
+        """Each calibrated method's gain over its stand-in on calibration and on the
+        ``selection`` inputs, per layer (:mod:`autotune.agreement`); none where the executor
+        keeps no calibration statistics."""
+        return []
 
     @property
     def run(self) -> Callable[..., Any] | None:

@@ -7,6 +7,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from autotune.agreement import agreements
 from autotune.apply import compress
 from autotune.candidates import ModuleCache, evaluate
 from autotune.costs import drop_undercalibrated
@@ -58,6 +59,10 @@ class InMemory(Executor):
         left_out = drop_undercalibrated(layers, options, observers)
         self.modules = ModuleCache(self.work, cap_bytes=default_cap(self.work), observers=observers)
         return observers, left_out
+
+    def agreement(self, layers, options, observers, selection):
+        keep = self.modules.converted if self.modules is not None else None
+        return agreements(self.work, layers, options, observers, selection, keep)
 
     def sensitivity(self, estimator, options, batches, observers, cache, progress, decide=None):
         return estimator.table(

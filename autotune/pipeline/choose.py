@@ -3,10 +3,11 @@ every uniform plan that fits on the selection split."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from autotune.agreement import honest_errors
 from autotune.allocation import allocate_plan, assignment_options, fitting_uniforms
 from autotune.candidates import Candidate, select
 from autotune.errors import InfeasibleBudgetError
@@ -54,6 +55,7 @@ def score(setup: Setup, data: Data, priced: Priced, config: TuneConfig) -> Score
                 seconds=0.0,
             )
         else:
+            decide = _allocator_choice(setup, priced)
             table = setup.executor.sensitivity(
                 estimator,
                 options,
@@ -61,8 +63,9 @@ def score(setup: Setup, data: Data, priced: Priced, config: TuneConfig) -> Score
                 priced.observers,
                 cache,
                 bar.update,
-                _allocator_choice(setup, priced),
+                lambda errors: decide(honest_errors(errors, options, priced.agreements)),
             )
+            table = replace(table, errors=honest_errors(table.errors, options, priced.agreements))
     table.metric = metric
     cached = f", {cache.hits} from the cache" if cache and cache.hits else ""
     say.say(

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from autotune.agreement import Agreement, drop_disagreeing
 from autotune.allocation import LOCAL_LATENCY_MARGIN, check_feasible, keep_fits, limits_for
 from autotune.budget import Budget
 from autotune.costs import CostModel, build_costs, layer_options
@@ -38,6 +39,7 @@ class Priced:
     options: dict[str, list[Option]]
     observers: Observers
     left_out: dict[str, int]
+    agreements: list[Agreement]
     costs: CostModel
     latency_inputs: dict[str, Any]
     decode: dict[str, Any] | None
@@ -70,6 +72,13 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
         say.say(
             f"{name}: {count} calibrated options left out (fewer calibration tokens than "
             "inputs: their statistics would be rank-deficient)"
+        )
+    judged = executor.agreement(layers, options, observers, calib.selection)
+    for agreement in drop_disagreeing(options, observers, judged):
+        say.say(
+            f"{agreement.layer}: {agreement.method} options left out (its probe "
+            f"{agreement.probe} is {agreement.selection:.3g}x its stand-in's error on the "
+            f"selection split, {agreement.calibration:.3g}x on calibration)"
         )
     timed = latency_model_for(spec).measures
     steps = len({(r.shape, o.label) for r in layers for o in options[r.name]}) if timed else 0
@@ -128,6 +137,7 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
         options,
         observers,
         left_out,
+        judged,
         costs,
         latency_inputs,
         decode,

@@ -149,6 +149,8 @@ def _search_record(
     record["selection"] = selected.selection.to_dict()
     if priced.left_out:
         record["undercalibrated_options_left_out"] = priced.left_out
+    if priced.agreements:
+        record["calibration_agreement"] = [a.to_dict() for a in priced.agreements]
     outcome = searched.outcome
     if outcome.result is not None:
         result = outcome.result

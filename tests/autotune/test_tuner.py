@@ -235,3 +235,23 @@ def test_without_calibrated_options_no_uncalibrated_plan_is_added(tokenizer) -> 
 
     _, result = _tune("35%", tokenizer, measure=False, methods=["rtn"], search="allocator")
     assert UNCALIBRATED not in [c["name"] for c in result.plan.search["candidates"]]
+
+
+def test_calibrated_options_are_probed_against_the_selection_split(tuned, tmp_path) -> None:
+    from autotune.plan import Plan
+
+    _, result = tuned
+    judged = {a["layer"]: a for a in result.plan.search["calibration_agreement"]}
+    offered_gptq = {
+        layer
+        for layer, errors in result.sensitivity.errors.items()
+        if any(label.startswith("gptq") for label in errors)
+    }
+    assert offered_gptq and offered_gptq <= {layer for layer, a in judged.items() if a["kept"]}
+    assert not offered_gptq & {layer for layer, a in judged.items() if not a["kept"]}
+    for agreement in judged.values():
+        assert agreement["probe"].startswith("gptq") and agreement["selection_ratio"] > 0
+    result.plan.save(tmp_path / "plan.json")
+    assert Plan.load(tmp_path / "plan.json").search["calibration_agreement"] == list(
+        judged.values()
+    )
