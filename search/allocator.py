@@ -66,15 +66,18 @@ def _is_integral(table: ChoiceTable, resource: str) -> bool:
 
 @contextlib.contextmanager
 def _native_stdout_silenced() -> Iterator[None]:
-    """Discard what native code writes to the process's standard output meanwhile (HiGHS
-    prints debugging lines of its own even with ``disp`` off)."""
+    """Discard what native code writes to the process's standard output (file descriptor 1,
+    wherever Python's ``sys.stdout`` points) meanwhile: HiGHS prints debugging lines of its
+    own even with ``disp`` off."""
+    fd = 1
+    for stream in (sys.stdout, sys.__stdout__):
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            stream.flush()
     try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # no real stdout (captured, notebook)
+        saved = os.dup(fd)
+    except OSError:  # no standard output to silence
         yield
         return
-    sys.stdout.flush()
-    saved = os.dup(fd)
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), fd)

@@ -473,3 +473,18 @@ def test_ties_broken_the_same_way_every_time() -> None:
     runs = [allocate(table, limits).assignment for _ in range(3)]
     assert runs[0] == runs[1] == runs[2]
     assert exact_fits(table, runs[0], limits)
+
+
+def test_native_writes_to_stdout_are_discarded_while_solving(capfd) -> None:
+    """HiGHS prints to file descriptor 1 itself; that is silenced also where Python's
+    ``sys.stdout`` points elsewhere (a benchmark that sends progress to stderr)."""
+    import contextlib
+    import os
+    import sys
+
+    from search.allocator import _native_stdout_silenced
+
+    with contextlib.redirect_stdout(sys.stderr), _native_stdout_silenced():
+        os.write(1, b"native debugging line\n")
+    os.write(1, b"after\n")
+    assert capfd.readouterr().out == "after\n"
