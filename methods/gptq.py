@@ -32,7 +32,15 @@ from torch import nn
 
 from methods.base import Cost, LayerShape, Method, Observer, Option, finite_weight
 from methods.errors import OptionError
-from methods.gptq_solver import Quantized, gptq_quantize, gptq_quantize_many, work_dtype
+from methods.gptq_solver import (
+    FACTORS,
+    FactorOf,
+    Quantized,
+    factor,
+    gptq_quantize,
+    gptq_quantize_many,
+    work_dtype,
+)
 from methods.observers import SHARED, HessianObserver
 from methods.registry import get_method, register
 from methods.rtn import QuantOption, check_quant_option, quant_cost
@@ -126,7 +134,9 @@ class GPTQ(Method):
     ) -> nn.Module:
         assert isinstance(option, GPTQOption)
         weight, hessian = self._inputs(module, option, observer)
-        return self._module(module, option, gptq_quantize(weight, hessian, option, option.label))
+        factor_of = self._factor_of(module, observer, weight, hessian, option.label)
+        quantized = gptq_quantize(weight, hessian, option, option.label, factor_of)
+        return self._module(module, option, quantized)
 
     @torch.no_grad()
     def convert_many(
@@ -155,7 +165,8 @@ class GPTQ(Method):
                 for option in group:
                     done[option] = self._refusal(module, option, observers[key])
                 continue
-            results = gptq_quantize_many(weight, hessian, group, group[0].label)
+            factor_of = self._factor_of(module, observers[key], weight, hessian, group[0].label)
+            results = gptq_quantize_many(weight, hessian, group, group[0].label, factor_of)
             try:
                 for option, result in zip(group, results, strict=True):
                     done[option] = self._module(module, option, result)
@@ -164,6 +175,25 @@ class GPTQ(Method):
                     done.setdefault(option, exc)
         for option in options:
             yield option, done[option]
+
+    @staticmethod
+    def _factor_of(
+        module: nn.Module,
+        observer: Observer | None,
+        weight: torch.Tensor,
+        hessian: torch.Tensor,
+        label: str,
+    ) -> FactorOf:
+        """The layer's factors, kept with its observer (:data:`FACTORS`) while the weight and
+        what the observer saw stay as they are."""
+        stored = module.weight
+        state = (stored.data_ptr(), stored._version, tuple(stored.shape))
+        seen = (getattr(observer, "tokens", 0), getattr(observer, "calls", 0))
+        return lambda damp, act_order: FACTORS.get(
+            observer,
+            (*state, *seen, damp, act_order),
+            lambda: factor(weight, hessian, damp, act_order, label),
+        )
 
     def _refusal(
         self, module: nn.Module, option: GPTQOption, observer: Observer | None

@@ -16,7 +16,9 @@ it gets alone; the stack only removes the per-column overhead that dominates sma
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -117,6 +119,57 @@ def factor(
     return Factored(w, perm, inverse_hessian_factor(h, damp, label))
 
 
+FactorOf = Callable[[float, bool], Factored]  # the factor for a dampening and activation order
+
+
+class FactorCache:
+    """Factors kept per owner (a layer's calibration observer) and key, least recently used
+    out first within a byte cap, so that options of a layer converted at different times (a
+    probe first, then the options scoring measures, round after round) share one
+    factorisation. An owner's entries go when it is collected."""
+
+    def __init__(self, cap_bytes: int) -> None:
+        self.cap = cap_bytes
+        self.used = 0
+        self.entries: OrderedDict[tuple[Hashable, ...], tuple[weakref.ref, Factored, int]] = (
+            OrderedDict()
+        )
+
+    def get(
+        self, owner: object, key: tuple[Hashable, ...], make: Callable[[], Factored]
+    ) -> Factored:
+        """The factor kept for ``owner`` under ``key``, else ``make()``'s (kept if it fits)."""
+        full = (id(owner), *key)
+        entry = self.entries.get(full)
+        if entry is not None and entry[0]() is owner:
+            self.entries.move_to_end(full)
+            return entry[1]
+        self._drop(full)
+        factored = make()
+        size = sum(
+            t.element_size() * t.numel() for t in (factored.weight, factored.perm, factored.upper)
+        )
+        if size <= self.cap:
+            while self.used + size > self.cap:
+                self._drop(next(iter(self.entries)))
+            self.entries[full] = (weakref.ref(owner, lambda _: self._drop(full)), factored, size)
+            self.used += size
+        return factored
+
+    def _drop(self, full: tuple[Hashable, ...]) -> None:
+        entry = self.entries.pop(full, None)
+        if entry is not None:
+            self.used -= entry[2]
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.used = 0
+
+
+# every GPTQ conversion's factors: the demo's 36 linear layers need about 240 MB
+FACTORS = FactorCache(cap_bytes=512 << 20)
+
+
 def has_static_groups(option: GPTQOption, cols: int) -> bool:
     """Whether the option's scales are fitted before the sweep: with activation order, or when
     one group spans the row."""
@@ -124,14 +177,23 @@ def has_static_groups(option: GPTQOption, cols: int) -> bool:
 
 
 def gptq_quantize(
-    weight: torch.Tensor, hessian: torch.Tensor, option: GPTQOption, label: str = "gptq"
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    option: GPTQOption,
+    label: str = "gptq",
+    factor_of: FactorOf | None = None,
 ) -> Quantized:
     """``weight`` (``[rows, cols]``) quantised by GPTQ for the calibration Hessian
-    ``hessian`` (``[cols, cols]``). Neither argument is modified."""
-    factored = factor(weight, hessian, option.damp, option.act_order, label)
+    ``hessian`` (``[cols, cols]``); ``factor_of`` gives their factor where it is kept
+    (default: factored here). Neither argument is modified."""
+    factored = (factor_of or _factoring(weight, hessian, label))(option.damp, option.act_order)
     if has_static_groups(option, weight.shape[1]):
         return sweep_static(factored, [option])[0]
     return _sweep_dynamic(factored, option)
+
+
+def _factoring(weight: torch.Tensor, hessian: torch.Tensor, label: str) -> FactorOf:
+    return lambda damp, act_order: factor(weight, hessian, damp, act_order, label)
 
 
 def gptq_quantize_many(
@@ -139,17 +201,19 @@ def gptq_quantize_many(
     hessian: torch.Tensor,
     options: Sequence[GPTQOption],
     label: str = "gptq",
+    factor_of: FactorOf | None = None,
 ) -> Iterator[Quantized]:
     """What :func:`gptq_quantize` gives for each option, in order: one factor per dampening
     and activation order, and options with static groups swept in stacks of at most
     :data:`STACK_ROWS` rows and :data:`STACK_ELEMENTS` weights."""
     rows, cols = weight.shape
     factors: dict[tuple[float, bool], Factored] = {}
+    make = factor_of or _factoring(weight, hessian, label)
 
     def factored(option: GPTQOption) -> Factored:
         key = (option.damp, option.act_order)
         if key not in factors:
-            factors[key] = factor(weight, hessian, option.damp, option.act_order, label)
+            factors[key] = make(option.damp, option.act_order)
         return factors[key]
 
     per_stack = max(1, min(STACK_ROWS // rows, STACK_ELEMENTS // (rows * cols)))

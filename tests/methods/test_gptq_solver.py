@@ -120,3 +120,61 @@ def test_convert_each_hands_each_method_its_options_in_order() -> None:
         expected = get_method(option.method).convert(module, option, observer)
         got, want = state(results[option]), state(expected)
         assert all(torch.equal(got[k], want[k]) for k in want), option.label
+
+
+def counting_factor(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, bool]]:
+    """Every factorisation GPTQ conversions run, by (dampening, activation order)."""
+    import methods.gptq as gptq_module
+
+    calls: list[tuple[float, bool]] = []
+    real = gptq_module.factor
+
+    def counted(weight, hessian, damp, act_order, label):
+        calls.append((damp, act_order))
+        return real(weight, hessian, damp, act_order, label)
+
+    monkeypatch.setattr(gptq_module, "factor", counted)
+    return calls
+
+
+def test_a_layers_factor_is_kept_across_conversions(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = counting_factor(monkeypatch)
+    torch.manual_seed(2)
+    module = nn.Linear(COLS, ROWS)
+    observer = observed(module, inputs())
+    first = GPTQ.convert(module, MIXED[0], observer)
+    later = dict(GPTQ.convert_many(module, [MIXED[1], MIXED[0]], lambda option: observer))
+    assert calls == [(0.01, True)]  # one factor for the probe and the later options
+    got, want = state(later[MIXED[0]]), state(first)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    observer.observe(module, (inputs(seed=4),), None)  # more calibration: another Hessian
+    GPTQ.convert(module, MIXED[0], observer)
+    with torch.no_grad():
+        module.weight.mul_(1.5)  # another weight
+    GPTQ.convert(module, MIXED[0], observer)
+    assert calls == [(0.01, True)] * 3
+
+
+def test_factors_go_with_their_observer_and_within_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    from methods.gptq_solver import FactorCache
+
+    cache = FactorCache(cap_bytes=1 << 30)
+    monkeypatch.setattr("methods.gptq.FACTORS", cache)
+    module = nn.Linear(COLS, ROWS)
+    observer = observed(module, inputs())
+    GPTQ.convert(module, MIXED[0], observer)
+    GPTQ.convert(module, MIXED[5], observer)  # another dampening
+    assert len(cache.entries) == 2 and cache.used > 0
+    one = cache.used // 2
+    del observer
+    gc.collect()
+    assert not cache.entries and cache.used == 0
+    small = FactorCache(cap_bytes=one + 1)  # room for one factor
+    monkeypatch.setattr("methods.gptq.FACTORS", small)
+    observer = observed(module, inputs())
+    GPTQ.convert(module, MIXED[0], observer)
+    GPTQ.convert(module, MIXED[5], observer)
+    assert [key[-2:] for key in small.entries] == [(0.05, True)]  # the older one left
+    assert small.used == one
