@@ -10,7 +10,8 @@ promises where it promises one.
 
 To add a method, append a :class:`Comparison` to ``COMPARISONS``.
 
-Run: ``python benchmarks/methods.py`` (a few minutes on 2 cores).
+Run: ``python benchmarks/methods.py`` (a few minutes on 2 cores); ``--only LABEL,...`` runs
+the comparisons that name one of those options.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 # shadow the installed ``methods`` package
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -83,6 +85,17 @@ COMPARISONS: list[Comparison] = [
         rtn(3, 64, True),
         {"method": "codebook", "format": "lloyd", "bits": 3, "group_size": 64},
     ),
+    # the code books against GPTQ, the default search's calibrated method, at equal bytes
+    Comparison(
+        "4-bit code book",
+        gptq(4, 64, True),
+        {"method": "codebook", "format": "nf", "bits": 4},
+    ),
+    Comparison(
+        "3-bit code book",
+        gptq(3, 64, True),
+        {"method": "codebook", "format": "lloyd", "bits": 3, "group_size": 64},
+    ),
     # outlier channels kept in float16 (a few more bytes than the baseline)
     Comparison("int3 + 1% fp16", rtn(3, 64), {"method": "outliers", "bits": 3, "group_size": 64}),
     Comparison(
@@ -135,6 +148,14 @@ def converter(option: Option, observers: Observers) -> Callable[[str, nn.Module]
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--only",
+        help="comma-separated baselines or candidates (option labels, e.g. "
+        "gptq4-g64-sym-ao): only the comparisons that name one",
+    )
+    args = parser.parse_args()
+    wanted = set(args.only.split(",")) if args.only else None
     torch.manual_seed(0)
     demo = load_model("demo")
     model = demo.model
@@ -149,7 +170,12 @@ def main() -> None:
         sensitivity_windows=4,
     )
     layers = linear_layers(model)
-    options = [(c, *c.options()) for c in COMPARISONS]
+    options = [
+        (c, *pair)
+        for c in COMPARISONS
+        for pair in [c.options()]
+        if wanted is None or wanted & {o.label for o in pair}
+    ]
     start = time.perf_counter()
     every = {name: [o for _, *pair in options for o in pair] for name in layers}
     observers = collect_observers(model, every, calib.calibration)
