@@ -218,13 +218,15 @@ class Selected:
 def select_plan(
     setup: Setup, data: Data, scored: Scored, searched: Searched, config: TuneConfig
 ) -> Selected:
-    """Screen the candidates on the calibration data for a front runner, then keep the plan
-    with the least error on the selection split among it, the other searched plans and the
-    uniform plans."""
+    """Screen the candidates on the calibration data and take the searched plan with the
+    least calibration error as the front runner, then keep the plan with the least error on
+    the selection split among it, the other searched plans and the uniform plans."""
     say, candidates, count = setup.say, searched.candidates, searched.searched
     fitness, metric, executor = searched.fitness, scored.table.metric, setup.executor
-    with say.bar(len(candidates) + count + min(3, len(candidates) - count), "candidates") as bar:
-        front = select(candidates, fitness.errors, searched=count, progress=bar.update)
+    # the uniform plans are screened (the report plots them) but not checked on the whole
+    # calibration set: every one of them meets the front runner on the selection split anyway
+    with say.bar(len(candidates) + count, "candidates") as bar:
+        front = select(candidates, fitness.errors, finalists=0, searched=count, progress=bar.update)
     by_name = {c.name: c for c in candidates}
     # every searched plan (the engine's, the allocator's, the uncalibrated one) meets the
     # uniform plans there: what fits the calibration data best need not generalise best
