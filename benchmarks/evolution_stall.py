@@ -1,14 +1,17 @@
 """The evolutionary search with and without its stall rule, on the demo model.
 
 Each row is a whole ``autotune()`` run (target ``cpu``, ``search="evolution"``, the default
-evaluation ceiling) at one bits-per-weight budget: with the default rule (stop once the best
-error fell by less than 0.5% over 8 generations) and with the rule off, so that only the
-ceiling stops it. Printed: why the search stopped, its generations and full evaluations, the
-held-out error (normalised MSE of the sentence embeddings on held-out windows, which the
-search never saw) and the wall seconds of the whole tune. The sensitivity table is built by a
-first, untimed run and read from the cache by every timed one.
+evaluation ceiling) at one bits-per-weight budget: with the stall rule (stop once the
+parent's error on the selection split fell by less than 0.5% over the last generations) over
+8 generations and over 4 (the default), and with the rule off, so that only the ceiling
+stops it.
+Printed: why the search stopped, its generations and full evaluations, the plan the selection
+split kept (the engine's, the allocator's or a uniform one), the held-out error (normalised
+MSE of the sentence embeddings on held-out windows, which nothing chooses on) and the wall
+seconds of the whole tune. The sensitivity table is built by a first, untimed run and read
+from the cache by every timed one.
 
-Run: ``python benchmarks/evolution_stall.py`` (about 10 minutes on 2 cores);
+Run: ``python benchmarks/evolution_stall.py`` (about 15 minutes on 2 cores);
 ``--budgets 3.5bits`` for a part.
 """
 
@@ -25,15 +28,22 @@ import time
 
 from autotune import autotune, engines
 from autotune.loading import load_model
+from search.evolution import Stall
 
 BUDGETS = ("3bits", "3.5bits", "4bits")
 
 
-def tune(budget: str, stall: bool) -> dict:
+RULES = {
+    "on (8 generations)": Stall(generations=8),
+    "on (4 generations)": Stall(generations=4),
+    "off": None,
+}
+
+
+def tune(budget: str, stall: Stall | None) -> dict:
     loaded = load_model("demo")
     saved = dict(engines.EVOLUTION)
-    if not stall:
-        engines.EVOLUTION["stall"] = None
+    engines.EVOLUTION["stall"] = stall
     try:
         began = time.perf_counter()
         result = autotune(
@@ -54,6 +64,7 @@ def tune(budget: str, stall: bool) -> dict:
         "stopped": run.get("stopped", "-"),
         "generations": run.get("iterations", "-"),
         "evaluations": run.get("full_evaluations", float("nan")),
+        "chosen": search.get("chosen", "-"),
         "error": result.plan.measured["heldout_error"],
         "seconds": seconds,
     }
@@ -64,18 +75,21 @@ def main() -> None:
     parser.add_argument("--budgets", default=",".join(BUDGETS))
     args = parser.parse_args()
     budgets = args.budgets.split(",")
-    tune(budgets[0], stall=True)  # builds the sensitivity cache, untimed
-    print("| budget | stall rule | stopped by | generations | full evals | held-out NMSE | s |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    tune(budgets[0], Stall())  # builds the sensitivity cache, untimed
+    print(
+        "| budget | stall rule | stopped by | generations | full evals | kept | held-out NMSE | s |"
+    )
+    print("|---|---|---|---:|---:|---|---:|---:|")
     for budget in budgets:
-        for stall in (True, False):
+        for rule, stall in RULES.items():
             row = tune(budget, stall)
             cells = [
                 budget,
-                "on" if stall else "off",
+                rule,
                 str(row["stopped"]),
                 str(row["generations"]),
                 f"{row['evaluations']:.1f}",
+                str(row["chosen"]),
                 f"{row['error']:.4f}",
                 f"{row['seconds']:.0f}",
             ]
