@@ -21,14 +21,13 @@ from torch import nn
 from autotune.layers import LayerRef
 from methods.base import LayerShape, Option, is_weight_layer
 from methods.keep import KeepOption
-from methods.registry import method_of
 from methods.tied import TiedHead
 from profilers.execution.observe import Observers
 from profilers.hardware import HardwareSpec
 from profilers.latency_table import InModelLatency, measure_in_model
 from profilers.measure import LatencyStats, latency_stats
 from profilers.opcount import rest_of_model
-from profilers.roofline import layer_latency, rest_latency
+from profilers.roofline import format_in_runtime, layer_latency, rest_latency
 
 
 @dataclass
@@ -237,12 +236,13 @@ def head_latency(
 ) -> float:
     """Seconds of the tied output layers reading an embedding table of ``shape`` stored as
     ``option``: a linear layer of the table's shape that runs the int8 kernel where the
-    option's format names it and dequantises otherwise (a tied head has no int4 kernel)."""
+    option's format names it and dequantises otherwise (a tied head has no int4 kernel), or,
+    in llama.cpp, the block kernel its output matmul runs on the table's type."""
     total = 0.0
     for head in heads:
         linear = LayerShape("linear", shape.rows, shape.cols, head.bias is not None, shape.dtype)
-        fmt = method_of(option).runtime_format(linear, option)
-        if fmt != "dense" and (fmt != "int8_weight_only" or head.transposed):
+        fmt = format_in_runtime(linear, option, spec.runtime)
+        if fmt not in ("dense", "gguf_block") and (fmt != "int8_weight_only" or head.transposed):
             fmt = "dequantize"
         total += layer_latency(linear, option, spec, tokens, fmt=fmt)
     return total

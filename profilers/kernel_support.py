@@ -43,8 +43,12 @@ def register_kernel(support: KernelSupport) -> KernelSupport:
 
 
 def allowed_kernel_entries() -> tuple[str, ...]:
-    """Every name a target's ``kernels`` table may hold: registered kernels and paths."""
-    return tuple(sorted({*KERNELS, *PATH_ENTRIES}))
+    """Every name a target's ``kernels`` table may hold: registered kernels, the kernels of
+    the runtimes plans are exported to, and paths."""
+    exported = {
+        name for kinds in RUNTIME_KERNELS.values() for names in kinds.values() for name in names
+    }
+    return tuple(sorted({*KERNELS, *exported, *PATH_ENTRIES}))
 
 
 def device_for(kind: str) -> torch.device:
@@ -62,9 +66,9 @@ OWN_RUNTIME = "torch"
 RUNTIME_KERNELS: dict[str, dict[str, frozenset[str]]] = {
     "vllm": {"gpu": frozenset({"int4_weight_only", "int8_weight_only"})},
     "onnxruntime": {"cpu": frozenset({"int4_weight_only", "int8_dynamic"})},
-    # llama.cpp's block kernels are not yet in the roofline: its layers are priced as the
-    # dequantising path (latency budgets for it are conservative)
-    "llama.cpp": {"cpu": frozenset(), "gpu": frozenset()},
+    # llama.cpp multiplies every quantised GGML type in its blocks, on CPUs and GPUs alike
+    # (activations quantised to 8 bits for integer dot products): ``gguf_block``
+    "llama.cpp": {"cpu": frozenset({"gguf_block"}), "gpu": frozenset({"gguf_block"})},
 }
 
 

@@ -18,8 +18,9 @@ from profilers.hardware import HardwareSpec, KernelSpec
 from profilers.kernel_support import OWN_RUNTIME, runs_kernel
 
 ACTIVATION_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
-# operators one call of a layer dispatches, by how it computes (each costs op_overhead_s)
-OPS_PER_CALL = {"dense": 2, "lookup": 8, "kernel": 8, "dequantize": 14}
+# operators one call of a layer dispatches, by how it computes (each costs op_overhead_s):
+# autotune's modules, and llama.cpp's one matrix-multiplication node per layer
+OPS_PER_CALL = {"dense": 2, "lookup": 8, "kernel": 8, "dequantize": 14, "gguf_block": 1}
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,15 @@ def priced_kernel(spec: HardwareSpec, fmt: str, tokens: int) -> KernelSpec | Non
     return kernel if kernel.max_tokens is None or tokens <= kernel.max_tokens else None
 
 
-def _format_in_runtime(shape: LayerShape, option: Option, runtime: str) -> str:
+def format_in_runtime(shape: LayerShape, option: Option, runtime: str) -> str:
     """How a linear layer computes in ``runtime``: autotune's modules as the method says;
-    in a runtime it is exported to, integer weight-only layers (``rtn``, ``gptq``) as that
-    runtime's int4 or symmetric int8 weight-only kernel (whether it has one is
-    :func:`priced_kernel`'s question), anything else dequantised."""
+    llama.cpp's quantised GGML types in its block kernel (``gguf_block``; its float types as
+    dense matmuls); in another runtime it is exported to, integer weight-only layers (``rtn``,
+    ``gptq``) as that runtime's int4 or symmetric int8 weight-only kernel (whether it has one
+    is :func:`priced_kernel`'s question), anything else dequantised."""
     method = method_of(option)
+    if runtime == "llama.cpp" and option.method == "gguf":
+        return "dense" if option.tensor_type.is_float else "gguf_block"  # type: ignore[attr-defined]
     if runtime == OWN_RUNTIME or option.method not in ("rtn", "gptq"):
         return method.runtime_format(shape, option)
     bits = getattr(option, "bits", None)
@@ -88,12 +92,13 @@ def layer_latency(
         return moved / spec.bandwidth / efficiency + ops * spec.op_overhead_s
     flops = cost.flops_per_token * tokens
     activations = tokens * (shape.cols + shape.rows) * act
-    fmt = fmt or _format_in_runtime(shape, option, spec.runtime)
+    fmt = fmt or format_in_runtime(shape, option, spec.runtime)
     kernel = priced_kernel(spec, fmt, tokens)
     if kernel is not None:
         moved = cost.weight_bytes + cost.other_bytes + activations
         roof = max(flops / spec.peak(kernel.compute_dtype), moved / spec.bandwidth)
-        return roof / kernel.efficiency + OPS_PER_CALL["kernel"] * spec.op_overhead_s
+        ops = OPS_PER_CALL.get(fmt, OPS_PER_CALL["kernel"])
+        return roof / kernel.efficiency + ops * spec.op_overhead_s
     if fmt == "dense":
         moved = cost.bytes + activations
         seconds = max(flops / spec.peak(shape.dtype), moved / spec.bandwidth) / spec.efficiency

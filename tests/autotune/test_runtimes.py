@@ -102,6 +102,56 @@ def test_a_gpu_target_prices_int4_as_vllms_kernel_and_as_dequantise_for_torch() 
         )
 
 
+@pytest.mark.parametrize("target", ["a100", "cpu"])
+def test_llama_cpp_prices_its_quantised_types_on_its_block_kernel(target: str) -> None:
+    """In llama.cpp every quantised GGML type runs a kernel that reads the packed blocks, on
+    CPUs and GPUs: at one token a layer is priced by its stored bytes (Q4_K about half of
+    Q8_0's time), not as autotune's dequantising modules (rebuilding the float weight); its
+    float types run dense."""
+    from methods.gguf import GGUFOption
+    from profilers.roofline import format_in_runtime
+
+    spec = get_target(target)
+    llama = get_runtime("llama.cpp").spec_for(spec)
+    kernel = llama.kernels["gguf_block"]
+    big = LayerShape("linear", rows=4096, cols=4096)
+    q4, q8, f16 = GGUFOption("Q4_K"), GGUFOption("Q8_0"), GGUFOption("F16")
+    assert format_in_runtime(big, q4, "llama.cpp") == "gguf_block"
+    assert format_in_runtime(big, f16, "llama.cpp") == "dense"
+    assert format_in_runtime(big, q4, "torch") == "dequantize"
+    seconds = {o.label: layer_latency(big, o, llama, 1) for o in (q4, q8, f16)}
+    cost = q4.tensor_type.row_bytes(4096) * 4096
+    moved = cost + (4096 + 4096) * 4
+    overhead = 1 * llama.op_overhead_s  # one matrix-multiplication node
+    assert seconds[q4.label] == pytest.approx(
+        moved / llama.bandwidth / kernel.efficiency + overhead
+    )
+    assert seconds[q4.label] < seconds[q8.label] < seconds[f16.label]
+    bytes_ratio = q4.tensor_type.row_bytes(4096) / q8.tensor_type.row_bytes(4096)
+    assert (seconds[q4.label] - overhead) / (seconds[q8.label] - overhead) == pytest.approx(
+        bytes_ratio, rel=0.01
+    )
+    assert seconds[q4.label] < layer_latency(big, q4, spec, 1)  # torch: dequantised
+
+
+def test_a_tied_head_in_llama_cpp_runs_the_block_kernel_on_the_tables_type() -> None:
+    from autotune.latency_models import head_latency
+    from methods.gguf import GGUFOption
+    from profilers.roofline import layer_latency as linear_latency
+
+    class Head:
+        bias = None
+        transposed = False
+
+    llama = get_runtime("llama.cpp").spec_for(get_target("cpu"))
+    table = LayerShape("embedding", rows=32000, cols=4096)
+    option = GGUFOption("Q6_K")
+    linear = LayerShape("linear", rows=32000, cols=4096)
+    priced = head_latency([Head()], table, option, llama, 1)  # type: ignore[list-item]
+    assert priced == pytest.approx(linear_latency(linear, option, llama, 1, fmt="gguf_block"))
+    assert priced < linear_latency(linear, option, llama, 1, fmt="dequantize")
+
+
 def test_runtime_survives_the_plan_round_trip() -> None:
     from profilers.hardware import HardwareSpec
 
