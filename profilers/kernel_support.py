@@ -88,10 +88,22 @@ def runs_kernel(name: str, kind: str, runtime: str = OWN_RUNTIME) -> bool:
     return name in RUNTIME_KERNELS[runtime].get(kind, frozenset())
 
 
+def known_kernels(runtime: str = OWN_RUNTIME) -> frozenset[str]:
+    """The kernels ``runtime`` has on some kind of device (autotune's modules: the registered
+    ones)."""
+    if runtime == OWN_RUNTIME:
+        return frozenset(KERNELS)
+    if runtime not in RUNTIME_KERNELS:
+        raise ValueError(f"unknown runtime {runtime!r}; allowed: {', '.join(runtimes())}")
+    return frozenset(name for names in RUNTIME_KERNELS[runtime].values() for name in names)
+
+
 def unrun_kernels(listed: Iterable[str], kind: str, runtime: str = OWN_RUNTIME) -> list[str]:
-    """The kernels among ``listed`` (a spec's ``kernels`` names) that ``runtime`` does not
-    run on a device of ``kind``, in order."""
-    return [k for k in listed if k not in PATH_ENTRIES and not runs_kernel(k, kind, runtime)]
+    """The kernels among ``listed`` (a spec's ``kernels`` names) that ``runtime`` has but does
+    not run on a device of ``kind``, in order (another runtime's kernels are not its
+    concern)."""
+    known = known_kernels(runtime)
+    return [k for k in listed if k in known and not runs_kernel(k, kind, runtime)]
 
 
 # a call the kernels are meant for: one token, a 256 x 256 weight in groups of 128

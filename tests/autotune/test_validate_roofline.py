@@ -14,6 +14,7 @@ from autotune.report import Report
 from autotune.repriced import LABEL, plan_roofline, profile_roofline
 from autotune.tuner import autotune
 from autotune.validate import plan_checks, validate_plan
+from profilers.kernel_support import KERNELS
 from tests.autotune.test_causal_lm import tiny_llama, token_batches
 
 TARGET = "a100-80gb"
@@ -88,10 +89,12 @@ def test_the_report_labels_the_roofline_and_the_kernels_it_did_not_price(tuned: 
     assert f"{real:.4g} ms [{LABEL}]" in text
     assert f"{1e-9:.4g} ms" not in text
     for kernel in plan.target["kernels"]:
-        assert (
+        note = (
             f"{kernel} listed by {TARGET} but not run by autotune's modules on cuda: "
             "priced as dequantize"
-        ) in text
+        )
+        assert (note in text) == (kernel in KERNELS)  # llama.cpp's kernel is not theirs
+    assert "gguf_block" in plan.target["kernels"] and "gguf_block" not in text
 
 
 def test_a_kernel_the_modules_run_is_priced_without_a_note(tuned: Plan) -> None:

@@ -46,6 +46,17 @@ def test_no_module_runs_a_kernel_on_cuda_today() -> None:
     ]
 
 
+def test_only_a_runtimes_own_kernels_are_noted_as_unrun() -> None:
+    """A kernel table lists what the device has for every runtime: llama.cpp's block kernel
+    is no concern of autotune's modules, nor theirs of llama.cpp."""
+    listed = ["int8_weight_only", "gguf_block", "dequantize"]
+    assert "gguf_block" not in unrun_kernels(listed, "gpu")
+    assert unrun_kernels(listed, "cpu", "llama.cpp") == []
+    assert unrun_kernels(listed, "gpu", "vllm") == []
+    with pytest.raises(ValueError, match="unknown runtime"):
+        unrun_kernels(listed, "cpu", "tensorrt")
+
+
 def test_paths_and_unknown_names_are_not_kernels() -> None:
     assert unrun_kernels(["dequantize", "lookup"], "cpu") == []
     assert not runs_kernel("int4_weight_onyl", "cpu")
