@@ -80,17 +80,13 @@ class _Probe:
 
 
 def probes(
-    model: nn.Module,
-    layers: Sequence[LayerRef],
-    options: Mapping[str, Sequence[Option]],
-    observers: Observers,
+    layers: Sequence[LayerRef], options: Mapping[str, Sequence[Option]], observers: Observers
 ) -> list[_Probe]:
     """Per layer and calibrated method with a stand-in and a Hessian observer, the offered
     option with the fewest bytes."""
     found: list[_Probe] = []
     for ref in layers:
         by_method: dict[str, Option] = {}
-        shape = LayerShape.of(model.get_submodule(ref.name))
         for option in options.get(ref.name, ()):
             method = method_of(option)
             observer = observers.get((ref.name, option.label))
@@ -99,7 +95,8 @@ def probes(
             if method.stand_in(option) is None:
                 continue
             best = by_method.get(method.name)
-            if best is None or method.cost(shape, option).bytes < method.cost(shape, best).bytes:
+            size = method.cost(ref.shape, option).bytes
+            if best is None or size < method.cost(ref.shape, best).bytes:
                 by_method[method.name] = option
         for option in by_method.values():
             observer = observers[(ref.name, option.label)]
@@ -121,7 +118,7 @@ def agreements(
     """Every probe's errors over its stand-in's, on calibration and on ``selection``'s inputs
     (one hooked pass of ``model`` over the selection batches); a probe whose conversion is
     refused is not judged. Converted probes are kept in ``keep`` for the tune to reuse."""
-    found = probes(model, layers, options, observers)
+    found = probes(layers, options, observers)
     if not found:
         return []
     selected: dict[str, HessianObserver] = {}
@@ -139,8 +136,6 @@ def agreements(
             plain = method_of(probe.stand_in).convert(module, probe.stand_in)
         except OptionError:
             continue
-        if keep is not None:
-            keep.put(probe.layer, probe.option.label, converted, module)
         weights = [effective_weight(m) for m in (module, converted, plain)]
         if any(w is None for w in weights):
             continue
@@ -149,15 +144,16 @@ def agreements(
         for observer in (probe.calibration, selected[probe.layer]):
             base = observer.output_error(plain_weight - weight)
             ratios.append(observer.output_error(fitted - weight) / base if base > 0 else 1.0)
-        judged.append(
-            Agreement(
-                probe.layer,
-                method_of(probe.option).name,
-                probe.option.label,
-                probe.stand_in.label,
-                *ratios,
-            )
+        agreement = Agreement(
+            probe.layer,
+            method_of(probe.option).name,
+            probe.option.label,
+            probe.stand_in.label,
+            *ratios,
         )
+        judged.append(agreement)
+        if keep is not None and agreement.holds:  # the tune may measure it
+            keep.put(probe.layer, probe.option.label, converted, module)
     return judged
 
 

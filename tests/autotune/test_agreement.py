@@ -76,7 +76,8 @@ def test_every_layer_with_gptq_options_is_probed_with_its_smallest_option(probed
         probe = next(o for o in gptq if o.label == agreement.probe)
         assert method_of(probe).cost(shape, probe).bytes == smallest
         assert agreement.stand_in == probe.storage().label
-        assert keep.get(agreement.layer, agreement.probe) is not None  # kept for the tune
+        kept = keep.get(agreement.layer, agreement.probe)
+        assert (kept is not None) == agreement.holds  # kept for the tune where offered
 
 
 def _direct_ratio(model, layer, agreement, observers, split) -> float:
