@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from autotune.layers import LayerRef
@@ -133,13 +134,12 @@ def agreements(
         module = model.get_submodule(probe.layer)
         try:
             converted = method_of(probe.option).convert(module, probe.option, probe.calibration)
-            plain = method_of(probe.stand_in).convert(module, probe.stand_in)
+            plain_weight = _weight_of(module, probe.stand_in)
         except OptionError:
             continue
-        weights = [effective_weight(m) for m in (module, converted, plain)]
-        if any(w is None for w in weights):
+        weight, fitted = effective_weight(module), effective_weight(converted)
+        if weight is None or fitted is None or plain_weight is None:
             continue
-        weight, fitted, plain_weight = weights
         ratios = []
         for observer in (probe.calibration, selected[probe.layer]):
             base = observer.output_error(plain_weight - weight)
@@ -155,6 +155,14 @@ def agreements(
         if keep is not None and agreement.holds:  # the tune may measure it
             keep.put(probe.layer, probe.option.label, converted, module)
     return judged
+
+
+def _weight_of(module: nn.Module, option: Option) -> torch.Tensor | None:
+    """The float weight ``option`` leaves ``module`` with: found without packing where its
+    method can (``Method.simulated_weight``), else from the converted module."""
+    method = method_of(option)
+    found = method.simulated_weight(module, option)
+    return found if found is not None else effective_weight(method.convert(module, option))
 
 
 def drop_disagreeing(

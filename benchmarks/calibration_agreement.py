@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from autotune import autotune
+from autotune.agreement import Agreement
 from autotune.calibration import stdlib_texts
 from autotune.executors.memory import InMemory
 from autotune.loading import load_model
@@ -134,10 +135,13 @@ def tune(
     search = result.plan.search
     judged = search.get("calibration_agreement", [])
     factors = [
-        max(1.0, a["selection_ratio"] / a["calibration_ratio"])
+        Agreement(
+            a["layer"], a["method"], a["probe"], a["stand_in"],
+            a["calibration_ratio"], a["selection_ratio"],
+        ).optimism
         for a in judged
-        if a["kept"] and a["calibration_ratio"] > 0
-    ]
+        if a["kept"]
+    ]  # fmt: skip
     return Row(
         model=model_name,
         calibration=calibration,

@@ -161,10 +161,6 @@ class FactorCache:
         if entry is not None:
             self.used -= entry[2]
 
-    def clear(self) -> None:
-        self.entries.clear()
-        self.used = 0
-
 
 # every GPTQ conversion's factors: the demo's 36 linear layers need about 240 MB
 FACTORS = FactorCache(cap_bytes=512 << 20)

@@ -45,10 +45,8 @@ def register_kernel(support: KernelSupport) -> KernelSupport:
 def allowed_kernel_entries() -> tuple[str, ...]:
     """Every name a target's ``kernels`` table may hold: registered kernels, the kernels of
     the runtimes plans are exported to, and paths."""
-    exported = {
-        name for kinds in RUNTIME_KERNELS.values() for names in kinds.values() for name in names
-    }
-    return tuple(sorted({*KERNELS, *exported, *PATH_ENTRIES}))
+    kernels = {name for runtime in runtimes() for name in known_kernels(runtime)}
+    return tuple(sorted({*kernels, *PATH_ENTRIES}))
 
 
 def device_for(kind: str) -> torch.device:
