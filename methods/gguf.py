@@ -4,9 +4,11 @@ An option names a GGML type (``Q4_K``, ``IQ4_XS``, ``Q8_0``, ...) and whether an
 matrix weighs the encoder's error (``imatrix``: the mean square of each input column over
 the calibration tokens, as ``llama-imatrix`` computes it). The module stores the rows as raw
 blocks, byte for byte what the GGUF file holds, and decodes them with ``gguf``'s NumPy
-decoders on each call. Encoding runs llama.cpp's own quantizer
-(:mod:`methods.ggml_quantizer`) where it is installed, and ``gguf``'s NumPy encoders for the
-legacy 32-wide types otherwise (bit-exact with llama.cpp's reference encoder).
+decoders on each call; a linear layer rounds its inputs as llama.cpp's kernels do before
+their dot products (:mod:`methods.ggml_activations`), so its error is the error in
+llama.cpp. Encoding runs llama.cpp's own quantizer (:mod:`methods.ggml_quantizer`) where it
+is installed, and ``gguf``'s NumPy encoders for the legacy 32-wide types otherwise
+(bit-exact with llama.cpp's reference encoder).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from gguf import quants
 from torch import nn
 
@@ -31,6 +34,7 @@ from methods.base import (
     finite_weight,
 )
 from methods.errors import OptionError
+from methods.ggml_activations import round_activations
 from methods.gguf_types import NEEDS_IMATRIX, NUMPY_ENCODERS, TensorType, tensor_type
 from methods.observers import SHARED, ChannelObserver
 from methods.registry import register
@@ -121,7 +125,8 @@ class GGUFStorage(KeepsStoredFormat):
 
 
 class GGUFLinear(WeightOnlyLinear, GGUFStorage):
-    """A linear layer whose weight is GGUF blocks, decoded on each call."""
+    """A linear layer whose weight is GGUF blocks, decoded on each call, multiplied by its
+    inputs rounded as llama.cpp rounds them for the weight's type."""
 
     def __init__(
         self,
@@ -137,6 +142,9 @@ class GGUFLinear(WeightOnlyLinear, GGUFStorage):
 
     def forward_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return self.dequantize(dtype)
+
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        return F.linear(round_activations(x2, self.kind.name), self.forward_weight(x2.dtype))
 
 
 class GGUFEmbedding(GGUFStorage):

@@ -17,6 +17,7 @@ from torch import nn
 from methods import ggml_quantizer
 from methods.base import LayerShape
 from methods.errors import OptionError
+from methods.ggml_activations import round_activations
 from methods.gguf import IMATRIX_GRID, PLAIN_GRID, GGUFOption, GGUFTypes
 from methods.gguf_types import NUMPY_ENCODERS, allowed_types, tensor_type
 from methods.observers import ChannelObserver
@@ -72,7 +73,8 @@ def test_block_types_store_their_bytes_and_decode_as_llama_cpp(name: str) -> Non
     assert METHOD.cost(shape, option).bytes == stored
     decoded = quants.dequantize(converted.blocks.numpy(), GGMLQuantizationType[name])
     x = torch.randn(5, 512)
-    expected = x @ torch.from_numpy(decoded).T + module.bias.detach()
+    rounded = round_activations(x, name)
+    expected = rounded @ torch.from_numpy(decoded).T + module.bias.detach()
     assert torch.allclose(converted(x), expected, atol=1e-5)
     relative = (converted(x) - module(x)).norm() / module(x).norm()
     assert relative < METHOD.error_bound(shape, option)
