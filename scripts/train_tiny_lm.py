@@ -1,12 +1,13 @@
-"""Train the bundled ``tiny-lm``: a small Llama-architecture causal language model.
+"""Train a bundled causal LM (``tiny-lm``, ``small-lm``): small Llama-architecture models.
 
 A byte-level BPE tokenizer and the model are trained on the calibration split of the Python
 standard library's docstrings (``autotune.calibration.stdlib_texts("calibration")``); the
 held-out split is only used to report perplexity before and after training. Seeded, with a
 fixed number of steps and a deterministic data order, on 2 CPU threads.
 
-Usage: ``.venv/bin/python scripts/train_tiny_lm.py [--steps N] [--out DIR]``. The result is
-written atomically (a temporary folder renamed at the end) to ``autotune/data/tiny_lm``.
+Usage: ``.venv/bin/python scripts/train_tiny_lm.py [--model tiny-lm|small-lm] [--steps N]
+[--out DIR]``. The result is written atomically (a temporary folder renamed at the end) to
+``autotune/data/<model>``; its perplexity after training is measured on the weights as stored.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,31 +33,84 @@ from autotune.calibration import batch_windows, stdlib_texts, token_windows
 from profilers.quality import perplexity
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "autotune" / "data" / "tiny_lm"
+DATA = ROOT / "autotune" / "data"
 
 SEED = 0
 VOCAB = 4096
 SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
 CONTEXT = 256
-ARCH = {
-    "hidden_size": 256,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,  # grouped-query attention: two query heads share each k/v head
-    "intermediate_size": 640,
-    # untied: the tuner leaves shared weights in float32, so tied tables would keep a quarter
-    # of the model out of the search; untied, the embedding and the output head are two
-    # separately compressible layers (and 4.85M parameters still fit 20 MB in float32)
-    "tie_word_embeddings": False,
-}
-# about 1 s a step of 16 x 256 tokens on 2 idle CPU threads: 600 steps take 10 to 14 minutes
-STEPS = 600
 BATCH = 16  # windows of CONTEXT tokens per step
-PEAK_LR = 2e-3
-WARMUP = 60
 WEIGHT_DECAY = 0.1
 EVAL_WINDOWS = 64  # held-out windows of CONTEXT tokens for the reported perplexity
 LOG_EVERY = 100  # steps between reports of held-out perplexity (reported, never trained on)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One bundled model: its architecture, schedule and the dtype its weights are stored in."""
+
+    name: str
+    arch: dict[str, Any]
+    steps: int
+    peak_lr: float
+    warmup: int
+    stored_dtype: torch.dtype
+    purpose: str
+
+    @property
+    def folder(self) -> Path:
+        return DATA / self.name.replace("-", "_")
+
+
+RECIPES = {
+    recipe.name: recipe
+    for recipe in (
+        # about 1 s a step of 16 x 256 tokens on 2 idle CPU threads: 600 steps take 10 to 14
+        # minutes
+        Recipe(
+            name="tiny-lm",
+            arch={
+                "hidden_size": 256,
+                "num_hidden_layers": 4,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,  # grouped-query attention: two query heads a k/v head
+                "intermediate_size": 640,
+                # untied: the tuner leaves shared weights in float32, so tied tables would keep
+                # a quarter of the model out of the search; untied, the embedding and the
+                # output head are two separately compressible layers (and 4.85M parameters
+                # still fit 20 MB in float32)
+                "tie_word_embeddings": False,
+            },
+            steps=600,
+            peak_lr=2e-3,
+            warmup=60,
+            stored_dtype=torch.float32,
+            purpose="`autotune tune tiny-lm --budget 40% --target cpu` tunes a trained decoder "
+            "offline",
+        ),
+        # every row a multiple of 256 (llama.cpp's K-quant super-block), and wide enough that
+        # reading the weights, not per-operation overhead, dominates a decode step; about 2.3 s
+        # a step on 2 CPU threads: 400 steps take about 16 minutes
+        Recipe(
+            name="small-lm",
+            arch={
+                "hidden_size": 512,
+                "num_hidden_layers": 4,
+                "num_attention_heads": 8,
+                "num_key_value_heads": 4,
+                "intermediate_size": 1024,
+                "tie_word_embeddings": False,
+            },
+            steps=400,
+            peak_lr=1e-3,
+            warmup=40,
+            # float16 halves the bundled file; the loader computes in float32
+            stored_dtype=torch.float16,
+            purpose="every weight row is a multiple of 256, so all of llama.cpp's K-quants "
+            "apply, and its decode step is dominated by reading weights",
+        ),
+    )
+}
 
 
 def train_tokenizer(texts: list[str]) -> transformers.PreTrainedTokenizerFast:
@@ -91,14 +146,14 @@ def train_tokenizer(texts: list[str]) -> transformers.PreTrainedTokenizerFast:
     )
 
 
-def build_model(tokenizer: Any) -> transformers.LlamaForCausalLM:
+def build_model(tokenizer: Any, recipe: Recipe) -> transformers.LlamaForCausalLM:
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer),
         max_position_embeddings=CONTEXT,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        **ARCH,
+        **recipe.arch,
     )
     torch.manual_seed(SEED)
     return transformers.LlamaForCausalLM(config)
@@ -115,12 +170,13 @@ def heldout_batches(tokenizer: Any) -> list[dict[str, torch.Tensor]]:
     return batch_windows(windows, BATCH, {"input_ids"})
 
 
-def learning_rate(step: int, steps: int) -> float:
+def learning_rate(step: int, steps: int, recipe: Recipe) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak at ``steps``."""
-    if step < WARMUP:
-        return PEAK_LR * (step + 1) / WARMUP
-    progress = (step - WARMUP) / max(1, steps - WARMUP)
-    return PEAK_LR * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+    peak, warmup = recipe.peak_lr, recipe.warmup
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
 def train(
@@ -129,6 +185,7 @@ def train(
     bos: int,
     steps: int,
     monitor: list[dict[str, torch.Tensor]],
+    recipe: Recipe,
 ) -> dict[str, Any]:
     """AdamW on next-token prediction over ``[bos] + stream[o : o + CONTEXT - 1]`` windows at
     seeded random offsets ``o``; the perplexity on ``monitor`` is only reported."""
@@ -139,7 +196,7 @@ def train(
             {"params": decay, "weight_decay": WEIGHT_DECAY},
             {"params": no_decay, "weight_decay": 0.0},
         ],
-        lr=PEAK_LR,
+        lr=recipe.peak_lr,
         betas=(0.9, 0.95),
     )
     generator = torch.Generator().manual_seed(SEED)
@@ -150,7 +207,7 @@ def train(
     curve: list[list[float]] = []
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps)
+            group["lr"] = learning_rate(step, steps, recipe)
         offsets = torch.randint(0, len(stream) - body, (BATCH,), generator=generator)
         ids = torch.stack([stream[o : o + body] for o in offsets.tolist()])
         ids = torch.cat([torch.full((BATCH, 1), bos, dtype=torch.long), ids], dim=1)
@@ -163,7 +220,7 @@ def train(
         smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
         if (step + 1) % 25 == 0 or step == 0:
             elapsed = time.perf_counter() - started
-            rate = learning_rate(step, steps)
+            rate = learning_rate(step, steps, recipe)
             print(
                 f"step {step + 1}/{steps}  loss {smoothed:.3f}  lr {rate:.2e}  {elapsed:.0f} s",
                 flush=True,
@@ -182,17 +239,16 @@ def train(
     }
 
 
-def write_readme(folder: Path, record: dict[str, Any]) -> None:
+def write_readme(folder: Path, record: dict[str, Any], recipe: Recipe) -> None:
     arch = record["architecture"]
     before, after = record["heldout_perplexity_before"], record["heldout_perplexity_after"]
-    text = f"""# tiny-lm
+    text = f"""# {recipe.name}
 
-A small Llama-architecture causal language model bundled with autotune, so that
-`autotune tune tiny-lm --budget 40% --target cpu` tunes a trained decoder offline.
+A small Llama-architecture causal language model bundled with autotune: {recipe.purpose}.
 
-* {record["parameters"]:,} parameters, float32, untied input and output embeddings: hidden
-  {arch["hidden_size"]}, {arch["num_hidden_layers"]} layers, {arch["num_attention_heads"]} \
-attention heads sharing {arch["num_key_value_heads"]}
+* {record["parameters"]:,} parameters, {record["stored_dtype"]}, untied input and output
+  embeddings: hidden {arch["hidden_size"]}, {arch["num_hidden_layers"]} layers, \
+{arch["num_attention_heads"]} attention heads sharing {arch["num_key_value_heads"]}
   key/value heads (grouped-query attention), MLP {arch["intermediate_size"]}, context \
 {CONTEXT} tokens.
 * Tokenizer: byte-level BPE, {record["vocab_size"]} ids; `<s>` (bos) is put before each text,
@@ -227,9 +283,13 @@ def publish(staging: Path, target: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=STEPS, help=f"default {STEPS}")
-    parser.add_argument("--out", type=Path, default=OUT, help=f"default {OUT}")
+    parser.add_argument("--model", choices=sorted(RECIPES), default="tiny-lm")
+    parser.add_argument("--steps", type=int, help="default: the model's recipe")
+    parser.add_argument("--out", type=Path, help="default: autotune/data/<model>")
     args = parser.parse_args(argv)
+    recipe = RECIPES[args.model]
+    args.steps = args.steps or recipe.steps
+    args.out = args.out or recipe.folder
     torch.set_num_threads(2)
     torch.manual_seed(SEED)
     transformers.utils.logging.set_verbosity_error()
@@ -238,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = train_tokenizer(texts)
     stream = token_stream(texts, tokenizer)
     print(f"{len(texts):,} calibration texts, {len(stream):,} tokens, vocab {len(tokenizer)}")
-    model = build_model(tokenizer)
+    model = build_model(tokenizer, recipe)
     params = sum(p.numel() for p in model.parameters())
     print(f"{type(model).__name__}: {params:,} parameters")
 
@@ -246,14 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     before = perplexity(model, heldout)
     print(f"held-out perplexity before training: {before:.1f}", flush=True)
-    run = train(model, stream, tokenizer.bos_token_id, args.steps, heldout[:2])
+    run = train(model, stream, tokenizer.bos_token_id, args.steps, heldout[:2], recipe)
+    # measured on the weights as they are stored
+    model.to(recipe.stored_dtype).to(torch.float32)
     after = perplexity(model, heldout)
     print(f"held-out perplexity after training: {after:.2f} ({run['seconds']:.0f} s)")
 
     record = {
-        "model": "tiny-lm",
-        "architecture": {k: v for k, v in ARCH.items() if k != "tie_word_embeddings"},
-        "tie_word_embeddings": ARCH["tie_word_embeddings"],
+        "model": recipe.name,
+        "architecture": {k: v for k, v in recipe.arch.items() if k != "tie_word_embeddings"},
+        "tie_word_embeddings": recipe.arch["tie_word_embeddings"],
+        "stored_dtype": str(recipe.stored_dtype).removeprefix("torch."),
         "context": CONTEXT,
         "vocab_size": len(tokenizer),
         "parameters": params,
@@ -262,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch": [BATCH, CONTEXT],
         "optimizer": {
             "name": "AdamW",
-            "peak_lr": PEAK_LR,
-            "warmup_steps": WARMUP,
+            "peak_lr": recipe.peak_lr,
+            "warmup_steps": recipe.warmup,
             "schedule": "linear warm-up, cosine decay to 0.1 x peak",
             "betas": [0.9, 0.95],
             "weight_decay": WEIGHT_DECAY,
@@ -293,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.to(recipe.stored_dtype).save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         # the generic class name, so that any transformers version reads tokenizer.json as is
         config_path = staging / "tokenizer_config.json"
@@ -304,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         (staging / "TRAINING.json").write_text(
             json.dumps(record, indent=2) + "\n", encoding="utf-8"
         )
-        write_readme(staging, record)
+        write_readme(staging, record, recipe)
         staging.chmod(0o755)
         for path in staging.iterdir():
             path.chmod(0o644)
