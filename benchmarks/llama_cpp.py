@@ -1,9 +1,11 @@
-"""tiny-lm in llama.cpp: llama.cpp's own quantisation mixes against autotune's plans of the
-same file size, quality and speed measured by llama.cpp itself.
+"""A bundled causal LM in llama.cpp: llama.cpp's own quantisation mixes against autotune's
+plans of the same file size, quality and speed measured by llama.cpp itself.
 
 For each mix (``Q8_0``, ``Q6_K``, ``Q5_K_M``, ``Q4_K_M``, ``Q3_K_M``, ``Q2_K`` by default),
 ``llama_model_quantize`` (the library function behind ``llama-quantize``, with its built-in
-per-tensor heuristic and no importance matrix) converts an F32 GGUF of tiny-lm; where
+per-tensor heuristic and no importance matrix) converts an F32 GGUF of the model (``tiny-lm``,
+or ``--model small-lm``, whose rows are all multiples of 256 so that every K-quant applies
+and whose decode step is dominated by its weights); where
 ``scripts/llama-tools`` has built ``llama-quantize``, each mix is also made with an importance
 matrix of every linear layer (``+ imatrix`` rows; written by autotune from the calibration
 text its tunes use, in llama.cpp's imatrix format). The plain mix's file size is then the
@@ -26,8 +28,9 @@ Every plan is exported to GGUF and all files are run in llama.cpp:
   with 1), timed in rounds that visit every file in turn; the ratio is the file's time over
   the plain mix's, the median over rounds (above 1: slower).
 
-Run: ``python benchmarks/llama_cpp.py`` (about 15 minutes on 2 cores; needs
-``pip install 'autotune[llama]'``); ``--mixes Q4_K_M`` for a part.
+Run: ``python benchmarks/llama_cpp.py`` (about 15 minutes on 2 cores for tiny-lm; needs
+``pip install 'autotune[llama]'``); ``--mixes Q4_K_M`` for a part, ``--model small-lm`` for
+the wider model.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from autotune.export.llama_cpp import quality_in_llama_cpp, speeds_in_llama_cpp
 from autotune.export.llama_latency import measure_files
 from autotune.export.llama_tools import find_tool
 from autotune.layers import compressible_layers
-from autotune.loading import load_model
+from autotune.loading import BUNDLED_LMS, load_model
 from autotune.plan import Plan
 from methods.gguf import GGUFTypes
 from profilers.quality import output_error, run_outputs
@@ -125,6 +128,7 @@ def plain_labels(model) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(BUNDLED_LMS), default="tiny-lm")
     parser.add_argument("--mixes", default=",".join(MIXES))
     parser.add_argument("--windows", type=int, default=32, help="held-out windows of 128 tokens")
     parser.add_argument("--rounds", type=int, default=7, help="timing rounds")
@@ -132,7 +136,7 @@ def main() -> None:
     args = parser.parse_args()
     mixes = [m.strip() for m in args.mixes.split(",") if m.strip()]
 
-    loaded = load_model("tiny-lm")
+    loaded = load_model(args.model)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     heldout = build_heldout(model, tokenizer, windows=args.windows, seq_len=128, batch_size=8)
     reference = run_outputs(model, heldout)
@@ -220,7 +224,8 @@ def main() -> None:
                 )
     f32_ppl = quality_ppl_reference(heldout, reference)
     print(
-        f"tiny-lm, {args.windows} held-out windows of 128 tokens; float32 perplexity {f32_ppl:.2f}"
+        f"{args.model}, {args.windows} held-out windows of 128 tokens; float32 perplexity "
+        f"{f32_ppl:.2f}"
     )
     print(
         "| file | bytes | KL | KL vs mix | KL in torch | ppl | tg tok/s | tg time vs mix "
