@@ -19,6 +19,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,9 +89,8 @@ RECIPES = {
             purpose="`autotune tune tiny-lm --budget 40% --target cpu` tunes a trained decoder "
             "offline",
         ),
-        # every row a multiple of 256 (llama.cpp's K-quant super-block), and wide enough that
-        # reading the weights, not per-operation overhead, dominates a decode step; about 2.3 s
-        # a step on 2 CPU threads: 400 steps take about 16 minutes
+        # every row a multiple of 256 (llama.cpp's K-quant super-block); about 2.3 s a step on
+        # 2 idle CPU threads: 400 steps take about 16 minutes
         Recipe(
             name="small-lm",
             arch={
@@ -107,7 +107,7 @@ RECIPES = {
             # float16 halves the bundled file; the loader computes in float32
             stored_dtype=torch.float16,
             purpose="every weight row is a multiple of 256, so all of llama.cpp's K-quants "
-            "apply, and its decode step is dominated by reading weights",
+            "apply to every tensor",
         ),
     )
 }
@@ -242,9 +242,14 @@ def train(
 def write_readme(folder: Path, record: dict[str, Any], recipe: Recipe) -> None:
     arch = record["architecture"]
     before, after = record["heldout_perplexity_before"], record["heldout_perplexity_after"]
+    intro = textwrap.fill(
+        f"A small Llama-architecture causal language model bundled with autotune: "
+        f"{recipe.purpose}.",
+        width=95,
+    )
     text = f"""# {recipe.name}
 
-A small Llama-architecture causal language model bundled with autotune: {recipe.purpose}.
+{intro}
 
 * {record["parameters"]:,} parameters, {record["stored_dtype"]}, untied input and output
   embeddings: hidden {arch["hidden_size"]}, {arch["num_hidden_layers"]} layers, \
