@@ -5,7 +5,7 @@ For each mix (``Q8_0``, ``Q6_K``, ``Q5_K_M``, ``Q4_K_M``, ``Q3_K_M``, ``Q2_K`` b
 ``llama_model_quantize`` (the library function behind ``llama-quantize``, with its built-in
 per-tensor heuristic and no importance matrix) converts an F32 GGUF of the model (``tiny-lm``,
 or ``--model small-lm``, whose rows are all multiples of 256 so that every K-quant applies
-and whose decode step is dominated by its weights); where
+to every tensor); where
 ``scripts/llama-tools`` has built ``llama-quantize``, each mix is also made with an importance
 matrix of every linear layer (``+ imatrix`` rows; written by autotune from the calibration
 text its tunes use, in llama.cpp's imatrix format). The plain mix's file size is then the

@@ -18,6 +18,8 @@ autotune's modules is the output llama.cpp computes, up to summation order:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 # the vec_dot type of each weight type (llama.cpp's ``type_traits_cpu``)
@@ -52,15 +54,7 @@ def vec_dot_type(weight_type: str) -> str:
 
 def round_activations(x: torch.Tensor, weight_type: str) -> torch.Tensor:
     """``x`` (``[tokens, cols]``) as llama.cpp's kernels for ``weight_type`` read it."""
-    target = vec_dot_type(weight_type)
-    if target == "F32":
-        return x
-    if target in ("F16", "BF16"):
-        dtype = torch.float16 if target == "F16" else torch.bfloat16
-        return x.to(dtype).to(x.dtype)
-    if target == "Q8_K":
-        return _q8_k(x)
-    return _q8_0(x)
+    return ROUNDINGS[vec_dot_type(weight_type)](x)
 
 
 def _blocks(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -88,3 +82,18 @@ def _q8_k(x: torch.Tensor) -> torch.Tensor:
     codes = torch.round(blocks * inverse).clamp(max=127.0)
     out = codes * (1.0 / inverse)
     return torch.where(peak == 0, torch.zeros_like(out), out).reshape(x.shape).to(x.dtype)
+
+
+def _rounded_to(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: x.to(dtype).to(x.dtype)
+
+
+# how each vec_dot type rounds a row of activations
+ROUNDINGS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "F32": lambda x: x,
+    "F16": _rounded_to(torch.float16),
+    "BF16": _rounded_to(torch.bfloat16),
+    "Q8_0": _q8_0,
+    "Q8_1": _q8_0,  # the same codes; its block sum only serves the weights' minimum
+    "Q8_K": _q8_k,
+}
