@@ -49,9 +49,9 @@ def autotune(
     """Find the best per-layer compression plan for ``model`` under ``budget`` on ``target``,
     apply it, and measure predicted against measured figures.
 
-    ``model`` is an ``nn.Module``, a local model folder, ``"demo"`` or ``"tiny-lm"``; the
-    user's model is not modified unless ``inplace=True``. ``target`` defaults to ``local``
-    (this machine, timed). The settings are a
+    ``model`` is an ``nn.Module``, a local model folder, ``"demo"``, ``"tiny-lm"`` or
+    ``"small-lm"``; the user's model is not modified unless ``inplace=True``. ``target``
+    defaults to ``local`` (this machine, timed). The settings are a
     :class:`~autotune.pipeline.config.TuneConfig` (``config``) or its fields as keywords:
 
     * run: ``executor`` (``"in-memory"``, or ``"block-by-block"`` to stream a model folder

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 MODEL_HELP = (
-    "'demo' (the bundled all-MiniLM-L6-v2), 'tiny-lm' (the bundled small causal LM), a local "
-    "model folder, or a model id in the local cache"
+    "'demo' (the bundled all-MiniLM-L6-v2), 'tiny-lm' or 'small-lm' (the bundled small causal "
+    "LMs; small-lm's rows all take llama.cpp's K-quants), a local model folder, or a model id "
+    "in the local cache"
 )
 PLANNED_MODEL_HELP = f"the model the plan was made for: {MODEL_HELP}"
 TARGET_HELP = (
