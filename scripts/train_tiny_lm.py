@@ -31,10 +31,8 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from autotune.calibration import batch_windows, stdlib_texts, token_windows
+from autotune.loading import BUNDLED_LMS
 from profilers.quality import perplexity
-
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "autotune" / "data"
 
 SEED = 0
 VOCAB = 4096
@@ -57,10 +55,6 @@ class Recipe:
     warmup: int
     stored_dtype: torch.dtype
     purpose: str
-
-    @property
-    def folder(self) -> Path:
-        return DATA / self.name.replace("-", "_")
 
 
 RECIPES = {
@@ -294,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     recipe = RECIPES[args.model]
     args.steps = args.steps or recipe.steps
-    args.out = args.out or recipe.folder
+    args.out = args.out or BUNDLED_LMS[recipe.name]
     torch.set_num_threads(2)
     torch.manual_seed(SEED)
     transformers.utils.logging.set_verbosity_error()

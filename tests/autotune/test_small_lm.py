@@ -11,7 +11,7 @@ import transformers
 
 from autotune.calibration import batch_windows, stdlib_texts, token_windows
 from autotune.layers import compressible_layers
-from autotune.loading import BUNDLED_LMS, load_model
+from autotune.loading import BUNDLED_LMS, load_model, load_skeleton
 from methods.gguf import GGUFOption, GGUFTypes
 from profilers.quality import perplexity
 
@@ -36,6 +36,9 @@ def test_stored_in_float16_and_computed_in_float32(loaded) -> None:
     assert 2 * params <= stored < 2 * params + 100_000
     assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
     assert loaded.source == "small-lm" and loaded.path == FOLDER
+    # block by block too: the skeleton the blocks are streamed into is float32
+    skeleton = load_skeleton("small-lm").model
+    assert {p.dtype for p in skeleton.parameters()} == {torch.float32}
 
 
 def test_every_layer_takes_every_k_quant(loaded) -> None:
