@@ -3,7 +3,7 @@
 Three disjoint splits, each with one job:
 
 - calibration: profiling and search (the sensitivity windows are its first windows);
-- selection: the final choice between the search's plan and every uniform plan that fits;
+- selection: the final choice between the search's plans and the best uniform plans that fit;
 - held-out: measurement only, read after the plan is fixed, never to choose anything.
 
 Without user data, text comes from the docstrings of the Python standard library on this

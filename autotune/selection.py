@@ -2,18 +2,23 @@
 
 The calibration data picks the search's front runner (the candidate with the least error on
 it); the selection split, which neither profiling nor search saw, then judges that plan
-against every uniform plan that fits the budget (and, when calibrated options are offered,
-the allocator's plan without them), and the least error wins. The held-out
-split is not read here: it measures the chosen plan once the choice is made.
+against the other searched plans (the allocator's, and when calibrated options are offered,
+the allocator's plan without them) and the uniform plans that fit the budget, and the least
+error wins. Of the uniform plans only the few that screened best on calibration windows are
+judged: on the demo their ranks agree on both splits, and the others are several times the
+front runner's error. The held-out split is not read here: it measures the chosen plan once
+the choice is made.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 UNIFORM_PREFIX = "uniform "
+# uniform plans judged on the selection split: the best-screened few
+UNIFORM_FINALISTS = 3
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,17 @@ class Selection:
 
 def is_uniform(name: str) -> bool:
     return name.startswith(UNIFORM_PREFIX)
+
+
+def uniform_finalists(
+    screening: Mapping[str, float | None], keep: int = UNIFORM_FINALISTS
+) -> list[str]:
+    """The ``keep`` uniform plans of ``screening`` (each plan's error on the calibration
+    windows it was screened on, ``None`` if it was not) with the least error, best first;
+    ties keep their order."""
+    screened = [name for name, error in screening.items() if is_uniform(name) and error is not None]
+    order = list(screening)
+    return sorted(screened, key=lambda n: (screening[n], order.index(n)))[:keep]
 
 
 def choose(

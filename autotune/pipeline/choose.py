@@ -1,5 +1,5 @@
 """Stages 4 to 6: score each (layer, option), search for the plan, and select it against
-every uniform plan that fits on the selection split."""
+the best-screened uniform plans that fit on the selection split."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from autotune.pipeline.prepare import Data, Setup
 from autotune.pipeline.price import Priced
 from autotune.refinement import Decide
 from autotune.searching import SearchOutcome, choose_engine, run_search
-from autotune.selection import Selection, choose, is_uniform
+from autotune.selection import Selection, choose, uniform_finalists
 from methods.base import Option
 from methods.keep import KeepOption
 from methods.registry import method_of
@@ -220,18 +220,19 @@ def select_plan(
 ) -> Selected:
     """Screen the candidates on the calibration data and take the searched plan with the
     least calibration error as the front runner, then keep the plan with the least error on
-    the selection split among it, the other searched plans and the uniform plans."""
+    the selection split among it, the other searched plans and the best-screened uniform
+    plans."""
     say, candidates, count = setup.say, searched.candidates, searched.searched
     fitness, metric, executor = searched.fitness, scored.table.metric, setup.executor
     # the uniform plans are screened (the report plots them) but not checked on the whole
-    # calibration set: every one of them meets the front runner on the selection split anyway
+    # calibration set: the best-screened of them meet the front runner on the selection split
     with say.bar(len(candidates) + count, "candidates") as bar:
         front = select(candidates, fitness.errors, finalists=0, searched=count, progress=bar.update)
     by_name = {c.name: c for c in candidates}
-    # every searched plan (the engine's, the allocator's, the uncalibrated one) meets the
+    # every searched plan (the engine's, the allocator's, the uncalibrated one) meets those
     # uniform plans there: what fits the calibration data best need not generalise best
     baselines = [c.name for c in candidates[:count] if c.name != front.name]
-    baselines += [c.name for c in candidates[count:] if is_uniform(c.name)]
+    baselines += uniform_finalists({c.name: c.screening_error for c in candidates[count:]})
     judged = [front.name, *(n for n in baselines if n != front.name)]
     with say.bar(1, "selection split") as bar:
         on_selection = executor.errors(
