@@ -61,6 +61,20 @@ def test_stacked_sweeps_give_each_option_its_own_codes(
             assert torch.equal(result.offsets, alone.offsets), option.label
 
 
+def test_the_numpy_sweep_gives_the_torch_sweeps_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU narrow stacks sweep in numpy: the same arithmetic, bit for bit."""
+    torch.manual_seed(1)
+    weight = torch.randn(ROWS, COLS)
+    hessian = hessian_of(inputs(seed=5))
+    static = [o for o in MIXED if o.act_order]
+    in_numpy = list(gptq_quantize_many(weight, hessian, static))
+    monkeypatch.setattr("methods.gptq_solver.NUMPY_ROWS", 0)
+    in_torch = list(gptq_quantize_many(weight, hessian, static))
+    for option, a, b in zip(static, in_numpy, in_torch, strict=True):
+        assert torch.equal(a.codes, b.codes), option.label
+        assert torch.equal(a.scales, b.scales), option.label
+
+
 def test_the_options_differ_from_each_other() -> None:
     """The stack does not hand one option's codes to another."""
     torch.manual_seed(0)
