@@ -3,16 +3,16 @@
 Each row is a whole ``autotune()`` run (target ``cpu``, ``search="evolution"``, the default
 evaluation ceiling) at one bits-per-weight budget: with the stall rule (stop once the
 parent's error on the selection split fell by less than 0.5% over the last generations) over
-8 generations and over 4 (the default), and with the rule off, so that only the ceiling
-stops it.
+4, 3 (the default) and 2 generations by default; ``--rules 8,4,off`` compares others, ``off``
+leaving only the ceiling to stop it.
 Printed: why the search stopped, its generations and full evaluations, the plan the selection
 split kept (the engine's, the allocator's or a uniform one), the held-out error (normalised
 MSE of the sentence embeddings on held-out windows, which nothing chooses on) and the wall
 seconds of the whole tune. The sensitivity table is built by a first, untimed run and read
 from the cache by every timed one.
 
-Run: ``python benchmarks/evolution_stall.py`` (about 15 minutes on 2 cores);
-``--budgets 3.5bits`` for a part.
+Run: ``python benchmarks/evolution_stall.py`` (about 10 minutes on 2 cores);
+``--budgets 3.5bits`` or ``--rules 4,2`` for a part.
 """
 
 from __future__ import annotations
@@ -30,14 +30,17 @@ from autotune import autotune, engines
 from autotune.loading import load_model
 from search.evolution import Stall
 
-BUDGETS = ("3bits", "3.5bits", "4bits")
+BUDGETS = ("3bits", "3.5bits", "4bits", "15MB")
 
 
-RULES = {
-    "on (8 generations)": Stall(generations=8),
-    "on (4 generations)": Stall(generations=4),
-    "off": None,
-}
+RULES = ("4", "3", "2")
+
+
+def rule(patience: str) -> tuple[str, Stall | None]:
+    """The stall rule named by a number of generations, or none for ``off``."""
+    if patience == "off":
+        return "off", None
+    return f"on ({patience} generations)", Stall(generations=int(patience))
 
 
 def tune(budget: str, stall: Stall | None) -> dict:
@@ -73,6 +76,11 @@ def tune(budget: str, stall: Stall | None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default=",".join(BUDGETS))
+    parser.add_argument(
+        "--rules",
+        default=",".join(RULES),
+        help="stall rules to compare: generations without a 0.5%% gain, or off",
+    )
     args = parser.parse_args()
     budgets = args.budgets.split(",")
     tune(budgets[0], Stall())  # builds the sensitivity cache, untimed
@@ -81,11 +89,12 @@ def main() -> None:
     )
     print("|---|---|---|---:|---:|---|---:|---:|")
     for budget in budgets:
-        for rule, stall in RULES.items():
+        for patience in args.rules.split(","):
+            name, stall = rule(patience)
             row = tune(budget, stall)
             cells = [
                 budget,
-                rule,
+                name,
                 str(row["stopped"]),
                 str(row["generations"]),
                 f"{row['evaluations']:.1f}",
