@@ -223,13 +223,21 @@ def assignment_options(
 
 
 def fitting_uniforms(
-    costs: CostModel, table: ChoiceTable, limits: dict[str, float]
+    costs: CostModel, table: ChoiceTable, limits: dict[str, float], keep: int | None = None
 ) -> dict[str, dict[str, Option]]:
-    """``{"uniform <label>": options}`` for every option all layers can take that fits."""
+    """``{"uniform <label>": options}`` for every option all layers can take that fits, by
+    label; with ``keep``, only the ``keep`` of them with the least summed error in ``table``
+    (ties by label)."""
     labels = {o.label for opts in costs.options.values() for o in opts} - {KeepOption().label}
-    found = {}
+    fitting = {}
     for label in sorted(labels):
         uniform = table.uniform(label)
         if uniform is not None and table.fits(uniform, limits):
-            found[f"uniform {label}"] = assignment_options(costs, table, uniform)
-    return found
+            fitting[label] = uniform
+    if keep is not None:
+        ranked = sorted(fitting, key=lambda label: (table.score(fitting[label]), label))
+        fitting = {label: fitting[label] for label in sorted(ranked[:keep])}
+    return {
+        f"uniform {label}": assignment_options(costs, table, uniform)
+        for label, uniform in fitting.items()
+    }

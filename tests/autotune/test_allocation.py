@@ -71,3 +71,18 @@ def test_the_allocation_and_the_uniform_plans_that_fit(costs) -> None:
         assert len({o.label for o in options.values()}) == 1
         total = costs.totals({n: costs.options[n].index(o) for n, o in options.items()})
         assert total["bytes"] <= limits["bytes"]
+
+
+def test_kept_uniform_plans_are_those_with_the_least_summed_error(costs) -> None:
+    budget = Budget.parse("60%")
+    limits = limits_for(budget, costs)
+    for best, worst in (("int8-ch-sym", "int4-g32-asym"), ("int4-g32-asym", "int8-ch-sym")):
+        rank = {"keep": 0.0, best: 1.0, worst: 3.0}
+        errors = {
+            name: {o.label: rank[o.label] for o in opts} for name, opts in costs.options.items()
+        }
+        table, _ = allocate_plan(budget, costs, limits, errors)
+        every = fitting_uniforms(costs, table, limits)
+        assert set(every) == {f"uniform {best}", f"uniform {worst}"}
+        kept = fitting_uniforms(costs, table, limits, keep=1)
+        assert kept == {f"uniform {best}": every[f"uniform {best}"]}
