@@ -113,8 +113,9 @@ def measure_sensitivity(
     and option label); when none are given they are collected on ``batches``. Entries found
     in ``cache`` are not measured again (a full hit runs no forward pass), and new ones are
     stored in it after every layer. Modules already in ``converted`` are not converted
-    again, and new ones are kept there. ``model`` is modified while this runs and restored
-    before it returns.
+    again, and new ones are kept there. An option whose conversion is the layer itself
+    (keep) has error 0 without a forward pass. ``model`` is modified while this runs and
+    restored before it returns.
     """
     start = time.perf_counter()
     errors: dict[str, dict[str, float]] = {}
@@ -155,6 +156,11 @@ def measure_sensitivity(
         for option, compressed in conversions:
             if isinstance(compressed, OptionError):
                 skipped.setdefault(layer, {})[option.label] = str(compressed)
+                continue
+            if compressed is original:  # the model is unchanged: its output is the reference
+                errors[layer][option.label] = 0.0
+                if progress is not None:
+                    progress(1)
                 continue
             model.set_submodule(layer, compressed)
             try:

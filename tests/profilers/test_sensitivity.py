@@ -82,7 +82,7 @@ def test_bert_table_shape_and_metric(bert: nn.Module, batches: list[Batch]) -> N
     assert table.prefix_cached
     assert list(table.errors) == BERT_LAYERS
     assert all(list(row) == ["keep", INT8.label, INT2.label] for row in table.errors.values())
-    assert table.evaluations == len(BERT_LAYERS) * len(OPTIONS)
+    assert table.evaluations == len(BERT_LAYERS) * (len(OPTIONS) - 1)  # keep runs nothing
     assert table.skipped == {}
     assert table.seconds > 0
 
@@ -90,6 +90,9 @@ def test_bert_table_shape_and_metric(bert: nn.Module, batches: list[Batch]) -> N
 def test_keep_costs_exactly_nothing(bert: nn.Module, batches: list[Batch]) -> None:
     table = measure_sensitivity(bert, options_for(BERT_LAYERS), batches)
     assert all(row["keep"] == 0.0 for row in table.errors.values())
+    alone = measure_sensitivity(bert, {name: [KEEP] for name in BERT_LAYERS}, batches)
+    assert alone.errors == {name: {"keep": 0.0} for name in BERT_LAYERS}
+    assert alone.evaluations == 0  # the unchanged model is not run again
 
 
 def test_two_bits_hurt_more_than_eight_bits_in_every_layer(
@@ -132,16 +135,17 @@ def test_blocks_before_the_layer_are_replayed_not_run(
     first = call_counter(bert.encoder.layer[0].attention)
     second = call_counter(bert.encoder.layer[1].attention)
     measure_sensitivity(bert, options_for(["encoder.layer.1.output.dense"]), batches)
-    # block 0 runs only while the reference is recorded; block 1 also once per option
+    # block 0 runs only while the reference is recorded; block 1 also once per option that
+    # changes the layer (keep does not)
     assert first == [len(batches)]
-    assert second == [len(batches) * (1 + len(OPTIONS))]
+    assert second == [len(batches) * len(OPTIONS)]
 
 
-def test_progress_is_reported_once_per_evaluation(bert: nn.Module, batches: list[Batch]) -> None:
+def test_progress_is_reported_once_per_option(bert: nn.Module, batches: list[Batch]) -> None:
     steps: list[int] = []
     table = measure_sensitivity(bert, options_for(BERT_LAYERS[:2]), batches, progress=steps.append)
-    assert steps == [1] * table.evaluations
-    assert table.evaluations == 2 * len(OPTIONS)
+    assert steps == [1] * 2 * len(OPTIONS)
+    assert table.evaluations == 2 * (len(OPTIONS) - 1)  # keep's error needs no evaluation
 
 
 def test_options_a_layer_cannot_take_are_skipped_with_the_reason(
