@@ -142,6 +142,16 @@ class LayerShape:
 
 
 @dataclass(frozen=True)
+class InputRounding:
+    """How a layer rounds its inputs before multiplying them (an activation format):
+    ``apply`` maps ``[tokens, cols]`` inputs to the values the product reads; options whose
+    roundings share a ``name`` round alike."""
+
+    name: str
+    apply: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class Cost:
     """Exact storage and arithmetic of one layer under one option.
 
@@ -239,6 +249,11 @@ class Method(ABC):
         """The float weight the module :meth:`convert` builds computes with (only the
         ``rows`` indexed, when given), found without building it (no packing), or ``None``
         where only converting tells. Estimators that need the weight alone use it."""
+        return None
+
+    def input_rounding(self, option: Option) -> InputRounding | None:
+        """How the linear module :meth:`convert` builds rounds its inputs (``None``: it
+        multiplies them as they are). Weight-space estimates add the error it causes."""
         return None
 
     def stand_in(self, option: Option) -> Option | None:

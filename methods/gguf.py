@@ -25,6 +25,7 @@ from torch import nn
 from methods import ggml_quantizer
 from methods.base import (
     Cost,
+    InputRounding,
     KeepsStoredFormat,
     LayerShape,
     Method,
@@ -34,7 +35,7 @@ from methods.base import (
     finite_weight,
 )
 from methods.errors import OptionError
-from methods.ggml_activations import round_activations
+from methods.ggml_activations import ROUNDINGS, round_activations, vec_dot_type
 from methods.gguf_types import NEEDS_IMATRIX, NUMPY_ENCODERS, TensorType, tensor_type
 from methods.observers import SHARED, ChannelObserver
 from methods.registry import register
@@ -170,6 +171,7 @@ class GGUFEmbedding(GGUFStorage):
 class GGUFTypes(Method):
     name: ClassVar[str] = "gguf"
     option_type: ClassVar[type[Option]] = GGUFOption
+    version: ClassVar[str] = "2"  # 2: Fisher estimates include the activation rounding
 
     def supports(self, shape: LayerShape) -> bool:
         return shape.kind in ("linear", "embedding")
@@ -220,6 +222,13 @@ class GGUFTypes(Method):
     def needs_calibration(self, option: Option) -> bool:
         assert isinstance(option, GGUFOption)
         return option.imatrix
+
+    def input_rounding(self, option: Option) -> InputRounding | None:
+        """The activation type llama.cpp's kernels convert inputs to for this weight type
+        (none for F32)."""
+        assert isinstance(option, GGUFOption)
+        kind = vec_dot_type(option.tensor_type.name)
+        return None if kind == "F32" else InputRounding(kind, ROUNDINGS[kind])
 
     def observer(self, module: nn.Module, option: Option) -> Observer | None:
         assert isinstance(option, GGUFOption)

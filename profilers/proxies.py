@@ -25,7 +25,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from methods.base import Option, is_weight_layer, linear_weight
+from methods.base import InputRounding, LayerShape, Option, is_weight_layer, linear_weight
 from methods.errors import OptionError
 from methods.registry import convert_each, method_of
 from methods.smoothquant import W8A8Linear
@@ -37,6 +37,7 @@ from profilers.execution.observe import (
     run_hooked,
 )
 from profilers.fisher import fisher_diagonals
+from profilers.input_rounding import rounding_error, rounding_noise
 from profilers.sensitivity import SensitivityTable
 
 Batch = dict[str, torch.Tensor]
@@ -241,11 +242,15 @@ def fisher_table(
       ``v`` shaped like each selected output ``y``, and ``Z = sum y^2`` per output, averaged
       over outputs as :class:`profilers.quality.OutputError` does.
 
-    This proxy sees weight perturbations only: W8A8's activation quantisation is not in it.
+    Where a method rounds a linear layer's inputs (:meth:`Method.input_rounding`, such as
+    llama.cpp's 8-bit activation blocks), ``sum_ij F_ij W'_ij^2 r_j`` is added, ``r_j`` being
+    input column ``j``'s rounding noise over its power (:mod:`profilers.input_rounding`; one
+    more forward pass). W8A8's activation quantisation is not in it.
     The gradient is taken with respect to the weight tensor, so a weight shared by several
     modules counts all its uses. Options whose module has no float weight are ``skipped``.
     ``evaluations`` counts sweeps over ``batches``: one forward (two for ``nmse``, whose
-    normaliser needs all outputs first) and ``samples`` backward.
+    normaliser needs all outputs first), ``samples`` backward, and one forward where inputs
+    are rounded.
     ``model`` is left as it was: its ``requires_grad`` flags are set only while this runs,
     and parameter ``.grad`` fields are not touched. Converted modules are kept in ``keep``
     (up to its cap) when one is given.
@@ -257,6 +262,13 @@ def fisher_table(
         raise ValueError(f"samples must be at least 1, got {samples}")
     observers, evaluations = _observers(model, options, batches, observers)
     diagonals, metric, sweeps = fisher_diagonals(model, list(options), batches, samples, seed)
+    roundings = _input_roundings(model, options)
+    noise = (
+        rounding_noise(model, {n: list(r.values()) for n, r in roundings.items()}, batches)
+        if roundings
+        else {}
+    )
+    evaluations += 1 if roundings else 0
     errors: dict[str, dict[str, float]] = {}
     skipped: dict[str, dict[str, str]] = {}
     for layer, layer_options in options.items():
@@ -267,8 +279,11 @@ def fisher_table(
         rows = _live_rows(diagonal)
         simulated, rest = _simulated(layer, module, layer_options, observers, skipped, rows)
         live = (diagonal, weight) if rows is None else (diagonal[rows], weight[rows])
+        ratio = _ratios(layer_options, roundings.get(layer, {}), noise.get(layer, {}))
         for label, perturbed in simulated.items():
             errors[layer][label] = float((live[0] * (perturbed - live[1]).pow(2)).sum())
+            if label in ratio:
+                errors[layer][label] += rounding_error(live[0], perturbed, ratio[label])
         for option, compressed in _converted(layer, module, rest, observers, skipped):
             if compressed is module:
                 errors[layer][option.label] = 0.0
@@ -287,6 +302,10 @@ def fisher_table(
                 continue
             delta = perturbed.to(weight.device) - weight
             errors[layer][option.label] = float((diagonal * delta.pow(2)).sum())
+            if option.label in ratio:
+                errors[layer][option.label] += rounding_error(
+                    diagonal, perturbed.to(weight.device), ratio[option.label]
+                )
     return SensitivityTable(
         metric=metric,
         errors=errors,
@@ -295,6 +314,35 @@ def fisher_table(
         skipped=skipped,
         prefix_cached=False,
     )
+
+
+def _input_roundings(
+    model: nn.Module, options: Mapping[str, Sequence[Option]]
+) -> dict[str, dict[str, InputRounding]]:
+    """Per linear layer, the distinct input roundings of its options, by name."""
+    found: dict[str, dict[str, InputRounding]] = {}
+    for layer, layer_options in options.items():
+        if LayerShape.of(model.get_submodule(layer)).kind != "linear":
+            continue
+        for option in layer_options:
+            rounding = method_of(option).input_rounding(option)
+            if rounding is not None:
+                found.setdefault(layer, {})[rounding.name] = rounding
+    return found
+
+
+def _ratios(
+    options: Sequence[Option],
+    roundings: Mapping[str, InputRounding],
+    noise: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Each option's per-column rounding noise ratio, by label, where it rounds its inputs."""
+    found = {}
+    for option in options:
+        rounding = method_of(option).input_rounding(option)
+        if rounding is not None and rounding.name in roundings and rounding.name in noise:
+            found[option.label] = noise[rounding.name]
+    return found
 
 
 # --- rank agreement -------------------------------------------------------------------------

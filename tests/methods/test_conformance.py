@@ -263,12 +263,37 @@ def test_a_stand_in_is_uncalibrated_and_stored_alike(
     assert other.runtime_format(shape, stand_in) == method.runtime_format(shape, option)
 
 
+@pytest.mark.parametrize(CASE_ARGS, CASES)
+def test_a_declared_input_rounding_is_what_the_module_computes(
+    method_name: str, layer: str, option: Option
+) -> None:
+    """Where a method declares how its linear module rounds inputs, the module's output is
+    its float weight times the rounded inputs (what weight-space estimates assume)."""
+    from profilers.proxies import effective_weight
+
+    rounding = get_method(method_name).input_rounding(option)
+    if rounding is None or SHAPES[layer].kind != "linear":
+        return
+    module = converted_layer(method_name, layer, option)
+    weight, bias = effective_weight(module), getattr(module, "bias", None)
+    for x in make_inputs(SHAPES[layer]).values():
+        flat = x.reshape(-1, x.shape[-1])
+        expected = torch.nn.functional.linear(rounding.apply(flat), weight, bias)
+        with torch.no_grad():
+            got = module(x).reshape(expected.shape)
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+        plain = torch.nn.functional.linear(flat, weight, bias)
+        if rounding.name != "F16":  # 8-bit blocks change the product measurably
+            assert not torch.allclose(got, plain, rtol=1e-5, atol=1e-6)
+
+
 def test_some_methods_simulate_weights_and_name_stand_ins() -> None:
     cases = [case.values for case in CASES]
     assert any(
         get_method(n).simulated_weight(make_layer(layer), o) is not None for n, layer, o in cases
     )
     assert any(get_method(n).stand_in(o) is not None for n, _, o in cases)
+    assert any(get_method(n).input_rounding(o) is not None for n, _, o in cases)
 
 
 @pytest.mark.parametrize(CASE_ARGS, CASES)
