@@ -279,7 +279,7 @@ def fisher_table(
         rows = _live_rows(diagonal)
         simulated, rest = _simulated(layer, module, layer_options, observers, skipped, rows)
         live = (diagonal, weight) if rows is None else (diagonal[rows], weight[rows])
-        ratio = _ratios(layer_options, roundings.get(layer, {}), noise.get(layer, {}))
+        ratio = _ratios(layer_options, noise.get(layer, {}))
         for label, perturbed in simulated.items():
             errors[layer][label] = float((live[0] * (perturbed - live[1]).pow(2)).sum())
             if label in ratio:
@@ -332,15 +332,14 @@ def _input_roundings(
 
 
 def _ratios(
-    options: Sequence[Option],
-    roundings: Mapping[str, InputRounding],
-    noise: Mapping[str, torch.Tensor],
+    options: Sequence[Option], noise: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Each option's per-column rounding noise ratio, by label, where it rounds its inputs."""
+    """Each option's per-column rounding noise ratio (``noise`` by rounding name), by label,
+    where it rounds its inputs and the ratio was measured."""
     found = {}
     for option in options:
         rounding = method_of(option).input_rounding(option)
-        if rounding is not None and rounding.name in roundings and rounding.name in noise:
+        if rounding is not None and rounding.name in noise:
             found[option.label] = noise[rounding.name]
     return found
 
