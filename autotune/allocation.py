@@ -235,7 +235,7 @@ def fitting_uniforms(
         if uniform is not None and table.fits(uniform, limits):
             fitting[label] = uniform
     if keep is not None:
-        ranked = sorted(fitting, key=lambda label: (table.score(fitting[label]), label))
+        ranked = sorted(fitting, key=lambda label: table.score(fitting[label]))  # ties by label
         fitting = {label: fitting[label] for label in sorted(ranked[:keep])}
     return {
         f"uniform {label}": assignment_options(costs, table, uniform)

@@ -53,8 +53,7 @@ def uniform_finalists(
     windows it was screened on, ``None`` if it was not) with the least error, best first;
     ties keep their order."""
     screened = [name for name, error in screening.items() if is_uniform(name) and error is not None]
-    order = list(screening)
-    return sorted(screened, key=lambda n: (screening[n], order.index(n)))[:keep]
+    return sorted(screened, key=screening.__getitem__)[:keep]  # stable: ties keep their order
 
 
 def choose(

@@ -263,11 +263,11 @@ def fisher_table(
     observers, evaluations = _observers(model, options, batches, observers)
     diagonals, metric, sweeps = fisher_diagonals(model, list(options), batches, samples, seed)
     roundings = _input_roundings(model, options)
-    noise = (
-        rounding_noise(model, {n: list(r.values()) for n, r in roundings.items()}, batches)
-        if roundings
-        else {}
-    )
+    distinct = {
+        n: list({r.name: r for r in by_label.values()}.values())
+        for n, by_label in roundings.items()
+    }
+    noise = rounding_noise(model, distinct, batches) if roundings else {}
     evaluations += 1 if roundings else 0
     errors: dict[str, dict[str, float]] = {}
     skipped: dict[str, dict[str, str]] = {}
@@ -279,7 +279,12 @@ def fisher_table(
         rows = _live_rows(diagonal)
         simulated, rest = _simulated(layer, module, layer_options, observers, skipped, rows)
         live = (diagonal, weight) if rows is None else (diagonal[rows], weight[rows])
-        ratio = _ratios(layer_options, noise.get(layer, {}))
+        measured = noise.get(layer, {})
+        ratio = {
+            label: measured[rounding.name]
+            for label, rounding in roundings.get(layer, {}).items()
+            if rounding.name in measured
+        }
         for label, perturbed in simulated.items():
             errors[layer][label] = float((live[0] * (perturbed - live[1]).pow(2)).sum())
             if label in ratio:
@@ -319,7 +324,7 @@ def fisher_table(
 def _input_roundings(
     model: nn.Module, options: Mapping[str, Sequence[Option]]
 ) -> dict[str, dict[str, InputRounding]]:
-    """Per linear layer, the distinct input roundings of its options, by name."""
+    """Per linear layer, the input rounding of each option that rounds its inputs, by label."""
     found: dict[str, dict[str, InputRounding]] = {}
     for layer, layer_options in options.items():
         if LayerShape.of(model.get_submodule(layer)).kind != "linear":
@@ -327,20 +332,7 @@ def _input_roundings(
         for option in layer_options:
             rounding = method_of(option).input_rounding(option)
             if rounding is not None:
-                found.setdefault(layer, {})[rounding.name] = rounding
-    return found
-
-
-def _ratios(
-    options: Sequence[Option], noise: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Each option's per-column rounding noise ratio (``noise`` by rounding name), by label,
-    where it rounds its inputs and the ratio was measured."""
-    found = {}
-    for option in options:
-        rounding = method_of(option).input_rounding(option)
-        if rounding is not None and rounding.name in noise:
-            found[option.label] = noise[rounding.name]
+                found.setdefault(layer, {})[option.label] = rounding
     return found
 
 
