@@ -74,6 +74,10 @@ class Runtime(ABC):
                 f"{spec.name} is a {spec.kind}"
             )
 
+    def for_target(self, spec: HardwareSpec) -> Runtime:
+        """This runtime as it runs on ``spec`` (itself, unless its kernels differ there)."""
+        return self
+
     def spec_for(self, spec: HardwareSpec) -> HardwareSpec:
         """``spec`` priced with this runtime's kernels."""
         return dataclasses.replace(spec, runtime=self.name)
@@ -219,13 +223,27 @@ class OnnxRuntimeRuntime(_ExportedRuntime):
         "DynamicQuantizeMatMul for w8a8); budgets count the export's own tensor bytes"
     )
 
+    def __init__(self, weight_bits: int = 8) -> None:
+        self.weight_bits = weight_bits  # of w8a8 layers: 7 where int8 pair sums saturate
+
+    def for_target(self, spec: HardwareSpec) -> Runtime:
+        """On CPUs whose 8-bit dot products saturate pair sums (x86 without VNNI), ONNX
+        Runtime's fused int8 matmul is exact only with 7-bit weights."""
+        bits = 7 if spec.int8_pairs_saturate else 8
+        return self if bits == self.weight_bits else OnnxRuntimeRuntime(bits)
+
     def forms(self, option: Option) -> list[Option]:
-        """W8A8 with 8-bit activations; weight scales per channel and per tensor, smoothed
-        as asked and not at all (unsmoothed layers reading one input share its
-        quantisation in ONNX Runtime, and skip the division)."""
+        """W8A8 with 8-bit activations (and weights of at most :attr:`weight_bits`); weight
+        scales per channel and per tensor, smoothed as asked and not at all (unsmoothed
+        layers reading one input share its quantisation in ONNX Runtime, and skip the
+        division)."""
         if not isinstance(option, W8A8Option):
             return [option]
-        fused = dataclasses.replace(option, activation_bits=ORT_ACTIVATION_BITS)
+        fused = dataclasses.replace(
+            option,
+            activation_bits=ORT_ACTIVATION_BITS,
+            weight_bits=min(option.weight_bits, self.weight_bits),
+        )
         alphas = dict.fromkeys([fused.alpha, 0.0])
         scales = [fused.weight_scales] if fused.per_tensor else ["channel", "tensor"]
         return [
@@ -241,6 +259,12 @@ class OnnxRuntimeRuntime(_ExportedRuntime):
                 f"activations to {ORT_ACTIVATION_BITS} bits (activation_bits "
                 f"{ORT_ACTIVATION_BITS}); {option.activation_bits}-bit ones run as unfused "
                 "standard ops"
+            )
+        if isinstance(option, W8A8Option) and option.weight_bits > self.weight_bits:
+            return (
+                f"{option.label}: on CPUs without VNNI ONNX Runtime's int8 matmul adds pairs "
+                "of 8-bit products in 16 bits, which saturates with 8-bit weights; allowed "
+                f"there: weight_bits {self.weight_bits}"
             )
         return None
 

@@ -70,6 +70,7 @@ ENTRY_SCHEMA: dict[str, Any] = {
         "dense_dtype": _NAME,
         "efficiency": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "op_overhead_s": {"type": "number", "minimum": 0, "maximum": MAX_OP_OVERHEAD_S},
+        "int8_pairs_saturate": {"type": "boolean"},
         "kernels": {"type": "object", "additionalProperties": _KERNEL_SCHEMA},
         "sources": {"type": "object", "additionalProperties": {"type": "string"}},
     },

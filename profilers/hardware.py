@@ -34,6 +34,10 @@ class HardwareSpec:
     dense_dtype: str = "float32"
     efficiency: float = 0.6
     op_overhead_s: float = 5e-6
+    # an x86 CPU without VNNI: its 8-bit dot products (``vpmaddubsw``) add each pair of
+    # unsigned-by-signed products in 16 bits with saturation, so int8 kernels that take
+    # 8-bit activations (ONNX Runtime's, fbgemm's) need weights of 7 bits to be exact
+    int8_pairs_saturate: bool = False
     kernels: dict[str, KernelSpec] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
     probed: dict[str, Any] = field(default_factory=dict)

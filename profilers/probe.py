@@ -17,7 +17,10 @@ import psutil
 import torch
 
 from methods import kernels
+from methods.smoothquant import has_vnni
 from profilers.hardware import HardwareSpec, KernelSpec
+
+_X86 = frozenset({"x86_64", "amd64", "i386", "i686"})
 
 
 def _cpu_name() -> str:
@@ -52,6 +55,12 @@ def _gpu_facts() -> dict[str, Any] | None:
     except Exception as exc:  # pynvml missing or NVML unavailable in this container
         facts["nvml"] = f"unavailable: {type(exc).__name__}"
     return facts
+
+
+def int8_pairs_saturate() -> bool:
+    """Whether this CPU's 8-bit dot products saturate pair sums in 16 bits: x86 without
+    VNNI (see :attr:`HardwareSpec.int8_pairs_saturate`)."""
+    return platform.machine().lower() in _X86 and not has_vnni()
 
 
 def machine_facts() -> dict[str, Any]:
@@ -183,6 +192,7 @@ def local_spec() -> HardwareSpec:
         dense_dtype="float32",
         efficiency=0.5,
         op_overhead_s=_op_overhead(),
+        int8_pairs_saturate=int8_pairs_saturate(),
         kernels=kernel_table,
         sources={"all": "measured on this machine by autotune's probe", "pid": str(os.getpid())},
         probed=facts,

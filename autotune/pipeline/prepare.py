@@ -55,8 +55,8 @@ def prepare(
     a storage budget no plan meets is refused, one the model meets is kept as it is."""
     say = Progress(config.progress)
     parsed = Budget.parse(budget, batch_size=config.batch_size, seq_len=config.latency_seq_len)
-    runtime = get_runtime(config.runtime)
     spec = get_target(config.target, config.target_files)
+    runtime = get_runtime(config.runtime).for_target(spec)
     runtime.check_target(spec, config.target if isinstance(config.target, str) else spec.name)
     spec = runtime.spec_for(spec)
     search = config.search

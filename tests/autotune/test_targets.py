@@ -26,6 +26,8 @@ def test_every_figure_has_a_source(name: str) -> None:
         assert spec.sources.get(figure), f"{name}: no source for {figure}"
     for kernel in spec.kernels.values():
         assert kernel.source
+    if spec.int8_pairs_saturate:
+        assert spec.sources.get("int8_pairs_saturate"), f"{name}: no source for saturation"
     assert spec.memory_bytes > 0 and spec.bandwidth > 0
     assert all(v > 0 for v in spec.peak_flops.values())
 

@@ -15,8 +15,8 @@ from methods.smoothquant import (
     W8A8Linear,
     W8A8Option,
     _fbgemm_ready,
-    _has_vnni,
     dynamic_quantize,
+    has_vnni,
 )
 
 METHOD = SmoothQuantW8A8()
@@ -41,6 +41,11 @@ def activations(rows: int = 20, cols: int = 64, seed: int = 1) -> torch.Tensor:
         (W8A8Option(0.6), "w8a8-sq0.6"),
         (W8A8Option(0.6, activation_bits=8), "w8a8-a8-sq0.6"),
         (W8A8Option(0, activation_bits=8, weight_scales="tensor"), "w8a8-a8-tensor"),
+        (W8A8Option(0.6, activation_bits=8, weight_bits=7), "w8a8-a8-w7-sq0.6"),
+        (
+            W8A8Option(0, activation_bits=8, weight_scales="tensor", weight_bits=7),
+            "w8a8-a8-w7-tensor",
+        ),
     ],
 )
 def test_labels_name_each_variant_and_round_trip(option: W8A8Option, label: str) -> None:
@@ -53,6 +58,7 @@ def test_labels_name_each_variant_and_round_trip(option: W8A8Option, label: str)
     [
         ({"activation_bits": 6}, "activation_bits 6 is not allowed; allowed: 7 or 8"),
         ({"weight_scales": "group"}, "weight_scales 'group' is not allowed; allowed: channel"),
+        ({"weight_bits": 4}, "weight_bits 4 is not allowed; allowed: 7 or 8"),
     ],
 )
 def test_bad_fields_are_refused_naming_what_is_allowed(fields: dict, message: str) -> None:
@@ -140,11 +146,44 @@ def test_the_kernel_path_computes_the_reference(per_tensor: bool) -> None:
     assert isinstance(module, W8A8Linear)
     x = activations()
     if not _fbgemm_ready(x, 8):
-        assert not _has_vnni() or "fbgemm" not in torch.backends.quantized.supported_engines
+        assert not has_vnni() or "fbgemm" not in torch.backends.quantized.supported_engines
         pytest.skip("no VNNI fbgemm here: 8-bit activations run the reference itself")
     reference = module.reference(x)
     kernel = module(x)
     assert float((kernel - reference).norm() / reference.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_seven_bit_weights_keep_codes_within_63_and_run_fbgemm_on_any_cpu(
+    per_tensor: bool,
+) -> None:
+    """7-bit weights use the whole [-63, 63] range of each scale's group, cost what 8-bit
+    ones cost, and with 8-bit activations run fbgemm exactly with or without VNNI (the
+    pair sums cannot saturate)."""
+    scales = "tensor" if per_tensor else "channel"
+    seven = W8A8Option(0, activation_bits=8, weight_scales=scales, weight_bits=7)
+    eight = W8A8Option(0, activation_bits=8, weight_scales=scales)
+    source = layer()
+    module = METHOD.convert(source, seven)
+    codes = module.portable_codes()
+    assert int(codes.abs().max()) == 63
+    rows_at_top = (codes.abs().amax(dim=1) == 63).float().mean()
+    assert rows_at_top == 1.0 or per_tensor
+    shape = LayerShape.of(source)
+    assert METHOD.cost(shape, seven) == METHOD.cost(shape, eight)
+    x = activations()
+    wide = METHOD.convert(source, eight)
+    error_seven = float((module.reference(x) - source(x)).norm())
+    error_eight = float((wide.reference(x) - source(x)).norm())
+    assert error_eight < error_seven  # one bit fewer costs accuracy
+    if not _fbgemm_ready(x, 8, 7):
+        assert "fbgemm" not in torch.backends.quantized.supported_engines
+        pytest.skip("no fbgemm here")
+    reference = module.reference(x)
+    assert float((module(x) - reference).norm() / reference.norm()) < 1e-4
+    empty = METHOD.empty(shape, seven)
+    empty.load_state_dict(module.state_dict())
+    torch.testing.assert_close(empty(x), module(x))
 
 
 def test_saved_per_tensor_layers_load_back() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import platform
 from collections.abc import Iterator
 
 import psutil
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from methods import kernels
+from methods.smoothquant import has_vnni
 from profilers.hardware import HardwareSpec
 from profilers.probe import local_spec, machine_facts
 
@@ -71,6 +73,8 @@ def test_local_spec_describes_this_cpu(spec: HardwareSpec) -> None:
     assert spec.probed["cpu"] == facts["cpu"]
     assert facts["cpu"] in spec.description
     assert "all" in spec.sources
+    x86 = platform.machine().lower() in {"x86_64", "amd64", "i386", "i686"}
+    assert spec.int8_pairs_saturate == (x86 and not has_vnni())
 
 
 @cpu_only

@@ -27,7 +27,7 @@ from autotune.plan import Plan  # noqa: E402
 from methods.base import LayerShape  # noqa: E402
 from methods.quantized import QuantizedEmbedding, QuantizedLinear  # noqa: E402
 from methods.registry import registered_methods  # noqa: E402
-from methods.smoothquant import _has_vnni  # noqa: E402
+from methods.smoothquant import has_vnni  # noqa: E402
 from tests.conftest import make_tiny_bert, make_tiny_llama  # noqa: E402
 
 FORMAT = "onnx"
@@ -429,18 +429,32 @@ W8A8_FUSED_PLAN = Plan(
 )
 
 
-def test_eight_bit_w8a8_runs_onnx_runtimes_fused_int8_matmul(tmp_path: Path, tokenizer) -> None:
+def _with_weight_bits(plan: Plan, bits: int) -> Plan:
+    layers = {
+        key: {**value, "weight_bits": bits} if value["method"] == "w8a8" else value
+        for key, value in plan.layers.items()
+    }
+    return Plan(layers=layers, calibration=plan.calibration)
+
+
+@pytest.mark.parametrize("weight_bits", [8, 7])
+def test_eight_bit_w8a8_runs_onnx_runtimes_fused_int8_matmul(
+    tmp_path: Path, tokenizer, weight_bits: int
+) -> None:
     """8-bit activations are written as DynamicQuantizeLinear -> MatMulInteger -> scales,
     which ONNX Runtime fuses into its dynamic int8 kernels (no MatMulInteger is left after
-    its optimiser); the output is autotune's model up to the rounding of activations."""
+    its optimiser); the output is autotune's model up to the rounding of activations. With
+    7-bit weights that holds on every CPU; with 8-bit ones only where VNNI sums the pairs."""
     model = make_tiny_bert(hidden=96)
     path = tmp_path / "fused.onnx"
-    result = export_plan(W8A8_FUSED_PLAN, model, FORMAT, path, tokenizer=tokenizer)
+    plan = _with_weight_bits(W8A8_FUSED_PLAN, weight_bits)
+    result = export_plan(plan, model, FORMAT, path, tokenizer=tokenizer)
+    codes = ", 7-bit codes" if weight_bits == 7 else ""
     assert result.layers["encoder.layer.0.intermediate.dense"] == (
-        "DynamicQuantizeLinear + MatMulInteger int8 per-channel, smoothed"
+        f"DynamicQuantizeLinear + MatMulInteger int8 per-channel{codes}, smoothed"
     )
     assert result.layers["encoder.layer.1.attention.self.value"] == (
-        "DynamicQuantizeLinear + MatMulInteger int8 per-tensor"
+        f"DynamicQuantizeLinear + MatMulInteger int8 per-tensor{codes}"
     )
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
@@ -450,12 +464,12 @@ def test_eight_bit_w8a8_runs_onnx_runtimes_fused_int8_matmul(tmp_path: Path, tok
     assert counts["DynamicQuantizeMatMul"] + counts["MatMulIntegerToFloat"] == 7, counts
     feed = inputs("bert")
     ours = session.run(None, {k: v.numpy() for k, v in feed.items()})[0]
-    compressed = apply_plan(model, W8A8_FUSED_PLAN, tokenizer=tokenizer)
+    compressed = apply_plan(model, plan, tokenizer=tokenizer)
     autotune = main_output(compressed, feed)
     plan_error = relative(autotune, main_output(model, feed))
     error = relative(ours, autotune)
     print(f"\nfused w8a8: against autotune's model {error:.1e}; plan error {plan_error:.1e}")
-    if _has_vnni():
+    if has_vnni() or weight_bits == 7:
         assert error < plan_error / 5
     else:  # ONNX Runtime's u8s8 kernels sum pairs in 16 bits there, which can saturate
         assert error < plan_error * 10
