@@ -71,6 +71,12 @@ def search_line(search: dict[str, Any]) -> str | None:
             f"for the allocator's plan, {run['best_error']:.4g} for the best found "
             f"({run['full_evaluations']:.1f} evaluations, stopped by {run['stopped']})"
         )
+    for check in search.get("latency_checks") or []:
+        line += (
+            f"; {check['budget']} check of '{check['plan']}': {check['measured_ms']:.4g} ms "
+            f"measured, {check['predicted_ms']:.4g} predicted, budget {check['budget_ms']:.4g} "
+            f"({'met' if check['met'] else 'missed'})"
+        )
     selection = search.get("selection") or {}
     chosen, front = selection.get("chosen"), selection.get("front_runner")
     if chosen and front and chosen != front:

@@ -14,6 +14,7 @@ from autotune.costs import CostModel
 from autotune.pipeline.choose import score, search, select_plan
 from autotune.pipeline.clock import StageClock
 from autotune.pipeline.config import TuneConfig
+from autotune.pipeline.confirm import confirm_latency
 from autotune.pipeline.prepare import calibrate, prepare
 from autotune.pipeline.price import price
 from autotune.pipeline.record import apply_chosen, measure_result, record_plan, write_model
@@ -89,6 +90,9 @@ def autotune(
     scored = clock.run("score", score, setup, data, priced, config)
     searched = clock.run("search", search, setup, data, priced, scored, config)
     selected = clock.run("select", select_plan, setup, data, scored, searched, config)
+    priced, searched, selected = clock.run(
+        "confirm", confirm_latency, setup, data, priced, scored, searched, selected, config
+    )
     clock.run("apply", apply_chosen, setup, selected)
     plan = record_plan(setup, data, priced, scored, searched, selected, config)
     saved = clock.run("write", write_model, setup, data, plan)

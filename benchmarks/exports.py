@@ -12,7 +12,9 @@ The demo model (all-MiniLM-L6-v2 as a transformers ``BertModel``) in ONNX Runtim
   (linear layers, embeddings float: the same coverage as ORT 4-bit), a uniform int8
   per-channel plan (every layer, as quantize_dynamic), uniform W8A8 plans with 8-bit dynamic
   activations (``DynamicQuantizeLinear``, which ONNX Runtime fuses with the int8 matmul as it
-  does quantize_dynamic's) and int8 embeddings, weight scales per tensor and per channel, and
+  does quantize_dynamic's) and int8 embeddings, weight scales per tensor and per channel,
+  with 8-bit weights and with 7-bit ones (``w7``: exact on CPUs without VNNI, whose int8
+  kernels saturate 16-bit pair sums; the first line printed says which this CPU is), and
   plans tuned by ``autotune()`` for ``runtime="onnxruntime"`` on the ``cpu`` target at the
   tensor bytes of ORT's 4-bit block-32 file, of ORT's int8 file and at 15 MB, and one tuned on
   ``local`` (every option timed inside ONNX Runtime sessions) for the int8 file's tensor bytes
@@ -84,6 +86,7 @@ from autotune.export.ort_sessions import SETTLE, open_session, run_rounds, sessi
 from autotune.loading import load_model
 from autotune.plan import Plan
 from profilers.measure import model_bytes
+from profilers.probe import int8_pairs_saturate
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUTS = ("last_hidden_state", "pooler_output")
@@ -100,9 +103,15 @@ INT4_PLAN = Plan(layers={"_default": rtn(4, 32, True), r"re:embeddings\..*": {"m
 INT8_PLAN = Plan(layers={"_default": rtn(8, None, True)})
 
 
-def w8a8_plan(weight_scales: str) -> Plan:
+def w8a8_plan(weight_scales: str, weight_bits: int = 8) -> Plan:
     """Every linear layer W8A8 with 8-bit activations (unsmoothed), int8 embeddings."""
-    w8a8 = {"method": "w8a8", "alpha": 0, "activation_bits": 8, "weight_scales": weight_scales}
+    w8a8 = {
+        "method": "w8a8",
+        "alpha": 0,
+        "activation_bits": 8,
+        "weight_scales": weight_scales,
+        "weight_bits": weight_bits,
+    }
     return Plan(layers={"_default": w8a8, r"re:embeddings\..*": rtn(8, None, True)})
 
 
@@ -359,6 +368,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     logging.getLogger("onnxruntime").setLevel(logging.WARNING)
+    saturate = int8_pairs_saturate()
+    print(
+        f"CPU: {torch.backends.cpu.get_cpu_capability()}, int8 pair sums "
+        f"{'saturate (no VNNI)' if saturate else 'exact'}"
+    )
     started = time.perf_counter()
     torch.manual_seed(0)
     if args.part != "compressed-tensors":
@@ -418,6 +432,8 @@ def onnx_table(args: argparse.Namespace) -> None:
             "autotune int8 per-channel": (INT8_PLAN, None),
             "autotune w8a8 a8 per-tensor": (w8a8_plan("tensor"), None),
             "autotune w8a8 a8 per-channel": (w8a8_plan("channel"), None),
+            "autotune w8a8 a8 w7 per-tensor": (w8a8_plan("tensor", 7), None),
+            "autotune w8a8 a8 w7 per-channel": (w8a8_plan("channel", 7), None),
             f"autotune tuned @ {int4_bytes / 1e6:.1f} MB": tune(
                 f"{int4_bytes}B", target="cpu", measure=False
             ),
@@ -430,7 +446,7 @@ def onnx_table(args: argparse.Namespace) -> None:
             ),
         }
         plans = {name: entry for name, entry in plans.items() if entry is not None}
-        tuned = {name: plan for name, (plan, _) in list(plans.items())[4:]}
+        tuned = {name: plan for name, (plan, _) in list(plans.items())[6:]}
         for index, (name, (plan, compressed)) in enumerate(plans.items()):
             compressed = compressed or apply_plan(model, plan)
             error = torch_error(compressed, feeds, reference, masks)

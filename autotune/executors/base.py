@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -144,6 +145,11 @@ class Executor(ABC):
         self, plans: Mapping[str, PlanOptions], split: Split, metric: str
     ) -> dict[str, float]:
         """The output error of each plan on ``split`` against the model as given."""
+
+    def swapped(self, options: PlanOptions) -> AbstractContextManager[nn.Module]:
+        """The whole working model with ``options``' modules in place of its layers,
+        restored on leaving (executors that hold the whole model only)."""
+        raise NotImplementedError(f"the {self.name} executor does not hold the whole model")
 
     @abstractmethod
     def apply(self, options: PlanOptions) -> None:

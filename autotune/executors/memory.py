@@ -4,12 +4,13 @@ every stage runs directly; plans are evaluated with their converted modules swap
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from autotune.agreement import agreements
 from autotune.apply import compress
-from autotune.candidates import ModuleCache, evaluate
+from autotune.candidates import ModuleCache, evaluate, swapped
 from autotune.costs import drop_undercalibrated
 from autotune.executors.base import Executor, Opened, Split, register_executor
 from autotune.fingerprint import fingerprint
@@ -82,6 +83,12 @@ class InMemory(Executor):
             name: evaluate(self.work, options, split.batches, split.reference, metric, self.modules)
             for name, options in plans.items()
         }
+
+    @contextmanager
+    def swapped(self, options):
+        assert self.modules is not None
+        with swapped(self.work, options, self.modules):
+            yield self.work
 
     def apply(self, options):
         modules = self.modules

@@ -3,7 +3,7 @@ the best-screened uniform plans that fit on the selection split."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -211,13 +211,15 @@ def _uncalibrated_plan(setup: Setup, priced: Priced, scored: Scored) -> dict[str
 
 @dataclass
 class Selected:
-    """The plan chosen on the selection split, the best uniform plan beside it, and that
-    uniform plan's held-out error (read only once the choice is made)."""
+    """The plan chosen on the selection split, the best uniform plan beside it, that uniform
+    plan's held-out error (read only once the choice is made), and the latency checks."""
 
     chosen: Candidate
     selection: Selection
     best_uniform: Candidate | None
     uniform_heldout: float | None
+    # the chosen plan timed where it runs against the latency budgets (autotune.pipeline.confirm)
+    latency_checks: list[dict[str, Any]] = field(default_factory=list)
 
 
 def select_plan(

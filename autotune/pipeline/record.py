@@ -147,6 +147,8 @@ def _search_record(
     if priced.margin and (budget.latency_ms or budget.decode_ms) is not None:
         record["latency_margin"] = priced.margin
     record["selection"] = selected.selection.to_dict()
+    if selected.latency_checks:
+        record["latency_checks"] = selected.latency_checks
     if priced.left_out:
         record["undercalibrated_options_left_out"] = priced.left_out
     if priced.agreements:

@@ -185,6 +185,12 @@ def test_local_target_measures_latency_in_the_model(tokenizer) -> None:
     _, bounded = _tune(f"35%,{limit:.6f}ms", tokenizer, target="local", measure=False, model=model)
     assert bounded.plan.search["latency_margin"] == LOCAL_LATENCY_MARGIN
     assert bounded.plan.predicted["latency_ms"] <= (1 - LOCAL_LATENCY_MARGIN) * limit
+    # the chosen plan was timed as a whole against the budget before it was kept
+    checks = bounded.plan.search["latency_checks"]
+    assert checks[-1]["plan"] == bounded.plan.search["chosen"]
+    assert all(c["budget_ms"] == pytest.approx(limit) and c["measured_ms"] > 0 for c in checks)
+    assert all(c["met"] == (c["measured_ms"] <= c["budget_ms"]) for c in checks)
+    assert "latency_checks" not in result.plan.search  # no latency budget: nothing to check
 
 
 def test_a_cached_tune_gives_the_same_plan(tokenizer, tmp_path) -> None:

@@ -83,7 +83,17 @@ def test_both_executors_give_the_same_plan(folder: Path, tmp_path: Path, search:
     assert streamed.plan.measured["heldout_error"] == pytest.approx(
         whole.plan.measured["heldout_error"], rel=1e-4
     )
-    stages = ["prepare", "calibrate", "price", "score", "search", "select", "apply", "write"]
+    stages = [
+        "prepare",
+        "calibrate",
+        "price",
+        "score",
+        "search",
+        "select",
+        "confirm",
+        "apply",
+        "write",
+    ]
     for result in (whole, streamed):  # every stage timed, in order, within the whole tune
         timed = result.plan.search["stage_seconds"]
         assert list(timed) == [*stages, "measure"]

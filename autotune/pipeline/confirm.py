@@ -1,0 +1,169 @@
+"""Stage 7: a latency budget checked where the plan runs, before the plan is kept.
+
+On ``local`` each option was timed on this machine (in autotune's modules, ONNX Runtime or
+llama.cpp), but a plan's time is predicted by adding its layers' shares, which misses how
+kernels interact (ONNX Runtime's int8 kernels gain unequally on float32 from one mix to
+another). So the selected plan is timed as a whole, in the runtime that runs it, beside the
+original as the final measurement times it; if it misses a latency or decode budget, the
+limit it is planned under is tightened by how far its prediction was off and the search runs
+again (the sensitivity table is reused), up to :data:`SEARCHES` searches in all. Every check
+is recorded in the plan (``search.latency_checks``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from autotune.allocation import candidate_totals, check_feasible
+from autotune.errors import InfeasibleBudgetError
+from autotune.latency_models import latency_model_for
+from autotune.pipeline.choose import Scored, Searched, Selected, search, select_plan
+from autotune.pipeline.config import TuneConfig
+from autotune.pipeline.prepare import Data, Setup
+from autotune.pipeline.price import Priced
+from autotune.plan import Plan
+from methods.base import Option
+from profilers.measure import measure_latencies
+
+SEARCHES = 3  # the first search and at most two more under tightened limits
+
+# the limit each latency budget sets, the budget's field, and the predicted total's name
+_LATENCIES = {"seconds": ("latency_ms", "latency_ms"), "decode_seconds": ("decode_ms", "decode_ms")}
+
+
+@dataclass(frozen=True)
+class LatencyCheck:
+    """One plan timed as a whole against one latency budget (``seconds`` or
+    ``decode_seconds``): the limit it was searched under, its predicted and measured p50."""
+
+    resource: str
+    plan: str
+    budget_ms: float
+    planned_ms: float
+    predicted_ms: float
+    measured_ms: float
+
+    @property
+    def met(self) -> bool:
+        return self.measured_ms <= self.budget_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "budget": "decode" if self.resource == "decode_seconds" else "latency",
+            "plan": self.plan,
+            "budget_ms": round(self.budget_ms, 6),
+            "planned_ms": round(self.planned_ms, 6),
+            "predicted_ms": round(self.predicted_ms, 6),
+            "measured_ms": round(self.measured_ms, 6),
+            "met": self.met,
+        }
+
+
+def applies(setup: Setup, priced: Priced) -> bool:
+    """Whether the plan can be checked here: a latency budget, priced by timing on this
+    machine, with the whole model in memory."""
+    return (
+        not setup.as_is
+        and setup.executor.holds_whole_model
+        and latency_model_for(setup.spec).measures
+        and any(r in priced.limits for r in _LATENCIES)
+    )
+
+
+def confirm_latency(
+    setup: Setup,
+    data: Data,
+    priced: Priced,
+    scored: Scored,
+    searched: Searched,
+    selected: Selected,
+    config: TuneConfig,
+) -> tuple[Priced, Searched, Selected]:
+    """Time the selected plan where it runs; while it misses a latency budget, search again
+    under limits tightened by its measured-over-predicted ratio (see the module docstring)."""
+    if not applies(setup, priced):
+        return priced, searched, selected
+    checks: list[LatencyCheck] = []
+    for attempt in range(SEARCHES):
+        found = check_plan(setup, priced, selected)
+        checks += found
+        missed = [c for c in found if not c.met]
+        for check in found:
+            setup.say.say(
+                f"latency check: '{check.plan}' {check.measured_ms:.4g} ms measured, "
+                f"{check.predicted_ms:.4g} ms predicted, budget {check.budget_ms:.4g} ms"
+                + ("" if check.met else " (missed)")
+            )
+        if not missed or attempt == SEARCHES - 1:
+            break
+        limits = tightened(priced, missed)
+        try:
+            check_feasible(setup.budget, priced.costs, limits)
+        except InfeasibleBudgetError:
+            setup.say.say("latency check: no plan fits the tightened limits; kept the last")
+            break
+        priced = replace(priced, limits=limits)
+        searched = search(setup, data, priced, scored, config)
+        selected = select_plan(setup, data, scored, searched, config)
+    selected.latency_checks = [c.to_dict() for c in checks]
+    return priced, searched, selected
+
+
+def tightened(priced: Priced, missed: list[LatencyCheck]) -> dict[str, float]:
+    """The limits with each missed latency planned so that, off by the same ratio, the plan
+    lands the margin under its budget."""
+    limits = dict(priced.limits)
+    keep = 1.0 - priced.margin
+    for check in missed:
+        ratio = check.measured_ms / check.predicted_ms if check.predicted_ms > 0 else 1.0
+        wanted = keep * check.budget_ms / 1e3 / max(ratio, 1.0)
+        limits[check.resource] = min(limits[check.resource], wanted)
+    return limits
+
+
+def check_plan(setup: Setup, priced: Priced, selected: Selected) -> list[LatencyCheck]:
+    """The selected plan timed against each latency budget."""
+    options = selected.chosen.options
+    predicted = candidate_totals(priced.costs, options)
+    measured = measured_ms(setup, priced, options)
+    checks = []
+    for resource, milliseconds in measured.items():
+        field_name, total = _LATENCIES[resource]
+        checks.append(
+            LatencyCheck(
+                resource=resource,
+                plan=selected.chosen.name,
+                budget_ms=float(getattr(setup.budget, field_name)),
+                planned_ms=priced.limits[resource] * 1e3,
+                predicted_ms=float(predicted[total]),
+                measured_ms=milliseconds,
+            )
+        )
+    return checks
+
+
+def measured_ms(setup: Setup, priced: Priced, options: dict[str, Option]) -> dict[str, float]:
+    """p50 milliseconds of the model with ``options``, for each latency limit, timed as the
+    final measurement times it: in the runtime the plan is for when its latency model times
+    there, else in autotune's modules, beside the original when there is one."""
+    latency_model = latency_model_for(setup.spec)
+    baseline = None if setup.inplace else setup.original
+    plan = Plan(layers={name: option.to_dict() for name, option in options.items()})
+    inputs = {"seconds": priced.latency_inputs, "decode_seconds": priced.decode}
+    out: dict[str, float] = {}
+    with setup.executor.swapped(options) as model:
+        models = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
+        for resource in _LATENCIES:
+            if resource not in priced.limits or inputs[resource] is None:
+                continue
+            elsewhere = None
+            if resource == "seconds" or latency_model.measures_decode:
+                elsewhere = latency_model.measure(model, plan, baseline, inputs[resource])
+            if elsewhere is None:
+                models = (
+                    {"model": model} if baseline is None else {"model": model, "baseline": baseline}
+                )
+                elsewhere = measure_latencies(models, inputs[resource])
+            out[resource] = elsewhere["model"].p50_ms
+    return out

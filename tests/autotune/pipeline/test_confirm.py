@@ -1,0 +1,115 @@
+"""The latency check: a plan that misses its latency budget where it runs is searched for
+again under a limit tightened by its measured-over-predicted ratio."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from autotune.errors import InfeasibleBudgetError
+from autotune.pipeline import confirm
+from autotune.pipeline.confirm import LatencyCheck, tightened
+
+
+def check(measured: float, predicted: float = 8.0, budget: float = 10.0, plan: str = "a"):
+    return LatencyCheck("seconds", plan, budget, 9.5, predicted, measured)
+
+
+def test_a_missed_check_plans_the_limit_so_the_same_ratio_lands_under_the_budget() -> None:
+    priced = SimpleNamespace(limits={"seconds": 0.0095, "bytes": 100.0}, margin=0.05)
+    limits = tightened(priced, [check(measured=12.0, predicted=8.0)])
+    # off by 1.5x: planned at 0.95 * 10 ms / 1.5, so 1.5x that is the margin under 10 ms
+    assert limits["seconds"] == pytest.approx(0.95 * 0.010 / 1.5)
+    assert limits["bytes"] == 100.0
+    assert priced.limits["seconds"] == 0.0095  # the caller's limits are not changed
+    assert check(measured=10.0).met and not check(measured=10.01).met
+
+
+@dataclass
+class _Priced:
+    limits: dict[str, float]
+    margin: float
+    costs: Any = None
+
+
+@dataclass
+class _Selected:
+    name: str
+    latency_checks: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Run:
+    """Stand-ins for the search and the timing: the plans searched, in order, each timed at
+    the next of ``measured`` (ms)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, measured: list[float], feasible=True):
+        self.measured, self.limits, self.said = list(measured), [], []
+        self.feasible = feasible
+        monkeypatch.setattr(confirm, "applies", lambda setup, priced: True)
+        monkeypatch.setattr(confirm, "check_plan", self.check_plan)
+        monkeypatch.setattr(confirm, "search", self.search)
+        monkeypatch.setattr(confirm, "select_plan", self.select)
+        monkeypatch.setattr(confirm, "check_feasible", self.check_feasible)
+        self.setup = SimpleNamespace(budget=None, say=SimpleNamespace(say=self.said.append))
+
+    def check_plan(self, setup, priced, selected):
+        self.limits.append(priced.limits["seconds"])
+        return [check(self.measured.pop(0), plan=selected.name)]
+
+    def search(self, setup, data, priced, scored, config):
+        return f"search {len(self.limits)}"
+
+    def select(self, setup, data, scored, searched, config):
+        return _Selected(f"plan {len(self.limits)}")
+
+    def check_feasible(self, budget, costs, limits):
+        if not self.feasible:
+            raise InfeasibleBudgetError("no plan", {})
+
+    def confirm(self):
+        priced = _Priced(limits={"seconds": 0.0095}, margin=0.05)
+        return confirm.confirm_latency(
+            self.setup, None, priced, None, "search 0", _Selected("plan 0"), None
+        )
+
+
+def test_a_plan_that_meets_its_budget_is_kept_after_one_check(monkeypatch) -> None:
+    run = _Run(monkeypatch, [9.0])
+    _, searched, selected = run.confirm()
+    assert (searched, selected.name) == ("search 0", "plan 0")
+    assert [c["met"] for c in selected.latency_checks] == [True]
+    assert run.limits == [0.0095]
+
+
+def test_a_missed_budget_is_searched_again_until_met(monkeypatch) -> None:
+    run = _Run(monkeypatch, [12.0, 10.5, 9.9])
+    priced, searched, selected = run.confirm()
+    assert selected.name == "plan 2" and searched == "search 2"
+    checks = selected.latency_checks
+    assert [(c["plan"], c["met"]) for c in checks] == [
+        ("plan 0", False),
+        ("plan 1", False),
+        ("plan 2", True),
+    ]
+    assert run.limits[1] == pytest.approx(0.95 * 0.010 / 1.5)  # 12 ms measured / 8 predicted
+    assert run.limits[2] == pytest.approx(min(run.limits[1], 0.95 * 0.010 / (10.5 / 8)))
+    assert priced.limits["seconds"] == run.limits[2]
+    assert sum("(missed)" in line for line in run.said) == 2
+
+
+def test_searches_are_bounded_and_the_last_plan_is_kept(monkeypatch) -> None:
+    run = _Run(monkeypatch, [12.0] * 5)
+    _, _, selected = run.confirm()
+    assert len(selected.latency_checks) == confirm.SEARCHES
+    assert selected.name == f"plan {confirm.SEARCHES - 1}"
+    assert not selected.latency_checks[-1]["met"]
+
+
+def test_limits_no_plan_meets_keep_the_checked_plan(monkeypatch) -> None:
+    run = _Run(monkeypatch, [12.0], feasible=False)
+    _, searched, selected = run.confirm()
+    assert (searched, selected.name) == ("search 0", "plan 0")
+    assert any("no plan fits the tightened limits" in line for line in run.said)
