@@ -223,17 +223,17 @@ class OnnxRuntimeRuntime(_ExportedRuntime):
         "DynamicQuantizeMatMul for w8a8); budgets count the export's own tensor bytes"
     )
 
-    def __init__(self, weight_bits: int = 8) -> None:
-        self.weight_bits = weight_bits  # of w8a8 layers: 7 where int8 pair sums saturate
+    def __init__(self, pair_safe: bool = False) -> None:
+        self.pair_safe = pair_safe  # w8a8 codes: pair-safe where int8 pair sums saturate
 
     def for_target(self, spec: HardwareSpec) -> Runtime:
         """On CPUs whose 8-bit dot products saturate pair sums (x86 without VNNI), ONNX
-        Runtime's fused int8 matmul is exact only with 7-bit weights."""
-        bits = 7 if spec.int8_pairs_saturate else 8
-        return self if bits == self.weight_bits else OnnxRuntimeRuntime(bits)
+        Runtime's fused int8 matmul is exact only on pair-safe codes."""
+        safe = spec.int8_pairs_saturate
+        return self if safe == self.pair_safe else OnnxRuntimeRuntime(safe)
 
     def forms(self, option: Option) -> list[Option]:
-        """W8A8 with 8-bit activations (and weights of at most :attr:`weight_bits`); weight
+        """W8A8 with 8-bit activations (pair-safe codes where :attr:`pair_safe`); weight
         scales per channel and per tensor, smoothed as asked and not at all (unsmoothed
         layers reading one input share its quantisation in ONNX Runtime, and skip the
         division)."""
@@ -242,7 +242,7 @@ class OnnxRuntimeRuntime(_ExportedRuntime):
         fused = dataclasses.replace(
             option,
             activation_bits=ORT_ACTIVATION_BITS,
-            weight_bits=min(option.weight_bits, self.weight_bits),
+            pair_safe=option.pair_safe or self.pair_safe,
         )
         alphas = dict.fromkeys([fused.alpha, 0.0])
         scales = [fused.weight_scales] if fused.per_tensor else ["channel", "tensor"]
@@ -260,11 +260,11 @@ class OnnxRuntimeRuntime(_ExportedRuntime):
                 f"{ORT_ACTIVATION_BITS}); {option.activation_bits}-bit ones run as unfused "
                 "standard ops"
             )
-        if isinstance(option, W8A8Option) and option.weight_bits > self.weight_bits:
+        if isinstance(option, W8A8Option) and self.pair_safe and not option.pair_safe:
             return (
                 f"{option.label}: on CPUs without VNNI ONNX Runtime's int8 matmul adds pairs "
-                "of 8-bit products in 16 bits, which saturates with 8-bit weights; allowed "
-                f"there: weight_bits {self.weight_bits}"
+                "of 8-bit products in 16 bits, which full-range codes saturate; allowed "
+                "there: pair_safe true"
             )
         return None
 

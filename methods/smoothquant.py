@@ -12,16 +12,16 @@ proved a poor guide: it always favours the strongest smoothing).
 
 Storage: int8 codes (symmetric, one float16 scale per output channel, or one for the whole
 weight with ``weight_scales="tensor"``), the float16 smoothing vector, and the bias. With
-``weight_bits=7`` the codes stay in [-63, 63]: x86 CPUs without VNNI multiply unsigned 8-bit
-activations by signed 8-bit weights and add each pair of products in 16 bits with saturation
-(``vpmaddubsw``), which 255 x 127 x 2 overflows and 255 x 63 x 2 does not, so such a layer is
-computed exactly there with 8-bit activations too.
+``pair_safe`` the codes of each pair of adjacent input columns sum to at most 128 in
+magnitude (:mod:`methods.pair_safe`): x86 CPUs without VNNI add each pair of 8-bit products
+in 16 bits with saturation, which such codes cannot reach, so the layer is computed exactly
+there with 8-bit activations too, at 8-bit weight resolution.
 Activations are quantised per call, per tensor, asymmetrically, to 7 bits
 (``activation_bits=7``, fbgemm's default, safe on every x86 CPU) or to 8 bits
 (``activation_bits=8``: ONNX Runtime's ``DynamicQuantizeLinear``, which its fused
 ``DynamicQuantizeMatMul`` kernel runs). On CPUs with fbgemm the layer runs torch's dynamic int8
 kernel (``quantized::linear_dynamic``), which holds the same codes in its packed form; 8-bit
-activations take it only on CPUs with VNNI or with 7-bit weights (elsewhere its 16-bit pair
+activations take it only on CPUs with VNNI or with pair-safe codes (elsewhere its 16-bit pair
 sums can saturate);
 every other case runs an exact float reference of the kernel.
 """
@@ -46,11 +46,11 @@ from methods.base import (
     finite_weight,
 )
 from methods.errors import OptionError
+from methods.pair_safe import pair_safe_codes
 from methods.registry import register
 
 GRID_ALPHAS = (0.45, 0.6, 0.75)
 ACTIVATION_BITS = (7, 8)
-WEIGHT_BITS = (7, 8)
 WEIGHT_SCALES = ("channel", "tensor")
 _FP16_MAX = 65504.0
 
@@ -60,18 +60,19 @@ class W8A8Option(Option):
     """``alpha``: smoothing strength in [0, 1]; 0 disables smoothing. ``activation_bits``: 7
     (fbgemm's range) or 8 (ONNX Runtime's ``DynamicQuantizeLinear``). ``weight_scales``:
     one scale per output channel, or one per tensor (ONNX Runtime's fastest int8 matmul).
-    ``weight_bits``: 8 (codes in [-127, 127]) or 7 ([-63, 63], exact on CPUs without VNNI)."""
+    ``pair_safe``: codes whose adjacent input-column pairs never saturate a 16-bit sum (exact
+    on CPUs without VNNI; see :mod:`methods.pair_safe`)."""
 
     method: ClassVar[str] = "w8a8"
     alpha: float = 0.75
     activation_bits: int = 7
     weight_scales: str = "channel"
-    weight_bits: int = 8
+    pair_safe: bool = False
 
     @property
     def label(self) -> str:
         name = "w8a8" if self.activation_bits == 7 else f"w8a8-a{self.activation_bits}"
-        name += "" if self.weight_bits == 8 else f"-w{self.weight_bits}"
+        name += "-pairsafe" if self.pair_safe else ""
         name += "" if self.weight_scales == "channel" else f"-{self.weight_scales}"
         return name if self.alpha == 0 else f"{name}-sq{self.alpha:g}"
 
@@ -138,26 +139,27 @@ def smoothing(absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch
 
 
 def quantize_weight(
-    weight: torch.Tensor, per_tensor: bool = False, bits: int = 8
+    weight: torch.Tensor, per_tensor: bool = False, pair_safe: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes in [-(2**(bits-1) - 1), 2**(bits-1) - 1] (8 bits: [-127, 127])
-    and float16 scales, one per row (or one in all)."""
-    top = 2 ** (bits - 1) - 1
+    """Symmetric int8 codes in [-127, 127] and float16 scales, one per row (or one in all);
+    ``pair_safe``: within the pair limit (:func:`methods.pair_safe.pair_safe_codes`)."""
+    if pair_safe:
+        return pair_safe_codes(weight, per_tensor)
     absmax = weight.abs().amax().reshape(1) if per_tensor else weight.abs().amax(dim=1)
-    scale = (absmax / top).clamp(2.0**-24, _FP16_MAX).to(torch.float16)
-    codes = torch.clamp(torch.round(weight / scale.float()[:, None]), -top, top)
+    scale = (absmax / 127).clamp(2.0**-24, _FP16_MAX).to(torch.float16)
+    codes = torch.clamp(torch.round(weight / scale.float()[:, None]), -127, 127)
     return codes.to(torch.int8), scale
 
 
-def _fbgemm_ready(x: torch.Tensor, activation_bits: int = 7, weight_bits: int = 8) -> bool:
+def _fbgemm_ready(x: torch.Tensor, activation_bits: int = 7, pair_safe: bool = False) -> bool:
     """Whether fbgemm's dynamic int8 kernel computes this layer exactly on ``x``'s device:
-    7-bit activations or 7-bit weights on any CPU with fbgemm, 8 and 8 only with VNNI."""
+    7-bit activations or pair-safe codes on any CPU with fbgemm, others only with VNNI."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and "fbgemm" in torch.backends.quantized.supported_engines
         and hasattr(torch.ops.quantized, "linear_dynamic")
-        and (activation_bits == 7 or weight_bits == 7 or has_vnni())
+        and (activation_bits == 7 or pair_safe or has_vnni())
     )
 
 
@@ -183,12 +185,12 @@ class W8A8Linear(KeepsStoredFormat):
         device: torch.device | str | None = None,
         activation_bits: int = 7,
         per_tensor: bool = False,
-        weight_bits: int = 8,
+        pair_safe: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.activation_bits = activation_bits
-        self.weight_bits = weight_bits
+        self.pair_safe = pair_safe
         self.rows, self.cols = out_features, in_features
         self.register_buffer(
             "codes", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
@@ -281,7 +283,7 @@ class W8A8Linear(KeepsStoredFormat):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] == 0:
             return x.new_zeros(*shape[:-1], self.out_features)
-        if _fbgemm_ready(x2, self.activation_bits, self.weight_bits):
+        if _fbgemm_ready(x2, self.activation_bits, self.pair_safe):
             if self.smooth is not None:
                 x2 = x2 / self.smooth.to(x2.dtype)
             reduce_range = self.activation_bits == 7
@@ -294,7 +296,7 @@ class W8A8Linear(KeepsStoredFormat):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, smoothed={self.smooth is not None}, "
-            f"activation_bits={self.activation_bits}, weight_bits={self.weight_bits}, "
+            f"activation_bits={self.activation_bits}, pair_safe={self.pair_safe}, "
             f"per_tensor={self.scales.numel() == 1}"
         )
 
@@ -329,10 +331,9 @@ class SmoothQuantW8A8(Method):
                 f"{layer}: w8a8 activation_bits {option.activation_bits!r} is not allowed; "
                 f"allowed: {' or '.join(map(str, ACTIVATION_BITS))}"
             )
-        if option.weight_bits not in WEIGHT_BITS:
+        if not isinstance(option.pair_safe, bool):
             raise OptionError(
-                f"{layer}: w8a8 weight_bits {option.weight_bits!r} is not allowed; "
-                f"allowed: {' or '.join(map(str, WEIGHT_BITS))}"
+                f"{layer}: w8a8 pair_safe must be true or false, got {option.pair_safe!r}"
             )
 
     def cost(self, shape: LayerShape, option: Option) -> Cost:
@@ -375,7 +376,7 @@ class SmoothQuantW8A8(Method):
                 )
             smooth = smoothing(observer.absmax, weight, option.alpha)
             weight = weight * smooth.float()[None, :]
-        codes, scales = quantize_weight(weight, option.per_tensor, option.weight_bits)
+        codes, scales = quantize_weight(weight, option.per_tensor, option.pair_safe)
         out = self.empty(shape, option, like=module)
         out.store(codes, scales, smooth)
         if out.bias is not None:
@@ -394,7 +395,7 @@ class SmoothQuantW8A8(Method):
             device=device,
             activation_bits=option.activation_bits,
             per_tensor=option.per_tensor,
-            weight_bits=option.weight_bits,
+            pair_safe=option.pair_safe,
         )
 
 

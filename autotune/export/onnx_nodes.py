@@ -328,8 +328,8 @@ def _w8a8_seven_bits(edit: Edit, site: Site, name: str, module: W8A8Linear) -> s
 
 
 def _w8a8_scheme(module: W8A8Linear) -> tuple[str, str]:
-    """``per-tensor`` or ``per-channel`` (with ``, 7-bit codes`` where its weights take 7
-    bits), and ``, smoothed`` where the layer is."""
+    """``per-tensor`` or ``per-channel`` (with ``, pair-safe`` where its codes are), and
+    ``, smoothed`` where the layer is."""
     per = "per-tensor" if module.scales.numel() == 1 else "per-channel"
-    per += ", 7-bit codes" if module.weight_bits == 7 else ""
+    per += ", pair-safe" if module.pair_safe else ""
     return per, ", smoothed" if module.smooth is not None else ""

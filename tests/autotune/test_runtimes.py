@@ -220,28 +220,33 @@ def test_onnxruntime_offers_w8a8_as_its_fused_int8_kernel_runs_it() -> None:
 
 
 @pytest.mark.parametrize("saturate", [True, False])
-def test_onnxruntime_takes_seven_bit_weights_where_int8_pair_sums_saturate(
-    saturate: bool,
-) -> None:
+def test_onnxruntime_takes_pair_safe_codes_where_int8_pair_sums_saturate(saturate: bool) -> None:
     """On a CPU target whose 8-bit dot products saturate pair sums (x86 without VNNI),
-    ONNX Runtime's W8A8 forms have 7-bit weights and 8-bit ones are refused in one line
-    naming what is allowed; elsewhere 8-bit weights stay (7-bit ones asked for are kept)."""
+    ONNX Runtime's W8A8 forms have pair-safe codes and full-range ones are refused in one
+    line naming what is allowed; elsewhere full-range codes stay (pair-safe ones asked for
+    are kept)."""
     from methods.smoothquant import W8A8Option
 
     spec = dataclasses.replace(get_target("cpu"), int8_pairs_saturate=saturate)
     runtime = get_runtime("onnxruntime").for_target(spec)
     layers = [LayerRef("a", SQUARE)]
-    offered = {"a": [W8A8Option(0), W8A8Option(0, weight_bits=7)]}
+    offered = {"a": [W8A8Option(0), W8A8Option(0, pair_safe=True)]}
     labels = [o.label for o in runtime.restrict(layers, offered)["a"]]
+    full = W8A8Option(0, activation_bits=8)
     if saturate:
-        assert labels == ["w8a8-a8-w7", "w8a8-a8-w7-tensor"]
-        refusal = runtime.refusal("a", SQUARE, W8A8Option(0, activation_bits=8))
-        assert refusal is not None and "allowed there: weight_bits 7" in refusal
+        assert labels == ["w8a8-a8-pairsafe", "w8a8-a8-pairsafe-tensor"]
+        refusal = runtime.refusal("a", SQUARE, full)
+        assert refusal is not None and "allowed there: pair_safe true" in refusal
     else:
-        assert labels == ["w8a8-a8", "w8a8-a8-tensor", "w8a8-a8-w7", "w8a8-a8-w7-tensor"]
-        assert runtime.refusal("a", SQUARE, W8A8Option(0, activation_bits=8)) is None
+        assert labels == [
+            "w8a8-a8",
+            "w8a8-a8-tensor",
+            "w8a8-a8-pairsafe",
+            "w8a8-a8-pairsafe-tensor",
+        ]
+        assert runtime.refusal("a", SQUARE, full) is None
     builtin = get_runtime("onnxruntime").for_target(get_target("cpu"))  # an AVX2 machine
-    assert builtin.weight_bits == 7  # type: ignore[attr-defined]
+    assert builtin.pair_safe  # type: ignore[attr-defined]
 
 
 def test_llama_cpp_offers_its_tensor_types_only() -> None:
