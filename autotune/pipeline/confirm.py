@@ -6,8 +6,9 @@ kernels interact (ONNX Runtime's int8 kernels gain unequally on float32 from one
 another). So the selected plan is timed as a whole, in the runtime that runs it, beside the
 original as the final measurement times it; if it misses a latency or decode budget, the
 limit it is planned under is tightened by how far its prediction was off and the search runs
-again (the sensitivity table is reused), up to :data:`SEARCHES` searches in all. Every check
-is recorded in the plan (``search.latency_checks``).
+again (the sensitivity table is reused), up to :data:`SEARCHES` searches in all; if none
+meets it, the plan measured nearest to it is kept. Every check is recorded in the plan
+(``search.latency_checks``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class LatencyCheck:
 
     resource: str
     plan: str
+    search: int  # which search found the plan: 1 the first, then one per tightened limit
     budget_ms: float
     planned_ms: float
     predicted_ms: float
@@ -52,6 +54,7 @@ class LatencyCheck:
         return {
             "budget": "decode" if self.resource == "decode_seconds" else "latency",
             "plan": self.plan,
+            "search": self.search,
             "budget_ms": round(self.budget_ms, 6),
             "planned_ms": round(self.planned_ms, 6),
             "predicted_ms": round(self.predicted_ms, 6),
@@ -85,8 +88,9 @@ def confirm_latency(
     if not applies(setup, priced):
         return priced, searched, selected
     checks: list[LatencyCheck] = []
+    tried: list[tuple[float, int, Priced, Searched, Selected]] = []
     for attempt in range(SEARCHES):
-        found = check_plan(setup, priced, selected)
+        found = check_plan(setup, priced, selected, attempt + 1)
         checks += found
         missed = [c for c in found if not c.met]
         for check in found:
@@ -95,17 +99,24 @@ def confirm_latency(
                 f"{check.predicted_ms:.4g} ms predicted, budget {check.budget_ms:.4g} ms"
                 + ("" if check.met else " (missed)")
             )
-        if not missed or attempt == SEARCHES - 1:
+        if not missed:
+            break
+        nearest = max(c.measured_ms / c.budget_ms for c in found)
+        tried.append((nearest, attempt + 1, priced, searched, selected))
+        if attempt == SEARCHES - 1:
             break
         limits = tightened(priced, missed)
         try:
             check_feasible(setup.budget, priced.costs, limits)
         except InfeasibleBudgetError:
-            setup.say.say("latency check: no plan fits the tightened limits; kept the last")
+            setup.say.say("latency check: no plan fits the tightened limits")
             break
         priced = replace(priced, limits=limits)
         searched = search(setup, data, priced, scored, config)
         selected = select_plan(setup, data, scored, searched, config)
+    if missed:  # none met its budget: keep the one measured nearest to it
+        _, kept, priced, searched, selected = min(tried, key=lambda t: t[:2])
+        setup.say.say(f"latency check: no plan met the budget; kept the nearest (search {kept})")
     selected.latency_checks = [c.to_dict() for c in checks]
     return priced, searched, selected
 
@@ -122,8 +133,11 @@ def tightened(priced: Priced, missed: list[LatencyCheck]) -> dict[str, float]:
     return limits
 
 
-def check_plan(setup: Setup, priced: Priced, selected: Selected) -> list[LatencyCheck]:
-    """The selected plan timed against each latency budget."""
+def check_plan(
+    setup: Setup, priced: Priced, selected: Selected, attempt: int = 1
+) -> list[LatencyCheck]:
+    """The selected plan (found by search number ``attempt``) timed against each latency
+    budget."""
     options = selected.chosen.options
     predicted = candidate_totals(priced.costs, options)
     measured = measured_ms(setup, priced, options)
@@ -134,6 +148,7 @@ def check_plan(setup: Setup, priced: Priced, selected: Selected) -> list[Latency
             LatencyCheck(
                 resource=resource,
                 plan=selected.chosen.name,
+                search=attempt,
                 budget_ms=float(getattr(setup.budget, field_name)),
                 planned_ms=priced.limits[resource] * 1e3,
                 predicted_ms=float(predicted[total]),

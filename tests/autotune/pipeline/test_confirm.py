@@ -14,8 +14,8 @@ from autotune.pipeline import confirm
 from autotune.pipeline.confirm import LatencyCheck, tightened
 
 
-def check(measured: float, predicted: float = 8.0, budget: float = 10.0, plan: str = "a"):
-    return LatencyCheck("seconds", plan, budget, 9.5, predicted, measured)
+def check(measured: float, predicted: float = 8.0, budget: float = 10.0, search: int = 1):
+    return LatencyCheck("seconds", "allocator", search, budget, 9.5, predicted, measured)
 
 
 def test_a_missed_check_plans_the_limit_so_the_same_ratio_lands_under_the_budget() -> None:
@@ -40,6 +40,10 @@ class _Selected:
     name: str
     latency_checks: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def chosen(self) -> SimpleNamespace:
+        return SimpleNamespace(name=self.name)
+
 
 class _Run:
     """Stand-ins for the search and the timing: the plans searched, in order, each timed at
@@ -55,9 +59,9 @@ class _Run:
         monkeypatch.setattr(confirm, "check_feasible", self.check_feasible)
         self.setup = SimpleNamespace(budget=None, say=SimpleNamespace(say=self.said.append))
 
-    def check_plan(self, setup, priced, selected):
+    def check_plan(self, setup, priced, selected, attempt):
         self.limits.append(priced.limits["seconds"])
-        return [check(self.measured.pop(0), plan=selected.name)]
+        return [check(self.measured.pop(0), search=attempt)]
 
     def search(self, setup, data, priced, scored, config):
         return f"search {len(self.limits)}"
@@ -89,10 +93,10 @@ def test_a_missed_budget_is_searched_again_until_met(monkeypatch) -> None:
     priced, searched, selected = run.confirm()
     assert selected.name == "plan 2" and searched == "search 2"
     checks = selected.latency_checks
-    assert [(c["plan"], c["met"]) for c in checks] == [
-        ("plan 0", False),
-        ("plan 1", False),
-        ("plan 2", True),
+    assert [(c["search"], c["met"]) for c in checks] == [
+        (1, False),
+        (2, False),
+        (3, True),
     ]
     assert run.limits[1] == pytest.approx(0.95 * 0.010 / 1.5)  # 12 ms measured / 8 predicted
     assert run.limits[2] == pytest.approx(min(run.limits[1], 0.95 * 0.010 / (10.5 / 8)))
@@ -100,12 +104,16 @@ def test_a_missed_budget_is_searched_again_until_met(monkeypatch) -> None:
     assert sum("(missed)" in line for line in run.said) == 2
 
 
-def test_searches_are_bounded_and_the_last_plan_is_kept(monkeypatch) -> None:
-    run = _Run(monkeypatch, [12.0] * 5)
-    _, _, selected = run.confirm()
+def test_searches_are_bounded_and_the_plan_measured_nearest_the_budget_is_kept(
+    monkeypatch,
+) -> None:
+    run = _Run(monkeypatch, [12.0, 10.4, 11.0, 9.0])
+    priced, searched, selected = run.confirm()
     assert len(selected.latency_checks) == confirm.SEARCHES
-    assert selected.name == f"plan {confirm.SEARCHES - 1}"
-    assert not selected.latency_checks[-1]["met"]
+    assert not any(c["met"] for c in selected.latency_checks)
+    assert (searched, selected.name) == ("search 1", "plan 1")  # 10.4 ms: the nearest
+    assert priced.limits["seconds"] == run.limits[1]
+    assert any("kept the nearest (search 2)" in line for line in run.said)
 
 
 def test_limits_no_plan_meets_keep_the_checked_plan(monkeypatch) -> None:
