@@ -41,7 +41,7 @@ over windows) and the relative MSE of ``last_hidden_state``; ``torch 1-cos`` is 
 compressed model on the same windows. Latency is the median of ``session.run`` at batch 1 x
 16 and 1 x 128 tokens, every variant timed in turn, round after round, in one process.
 
-Run: ``python benchmarks/exports.py`` (about 4 minutes on 2 cores).
+Run: ``python benchmarks/exports.py`` (``--part onnx``: 5-8 minutes on 2 cores).
 """
 
 from __future__ import annotations
