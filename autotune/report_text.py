@@ -73,9 +73,9 @@ def search_line(search: dict[str, Any]) -> str | None:
         )
     for check in search.get("latency_checks") or []:
         line += (
-            f"; {check['budget']} check of '{check['plan']}': {check['measured_ms']:.4g} ms "
-            f"measured, {check['predicted_ms']:.4g} predicted, budget {check['budget_ms']:.4g} "
-            f"({'met' if check['met'] else 'missed'})"
+            f"; {check['budget']} check of search {check.get('search', 1)}'s plan: "
+            f"{check['measured_ms']:.4g} ms measured, {check['predicted_ms']:.4g} ms predicted, "
+            f"budget {check['budget_ms']:.4g} ms ({'met' if check['met'] else 'missed'})"
         )
     selection = search.get("selection") or {}
     chosen, front = selection.get("chosen"), selection.get("front_runner")

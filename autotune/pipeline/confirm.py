@@ -176,9 +176,6 @@ def measured_ms(setup: Setup, priced: Priced, options: dict[str, Option]) -> dic
             if resource == "seconds" or latency_model.measures_decode:
                 elsewhere = latency_model.measure(model, plan, baseline, inputs[resource])
             if elsewhere is None:
-                models = (
-                    {"model": model} if baseline is None else {"model": model, "baseline": baseline}
-                )
                 elsewhere = measure_latencies(models, inputs[resource])
             out[resource] = elsewhere["model"].p50_ms
     return out
