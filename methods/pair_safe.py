@@ -22,6 +22,11 @@ SCALE_STEPS = 16  # candidate scales, from absmax / 127 to twice that
 _FP16_TINY, _FP16_MAX = 2.0**-24, 65504.0
 
 
+def _even(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with a zero column appended when its columns are odd (a last lone column)."""
+    return torch.cat([x, x.new_zeros(x.shape[0], 1)], dim=1) if x.shape[1] % 2 else x
+
+
 def pair_limited(units: torch.Tensor) -> torch.Tensor:
     """``units`` (weight over scale, rows x cols) as integer codes in [-127, 127] whose
     adjacent column pairs sum to at most :data:`PAIR_LIMIT` in magnitude: each pair is
@@ -29,9 +34,7 @@ def pair_limited(units: torch.Tensor) -> torch.Tensor:
     over the pair limit is stepped back by one on the element rounded furthest up. A last
     odd column pairs with nothing."""
     cols = units.shape[1]
-    x = units.float()
-    if cols % 2:
-        x = torch.cat([x, x.new_zeros(x.shape[0], 1)], dim=1)
+    x = _even(units.float())
     a, b = x[:, 0::2], x[:, 1::2]
     over = a.abs() + b.abs() > PAIR_LIMIT
     shrink = ((a.abs() + b.abs() - PAIR_LIMIT) / 2).clamp_min(0)
@@ -48,12 +51,8 @@ def pair_limited(units: torch.Tensor) -> torch.Tensor:
     rest = float(PAIR_LIMIT - CODE_MAX)
     a_edge, b_edge = mag_a > CODE_MAX, mag_b > CODE_MAX
     mag_a, mag_b = (
-        torch.where(
-            b_edge & over, torch.minimum(a.abs(), torch.tensor(rest)), mag_a.clamp(max=CODE_MAX)
-        ),
-        torch.where(
-            a_edge & over, torch.minimum(b.abs(), torch.tensor(rest)), mag_b.clamp(max=CODE_MAX)
-        ),
+        torch.where(b_edge & over, a.abs().clamp(max=rest), mag_a.clamp(max=CODE_MAX)),
+        torch.where(a_edge & over, b.abs().clamp(max=rest), mag_b.clamp(max=CODE_MAX)),
     )
     a, b = torch.sign(a) * mag_a, torch.sign(b) * mag_b
     ra, rb = torch.round(a), torch.round(b)
@@ -69,9 +68,7 @@ def pair_limited(units: torch.Tensor) -> torch.Tensor:
 
 def pair_sums_fit(codes: torch.Tensor) -> bool:
     """Whether every adjacent column pair of ``codes`` is within :data:`PAIR_LIMIT`."""
-    c = codes.to(torch.int32)
-    if c.shape[1] % 2:
-        c = torch.cat([c, c.new_zeros(c.shape[0], 1)], dim=1)
+    c = _even(codes.to(torch.int32))
     return bool((c[:, 0::2].abs() + c[:, 1::2].abs()).max() <= PAIR_LIMIT)
 
 

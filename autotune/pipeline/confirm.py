@@ -29,8 +29,8 @@ from profilers.measure import measure_latencies
 
 SEARCHES = 3  # the first search and at most two more under tightened limits
 
-# the limit each latency budget sets, the budget's field, and the predicted total's name
-_LATENCIES = {"seconds": ("latency_ms", "latency_ms"), "decode_seconds": ("decode_ms", "decode_ms")}
+# the limit each latency budget sets -> the budget's field (also the predicted total's name)
+_LATENCIES = {"seconds": "latency_ms", "decode_seconds": "decode_ms"}
 
 
 @dataclass(frozen=True)
@@ -143,15 +143,15 @@ def check_plan(
     measured = measured_ms(setup, priced, options)
     checks = []
     for resource, milliseconds in measured.items():
-        field_name, total = _LATENCIES[resource]
+        budget_field = _LATENCIES[resource]
         checks.append(
             LatencyCheck(
                 resource=resource,
                 plan=selected.chosen.name,
                 search=attempt,
-                budget_ms=float(getattr(setup.budget, field_name)),
+                budget_ms=float(getattr(setup.budget, budget_field)),
                 planned_ms=priced.limits[resource] * 1e3,
-                predicted_ms=float(predicted[total]),
+                predicted_ms=float(predicted[budget_field]),
                 measured_ms=milliseconds,
             )
         )
