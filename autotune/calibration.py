@@ -145,11 +145,16 @@ def token_windows(
 
 
 def accepted_inputs(model: nn.Module) -> set[str]:
+    """The inputs that batches for ``model`` carry: those its ``forward`` takes, less
+    ``token_type_ids`` where the model has no segment table (GPT-2 takes them but looks them
+    up in its token table, so zeros would add token 0's embedding to every position)."""
     try:
-        params = inspect.signature(model.forward).parameters
+        params = set(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
         return {"input_ids"}
-    return set(params)
+    if getattr(getattr(model, "config", None), "type_vocab_size", None) is None:
+        params.discard("token_type_ids")
+    return params
 
 
 def batch_windows(

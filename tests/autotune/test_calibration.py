@@ -160,3 +160,21 @@ def test_unusable_calibration(tokenizer, calibration, fragment: str) -> None:
 def test_no_tokenizer_needs_batches() -> None:
     with pytest.raises(CalibrationError, match="no tokenizer"):
         build_calibration(make_tiny_bert(), None)
+
+
+def test_a_model_without_segment_embeddings_gets_no_token_type_ids(tokenizer) -> None:
+    """GPT-2's forward takes ``token_type_ids`` but looks them up in its token table: batches
+    carry none, so the model computes on them what it computes in use."""
+    import torch
+    import transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=1, n_head=2, n_positions=64
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    calib = build_calibration(model, tokenizer, seq_len=16, calibration_windows=2)
+    batch = calib.calibration[0]
+    assert set(batch) == {"input_ids", "attention_mask"}
+    with torch.no_grad():
+        plain = model(input_ids=batch["input_ids"]).logits
+        assert torch.equal(model(**batch).logits, plain)
