@@ -290,7 +290,7 @@ class LlamaCppRuntime(_ExportedRuntime):
     )
 
     def check_model(self, model: nn.Module) -> None:
-        from autotune.export.gguf import family_of
+        from autotune.export.gguf_families import family_of
 
         family_of(model)
 

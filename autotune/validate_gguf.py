@@ -55,7 +55,7 @@ def layer_types(reader: Any, model: nn.Module, plan: Plan, strict: bool) -> list
     """One check per layer: its tensor type in the file against the plan's option."""
     import gguf
 
-    from autotune.export.gguf import family_of, gguf_arch
+    from autotune.export.gguf_families import family_of, gguf_arch
     from autotune.validate import Check
 
     names = gguf.get_tensor_name_map(gguf_arch(family_of(model)), model.config.num_hidden_layers)

@@ -27,10 +27,11 @@ import numpy as np
 from torch import nn
 
 from autotune.export.base import Exporter, ExportError, ExportResult, register_exporter
+from autotune.export.gguf_families import Family, family_of, gguf_arch, is_position_table
 from autotune.io import write_atomic
 from autotune.layers import LayerRef
 from autotune.plan import Plan
-from methods.base import LayerShape, Option, is_weight_layer
+from methods.base import LayerShape, Option, is_conv1d, is_weight_layer
 from methods.gguf import GGUFOption, GGUFStorage
 from methods.keep import KeepOption
 from methods.registry import method_of
@@ -41,46 +42,6 @@ PLAN_KEY = "autotune.plan_fingerprint"
 MODEL_KEY = "autotune.model_fingerprint"
 EMPTY_FINGERPRINT = "0" * 64
 HELD = "allowed: method gguf (llama.cpp's tensor types) or keep"
-
-
-@dataclass(frozen=True)
-class Family:
-    """How one model family becomes a llama.cpp architecture."""
-
-    arch: str
-    permute_qk: bool  # llama.cpp's Llama rotary layout pairs rows differently from HF's
-
-
-FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", True),
-    "mistral": Family("llama", True),
-    "qwen2": Family("qwen2", False),
-}
-
-
-def family_of(model: nn.Module) -> Family:
-    """The family of ``model``'s config, or one line naming those written."""
-    config = getattr(model, "config", None)
-    kind = getattr(config, "model_type", None)
-    if kind not in FAMILIES:
-        raise ExportError(
-            f"--format gguf writes {', '.join(sorted(FAMILIES))} models for llama.cpp; this "
-            f"model is {kind or type(model).__name__!r}"
-        )
-    rope = _rope(config)
-    if rope.get("rope_type", "default") != "default":
-        raise ExportError(
-            f"--format gguf writes default rotary embeddings; this model's rope_type is "
-            f"{rope.get('rope_type')!r}"
-        )
-    return FAMILIES[kind]
-
-
-def _rope(config: Any) -> dict[str, Any]:
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-    if isinstance(rope, dict):
-        return rope
-    return {"rope_theta": getattr(config, "rope_theta", 10000.0)}
 
 
 def pad(n: int) -> int:
@@ -107,7 +68,6 @@ def tensors(model: nn.Module, family: Family, priced_only: bool = False) -> list
     config = model.config
     arch = gguf_arch(family)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    heads = (config.num_attention_heads, _kv_heads(config))  # query heads, key/value heads
     state = model.state_dict(keep_vars=True)
     out: list[Tensor] = []
     for module_name, module in model.named_modules():
@@ -121,11 +81,11 @@ def tensors(model: nn.Module, family: Family, priced_only: bool = False) -> list
         ]
         found += list(module.named_parameters(recurse=False, prefix=""))
         for local, value in found:
-            out.append(_tensor(names, prefix, local, value, module, family, heads, priced_only))
+            out.append(_tensor(names, prefix, local, value, module, family, config, priced_only))
     return out
 
 
-def _tensor(names, prefix, local, value, module, family, heads, priced_only) -> Tensor:
+def _tensor(names, prefix, local, value, module, family, config, priced_only) -> Tensor:
     """One tensor as the file holds it; ``priced_only``: its shape and bytes, no data."""
     import gguf
 
@@ -136,56 +96,28 @@ def _tensor(names, prefix, local, value, module, family, heads, priced_only) -> 
         raise ExportError(f"--format gguf has no llama.cpp name for tensor {key!r}")
     ggml = module.kind.ggml if blocks else gguf.GGMLQuantizationType.F32
     size = 1 if blocks else 4  # bytes per stored element: raw blocks, or float32
-    byte_shape = (*value.shape[:-1], value.shape[-1] * size)
+    transposed = local == "weight" and is_conv1d(module)  # stored [in, out]: write [out, in]
+    shape = tuple(reversed(value.shape)) if transposed else tuple(value.shape)
+    byte_shape = (*shape[:-1], shape[-1] * size)
     if priced_only:  # rows are reordered, not resized: nothing to convert
         return Tensor(name, None, ggml, byte_shape, value.numel() * size, key)
     data = value.detach().cpu()
     array = data.numpy() if blocks else data.float().numpy()
-    if family.permute_qk and (".attn_q." in name or ".attn_k." in name):
-        array = _permute_rows(array, heads[0] if ".attn_q." in name else heads[1])
+    if transposed:
+        array = array.T
+    array = family.arrange(name, array, config)
     return Tensor(name, np.ascontiguousarray(array), ggml, byte_shape, int(array.nbytes), key)
 
 
-def _permute_rows(array: np.ndarray, heads: int) -> np.ndarray:
-    """HF's rotate-half rows to llama.cpp's interleaved pairs, per head."""
-    rows = array.shape[0]
-    return (
-        array.reshape(heads, 2, rows // heads // 2, *array.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(array.shape)
-    )
-
-
-def _kv_heads(config: Any) -> int:
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-
-
-def gguf_arch(family: Family) -> Any:
-    """gguf's ``MODEL_ARCH`` of ``family``."""
-    import gguf
-
-    return next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == family.arch)
-
-
-def _metadata(writer: Any, model: nn.Module, tokenizer: Any, fingerprints: tuple[str, str]):
+def _metadata(
+    writer: Any, model: nn.Module, family: Family, tokenizer: Any, fingerprints: tuple[str, str]
+):
     import gguf
 
     config = model.config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     # the class, not the folder it was read from: the file's size must not depend on a path
     writer.add_name(str((getattr(config, "architectures", None) or [config.model_type])[0]))
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(_kv_heads(config))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_rope_freq_base(float(_rope(config).get("rope_theta", 10000.0)))
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
+    family.hyperparameters(writer, config)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.GUESSED)
     _tokenizer(writer, tokenizer, config.vocab_size)
@@ -240,7 +172,7 @@ def _writer(path: str, model: nn.Module, family: Family, tokenizer: Any, fingerp
     import gguf
 
     writer = gguf.GGUFWriter(path, family.arch)
-    _metadata(writer, model, tokenizer, fingerprints)
+    _metadata(writer, model, family, tokenizer, fingerprints)
     for t in parts:
         if t.data is None:
             writer.add_tensor_info(t.name, t.byte_shape, np.dtype(np.uint8), t.nbytes, t.ggml)
@@ -300,13 +232,18 @@ class GGUFExporter(Exporter):
     requires = ("gguf",)
     install = "gguf"
     writes = "file"
-    description = "a GGUF file llama.cpp loads (llama, mistral, qwen2 families)"
+    description = "a GGUF file llama.cpp loads (llama, mistral, qwen2 and gpt2 families)"
 
     def refusal(self, layer: str, shape: LayerShape, option: Option) -> str | None:
         if isinstance(option, KeepOption):
             return None
         if not isinstance(option, GGUFOption):
             return f"{option.label} has no llama.cpp tensor type; {HELD}"
+        if shape.kind == "embedding" and is_position_table(layer):
+            return (
+                f"{option.label}: llama.cpp keeps position embeddings in float (llama-quantize "
+                "never quantises them); allowed: keep"
+            )
         return None
 
     def write(

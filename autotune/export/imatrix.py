@@ -57,7 +57,7 @@ def write_imatrix(
     import gguf
 
     from autotune.apply import plan_calibration
-    from autotune.export.gguf import family_of, gguf_arch
+    from autotune.export.gguf_families import family_of, gguf_arch
 
     family = family_of(model)
     options = plan.layer_options(model)

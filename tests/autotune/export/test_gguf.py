@@ -32,6 +32,18 @@ def make_model(family: str = "llama", tied: bool = False, seed: int = 0):
     import transformers
 
     torch.manual_seed(seed)
+    if family == "gpt2":  # Conv1D layers stored [in, out], one fused query/key/value layer
+        config = transformers.GPT2Config(
+            vocab_size=4096,
+            n_embd=256,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=0,
+            eos_token_id=0,
+            tie_word_embeddings=tied,
+        )
+        return transformers.GPT2LMHeadModel(config).eval()
     common = dict(
         vocab_size=4096,
         hidden_size=256,
@@ -50,12 +62,12 @@ def make_model(family: str = "llama", tied: bool = False, seed: int = 0):
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
 
 
-def tune_for_llama_cpp(budget_bytes: int, tokenizer):
+def tune_for_llama_cpp(budget_bytes: int, tokenizer, family: str = "llama"):
     """A quick tune of :func:`make_model` for llama.cpp (allocator, few short windows)."""
     from autotune.tuner import autotune
 
     return autotune(
-        make_model(),
+        make_model(family, tied=family == "gpt2"),
         f"{budget_bytes}B",
         "cpu",
         tokenizer=tokenizer,
@@ -90,6 +102,36 @@ PLANS = {
         }
     ),
 }
+KEEP = {"method": "none"}
+GPT2_PLANS = {  # the same plans in GPT-2's layer names; llama.cpp keeps positions in float
+    "legacy types": Plan(
+        layers={
+            "_default": gguf("Q8_0"),
+            "transformer.wpe": KEEP,
+            r"re:.*mlp\..*": gguf("Q4_1"),
+            "transformer.wte": gguf("Q5_0"),
+        }
+    ),
+    "k-quants": Plan(
+        layers={
+            "_default": gguf("Q4_K"),
+            "transformer.wpe": KEEP,
+            r"re:.*c_attn": gguf("Q6_K"),
+            r"re:.*mlp\.c_proj": gguf("Q3_K"),
+            "transformer.h.1.mlp.c_fc": gguf("IQ4_XS"),
+            "transformer.h.0.attn.c_proj": KEEP,
+            "transformer.wte": gguf("Q2_K"),
+        }
+    ),
+}
+
+
+def plan_for(family: str, plan_name: str) -> Plan:
+    return (
+        GPT2_PLANS[plan_name] if family == "gpt2" and plan_name in GPT2_PLANS else PLANS[plan_name]
+    )
+
+
 CASES = [
     ("llama", False, "float"),
     ("llama", False, "legacy types"),
@@ -97,6 +139,9 @@ CASES = [
     ("llama", True, "legacy types"),
     ("qwen2", False, "legacy types"),
     ("mistral", False, "legacy types"),
+    ("gpt2", True, "float"),
+    ("gpt2", True, "legacy types"),
+    ("gpt2", False, "k-quants"),
 ]
 
 
@@ -111,7 +156,7 @@ def test_priced_bytes_are_the_written_files_bytes(
     if plan_name == "k-quants" and not ggml_quantizer.available():
         pytest.skip("K-quants need llama.cpp's quantizer")
     model = make_model(family, tied)
-    plan = PLANS[plan_name]
+    plan = plan_for(family, plan_name)
     work = make_model(family, tied)
     untie_output_embeddings(work)  # as a tune does: a tied table is one layer
     layers = compressible_layers(work, min_numel=0)
@@ -153,6 +198,9 @@ def kl(reference: torch.Tensor, other: torch.Tensor) -> float:
         ("llama", True, "legacy types"),
         ("qwen2", False, "legacy types"),
         ("mistral", False, "k-quants"),
+        ("gpt2", True, "float"),
+        ("gpt2", True, "legacy types"),
+        ("gpt2", False, "k-quants"),
     ],
 )
 def test_llama_cpp_computes_what_autotunes_modules_compute(
@@ -162,7 +210,7 @@ def test_llama_cpp_computes_what_autotunes_modules_compute(
     quantise activations to 8 bits, so not to the last bit), far closer than the
     compression error itself."""
     model = make_model(family, tied)
-    plan = PLANS[plan_name]
+    plan = plan_for(family, plan_name)
     export_plan(plan, model, "gguf", tmp_path / "m.gguf", tokenizer=bpe_tokenizer)
     compressed = compress(model, plan)
     ids = list(range(5, 45))
@@ -219,8 +267,24 @@ def test_an_option_without_a_llama_cpp_type_is_refused_before_writing(tmp_path: 
 def test_a_family_llama_cpp_is_not_written_for_is_refused(tmp_path: Path) -> None:
     from tests.conftest import make_tiny_bert
 
-    with pytest.raises(ExportError, match="writes llama, mistral, qwen2 models"):
+    with pytest.raises(ExportError, match="writes gpt2, llama, mistral, qwen2 models"):
         export_plan(PLANS["float"], make_tiny_bert(), "gguf", tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_quantised_position_table_is_refused_before_writing(tmp_path: Path) -> None:
+    """llama-quantize never quantises position embeddings, so no plan for llama.cpp does."""
+    plan = Plan(layers={"_default": gguf("Q8_0")})
+    with pytest.raises(ExportError, match=r"'transformer.wpe'.*keeps position embeddings"):
+        export_plan(plan, make_model("gpt2"), "gguf", tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_gpt2_that_llama_cpp_computes_differently_is_refused(tmp_path: Path) -> None:
+    model = make_model("gpt2")
+    model.config.activation_function = "relu"
+    with pytest.raises(ExportError, match=r"tanh GELU .* activation_function is 'relu'"):
+        export_plan(PLANS["float"], model, "gguf", tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -17,7 +17,7 @@ from autotune.export.gguf import describe
 from autotune.export.imatrix import write_imatrix
 from autotune.export.llama_tools import find_tool
 from autotune.plan import Plan
-from tests.autotune.export.test_gguf import PLANS, make_model
+from tests.autotune.export.test_gguf import make_model, plan_for
 
 QUANTIZE = find_tool("llama-quantize")
 pytestmark = pytest.mark.skipif(
@@ -47,34 +47,55 @@ def run_plans_line(
     return out
 
 
-def test_llama_quantize_with_the_plans_line_writes_the_same_tensors(tmp_path: Path) -> None:
-    plan, model = PLANS["k-quants"], make_model()
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_llama_quantize_with_the_plans_line_writes_the_same_tensors(
+    family: str, tmp_path: Path
+) -> None:
+    plan, model = plan_for(family, "k-quants"), make_model(family)
     ours = tmp_path / "ours.gguf"
     export_plan(plan, model, "gguf", ours)
     theirs = run_plans_line(plan, model, tmp_path)
     assert tensors_of(theirs) == tensors_of(ours)
 
 
-def test_with_autotunes_imatrix_file_llama_quantize_writes_the_same_codes(
-    bpe_tokenizer, tmp_path: Path
-) -> None:
-    weighted = {"method": "gguf", "imatrix": True}
-    plan = Plan(
-        layers={
-            "_default": {**weighted, "type": "Q4_K"},
-            r"re:.*down_proj": {**weighted, "type": "IQ4_XS"},
-            r"re:.*v_proj": {**weighted, "type": "IQ2_XXS"},
-            r"re:.*q_proj": {"method": "gguf", "type": "Q5_K"},  # plain beside weighted
+WEIGHTED = {"method": "gguf", "imatrix": True}
+IMATRIX_PLANS = {  # plain types beside weighted ones; name: (layers, weighted layers)
+    "llama": (
+        {
+            "_default": {**WEIGHTED, "type": "Q4_K"},
+            r"re:.*down_proj": {**WEIGHTED, "type": "IQ4_XS"},
+            r"re:.*v_proj": {**WEIGHTED, "type": "IQ2_XXS"},
+            r"re:.*q_proj": {"method": "gguf", "type": "Q5_K"},
             "model.embed_tokens": {"method": "gguf", "type": "Q6_K"},
         },
-        calibration={"seq_len": 64, "calibration_windows": 8, "batch_size": 4},
+        13,
+    ),
+    "gpt2": (  # Conv1D layers: the matrix is over their input columns all the same
+        {
+            "_default": {**WEIGHTED, "type": "Q4_K"},
+            r"re:.*mlp\.c_proj": {**WEIGHTED, "type": "IQ4_XS"},
+            r"re:.*c_attn": {**WEIGHTED, "type": "IQ2_XXS"},
+            r"re:.*attn\.c_proj": {"method": "gguf", "type": "Q5_K"},
+            "transformer.wte": {"method": "gguf", "type": "Q6_K"},
+            "transformer.wpe": {"method": "none"},
+        },
+        7,
+    ),
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_with_autotunes_imatrix_file_llama_quantize_writes_the_same_codes(
+    family: str, bpe_tokenizer, tmp_path: Path
+) -> None:
+    layers, weighted = IMATRIX_PLANS[family]
+    plan = Plan(
+        layers=layers, calibration={"seq_len": 64, "calibration_windows": 8, "batch_size": 4}
     )
-    model = make_model()
+    model = make_model(family)
     ours = tmp_path / "ours.gguf"
     export_plan(plan, model, "gguf", ours, tokenizer=bpe_tokenizer)
     imatrix = tmp_path / "imatrix.gguf"
-    assert (
-        write_imatrix(model, plan, imatrix, tokenizer=bpe_tokenizer) == 13
-    )  # the weighted layers only
+    assert write_imatrix(model, plan, imatrix, tokenizer=bpe_tokenizer) == weighted
     theirs = run_plans_line(plan, model, tmp_path, imatrix, bpe_tokenizer)
     assert tensors_of(theirs) == tensors_of(ours)
