@@ -88,6 +88,9 @@ class LlamaCppModel:
                 n_threads=threads or os.cpu_count() or 1,
             )
         self.vocab = self.llm.n_vocab()
+        # the context the file was trained for: a table of learned positions (GPT-2) has no
+        # row past it, and llama.cpp aborts the process on such a lookup
+        self.positions = int(self.llm._model.n_ctx_train())
 
     def rows(self, ids: list[int]) -> np.ndarray:
         """Logits ``[len(ids), vocab]`` of one sequence from an empty cache."""
@@ -196,7 +199,8 @@ def speeds_in_llama_cpp(
         for _ in range(rounds):
             for name, model in models.items():
                 pp, _ = time_tokens(model, prompt, 0)
-                _, tg = time_tokens(model, prompt[:16], generate)
+                start = min(16, len(prompt), model.positions // 2)
+                _, tg = time_tokens(model, prompt[:start], min(generate, model.positions - start))
                 samples[name].append((pp, tg))
     finally:
         for model in models.values():

@@ -4,7 +4,7 @@
 For every option label, one GGUF file gives each layer that offers the label that type (the
 rest stay F32); all files and the all-F32 one are loaded at once and timed in rounds that
 visit each in turn: prompt processing of the latency shape's tokens, or, for a decode shape,
-one token at a time against its context. A layer's share of a variant's gain over F32 is its
+one token at a time up to its context. A layer's share of a variant's gain over F32 is its
 share of the variant's weights (llama.cpp's matmuls scale with them), so the sum over any
 uniform plan is that variant's measured time, and a mixed plan is priced as the sum of its
 layers' shares; the F32 time itself is split among layers by weights too (the split of a
@@ -49,14 +49,18 @@ def shape_of(inputs: Mapping[str, Any]) -> tuple[int, int, int]:
 
 def time_file(model: Any, rows: int, tokens: int, context: int) -> float:
     """Seconds llama.cpp takes for ``rows`` sequences of ``tokens`` new tokens after
-    ``context`` tokens (prefill: one batch; decode: per step, one token at a time)."""
+    ``context`` tokens (prefill: one batch; decode: per step, one token at a time, the steps
+    timed ending at position ``context``)."""
     from autotune.export.llama_cpp import time_tokens
 
     prompt = [3 + i % 200 for i in range(max(context, 1) + tokens)]
     if context == 0:
         pp, _ = time_tokens(model, prompt[:tokens], 0)
         return rows * pp
-    _, tg = time_tokens(model, prompt[:context], DECODE_STEPS)
+    # the steps end at the shape's position, so a table of learned positions (GPT-2) is
+    # never read past the context that the budget was checked against
+    start = max(context + 1 - DECODE_STEPS, 1)
+    _, tg = time_tokens(model, prompt[:start], DECODE_STEPS)
     return rows * tg * tokens
 
 

@@ -71,3 +71,32 @@ def test_every_offered_option_gets_a_time_from_llama_cpp() -> None:
         for option in offered:
             assert result.layers[(ref.shape, option.label)] >= 0.0
     assert result.whole > 0.0
+
+
+@pytest.mark.skipif(not ggml_quantizer.available(), reason="llama.cpp is not installed")
+def test_timing_a_model_with_learned_positions_stays_within_its_table(tmp_path) -> None:
+    """GPT-2 has 128 position rows here; llama.cpp aborts the process on a lookup past them.
+    A decode step at the last position and generation after a full-length prompt are
+    timed within the table."""
+    from autotune.export import export_plan
+    from autotune.export.llama_cpp import speeds_in_llama_cpp
+    from autotune.export.llama_latency import measure_in_llama_cpp
+    from autotune.layers import compressible_layers
+    from autotune.plan import Plan
+    from tests.autotune.export.test_gguf import make_model
+
+    class Cache:
+        def get_seq_length(self) -> int:
+            return 127
+
+    model = make_model("gpt2")
+    layers = compressible_layers(model)
+    timed = {ref.name: [KeepOption(), GGUFOption("Q8_0")] for ref in layers}
+    timed["transformer.wpe"] = [KeepOption()]
+    decode = {"input_ids": torch.zeros(1, 1), "cache": Cache()}
+    result = measure_in_llama_cpp(model, timed, decode, rounds=1)
+    assert result.whole > 0.0
+    path = tmp_path / "m.gguf"
+    export_plan(Plan(layers={"_default": {"method": "none"}}), model, "gguf", path)
+    (speed,) = speeds_in_llama_cpp({"m": path}, list(range(3, 131)), rounds=1).values()
+    assert speed.generate_tokens_per_s > 0.0
