@@ -28,6 +28,7 @@ from torch import nn
 
 from autotune.export.base import Exporter, ExportError, ExportResult, register_exporter
 from autotune.export.gguf_families import Family, family_of, gguf_arch, is_position_table
+from autotune.export.gguf_vocab import write_vocabulary
 from autotune.io import write_atomic
 from autotune.layers import LayerRef
 from autotune.plan import Plan
@@ -120,52 +121,9 @@ def _metadata(
     family.hyperparameters(writer, config)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.GUESSED)
-    _tokenizer(writer, tokenizer, config.vocab_size)
+    write_vocabulary(writer, tokenizer, config.vocab_size)
     writer.add_string(PLAN_KEY, fingerprints[0])
     writer.add_string(MODEL_KEY, fingerprints[1])
-
-
-def _tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer (GPT-2, Llama 3, Qwen2 style) as llama.cpp's ``gpt2``
-    vocabulary; without a tokenizer, ``none`` (llama.cpp then takes token ids only)."""
-    import gguf
-
-    if tokenizer is None:
-        writer.add_tokenizer_model("none")
-        return
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    model_type = type(backend.model).__name__ if backend is not None else None
-    pre = type(backend.pre_tokenizer).__name__ if backend is not None else None
-    if model_type != "BPE" or pre != "ByteLevel":
-        raise ExportError(
-            "--format gguf writes byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2 style); "
-            f"this one is {model_type or type(tokenizer).__name__} with {pre} pre-tokenizer"
-        )
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    special = {str(t) for t in tokenizer.all_special_tokens}
-    added = {str(t) for t in tokenizer.get_added_vocab()}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        token = by_id.get(i)
-        if token is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        else:
-            tokens.append(token)
-            kind = gguf.TokenType.NORMAL
-            if token in special:
-                kind = gguf.TokenType.CONTROL
-            elif token in added:
-                kind = gguf.TokenType.USER_DEFINED
-            types.append(kind)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_add_space_prefix(bool(getattr(backend.pre_tokenizer, "add_prefix_space", False)))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer.save_pretrained(folder)
-        gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer)
 
 
 def _writer(path: str, model: nn.Module, family: Family, tokenizer: Any, fingerprints, parts):
