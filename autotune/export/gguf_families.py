@@ -4,6 +4,7 @@ family is a small class registered under the ``model_type`` values it writes."""
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -127,6 +128,7 @@ def family_of(model: nn.Module) -> Family:
     return family
 
 
+@functools.cache
 def is_position_table(layer: str) -> bool:
     """Whether ``layer`` is a learned position embedding, by gguf's map of model names."""
     import gguf

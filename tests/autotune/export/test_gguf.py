@@ -145,6 +145,12 @@ CASES = [
 ]
 
 
+def test_every_family_is_exported_and_run_in_these_tests() -> None:
+    from autotune.export.gguf_families import FAMILIES
+
+    assert {family for family, _, _ in CASES} == set(FAMILIES)
+
+
 def compress(model, plan: Plan):
     return apply_plan(model, plan)
 
