@@ -95,15 +95,38 @@ def test_every_held_option_is_timed_and_the_model_unchanged(
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
+def test_each_variant_is_timed_beside_the_float_model_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One pair of sessions at a time (a variant and the float model), as a plan's export is
+    confirmed and deployed; the float model's time pools its rounds beside every variant."""
+    counts: list[int] = []
+    real = ort_latency.run_rounds
+
+    def counting(sessions, *args, **kwargs):
+        counts.append(len(sessions))
+        return real(sessions, *args, **kwargs)
+
+    monkeypatch.setattr(ort_latency, "run_rounds", counting)
+    model = make_tiny_bert()
+    options = [KeepOption(), QuantOption(4, 32, True), QuantOption(8, None, True)]
+    layers = {name: options for name in layer_names(model)}
+    result = ort_latency.measure_in_ort(model, layers, tokens(), rounds=3)
+    assert counts == [2, 2]
+    assert result.whole > 0
+
+
 def test_a_label_is_priced_at_its_wall_time_and_split_by_its_kernels() -> None:
     a, b = LayerShape("linear", 8, 8), LayerShape("linear", 8, 32)
     shapes = {"a1": a, "a2": a, "b": b}
+    beside = [10.0, 12.0, 10.0]  # the float model's walls in the rounds beside int4's
     timed = {
-        "keep": ort_latency._Timed(None, ["a1", "a2", "b"], {"a1": 1.0, "a2": 1.0, "b": 2.0}),
-        "int4": ort_latency._Timed(None, ["a1", "b"], {"a1": 3.0, "a2": 9.0, "b": 9.0}),
+        "keep": ort_latency._Timed(["a1", "a2", "b"], {"a1": 1.0, "a2": 1.0, "b": 2.0}, beside),
+        "int4": ort_latency._Timed(
+            ["a1", "b"], {"a1": 3.0, "a2": 9.0, "b": 9.0}, [9.0, 11.0, 30.0], beside
+        ),
     }
-    walls = {"keep": [10.0, 12.0, 10.0], "int4": [9.0, 11.0, 30.0]}
-    result = ort_latency._table(timed, walls, shapes)
+    result = ort_latency._table(timed, shapes)
     assert result.whole == 10.0 and result.rest == 6.0
     # a1 and b together: the float seconds 3.0 and the median change -1.0, shared 1 : 3
     assert result.layers == {
