@@ -190,7 +190,7 @@ class GGUFExporter(Exporter):
     requires = ("gguf",)
     install = "gguf"
     writes = "file"
-    description = "a GGUF file llama.cpp loads (llama, mistral, qwen2 and gpt2 families)"
+    description = "a GGUF file llama.cpp loads (llama, mistral, qwen2, qwen3 and gpt2 families)"
 
     def refusal(self, layer: str, shape: LayerShape, option: Option) -> str | None:
         if isinstance(option, KeepOption):

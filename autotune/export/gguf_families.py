@@ -110,6 +110,7 @@ FAMILIES: dict[str, Family] = {
     "llama": LlamaFamily("llama", True),
     "mistral": LlamaFamily("llama", True),
     "qwen2": LlamaFamily("qwen2", False),
+    "qwen3": LlamaFamily("qwen3", False),  # per-head query and key norms, by gguf's name map
     "gpt2": GPT2Family(),
 }
 

@@ -137,7 +137,7 @@ def test_targets_lists_the_registry(capsys) -> None:
         ),
         (
             ["--budget", "50%", "--target", "cpu", "--runtime", "llama.cpp"],
-            "--format gguf writes gpt2, llama, mistral, qwen2 models",
+            "--format gguf writes gpt2, llama, mistral, qwen2, qwen3 models",
         ),
         (
             ["--budget", "50%", "--target", "local", "--runtime", "vllm"],

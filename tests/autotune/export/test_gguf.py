@@ -57,6 +57,9 @@ def make_model(family: str = "llama", tied: bool = False, seed: int = 0, vocab_s
     if family == "qwen2":
         config = transformers.Qwen2Config(**common)  # biases on q, k and v
         return transformers.Qwen2ForCausalLM(config).eval()
+    if family == "qwen3":  # heads wider than hidden / heads, with query and key norms
+        config = transformers.Qwen3Config(**common, head_dim=128)
+        return transformers.Qwen3ForCausalLM(config).eval()
     if family == "mistral":
         return transformers.MistralForCausalLM(transformers.MistralConfig(**common)).eval()
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
@@ -138,6 +141,7 @@ CASES = [
     ("llama", False, "k-quants"),
     ("llama", True, "legacy types"),
     ("qwen2", False, "legacy types"),
+    ("qwen3", True, "k-quants"),
     ("mistral", False, "legacy types"),
     ("gpt2", True, "float"),
     ("gpt2", True, "legacy types"),
@@ -203,6 +207,7 @@ def kl(reference: torch.Tensor, other: torch.Tensor) -> float:
         ("llama", False, "k-quants"),
         ("llama", True, "legacy types"),
         ("qwen2", False, "legacy types"),
+        ("qwen3", True, "k-quants"),
         ("mistral", False, "k-quants"),
         ("gpt2", True, "float"),
         ("gpt2", True, "legacy types"),
@@ -273,7 +278,7 @@ def test_an_option_without_a_llama_cpp_type_is_refused_before_writing(tmp_path: 
 def test_a_family_llama_cpp_is_not_written_for_is_refused(tmp_path: Path) -> None:
     from tests.conftest import make_tiny_bert
 
-    with pytest.raises(ExportError, match="writes gpt2, llama, mistral, qwen2 models"):
+    with pytest.raises(ExportError, match="writes gpt2, llama, mistral, qwen2, qwen3 models"):
         export_plan(PLANS["float"], make_tiny_bert(), "gguf", tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
 
