@@ -146,13 +146,14 @@ def token_windows(
 
 def accepted_inputs(model: nn.Module) -> set[str]:
     """The inputs that batches for ``model`` carry: those its ``forward`` takes, less
-    ``token_type_ids`` where the model has no segment table (GPT-2 takes them but looks them
+    ``token_type_ids`` where its config has no segment table (GPT-2 takes them but looks them
     up in its token table, so zeros would add token 0's embedding to every position)."""
     try:
         params = set(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
         return {"input_ids"}
-    if getattr(getattr(model, "config", None), "type_vocab_size", None) is None:
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "type_vocab_size", None) is None:
         params.discard("token_type_ids")
     return params
 
