@@ -55,13 +55,14 @@ def layer_types(reader: Any, model: nn.Module, plan: Plan, strict: bool) -> list
     """One check per layer: its tensor type in the file against the plan's option."""
     import gguf
 
+    from autotune.export.base import shaped_layer_options
     from autotune.export.gguf_families import family_of, gguf_arch
     from autotune.validate import Check
 
     names = gguf.get_tensor_name_map(gguf_arch(family_of(model)), model.config.num_hidden_layers)
     in_file = {t.name: t.tensor_type.name for t in reader.tensors}
     wrong = []
-    for ref, option in plan.layer_options(model, strict=strict).items():
+    for ref, option in shaped_layer_options(plan, model, strict).items():
         name = names.get_name(f"{ref.name}.weight", try_suffixes=(".weight",))
         if isinstance(option, KeepOption):
             want = "F32"

@@ -106,14 +106,21 @@ def check_plan(exporter: Exporter, model: nn.Module, plan: Plan, strict: bool = 
     """Refuse, in one line, a plan with a layer the format cannot hold. Layers are those
     :func:`autotune.apply.apply_plan` compresses: after structured pruning, and with a tied
     embedding table one layer (see :meth:`Plan.shaped`)."""
+    for ref, option in shaped_layer_options(plan, model, strict).items():
+        why = exporter.refusal(ref.name, ref.shape, option)
+        if why is not None:
+            raise ExportError(f"--format {exporter.name} cannot hold layer {ref.name!r}: {why}")
+
+
+def shaped_layer_options(plan: Plan, model: nn.Module, strict: bool = True) -> dict:
+    """The plan's option of each layer as :func:`autotune.apply.apply_plan` compresses it:
+    on a copy after structured pruning, with a tied embedding table one layer (the model is
+    left as it is)."""
     from profilers.execution.adapters import adapter_for
 
     reshaped = plan.structure.get("kept") or adapter_for(model).tied_pairs(model)
     shaped = plan.shaped(_structure_copy(model)) if reshaped else model
-    for ref, option in plan.layer_options(shaped, strict=strict).items():
-        why = exporter.refusal(ref.name, ref.shape, option)
-        if why is not None:
-            raise ExportError(f"--format {exporter.name} cannot hold layer {ref.name!r}: {why}")
+    return plan.layer_options(shaped, strict=strict)
 
 
 def _structure_copy(model: nn.Module) -> nn.Module:

@@ -72,3 +72,21 @@ def test_a_file_from_another_plan_is_refused(tuned, bpe_tokenizer, tmp_path: Pat
     export_plan(other, make_model(), "gguf", path, tokenizer=bpe_tokenizer)
     with pytest.raises(PlanError, match="not written from this plan"):
         validate_plan(plan, make_model(), tokenizer=bpe_tokenizer, compressed=path)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_tied_models_file_is_checked_on_its_one_table(
+    family: str, bpe_tokenizer, tmp_path
+) -> None:
+    """A tied embedding is one layer, as the tune and the export see it (the model as
+    loaded still has the output layer reading it)."""
+    import gguf
+
+    from tests.autotune.export.test_gguf import plan_for
+
+    model = make_model(family, tied=True)
+    plan = plan_for(family, "legacy types")
+    path = tmp_path / "m.gguf"
+    export_plan(plan, model, "gguf", path, tokenizer=bpe_tokenizer)
+    (found,) = layer_types(gguf.GGUFReader(path), model, plan, strict=True)
+    assert found.holds, found.measured
