@@ -71,8 +71,6 @@ def layer_types(reader: Any, model: nn.Module, plan: Plan, strict: bool) -> list
         else:
             want = option.label
         got = in_file.get(name or "")
-        if got is None and isinstance(option, KeepOption) and ref.shape.kind == "linear":
-            continue  # a tied output layer: llama.cpp reads the token embedding
         if got != want:
             wrong.append(f"{ref.name}: {got} (plan: {want})")
     return [
