@@ -48,11 +48,28 @@ def limits_for(
     if budget.avg_bits is not None:
         limits["bits"] = budget.avg_bits * costs.total_weights
     keep = 1.0 - latency_margin
-    if budget.latency_ms is not None:
-        limits["seconds"] = keep * budget.latency_ms / 1e3
-    if budget.decode_ms is not None:
-        limits["decode_seconds"] = keep * budget.decode_ms / 1e3
+    latency_ms, decode_ms = latency_limits_ms(budget, costs)
+    if latency_ms is not None:
+        limits["seconds"] = keep * latency_ms / 1e3
+    if decode_ms is not None:
+        limits["decode_seconds"] = keep * decode_ms / 1e3
     return limits
+
+
+def latency_limits_ms(budget: Budget, costs: CostModel) -> tuple[float | None, float | None]:
+    """The budget's forward-pass and per-token limits in ms, a limit relative to the
+    original taken against the original model's predicted latency."""
+    latency_ms = decode_ms = None
+    if budget.bounds_latency or budget.bounds_decode:
+        original = costs.original_totals()
+        latency_ms = budget.latency_limit_ms(original["latency_ms"])
+        if budget.bounds_decode:
+            if budget.decode_ratio is not None and "decode_ms" not in original:
+                raise InfeasibleBudgetError(
+                    f"budget {budget.spec} cannot be met: no decode latency was priced", {}
+                )
+            decode_ms = budget.decode_limit_ms(original.get("decode_ms"))
+    return latency_ms, decode_ms
 
 
 def choice_table(costs: CostModel, scores: dict[str, list[float]]) -> ChoiceTable:
@@ -86,18 +103,42 @@ def choice_table(costs: CostModel, scores: dict[str, list[float]]) -> ChoiceTabl
     )
 
 
-def _latency_limit(limit_s: float, budget_ms: float | None) -> str:
-    """A latency limit in words, with the budget it was taken from if a margin lowers it."""
+def _latency_limit(limit_s: float, budget_ms: float | None, ratio: float | None = None) -> str:
+    """A latency limit in words, with the budget it was taken from if a margin lowers it
+    (and the multiple of the original's latency it stands for, where it is one)."""
     planned = 1e3 * limit_s
-    if budget_ms is None or abs(planned - budget_ms) <= 1e-9 * budget_ms:
+    if budget_ms is None:
         return f"{planned:g} ms"
-    return f"{planned:.4g} ms (the budget's {budget_ms:g} ms less a margin for timing noise)"
+    budget = (
+        f"{budget_ms:g} ms"
+        if ratio is None
+        else f"{budget_ms:.4g} ms, {ratio:g}x the original's predicted latency"
+    )
+    if abs(planned - budget_ms) <= 1e-9 * budget_ms:
+        return (
+            f"{planned:g} ms"
+            if ratio is None
+            else f"{planned:.4g} ms ({ratio:g}x the original's predicted latency)"
+        )
+    return f"{planned:.4g} ms (the budget's {budget} less a margin for timing noise)"
+
+
+def _relative(
+    milliseconds: float | None, ratio: float | None, limit_ms: float | None
+) -> float | None:
+    """The relative term where it is the limit (tighter than the ms term), else ``None``."""
+    if ratio is None or (milliseconds is not None and limit_ms == milliseconds):
+        return None
+    return ratio
 
 
 def infeasible_message(
     budget: Budget, table: ChoiceTable, limits: dict[str, float], costs: CostModel
 ) -> str:
     parts = []
+    latency_ms, decode_ms = latency_limits_ms(budget, costs)
+    latency_ratio = _relative(budget.latency_ms, budget.latency_ratio, latency_ms)
+    decode_ratio = _relative(budget.decode_ms, budget.decode_ratio, decode_ms)
     for resource, limit in limits.items():
         smallest = table.minimum(resource)
         if smallest <= limit:
@@ -116,12 +157,12 @@ def infeasible_message(
         elif resource == "decode_seconds":
             parts.append(
                 f"the lowest predicted decode latency is {1e3 * smallest:.3f} ms per token, "
-                f"above {_latency_limit(limit, budget.decode_ms)}"
+                f"above {_latency_limit(limit, decode_ms, decode_ratio)}"
             )
         else:
             parts.append(
                 f"the lowest predicted latency is {1e3 * smallest:.3f} ms, "
-                f"above {_latency_limit(limit, budget.latency_ms)}"
+                f"above {_latency_limit(limit, latency_ms, latency_ratio)}"
             )
     if not parts:
         parts.append(

@@ -9,6 +9,10 @@ Text is one or more comma-separated terms, all of which must hold:
   ``batch_size`` sequences, attending to ``context`` tokens, or ``seq_len`` without one)
 * average stored bits per weight, scales and offsets included: ``4.5bits``
 * share of the original size: ``25%``
+* latency as a multiple of the original model's on the target: ``0.7x`` (a forward pass, or
+  the prefill), ``decode=0.5x`` (per generated token). Predicted against the original's
+  predicted latency; on ``local`` measured against the original timed beside the plan in the
+  same run, so a drift of the machine's speed moves both alike
 
 Memory counts every stored byte of the model: compressed and uncompressed weights,
 embeddings, scales, offsets, biases, norms and buffers. With a ``context`` (tokens a causal
@@ -43,6 +47,7 @@ MAX_LATENCY_MS = 86_400_000.0  # one day
 MIN_AVG_BITS = 1e-3
 MAX_AVG_BITS = 64.0
 MIN_SIZE_RATIO = 1e-9  # 0.0000001%
+MIN_SPEED_RATIO, MAX_SPEED_RATIO = 1e-3, 1e3  # latency as a multiple of the original's
 MAX_BATCH_SIZE = 2**20
 MAX_TOKENS = 10**7
 # constraint fields: what they are called in errors, their bounds, and the bounds as text
@@ -52,6 +57,20 @@ _BOUNDS: dict[str, tuple[str, float, float, str, str]] = {
     "decode_ms": ("decode latency", MIN_LATENCY_MS, MAX_LATENCY_MS, "1us", "one day (86400s)"),
     "avg_bits": ("average bits", MIN_AVG_BITS, MAX_AVG_BITS, "0.001", "64"),
     "size_ratio": ("size share", MIN_SIZE_RATIO, 1.0, "0.0000001%", "100%"),
+    "latency_ratio": (
+        "latency relative to the original",
+        MIN_SPEED_RATIO,
+        MAX_SPEED_RATIO,
+        "0.001x",
+        "1000x",
+    ),
+    "decode_ratio": (
+        "decode latency relative to the original",
+        MIN_SPEED_RATIO,
+        MAX_SPEED_RATIO,
+        "0.001x",
+        "1000x",
+    ),
 }
 _SHAPE_LIMITS = {"batch_size": MAX_BATCH_SIZE, "seq_len": MAX_TOKENS, "context": MAX_TOKENS}
 _ALIASES = {
@@ -61,10 +80,13 @@ _ALIASES = {
     "decode": "decode_ms",
     "bits": "avg_bits",
     "ratio": "size_ratio",
+    "speed": "latency_ratio",
+    "decode_speed": "decode_ratio",
 }
 _ALLOWED_KEYS = (
-    "spec, memory, latency, prefill, decode, bits, ratio, batch_size, seq_len, context, "
-    "kv_dtype (or the field names memory_bytes, latency_ms, decode_ms, avg_bits, size_ratio)"
+    "spec, memory, latency, prefill, decode, bits, ratio, speed, decode_speed, batch_size, "
+    "seq_len, context, kv_dtype (or the field names memory_bytes, latency_ms, decode_ms, "
+    "avg_bits, size_ratio, latency_ratio, decode_ratio)"
 )
 
 
@@ -80,6 +102,8 @@ class Budget:
     decode_ms: float | None = None
     avg_bits: float | None = None
     size_ratio: float | None = None
+    latency_ratio: float | None = None
+    decode_ratio: float | None = None
     batch_size: int = 1
     seq_len: int = 128
     context: int | None = None
@@ -116,8 +140,29 @@ class Budget:
                 self.decode_ms,
                 self.avg_bits,
                 self.size_ratio,
+                self.latency_ratio,
+                self.decode_ratio,
             )
         )
+
+    @property
+    def bounds_latency(self) -> bool:
+        """Whether a term limits the latency of a forward pass (in ms or relative)."""
+        return self.latency_ms is not None or self.latency_ratio is not None
+
+    @property
+    def bounds_decode(self) -> bool:
+        """Whether a term limits the time per generated token (in ms or relative)."""
+        return self.decode_ms is not None or self.decode_ratio is not None
+
+    def latency_limit_ms(self, original_ms: float | None) -> float | None:
+        """The forward pass's limit in ms: the tighter of the ms term and the relative term
+        times ``original_ms`` (the original model's latency, predicted or measured alike)."""
+        return _tighter(self.latency_ms, self.latency_ratio, original_ms)
+
+    def decode_limit_ms(self, original_ms: float | None) -> float | None:
+        """The limit per generated token in ms, as :meth:`latency_limit_ms`."""
+        return _tighter(self.decode_ms, self.decode_ratio, original_ms)
 
     @property
     def decode_context(self) -> int:
@@ -165,6 +210,7 @@ class Budget:
             elif name in _BOUNDS:
                 if value is None:
                     continue
+                name = _relative_form(name, value)
                 if name in values:
                     raise BudgetError(f"the budget sets {name} twice")
                 values[name] = _field_value(name, value)
@@ -192,8 +238,12 @@ class Budget:
             terms.append(f"{number_text(self.avg_bits)}bits")
         if self.latency_ms is not None:
             terms.append(f"{number_text(self.latency_ms)}ms")
+        if self.latency_ratio is not None:
+            terms.append(f"{number_text(self.latency_ratio)}x")
         if self.decode_ms is not None:
             terms.append(f"decode={number_text(self.decode_ms)}ms")
+        if self.decode_ratio is not None:
+            terms.append(f"decode={number_text(self.decode_ratio)}x")
         return ",".join(terms)
 
     def memory_limit(self, original_bytes: int) -> int | None:
@@ -214,7 +264,7 @@ class Budget:
                 f"latency is judged at {self.seq_len} tokens per sequence, beyond the model's "
                 f"{limit} positions: choose a sequence length of at most {limit} (--seq-len)"
             )
-        if self.decode_ms is not None and self.decode_context > limit:
+        if self.bounds_decode and self.decode_context > limit:
             raise BudgetError(
                 f"decode is judged with {self.decode_context} tokens of context, beyond the "
                 f"model's {limit} positions: choose a context of at most {limit}"
@@ -255,15 +305,38 @@ class Budget:
                 f"p50 latency at most {self.latency_ms:g} ms at batch {self.batch_size} x "
                 f"{self.seq_len} tokens"
             )
+        if self.latency_ratio is not None:
+            parts.append(
+                f"p50 latency at most {self.latency_ratio:g}x the original's at batch "
+                f"{self.batch_size} x {self.seq_len} tokens"
+            )
         if self.decode_ms is not None:
             parts.append(
                 f"p50 decode at most {self.decode_ms:g} ms per token at batch "
                 f"{self.batch_size} with {self.decode_context} tokens of context"
             )
+        if self.decode_ratio is not None:
+            parts.append(
+                f"p50 decode at most {self.decode_ratio:g}x the original's per token at "
+                f"batch {self.batch_size} with {self.decode_context} tokens of context"
+            )
         return "; ".join(parts)
 
     def __str__(self) -> str:
         return self.spec
+
+
+def _tighter(
+    milliseconds: float | None, ratio: float | None, original_ms: float | None
+) -> float | None:
+    """The tighter of an absolute limit and a multiple of the original's ms (``None``: no
+    limit); a relative limit needs the original's ms."""
+    limits = [] if milliseconds is None else [milliseconds]
+    if ratio is not None:
+        if original_ms is None:
+            raise ValueError("a latency budget relative to the original needs its latency")
+        limits.append(ratio * original_ms)
+    return min(limits) if limits else None
 
 
 def _bounded(name: str, value: Any) -> Any:
@@ -294,6 +367,15 @@ def _bounded(name: str, value: Any) -> Any:
     return value
 
 
+def _relative_form(name: str, value: Any) -> str:
+    """The field a latency given in ``x`` sets: ``{"latency": "0.7x"}`` is a limit relative
+    to the original, as ``{"speed": 0.7}``."""
+    ratios = {"latency_ms": "latency_ratio", "decode_ms": "decode_ratio"}
+    if name in ratios and isinstance(value, str) and value.strip().lower().endswith("x"):
+        return ratios[name]
+    return name
+
+
 def _field_value(name: str, value: Any) -> float | int:
     """A constraint given in a dict or as a keyword: a number (bytes, ms, bits, a fraction)
     or text with a unit."""
@@ -301,6 +383,8 @@ def _field_value(name: str, value: Any) -> float | int:
         parsed = parse_terms(value)
         if name == "decode_ms" and list(parsed) == ["latency_ms"]:
             parsed = {name: parsed["latency_ms"]}  # {"decode": "5ms"}
+        if name == "decode_ratio" and list(parsed) == ["latency_ratio"]:
+            parsed = {name: parsed["latency_ratio"]}  # {"decode_speed": "0.5x"}
         if list(parsed) != [name]:
             raise BudgetError(f"budget field {name} got {short_repr(value)}; {SYNTAX}")
         return parsed[name]

@@ -41,11 +41,13 @@ _TERM = re.compile(
     re.IGNORECASE,
 )
 _PHASES = {"prefill": "latency_ms", "decode": "decode_ms"}
+# a latency term in ``x``: a multiple of the original model's latency on the target
+_RATIOS = {"latency_ms": "latency_ratio", "decode_ms": "decode_ratio"}
 SYNTAX = (
     "each term is a number with a unit: memory (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), "
-    "latency (us, ms, s; 'prefill=20ms', or 'decode=5ms' per generated token), average bits "
-    "('4.5bits') or a share of the original size ('25%'); join terms with commas, "
-    "e.g. '8GB,20ms' or '4GB,decode=8ms'"
+    "latency (us, ms, s; 'prefill=20ms', or 'decode=5ms' per generated token; or a multiple of "
+    "the original model's, '0.7x', 'decode=0.5x'), average bits ('4.5bits') or a share of the "
+    "original size ('25%'); join terms with commas, e.g. '8GB,20ms' or '4GB,decode=0.8x'"
 )
 
 
@@ -93,7 +95,8 @@ def _term(term: str) -> tuple[str, int | float]:
         raise BudgetError(f"malformed budget term {term!r}: {SYNTAX}")
     phase, digits, exponent, unit = match.groups()
     exact, lowered = _number(digits + (exponent or ""), term), unit.lower()
-    if phase is not None and (phase.lower() not in _PHASES or lowered not in _LATENCY_UNITS):
+    timed = lowered in _LATENCY_UNITS or lowered == "x"
+    if phase is not None and (phase.lower() not in _PHASES or not timed):
         raise BudgetError(
             f"malformed budget term {term!r}: only latency terms take a phase "
             f"({', '.join(p + '=' for p in _PHASES)}); {SYNTAX}"
@@ -107,6 +110,9 @@ def _term(term: str) -> tuple[str, int | float]:
         if lowered in _LATENCY_UNITS:
             name = _PHASES[phase.lower()] if phase is not None else "latency_ms"
             return name, float(exact * _LATENCY_UNITS[lowered])
+        if lowered == "x":
+            name = _PHASES[phase.lower()] if phase is not None else "latency_ms"
+            return _RATIOS[name], float(exact)
         if lowered in ("bits", "bit"):
             return "avg_bits", float(exact)
         if unit == "%":
@@ -128,9 +134,12 @@ def parse_terms(text: str) -> dict[str, Any]:
     for term in terms:
         name, value = _term(term.strip())
         if name in values:
-            what = {"latency_ms": "latency (prefill)", "decode_ms": "decode latency"}.get(
-                name, name.split("_")[0]
-            )
+            what = {
+                "latency_ms": "latency (prefill)",
+                "decode_ms": "decode latency",
+                "latency_ratio": "latency (prefill) relative to the original",
+                "decode_ratio": "decode latency relative to the original",
+            }.get(name, name.split("_")[0])
             raise BudgetError(f"budget {text!r} constrains {what} twice")
         values[name] = value
     return values

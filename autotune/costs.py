@@ -136,6 +136,12 @@ class CostModel:
             decode_seconds=None if self.decode_seconds is None else pick(self.decode_seconds),
         )
 
+    def original_totals(self) -> dict[str, float]:
+        """:meth:`totals` with every layer kept: the original model's figures."""
+        return self.totals(
+            {n: [o.label for o in opts].index("keep") for n, opts in self.options.items()}
+        )
+
     def totals(self, choice: dict[str, int]) -> dict[str, float]:
         """``bytes``, ``avg_bits``, ``latency_ms`` and, when known, ``decode_ms`` of an
         assignment (option indices)."""

@@ -241,7 +241,7 @@ def _latency_panel(ax: Any, plan: Plan, budget: Budget | None) -> None:
             (f"measured p50{here}", measured.get("latency_p50_ms")),
             (f"measured p90{here}", measured.get("latency_p90_ms")),
             (f"uncompressed p50{here}", baseline.get("latency_p50_ms")),
-            ("budget", budget.latency_ms if budget else None),
+            ("budget", report.latency_budget_ms("latency") if budget else None),
         ],
         "ms",
         f"Latency at {shape[0]} x {shape[1]} tokens on {target}"

@@ -114,11 +114,40 @@ class Report:
             out["memory"] = figures["bytes"] + overhead <= limit
         if budget.avg_bits is not None and figures.get("avg_bits") is not None:
             out["avg_bits"] = figures["avg_bits"] <= budget.avg_bits + 1e-9
-        for name, limit in (("latency", budget.latency_ms), ("decode", budget.decode_ms)):
+        for name in ("latency", "decode"):
+            limit = self.latency_budget_ms(name)
             value = self._latency_for_budget(name) if limit is not None else None
             if value is not None:
                 out[name] = value <= limit
         return out
+
+    def latency_budget_ms(self, phase: str = "latency") -> float | None:
+        """The budget's limit on ``phase`` in ms; a limit relative to the original is taken
+        against the original as the plan's latency is judged: timed beside it on ``local``,
+        else its predicted latency."""
+        budget = self.budget
+        ratio = budget.latency_ratio if phase == "latency" else budget.decode_ratio
+        absolute = budget.latency_ms if phase == "latency" else budget.decode_ms
+        if ratio is None:
+            return absolute
+        measured = self.plan.measured or {}
+        original = (measured.get("baseline") or {}).get(f"{phase}_p50_ms")
+        if not (self.local and f"{phase}_p50_ms" in measured and original is not None):
+            original = self.plan.predicted.get(f"original_{phase}_ms")
+        if original is None:
+            return absolute
+        return (
+            budget.latency_limit_ms(original)
+            if phase == "latency"
+            else (budget.decode_limit_ms(original))
+        )
+
+    def _latency_budget_cell(self, phase: str) -> str:
+        """The limit in ms, with the multiple of the original's it stands for."""
+        budget = self.budget
+        ratio = budget.latency_ratio if phase == "latency" else budget.decode_ratio
+        cell = fmt(self.latency_budget_ms(phase), " ms")
+        return cell if ratio is None else f"{cell} ({ratio:g}x original)"
 
     def _latency_for_budget(self, phase: str = "latency") -> float | None:
         """Measured p50 when the target is this machine, else the target's roofline,
@@ -157,7 +186,7 @@ class Report:
                 f"({shape[0]}x{shape[1]} tokens)",
                 self._latency_cell("latency"),
                 self._measured_ms("latency_p50_ms"),
-                fmt(budget.latency_ms, " ms"),
+                self._latency_budget_cell("latency"),
                 yes_no(holds.get("latency")),
             ),
             ("  p90", "-", self._measured_ms("latency_p90_ms"), "-", "-"),
@@ -225,7 +254,7 @@ class Report:
                 f"decode p50 per token ({batch} x {context} context)",
                 self._latency_cell("decode"),
                 self._measured_ms("decode_p50_ms"),
-                fmt(self.budget.decode_ms, " ms"),
+                self._latency_budget_cell("decode"),
                 yes_no(holds),
             ),
             ("  p90", "-", self._measured_ms("decode_p90_ms"), "-", "-"),

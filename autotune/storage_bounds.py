@@ -89,7 +89,7 @@ class StorageBounds:
     def met_as_is(self, budget: Budget) -> bool:
         """Whether the uncompressed model meets a budget of storage terms only (latency and
         serving-memory terms need timing and activations: they are checked once priced)."""
-        if budget.latency_ms is not None or budget.decode_ms is not None or budget.context:
+        if budget.bounds_latency or budget.bounds_decode or budget.context:
             return False
         memory = budget.memory_limit(self.kept_bytes)
         if memory is None and budget.avg_bits is None:

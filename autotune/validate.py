@@ -25,6 +25,7 @@ from autotune.measured_figures import Measured, device_description, measure_mode
 from autotune.plan import Plan
 from autotune.repriced import LABEL, RooflineLatency, plan_roofline, profile_roofline
 from autotune.validate_gguf import is_gguf, validate_gguf
+from methods.keep import KeepOption
 from profilers.execution.adapters import adapter_for
 from profilers.measure import LatencyStats
 from profilers.quality import run_outputs
@@ -142,19 +143,25 @@ def validate_plan(
     elif isinstance(compressed, (str, Path)):
         compressed = _load_saved(compressed, plan, trust_remote_code)
     latency_inputs = decode = decode_tokens = None
-    timed = budget is not None and (budget.latency_ms or budget.decode_ms) is not None
+    timed = budget is not None and (budget.bounds_latency or budget.bounds_decode)
     if timed:
         assert budget is not None
         tiles = CalibrationSet(batches, batches, batches) if batches else None
         latency_inputs = _latency_tiles(tiles, budget.batch_size, budget.seq_len)
-        if budget.decode_ms is not None:
+        if budget.bounds_decode:
             decode_tokens = _latency_tiles(tiles, budget.batch_size, budget.decode_context)[
                 "input_ids"
             ]
-    roofline = None
+    roofline = original_roofline = None
+    relative = budget is not None and (
+        budget.latency_ratio is not None or budget.decode_ratio is not None
+    )
     if timed and plan.target.get("name") != "local":
         assert latency_inputs is not None
         roofline = plan_roofline(plan, model, latency_inputs, decode_tokens)
+        if relative:  # the original on the same roofline, recomputed too
+            kept = dataclasses.replace(plan, layers={"_default": KeepOption().to_dict()})
+            original_roofline = plan_roofline(kept, model, latency_inputs, decode_tokens)
     if not (measure_latency and batches):
         latency_inputs = None  # roofline only: nothing is timed here
     elif decode_tokens is not None:
@@ -167,11 +174,22 @@ def validate_plan(
         decode_inputs=decode,
         heldout=(batches, reference) if batches else None,
         metric=metric,
+        baseline=model if relative and plan.target.get("name") == "local" else None,
     )
+    originals: dict[str, float] = {}
+    if original_roofline is not None:
+        originals = {
+            phase: ms
+            for phase in ("latency", "decode")
+            if (ms := original_roofline.ms(phase)) is not None
+        }
+    else:  # local: the original timed beside the compressed model, where it was
+        beside = (("latency", now.baseline_latency), ("decode", now.baseline_decode))
+        originals = {phase: stats.p50_ms for phase, stats in beside if stats is not None}
     exported = _export_bytes(plan, compressed, tokenizer)
     if exported is not None:  # the plan's runtime counts the bytes of its export
         now = dataclasses.replace(now, bytes=exported["bytes"])
-    checks = plan_checks(plan, now, tolerance, roofline)
+    checks = plan_checks(plan, now, tolerance, roofline, originals)
     measured = now.__dict__.copy()
     if exported is not None:
         measured.update(exported, bytes_counted_in=plan.target.get("runtime"))
@@ -184,14 +202,27 @@ def validate_plan(
 
 
 def plan_checks(
-    plan: Plan, now: Measured, tolerance: float, roofline: RooflineLatency | None = None
+    plan: Plan,
+    now: Measured,
+    tolerance: float,
+    roofline: RooflineLatency | None = None,
+    originals: dict[str, float] | None = None,
 ) -> list[Check]:
     """The plan's budget, predicted bytes and recorded held-out error against ``now``; a
     named target's latency against ``roofline`` (recomputed with the model, see
-    :mod:`autotune.repriced`), else against the plan's layers repriced from its profile."""
+    :mod:`autotune.repriced`), else against the plan's layers repriced from its profile. A
+    latency budget relative to the original is taken against ``originals`` (phase -> the
+    original's ms, recomputed as the plan's are)."""
+    originals = dict(originals or {})
     budget = Budget.parse(plan.budget) if plan.budget else None
     if roofline is None and plan.target.get("name") not in (None, "local"):
         roofline = profile_roofline(plan)
+    if roofline is not None and roofline.source == "plan":
+        # layers repriced onto the original's latency recorded at tuning time (no model here)
+        for phase in ("latency", "decode"):
+            recorded_ms = (plan.predicted or {}).get(f"original_{phase}_ms")
+            if phase not in originals and recorded_ms is not None:
+                originals[phase] = recorded_ms
     recorded = plan.measured or {}
     predicted = plan.predicted or {}
     metric = recorded.get("metric", predicted.get("metric", "nmse"))
@@ -219,10 +250,10 @@ def plan_checks(
                     now.avg_bits <= budget.avg_bits + 1e-9,
                 )
             )
-        if budget.latency_ms is not None:
-            checks.append(_latency_check(plan, "latency", budget.latency_ms, now.latency, roofline))
-        if budget.decode_ms is not None:
-            checks.append(_latency_check(plan, "decode", budget.decode_ms, now.decode, roofline))
+        for phase, stats in (("latency", now.latency), ("decode", now.decode)):
+            check = _budgeted_latency(plan, budget, phase, stats, roofline, originals)
+            if check is not None:
+                checks.append(check)
     if predicted.get("bytes"):
         expected = int(predicted["bytes"])
         off = abs(now.bytes - expected) / expected
@@ -275,6 +306,37 @@ def _latency_tiles(
         return tiles.latency_inputs(batch_size, seq_len)
     ids = torch.ones(batch_size, seq_len, dtype=torch.long)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _budgeted_latency(
+    plan: Plan,
+    budget: Budget,
+    phase: str,
+    now: LatencyStats | None,
+    roofline: RooflineLatency | None,
+    originals: dict[str, float],
+) -> Check | None:
+    """The check of one phase's latency term (``None`` without one); a relative term needs
+    the original's latency, recomputed."""
+    ratio = budget.latency_ratio if phase == "latency" else budget.decode_ratio
+    absolute = budget.latency_ms if phase == "latency" else budget.decode_ms
+    if ratio is None:
+        return None if absolute is None else _latency_check(plan, phase, absolute, now, roofline)
+    original = originals.get(phase)
+    if original is None:
+        return Check(
+            f"{phase} p50",
+            f"<= {ratio:g}x the original's",
+            "the original's latency was not computed",
+            False,
+            note="time the model (a relative budget compares it with the original)",
+        )
+    limit = min(ratio * original, absolute) if absolute is not None else ratio * original
+    check = _latency_check(plan, phase, limit, now, roofline)
+    what = "timed beside it" if plan.target.get("name") == "local" else "recomputed alike"
+    return dataclasses.replace(
+        check, expected=f"{check.expected} ({ratio:g}x the original's {original:.4g} ms, {what})"
+    )
 
 
 def _latency_check(

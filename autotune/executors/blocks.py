@@ -48,7 +48,7 @@ class BlockByBlock(Executor):
                 "a model tuned block by block is priced on a named target (e.g. cpu, a100): "
                 "'local' times the whole model in memory"
             )
-        if budget.decode_ms is not None or budget.context is not None:
+        if budget.bounds_decode or budget.context is not None:
             raise AutotuneError(
                 "decode and serving-memory budgets need the whole model in memory; tuned "
                 "block by block, a budget takes memory, bits, a share of the size and latency"

@@ -31,6 +31,7 @@ SEARCHES = 3  # the first search and at most two more under tightened limits
 
 # the limit each latency budget sets -> the budget's field (also the predicted total's name)
 _LATENCIES = {"seconds": "latency_ms", "decode_seconds": "decode_ms"}
+_PHASES = {"seconds": "latency", "decode_seconds": "decode"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class LatencyCheck:
     planned_ms: float
     predicted_ms: float
     measured_ms: float
+    original_ms: float | None = None  # the original timed in the same run, where it was
 
     @property
     def met(self) -> bool:
@@ -59,6 +61,7 @@ class LatencyCheck:
             "planned_ms": round(self.planned_ms, 6),
             "predicted_ms": round(self.predicted_ms, 6),
             "measured_ms": round(self.measured_ms, 6),
+            **({"original_ms": round(self.original_ms, 6)} if self.original_ms is not None else {}),
             "met": self.met,
         }
 
@@ -140,33 +143,51 @@ def check_plan(
     budget."""
     options = selected.chosen.options
     predicted = candidate_totals(priced.costs, options)
+    original = priced.costs.original_totals()
     measured = measured_ms(setup, priced, options)
     checks = []
-    for resource, milliseconds in measured.items():
+    for resource, (milliseconds, original_ms) in measured.items():
         budget_field = _LATENCIES[resource]
+        if original_ms is None:  # tuned in place: the original as timed before tuning
+            original_ms = _timed_before(priced, resource)
+        against = original_ms if original_ms is not None else original[budget_field]
+        limit = getattr(setup.budget, f"{_PHASES[resource]}_limit_ms")(against)
         checks.append(
             LatencyCheck(
                 resource=resource,
                 plan=selected.chosen.name,
                 search=attempt,
-                budget_ms=float(getattr(setup.budget, budget_field)),
+                budget_ms=float(limit),
                 planned_ms=priced.limits[resource] * 1e3,
                 predicted_ms=float(predicted[budget_field]),
                 measured_ms=milliseconds,
+                original_ms=original_ms,
             )
         )
     return checks
 
 
-def measured_ms(setup: Setup, priced: Priced, options: dict[str, Option]) -> dict[str, float]:
-    """p50 milliseconds of the model with ``options``, for each latency limit, timed as the
-    final measurement times it: in the runtime the plan is for when its latency model times
-    there, else in autotune's modules, beside the original when there is one."""
+def _timed_before(priced: Priced, resource: str) -> float | None:
+    """The original's p50 ms as timed before tuning in place, where it was."""
+    baseline = priced.baseline
+    if baseline is None:
+        return None
+    stats = baseline.latency if resource == "seconds" else baseline.decode
+    return None if stats is None else stats.p50_ms
+
+
+def measured_ms(
+    setup: Setup, priced: Priced, options: dict[str, Option]
+) -> dict[str, tuple[float, float | None]]:
+    """p50 milliseconds of the model with ``options``, and of the original timed beside it
+    (``None`` when tuned in place), for each latency limit, timed as the final measurement
+    times them: in the runtime the plan is for when its latency model times there, else in
+    autotune's modules."""
     latency_model = latency_model_for(setup.spec)
     baseline = None if setup.inplace else setup.original
     plan = Plan(layers={name: option.to_dict() for name, option in options.items()})
     inputs = {"seconds": priced.latency_inputs, "decode_seconds": priced.decode}
-    out: dict[str, float] = {}
+    out: dict[str, tuple[float, float | None]] = {}
     with setup.executor.swapped(options) as model:
         models = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
         for resource in _LATENCIES:
@@ -177,5 +198,6 @@ def measured_ms(setup: Setup, priced: Priced, options: dict[str, Option]) -> dic
                 elsewhere = latency_model.measure(model, plan, baseline, inputs[resource])
             if elsewhere is None:
                 elsewhere = measure_latencies(models, inputs[resource])
-            out[resource] = elsewhere["model"].p50_ms
+            beside = elsewhere.get("baseline")
+            out[resource] = (elsewhere["model"].p50_ms, None if beside is None else beside.p50_ms)
     return out

@@ -74,7 +74,7 @@ def prepare(
     model, work = opened.original, opened.work
     runtime.check_model(model)
     parsed.check_positions(adapter_for(model).max_context(model))
-    if parsed.decode_ms is not None and not is_causal_lm(model):
+    if parsed.bounds_decode and not is_causal_lm(model):
         raise AutotuneError(
             f"a decode latency budget is for causal language models; {type(model).__name__} "
             "is not one: use a plain latency term (e.g. 20ms)"

@@ -144,7 +144,7 @@ def _search_record(
     if setup.as_is:
         record["uncompressed_meets_budget"] = True
     budget = setup.budget
-    if priced.margin and (budget.latency_ms or budget.decode_ms) is not None:
+    if priced.margin and (budget.bounds_latency or budget.bounds_decode):
         record["latency_margin"] = priced.margin
     record["selection"] = selected.selection.to_dict()
     if selected.latency_checks:

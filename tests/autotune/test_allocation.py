@@ -42,6 +42,29 @@ def test_limits_take_the_budget_and_a_latency_margin(costs) -> None:
     assert tighter["bytes"] == limits["bytes"]
 
 
+def test_a_relative_latency_limit_is_taken_against_the_originals_predicted_latency(
+    costs,
+) -> None:
+    original = costs.original_totals()["latency_ms"]
+    assert original == pytest.approx(
+        1e3
+        * (
+            costs.fixed_seconds
+            + sum(
+                costs.seconds[n][[o.label for o in opts].index("keep")]
+                for n, opts in costs.options.items()
+            )
+        )
+    )
+    limits = limits_for(Budget.parse("0.8x"), costs, latency_margin=0.05)
+    assert limits["seconds"] == pytest.approx(0.95 * 0.8 * original / 1e3)
+    tighter = limits_for(Budget.parse(f"0.8x,{0.5 * original}ms"), costs)
+    assert tighter["seconds"] == pytest.approx(0.5 * original / 1e3)
+    budget = Budget.parse("0.001x")
+    with pytest.raises(InfeasibleBudgetError, match=r"0.001x the original's predicted latency"):
+        check_feasible(budget, costs, limits_for(budget, costs))
+
+
 def test_an_unreachable_limit_is_refused_naming_the_least_reachable(costs) -> None:
     check_feasible(Budget.parse("50%"), costs, limits_for(Budget.parse("50%"), costs))
     budget = Budget.parse("1ms")

@@ -25,12 +25,23 @@ from autotune.errors import BudgetError
         ("prefill=20ms", "latency_ms", 20.0),
         ("decode=5ms", "decode_ms", 5.0),
         ("Decode = 250us", "decode_ms", 0.25),
+        ("0.7x", "latency_ratio", 0.7),
+        ("prefill=1.2X", "latency_ratio", 1.2),
+        ("decode=0.5x", "decode_ratio", 0.5),
     ],
 )
 def test_single_terms(text: str, field: str, value: float) -> None:
     budget = Budget.parse(text)
     assert getattr(budget, field) == value
-    others = {"memory_bytes", "avg_bits", "size_ratio", "latency_ms", "decode_ms"} - {field}
+    others = {
+        "memory_bytes",
+        "avg_bits",
+        "size_ratio",
+        "latency_ms",
+        "decode_ms",
+        "latency_ratio",
+        "decode_ratio",
+    } - {field}
     assert all(getattr(budget, name) is None for name in others)
 
 
@@ -42,7 +53,17 @@ def test_combination_and_whitespace() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["15MB", "8GiB", "1.000001GB", "4.5bits,25%", "8GB,20ms", "999B", "4GB,20ms,decode=2.5ms"],
+    [
+        "15MB",
+        "8GiB",
+        "1.000001GB",
+        "4.5bits,25%",
+        "8GB,20ms",
+        "999B",
+        "4GB,20ms,decode=2.5ms",
+        "15MB,0.7x",
+        "4GB,decode=0.45x,3ms",
+    ],
 )
 def test_spec_round_trips_exactly(text: str) -> None:
     budget = Budget.parse(text)
@@ -58,6 +79,10 @@ def test_spec_round_trips_exactly(text: str) -> None:
         {"bits": 4, "ratio": "30%"},
         {"memory": "1GB", "decode": "4ms", "context": 512},
         {"prefill": 30, "decode_ms": 2.5},
+        {"memory": "15MB", "speed": "0.7x"},
+        {"speed": 0.7, "decode_speed": "0.5x"},
+        {"latency_ratio": 1.5, "decode": "decode=0.5x"},
+        {"latency": "0.7x", "decode": "0.5x"},
     ],
 )
 def test_dict_forms(spec: dict) -> None:
@@ -234,3 +259,36 @@ def test_accepted_budgets_survive_their_own_round_trip(budget: Budget) -> None:
     assert Budget.parse(budget.to_dict()) == budget
     shape = {k: getattr(budget, k) for k in ("batch_size", "seq_len", "context", "kv_dtype")}
     assert Budget.parse(budget.spec, **shape) == budget
+
+
+def test_a_latency_relative_to_the_original_is_the_tighter_of_both_terms() -> None:
+    budget = Budget.parse("15MB,0.7x,decode=0.5x")
+    assert budget.bounds_latency and budget.bounds_decode
+    assert budget.latency_ms is None and budget.decode_ms is None
+    assert budget.latency_limit_ms(10.0) == pytest.approx(7.0)
+    assert budget.decode_limit_ms(4.0) == pytest.approx(2.0)
+    both = Budget.parse("0.7x,5ms")
+    assert both.latency_limit_ms(10.0) == 5.0 and both.latency_limit_ms(6.0) == pytest.approx(4.2)
+    assert "0.7x the original's" in budget.describe()
+    assert Budget.parse({"latency": "0.7x"}) == Budget(latency_ratio=0.7)
+    assert Budget.parse({"decode": "0.5x"}) == Budget(decode_ratio=0.5)
+    assert Budget.parse("15MB").latency_limit_ms(None) is None
+    assert not Budget.parse("15MB").bounds_latency
+    with pytest.raises(ValueError, match="needs its latency"):
+        budget.latency_limit_ms(None)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("0.7x,0.8x", "relative to the original twice"),
+        ("decode=0.5x,decode=0.6x", "decode latency relative to the original twice"),
+        ("0x", "must be positive"),
+        ("2000x", "at most 1000x"),
+        ("0.0001x", "at least 0.001x"),
+        ("memory=0.5x", "only latency terms take a phase"),
+    ],
+)
+def test_relative_latency_terms_are_bounded(text: str, fragment: str) -> None:
+    with pytest.raises(BudgetError, match=fragment):
+        Budget.parse(text)

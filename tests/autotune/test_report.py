@@ -142,3 +142,26 @@ def test_the_json_report_says_where_it_was_measured() -> None:
     local = Report(_timed_plan({"name": "local"})).to_dict()["measured_on"]
     assert local["is_target"] and local["same_kind_as_target"]
     assert Report(_plan({})).to_dict()["measured_on"] is None  # no device recorded
+
+
+@pytest.mark.parametrize(
+    ("measured_ms", "baseline_ms", "holds"), [(6.9, 10.0, True), (7.1, 10.0, False)]
+)
+def test_a_relative_budget_holds_against_the_original_timed_beside_the_plan(
+    measured_ms: float, baseline_ms: float, holds: bool
+) -> None:
+    """The original predicted at 20 ms, timed at ``baseline_ms`` beside the plan: 0.7x of
+    what was timed, not of the prediction."""
+    plan = _plan({})
+    plan.budget = {"spec": "0.7x", "batch_size": 1, "seq_len": 16}
+    plan.predicted.update(latency_ms=12.0, original_latency_ms=20.0)
+    plan.measured.update(
+        latency_p50_ms=measured_ms, baseline={"latency_p50_ms": baseline_ms}, device="cpu: x"
+    )
+    report = Report(plan)
+    assert report.latency_budget_ms() == pytest.approx(7.0)
+    assert report.holds()["latency"] is holds
+    row = next(r for r in report.figure_rows() if r[0].startswith("latency p50"))
+    assert row[3] == "7 ms (0.7x original)"
+    plan.target = {"name": "cpu", "kind": "cpu"}  # a named target: against the prediction
+    assert Report(plan).latency_budget_ms() == pytest.approx(14.0)

@@ -125,3 +125,22 @@ def test_a_plan_without_a_profile_is_not_priced_from_its_recorded_figure(tuned: 
     assert "not recomputed" in str(report)
     _, check = latency_check(plan, "latency")  # with the model, validate still recomputes
     assert not check.holds
+
+
+@pytest.mark.parametrize(("share", "holds"), [(0.9, False), (1.1, True)])
+def test_a_relative_budget_recomputes_the_originals_latency_too(
+    tuned: Plan, share: float, holds: bool
+) -> None:
+    """The plan's recorded original latency is edited the other way: it is not read back."""
+    real, original = tuned.predicted["latency_ms"], tuned.predicted["original_latency_ms"]
+    ratio = share * real / original
+    lying = original * (10 if not holds else 0.1)
+    plan = edited(tuned, f"60%,{ratio:.6g}x", original_latency_ms=lying)
+    _, check = latency_check(plan, "latency")
+    assert check.holds is holds
+    assert f"{ratio:.6g}x the original's {original:.4g} ms, recomputed alike" in check.expected
+    # without the model the layers are repriced onto the recorded original, as they are
+    now = Measured(bytes=1, state_bytes=1, avg_bits=16.0, latency=None, heldout_error=None)
+    honest = edited(tuned, f"60%,{ratio:.6g}x")
+    offline = next(c for c in plan_checks(honest, now, 0.1) if c.name == "latency p50")
+    assert offline.holds is holds

@@ -121,3 +121,37 @@ def test_limits_no_plan_meets_keep_the_checked_plan(monkeypatch) -> None:
     _, searched, selected = run.confirm()
     assert (searched, selected.name) == ("search 0", "plan 0")
     assert any("no plan fits the tightened limits" in line for line in run.said)
+
+
+def _checked(monkeypatch: pytest.MonkeyPatch, budget: str, timed, baseline=None):
+    """``check_plan`` of a plan predicted at 12 ms, the original predicted at 20 ms, timed at
+    ``timed`` (ms of the plan, ms of the original beside it or ``None``)."""
+    from autotune.budget import Budget
+
+    monkeypatch.setattr(confirm, "candidate_totals", lambda costs, options: {"latency_ms": 12.0})
+    monkeypatch.setattr(confirm, "measured_ms", lambda setup, priced, options: {"seconds": timed})
+    costs = SimpleNamespace(original_totals=lambda: {"latency_ms": 20.0})
+    priced = SimpleNamespace(costs=costs, limits={"seconds": 0.014}, baseline=baseline)
+    setup = SimpleNamespace(budget=Budget.parse(budget))
+    selected = SimpleNamespace(chosen=SimpleNamespace(options={}, name="allocator"))
+    (found,) = confirm.check_plan(setup, priced, selected)
+    return found
+
+
+def test_a_relative_budget_is_judged_against_the_original_timed_in_the_same_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the machine runs both 2x faster than when priced: 0.75x of the original timed beside
+    # the plan, not of its predicted 20 ms
+    found = _checked(monkeypatch, "0.75x", (7.0, 10.0))
+    assert found.budget_ms == pytest.approx(7.5) and found.met
+    assert found.to_dict()["original_ms"] == 10.0
+    slower = _checked(monkeypatch, "0.75x", (7.6, 10.0))
+    assert not slower.met
+    assert _checked(monkeypatch, "0.75x,7ms", (7.2, 10.0)).budget_ms == 7.0
+    # tuned in place: the original as timed before tuning, else its predicted latency
+    before = SimpleNamespace(latency=SimpleNamespace(p50_ms=8.0), decode=None)
+    assert _checked(monkeypatch, "0.75x", (5.0, None), before).budget_ms == pytest.approx(6.0)
+    assert _checked(monkeypatch, "0.75x", (5.0, None)).budget_ms == pytest.approx(15.0)
+    absolute = _checked(monkeypatch, "9ms", (7.0, 10.0))
+    assert absolute.budget_ms == 9.0
