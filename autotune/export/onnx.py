@@ -19,7 +19,10 @@ that read autotune's stored codes, scales and zero points, never a re-quantisati
   up to the float16 rounding of ``m``.
 * rtn / gptq embeddings: ``com.microsoft::GatherBlockQuantized`` on the same packed layout;
   a tied output layer (:class:`methods.tied.TiedHead`) reads the very same codes through
-  MatMulNBits.
+  MatMulNBits. An untied table with one group per row and 5- to 8-bit codes is plain 8-bit
+  rows with a float32 scale (and zero point) per row instead, gathered by standard
+  ``Gather``, ``Cast``, ``Sub`` and ``Mul``: GatherBlockQuantized would repeat the row's scale
+  in every block of at most 128.
 * w8a8: input divided by the smoothing vector, 7-bit dynamic per-tensor activation
   quantisation written out in standard ops exactly as autotune's reference computes it, then
   ``MatMulInteger`` on the int8 codes and a multiply by both scales.

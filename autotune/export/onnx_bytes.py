@@ -18,7 +18,13 @@ from autotune.export.base import ExportError
 from autotune.export.onnx import PROTO_LIMIT, OnnxExporter, tensor_bytes
 from autotune.export.onnx_edit import Edit, Site
 from autotune.export.onnx_graph import PREFIX
-from autotune.export.onnx_nodes import embedding_tensors, quantized_linear_nodes, w8a8_nodes
+from autotune.export.onnx_nodes import (
+    embedding_tensors,
+    quantized_linear_nodes,
+    row_scaled,
+    row_scaled_tensors,
+    w8a8_nodes,
+)
 from autotune.export.onnx_packing import blocked_codes, embedding_block
 from autotune.layers import LayerRef
 from autotune.plan import Plan
@@ -46,7 +52,9 @@ def option_bytes(shape: LayerShape, option: Option, tied: bool = False) -> int:
 def _written_bytes(shape: LayerShape, option: Option, tied: bool) -> int:
     module = method_of(option).empty(shape, option)
     edit, name, site = Edit(), "layer", Site(node=0, activation="x", output="y")
-    if isinstance(module, QuantizedEmbedding):
+    if isinstance(module, QuantizedEmbedding) and row_scaled(module, tied):
+        row_scaled_tensors(edit, name, module)
+    elif isinstance(module, QuantizedEmbedding):
         block = embedding_block(module.cols, module.group_size)
         if block is None:
             raise ExportError(f"--format onnx cannot hold embedding option {option.label}")

@@ -22,6 +22,7 @@ from autotune.export.onnx_packing import (
     EMBEDDINGS_HELD,
     Blocked,
     blocked_codes,
+    container_bits,
     embedding_block,
     linear_block,
     whole_zero_points,
@@ -190,6 +191,11 @@ def _embedding(
     lookup = view.node(lookups[0][0])
     if (node_attribute(lookup, "axis") or 0) != 0:
         raise ExportError(f"--format onnx: embedding {name!r} is gathered along another axis")
+    if row_scaled(module, tied=bool(heads)):
+        nodes = _row_scaled_lookup(edit, name, module, lookup.input[1], lookup.output[0])
+        edit.replace(lookups[0][0], nodes)
+        codes = "int8" if module.symmetric else "uint8 + row zero points"
+        return {name: f"Gather {codes} + row scales ({module.bits}-bit per-channel)"}
     block = embedding_block(module.cols, module.group_size)
     if block is None:
         raise ExportError(f"--format onnx cannot hold layer {name!r}: {EMBEDDINGS_HELD}")
@@ -224,6 +230,53 @@ def _embedding(
     for head in heads:
         labels[head] = f"MatMulNBits {blocked.label} (tied to {name})"
     return labels
+
+
+def row_scaled(module: QuantizedEmbedding, tied: bool) -> bool:
+    """Whether an embedding is written as plain 8-bit rows with one scale per row: one group
+    per row in the 8-bit container, read by no tied output layer. GatherBlockQuantized would
+    repeat each row's scale in every block of at most 128 (three times on a 384-wide row)."""
+    return not tied and module.group_size == module.cols and container_bits(module.bits) == 8
+
+
+def row_scaled_tensors(
+    edit: Edit, name: str, module: QuantizedEmbedding
+) -> tuple[str, str, str | None]:
+    """Write a :func:`row_scaled` embedding's ``[rows, cols]`` codes, ``[rows, 1]`` float32
+    scales and, when asymmetric, ``[rows, 1]`` uint8 zero points (``None`` when symmetric,
+    whose codes are written int8, less their middle ``2**(bits-1)``); their names."""
+    codes = module.unsigned_codes().cpu().numpy().astype(np.int16)
+    scales = module.scales.detach().cpu().float().numpy().reshape(-1, 1)
+    scale_name = edit.tensor(f"{name}.scales", np.ascontiguousarray(scales))
+    if module.symmetric:
+        centred = (codes - (1 << (module.bits - 1))).astype(np.int8)
+        return edit.tensor(f"{name}.codes", centred), scale_name, None
+    zeros = whole_zero_points(module, name).reshape(-1, 1).astype(np.uint8)
+    code_name = edit.tensor(f"{name}.codes", codes.astype(np.uint8))
+    return code_name, scale_name, edit.tensor(f"{name}.zero_points", zeros)
+
+
+def _row_scaled_lookup(
+    edit: Edit, name: str, module: QuantizedEmbedding, ids: str, output: str
+) -> list[Any]:
+    """Standard ONNX: the looked-up rows' codes gathered and made float, less their rows'
+    zero points where asymmetric, times their rows' scales."""
+    from onnx import TensorProto, helper
+
+    codes, scales, zeros = row_scaled_tensors(edit, name, module)
+    nodes: list[Any] = []
+
+    def op(kind: str, *inputs: str, out: str | None = None, **attributes: Any) -> str:
+        result = out or f"{name}/{kind}_{len(nodes)}"
+        nodes.append(helper.make_node(kind, list(inputs), [result], name=result, **attributes))
+        return result
+
+    rows = op("Cast", op("Gather", codes, ids, axis=0), to=TensorProto.FLOAT)
+    if zeros is not None:
+        zero = op("Cast", op("Gather", zeros, ids, axis=0), to=TensorProto.FLOAT)
+        rows = op("Sub", rows, zero)
+    op("Mul", rows, op("Gather", scales, ids, axis=0), out=output)
+    return nodes
 
 
 def embedding_tensors(edit: Edit, name: str, blocked: Blocked, tied: bool) -> tuple[str, list]:

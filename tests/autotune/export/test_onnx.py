@@ -51,7 +51,7 @@ BERT_PLAN = Plan(
         "encoder.layer.0.output.dense": rtn(5, 24, True),
         "encoder.layer.1.attention.output.dense": {"method": "none"},
         "embeddings.word_embeddings": rtn(8, None, True),
-        "embeddings.position_embeddings": {"method": "none"},
+        "embeddings.position_embeddings": rtn(6, None, False),
         "embeddings.token_type_embeddings": {"method": "none"},
     }
 )
@@ -82,7 +82,7 @@ W8A8_PLAN = Plan(
     calibration=CALIBRATION,
 )
 EXPECTED_OPS = {
-    "bert": {"MatMulNBits": 11, "DequantizeLinear": 1, "GatherBlockQuantized": 1},
+    "bert": {"MatMulNBits": 11, "DequantizeLinear": 1, "GatherBlockQuantized": 0},
     "llama": {"MatMulNBits": 14, "DequantizeLinear": 0, "GatherBlockQuantized": 1},
     "w8a8": {"MatMulInteger": 3, "MatMulNBits": 0},
 }
@@ -222,7 +222,13 @@ def test_each_compressed_layer_gets_its_low_bit_op(exported: dict, key: str) -> 
         )
         assert layers["encoder.layer.0.output.dense"].startswith("DequantizeLinear uint8 block 24")
         assert layers["encoder.layer.1.attention.self.value"] == "MatMulNBits 2-bit block 32"
-        assert layers["embeddings.word_embeddings"].startswith("GatherBlockQuantized 8-bit")
+        # one scale per row, not repeated per block: plain uint8 rows, gathered with it
+        assert layers["embeddings.word_embeddings"] == (
+            "Gather int8 + row scales (8-bit per-channel)"
+        )
+        assert layers["embeddings.position_embeddings"] == (
+            "Gather uint8 + row zero points + row scales (6-bit per-channel)"
+        )
         assert layers["encoder.layer.1.attention.output.dense"] == "float"
     if key == "llama":
         assert layers["model.embed_tokens"] == "GatherBlockQuantized 4-bit block 32"
@@ -247,7 +253,8 @@ def test_the_file_holds_codes_not_float_weights(exported: dict, key: str) -> Non
     for name, module in compressed.items():
         assert PREFIX + name + ".weight" not in initializers
         codes = initializers[f"{name}.codes"]
-        assert codes.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.UINT4)
+        integers = (onnx.TensorProto.UINT8, onnx.TensorProto.UINT4, onnx.TensorProto.INT8)
+        assert codes.data_type in integers
         wide = container_bits(module.bits)
         assert len(codes.raw_data) <= module.rows * (module.cols + 64) * wide // 8
     floats = sum(

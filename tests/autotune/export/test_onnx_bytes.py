@@ -92,3 +92,21 @@ def test_validate_recounts_the_bytes_in_the_export_of_an_onnxruntime_plan(tokeni
         assert checks == {"memory": True, "predicted bytes": holds}
         assert result.measured["bytes"] == exported
         assert result.measured["bytes_counted_in"] == "onnxruntime"
+
+
+@pytest.mark.parametrize(("symmetric", "zero_bytes"), [(True, 0), (False, 1)])
+def test_an_untied_per_channel_embedding_stores_one_scale_per_row(
+    symmetric: bool, zero_bytes: int
+) -> None:
+    """Plain 8-bit rows with a float32 scale (and a zero point) per row; a tied table keeps
+    MatMulNBits' blocks of 128, which repeat each row's scale three times on 384-wide rows."""
+    from autotune.export.onnx_bytes import option_bytes
+    from methods.base import LayerShape
+    from methods.rtn import QuantOption
+
+    shape = LayerShape(kind="embedding", rows=1000, cols=384)
+    option = QuantOption(bits=8, group_size=None, symmetric=symmetric)
+    assert option_bytes(shape, option) == 1000 * (384 + 4 + zero_bytes)
+    zero_points = 0 if symmetric else 1000 * 3
+    reshape = 16  # the 2-D shape the lookup reads the tied head's 3-D codes with
+    assert option_bytes(shape, option, tied=True) == 1000 * (384 + 3 * 4) + zero_points + reshape
