@@ -221,3 +221,19 @@ def test_help_and_bad_command_lines_do_not_load_torch(argv: list[str]) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == ("0" if "--help" in argv else "2")
+
+
+@pytest.mark.parametrize(
+    ("budget", "fragment"),
+    [
+        ("2000x", "budget latency relative to the original must be at most 1000x"),
+        ("0.5x,0.6x", "constrains latency (prefill) relative to the original twice"),
+        ("1MB,memory=0.5x", "only latency terms take a phase"),
+    ],
+)
+def test_a_bad_relative_latency_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, budget: str, fragment: str
+) -> None:
+    err = one_line_error(capsys, ["tune", "demo", "--budget", budget, "-o", "plan.json"])
+    assert err.startswith("autotune: error:") and fragment in err
+    assert list(tmp_path.iterdir()) == []

@@ -34,7 +34,8 @@ def _add_problem(tune: argparse.ArgumentParser) -> None:
     tune.add_argument(
         "--budget",
         required=True,
-        help="one word, e.g. 15MB, 8GiB, 4.5bits, 25%%, 20ms, decode=5ms or 8GB,20ms",
+        help="one word, e.g. 15MB, 8GiB, 4.5bits, 25%%, 20ms, decode=5ms, 0.7x (of the "
+        "original's latency) or 8GB,20ms",
     )
     tune.add_argument("--target", default="local", help=TARGET_HELP)
     tune.add_argument("--target-file", action="append", default=[], help=TARGET_FILE_HELP)
