@@ -164,6 +164,18 @@ class Budget:
         """The limit per generated token in ms, as :meth:`latency_limit_ms`."""
         return _tighter(self.decode_ms, self.decode_ratio, original_ms)
 
+    def phase_ms(self, phase: str) -> float | None:
+        """The ms term of ``phase`` (``latency``: the forward pass, or ``decode``)."""
+        return self.latency_ms if _phase(phase) == "latency" else self.decode_ms
+
+    def phase_ratio(self, phase: str) -> float | None:
+        """The relative term of ``phase``: a multiple of the original's latency."""
+        return self.latency_ratio if _phase(phase) == "latency" else self.decode_ratio
+
+    def phase_limit_ms(self, phase: str, original_ms: float | None) -> float | None:
+        """:meth:`latency_limit_ms` or :meth:`decode_limit_ms`, by ``phase``."""
+        return _tighter(self.phase_ms(phase), self.phase_ratio(phase), original_ms)
+
     @property
     def decode_context(self) -> int:
         """Tokens a decode step attends to: the serving context, else the sequence length."""
@@ -324,6 +336,12 @@ class Budget:
 
     def __str__(self) -> str:
         return self.spec
+
+
+def _phase(phase: str) -> str:
+    if phase not in ("latency", "decode"):
+        raise ValueError(f"unknown latency phase {phase!r}; allowed: latency, decode")
+    return phase
 
 
 def _tighter(

@@ -126,26 +126,19 @@ class Report:
         against the original as the plan's latency is judged: timed beside it on ``local``,
         else its predicted latency."""
         budget = self.budget
-        ratio = budget.latency_ratio if phase == "latency" else budget.decode_ratio
-        absolute = budget.latency_ms if phase == "latency" else budget.decode_ms
-        if ratio is None:
-            return absolute
+        if budget.phase_ratio(phase) is None:
+            return budget.phase_ms(phase)
         measured = self.plan.measured or {}
         original = (measured.get("baseline") or {}).get(f"{phase}_p50_ms")
         if not (self.local and f"{phase}_p50_ms" in measured and original is not None):
             original = self.plan.predicted.get(f"original_{phase}_ms")
         if original is None:
-            return absolute
-        return (
-            budget.latency_limit_ms(original)
-            if phase == "latency"
-            else (budget.decode_limit_ms(original))
-        )
+            return budget.phase_ms(phase)
+        return budget.phase_limit_ms(phase, original)
 
     def _latency_budget_cell(self, phase: str) -> str:
         """The limit in ms, with the multiple of the original's it stands for."""
-        budget = self.budget
-        ratio = budget.latency_ratio if phase == "latency" else budget.decode_ratio
+        ratio = self.budget.phase_ratio(phase)
         cell = fmt(self.latency_budget_ms(phase), " ms")
         return cell if ratio is None else f"{cell} ({ratio:g}x original)"
 

@@ -318,8 +318,7 @@ def _budgeted_latency(
 ) -> Check | None:
     """The check of one phase's latency term (``None`` without one); a relative term needs
     the original's latency, recomputed."""
-    ratio = budget.latency_ratio if phase == "latency" else budget.decode_ratio
-    absolute = budget.latency_ms if phase == "latency" else budget.decode_ms
+    ratio, absolute = budget.phase_ratio(phase), budget.phase_ms(phase)
     if ratio is None:
         return None if absolute is None else _latency_check(plan, phase, absolute, now, roofline)
     original = originals.get(phase)
@@ -331,7 +330,8 @@ def _budgeted_latency(
             False,
             note="time the model (a relative budget compares it with the original)",
         )
-    limit = min(ratio * original, absolute) if absolute is not None else ratio * original
+    limit = budget.phase_limit_ms(phase, original)
+    assert limit is not None
     check = _latency_check(plan, phase, limit, now, roofline)
     what = "timed beside it" if plan.target.get("name") == "local" else "recomputed alike"
     return dataclasses.replace(

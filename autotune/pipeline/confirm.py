@@ -151,7 +151,7 @@ def check_plan(
         if original_ms is None:  # tuned in place: the original as timed before tuning
             original_ms = _timed_before(priced, resource)
         against = original_ms if original_ms is not None else original[budget_field]
-        limit = getattr(setup.budget, f"{_PHASES[resource]}_limit_ms")(against)
+        limit = setup.budget.phase_limit_ms(_PHASES[resource], against)
         checks.append(
             LatencyCheck(
                 resource=resource,

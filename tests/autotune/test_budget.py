@@ -270,6 +270,10 @@ def test_a_latency_relative_to_the_original_is_the_tighter_of_both_terms() -> No
     both = Budget.parse("0.7x,5ms")
     assert both.latency_limit_ms(10.0) == 5.0 and both.latency_limit_ms(6.0) == pytest.approx(4.2)
     assert "0.7x the original's" in budget.describe()
+    assert budget.phase_limit_ms("decode", 4.0) == pytest.approx(2.0)
+    assert budget.phase_ratio("latency") == 0.7 and both.phase_ms("latency") == 5.0
+    with pytest.raises(ValueError, match="unknown latency phase"):
+        budget.phase_ms("prefill")
     assert Budget.parse({"latency": "0.7x"}) == Budget(latency_ratio=0.7)
     assert Budget.parse({"decode": "0.5x"}) == Budget(decode_ratio=0.5)
     assert Budget.parse("15MB").latency_limit_ms(None) is None
