@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from autotune.layers import LayerRef
+from autotune.model_memo import ModelMemo
 from methods.base import LayerShape, Option, is_weight_layer
 from methods.keep import KeepOption
 from methods.tied import TiedHead
@@ -162,13 +163,11 @@ class OnnxRuntimeTimed(TorchTimed):
             run_rounds,
             session_options,
         )
-        from autotune.plan import Plan
 
         exporter = OnnxExporter()
         graphs = {"model": exporter.build(compressed, plan)[0]}
-        if original is not None:
-            kept = Plan(layers={"_default": KeepOption().to_dict()})
-            graphs["baseline"] = exporter.build(original, kept)[0]
+        if original is not None:  # the same at every check of a tune: exported once
+            graphs["baseline"] = _FLOAT_EXPORTS.get(original, _float_export)
         with tempfile.TemporaryDirectory(prefix="autotune-ort-") as folder:
             sessions = [
                 open_session(model_source(g, Path(folder)), session_options())
@@ -180,6 +179,23 @@ class OnnxRuntimeTimed(TorchTimed):
 
 
 ORT_ROUNDS = 30
+
+
+def _float_export(model: nn.Module) -> Any:
+    """The float model's ONNX export as a session loads it (bytes, or the proto above
+    protobuf's limit)."""
+    from autotune.export.onnx import PROTO_LIMIT, OnnxExporter
+    from autotune.plan import Plan
+
+    kept = Plan(layers={"_default": KeepOption().to_dict()})
+    proto, _ = OnnxExporter().build(model, kept)
+    if sum(len(t.raw_data) for t in proto.graph.initializer) <= PROTO_LIMIT:
+        return proto.SerializeToString()
+    return proto
+
+
+# the original's export, timed beside the plan at each latency check and at the end
+_FLOAT_EXPORTS: ModelMemo[Any] = ModelMemo()
 
 
 class LlamaCppTimed(TorchTimed):

@@ -97,3 +97,23 @@ def test_a_tune_for_onnxruntime_on_local_is_timed_and_measured_in_onnxruntime(to
     assert all(
         entry.get("method") in ("none", "rtn", "w8a8") for entry in result.plan.layers.values()
     )
+
+
+def test_the_original_is_exported_once_for_every_onnx_runtime_measurement(monkeypatch) -> None:
+    """A tune times the original beside each checked plan: its export is made once."""
+    pytest.importorskip("onnxruntime")
+    from autotune import latency_models
+    from autotune.apply import apply_plan
+    from autotune.plan import Plan
+
+    model = make_tiny_bert(hidden=64)
+    exports: list[object] = []
+    real = latency_models._float_export
+    monkeypatch.setattr(latency_models, "_float_export", lambda m: exports.append(m) or real(m))
+    timed = latency_models.OnnxRuntimeTimed()
+    inputs = {"input_ids": torch.randint(1, 500, (1, 8))}
+    for bits in (8, 4):
+        plan = Plan(layers={"_default": {"method": "rtn", "bits": bits, "group_size": 32}})
+        found = timed.measure(apply_plan(model, plan), plan, model, inputs)
+        assert set(found) == {"model", "baseline"} and found["baseline"].p50_ms > 0
+    assert exports == [model]  # (a model changed in place: tests/autotune/test_model_memo.py)
