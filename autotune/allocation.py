@@ -109,17 +109,10 @@ def _latency_limit(limit_s: float, budget_ms: float | None, ratio: float | None 
     planned = 1e3 * limit_s
     if budget_ms is None:
         return f"{planned:g} ms"
-    budget = (
-        f"{budget_ms:g} ms"
-        if ratio is None
-        else f"{budget_ms:.4g} ms, {ratio:g}x the original's predicted latency"
-    )
+    relative = f"{ratio:g}x the original's predicted latency" if ratio is not None else None
     if abs(planned - budget_ms) <= 1e-9 * budget_ms:
-        return (
-            f"{planned:g} ms"
-            if ratio is None
-            else f"{planned:.4g} ms ({ratio:g}x the original's predicted latency)"
-        )
+        return f"{planned:g} ms" if relative is None else f"{planned:.4g} ms ({relative})"
+    budget = f"{budget_ms:g} ms" if relative is None else f"{budget_ms:.4g} ms, {relative}"
     return f"{planned:.4g} ms (the budget's {budget} less a margin for timing noise)"
 
 

@@ -36,7 +36,14 @@ from dataclasses import dataclass, fields
 from decimal import Decimal, localcontext
 from typing import Any
 
-from autotune.budget_text import EXACT, SYNTAX, format_bytes, number_text, parse_terms
+from autotune.budget_text import (
+    EXACT,
+    RATIOS,
+    SYNTAX,
+    format_bytes,
+    number_text,
+    parse_terms,
+)
 from autotune.errors import BudgetError
 from autotune.json_input import short_repr
 
@@ -158,11 +165,11 @@ class Budget:
     def latency_limit_ms(self, original_ms: float | None) -> float | None:
         """The forward pass's limit in ms: the tighter of the ms term and the relative term
         times ``original_ms`` (the original model's latency, predicted or measured alike)."""
-        return _tighter(self.latency_ms, self.latency_ratio, original_ms)
+        return self.phase_limit_ms("latency", original_ms)
 
     def decode_limit_ms(self, original_ms: float | None) -> float | None:
         """The limit per generated token in ms, as :meth:`latency_limit_ms`."""
-        return _tighter(self.decode_ms, self.decode_ratio, original_ms)
+        return self.phase_limit_ms("decode", original_ms)
 
     def phase_ms(self, phase: str) -> float | None:
         """The ms term of ``phase`` (``latency``: the forward pass, or ``decode``)."""
@@ -388,9 +395,8 @@ def _bounded(name: str, value: Any) -> Any:
 def _relative_form(name: str, value: Any) -> str:
     """The field a latency given in ``x`` sets: ``{"latency": "0.7x"}`` is a limit relative
     to the original, as ``{"speed": 0.7}``."""
-    ratios = {"latency_ms": "latency_ratio", "decode_ms": "decode_ratio"}
-    if name in ratios and isinstance(value, str) and value.strip().lower().endswith("x"):
-        return ratios[name]
+    if name in RATIOS and isinstance(value, str) and value.strip().lower().endswith("x"):
+        return RATIOS[name]
     return name
 
 

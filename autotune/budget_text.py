@@ -42,7 +42,7 @@ _TERM = re.compile(
 )
 _PHASES = {"prefill": "latency_ms", "decode": "decode_ms"}
 # a latency term in ``x``: a multiple of the original model's latency on the target
-_RATIOS = {"latency_ms": "latency_ratio", "decode_ms": "decode_ratio"}
+RATIOS = {"latency_ms": "latency_ratio", "decode_ms": "decode_ratio"}
 SYNTAX = (
     "each term is a number with a unit: memory (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), "
     "latency (us, ms, s; 'prefill=20ms', or 'decode=5ms' per generated token; or a multiple of "
@@ -112,7 +112,7 @@ def _term(term: str) -> tuple[str, int | float]:
             return name, float(exact * _LATENCY_UNITS[lowered])
         if lowered == "x":
             name = _PHASES[phase.lower()] if phase is not None else "latency_ms"
-            return _RATIOS[name], float(exact)
+            return RATIOS[name], float(exact)
         if lowered in ("bits", "bit"):
             return "avg_bits", float(exact)
         if unit == "%":

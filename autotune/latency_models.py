@@ -182,16 +182,12 @@ ORT_ROUNDS = 30
 
 
 def _float_export(model: nn.Module) -> Any:
-    """The float model's ONNX export as a session loads it (bytes, or the proto above
-    protobuf's limit)."""
-    from autotune.export.onnx import PROTO_LIMIT, OnnxExporter
+    """The float model's ONNX export (a ``ModelProto``)."""
+    from autotune.export.onnx import OnnxExporter
     from autotune.plan import Plan
 
     kept = Plan(layers={"_default": KeepOption().to_dict()})
-    proto, _ = OnnxExporter().build(model, kept)
-    if sum(len(t.raw_data) for t in proto.graph.initializer) <= PROTO_LIMIT:
-        return proto.SerializeToString()
-    return proto
+    return OnnxExporter().build(model, kept)[0]
 
 
 # the original's export, timed beside the plan at each latency check and at the end

@@ -232,6 +232,22 @@ def _embedding(
     return labels
 
 
+class _Chain:
+    """Nodes written one after another under a layer's name, each output named
+    ``{layer}/{op}_{index}`` unless given."""
+
+    def __init__(self, layer: str) -> None:
+        self.layer = layer
+        self.nodes: list[Any] = []
+
+    def op(self, kind: str, *inputs: str, out: str | None = None, **attributes: Any) -> str:
+        from onnx import helper
+
+        result = out or f"{self.layer}/{kind}_{len(self.nodes)}"
+        self.nodes.append(helper.make_node(kind, list(inputs), [result], name=result, **attributes))
+        return result
+
+
 def row_scaled(module: QuantizedEmbedding, tied: bool) -> bool:
     """Whether an embedding is written as plain 8-bit rows with one scale per row: one group
     per row in the 8-bit container, read by no tied output layer. GatherBlockQuantized would
@@ -261,22 +277,17 @@ def _row_scaled_lookup(
 ) -> list[Any]:
     """Standard ONNX: the looked-up rows' codes gathered and made float, less their rows'
     zero points where asymmetric, times their rows' scales."""
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
     codes, scales, zeros = row_scaled_tensors(edit, name, module)
-    nodes: list[Any] = []
-
-    def op(kind: str, *inputs: str, out: str | None = None, **attributes: Any) -> str:
-        result = out or f"{name}/{kind}_{len(nodes)}"
-        nodes.append(helper.make_node(kind, list(inputs), [result], name=result, **attributes))
-        return result
-
+    chain = _Chain(name)
+    op = chain.op
     rows = op("Cast", op("Gather", codes, ids, axis=0), to=TensorProto.FLOAT)
     if zeros is not None:
         zero = op("Cast", op("Gather", zeros, ids, axis=0), to=TensorProto.FLOAT)
         rows = op("Sub", rows, zero)
     op("Mul", rows, op("Gather", scales, ids, axis=0), out=output)
-    return nodes
+    return chain.nodes
 
 
 def embedding_tensors(edit: Edit, name: str, blocked: Blocked, tied: bool) -> tuple[str, list]:
@@ -344,12 +355,8 @@ def _w8a8_seven_bits(edit: Edit, site: Site, name: str, module: W8A8Linear) -> s
     float64 as the reference takes them), written out in standard ops."""
     from onnx import TensorProto, helper
 
-    nodes: list[Any] = []
-
-    def op(kind: str, *inputs: str, **attributes: Any) -> str:
-        output = f"{name}/{kind}_{len(nodes)}"
-        nodes.append(helper.make_node(kind, list(inputs), [output], name=output, **attributes))
-        return output
+    chain = _Chain(name)
+    nodes, op = chain.nodes, chain.op
 
     def const(suffix: str, value: Any, dtype: Any = np.float64) -> str:
         return edit.tensor(f"{name}.{suffix}", np.asarray(value, dtype=dtype))

@@ -29,8 +29,7 @@ from profilers.measure import measure_latencies
 
 SEARCHES = 3  # the first search and at most two more under tightened limits
 
-# the limit each latency budget sets -> the budget's field (also the predicted total's name)
-_LATENCIES = {"seconds": "latency_ms", "decode_seconds": "decode_ms"}
+# the limit each latency budget sets -> its phase (``{phase}_ms``: the predicted total's name)
 _PHASES = {"seconds": "latency", "decode_seconds": "decode"}
 
 
@@ -73,7 +72,7 @@ def applies(setup: Setup, priced: Priced) -> bool:
         not setup.as_is
         and setup.executor.holds_whole_model
         and latency_model_for(setup.spec).measures
-        and any(r in priced.limits for r in _LATENCIES)
+        and any(r in priced.limits for r in _PHASES)
     )
 
 
@@ -147,7 +146,7 @@ def check_plan(
     measured = measured_ms(setup, priced, options)
     checks = []
     for resource, (milliseconds, original_ms) in measured.items():
-        budget_field = _LATENCIES[resource]
+        budget_field = f"{_PHASES[resource]}_ms"
         if original_ms is None:  # tuned in place: the original as timed before tuning
             original_ms = _timed_before(priced, resource)
         against = original_ms if original_ms is not None else original[budget_field]
@@ -190,7 +189,7 @@ def measured_ms(
     out: dict[str, tuple[float, float | None]] = {}
     with setup.executor.swapped(options) as model:
         models = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
-        for resource in _LATENCIES:
+        for resource in _PHASES:
             if resource not in priced.limits or inputs[resource] is None:
                 continue
             elsewhere = None
