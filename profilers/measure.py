@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from methods.base import is_weight_layer, storage_key
+from profilers.paired_timing import ROUNDS_TO_SETTLE, Limit
+
+# rounds of :func:`measure_latencies`, and the seconds after which it stops early
+ROUNDS, MAX_SECONDS = 40, 30.0
 
 
 def _unique_tensors(tensors):
@@ -70,9 +74,16 @@ class LatencyStats:
     p90_ms: float
     mean_ms: float
     repeats: int
+    # every timing in ms, in the order taken (one per round when timed in rounds)
+    samples_ms: tuple[float, ...] = field(default=(), repr=False, compare=False)
 
     def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+        return {
+            "p50_ms": self.p50_ms,
+            "p90_ms": self.p90_ms,
+            "mean_ms": self.mean_ms,
+            "repeats": self.repeats,
+        }
 
 
 def measure_latency(
@@ -100,12 +111,15 @@ def measure_latencies(
     inputs: dict[str, torch.Tensor],
     *,
     warmup: int = 5,
-    rounds: int = 40,
-    max_seconds: float = 30.0,
+    rounds: int = ROUNDS,
+    max_seconds: float = MAX_SECONDS,
+    limit: Limit | None = None,
 ) -> dict[str, LatencyStats]:
     """Latency of several models on the same inputs, timed interleaved (one call of each per
     round, the order reversed every other round) so that bursts of load on a shared machine
-    and the position in a round affect them alike."""
+    and the position in a round affect them alike. With a ``limit`` on ``"model"`` (against
+    ``"baseline"``), timing stops as soon as its verdict is settled
+    (:mod:`profilers.paired_timing`)."""
     cuda = any(t.is_cuda for t in inputs.values() if isinstance(t, torch.Tensor))
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
@@ -119,7 +133,26 @@ def measure_latencies(
                 break
             for name, model in order if done % 2 == 0 else reversed(order):
                 times[name].append(timed_call(lambda m=model: m(**inputs), cuda))
+            if limit is not None and limit.settles(times):
+                break
     return {name: latency_stats(values) for name, values in times.items()}
+
+
+def measure_against(
+    models: dict[str, nn.Module], inputs: dict[str, torch.Tensor], limit: Limit | None
+) -> dict[str, LatencyStats]:
+    """:func:`measure_latencies` of ``"model"`` (and ``"baseline"``), for up to
+    :data:`~profilers.paired_timing.ROUNDS_TO_SETTLE` times its usual rounds and seconds
+    until ``limit``'s verdict is settled (no limit: the usual rounds)."""
+    if limit is None:
+        return measure_latencies(models, inputs)
+    return measure_latencies(
+        models,
+        inputs,
+        rounds=ROUNDS * ROUNDS_TO_SETTLE,
+        max_seconds=MAX_SECONDS * ROUNDS_TO_SETTLE,
+        limit=limit,
+    )
 
 
 def latency_stats(times: list[float]) -> LatencyStats:
@@ -127,5 +160,9 @@ def latency_stats(times: list[float]) -> LatencyStats:
     ordered = sorted(times)
     p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
     return LatencyStats(
-        1e3 * statistics.median(ordered), 1e3 * p90, 1e3 * statistics.fmean(ordered), len(ordered)
+        1e3 * statistics.median(ordered),
+        1e3 * p90,
+        1e3 * statistics.fmean(ordered),
+        len(ordered),
+        tuple(1e3 * t for t in times),
     )

@@ -29,8 +29,10 @@ from methods.gguf_types import NEEDS_IMATRIX
 from methods.keep import KeepOption
 from profilers.latency_table import InModelLatency
 from profilers.measure import LatencyStats, latency_stats
+from profilers.paired_timing import Limit
 
-ROUNDS = 5
+ROUNDS = 5  # rounds of the table, which times a file per option label
+FILE_ROUNDS = 15  # rounds of a plan's file beside the float one
 KEEP = KeepOption().label
 DECODE_STEPS = 16
 
@@ -147,9 +149,14 @@ def split(
 
 
 def measure_files(
-    paths: Mapping[str, Path], inputs: Mapping[str, Any], rounds: int = 15
+    paths: Mapping[str, Path],
+    inputs: Mapping[str, Any],
+    rounds: int = FILE_ROUNDS,
+    limit: Limit | None = None,
 ) -> dict[str, LatencyStats]:
-    """Each GGUF file's latency at the shape of ``inputs``, timed in turn each round."""
+    """Each GGUF file's latency at the shape of ``inputs``, timed in turn each round (the
+    order reversed every other round); with a ``limit`` on ``"model"`` (against
+    ``"baseline"``), the rounds stop once its verdict is settled."""
     from autotune.export.llama_cpp import LlamaCppModel
 
     rows, tokens, context = shape_of(inputs)
@@ -157,9 +164,12 @@ def measure_files(
     loaded = {k: LlamaCppModel(p, n_ctx=n_ctx, all_logits=False) for k, p in paths.items()}
     samples: dict[str, list[float]] = {k: [] for k in loaded}
     try:
-        for _ in range(rounds):
-            for key, llm in loaded.items():
+        order = list(loaded.items())
+        for done in range(rounds):
+            for key, llm in order if done % 2 == 0 else reversed(order):
                 samples[key].append(time_file(llm, rows, tokens, context))
+            if limit is not None and limit.settles(samples):
+                break
     finally:
         for llm in loaded.values():
             llm.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +125,12 @@ def run_rounds(
     inputs: Mapping[str, torch.Tensor],
     rounds: int,
     settle: int,
+    enough: Callable[[list[list[float]]], bool] | None = None,
 ) -> list[list[float]]:
     """Warm-up runs, then ``rounds`` rounds visiting every session, the order reversed every
-    other round: ``settle`` runs and one recorded run per visit. Wall seconds per session."""
+    other round: ``settle`` runs and one recorded run per visit (fewer rounds when
+    ``enough`` says, after a round, that the walls so far suffice). Wall seconds per
+    session."""
     order = [(index, session, feed_for(session, inputs)) for index, session in enumerate(sessions)]
     for _, session, feed in order:
         for _ in range(WARMUP):
@@ -138,4 +141,6 @@ def run_rounds(
             for _ in range(settle):
                 session.run(None, feed)
             walls[index].append(timed_run(session, feed))
+        if enough is not None and enough(walls):
+            break
     return walls
