@@ -46,6 +46,7 @@ from autotune.budget_text import (
 )
 from autotune.errors import BudgetError
 from autotune.json_input import short_repr
+from profilers.paired_timing import Limit
 
 KV_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1}
 MAX_MEMORY_BYTES = 10**15  # 1 PB
@@ -182,6 +183,11 @@ class Budget:
     def phase_limit_ms(self, phase: str, original_ms: float | None) -> float | None:
         """:meth:`latency_limit_ms` or :meth:`decode_limit_ms`, by ``phase``."""
         return _tighter(self.phase_ms(phase), self.phase_ratio(phase), original_ms)
+
+    def timing_limit(self, phase: str, beside: bool) -> Limit:
+        """What a timing of ``phase`` is run long enough to settle: the ms term, and the
+        multiple of the original where the original is timed ``beside`` the plan."""
+        return Limit(self.phase_ms(phase), self.phase_ratio(phase) if beside else None)
 
     @property
     def decode_context(self) -> int:

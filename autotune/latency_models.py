@@ -28,6 +28,7 @@ from profilers.hardware import HardwareSpec
 from profilers.latency_table import InModelLatency, measure_in_model
 from profilers.measure import LatencyStats, latency_stats
 from profilers.opcount import rest_of_model
+from profilers.paired_timing import ROUNDS_TO_SETTLE, Limit
 from profilers.roofline import format_in_runtime, layer_latency, rest_latency
 
 
@@ -66,11 +67,19 @@ class LatencyModel(ABC):
         """Seconds of each layer under each option, and of everything else."""
 
     def measure(
-        self, compressed: nn.Module, plan: Any, original: nn.Module | None, inputs: dict
+        self,
+        compressed: nn.Module,
+        plan: Any,
+        original: nn.Module | None,
+        inputs: dict,
+        limit: Limit | None = None,
     ) -> dict[str, LatencyStats] | None:
         """The compressed model's (``"model"``) and the original's (``"baseline"``) latency
-        where this model times them elsewhere than autotune's modules; ``None``: the result
-        is timed in autotune's modules (:func:`autotune.measured_figures.measure_model`)."""
+        where this model times them elsewhere than autotune's modules, in rounds that visit
+        both, timed longer (up to :data:`~profilers.paired_timing.ROUNDS_TO_SETTLE` times
+        the usual rounds) until
+        ``limit``'s verdict is settled where one is given; ``None``: the result is timed in
+        autotune's modules (:func:`autotune.measured_figures.measure_model`)."""
         return None
 
 
@@ -149,7 +158,7 @@ class OnnxRuntimeTimed(TorchTimed):
             job.model, timed, job.inputs, observers=job.observers, progress=job.progress
         )
 
-    def measure(self, compressed, plan, original, inputs):
+    def measure(self, compressed, plan, original, inputs, limit=None):
         """Both models exported to ONNX and timed in ONNX Runtime, visited in turn and
         settled at each visit as the options were when they were priced."""
         import tempfile
@@ -167,13 +176,18 @@ class OnnxRuntimeTimed(TorchTimed):
         exporter = OnnxExporter()
         graphs = {"model": exporter.build(compressed, plan)[0]}
         if original is not None:  # the same at every check of a tune: exported once
-            graphs["baseline"] = _FLOAT_EXPORTS.get(original, _float_export)
+            graphs["baseline"] = _FLOAT_EXPORTS.get(original, float_onnx_export)
         with tempfile.TemporaryDirectory(prefix="autotune-ort-") as folder:
             sessions = [
                 open_session(model_source(g, Path(folder)), session_options())
                 for g in graphs.values()
             ]
-            walls = run_rounds(sessions, inputs, ORT_ROUNDS, SETTLE)
+
+            def settled(walls: list[list[float]]) -> bool:
+                return limit is not None and limit.settles(dict(zip(graphs, walls, strict=True)))
+
+            rounds = ORT_ROUNDS if limit is None else ORT_ROUNDS * ROUNDS_TO_SETTLE
+            walls = run_rounds(sessions, inputs, rounds, SETTLE, settled)
         times = dict(zip(graphs, walls, strict=True))
         return {name: latency_stats(values) for name, values in times.items()}
 
@@ -181,7 +195,7 @@ class OnnxRuntimeTimed(TorchTimed):
 ORT_ROUNDS = 30
 
 
-def _float_export(model: nn.Module) -> Any:
+def float_onnx_export(model: nn.Module) -> Any:
     """The float model's ONNX export (a ``ModelProto``)."""
     from autotune.export.onnx import OnnxExporter
     from autotune.plan import Plan
@@ -212,13 +226,13 @@ class LlamaCppTimed(TorchTimed):
             job.model, timed, job.inputs, progress=job.progress, observers=job.observers
         )
 
-    def measure(self, compressed, plan, original, inputs):
+    def measure(self, compressed, plan, original, inputs, limit=None):
         """The plan's GGUF file and the float model's, timed in llama.cpp in turn."""
         import tempfile
         from pathlib import Path
 
         from autotune.export.gguf import GGUFExporter
-        from autotune.export.llama_latency import measure_files
+        from autotune.export.llama_latency import FILE_ROUNDS, measure_files
 
         exporter = GGUFExporter()
         with tempfile.TemporaryDirectory(prefix="autotune-llama-") as folder:
@@ -227,7 +241,9 @@ class LlamaCppTimed(TorchTimed):
             if original is not None:
                 paths["baseline"] = Path(folder) / "float.gguf"
                 exporter.write(original, None, paths["baseline"])
-            return measure_files(paths, inputs)
+            if limit is None:
+                return measure_files(paths, inputs)
+            return measure_files(paths, inputs, FILE_ROUNDS * ROUNDS_TO_SETTLE, limit)
 
 
 def per_layer(job: Pricing, timed: dict[tuple[LayerShape, str], float]) -> dict[str, list[float]]:

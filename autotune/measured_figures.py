@@ -11,13 +11,14 @@ from torch import nn
 from autotune.layers import weight_numel
 from profilers.measure import (
     LatencyStats,
-    measure_latencies,
+    measure_against,
     model_bytes,
     state_dict_bytes,
     weight_storage_bytes,
 )
 from profilers.memory import activation_peak
 from profilers.memory import scratch_in_use as workspace_buffers
+from profilers.paired_timing import Limit, paired
 from profilers.probe import machine_facts
 from profilers.quality import is_causal_lm, output_error, perplexity
 
@@ -82,8 +83,25 @@ class Measured:
         if self.baseline_latency is not None:
             out["baseline"] = {
                 **self.latency_figures(baseline=True),
+                **self.multiples(),
                 "timed": "interleaved with the compressed model",
             }
+        return out
+
+    def multiples(self) -> dict[str, Any]:
+        """The model's time as a multiple of the baseline's timed in the same rounds
+        (``latency_ratio``, ``decode_ratio``): the median of the per-round ratios with its
+        confidence interval (:mod:`profilers.paired_timing`)."""
+        pairs = {
+            "latency": (self.latency, self.baseline_latency),
+            "decode": (self.decode, self.baseline_decode),
+        }
+        out: dict[str, Any] = {}
+        for name, (model, baseline) in pairs.items():
+            if model is not None and baseline is not None:
+                found = paired(model.samples_ms, baseline.samples_ms)
+                if found is not None:
+                    out[f"{name}_ratio"] = found.to_dict()
         return out
 
 
@@ -96,12 +114,15 @@ def measure_model(
     heldout: tuple[list[dict], list[dict]] | None = None,
     metric: str = "nmse",
     baseline: nn.Module | None = None,
+    limits: dict[str, Limit] | None = None,
 ) -> Measured:
     """Measure ``model``: bytes of parameters and buffers, state bytes, average stored bits
     per weight, latency of a forward pass on ``latency_inputs`` and of a decode step on
     ``decode_inputs`` (see :func:`profilers.execution.decode.decode_inputs`) when given, interleaved
     with ``baseline``'s (whose figures land in ``baseline_latency`` and ``baseline_decode``),
-    and held-out error (against reference)."""
+    timed until the verdict of ``limits[phase]`` (``latency``, ``decode``) is settled where
+    given, and held-out error (against reference)."""
+    limits = limits or {}
     weights = total_weights or weight_numel(model)
     latency = baseline_latency = peak = decode = baseline_decode = decode_shape = None
     if latency_inputs is not None:
@@ -109,10 +130,10 @@ def measure_model(
         in_use = sum(b.numel() * b.element_size() for b in workspace_buffers())
         peak = model_bytes(model) + traced.peak_bytes + in_use
         models = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
-        stats = measure_latencies(models, latency_inputs)
+        stats = measure_against(models, latency_inputs, limits.get("latency"))
         latency, baseline_latency = stats["model"], stats.get("baseline")
         if decode_inputs is not None:
-            stats = measure_latencies(models, decode_inputs)
+            stats = measure_against(models, decode_inputs, limits.get("decode"))
             decode, baseline_decode = stats["model"], stats.get("baseline")
             cache = next(v for k, v in decode_inputs.items() if k != "input_ids")
             decode_shape = [decode_inputs["input_ids"].shape[0], cache.get_seq_length() + 1]

@@ -23,6 +23,7 @@ from autotune.report_text import (
 )
 from autotune.repriced import LABEL, RooflineLatency, kernel_notes, profile_roofline, target_spec
 from methods.registry import option_from_dict
+from profilers.paired_timing import CONFIDENCE, Interval
 
 
 @dataclass
@@ -117,9 +118,23 @@ class Report:
         for name in ("latency", "decode"):
             limit = self.latency_budget_ms(name)
             value = self._latency_for_budget(name) if limit is not None else None
-            if value is not None:
-                out[name] = value <= limit
+            if value is None:
+                continue
+            out[name] = value <= limit
+            multiple = self.measured_multiple(name)
+            if multiple is not None:  # the relative term judged on rounds that timed both
+                ms_term, ratio = budget.phase_ms(name), budget.phase_ratio(name)
+                out[name] = multiple.median <= ratio and (ms_term is None or value <= ms_term)
         return out
+
+    def measured_multiple(self, phase: str) -> Interval | None:
+        """On ``local`` with a budget relative to the original: the plan's time as a multiple
+        of the original's, the median of the rounds that timed both, where it was measured."""
+        if not self.local or self.budget.phase_ratio(phase) is None:
+            return None
+        baseline = (self.plan.measured or {}).get("baseline") or {}
+        found = baseline.get(f"{phase}_ratio")
+        return Interval.from_dict(found) if isinstance(found, dict) else None
 
     def latency_budget_ms(self, phase: str = "latency") -> float | None:
         """The budget's limit on ``phase`` in ms; a limit relative to the original is taken
@@ -182,6 +197,7 @@ class Report:
                 self._latency_budget_cell("latency"),
                 yes_no(holds.get("latency")),
             ),
+            *self._multiple_row("latency"),
             ("  p90", "-", self._measured_ms("latency_p90_ms"), "-", "-"),
             *self._decode_rows(holds.get("decode")),
             (
@@ -250,7 +266,29 @@ class Report:
                 self._latency_budget_cell("decode"),
                 yes_no(holds),
             ),
+            *self._multiple_row("decode"),
             ("  p90", "-", self._measured_ms("decode_p90_ms"), "-", "-"),
+        ]
+
+    def _multiple_row(self, phase: str) -> list[tuple[str, str, str, str, str]]:
+        """The measured multiple of the original's time and its confidence interval, under
+        a relative budget on ``local``."""
+        multiple = self.measured_multiple(phase)
+        if multiple is None:
+            return []
+        predicted, original = (
+            self.predicted_ms(phase),
+            self.plan.predicted.get(f"original_{phase}_ms"),
+        )
+        return [
+            (
+                "  x original (same rounds)",
+                f"{predicted / original:.3g}x" if predicted and original else "-",
+                f"{multiple.median:.3g}x ({CONFIDENCE:.0%} CI {multiple.low:.3g}-"
+                f"{multiple.high:.3g}, {multiple.rounds} rounds)",
+                f"{self.budget.phase_ratio(phase):g}x",
+                "-",
+            )
         ]
 
     def headline(self) -> str:

@@ -74,7 +74,8 @@ def search_line(search: dict[str, Any]) -> str | None:
     for check in search.get("latency_checks") or []:
         line += (
             f"; {check['budget']} check of search {check.get('search', 1)}'s plan: "
-            f"{check['measured_ms']:.4g} ms measured, {check['predicted_ms']:.4g} ms predicted, "
+            f"{check['measured_ms']:.4g} ms measured{_multiple(check.get('ratio'))}, "
+            f"{check['predicted_ms']:.4g} ms predicted, "
             f"budget {check['budget_ms']:.4g} ms ({'met' if check['met'] else 'missed'})"
         )
     selection = search.get("selection") or {}
@@ -85,6 +86,13 @@ def search_line(search: dict[str, Any]) -> str | None:
             f"'{chosen}' beat the calibration front runner '{front}' and was kept"
         )
     return line
+
+
+def _multiple(ratio: dict[str, Any] | None) -> str:
+    """`` (0.71x the original's in 23 rounds)`` for a check that timed both in turn."""
+    if not ratio:
+        return ""
+    return f" ({ratio['p50']:.3g}x the original's in {ratio['rounds']} rounds)"
 
 
 def structure_line(structure: dict[str, Any]) -> str | None:

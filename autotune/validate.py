@@ -28,6 +28,7 @@ from autotune.validate_gguf import is_gguf, validate_gguf
 from methods.keep import KeepOption
 from profilers.execution.adapters import adapter_for
 from profilers.measure import LatencyStats
+from profilers.paired_timing import CONFIDENCE, paired
 from profilers.quality import run_outputs
 
 BYTES_TOLERANCE = 0.005
@@ -167,6 +168,11 @@ def validate_plan(
     elif decode_tokens is not None:
         decode = adapter_for(model).decode_inputs(model, decode_tokens)
     metric = recorded.get("metric", predicted.get("metric", "nmse"))
+    local = plan.target.get("name") == "local"
+    beside = relative and local
+    limits = None  # a named target's latency is judged on its roofline, not timed here
+    if budget is not None and local:
+        limits = {phase: budget.timing_limit(phase, beside) for phase in ("latency", "decode")}
     now = measure_model(
         compressed,
         total_weights=weight_numel(model),
@@ -174,7 +180,8 @@ def validate_plan(
         decode_inputs=decode,
         heldout=(batches, reference) if batches else None,
         metric=metric,
-        baseline=model if relative and plan.target.get("name") == "local" else None,
+        baseline=model if beside else None,
+        limits=limits,
     )
     originals: dict[str, float] = {}
     if original_roofline is not None:
@@ -250,8 +257,12 @@ def plan_checks(
                     now.avg_bits <= budget.avg_bits + 1e-9,
                 )
             )
-        for phase, stats in (("latency", now.latency), ("decode", now.decode)):
-            check = _budgeted_latency(plan, budget, phase, stats, roofline, originals)
+        timed = (
+            ("latency", now.latency, now.baseline_latency),
+            ("decode", now.decode, now.baseline_decode),
+        )
+        for phase, stats, beside in timed:
+            check = _budgeted_latency(plan, budget, phase, stats, roofline, originals, beside)
             if check is not None:
                 checks.append(check)
     if predicted.get("bytes"):
@@ -315,12 +326,28 @@ def _budgeted_latency(
     now: LatencyStats | None,
     roofline: RooflineLatency | None,
     originals: dict[str, float],
+    beside: LatencyStats | None = None,
 ) -> Check | None:
     """The check of one phase's latency term (``None`` without one); a relative term needs
-    the original's latency, recomputed."""
+    the original's latency, recomputed, and on ``local`` is judged on the rounds that timed
+    the original ``beside`` the plan."""
     ratio, absolute = budget.phase_ratio(phase), budget.phase_ms(phase)
     if ratio is None:
         return None if absolute is None else _latency_check(plan, phase, absolute, now, roofline)
+    multiple = None
+    if now is not None and beside is not None and plan.target.get("name") == "local":
+        multiple = paired(now.samples_ms, beside.samples_ms)
+    if multiple is not None:
+        assert now is not None and beside is not None
+        within = absolute is None or now.p50_ms <= absolute
+        term = "" if absolute is None else f" and <= {absolute:g} ms"
+        return Check(
+            f"{phase} p50",
+            f"<= {ratio:g}x the original's (timed in the same rounds){term}",
+            f"{multiple.median:.3g}x ({CONFIDENCE:.0%} CI {multiple.low:.3g}-{multiple.high:.3g}"
+            f", {multiple.rounds} rounds): {now.p50_ms:.4g} ms against {beside.p50_ms:.4g} ms",
+            multiple.median <= ratio and within,
+        )
     original = originals.get(phase)
     if original is None:
         return Check(

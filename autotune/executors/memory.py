@@ -118,6 +118,11 @@ class InMemory(Executor):
         latency model times there), the runtime's export checked, and held-out error."""
         budget, metric, work = setup.budget, scored.table.metric, self.work
         baseline = None if setup.inplace else setup.original
+        limits = {p: budget.timing_limit(p, baseline is not None) for p in ("latency", "decode")}
+        latency_model = latency_model_for(setup.spec)
+        elsewhere = latency_model.measure(
+            work, plan, baseline, priced.latency_inputs, limits["latency"]
+        )
         measured = measure_model(
             work,
             total_weights=priced.costs.total_weights,
@@ -126,14 +131,15 @@ class InMemory(Executor):
             heldout=(data.heldout.batches, data.heldout.reference),
             metric=metric,
             baseline=baseline,
+            limits=limits if elsewhere is None else None,  # else timed where it runs
         )
-        latency_model = latency_model_for(setup.spec)
-        elsewhere = latency_model.measure(work, plan, baseline, priced.latency_inputs)
         if elsewhere is not None:  # timed where the plan will run, not in autotune's modules
             measured.latency = elsewhere["model"]
             measured.baseline_latency = elsewhere.get("baseline")
             if priced.decode is not None and latency_model.measures_decode:
-                decode = latency_model.measure(work, plan, baseline, priced.decode)
+                decode = latency_model.measure(
+                    work, plan, baseline, priced.decode, limits["decode"]
+                )
                 measured.decode, measured.baseline_decode = decode["model"], decode.get("baseline")
         figures: dict[str, Any] = measured.to_dict([budget.batch_size, budget.seq_len], metric)
         runtime = setup.runtime

@@ -25,7 +25,8 @@ from autotune.pipeline.prepare import Data, Setup
 from autotune.pipeline.price import Priced
 from autotune.plan import Plan
 from methods.base import Option
-from profilers.measure import measure_latencies
+from profilers.measure import LatencyStats, measure_against
+from profilers.paired_timing import CONFIDENCE, Interval, paired
 
 SEARCHES = 3  # the first search and at most two more under tightened limits
 
@@ -46,10 +47,54 @@ class LatencyCheck:
     predicted_ms: float
     measured_ms: float
     original_ms: float | None = None  # the original timed in the same run, where it was
+    ms_term: float | None = None  # the budget's limit in ms, where it sets one
+    ratio_term: float | None = None  # the budget's multiple of the original, where it sets one
+    ratio: Interval | None = None  # the measured multiple, from rounds that timed both
+    original_predicted_ms: float | None = None  # the original on the prediction's scale
+
+    @property
+    def excess(self) -> float:
+        """How far over its budget the plan measured (at most 1: met): the p50 over the ms
+        term, and the median of the per-round multiples of the original over the relative
+        term where both were timed in the same rounds (else the p50 over ``budget_ms``)."""
+        terms = []
+        if self.ms_term is not None:
+            terms.append(self.measured_ms / self.ms_term)
+        if self.ratio_term is not None and self.ratio is not None:
+            terms.append(self.ratio.median / self.ratio_term)
+        elif self.ratio_term is not None or not terms:
+            terms.append(self.measured_ms / self.budget_ms)
+        return max(terms)
 
     @property
     def met(self) -> bool:
-        return self.measured_ms <= self.budget_ms
+        return self.excess <= 1.0
+
+    def replanned_ms(self, keep: float) -> float:
+        """The limit (ms, on the prediction's scale) to search under next so that, off by
+        as much again, the plan lands at ``keep`` of each term: an ms term by the measured
+        over the predicted time, a relative term by the measured over the predicted
+        multiple of the original (each on its own scale, so a machine that ran faster or
+        slower than when the options were timed moves neither)."""
+
+        def off(measured: float, predicted: float) -> float:
+            return max(measured / predicted, 1.0) if predicted > 0 else 1.0
+
+        wanted = []
+        if self.ms_term is not None or self.ratio_term is None:
+            term = self.ms_term if self.ms_term is not None else self.budget_ms
+            wanted.append(keep * term / off(self.measured_ms, self.predicted_ms))
+        if self.ratio_term is not None:
+            multiple = self.ratio.median if self.ratio is not None else None
+            if multiple is None and self.original_ms:
+                multiple = self.measured_ms / self.original_ms
+            original = self.original_predicted_ms
+            if multiple is not None and original:
+                misfit = off(multiple, self.predicted_ms / original)
+                wanted.append(keep * self.ratio_term * original / misfit)
+            else:
+                wanted.append(keep * self.budget_ms / off(self.measured_ms, self.predicted_ms))
+        return min(wanted)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +106,7 @@ class LatencyCheck:
             "predicted_ms": round(self.predicted_ms, 6),
             "measured_ms": round(self.measured_ms, 6),
             **({"original_ms": round(self.original_ms, 6)} if self.original_ms is not None else {}),
+            **({"ratio": self.ratio.to_dict()} if self.ratio is not None else {}),
             "met": self.met,
         }
 
@@ -97,13 +143,14 @@ def confirm_latency(
         missed = [c for c in found if not c.met]
         for check in found:
             setup.say.say(
-                f"latency check: '{check.plan}' {check.measured_ms:.4g} ms measured, "
-                f"{check.predicted_ms:.4g} ms predicted, budget {check.budget_ms:.4g} ms"
+                f"latency check: '{check.plan}' {check.measured_ms:.4g} ms measured"
+                + _multiple(check.ratio)
+                + f", {check.predicted_ms:.4g} ms predicted, budget {check.budget_ms:.4g} ms"
                 + ("" if check.met else " (missed)")
             )
         if not missed:
             break
-        nearest = max(c.measured_ms / c.budget_ms for c in found)
+        nearest = max(c.excess for c in found)
         tried.append((nearest, attempt + 1, priced, searched, selected))
         if attempt == SEARCHES - 1:
             break
@@ -129,8 +176,7 @@ def tightened(priced: Priced, missed: list[LatencyCheck]) -> dict[str, float]:
     limits = dict(priced.limits)
     keep = 1.0 - priced.margin
     for check in missed:
-        ratio = check.measured_ms / check.predicted_ms if check.predicted_ms > 0 else 1.0
-        wanted = keep * check.budget_ms / 1e3 / max(ratio, 1.0)
+        wanted = check.replanned_ms(keep) / 1e3
         limits[check.resource] = min(limits[check.resource], wanted)
     return limits
 
@@ -145,12 +191,14 @@ def check_plan(
     original = priced.costs.original_totals()
     measured = measured_ms(setup, priced, options)
     checks = []
-    for resource, (milliseconds, original_ms) in measured.items():
-        budget_field = f"{_PHASES[resource]}_ms"
+    for resource, (stats, beside) in measured.items():
+        phase, budget = _PHASES[resource], setup.budget
+        budget_field = f"{phase}_ms"
+        original_ms = None if beside is None else beside.p50_ms
         if original_ms is None:  # tuned in place: the original as timed before tuning
             original_ms = _timed_before(priced, resource)
         against = original_ms if original_ms is not None else original[budget_field]
-        limit = setup.budget.phase_limit_ms(_PHASES[resource], against)
+        limit = budget.phase_limit_ms(phase, against)
         checks.append(
             LatencyCheck(
                 resource=resource,
@@ -159,11 +207,25 @@ def check_plan(
                 budget_ms=float(limit),
                 planned_ms=priced.limits[resource] * 1e3,
                 predicted_ms=float(predicted[budget_field]),
-                measured_ms=milliseconds,
+                measured_ms=stats.p50_ms,
                 original_ms=original_ms,
+                ms_term=budget.phase_ms(phase),
+                ratio_term=budget.phase_ratio(phase),
+                ratio=None if beside is None else paired(stats.samples_ms, beside.samples_ms),
+                original_predicted_ms=float(original[budget_field]),
             )
         )
     return checks
+
+
+def _multiple(ratio: Interval | None) -> str:
+    """``" (0.71x the original's, 95% CI 0.69-0.74, 23 rounds)"``, where it was timed."""
+    if ratio is None:
+        return ""
+    return (
+        f" ({ratio.median:.3g}x the original's, {CONFIDENCE:.0%} CI {ratio.low:.3g}-"
+        f"{ratio.high:.3g}, {ratio.rounds} rounds)"
+    )
 
 
 def _timed_before(priced: Priced, resource: str) -> float | None:
@@ -177,26 +239,27 @@ def _timed_before(priced: Priced, resource: str) -> float | None:
 
 def measured_ms(
     setup: Setup, priced: Priced, options: dict[str, Option]
-) -> dict[str, tuple[float, float | None]]:
-    """p50 milliseconds of the model with ``options``, and of the original timed beside it
-    (``None`` when tuned in place), for each latency limit, timed as the final measurement
-    times them: in the runtime the plan is for when its latency model times there, else in
-    autotune's modules."""
+) -> dict[str, tuple[LatencyStats, LatencyStats | None]]:
+    """Timings of the model with ``options``, and of the original timed beside it (``None``
+    when tuned in place), for each latency limit, timed as the final measurement times them
+    (in the runtime the plan is for when its latency model times there, else in autotune's
+    modules), in rounds that go on until the budget's verdict is settled
+    (:meth:`~autotune.budget.Budget.timing_limit`)."""
     latency_model = latency_model_for(setup.spec)
     baseline = None if setup.inplace else setup.original
     plan = Plan(layers={name: option.to_dict() for name, option in options.items()})
     inputs = {"seconds": priced.latency_inputs, "decode_seconds": priced.decode}
-    out: dict[str, tuple[float, float | None]] = {}
+    out: dict[str, tuple[LatencyStats, LatencyStats | None]] = {}
     with setup.executor.swapped(options) as model:
         models = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
-        for resource in _PHASES:
+        for resource, phase in _PHASES.items():
             if resource not in priced.limits or inputs[resource] is None:
                 continue
+            limit = setup.budget.timing_limit(phase, baseline is not None)
             elsewhere = None
             if resource == "seconds" or latency_model.measures_decode:
-                elsewhere = latency_model.measure(model, plan, baseline, inputs[resource])
+                elsewhere = latency_model.measure(model, plan, baseline, inputs[resource], limit)
             if elsewhere is None:
-                elsewhere = measure_latencies(models, inputs[resource])
-            beside = elsewhere.get("baseline")
-            out[resource] = (elsewhere["model"].p50_ms, None if beside is None else beside.p50_ms)
+                elsewhere = measure_against(models, inputs[resource], limit)
+            out[resource] = (elsewhere["model"], elsewhere.get("baseline"))
     return out

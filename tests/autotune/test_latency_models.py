@@ -108,8 +108,8 @@ def test_the_original_is_exported_once_for_every_onnx_runtime_measurement(monkey
 
     model = make_tiny_bert(hidden=64)
     exports: list[object] = []
-    real = latency_models._float_export
-    monkeypatch.setattr(latency_models, "_float_export", lambda m: exports.append(m) or real(m))
+    real = latency_models.float_onnx_export
+    monkeypatch.setattr(latency_models, "float_onnx_export", lambda m: exports.append(m) or real(m))
     timed = latency_models.OnnxRuntimeTimed()
     inputs = {"input_ids": torch.randint(1, 500, (1, 8))}
     for bits in (8, 4):

@@ -165,3 +165,29 @@ def test_a_relative_budget_holds_against_the_original_timed_beside_the_plan(
     assert row[3] == "7 ms (0.7x original)"
     plan.target = {"name": "cpu", "kind": "cpu"}  # a named target: against the prediction
     assert Report(plan).latency_budget_ms() == pytest.approx(14.0)
+
+
+def test_a_relative_budget_is_judged_on_the_multiple_timed_in_the_same_rounds() -> None:
+    """p50 over p50 is 0.75x, above a 0.7x budget, but the rounds that timed both put the
+    plan at 0.66x the original in the median round: the rounds decide, and are shown."""
+    plan = _plan({})
+    plan.budget = {"spec": "0.7x", "batch_size": 1, "seq_len": 16}
+    plan.predicted.update(latency_ms=12.0, original_latency_ms=20.0)
+    multiple = {"p50": 0.66, "low": 0.61, "high": 0.69, "rounds": 24, "confidence": 0.95}
+    plan.measured.update(
+        latency_p50_ms=7.5,
+        baseline={"latency_p50_ms": 10.0, "latency_ratio": multiple},
+        device="cpu: x",
+    )
+    report = Report(plan)
+    assert report.holds()["latency"] is True
+    row = next(r for r in report.figure_rows() if r[0].startswith("  x original"))
+    assert row[1:4] == ("0.6x", "0.66x (95% CI 0.61-0.69, 24 rounds)", "0.7x")
+    plan.measured["baseline"]["latency_ratio"] = {**multiple, "p50": 0.72}
+    assert Report(plan).holds()["latency"] is False
+    # an ms term beside it is judged on the plan's own p50
+    plan.measured["baseline"]["latency_ratio"] = multiple
+    plan.budget = {"spec": "0.7x,7ms", "batch_size": 1, "seq_len": 16}
+    assert Report(plan).holds()["latency"] is False
+    plan.target = {"name": "cpu", "kind": "cpu"}  # a named target: no timed multiple
+    assert Report(plan).measured_multiple("latency") is None

@@ -3,7 +3,7 @@ again under a limit tightened by its measured-over-predicted ratio."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -12,6 +12,7 @@ import pytest
 from autotune.errors import InfeasibleBudgetError
 from autotune.pipeline import confirm
 from autotune.pipeline.confirm import LatencyCheck, tightened
+from profilers.measure import LatencyStats, latency_stats
 
 
 def check(measured: float, predicted: float = 8.0, budget: float = 10.0, search: int = 1):
@@ -123,13 +124,22 @@ def test_limits_no_plan_meets_keep_the_checked_plan(monkeypatch) -> None:
     assert any("no plan fits the tightened limits" in line for line in run.said)
 
 
+def _stats(*ms: float) -> LatencyStats:
+    return latency_stats([m / 1e3 for m in ms])
+
+
 def _checked(monkeypatch: pytest.MonkeyPatch, budget: str, timed, baseline=None):
     """``check_plan`` of a plan predicted at 12 ms, the original predicted at 20 ms, timed at
-    ``timed`` (ms of the plan, ms of the original beside it or ``None``)."""
+    ``timed``: ms of the plan and of the original beside it (or ``None``), one number for
+    every round alike, or one per round."""
     from autotune.budget import Budget
 
+    def rounds(ms):
+        return None if ms is None else _stats(*([ms] * 12 if isinstance(ms, float) else ms))
+
+    stats = tuple(rounds(ms) for ms in timed)
     monkeypatch.setattr(confirm, "candidate_totals", lambda costs, options: {"latency_ms": 12.0})
-    monkeypatch.setattr(confirm, "measured_ms", lambda setup, priced, options: {"seconds": timed})
+    monkeypatch.setattr(confirm, "measured_ms", lambda setup, priced, options: {"seconds": stats})
     costs = SimpleNamespace(original_totals=lambda: {"latency_ms": 20.0})
     priced = SimpleNamespace(costs=costs, limits={"seconds": 0.014}, baseline=baseline)
     setup = SimpleNamespace(budget=Budget.parse(budget))
@@ -155,3 +165,46 @@ def test_a_relative_budget_is_judged_against_the_original_timed_in_the_same_run(
     assert _checked(monkeypatch, "0.75x", (5.0, None)).budget_ms == pytest.approx(15.0)
     absolute = _checked(monkeypatch, "9ms", (7.0, 10.0))
     assert absolute.budget_ms == 9.0
+
+
+def test_a_relative_budget_is_judged_on_the_rounds_that_timed_both(monkeypatch) -> None:
+    # the machine ran slower in the last rounds: the medians of each model fall in
+    # different rounds (9 ms over 10 ms: 0.9x), while every round timed the plan at
+    # 0.6-0.9x the original, at 0.64x in the median round
+    plan, original = [6.0] * 5 + [9.0] * 8, [10.0] * 7 + [14.0] * 6
+    found = _checked(monkeypatch, "0.75x", (plan, original))
+    assert found.measured_ms / found.original_ms == pytest.approx(0.9)
+    assert found.ratio.median == pytest.approx(9 / 14) and found.ratio.rounds == 13
+    assert found.ratio.low <= found.ratio.median <= found.ratio.high
+    assert found.met and found.excess == pytest.approx(9 / 14 / 0.75)
+    assert found.to_dict()["ratio"]["p50"] == pytest.approx(9 / 14, abs=1e-4)
+    assert not _checked(monkeypatch, "0.6x", (plan, original)).met
+    # an ms term next to it is judged on the plan's own p50
+    assert not _checked(monkeypatch, "0.75x,8ms", (plan, original)).met
+    assert _checked(monkeypatch, "0.75x,9ms", (plan, original)).met
+
+
+def test_a_missed_relative_check_is_replanned_by_the_multiple_measured() -> None:
+    from profilers.paired_timing import Interval
+
+    # predicted 12 ms against the original's 20 ms (0.6x); timed at 0.9x the original on a
+    # machine twice as fast (10 ms): planned next at 0.75x / 1.5 of 20 ms, with the margin
+    missed = LatencyCheck(
+        "seconds",
+        "allocator",
+        1,
+        budget_ms=7.5,
+        planned_ms=14.25,
+        predicted_ms=12.0,
+        measured_ms=9.0,
+        original_ms=10.0,
+        ratio_term=0.75,
+        ratio=Interval(0.9, 0.85, 0.95, 20),
+        original_predicted_ms=20.0,
+    )
+    assert not missed.met and missed.excess == pytest.approx(1.2)
+    priced = SimpleNamespace(limits={"seconds": 0.01425}, margin=0.05)
+    assert tightened(priced, [missed])["seconds"] == pytest.approx(0.95 * 0.75 * 0.020 / 1.5)
+    # with an ms term beside it, the tighter of both: 6 ms / (9 / 12 -> 1) with the margin
+    both = replace(missed, ms_term=6.0)
+    assert tightened(priced, [both])["seconds"] == pytest.approx(0.95 * 0.006)
