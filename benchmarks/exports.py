@@ -270,10 +270,17 @@ def print_table(variants: list[Variant], tuned: dict[str, Plan], model: nn.Modul
         predicted, measured = plan.predicted or {}, plan.measured or {}
         figures = f"predicted {predicted.get('bytes'):,} tensor bytes"
         if measured.get("timed_in") == "onnxruntime-timed":
+            baseline = measured.get("baseline", {})
             figures += (
                 f", {predicted['latency_ms']:.2f} ms in ONNX Runtime (measured "
                 f"{measured.get('latency_p50_ms', float('nan')):.2f} ms beside the float "
-                f"model's {measured.get('baseline', {}).get('latency_p50_ms', float('nan')):.2f})"
+                f"model's {baseline.get('latency_p50_ms', float('nan')):.2f}"
+                + (
+                    f", {baseline['latency_ratio']['p50']:.3f}x it in the median round"
+                    if "latency_ratio" in baseline
+                    else ""
+                )
+                + ")"
             )
         print(f"\n{name}: {counts} ({figures})")
         for check in plan.search.get("latency_checks", []):
@@ -284,6 +291,12 @@ def print_table(variants: list[Variant], tuned: dict[str, Plan], model: nn.Modul
                 + (
                     f" ({check['original_ms']:.2f} ms the float model beside it)"
                     if "original_ms" in check
+                    else ""
+                )
+                + (
+                    f", {check['ratio']['p50']:.3f}x it in the median of {check['ratio']['rounds']}"
+                    f" rounds (95% CI {check['ratio']['low']:.3f}-{check['ratio']['high']:.3f})"
+                    if "ratio" in check
                     else ""
                 )
                 + f": {'met' if check['met'] else 'missed'}"

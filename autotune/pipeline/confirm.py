@@ -6,8 +6,11 @@ kernels interact (ONNX Runtime's int8 kernels gain unequally on float32 from one
 another). So the selected plan is timed as a whole, in the runtime that runs it, beside the
 original as the final measurement times it; if it misses a latency or decode budget, the
 limit it is planned under is tightened by how far its prediction was off and the search runs
-again (the sensitivity table is reused), up to :data:`SEARCHES` searches in all; if none
-meets it, the plan measured nearest to it is kept. Every check is recorded in the plan
+again (the sensitivity table is reused), up to :data:`SEARCHES` searches in all; a limit
+tightened below every plan's prediction searches for the fastest plan predicted instead
+(once). If none meets it, the plan measured nearest to it is kept. A plan is timed beside the
+original until the verdict is settled (:mod:`profilers.paired_timing`), and a relative budget
+is judged on the median of the per-round multiples. Every check is recorded in the plan
 (``search.latency_checks``).
 """
 
@@ -157,11 +160,21 @@ def confirm_latency(
         limits = tightened(priced, missed)
         try:
             check_feasible(setup.budget, priced.costs, limits)
-        except InfeasibleBudgetError:
-            setup.say.say("latency check: no plan fits the tightened limits")
-            break
+        except InfeasibleBudgetError as exc:
+            limits = fastest_reachable(priced, limits, exc.smallest)
+            if limits is None:
+                setup.say.say("latency check: no plan fits the tightened limits")
+                break
+            setup.say.say(
+                "latency check: the tightened limit is below every plan's prediction; "
+                "searching for the fastest plan predicted"
+            )
         priced = replace(priced, limits=limits)
-        searched = search(setup, data, priced, scored, config)
+        try:
+            searched = search(setup, data, priced, scored, config)
+        except InfeasibleBudgetError:
+            setup.say.say("latency check: no plan fits the tightened limits and the budget")
+            break
         selected = select_plan(setup, data, scored, searched, config)
     if missed:  # none met its budget: keep the one measured nearest to it
         _, kept, priced, searched, selected = min(tried, key=lambda t: t[:2])
@@ -179,6 +192,24 @@ def tightened(priced: Priced, missed: list[LatencyCheck]) -> dict[str, float]:
         wanted = check.replanned_ms(keep) / 1e3
         limits[check.resource] = min(limits[check.resource], wanted)
     return limits
+
+
+def fastest_reachable(
+    priced: Priced, limits: dict[str, float], smallest: dict[str, float]
+) -> dict[str, float] | None:
+    """``limits`` with every latency limit below the least any plan is predicted to reach
+    raised to that least (a hair above it), so that the next search finds the fastest plan
+    predicted; ``None`` where that is no tighter than the search just checked (nothing new
+    to try), a limit other than latency is out of reach, or no least is known."""
+    raised = dict(limits)
+    for resource, limit in limits.items():
+        least = smallest.get(resource, 0.0)
+        if limit >= least:
+            continue
+        if resource not in _PHASES or least * (1 + 1e-6) >= priced.limits[resource]:
+            return None
+        raised[resource] = least * (1 + 1e-6)
+    return raised if raised != limits else None
 
 
 def check_plan(

@@ -52,7 +52,7 @@ class _Run:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, measured: list[float], feasible=True):
         self.measured, self.limits, self.said = list(measured), [], []
-        self.feasible = feasible
+        self.feasible, self.fastest = feasible, 0.0
         monkeypatch.setattr(confirm, "applies", lambda setup, priced: True)
         monkeypatch.setattr(confirm, "check_plan", self.check_plan)
         monkeypatch.setattr(confirm, "search", self.search)
@@ -73,6 +73,8 @@ class _Run:
     def check_feasible(self, budget, costs, limits):
         if not self.feasible:
             raise InfeasibleBudgetError("no plan", {})
+        if limits["seconds"] < self.fastest:
+            raise InfeasibleBudgetError("no plan", {"seconds": self.fastest})
 
     def confirm(self):
         priced = _Priced(limits={"seconds": 0.0095}, margin=0.05)
@@ -208,3 +210,24 @@ def test_a_missed_relative_check_is_replanned_by_the_multiple_measured() -> None
     # with an ms term beside it, the tighter of both: 6 ms / (9 / 12 -> 1) with the margin
     both = replace(missed, ms_term=6.0)
     assert tightened(priced, [both])["seconds"] == pytest.approx(0.95 * 0.006)
+
+
+def test_a_limit_tightened_below_every_prediction_searches_for_the_fastest_plan(
+    monkeypatch,
+) -> None:
+    run = _Run(monkeypatch, [12.0, 9.5])
+    run.fastest = 0.008  # the fastest plan is predicted at 8 ms: 0.95 * 10 / 1.5 is below
+    _, searched, selected = run.confirm()
+    assert run.limits[1] == pytest.approx(0.008, rel=1e-5) and run.limits[1] > 0.008
+    assert (searched, selected.name) == ("search 1", "plan 1")
+    assert [c["met"] for c in selected.latency_checks] == [False, True]
+    assert any("searching for the fastest plan predicted" in line for line in run.said)
+
+
+def test_the_fastest_plan_is_searched_for_once(monkeypatch) -> None:
+    run = _Run(monkeypatch, [12.0, 11.0, 10.5])
+    run.fastest = 0.008
+    _, _, selected = run.confirm()
+    # the second check missed at the fastest plan: no tighter plan is predicted, so it stops
+    assert len(selected.latency_checks) == 2 and len(run.limits) == 2
+    assert any("no plan fits the tightened limits" in line for line in run.said)
