@@ -184,10 +184,12 @@ class Budget:
         """:meth:`latency_limit_ms` or :meth:`decode_limit_ms`, by ``phase``."""
         return _tighter(self.phase_ms(phase), self.phase_ratio(phase), original_ms)
 
-    def timing_limit(self, phase: str, beside: bool) -> Limit:
+    def timing_limit(self, phase: str, beside: bool) -> Limit | None:
         """What a timing of ``phase`` is run long enough to settle: the ms term, and the
-        multiple of the original where the original is timed ``beside`` the plan."""
-        return Limit(self.phase_ms(phase), self.phase_ratio(phase) if beside else None)
+        multiple of the original where the original is timed ``beside`` the plan (``None``:
+        nothing to settle, the usual rounds)."""
+        ms, ratio = self.phase_ms(phase), self.phase_ratio(phase) if beside else None
+        return None if ms is None and ratio is None else Limit(ms, ratio)
 
     @property
     def decode_context(self) -> int:

@@ -114,7 +114,7 @@ def measure_model(
     heldout: tuple[list[dict], list[dict]] | None = None,
     metric: str = "nmse",
     baseline: nn.Module | None = None,
-    limits: dict[str, Limit] | None = None,
+    limits: dict[str, Limit | None] | None = None,
 ) -> Measured:
     """Measure ``model``: bytes of parameters and buffers, state bytes, average stored bits
     per weight, latency of a forward pass on ``latency_inputs`` and of a decode step on

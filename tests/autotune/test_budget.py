@@ -296,3 +296,14 @@ def test_a_latency_relative_to_the_original_is_the_tighter_of_both_terms() -> No
 def test_relative_latency_terms_are_bounded(text: str, fragment: str) -> None:
     with pytest.raises(BudgetError, match=fragment):
         Budget.parse(text)
+
+
+def test_a_timing_settles_the_terms_it_can_judge() -> None:
+    from profilers.paired_timing import Limit
+
+    budget = Budget.parse("0.7x,9ms")
+    assert budget.timing_limit("latency", beside=True) == Limit(9.0, 0.7)
+    assert budget.timing_limit("latency", beside=False) == Limit(9.0, None)
+    assert Budget.parse("0.7x").timing_limit("latency", beside=False) is None  # none timed
+    assert Budget.parse("decode=0.5x").timing_limit("latency", beside=True) is None
+    assert Budget.parse("decode=0.5x").timing_limit("decode", beside=True) == Limit(None, 0.5)

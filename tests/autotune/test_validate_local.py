@@ -4,22 +4,10 @@ judged on the rounds that timed the original beside the plan."""
 from __future__ import annotations
 
 import pytest
+from timing_helpers import timed_beside
 
-from autotune.measured_figures import Measured
 from autotune.plan import Plan
 from autotune.validate import plan_checks
-from profilers.measure import latency_stats
-
-
-def _measured(plan_ms: list[float], original_ms: list[float]) -> Measured:
-    return Measured(
-        bytes=1000,
-        state_bytes=1000,
-        avg_bits=4.0,
-        latency=latency_stats([ms / 1e3 for ms in plan_ms]),
-        heldout_error=None,
-        baseline_latency=latency_stats([ms / 1e3 for ms in original_ms]),
-    )
 
 
 def _latency_check(spec: str, plan_ms: list[float], original_ms: list[float]):
@@ -29,7 +17,7 @@ def _latency_check(spec: str, plan_ms: list[float], original_ms: list[float]):
         budget={"spec": spec, "batch_size": 1, "seq_len": 16},
         predicted={"bytes": 1000, "original_bytes": 4000, "original_latency_ms": 20.0},
     )
-    checks = plan_checks(plan, _measured(plan_ms, original_ms), 0.1, originals={"latency": 10.0})
+    checks = plan_checks(plan, timed_beside(plan_ms, original_ms), 0.1, originals={"latency": 10.0})
     return next(c for c in checks if c.name == "latency p50")
 
 
