@@ -76,10 +76,10 @@ class LatencyModel(ABC):
     ) -> dict[str, LatencyStats] | None:
         """The compressed model's (``"model"``) and the original's (``"baseline"``) latency
         where this model times them elsewhere than autotune's modules, in rounds that visit
-        both, timed longer (up to :data:`~profilers.paired_timing.ROUNDS_TO_SETTLE` times
-        the usual rounds) until
-        ``limit``'s verdict is settled where one is given; ``None``: the result is timed in
-        autotune's modules (:func:`autotune.measured_figures.measure_model`)."""
+        both, for longer where a ``limit`` is given (up to
+        :data:`~profilers.paired_timing.ROUNDS_TO_SETTLE` times the usual rounds) until its
+        verdict is settled; ``None``: the result is timed in autotune's modules
+        (:func:`autotune.measured_figures.measure_model`)."""
         return None
 
 
