@@ -69,20 +69,31 @@ def test_a_limit_settles_once_it_lies_outside_every_interval() -> None:
 
 
 class _Steady(nn.Module):
+    """A model every call of which the fixed clock below says takes ``seconds``."""
+
+    def __init__(self, seconds: float, ran: list[float]) -> None:
+        super().__init__()
+        self.seconds, self.ran = seconds, ran
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.ran.append(self.seconds)
         return x
 
 
-def _fixed_clock(monkeypatch: pytest.MonkeyPatch, seconds: dict[int, float]) -> None:
-    """Every call of a model takes ``seconds[id(model)]``."""
-    monkeypatch.setattr(
-        measure, "timed_call", lambda fn, cuda=False: seconds[id(fn.__defaults__[0])]
-    )
+def _fixed_clock(monkeypatch: pytest.MonkeyPatch, ran: list[float]) -> None:
+    """Every timed call takes what the model it ran says."""
+
+    def timed(fn, cuda: bool = False) -> float:
+        fn()
+        return ran.pop()
+
+    monkeypatch.setattr(measure, "timed_call", timed)
 
 
 def test_timing_goes_on_until_the_verdict_is_settled(monkeypatch: pytest.MonkeyPatch) -> None:
-    model, baseline = _Steady(), _Steady()
-    _fixed_clock(monkeypatch, {id(model): 1e-3, id(baseline): 2e-3})
+    ran: list[float] = []
+    model, baseline = _Steady(1e-3, ran), _Steady(2e-3, ran)
+    _fixed_clock(monkeypatch, ran)
     models, inputs = {"model": model, "baseline": baseline}, {"x": torch.zeros(1)}
     # far from the limit: the fewest rounds a verdict needs
     assert measure_against(models, inputs, Limit(ratio=0.7))["model"].repeats == MIN_ROUNDS
