@@ -28,7 +28,7 @@ from profilers.hardware import HardwareSpec
 from profilers.latency_table import InModelLatency, measure_in_model
 from profilers.measure import LatencyStats, latency_stats
 from profilers.opcount import rest_of_model
-from profilers.paired_timing import ROUNDS_TO_SETTLE, Limit
+from profilers.paired_timing import Limit
 from profilers.roofline import format_in_runtime, layer_latency, rest_latency
 
 
@@ -186,7 +186,7 @@ class OnnxRuntimeTimed(TorchTimed):
             def settled(walls: list[list[float]]) -> bool:
                 return limit is not None and limit.settles(dict(zip(graphs, walls, strict=True)))
 
-            rounds = ORT_ROUNDS if limit is None else ORT_ROUNDS * ROUNDS_TO_SETTLE
+            rounds = ORT_ROUNDS if limit is None else limit.rounds(ORT_ROUNDS)
             walls = run_rounds(sessions, inputs, rounds, SETTLE, settled)
         times = dict(zip(graphs, walls, strict=True))
         return {name: latency_stats(values) for name, values in times.items()}
@@ -241,9 +241,8 @@ class LlamaCppTimed(TorchTimed):
             if original is not None:
                 paths["baseline"] = Path(folder) / "float.gguf"
                 exporter.write(original, None, paths["baseline"])
-            if limit is None:
-                return measure_files(paths, inputs)
-            return measure_files(paths, inputs, FILE_ROUNDS * ROUNDS_TO_SETTLE, limit)
+            rounds = FILE_ROUNDS if limit is None else limit.rounds(FILE_ROUNDS)
+            return measure_files(paths, inputs, rounds, limit)
 
 
 def per_layer(job: Pricing, timed: dict[tuple[LayerShape, str], float]) -> dict[str, list[float]]:

@@ -23,7 +23,7 @@ from autotune.report_text import (
 )
 from autotune.repriced import LABEL, RooflineLatency, kernel_notes, profile_roofline, target_spec
 from methods.registry import option_from_dict
-from profilers.paired_timing import CONFIDENCE, Interval
+from profilers.paired_timing import Interval
 
 
 @dataclass
@@ -284,8 +284,7 @@ class Report:
             (
                 "  x original (same rounds)",
                 f"{predicted / original:.3g}x" if predicted and original else "-",
-                f"{multiple.median:.3g}x ({CONFIDENCE:.0%} CI {multiple.low:.3g}-"
-                f"{multiple.high:.3g}, {multiple.rounds} rounds)",
+                multiple.describe(),
                 f"{self.budget.phase_ratio(phase):g}x",
                 "-",
             )

@@ -28,7 +28,7 @@ from autotune.validate_gguf import is_gguf, validate_gguf
 from methods.keep import KeepOption
 from profilers.execution.adapters import adapter_for
 from profilers.measure import LatencyStats
-from profilers.paired_timing import CONFIDENCE, paired
+from profilers.paired_timing import paired
 from profilers.quality import run_outputs
 
 BYTES_TOLERANCE = 0.005
@@ -344,8 +344,7 @@ def _budgeted_latency(
         return Check(
             f"{phase} p50",
             f"<= {ratio:g}x the original's (timed in the same rounds){term}",
-            f"{multiple.median:.3g}x ({CONFIDENCE:.0%} CI {multiple.low:.3g}-{multiple.high:.3g}"
-            f", {multiple.rounds} rounds): {now.p50_ms:.4g} ms against {beside.p50_ms:.4g} ms",
+            f"{multiple.describe()}: {now.p50_ms:.4g} ms against {beside.p50_ms:.4g} ms",
             multiple.median <= ratio and within,
         )
     original = originals.get(phase)

@@ -56,7 +56,7 @@ from autotune.latency_models import ORT_ROUNDS, float_onnx_export
 from autotune.loading import load_model
 from autotune.plan import Plan
 from profilers.execution.decode import decode_inputs
-from profilers.measure import ROUNDS, measure_latencies
+from profilers.measure import ROUNDS, LatencyStats, measure_latencies
 from profilers.paired_timing import ROUNDS_TO_SETTLE, Limit, ratio_interval
 from profilers.probe import machine_facts
 
@@ -71,6 +71,13 @@ W8A8 = {
 
 INT8_ROWS = {"method": "rtn", "bits": 8, "group_size": None, "symmetric": True}
 PLAN = Plan(layers={"_default": W8A8, r"re:embeddings\..*": INT8_ROWS})
+
+
+def seconds(found: dict[str, LatencyStats]) -> tuple[list[float], list[float]]:
+    """The model's and the baseline's timings in seconds, one per round."""
+    return [t / 1e3 for t in found["model"].samples_ms], [
+        t / 1e3 for t in found["baseline"].samples_ms
+    ]
 
 
 @dataclass
@@ -94,9 +101,7 @@ def torch_pair() -> Pair:
         found = measure_latencies(
             {"model": compressed, "baseline": model}, inputs, rounds=rounds, max_seconds=1e9
         )
-        return [t / 1e3 for t in found["model"].samples_ms], [
-            t / 1e3 for t in found["baseline"].samples_ms
-        ]
+        return seconds(found)
 
     return Pair("torch (autotune's modules)", "demo W8A8 vs float32, 1 x 16", ROUNDS, time)
 
@@ -132,9 +137,7 @@ def llama_pair(folder: Path) -> Pair:
 
     def time(rounds: int) -> tuple[list[float], list[float]]:
         found = measure_files(paths, decode, rounds)
-        return [t / 1e3 for t in found["model"].samples_ms], [
-            t / 1e3 for t in found["baseline"].samples_ms
-        ]
+        return seconds(found)
 
     return Pair("llama.cpp", "tiny-lm Q4_0 vs F32, decode after 127", FILE_ROUNDS, time)
 

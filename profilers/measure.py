@@ -149,8 +149,8 @@ def measure_against(
     return measure_latencies(
         models,
         inputs,
-        rounds=ROUNDS * ROUNDS_TO_SETTLE,
-        max_seconds=MAX_SECONDS * ROUNDS_TO_SETTLE,
+        rounds=limit.rounds(ROUNDS),
+        max_seconds=MAX_SECONDS * ROUNDS_TO_SETTLE,  # the rounds' time grows alike
         limit=limit,
     )
 

@@ -33,6 +33,14 @@ class Interval:
     high: float
     rounds: int
 
+    def describe(self) -> str:
+        """``0.66x (95% CI 0.61-0.69, 24 rounds)``: the median as a multiple, with its
+        interval."""
+        return (
+            f"{self.median:.3g}x ({CONFIDENCE:.0%} CI {self.low:.3g}-{self.high:.3g}, "
+            f"{self.rounds} rounds)"
+        )
+
     def excludes(self, value: float) -> bool:
         """Whether ``value`` lies outside the interval (which side is then known)."""
         return value < self.low or value > self.high
@@ -95,6 +103,10 @@ class Limit:
         if self.ratio is not None and baseline_s:
             return ratio_interval(model_s, baseline_s).excludes(self.ratio)
         return True
+
+    def rounds(self, usual: int) -> int:
+        """The most rounds a timing that usually takes ``usual`` may take to settle."""
+        return usual * ROUNDS_TO_SETTLE
 
     def settles(self, times: Mapping[str, Sequence[float]]) -> bool:
         """:meth:`settled` on timings per name: ``"model"`` and, where timed, ``"baseline"``."""

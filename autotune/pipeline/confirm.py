@@ -29,7 +29,7 @@ from autotune.pipeline.price import Priced
 from autotune.plan import Plan
 from methods.base import Option
 from profilers.measure import LatencyStats, measure_against
-from profilers.paired_timing import CONFIDENCE, Interval, paired
+from profilers.paired_timing import Interval, paired
 
 SEARCHES = 3  # the first search and at most two more under tightened limits
 
@@ -250,13 +250,10 @@ def check_plan(
 
 
 def _multiple(ratio: Interval | None) -> str:
-    """``" (0.71x the original's, 95% CI 0.69-0.74, 23 rounds)"``, where it was timed."""
+    """``", 0.71x (95% CI 0.69-0.74, 23 rounds) of the original's"``, where it was timed."""
     if ratio is None:
         return ""
-    return (
-        f" ({ratio.median:.3g}x the original's, {CONFIDENCE:.0%} CI {ratio.low:.3g}-"
-        f"{ratio.high:.3g}, {ratio.rounds} rounds)"
-    )
+    return f", {ratio.describe()} of the original's"
 
 
 def _timed_before(priced: Priced, resource: str) -> float | None:
