@@ -18,8 +18,9 @@ Each repeat is then judged as a check would have judged it, replaying its rounds
 (a check that stops at round ``t`` sees exactly the first ``t``): before, the p50 of the
 usual rounds over the original's p50 against the limit; now, the median per-round multiple
 once the limit lies outside its 95% interval (or at the last round). Limits are set around
-the consensus; a verdict is right when it agrees with the consensus's. No data set is
-involved: timings only.
+the consensus of the other repeats (never the judged repeat's own rounds; the limit column
+shows the factor at the consensus of all); a verdict is right when it agrees with that
+consensus's. No data set is involved: timings only.
 
 Run: ``python benchmarks/latency_checks.py`` (about 3 minutes on 2 cores). Never beside
 another heavy job: it times.
@@ -191,17 +192,28 @@ def main() -> None:
             + " | ".join(f"{min(v):.3f}-{max(v):.3f}" for v in (before, usual, longest))
             + f" | {pair.usual} / {pair.usual * ROUNDS_TO_SETTLE} |"
         )
+        # each repeat is judged against the other repeats' consensus, never its own rounds
+        others = [
+            statistics.median(
+                m / b
+                for k, (model, base) in enumerate(timed)
+                if k != j
+                for m, b in zip(model, base, strict=True)
+            )
+            for j in range(len(timed))
+        ]
         for factor in LIMITS:
-            limit = consensus * factor
-            truth = consensus <= limit
+            truth = factor >= 1.0  # the limit is above the consensus: met
             found = Verdicts()
-            for (model, base), multiple in zip(timed, before, strict=True):
+            for (model, base), multiple, other in zip(timed, before, others, strict=True):
+                limit = other * factor
                 found.right_before += (multiple <= limit) == truth
                 verdict, rounds = judged_now(model, base, limit)
                 found.right_now += verdict == truth
                 found.rounds_now += rounds
             verdict_rows.append(
-                f"| {pair.name} | {factor:.2f}x ({limit:.3f}) | {'met' if truth else 'missed'} | "
+                f"| {pair.name} | {factor:.2f}x ({consensus * factor:.3f}) | "
+                f"{'met' if truth else 'missed'} | "
                 f"{found.right_before}/{len(timed)} | {found.right_now}/{len(timed)} | "
                 f"{pair.usual} | {found.rounds_now / len(timed):.1f} |"
             )
