@@ -53,6 +53,8 @@ class Runtime(ABC):
     export_format: ClassVar[str | None] = None
     description: ClassVar[str] = ""
     timed_locally: ClassVar[bool] = False  # ``local`` times options in this runtime here
+    # a named target may hold figures of this runtime's own (fitted by :meth:`fit_prices`)
+    fits_prices: ClassVar[bool] = False
 
     @abstractmethod
     def refusal(self, layer: str, shape: LayerShape, option: Option) -> str | None:
@@ -79,8 +81,21 @@ class Runtime(ABC):
         return self
 
     def spec_for(self, spec: HardwareSpec) -> HardwareSpec:
-        """``spec`` priced with this runtime's kernels."""
-        return dataclasses.replace(spec, runtime=self.name)
+        """``spec`` priced with this runtime's kernels, and its figures for this runtime where
+        the target has them (:meth:`HardwareSpec.for_runtime`)."""
+        return spec.for_runtime(self.name)
+
+    def fit_prices(
+        self,
+        model: nn.Module,
+        spec: HardwareSpec,
+        shapes: Mapping[str, Mapping[str, Any]],
+        tokenizer: Any = None,
+    ) -> Any:
+        """A :class:`profilers.roofline_fit.Fit` of ``spec`` (a named target) with figures of
+        this runtime's own, fitted to the model timed in it at ``shapes``; only where
+        :attr:`fits_prices` (else its plans are priced with the device's own figures)."""
+        raise NotImplementedError(f"{self.name} has no figures of its own to fit")
 
     def forms(self, option: Option) -> list[Option]:
         """The forms of ``option`` this runtime's kernels run (the option itself by default;
@@ -284,6 +299,7 @@ class LlamaCppRuntime(_ExportedRuntime):
     device_kinds = ("cpu", "gpu")
     export_format = "gguf"
     timed_locally = True  # autotune.export.llama_latency times each type in llama.cpp
+    fits_prices = True  # autotune.export.llama_fit: one graph node per operation
     description = (
         "llama.cpp running a GGUF export: each tensor one of llama.cpp's types (Q8_0, Q6_K, "
         "Q4_K, IQ4_XS, ...); budgets count the GGUF file's bytes"
@@ -301,6 +317,15 @@ class LlamaCppRuntime(_ExportedRuntime):
 
     def methods(self, spec: HardwareSpec) -> tuple[str, ...]:
         return ("gguf",)
+
+    def fit_prices(self, model, spec, shapes, tokenizer=None):
+        from autotune.export.llama_cpp import available
+        from autotune.export.llama_fit import fit_llama_cpp
+        from methods.ggml_quantizer import INSTALL_HINT
+
+        if not available():
+            raise RuntimeChoiceError(f"fitting llama.cpp's figures needs llama.cpp: {INSTALL_HINT}")
+        return fit_llama_cpp(model, spec, shapes, tokenizer)
 
     def byte_prices(self, model, layers, options, tokenizer=None):
         from autotune.export.gguf import gguf_byte_prices

@@ -44,6 +44,30 @@ _KERNEL_SCHEMA = {
     },
     "additionalProperties": False,
 }
+_PEAKS_SCHEMA = {
+    "type": "object",
+    "propertyNames": {"minLength": 1, "maxLength": 200},
+    "additionalProperties": {
+        "type": "number",
+        "minimum": MIN_PEAK_FLOPS,
+        "maximum": MAX_PEAK_FLOPS,
+    },
+}
+_EFFICIENCY = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+_OP_OVERHEAD = {"type": "number", "minimum": 0, "maximum": MAX_OP_OVERHEAD_S}
+_SOURCES = {"type": "object", "additionalProperties": {"type": "string"}}
+_KERNELS = {"type": "object", "additionalProperties": _KERNEL_SCHEMA}
+RUNTIME_SCHEMA: dict[str, Any] = {  # profilers.hardware.RuntimePrices
+    "type": "object",
+    "properties": {
+        "efficiency": _EFFICIENCY,
+        "op_overhead_s": _OP_OVERHEAD,
+        "peak_flops": _PEAKS_SCHEMA,
+        "kernels": _KERNELS,
+        "sources": _SOURCES,
+    },
+    "additionalProperties": False,
+}
 ENTRY_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["name", "kind", "description", "memory_bytes", "bandwidth", "peak_flops"],
@@ -57,22 +81,14 @@ ENTRY_SCHEMA: dict[str, Any] = {
             "maximum": MAX_MEMORY_BYTES,
         },
         "bandwidth": {"type": "number", "minimum": MIN_BANDWIDTH, "maximum": MAX_BANDWIDTH},
-        "peak_flops": {
-            "type": "object",
-            "minProperties": 1,
-            "propertyNames": {"minLength": 1, "maxLength": 200},
-            "additionalProperties": {
-                "type": "number",
-                "minimum": MIN_PEAK_FLOPS,
-                "maximum": MAX_PEAK_FLOPS,
-            },
-        },
+        "peak_flops": {**_PEAKS_SCHEMA, "minProperties": 1},
         "dense_dtype": _NAME,
-        "efficiency": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-        "op_overhead_s": {"type": "number", "minimum": 0, "maximum": MAX_OP_OVERHEAD_S},
+        "efficiency": _EFFICIENCY,
+        "op_overhead_s": _OP_OVERHEAD,
         "int8_pairs_saturate": {"type": "boolean"},
-        "kernels": {"type": "object", "additionalProperties": _KERNEL_SCHEMA},
-        "sources": {"type": "object", "additionalProperties": {"type": "string"}},
+        "kernels": _KERNELS,
+        "sources": _SOURCES,
+        "runtimes": {"type": "object", "additionalProperties": RUNTIME_SCHEMA},
     },
     "additionalProperties": False,
 }
@@ -100,15 +116,27 @@ def _checked(data: Any, origin: str) -> dict[str, Any]:
 
 
 def _check_kernel_names(data: dict[str, Any], origin: str) -> None:
-    """A kernel name autotune does not know is a typo, not a device without that kernel."""
+    """A kernel or runtime name autotune does not know is a typo, not a device without it."""
+    from autotune.runtimes import RUNTIMES
+
     allowed = allowed_kernel_entries()
     for index, entry in enumerate(data["targets"]):
-        unknown = sorted(set(entry.get("kernels", {})) - set(allowed))
-        if unknown:
+        runtimes = entry.get("runtimes", {})
+        strange = sorted(set(runtimes) - set(RUNTIMES))
+        if strange:
             raise TargetError(
-                f"{origin}: targets/{index}/kernels: unknown kernel {unknown[0]!r} in "
-                f"{entry['name']!r}; allowed: {', '.join(allowed)}"
+                f"{origin}: targets/{index}/runtimes: unknown runtime {strange[0]!r} in "
+                f"{entry['name']!r}; allowed: {', '.join(RUNTIMES)}"
             )
+        tables = {"kernels": entry.get("kernels", {})}
+        tables.update({f"runtimes/{n}/kernels": r.get("kernels", {}) for n, r in runtimes.items()})
+        for where, kernels in tables.items():
+            unknown = sorted(set(kernels) - set(allowed))
+            if unknown:
+                raise TargetError(
+                    f"{origin}: targets/{index}/{where}: unknown kernel {unknown[0]!r} in "
+                    f"{entry['name']!r}; allowed: {', '.join(allowed)}"
+                )
 
 
 @functools.cache

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 
@@ -19,6 +19,31 @@ class KernelSpec:
     max_tokens: int | None = None
     efficiency: float = 0.5
     source: str = ""
+
+
+@dataclass(frozen=True)
+class RuntimePrices:
+    """How one runtime's graph runs on the device, where it differs from autotune's own
+    modules (the figures the spec's own fields were fitted to): its dense efficiency, the
+    overhead of one of its graph nodes, peaks and kernels as it reaches them, and their
+    sources. A field left ``None`` or out keeps the device's figure."""
+
+    efficiency: float | None = None
+    op_overhead_s: float | None = None
+    peak_flops: dict[str, float] = field(default_factory=dict)
+    kernels: dict[str, KernelSpec] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The target-file form: only the figures it sets."""
+        return {k: v for k, v in asdict(self).items() if v not in (None, {})}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> RuntimePrices:
+        data = dict(data)
+        data["kernels"] = {k: KernelSpec(**v) for k, v in data.get("kernels", {}).items()}
+        data["peak_flops"] = {k: float(v) for k, v in data.get("peak_flops", {}).items()}
+        return RuntimePrices(**data)
 
 
 @dataclass(frozen=True)
@@ -44,6 +69,28 @@ class HardwareSpec:
     # what runs the model: autotune's own modules (``torch``) or a runtime it exports to
     # (see profilers.kernel_support.RUNTIME_KERNELS); set by a tune's ``runtime``
     runtime: str = "torch"
+    # figures of runtimes whose graphs run otherwise than autotune's modules (llama.cpp's
+    # one node per operation), applied by :meth:`for_runtime`
+    runtimes: dict[str, RuntimePrices] = field(default_factory=dict)
+
+    def for_runtime(self, runtime: str) -> HardwareSpec:
+        """This device as ``runtime`` runs on it: the runtime's own figures (where the entry
+        has them) over the device's, sources included; the result holds no other runtime's."""
+        prices = self.runtimes.get(runtime, RuntimePrices())
+        changed: dict[str, Any] = {}
+        if prices.efficiency is not None:
+            changed["efficiency"] = prices.efficiency
+        if prices.op_overhead_s is not None:
+            changed["op_overhead_s"] = prices.op_overhead_s
+        return replace(
+            self,
+            runtime=runtime,
+            runtimes={},
+            peak_flops={**self.peak_flops, **prices.peak_flops},
+            kernels={**self.kernels, **prices.kernels},
+            sources={**self.sources, **prices.sources},
+            **changed,
+        )
 
     def peak(self, dtype: str) -> float:
         if dtype in self.peak_flops:
@@ -51,11 +98,18 @@ class HardwareSpec:
         return self.peak_flops[self.dense_dtype]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["runtimes"] = {k: v.to_dict() for k, v in self.runtimes.items()}
+        if not data["runtimes"]:
+            del data["runtimes"]
+        return data
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> HardwareSpec:
         data = dict(data)
         data["kernels"] = {k: KernelSpec(**v) for k, v in data.get("kernels", {}).items()}
         data["peak_flops"] = {k: float(v) for k, v in data["peak_flops"].items()}
+        data["runtimes"] = {
+            k: RuntimePrices.from_dict(v) for k, v in data.get("runtimes", {}).items()
+        }
         return HardwareSpec(**data)

@@ -144,6 +144,48 @@ def test_a_misspelt_kernel_name_is_refused_listing_the_allowed_ones(tmp_path: Pa
 def test_every_builtin_kernel_name_is_known() -> None:
     for spec in list_targets():
         assert set(spec.kernels) <= set(allowed_kernel_entries()), spec.name
+        for prices in spec.runtimes.values():
+            assert set(prices.kernels) <= set(allowed_kernel_entries()), spec.name
+
+
+@pytest.mark.parametrize(
+    ("section", "fragment"),
+    [
+        ({"llama.cp": {"op_overhead_s": 1e-6}}, "unknown runtime 'llama.cp'"),
+        (
+            {"llama.cpp": {"kernels": {"gguf_blok": {"compute_dtype": "int8", "efficiency": 1}}}},
+            "targets/0/runtimes/llama.cpp/kernels: unknown kernel 'gguf_blok'",
+        ),
+    ],
+)
+def test_a_misspelt_runtime_or_its_kernel_is_refused(
+    tmp_path: Path, section: dict, fragment: str
+) -> None:
+    file = tmp_path / "typo.json"
+    file.write_text(json.dumps(_entry("typo-cpu") | {"runtimes": section}))
+    with pytest.raises(TargetError) as info:
+        load_registry([file])
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_runtimes_figures_in_a_target_file_price_its_plans(tmp_path: Path) -> None:
+    from autotune.runtimes import get_runtime
+
+    section = {"llama.cpp": {"op_overhead_s": 2e-6, "sources": {"op_overhead_s": "timed"}}}
+    file = tmp_path / "box.json"
+    file.write_text(json.dumps(_entry("box") | {"op_overhead_s": 3e-5, "runtimes": section}))
+    spec = get_target("box", [file])
+    assert get_runtime("llama.cpp").spec_for(spec).op_overhead_s == 2e-6
+    assert get_runtime("torch").spec_for(spec).op_overhead_s == 3e-5
+    assert get_runtime("llama.cpp").spec_for(spec).sources["op_overhead_s"] == "timed"
+
+
+def test_the_cpu_targets_llama_cpp_figures_say_where_they_came_from() -> None:
+    prices = get_target("cpu").runtimes["llama.cpp"]
+    assert prices.op_overhead_s is not None and prices.op_overhead_s < 1e-5
+    for figure in ("efficiency", "op_overhead_s"):
+        assert "--runtime llama.cpp" in prices.sources[figure]
+    assert "--runtime llama.cpp" in prices.kernels["gguf_block"].source
 
 
 @pytest.mark.parametrize(
@@ -163,6 +205,18 @@ def test_every_builtin_kernel_name_is_known() -> None:
         (json.dumps(_entry("x") | {"peak_flops": {"float16": 1.0}}), "peak_flops/float16"),
         (json.dumps(_entry("x") | {"op_overhead_s": 3600}), "op_overhead_s"),
         (json.dumps(_entry("x") | {"kernels": {"dequantize": {"x": 1}}}), "kernels/dequantize"),
+        (
+            json.dumps(_entry("x") | {"runtimes": {"llama.cpp": {"op_overhead_s": -1}}}),
+            "runtimes/llama.cpp/op_overhead_s",
+        ),
+        (
+            json.dumps(_entry("x") | {"runtimes": {"llama.cpp": {"efficiency": 2}}}),
+            "runtimes/llama.cpp/efficiency",
+        ),
+        (
+            json.dumps(_entry("x") | {"runtimes": {"llama.cpp": {"speed": 2}}}),
+            "runtimes/llama.cpp",
+        ),
     ],
 )
 def test_target_figures_are_bounded(tmp_path: Path, content: str, fragment: str) -> None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from profilers.hardware import HardwareSpec, KernelSpec
+from profilers.hardware import HardwareSpec, KernelSpec, RuntimePrices
 
 
 def example_spec() -> HardwareSpec:
@@ -139,3 +139,44 @@ hardware_specs = st.builds(
 @given(spec=hardware_specs)
 def test_any_spec_survives_a_json_round_trip(spec: HardwareSpec) -> None:
     assert HardwareSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_a_runtime_is_priced_with_its_own_figures_over_the_devices() -> None:
+    own = RuntimePrices(
+        op_overhead_s=1e-6,
+        peak_flops={"int8": 2e14},
+        kernels={"int4_weight_only": KernelSpec("int8", None, 0.9, "fitted")},
+        sources={"op_overhead_s": "fitted in that runtime"},
+    )
+    spec = dataclasses.replace(example_spec(), runtimes={"llama.cpp": own})
+    priced = spec.for_runtime("llama.cpp")
+    assert priced.runtime == "llama.cpp" and priced.runtimes == {}
+    assert priced.op_overhead_s == 1e-6 and priced.efficiency == spec.efficiency
+    assert priced.peak("int8") == 2e14 and priced.peak("float16") == spec.peak("float16")
+    assert priced.kernels["int4_weight_only"].efficiency == 0.9
+    assert priced.kernels["int8_weight_only"] == spec.kernels["int8_weight_only"]
+    assert priced.sources["op_overhead_s"] == "fitted in that runtime"
+    assert priced.sources["bandwidth"] == "datasheet"
+    other = spec.for_runtime("onnxruntime")  # no figures of its own: the device's
+    assert other == dataclasses.replace(spec, runtime="onnxruntime", runtimes={})
+
+
+def test_runtime_figures_round_trip_through_plain_data() -> None:
+    own = RuntimePrices(efficiency=0.5, kernels={"gguf_block": KernelSpec("int8", None, 0.7)})
+    spec = dataclasses.replace(example_spec(), runtimes={"llama.cpp": own})
+    data = json.loads(json.dumps(spec.to_dict()))
+    assert data["runtimes"] == {
+        "llama.cpp": {
+            "efficiency": 0.5,
+            "kernels": {
+                "gguf_block": {
+                    "compute_dtype": "int8",
+                    "max_tokens": None,
+                    "efficiency": 0.7,
+                    "source": "",
+                }
+            },
+        }
+    }
+    assert HardwareSpec.from_dict(data) == spec
+    assert "runtimes" not in example_spec().to_dict()
