@@ -161,6 +161,24 @@ class CostModel:
         return totals
 
 
+def pricing_job(
+    model: nn.Module,
+    layers: Sequence[LayerRef],
+    options: dict[str, list[Option]],
+    inputs: dict[str, torch.Tensor],
+    observers: Observers | None = None,
+    progress=None,
+    run: Callable[..., Any] | None = None,
+) -> Pricing:
+    """What a latency model prices: ``layers`` with their options, the model's other weight
+    layers kept, the tied output heads, at the shape of ``inputs``."""
+    chosen = {r.name for r in layers}
+    others = [r for r in compressible_layers(model, min_numel=0) if r.name not in chosen]
+    return Pricing(
+        model, layers, options, others, tied_heads(model), inputs, observers, progress, run
+    )
+
+
 def build_costs(
     model: nn.Module,
     layers: Sequence[LayerRef],
@@ -186,11 +204,7 @@ def build_costs(
     holds it).
     """
     tokens = int(latency_inputs["input_ids"].numel())
-    chosen = {r.name for r in layers}
-    others = [r for r in compressible_layers(model, min_numel=0) if r.name not in chosen]
-    job = Pricing(
-        model, layers, options, others, tied_heads(model), latency_inputs, observers, progress, run
-    )
+    job = pricing_job(model, layers, options, latency_inputs, observers, progress, run)
     latency, fixed_seconds = latency_model_for(spec).price(spec, job)
     per_bytes: dict[str, list[int]] = {}
     per_bits: dict[str, list[int]] = {}
@@ -200,7 +214,7 @@ def build_costs(
         per_bytes[ref.name] = [c.bytes for c in costs]
         per_bits[ref.name] = [8 * c.weight_bytes for c in costs]
         variable_bytes += KeepCost.bytes(ref)
-    fixed_bits = sum(8 * KeepCost.weight_bytes(r) for r in others)
+    fixed_bits = sum(8 * KeepCost.weight_bytes(r) for r in job.others)
     original = model_bytes(model)
     fixed_bytes = original - variable_bytes
     exported = get_runtime(spec.runtime).byte_prices(model, layers, options, tokenizer)

@@ -29,7 +29,7 @@ from profilers.latency_table import InModelLatency, measure_in_model
 from profilers.measure import LatencyStats, latency_stats
 from profilers.opcount import rest_of_model
 from profilers.paired_timing import Limit
-from profilers.roofline import format_in_runtime, layer_latency, rest_latency
+from profilers.roofline import RestOfModel, format_in_runtime, layer_latency, rest_latency
 
 
 @dataclass
@@ -91,19 +91,32 @@ class Roofline(LatencyModel):
         return spec.name != "local"
 
     def price(self, spec, job):
-        tokens = job.tokens
+        return roofline_prices(spec, job, job_rest(job))
 
-        def seconds(ref: LayerRef, option: Option) -> float:
-            own = layer_latency(ref.shape, option, spec, tokens)
-            heads = job.heads.get(ref.name, [])
-            return own + head_latency(heads, ref.shape, option, spec, tokens)
 
-        latency = {ref.name: [seconds(ref, o) for o in job.options[ref.name]] for ref in job.layers}
-        model = job.model
-        counted = [m for m in model.modules() if is_weight_layer(m) or isinstance(m, TiedHead)]
-        rest = rest_of_model(model, job.inputs, counted, job.run)
-        fixed = rest_latency(rest, spec) + sum(seconds(r, KeepOption()) for r in job.others)
-        return latency, fixed
+def job_rest(job: Pricing) -> RestOfModel:
+    """What the job's forward pass computes outside its weight layers (traced once; the
+    roofline's prices on any spec follow from it)."""
+    model = job.model
+    counted = [m for m in model.modules() if is_weight_layer(m) or isinstance(m, TiedHead)]
+    return rest_of_model(model, job.inputs, counted, job.run)
+
+
+def roofline_prices(
+    spec: HardwareSpec, job: Pricing, rest: RestOfModel
+) -> tuple[dict[str, list[float]], float]:
+    """The roofline's seconds of every option of every layer (tied heads included) and of
+    the fixed rest (``rest`` and the kept weight layers) on ``spec``."""
+    tokens = job.tokens
+
+    def seconds(ref: LayerRef, option: Option) -> float:
+        own = layer_latency(ref.shape, option, spec, tokens)
+        heads = job.heads.get(ref.name, [])
+        return own + head_latency(heads, ref.shape, option, spec, tokens)
+
+    latency = {ref.name: [seconds(ref, o) for o in job.options[ref.name]] for ref in job.layers}
+    fixed = rest_latency(rest, spec) + sum(seconds(r, KeepOption()) for r in job.others)
+    return latency, fixed
 
 
 class TorchTimed(LatencyModel):

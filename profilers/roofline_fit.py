@@ -5,6 +5,10 @@ dispatch come to the datasheet figures) are fitted, by least squares on the log 
 to per-layer times measured inside a model on the real device, plus the measured time of the
 rest of the model. The result is a new spec whose roofline reproduces the measurements; its
 sources say where every fitted figure came from.
+
+A runtime that runs its own graph (llama.cpp) gets figures of its own in the entry
+(:class:`profilers.hardware.RuntimePrices`), fitted by :func:`fit_runtime` to whole-model
+times measured in that runtime (:class:`ModelObservation`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +27,7 @@ from torch import nn
 
 from methods.base import LayerShape, Option, is_weight_layer
 from profilers.execution.observe import Observers
-from profilers.hardware import HardwareSpec, KernelSpec
+from profilers.hardware import HardwareSpec, KernelSpec, RuntimePrices
 from profilers.latency_table import measure_in_model
 from profilers.opcount import rest_of_model
 from profilers.roofline import RestOfModel, layer_latency, rest_latency
@@ -43,6 +47,15 @@ class RestObservation:
     seconds: float
 
 
+@dataclass(frozen=True)
+class ModelObservation:
+    """A whole model's time measured in a runtime, and its roofline price on a spec."""
+
+    label: str
+    price: Callable[[HardwareSpec], float]
+    seconds: float
+
+
 @dataclass
 class Fit:
     spec: HardwareSpec
@@ -55,6 +68,8 @@ def _predict(spec: HardwareSpec, observations: list) -> np.ndarray:
     for obs in observations:
         if isinstance(obs, LayerObservation):
             out.append(layer_latency(obs.shape, obs.option, spec, obs.tokens))
+        elif isinstance(obs, ModelObservation):
+            out.append(obs.price(spec))
         else:
             out.append(rest_latency(obs.rest, spec))
     return np.asarray(out)
@@ -117,6 +132,68 @@ def fit_target(
     }
     fitted = dataclasses.replace(fitted, name=name or fitted.name, sources=sources, kernels=kernels)
     return Fit(fitted, accuracy(spec, observations), accuracy(fitted, observations))
+
+
+def fit_runtime(
+    spec: HardwareSpec,
+    runtime: str,
+    observations: Sequence[ModelObservation],
+    kernels: Sequence[str],
+    *,
+    source: str = "",
+) -> Fit:
+    """``spec`` with figures of its own for ``runtime``: its dense efficiency, the overhead
+    of one operation, each of ``kernels``' efficiency and the peak of their compute types,
+    fitted to whole-model ``observations``; ``before`` is the spec as the runtime priced it
+    until now."""
+    if len(observations) < 2 + 2 * len(kernels):
+        raise ValueError(f"fitting {runtime}'s figures needs more measured models or shapes")
+    base = spec.for_runtime(runtime)
+    dtypes = sorted({base.kernels[k].compute_dtype for k in kernels})
+    start = np.log(
+        [base.efficiency, max(base.op_overhead_s, 1e-7)]
+        + [base.kernels[k].efficiency for k in kernels]
+        + [base.peak(d) for d in dtypes]
+    )
+    lower = np.log([1e-3, 1e-9] + [1e-3] * len(kernels) + [1e8] * len(dtypes))
+    upper = np.log([1.0, 1e-2] + [1.0] * len(kernels) + [1e16] * len(dtypes))
+    note = f"fitted to {len(observations)} latencies measured in {runtime} {source}".strip()
+
+    def prices(params: np.ndarray) -> RuntimePrices:
+        values = np.exp(params)
+        fitted = {
+            k: dataclasses.replace(base.kernels[k], efficiency=float(min(v, 1.0)), source=note)
+            for k, v in zip(kernels, values[2 : 2 + len(kernels)], strict=True)
+        }
+        peaks = dict(zip(dtypes, map(float, values[2 + len(kernels) :]), strict=True))
+        sources = {"efficiency": note, "op_overhead_s": note}
+        sources.update({f"peak_flops.{d}": note for d in dtypes})
+        return RuntimePrices(
+            efficiency=float(min(values[0], 1.0)),
+            op_overhead_s=float(values[1]),
+            peak_flops=peaks,
+            kernels=fitted,
+            sources=sources,
+        )
+
+    def with_prices(params: np.ndarray) -> HardwareSpec:
+        return dataclasses.replace(spec, runtimes={**spec.runtimes, runtime: prices(params)})
+
+    measured = np.log([o.seconds for o in observations])
+
+    def residuals(params: np.ndarray) -> np.ndarray:
+        priced = _predict(with_prices(params).for_runtime(runtime), list(observations))
+        return np.log(priced) - measured
+
+    result = least_squares(
+        residuals, np.clip(start, lower + 1e-9, upper - 1e-9), bounds=(lower, upper)
+    )
+    fitted = with_prices(result.x)
+    return Fit(
+        fitted,
+        accuracy(base, list(observations)),
+        accuracy(fitted.for_runtime(runtime), list(observations)),
+    )
 
 
 def observe(

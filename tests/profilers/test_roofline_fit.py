@@ -9,9 +9,16 @@ import pytest
 from methods.base import LayerShape
 from methods.keep import KeepOption
 from methods.rtn import QuantOption
-from profilers.hardware import HardwareSpec, KernelSpec
+from profilers.hardware import HardwareSpec, KernelSpec, RuntimePrices
 from profilers.roofline import RestOfModel, layer_latency, rest_latency
-from profilers.roofline_fit import LayerObservation, RestObservation, accuracy, fit_target
+from profilers.roofline_fit import (
+    LayerObservation,
+    ModelObservation,
+    RestObservation,
+    accuracy,
+    fit_runtime,
+    fit_target,
+)
 
 SHAPES = [LayerShape("linear", 384, 384, True), LayerShape("linear", 1536, 384, True)]
 OPTIONS = [
@@ -78,3 +85,64 @@ def test_accuracy_reports_rank_and_relative_error() -> None:
 def test_too_few_observations() -> None:
     with pytest.raises(ValueError, match="three"):
         fit_target(spec(0.5, 1e-6, 0.5), observations(spec(0.3, 2e-5, 0.6))[:2])
+
+
+RUNTIME = "onnxruntime"  # runs the int4 kernel (QuantOption(4, 32, False)) on CPUs
+INT4 = "int4_weight_only"
+
+
+def runtime_truth() -> HardwareSpec:
+    """A device whose own figures differ from how a runtime runs on it."""
+    device = spec(0.3, 2e-5, 0.6)
+    kernels = {**device.kernels, INT4: KernelSpec("float32", None, 0.5, "made up")}
+    fast = RuntimePrices(
+        efficiency=0.8,
+        op_overhead_s=1e-6,
+        peak_flops={"float32": 4e11},
+        kernels={INT4: KernelSpec("float32", None, 0.9, "made up")},
+    )
+    return dataclasses.replace(device, kernels=kernels, runtimes={RUNTIME: fast})
+
+
+def model_observations(truth: HardwareSpec) -> list[ModelObservation]:
+    """Whole-model times: every layer one option, plus the rest, at three token counts."""
+
+    def price(option, tokens: int):
+        def seconds(spec_: HardwareSpec) -> float:
+            own = sum(layer_latency(s, option, spec_, tokens) for s in SHAPES)
+            return own + rest_latency(REST, spec_)
+
+        return seconds
+
+    out = []
+    for tokens in (1, 16, 128):
+        for option in OPTIONS:
+            seconds = price(option, tokens)
+            out.append(ModelObservation(f"{option.label} x{tokens}", seconds, seconds(truth)))
+    return out
+
+
+def test_a_runtime_gets_figures_of_its_own_and_the_device_keeps_its_figures() -> None:
+    truth = runtime_truth()
+    data = [
+        dataclasses.replace(o, seconds=o.price(truth.for_runtime(RUNTIME)))
+        for o in model_observations(truth)
+    ]
+    device = dataclasses.replace(truth, runtimes={})
+    fit = fit_runtime(device, RUNTIME, data, [INT4], source="in a test")
+    assert fit.before["median_abs_rel_error"] > 0.3
+    assert fit.after["median_abs_rel_error"] < 1e-3
+    fitted = fit.spec.runtimes[RUNTIME]
+    assert fitted.efficiency == pytest.approx(0.8, rel=1e-2)
+    assert fitted.op_overhead_s == pytest.approx(1e-6, rel=1e-2)
+    assert fitted.kernels[INT4].efficiency == pytest.approx(0.9, rel=2e-2)
+    assert "in a test" in fitted.sources["op_overhead_s"]
+    # the device's own figures, which other runtimes are priced with, are untouched
+    assert dataclasses.replace(fit.spec, runtimes={}) == device
+    assert HardwareSpec.from_dict(fit.spec.to_dict()) == fit.spec
+
+
+def test_a_runtime_fit_needs_enough_observations() -> None:
+    data = model_observations(runtime_truth())[:3]
+    with pytest.raises(ValueError, match="more measured"):
+        fit_runtime(runtime_truth(), RUNTIME, data, [INT4])
