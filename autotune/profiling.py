@@ -3,7 +3,8 @@
 For every compressible layer and every option: the exact stored bytes, the latency on the
 target for prefill (batch x sequence tokens) and decode (one token per sequence), and the
 sensitivity (the output error with only that layer compressed, or a cheap proxy of it).
-Optionally the target's roofline is fitted to latencies measured here.
+Optionally the target's roofline is fitted to latencies measured here: its own figures in
+autotune's modules, or (``--runtime llama.cpp``) its figures for llama.cpp, in llama.cpp.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from tqdm.auto import tqdm
 
 from autotune.calibration import build_calibration
 from autotune.costs import build_costs, default_methods, drop_undercalibrated, layer_options
+from autotune.errors import AutotuneError
 from autotune.estimators import get_estimator
 from autotune.fingerprint import fingerprint
 from autotune.io import write_text_atomic
 from autotune.layers import compressible_layers
+from autotune.runtimes import get_runtime
 from methods.keep import KeepOption
 from methods.registry import method_of
 from methods.tied import untie_output_embeddings
@@ -124,9 +127,12 @@ class Profile:
             lines.append(f"  {label:<16} {span} {prefill:>17.4g} {decode:>16.4g}")
         if self.fitted_target:
             fit = self.fitted_target
+            used = self.target.get("runtime", "torch")
+            runtime = "" if used == "torch" else f" (its figures for {used})"
             lines += [
                 "",
-                f"roofline of {self.target['name']} fitted to latencies measured here: median "
+                f"roofline of {self.target['name']}{runtime} fitted to latencies measured here: "
+                f"median "
                 f"error {100 * fit['before']['median_abs_rel_error']:.0f}% -> "
                 f"{100 * fit['after']['median_abs_rel_error']:.0f}%, Spearman "
                 f"{fit['before']['spearman']:.2f} -> {fit['after']['spearman']:.2f}",
@@ -183,9 +189,19 @@ def profile_model(
     cache: bool | str | Path = True,
     fit: bool = False,
     progress: bool = False,
+    runtime: str = "torch",
 ) -> Profile:
-    """Sensitivity and cost of every (layer, option) of ``model`` on ``spec``."""
+    """Sensitivity and cost of every (layer, option) of ``model`` on ``spec``, as ``runtime``
+    runs it (its options, its prices)."""
     estimator = get_estimator(sensitivity)
+    chosen = get_runtime(runtime).for_target(spec)
+    chosen.check_target(spec, spec.name)
+    chosen.check_model(model)
+    if fit and runtime != "torch":
+        _check_runtime_fit(chosen, spec)
+    device, spec = spec, chosen.spec_for(spec)
+    if methods is None:
+        methods = chosen.methods(spec) or default_methods(spec)
     model.eval()
     if adapter_for(model).tied_pairs(
         model
@@ -193,7 +209,7 @@ def profile_model(
         model = copy.deepcopy(model)
         untie_output_embeddings(model)
     layers = compressible_layers(model)
-    options = layer_options(layers, methods if methods is not None else default_methods(spec))
+    options = chosen.restrict(layers, layer_options(layers, methods))
     calib = build_calibration(model, tokenizer, calibration)
     observers = collect_observers(model, options, calib.calibration)
     drop_undercalibrated(layers, options, observers)
@@ -246,8 +262,10 @@ def profile_model(
             "shape": [ref.shape.rows, ref.shape.cols],
             "options": entries,
         }
-    if fit:
-        profile.fitted_target = _fit(model, spec, options, calib, observers, batch_size, seq_len)
+    if fit and runtime == "torch":
+        profile.fitted_target = _fit(model, device, options, calib, observers, batch_size, seq_len)
+    elif fit:
+        profile.fitted_target = _fit_runtime(chosen, model, device, prefill, decode, tokenizer)
     return profile
 
 
@@ -274,6 +292,34 @@ def _fit(model, spec, options, calib, observers, batch_size, seq_len) -> dict[st
         source=f"on {type(model).__name__} at {batch_size}x{seq_len} and {batch_size}x16 tokens",
     )
     # a target file describes a device; what runs on it is a tune's choice (--runtime)
+    entry = {k: v for k, v in result.spec.to_dict().items() if k not in ("probed", "runtime")}
+    return {"entry": entry, "before": result.before, "after": result.after}
+
+
+def _check_runtime_fit(runtime: Any, spec: HardwareSpec) -> None:
+    """Refuse, before any work, a fit of figures ``runtime`` does not have or a target whose
+    figures are not fitted (``local``)."""
+    if not runtime.fits_prices:
+        raise AutotuneError(
+            f"--fit-target with --runtime {runtime.name}: its plans are priced with the "
+            "device's own figures; fit those with --runtime torch (llama.cpp has figures "
+            "of its own)"
+        )
+    if spec.name == "local":
+        raise AutotuneError(
+            "--fit-target fits a named target's figures (e.g. --target cpu); 'local' is "
+            "timed on this machine already"
+        )
+
+
+def _fit_runtime(runtime, model, device, prefill, decode, tokenizer) -> dict[str, Any]:
+    """The named target ``device`` with figures of ``runtime``'s own, fitted to the model
+    timed in it (a prompt of the profile's shape and, for a causal LM, one decode step
+    after it)."""
+    shapes = {"prompt": prefill}
+    if is_causal_lm(model):
+        shapes["decode"] = decode
+    result = runtime.fit_prices(model, device, shapes, tokenizer)
     entry = {k: v for k, v in result.spec.to_dict().items() if k not in ("probed", "runtime")}
     return {"entry": entry, "before": result.before, "after": result.after}
 

@@ -29,6 +29,14 @@ def add_profile(sub: Any) -> None:
     profile.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     profile.add_argument("--methods", help="comma-separated methods (default: as tune)")
     profile.add_argument(
+        "--runtime",
+        default="torch",
+        metavar="RUNTIME",
+        help="what runs the plans, as in tune (torch, vllm, onnxruntime, llama.cpp): its "
+        "options and prices; with --fit-target and llama.cpp, fits the target's figures "
+        "for llama.cpp to timings in llama.cpp",
+    )
+    profile.add_argument(
         "--sensitivity",
         default="end-to-end",
         metavar="ESTIMATOR",
@@ -42,7 +50,8 @@ def add_profile(sub: Any) -> None:
     profile.add_argument(
         "--fit-target",
         metavar="FILE",
-        help="fit the target's roofline to latencies measured here; write the entry to FILE",
+        help="fit the target's roofline to latencies measured here (with --runtime llama.cpp: "
+        "its figures for llama.cpp, timed in llama.cpp); write the entry to FILE",
     )
     profile.add_argument("--cache-dir", help=CACHE_HELP)
     profile.add_argument("--no-cache", action="store_true", help="do not read or write the cache")

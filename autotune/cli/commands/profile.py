@@ -31,6 +31,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         cache=False if args.no_cache else (args.cache_dir or True),
         fit=bool(args.fit_target),
         progress=not args.quiet,
+        runtime=args.runtime,
     )
     text = profile.summary()
     if args.output:
