@@ -10,6 +10,8 @@ prices it
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,6 +63,10 @@ class LatencyModel(ABC):
     @abstractmethod
     def serves(self, spec: HardwareSpec) -> bool:
         """Whether this model prices ``spec``."""
+
+    def runs_here(self) -> bool:
+        """Whether what it times with is installed on this machine."""
+        return True
 
     @abstractmethod
     def price(self, spec: HardwareSpec, job: Pricing) -> tuple[dict[str, list[float]], float]:
@@ -162,6 +168,9 @@ class OnnxRuntimeTimed(TorchTimed):
     def serves(self, spec: HardwareSpec) -> bool:
         return spec.name == "local" and spec.runtime == "onnxruntime"
 
+    def runs_here(self) -> bool:
+        return importlib.util.find_spec("onnxruntime") is not None
+
     def time(self, job: Pricing, timed: dict[str, list[Option]]) -> InModelLatency:
         """Every option of ``timed`` timed inside ONNX Runtime sessions of the export (tied
         heads are found by the exporter)."""
@@ -232,6 +241,11 @@ class LlamaCppTimed(TorchTimed):
     def serves(self, spec: HardwareSpec) -> bool:
         return spec.name == "local" and spec.runtime == "llama.cpp"
 
+    def runs_here(self) -> bool:
+        from autotune.export.llama_cpp import available
+
+        return available()
+
     def time(self, job: Pricing, timed: dict[str, list[Option]]) -> InModelLatency:
         from autotune.export.llama_latency import measure_in_llama_cpp
 
@@ -295,6 +309,17 @@ def register_latency_model(model: LatencyModel) -> LatencyModel:
     """Add ``model`` ahead of those registered before (a more specific one first)."""
     LATENCY_MODELS.insert(0, model)
     return model
+
+
+def measuring_model(spec: HardwareSpec) -> LatencyModel:
+    """The latency model that times a result on this machine where ``spec``'s runtime runs
+    it: the one that serves ``local`` in that runtime (a plan priced on a named target's
+    roofline for llama.cpp is still timed in llama.cpp here, not in autotune's modules), or
+    autotune's modules where that runtime is not installed."""
+    here = latency_model_for(dataclasses.replace(spec, name="local"))
+    if here.runs_here():
+        return here
+    return latency_model_for(dataclasses.replace(spec, name="local", runtime="torch"))
 
 
 def latency_model_for(spec: HardwareSpec) -> LatencyModel:

@@ -334,7 +334,9 @@ class Report:
         if streamed:
             lines.append(streamed_line(streamed))
         if meas.get("device"):
-            lines.append(f"measured on {meas['device']}")
+            runtime = (self.plan.target or {}).get("runtime")
+            timed = f"; latency timed in {runtime}" if meas.get("timed_in") and runtime else ""
+            lines.append(f"measured on {meas['device']}{timed}")
         return lines
 
     def latency_notes(self) -> list[str]:

@@ -14,7 +14,7 @@ from autotune.candidates import ModuleCache, evaluate, swapped
 from autotune.costs import drop_undercalibrated
 from autotune.executors.base import Executor, Opened, Split, register_executor
 from autotune.fingerprint import fingerprint
-from autotune.latency_models import latency_model_for
+from autotune.latency_models import measuring_model
 from autotune.loading import load_model
 from autotune.measured_figures import measure_model
 from profilers.converted import default_cap
@@ -119,7 +119,7 @@ class InMemory(Executor):
         budget, metric, work = setup.budget, scored.table.metric, self.work
         baseline = None if setup.inplace else setup.original
         limits = {p: budget.timing_limit(p, baseline is not None) for p in ("latency", "decode")}
-        latency_model = latency_model_for(setup.spec)
+        latency_model = measuring_model(setup.spec)
         elsewhere = latency_model.measure(
             work, plan, baseline, priced.latency_inputs, limits["latency"]
         )

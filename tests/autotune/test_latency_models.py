@@ -9,9 +9,19 @@ import pytest
 import torch
 
 from autotune.costs import layer_options
-from autotune.latency_models import LATENCY_MODELS, Pricing, latency_model_for
+from autotune.latency_models import (
+    LATENCY_MODELS,
+    LlamaCppTimed,
+    OnnxRuntimeTimed,
+    Pricing,
+    TorchTimed,
+    latency_model_for,
+    measuring_model,
+)
 from autotune.layers import compressible_layers
+from autotune.runtimes import get_runtime
 from autotune.targets import get_target
+from methods import ggml_quantizer
 from methods.tied import tied_heads
 from tests.conftest import make_tiny_bert
 
@@ -66,6 +76,57 @@ def test_every_latency_model_prices_every_option_of_a_target_it_serves(model) ->
 def test_a_named_target_is_never_timed_here_and_local_never_priced_by_roofline() -> None:
     assert not latency_model_for(get_target("a100")).measures
     assert latency_model_for(get_target("local")).measures
+
+
+@pytest.mark.parametrize(
+    ("runtime", "target", "timed_by"),
+    [
+        ("llama.cpp", "cpu", LlamaCppTimed),
+        ("llama.cpp", "a100", LlamaCppTimed),
+        ("onnxruntime", "cpu", OnnxRuntimeTimed),
+        ("torch", "cpu", TorchTimed),
+        ("vllm", "a100", TorchTimed),
+    ],
+)
+def test_a_result_is_timed_here_where_its_runtime_runs_it_whatever_priced_it(
+    runtime: str, target: str, timed_by: type
+) -> None:
+    spec = get_runtime(runtime).spec_for(get_target(target))
+    assert type(measuring_model(spec)) is timed_by
+
+
+def test_without_its_runtime_installed_a_result_is_timed_in_autotunes_modules(
+    monkeypatch,
+) -> None:
+    monkeypatch.setattr(LlamaCppTimed, "runs_here", lambda self: False)
+    spec = get_runtime("llama.cpp").spec_for(get_target("cpu"))
+    assert type(measuring_model(spec)) is TorchTimed
+
+
+@pytest.mark.skipif(not ggml_quantizer.available(), reason="llama.cpp is not installed")
+def test_a_llama_cpp_tune_on_a_named_target_is_measured_in_llama_cpp() -> None:
+    from autotune.tuner import autotune
+    from tests.autotune.export.test_gguf import make_model
+
+    batches = [{"input_ids": torch.randint(3, 4096, (1, 16))} for _ in range(8)]
+    result = autotune(
+        make_model(),
+        "40%,decode=1000ms",
+        "cpu",
+        runtime="llama.cpp",
+        calibration=batches,
+        progress=False,
+        search="allocator",
+        latency_seq_len=16,
+        seq_len=16,
+        sensitivity_windows=2,
+        heldout_windows=2,
+    )
+    measured = result.plan.measured
+    assert measured["timed_in"] == LlamaCppTimed.name
+    # llama.cpp's float file beside the plan's, at the prompt and at a decode step
+    assert measured["decode_p50_ms"] > 0 and measured["baseline"]["decode_p50_ms"] > 0
+    assert "latency timed in llama.cpp" in str(result.report)
 
 
 def test_a_tune_for_onnxruntime_on_local_is_timed_and_measured_in_onnxruntime(tokenizer) -> None:
