@@ -1,22 +1,23 @@
-"""llama.cpp's own speed per GGML type against the roofline's price for ``--runtime llama.cpp``.
+"""llama.cpp's own speed per GGML type against the ``cpu`` target's prices for llama.cpp.
 
 For each model, every compressible layer is given one type at a time: one GGUF file per
-type, written by autotune and timed in llama.cpp on this machine, every file in turn each
-round (``--target local``'s latency model, :mod:`autotune.export.llama_latency`), at two
-shapes: a prompt of 1 x 128 tokens and one decode step after 127 tokens. The same uniform
-plans are priced on the ``cpu`` target for ``--runtime llama.cpp`` two ways:
+type (and the all-F32 file), written by autotune and timed in llama.cpp on this machine, every
+file in turn each round, at two shapes: a prompt of 1 x 128 tokens and one decode step after
+127 tokens. The same uniform plans are priced on the ``cpu`` target's roofline two ways:
 
-* **block kernel**: llama.cpp's kernel for quantised types (``gguf_block``: the packed
-  blocks read at the roofline, one matrix-multiplication node per layer); float types dense;
-* **dequantising**: without that kernel, as autotune's own modules run them (the float
-  weight rebuilt on every call), which is how such plans were priced before.
+* **llama.cpp figures**: the target's ``runtimes["llama.cpp"]`` figures (fitted by
+  ``autotune profile MODEL --runtime llama.cpp --target cpu --fit-target FILE`` to llama.cpp's
+  timings of one model's uniform files; its source names which), as tunes price them;
+* **device figures**: the target's own figures, fitted to autotune's torch modules (how such
+  plans were priced before llama.cpp had figures of its own).
 
-A plan's choice between types depends on their relative cost, so each type's time is shown
-over F16's (below 1: faster than F16), measured and predicted; absolute seconds differ by
-machine (the ``cpu`` entry was fitted on another CPU; ``--fit-target`` refits it), and are
-printed for reference. Models: tiny-lm (256 wide: only the 32-wide block types fit every
-layer) and a Llama built from a config with rows that are multiples of 256 (8 blocks x 512,
-MLP 1536, random weights: speed does not depend on them), so K-quants apply.
+Timings here are taken afresh, so even on the model the figures were fitted to they are
+checked against other runs than the fit's; the other models were not fitted to at all. The
+absolute seconds decide whether a latency budget is met; a plan's choice between types
+depends on their relative cost, shown over F16's (below 1: faster than F16). Models: tiny-lm
+(256 wide: only the 32-wide block types fit every layer), small-lm, and a Llama built from a
+config with rows that are multiples of 256 (8 blocks x 512, MLP 1536, random weights: speed
+does not depend on them), so K-quants apply.
 
 Run: ``python benchmarks/llama_roofline.py`` (a few minutes on 2 cores; needs
 ``pip install 'autotune[llama]'``).
@@ -32,6 +33,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import argparse
 import dataclasses
+import math
 import statistics
 from typing import Any
 
@@ -39,18 +41,14 @@ import torch
 import transformers
 from torch import nn
 
-from autotune.costs import build_costs
 from autotune.export.llama_cpp import available
-from autotune.layers import compressible_layers
+from autotune.export.llama_fit import FLOAT, llama_observations
 from autotune.loading import load_model
 from autotune.runtimes import get_runtime
 from autotune.targets import get_target
-from methods.base import Option
-from methods.gguf import GGUFOption
-from methods.registry import method_of
 from profilers.execution.adapters import adapter_for
 
-TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "IQ4_NL", "Q3_K", "Q2_K")
+RUNTIME = "llama.cpp"
 
 
 def config_llama() -> nn.Module:
@@ -62,18 +60,6 @@ def config_llama() -> nn.Module:
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def uniform_options(model: nn.Module) -> tuple[list, dict[str, list[Option]], list[str]]:
-    """The model's layers, each offered every type that fits all of them, and those types."""
-    layers = compressible_layers(model)
-    fitting = [
-        name
-        for name in TYPES
-        if all(method_of(GGUFOption(name)).supports(r.shape) for r in layers)
-        and all(GGUFOption(name).tensor_type.fits(r.shape.cols) for r in layers)
-    ]
-    return layers, {r.name: [GGUFOption(t) for t in fitting] for r in layers}, fitting
-
-
 def shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (1, 128), generator=torch.Generator().manual_seed(1))
@@ -83,72 +69,82 @@ def shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
     }
 
 
-def uniform_seconds(costs: Any, types: list[str]) -> dict[str, float]:
-    """Whole-model seconds of each uniform plan in a cost model."""
-    return {
-        name: sum(costs.seconds[layer][i] for layer in costs.seconds) + costs.fixed_seconds
-        for i, name in enumerate(types)
+def rows(model_name: str, model: nn.Module, summary: list[list[str]]) -> list[list[str]]:
+    device = get_target("cpu")
+    ways = {
+        "llama.cpp figures": get_runtime(RUNTIME).spec_for(device),
+        "device figures": dataclasses.replace(device, runtimes={}).for_runtime(RUNTIME),
     }
-
-
-def rows(model_name: str, model: nn.Module) -> list[list[str]]:
-    layers, options, types = uniform_options(model)
-    llama = get_runtime("llama.cpp")
-    named = llama.spec_for(get_target("cpu"))
-    without = dataclasses.replace(
-        named, kernels={k: v for k, v in named.kernels.items() if k != "gguf_block"}
-    )
-    local = llama.spec_for(get_target("local"))
     found = []
-    for shape, inputs in shapes(model).items():
-        priced = {
-            "measured": uniform_seconds(build_costs(model, layers, options, local, inputs), types),
-            "block": uniform_seconds(build_costs(model, layers, options, named, inputs), types),
-            "dequant": uniform_seconds(build_costs(model, layers, options, without, inputs), types),
+    observations = llama_observations(model, shapes(model))
+    for shape in shapes(model):
+        timed = {
+            o.label.rsplit(" ", 1)[1]: o for o in observations if f" {shape} " in f"{o.label} "
         }
-        relative = {
-            way: {t: seconds[t] / seconds["F16"] for t in types} for way, seconds in priced.items()
-        }
-        for t in types:
-            measured = relative["measured"][t]
-            found.append(
+        measured = {t: o.seconds for t, o in timed.items()}
+        priced = {w: {t: o.price(spec) for t, o in timed.items()} for w, spec in ways.items()}
+        for t in timed:
+            row = [model_name, shape, t, f"{1e3 * measured[t]:.2f}"]
+            row += [f"{1e3 * priced[w][t]:.2f} ({priced[w][t] / measured[t]:.2f})" for w in ways]
+            row.append("-" if t in (FLOAT, "F16") else f"{measured[t] / measured['F16']:.2f}")
+            for w in ways:
+                if t in (FLOAT, "F16"):
+                    row.append("-")
+                    continue
+                relative = priced[w][t] / priced[w]["F16"]
+                row.append(f"{relative:.2f} ({relative / (measured[t] / measured['F16']):.2f})")
+            found.append(row)
+        for w in ways:
+            absolute = [abs(math.log(priced[w][t] / measured[t])) for t in timed]
+            relative = [
+                abs(math.log(priced[w][t] / priced[w]["F16"] * measured["F16"] / measured[t]))
+                for t in timed
+                if t not in (FLOAT, "F16")
+            ]
+            summary.append(
                 [
                     model_name,
                     shape,
-                    t,
-                    f"{1e3 * priced['measured'][t]:.2f}",
-                    f"{measured:.2f}",
-                    f"{relative['block'][t]:.2f} ({relative['block'][t] / measured:.2f})",
-                    f"{relative['dequant'][t]:.2f} ({relative['dequant'][t] / measured:.2f})",
-                    f"{1e3 * priced['block'][t]:.2f}",
+                    w,
+                    f"{math.exp(statistics.median(absolute)):.2f}x",
+                    f"{math.exp(max(absolute)):.2f}x",
+                    f"{math.exp(statistics.median(relative)):.2f}x",
                 ]
-            )
-        for way in ("block", "dequant"):
-            errors = [abs(relative[way][t] / relative["measured"][t] - 1) for t in types]
-            print(
-                f"{model_name}, {shape}: {way} median |predicted/measured - 1| of the time "
-                f"over F16's: {statistics.median(errors):.2f}",
-                file=sys.stderr,
             )
     return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="tiny-lm,llama-8x512")
+    parser.add_argument("--models", default="tiny-lm,small-lm,llama-8x512")
     args = parser.parse_args()
     if not available():
         sys.exit("llama.cpp is not installed: pip install 'autotune[llama]'")
-    table = []
+    device = get_target("cpu")
+    figures = device.runtimes.get(RUNTIME)
+    fitted = figures.sources.get("op_overhead_s") if figures else "none"
+    print(f"cpu target's llama.cpp figures: {fitted}")
+    table: list[list[str]] = []
+    summary: list[list[str]] = []
     for name in args.models.split(","):
         model = config_llama() if name == "llama-8x512" else load_model(name).model
-        table += rows(name, model)
+        table += rows(name, model, summary)
+    print()
     print(
-        "| model | shape | type | measured ms | measured / F16 | block kernel / F16 "
-        "(x measured) | dequantising / F16 (x measured) | block kernel ms |"
+        "| model | shape | type | measured ms | llama.cpp figures ms (x measured) | device "
+        "figures ms (x measured) | measured / F16 | llama.cpp figures / F16 (x measured) | "
+        "device figures / F16 (x measured) |"
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for row in table:
+        print("| " + " | ".join(row) + " |")
+    print()
+    print(
+        "| model | shape | figures | median error of ms (factor) | largest | median error of "
+        "the time over F16's |"
+    )
+    print("|---|---|---|---:|---:|---:|")
+    for row in summary:
         print("| " + " | ".join(row) + " |")
 
 
