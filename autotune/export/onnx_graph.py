@@ -149,7 +149,43 @@ def export_float_graph(model: nn.Module, layers: Mapping[str, nn.Module]) -> Any
             )
         except Exception as exc:  # the exporter raises many kinds
             raise ExportError(f"--format onnx: torch.onnx.export failed: {exc}") from exc
+    _simplify(program.model)
     initializers = program.model.graph.initializers
     for name in layers:
         initializers.pop(PREFIX + name + ".weight", None)
     return program.model_proto
+
+
+# constants of at most this many elements are folded: shapes, scales and the like
+FOLDED_ELEMENTS = 64
+
+
+def _simplify(model: Any) -> None:
+    """Fold what the graph computes from shapes alone (attention's ``1 / sqrt(head size)``
+    from its query's shape, the casts and multiplications around it) and share repeated
+    subexpressions, as the exporter's own optimiser does, in place. ONNX Runtime cannot fold
+    a shape of a tensor with symbolic dimensions, so without this every attention layer ran
+    those nodes on each call. Weights are held out as graph inputs meanwhile, so that none is
+    folded into another constant: each keeps its name and the node that reads it."""
+    from onnxscript import optimizer
+
+    graph = model.graph
+    held = {
+        name: value
+        for name, value in graph.initializers.items()
+        if value.const_value is not None and value.const_value.size > FOLDED_ELEMENTS
+    }
+    tensors = {name: value.const_value for name, value in held.items()}
+    for name, value in held.items():
+        graph.initializers.pop(name)
+        value.const_value = None
+        graph.inputs.append(value)
+    try:
+        optimizer.optimize(
+            model, input_size_limit=FOLDED_ELEMENTS, output_size_limit=FOLDED_ELEMENTS * 16
+        )
+    finally:
+        for name, value in held.items():
+            graph.inputs.remove(value)
+            value.const_value = tensors[name]
+            graph.register_initializer(value)
