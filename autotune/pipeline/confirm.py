@@ -8,10 +8,11 @@ original as the final measurement times it; if it misses a latency or decode bud
 limit it is planned under is tightened by how far its prediction was off and the search runs
 again (the sensitivity table is reused), up to :data:`SEARCHES` searches in all; a limit
 tightened below every plan's prediction searches for the fastest plan predicted instead
-(once). If none meets it, the plan measured nearest to it is kept. A plan is timed beside the
-original until the verdict is settled (:mod:`profilers.paired_timing`), and a relative budget
-is judged on the median of the per-round multiples. Every check is recorded in the plan
-(``search.latency_checks``).
+(once). If none meets it, the plan measured nearest to it is kept, or, among plans whose
+misses cannot be told from the nearest one's, the one with the least error on the selection
+split (:func:`kept_after_misses`). A plan is timed beside the original until the verdict is
+settled (:mod:`profilers.paired_timing`), and a relative budget is judged on the median of
+the per-round multiples. Every check is recorded in the plan (``search.latency_checks``).
 """
 
 from __future__ import annotations
@@ -68,6 +69,17 @@ class LatencyCheck:
         elif self.ratio_term is not None or not terms:
             terms.append(self.measured_ms / self.budget_ms)
         return max(terms)
+
+    @property
+    def excess_range(self) -> tuple[float, float]:
+        """:attr:`excess` as low and as high as the measured multiple's confidence interval
+        allows (a term without an interval counts at its measured value both ways)."""
+        if self.ratio_term is None or self.ratio is None:
+            return self.excess, self.excess
+        others = [self.measured_ms / self.ms_term] if self.ms_term is not None else []
+        low = max([self.ratio.low / self.ratio_term, *others])
+        high = max([self.ratio.high / self.ratio_term, *others])
+        return low, high
 
     @property
     def met(self) -> bool:
@@ -139,7 +151,7 @@ def confirm_latency(
     if not applies(setup, priced):
         return priced, searched, selected
     checks: list[LatencyCheck] = []
-    tried: list[tuple[float, int, Priced, Searched, Selected]] = []
+    tried: list[Tried] = []
     for attempt in range(SEARCHES):
         found = check_plan(setup, priced, selected, attempt + 1)
         checks += found
@@ -153,8 +165,7 @@ def confirm_latency(
             )
         if not missed:
             break
-        nearest = max(c.excess for c in found)
-        tried.append((nearest, attempt + 1, priced, searched, selected))
+        tried.append(Tried(found, attempt + 1, priced, searched, selected))
         if attempt == SEARCHES - 1:
             break
         limits = tightened(priced, missed)
@@ -177,10 +188,56 @@ def confirm_latency(
             break
         selected = select_plan(setup, data, scored, searched, config)
     if missed:  # none met its budget: keep the one measured nearest to it
-        _, kept, priced, searched, selected = min(tried, key=lambda t: t[:2])
-        setup.say.say(f"latency check: no plan met the budget; kept the nearest (search {kept})")
+        kept = kept_after_misses(tried)
+        priced, searched, selected = kept.priced, kept.searched, kept.selected
+        setup.say.say(
+            f"latency check: no plan met the budget; kept {kept.why} (search {kept.search})"
+        )
     selected.latency_checks = [c.to_dict() for c in checks]
     return priced, searched, selected
+
+
+@dataclass
+class Tried:
+    """A searched plan whose checks missed, with what it was searched and selected from."""
+
+    checks: list[LatencyCheck]
+    search: int
+    priced: Priced
+    searched: Searched
+    selected: Selected
+    why: str = "the nearest"
+
+    @property
+    def excess(self) -> float:
+        return max(c.excess for c in self.checks)
+
+    @property
+    def excess_range(self) -> tuple[float, float]:
+        ranges = [c.excess_range for c in self.checks]
+        return max(r[0] for r in ranges), max(r[1] for r in ranges)
+
+    @property
+    def selection_error(self) -> float:
+        selection = self.selected.selection
+        return selection.errors.get(selection.chosen, float("inf"))
+
+
+def kept_after_misses(tried: list[Tried]) -> Tried:
+    """Of searched plans that all missed: the one measured nearest its budget, unless
+    others' misses cannot be told from it (their measured multiples' confidence intervals
+    overlap its own); then, of those, the one with the least error on the selection split,
+    so that a plan no faster for sure is not kept at the cost of its quality."""
+    nearest = min(tried, key=lambda t: (t.excess, t.search))
+    reach = nearest.excess_range[1]
+    alike = [t for t in tried if t.excess_range[0] <= reach]
+    best = min(alike, key=lambda t: (t.selection_error, t.excess, t.search))
+    if best is not nearest:
+        best.why = (
+            "the least error on the selection split among those measured as near the budget "
+            "as the nearest"
+        )
+    return best
 
 
 def tightened(priced: Priced, missed: list[LatencyCheck]) -> dict[str, float]:

@@ -40,10 +40,15 @@ class _Priced:
 class _Selected:
     name: str
     latency_checks: list[dict[str, Any]] = field(default_factory=list)
+    error: float = 0.1  # on the selection split
 
     @property
     def chosen(self) -> SimpleNamespace:
         return SimpleNamespace(name=self.name)
+
+    @property
+    def selection(self) -> SimpleNamespace:
+        return SimpleNamespace(chosen=self.name, errors={self.name: self.error})
 
 
 class _Run:
@@ -231,3 +236,38 @@ def test_the_fastest_plan_is_searched_for_once(monkeypatch) -> None:
     # the second check missed at the fastest plan: no tighter plan is predicted, so it stops
     assert len(selected.latency_checks) == 2 and len(run.limits) == 2
     assert any("no plan fits the tightened limits" in line for line in run.said)
+
+
+def _relative(median: float, low: float, high: float, search: int) -> LatencyCheck:
+    """A check of a 0.7x budget whose plan measured ``median`` times the original."""
+    from profilers.paired_timing import Interval
+
+    ratio = Interval(median, low, high, 12)
+    return LatencyCheck(
+        "seconds", "allocator", search, 7.0, 6.5, 6.0, 10 * median, 10.0, None, 0.7, ratio
+    )
+
+
+def _tried(check: LatencyCheck, error: float) -> confirm.Tried:
+    selected = _Selected(f"plan {check.search}", error=error)
+    return confirm.Tried([check], check.search, None, f"search {check.search}", selected)
+
+
+def test_of_misses_told_apart_the_nearest_is_kept_and_of_misses_alike_the_best_quality() -> None:
+    nearer, worse = _relative(0.78, 0.71, 0.89, 2), _relative(0.80, 0.69, 0.86, 1)
+    assert nearer.excess_range == pytest.approx((0.71 / 0.7, 0.89 / 0.7))
+    # 0.78x and 0.80x with overlapping intervals: not told apart, so the plan with 1/50 of
+    # the other's selection error is kept, not the one 0.02x nearer
+    kept = confirm.kept_after_misses([_tried(worse, 0.004), _tried(nearer, 0.2)])
+    assert kept.search == 1 and "least error" in kept.why
+    # a miss that is nearer for sure is kept whatever its error
+    sure = _relative(0.74, 0.72, 0.76, 2)
+    kept = confirm.kept_after_misses(
+        [_tried(_relative(0.85, 0.80, 0.90, 1), 0.004), _tried(sure, 0.2)]
+    )
+    assert kept.search == 2 and kept.why == "the nearest"
+    # without intervals (an ms budget) the nearest p50 decides, as before
+    kept = confirm.kept_after_misses(
+        [_tried(check(12.0), 0.001), _tried(check(11.0, search=2), 0.2)]
+    )
+    assert kept.search == 2
