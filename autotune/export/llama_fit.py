@@ -2,8 +2,8 @@
 
 llama.cpp runs one graph node per operation, with far less dispatch per node than autotune's
 torch modules, which the target's own figures were fitted to: priced with them, a decode step
-of tiny-lm came out 22x llama.cpp's measured time. :func:`fit_llama_cpp` writes one GGUF file
-per plain type that every layer of the model takes (and the all-F32 file), times them all in
+of tiny-lm came out over 20x llama.cpp's measured time. :func:`fit_llama_cpp` writes one GGUF
+file per plain type that every layer of the model takes (and the all-F32 file), times them all in
 llama.cpp in turn at each shape (a prompt, a decode step), and fits the target's
 ``runtimes["llama.cpp"]`` figures (:func:`profilers.roofline_fit.fit_runtime`): the dense
 efficiency of its float matmuls, the overhead of one node, the block kernel's efficiency and
@@ -60,7 +60,7 @@ def llama_observations(
 ) -> list[ModelObservation]:
     """Each uniform file's time in llama.cpp at each shape, with its roofline price."""
     from autotune.export.gguf import GGUFExporter
-    from autotune.export.llama_latency import _variant, measure_files
+    from autotune.export.llama_latency import converted_copy, measure_files
 
     layers = compressible_layers(model)
     types = uniform_types(model)
@@ -74,7 +74,7 @@ def llama_observations(
         for name, option in plans.items():
             paths[name] = Path(folder) / f"{name}.gguf"
             chosen = {} if isinstance(option, KeepOption) else {r.name: option for r in layers}
-            exporter.write(_variant(model, chosen, None), None, paths[name], tokenizer)
+            exporter.write(converted_copy(model, chosen, None), None, paths[name], tokenizer)
         for shape, inputs in shapes.items():
             measured = measure_files(paths, inputs, rounds)
             job = pricing_job(model, layers, options, dict(inputs))

@@ -66,7 +66,7 @@ def time_file(model: Any, rows: int, tokens: int, context: int) -> float:
     return rows * tg * tokens
 
 
-def _variant(model: nn.Module, chosen: Mapping[str, Option], observers: Any) -> nn.Module:
+def converted_copy(model: nn.Module, chosen: Mapping[str, Option], observers: Any) -> nn.Module:
     """A copy of ``model`` with the ``chosen`` layers converted (the others as they are)."""
     from autotune.apply import compress
 
@@ -103,7 +103,7 @@ def measure_in_llama_cpp(
         exporter.write(model, None, paths[KEEP], tokenizer)
         for index, (label, chosen) in enumerate(labels.items()):
             paths[label] = Path(folder) / f"v{index}.gguf"
-            exporter.write(_variant(model, chosen, observers), None, paths[label], tokenizer)
+            exporter.write(converted_copy(model, chosen, observers), None, paths[label], tokenizer)
             if progress is not None:
                 progress(len({refs[n].shape for n in chosen}))
         measured = measure_files(paths, inputs, rounds)
