@@ -291,9 +291,7 @@ def _fit(model, spec, options, calib, observers, batch_size, seq_len) -> dict[st
         name=f"{spec.name}-fitted",
         source=f"on {type(model).__name__} at {batch_size}x{seq_len} and {batch_size}x16 tokens",
     )
-    # a target file describes a device; what runs on it is a tune's choice (--runtime)
-    entry = {k: v for k, v in result.spec.to_dict().items() if k not in ("probed", "runtime")}
-    return {"entry": entry, "before": result.before, "after": result.after}
+    return _fitted_entry(result)
 
 
 def _check_runtime_fit(runtime: Any, spec: HardwareSpec) -> None:
@@ -319,7 +317,12 @@ def _fit_runtime(runtime, model, device, prefill, decode, tokenizer) -> dict[str
     shapes = {"prompt": prefill}
     if is_causal_lm(model):
         shapes["decode"] = decode
-    result = runtime.fit_prices(model, device, shapes, tokenizer)
+    return _fitted_entry(runtime.fit_prices(model, device, shapes, tokenizer))
+
+
+def _fitted_entry(result: Any) -> dict[str, Any]:
+    """A fit as the profile records it: the target entry and its accuracy before and after."""
+    # a target file describes a device; what runs on it is a tune's choice (--runtime)
     entry = {k: v for k, v in result.spec.to_dict().items() if k not in ("probed", "runtime")}
     return {"entry": entry, "before": result.before, "after": result.after}
 

@@ -59,22 +59,17 @@ def llama_observations(
     rounds: int = ROUNDS,
 ) -> list[ModelObservation]:
     """Each uniform file's time in llama.cpp at each shape, with its roofline price."""
-    from autotune.export.gguf import GGUFExporter
-    from autotune.export.llama_latency import converted_copy, measure_files
+    from autotune.export.llama_latency import measure_files, write_variants
 
     layers = compressible_layers(model)
     types = uniform_types(model)
     plans: dict[str, Option] = {FLOAT: KeepOption()}
     plans.update({t: GGUFOption(t) for t in types})
     options = {r.name: list(plans.values()) for r in layers}
-    exporter = GGUFExporter()
+    variants = {FLOAT: {}, **{t: {r.name: plans[t] for r in layers} for t in types}}
     observations: list[ModelObservation] = []
     with tempfile.TemporaryDirectory(prefix="autotune-llama-fit-") as folder:
-        paths = {}
-        for name, option in plans.items():
-            paths[name] = Path(folder) / f"{name}.gguf"
-            chosen = {} if isinstance(option, KeepOption) else {r.name: option for r in layers}
-            exporter.write(converted_copy(model, chosen, None), None, paths[name], tokenizer)
+        paths = write_variants(model, variants, Path(folder), tokenizer)
         for shape, inputs in shapes.items():
             measured = measure_files(paths, inputs, rounds)
             job = pricing_job(model, layers, options, dict(inputs))

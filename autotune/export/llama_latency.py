@@ -75,6 +75,29 @@ def converted_copy(model: nn.Module, chosen: Mapping[str, Option], observers: An
     return work
 
 
+def write_variants(
+    model: nn.Module,
+    variants: Mapping[str, Mapping[str, Option]],
+    folder: Path,
+    tokenizer: Any = None,
+    observers: Any = None,
+    written: Callable[[str], None] | None = None,
+) -> dict[str, Path]:
+    """One GGUF file in ``folder`` per variant: ``model`` with that variant's layers
+    converted (none: the model as it is); ``written(name)`` after each."""
+    from autotune.export.gguf import GGUFExporter
+
+    exporter = GGUFExporter()
+    paths = {}
+    for index, (name, chosen) in enumerate(variants.items()):
+        paths[name] = folder / f"v{index}.gguf"
+        work = converted_copy(model, chosen, observers) if chosen else model
+        exporter.write(work, None, paths[name], tokenizer)
+        if written is not None:
+            written(name)
+    return paths
+
+
 def measure_in_llama_cpp(
     model: nn.Module,
     timed: Mapping[str, list[Option]],
@@ -86,8 +109,6 @@ def measure_in_llama_cpp(
 ) -> InModelLatency:
     """Seconds per (layer shape, label) of every option in ``timed``, from one GGUF file per
     label timed in llama.cpp (see the module's docstring)."""
-    from autotune.export.gguf import GGUFExporter
-
     refs = {ref.name: ref for ref in compressible_layers(model, min_numel=0)}
     labels: dict[str, dict[str, Option]] = {}  # timed label -> layer -> option timed
     aliases: dict[str, str] = {}  # an option's label -> the label it is timed as
@@ -97,15 +118,14 @@ def measure_in_llama_cpp(
                 same = timing_form(option)
                 labels.setdefault(same.label, {})[name] = same
                 aliases[option.label] = same.label
-    exporter = GGUFExporter()
+
+    def written(label: str) -> None:
+        if progress is not None and label != KEEP:
+            progress(len({refs[n].shape for n in labels[label]}))
+
     with tempfile.TemporaryDirectory(prefix="autotune-llama-") as folder:
-        paths = {KEEP: Path(folder) / "keep.gguf"}
-        exporter.write(model, None, paths[KEEP], tokenizer)
-        for index, (label, chosen) in enumerate(labels.items()):
-            paths[label] = Path(folder) / f"v{index}.gguf"
-            exporter.write(converted_copy(model, chosen, observers), None, paths[label], tokenizer)
-            if progress is not None:
-                progress(len({refs[n].shape for n in chosen}))
+        variants = {KEEP: {}, **labels}
+        paths = write_variants(model, variants, Path(folder), tokenizer, observers, written)
         measured = measure_files(paths, inputs, rounds)
     seconds = {k: v.p50_ms / 1e3 for k, v in measured.items()}
     result = split(seconds, labels, timed, refs)

@@ -22,7 +22,7 @@ from typing import Any
 
 from autotune.allocation import candidate_totals, check_feasible
 from autotune.errors import InfeasibleBudgetError
-from autotune.latency_models import latency_model_for
+from autotune.latency_models import latency_model_for, measuring_model
 from autotune.pipeline.choose import Scored, Searched, Selected, search, select_plan
 from autotune.pipeline.config import TuneConfig
 from autotune.pipeline.prepare import Data, Setup
@@ -330,7 +330,7 @@ def measured_ms(
     (in the runtime the plan is for when its latency model times there, else in autotune's
     modules), in rounds that go on until the budget's verdict is settled
     (:meth:`~autotune.budget.Budget.timing_limit`)."""
-    latency_model = latency_model_for(setup.spec)
+    latency_model = measuring_model(setup.spec)
     baseline = None if setup.inplace else setup.original
     plan = Plan(layers={name: option.to_dict() for name, option in options.items()})
     inputs = {"seconds": priced.latency_inputs, "decode_seconds": priced.decode}
