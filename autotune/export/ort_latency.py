@@ -18,7 +18,9 @@ not taken as they are:
 * another label: its variant's unprofiled wall time minus the float model's, per round, plus
   the swapped layers' float seconds, is the seconds of all its swapped layers together; they
   are shared among its layers in proportion to their profiled kernel seconds. A plan giving
-  every layer that label is thus predicted at its export's wall time.
+  every layer that label is thus predicted at its export's wall time. Where the difference
+  is swamped by noise (no time left for the layers, which happens on tiny models), their
+  profiled kernel seconds stand in: a layer never costs nothing.
 
 A profiled node is a layer's by name or by the values it reads
 (:func:`autotune.export.ort_profile.node_owners`). A bias added by a node of its own is part
@@ -231,9 +233,11 @@ def _table(timed: Mapping[str, _Timed], shapes: Mapping[str, LayerShape]) -> InM
             continue
         base = sum(floats[name] for name in variant.layers)
         deltas = [w - f for w, f in zip(variant.walls, variant.float_walls, strict=True)]
-        total = max(statistics.median(deltas) + base, 0.0)
         kernels = {name: variant.kernels[name] for name in variant.layers}
         profiled = sum(kernels.values())
+        total = statistics.median(deltas) + base
+        if total <= 0:  # noise larger than the layers' time: their profiled kernels instead
+            total = profiled or base
         share = {n: k / profiled if profiled else 1 / len(kernels) for n, k in kernels.items()}
         table.update(_by_shape(label, {n: total * f for n, f in share.items()}, shapes))
     whole = statistics.median(timed[KEEP].walls)

@@ -137,6 +137,20 @@ def test_a_label_is_priced_at_its_wall_time_and_split_by_its_kernels() -> None:
     }
 
 
+def test_a_label_swamped_by_noise_is_priced_at_its_profiled_kernels() -> None:
+    """The variant ran faster than the float model by more than the swapped layers' float
+    time (noise on a tiny model): its layers cost their profiled kernels, never nothing."""
+    a = LayerShape("linear", 8, 8)
+    shapes = {"a1": a, "a2": a}
+    beside = [10.0, 10.0, 10.0]
+    timed = {
+        "keep": ort_latency._Timed(["a1", "a2"], {"a1": 1.0, "a2": 1.0}, beside),
+        "int4": ort_latency._Timed(["a1", "a2"], {"a1": 0.5, "a2": 1.5}, [7.0] * 3, beside),
+    }
+    result = ort_latency._table(timed, shapes)
+    assert result.layers[(a, "int4")] == pytest.approx(1.0)  # mean of 0.5 and 1.5
+
+
 def test_a_variant_on_the_reused_trace_is_the_exporters_own_graph(bert: Traced) -> None:
     model, float_graph = bert
     exporter = OnnxExporter()
