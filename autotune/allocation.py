@@ -3,6 +3,7 @@ what a plan records per layer."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from methods.base import Option
 from methods.keep import KeepOption
 from profilers.sensitivity import SensitivityTable
 from search import Allocation, ChoiceTable, InfeasibleError, allocate
+from search.ties import tie
 
 RESOURCE_NAMES = {
     "bytes": "stored bytes",
@@ -233,16 +235,21 @@ def allocate_plan(
     costs: CostModel,
     limits: dict[str, float],
     errors: dict[str, dict[str, float]],
+    ties: Sequence[Sequence[str]] = (),
 ) -> tuple[ChoiceTable, Allocation]:
     """The choice table scored by ``errors[layer][label]`` (an option a layer could not take
-    is never chosen) and the allocator's plan within ``limits``."""
+    is never chosen) and the allocator's plan within ``limits``, each group of ``ties``
+    (layer names) taking one label."""
     scores = {
         name: [errors[name].get(o.label, float("inf")) for o in opts]
         for name, opts in costs.options.items()
     }
     table = choice_table(costs, scores)
     try:
-        return table, allocate(table, limits)
+        if not ties:
+            return table, allocate(table, limits)
+        tied = tie(table, ties)
+        return table, tied.allocation(allocate(tied.reduced, limits))
     except InfeasibleError as exc:
         raise InfeasibleBudgetError(
             infeasible_message(budget, table, limits, costs), exc.minimums

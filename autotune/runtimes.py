@@ -44,6 +44,25 @@ class RuntimeChoiceError(AutotuneError, ValueError):
     """A runtime that is unknown or cannot run on the chosen target."""
 
 
+# the layers vLLM loads as one fused matrix (its models' ``packed_modules_mapping``): every
+# member of a group needs the same scheme, or vLLM refuses the checkpoint
+VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("gate_proj", "up_proj"))
+
+
+def fused_groups(
+    names: Sequence[str], families: Sequence[tuple[str, ...]]
+) -> list[tuple[tuple[str, ...], bool]]:
+    """The groups of ``names`` that are siblings of one family (the last part of a name),
+    each with whether all of the family's members are among ``names``."""
+    found: dict[tuple[str, int], list[str]] = {}
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        for k, family in enumerate(families):
+            if leaf in family:
+                found.setdefault((parent, k), []).append(name)
+    return [(tuple(members), len(members) == len(families[k])) for (_, k), members in found.items()]
+
+
 class Runtime(ABC):
     """One runtime: its name (``--runtime``), the kinds of device it runs on, the export
     format it loads, and which options it holds."""
@@ -55,6 +74,8 @@ class Runtime(ABC):
     timed_locally: ClassVar[bool] = False  # ``local`` times options in this runtime here
     # a named target may hold figures of this runtime's own (fitted by :meth:`fit_prices`)
     fits_prices: ClassVar[bool] = False
+    # families of sibling layers (by the last part of their names) it runs as one matrix
+    fused: ClassVar[tuple[tuple[str, ...], ...]] = ()
 
     @abstractmethod
     def refusal(self, layer: str, shape: LayerShape, option: Option) -> str | None:
@@ -107,7 +128,8 @@ class Runtime(ABC):
         self, layers: Sequence[LayerRef], options: Mapping[str, list[Option]]
     ) -> dict[str, list[Option]]:
         """Each layer's options in the forms this runtime runs (:meth:`forms`, once each),
-        without those it refuses (keep always stays)."""
+        without those it refuses (keep always stays); a fused group with a member that is
+        not tuned keeps its other members in float too (the runtime needs one format)."""
         shapes = {ref.name: ref.shape for ref in layers}
         restricted: dict[str, list[Option]] = {}
         for name, offered in options.items():
@@ -119,7 +141,32 @@ class Runtime(ABC):
                 if not refused:
                     kept.setdefault(option.label, option)
             restricted[name] = list(kept.values())
+        for group in (g for g, whole in fused_groups(list(restricted), self.fused) if not whole):
+            for name in group:  # a member is not tuned (kept in float): the others stay too
+                restricted[name] = [o for o in restricted[name] if isinstance(o, KeepOption)]
         return restricted
+
+    def tied_layers(self, names: Sequence[str]) -> list[tuple[str, ...]]:
+        """Groups of ``names`` this runtime runs as one fused matrix (siblings of one of its
+        :attr:`fused` families, all tuned), which must take one option."""
+        return [group for group, whole in fused_groups(names, self.fused) if whole]
+
+    def tie_refusal(self, options: Mapping[str, Option]) -> str | None:
+        """Why a plan (``options`` by layer; a layer left out is kept in float) cannot run
+        here because the layers of a fused group differ, else ``None``."""
+        keep = KeepOption()
+        for group, _ in fused_groups(list(options), self.fused):
+            parent = group[0].rpartition(".")[0]
+            family = next(f for f in self.fused if group[0].rpartition(".")[2] in f)
+            names = [f"{parent}.{leaf}" if parent else leaf for leaf in family]
+            labels = {name: options.get(name, keep).label for name in names}
+            if len(set(labels.values())) > 1:
+                given = ", ".join(f"{name} {label}" for name, label in labels.items())
+                return (
+                    f"{self.name} runs {', '.join(names)} as one fused matrix, so they need "
+                    f"one option; the plan gives {given}"
+                )
+        return None
 
     def describe_export(self, compressed: nn.Module, options: Sequence[Option]) -> dict[str, Any]:
         """The plan's ``export`` section: how this runtime's export holds ``compressed``
@@ -204,8 +251,11 @@ class VLLMRuntime(_ExportedRuntime):
     export_format = "compressed-tensors"
     description = (
         "vLLM serving a compressed-tensors export with Marlin kernels: symmetric int4 and "
-        "int8, per channel or in groups of 32, 64 or 128"
+        "int8, per channel or in groups of 32, 64 or 128; the layers it fuses (query, key "
+        "and value; gate and up) take one option"
     )
+
+    fused = VLLM_FUSED
 
     def kernel_refusal(self, shape: LayerShape, option: Option) -> str | None:
         bits = getattr(option, "bits", None)

@@ -103,13 +103,22 @@ def _load_builtin() -> None:
 
 
 def check_plan(exporter: Exporter, model: nn.Module, plan: Plan, strict: bool = True) -> None:
-    """Refuse, in one line, a plan with a layer the format cannot hold. Layers are those
+    """Refuse, in one line, a plan with a layer the format cannot hold, or, tuned for a
+    runtime, one that splits a group of layers that runtime fuses. Layers are those
     :func:`autotune.apply.apply_plan` compresses: after structured pruning, and with a tied
     embedding table one layer (see :meth:`Plan.shaped`)."""
-    for ref, option in shaped_layer_options(plan, model, strict).items():
+    shaped = shaped_layer_options(plan, model, strict)
+    for ref, option in shaped.items():
         why = exporter.refusal(ref.name, ref.shape, option)
         if why is not None:
             raise ExportError(f"--format {exporter.name} cannot hold layer {ref.name!r}: {why}")
+    runtime = plan.target.get("runtime") if plan.target else None
+    if runtime:  # the plan was tuned for a runtime: its fused groups must stay whole
+        from autotune.runtimes import get_runtime
+
+        why = get_runtime(runtime).tie_refusal({ref.name: o for ref, o in shaped.items()})
+        if why is not None:
+            raise ExportError(f"the plan cannot run in {runtime}: {why}")
 
 
 def shaped_layer_options(plan: Plan, model: nn.Module, strict: bool = True) -> dict:

@@ -25,6 +25,7 @@ from profilers.cache import SensitivityCache, batches_digest, default_cache_dir,
 from profilers.sensitivity import SensitivityTable
 from search import Allocation, ChoiceTable
 from search.evolution import Judge
+from search.ties import Tied, TiedFitness, tie
 
 
 @dataclass
@@ -79,7 +80,9 @@ def _allocator_choice(setup: Setup, priced: Priced) -> Decide:
     """The allocator's option per layer on a table of errors, within the tune's limits."""
 
     def decide(errors: dict[str, dict[str, float]]) -> dict[str, str]:
-        table, allocation = allocate_plan(setup.budget, priced.costs, priced.limits, errors)
+        table, allocation = allocate_plan(
+            setup.budget, priced.costs, priced.limits, errors, priced.ties
+        )
         chosen = assignment_options(priced.costs, table, allocation.assignment)
         return {name: option.label for name, option in chosen.items()}
 
@@ -116,23 +119,27 @@ class Searched:
 def search(
     setup: Setup, data: Data, priced: Priced, scored: Scored, config: TuneConfig
 ) -> Searched:
-    """The allocator's plan on the summed errors, then the engine's search from it."""
+    """The allocator's plan on the summed errors, then the engine's search from it. Layers
+    the runtime ties (one format for a fused group) are one variable of the search."""
     costs, metric = priced.costs, scored.table.metric
-    table, allocation = allocate_plan(setup.budget, costs, priced.limits, scored.table.errors)
+    errors = scored.table.errors
+    table, allocation = allocate_plan(setup.budget, costs, priced.limits, errors, priced.ties)
     calib = data.calib
     fitness = PlanFitness(
         setup.executor, table.variables, costs.options, [data.screening, data.calibration], metric
     )
+    tied = tie(table, priced.ties)
+    start = replace(allocation, assignment=tied.reduce(allocation.assignment))
     settings = config.search
     requested = "allocator" if setup.as_is else settings.search
     in_memory = setup.executor.holds_whole_model
-    engine = choose_engine(requested, table, allocation, costs.total_weights, in_memory)
+    engine = choose_engine(requested, tied.reduced, start, costs.total_weights, in_memory)
     outcome = run_search(
         engine,
-        table,
+        tied.reduced,
         priced.limits,
-        fitness,
-        allocation,
+        TiedFitness(tied, fitness),
+        start,
         seed=settings.seed,
         max_evals=settings.max_evals,
         timeout=settings.timeout,
@@ -140,8 +147,9 @@ def search(
         study_name=settings.study_name,
         data_key=f"{data.fingerprint}:{batches_digest(calib.calibration)}:{metric}",
         progress=config.progress,
-        judge=_selection_judge(setup, data, table, costs, metric),
+        judge=_selection_judge(setup, data, tied, costs, metric),
     )
+    outcome = _expanded(outcome, tied)
     if outcome.result is not None:
         result = outcome.result
         setup.say.say(
@@ -165,13 +173,20 @@ def search(
     return Searched(table, allocation, fitness, engine, outcome, candidates, searched)
 
 
-def _selection_judge(
-    setup: Setup, data: Data, table: ChoiceTable, costs: Any, metric: str
-) -> Judge:
+def _expanded(outcome: SearchOutcome, tied: Tied) -> SearchOutcome:
+    """An engine's outcome on the tied table as one on the layers' table."""
+    if outcome.assignment is None:
+        return outcome
+    result = tied.result(outcome.result) if outcome.result is not None else None
+    return replace(outcome, assignment=tied.expand(outcome.assignment), result=result)
+
+
+def _selection_judge(setup: Setup, data: Data, tied: Tied, costs: Any, metric: str) -> Judge:
     """The selection split's error of a plan (kept per plan): when the search's gain there
     stalls, it stops, however much its calibration error still falls."""
-    judged = PlanFitness(setup.executor, table.variables, costs.options, [data.selection], metric)
-    return Judge(lambda assignment: judged(assignment, 0))
+    layers = tied.table.variables
+    judged = PlanFitness(setup.executor, layers, costs.options, [data.selection], metric)
+    return Judge(lambda assignment: judged(tied.expand(assignment), 0))
 
 
 UNCALIBRATED = "allocator, uncalibrated options only"
@@ -203,7 +218,7 @@ def _uncalibrated_plan(setup: Setup, priced: Priced, scored: Scored) -> dict[str
         for name, by_label in errors.items()
     }
     try:
-        table, allocation = allocate_plan(setup.budget, costs, priced.limits, masked)
+        table, allocation = allocate_plan(setup.budget, costs, priced.limits, masked, priced.ties)
     except InfeasibleBudgetError:
         return None
     return assignment_options(costs, table, allocation.assignment)

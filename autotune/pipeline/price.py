@@ -3,7 +3,7 @@ limits the budget sets on them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -33,7 +33,8 @@ from profilers.quality import is_causal_lm
 class Priced:
     """The search space with its costs: ``serving`` is the KV cache and activation peak a
     serving budget counts beside the weights; ``baseline`` the model timed before tuning in
-    place (tuning in place leaves no original to time at the end)."""
+    place (tuning in place leaves no original to time at the end); ``ties`` the groups of
+    layers the runtime needs in one format."""
 
     layers: list[LayerRef]
     options: dict[str, list[Option]]
@@ -48,6 +49,8 @@ class Priced:
     limits: dict[str, float]
     margin: float
     baseline: Measured | None = None
+    # groups of layers the runtime runs as one (fused) matrix: each takes one option
+    ties: list[tuple[str, ...]] = field(default_factory=list)
 
 
 def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
@@ -146,6 +149,7 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
         limits,
         margin,
         baseline,
+        setup.runtime.tied_layers([ref.name for ref in layers]),
     )
 
 

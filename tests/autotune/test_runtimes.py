@@ -297,3 +297,86 @@ def test_tune_for_llama_cpp_is_within_budget_in_the_gguf_files_own_bytes(
         < in_runtime["heldout_error"]
         < 2 * measured["heldout_error"]
     )
+
+
+LLAMA_BLOCK = [
+    f"model.layers.0.{part}"
+    for part in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+]
+
+
+def test_vllm_ties_the_layers_it_fuses_and_no_other_runtime_does() -> None:
+    attention = [f"encoder.layer.1.attention.self.{p}" for p in ("query", "key", "value")]
+    names = [*LLAMA_BLOCK, *attention, "encoder.layer.1.attention.output.dense"]
+    assert get_runtime("vllm").tied_layers(names) == [
+        tuple(LLAMA_BLOCK[:3]),
+        tuple(LLAMA_BLOCK[4:6]),
+        tuple(attention),
+    ]
+    assert all(get_runtime(n).tied_layers(names) == [] for n in RUNTIMES if n != "vllm")
+
+
+def test_vllm_keeps_a_fused_group_in_float_when_one_member_is_not_tuned() -> None:
+    """vLLM refuses a fused matrix whose shards are partly quantised: with the key layer
+    left out of the tune (kept in float), the query and value layers stay float too."""
+    names = [n for n in LLAMA_BLOCK if not n.endswith("k_proj")]
+    layers = [LayerRef(name, SQUARE) for name in names]
+    offered = {name: [KeepOption(), QuantOption(4, 128, True)] for name in names}
+    kept = get_runtime("vllm").restrict(layers, offered)
+    for name in names:
+        partly_tuned = name.endswith(("q_proj", "v_proj"))
+        assert kept[name] == ([KeepOption()] if partly_tuned else offered[name]), name
+
+
+def test_a_plan_splitting_a_fused_group_is_refused_for_vllm_in_one_line() -> None:
+    int4, int8 = QuantOption(4, 128, True), QuantOption(8, None, True)
+    options = {name: int4 for name in LLAMA_BLOCK}
+    vllm = get_runtime("vllm")
+    assert vllm.tie_refusal(options) is None
+    options["model.layers.0.mlp.up_proj"] = int8
+    why = vllm.tie_refusal(options)
+    assert why is not None and "\n" not in why
+    assert "model.layers.0.mlp.gate_proj, model.layers.0.mlp.up_proj" in why
+    assert int8.label in why and int4.label in why
+    del options["model.layers.0.mlp.up_proj"]  # left out of the plan: kept in float
+    assert "keep" in (vllm.tie_refusal(options) or "")
+    assert get_runtime("torch").tie_refusal(options) is None
+
+
+def test_tune_for_vllm_gives_each_fused_group_one_option(tokenizer) -> None:
+    """The evolutionary search and the allocator both search the tied groups as one layer:
+    the plan mixes options across groups and never inside one."""
+    from autotune.tuner import autotune
+    from tests.conftest import make_tiny_bert
+
+    model = make_tiny_bert(hidden=128)
+    result = autotune(
+        model,
+        "95.5%",  # the float embedding table is most of the model: 94.2% is the least
+        "a100",
+        tokenizer=tokenizer,
+        runtime="vllm",
+        measure=False,
+        progress=False,
+        max_evals=6,
+        seq_len=32,
+        calibration_windows=8,
+        sensitivity_windows=2,
+        selection_windows=4,
+        heldout_windows=4,
+    )
+    options = {ref.name: o for ref, o in result.plan.layer_options(model).items()}
+    vllm = get_runtime("vllm")
+    groups = vllm.tied_layers(list(options))
+    assert len(groups) == 2
+    assert vllm.tie_refusal(options) is None
+    assert len({o.label for o in options.values()}) > 1  # a mixed plan, whole groups
+    assert result.plan.search["engine"] == "evolution"

@@ -393,6 +393,30 @@ def test_a_refused_export_leaves_an_existing_folder_as_it_was(tmp_path: Path) ->
     assert [p.name for p in out.iterdir()] == ["old.txt"]
 
 
+@pytest.mark.parametrize("runtime", ["vllm", None])
+def test_a_plan_for_vllm_splitting_a_fused_group_is_refused(
+    tmp_path: Path, runtime: str | None
+) -> None:
+    """vLLM loads a block's query, key and value as one matrix: a plan tuned for it that
+    gives them different schemes is refused before anything is written; the same plan
+    without a runtime (for transformers, which does not fuse them) is written."""
+    plan = Plan(
+        layers={
+            r"re:encoder\..*": rtn(4, 32, True),
+            "encoder.layer.1.attention.self.key": rtn(8, None, True),
+        },
+        target={"runtime": runtime} if runtime else {},
+    )
+    out = tmp_path / "out"
+    if runtime is None:
+        export_plan(plan, make_tiny_bert(), FORMAT, out)
+        assert (out / "config.json").is_file()
+        return
+    with pytest.raises(ExportError, match=r"cannot run in vllm: .*attention\.self\.query.*"):
+        export_plan(plan, make_tiny_bert(), FORMAT, out)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_structured_pruning_is_refused(tmp_path: Path) -> None:
     plan = Plan(
         layers={r"re:encoder\..*": rtn(4, 32, True)},
