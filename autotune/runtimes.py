@@ -44,9 +44,15 @@ class RuntimeChoiceError(AutotuneError, ValueError):
     """A runtime that is unknown or cannot run on the chosen target."""
 
 
-# the layers vLLM loads as one fused matrix (its models' ``packed_modules_mapping``): every
-# member of a group needs the same scheme, or vLLM refuses the checkpoint
-VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("gate_proj", "up_proj"))
+# the layers vLLM loads as one fused matrix (its models' ``packed_modules_mapping``, by the
+# fused matrix's name): every member of a group needs the same scheme, or vLLM refuses the
+# checkpoint
+VLLM_FUSED_NAMES = {
+    ("q_proj", "k_proj", "v_proj"): "qkv_proj",
+    ("query", "key", "value"): "qkv_proj",
+    ("gate_proj", "up_proj"): "gate_up_proj",
+}
+VLLM_FUSED = tuple(VLLM_FUSED_NAMES)
 
 
 def fused_groups(
@@ -168,9 +174,11 @@ class Runtime(ABC):
                 )
         return None
 
-    def describe_export(self, compressed: nn.Module, options: Sequence[Option]) -> dict[str, Any]:
+    def describe_export(
+        self, compressed: nn.Module, options: Mapping[str, Option]
+    ) -> dict[str, Any]:
         """The plan's ``export`` section: how this runtime's export holds ``compressed``
-        (compressed with ``options``); empty where there is nothing to add to the plan."""
+        (compressed with ``options``, by layer); empty where there is nothing to add."""
         return {}
 
     def check_model(self, model: nn.Module) -> None:  # noqa: B027 (most runtimes take any)
@@ -245,6 +253,15 @@ MARLIN_GROUPS = (None, 32, 64, 128)
 MARLIN_TILE_ROWS, MARLIN_TILE_COLS = 64, 128
 
 
+def vllm_kernel(option: Option) -> str:
+    """The kernel vLLM multiplies a layer of ``option`` with (options it runs only)."""
+    bits = getattr(option, "bits", None)
+    if isinstance(option, KeepOption) or bits is None:
+        return "unquantized (16-bit float)"
+    group = getattr(option, "group_size", None)
+    return f"Marlin W{bits}A16, " + (f"groups of {group}" if group else "per channel")
+
+
 class VLLMRuntime(_ExportedRuntime):
     name = "vllm"
     device_kinds = ("gpu",)
@@ -256,6 +273,22 @@ class VLLMRuntime(_ExportedRuntime):
     )
 
     fused = VLLM_FUSED
+
+    def describe_export(self, compressed, options):
+        """Each matrix vLLM loads (a fused one under its own name, with the layers it is
+        made of), its option and the kernel that multiplies by it."""
+        matrices: dict[str, dict[str, Any]] = {}
+        fused = {name: group for group in self.tied_layers(list(options)) for name in group}
+        for name, option in options.items():
+            group = fused.get(name, (name,))
+            if name != group[0]:
+                continue
+            parent, _, leaf = name.rpartition(".")
+            family = next((f for f in VLLM_FUSED if leaf in f and len(group) > 1), None)
+            matrix = f"{parent}.{VLLM_FUSED_NAMES[family]}" if family else name
+            entry = {"option": option.label, "kernel": vllm_kernel(option)}
+            matrices[matrix] = {"layers": list(group), **entry} if family else entry
+        return {"format": self.export_format, "matrices": matrices}
 
     def kernel_refusal(self, shape: LayerShape, option: Option) -> str | None:
         bits = getattr(option, "bits", None)
@@ -363,7 +396,7 @@ class LlamaCppRuntime(_ExportedRuntime):
     def describe_export(self, compressed, options):
         from autotune.export.gguf import describe
 
-        return describe(compressed, options)
+        return describe(compressed, list(options.values()))
 
     def methods(self, spec: HardwareSpec) -> tuple[str, ...]:
         return ("gguf",)

@@ -63,7 +63,7 @@ def record_plan(
         predicted=_predicted(setup, priced, scored, chosen, totals),
         search=_search_record(setup, data, priced, scored, searched, selected, config),
         profile=layer_profile(costs, scored.table, chosen.options),
-        export=setup.runtime.describe_export(setup.work, list(chosen.options.values())),
+        export=setup.runtime.describe_export(setup.work, chosen.options),
     )
 
 

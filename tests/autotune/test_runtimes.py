@@ -380,3 +380,22 @@ def test_tune_for_vllm_gives_each_fused_group_one_option(tokenizer) -> None:
     assert vllm.tie_refusal(options) is None
     assert len({o.label for o in options.values()}) > 1  # a mixed plan, whole groups
     assert result.plan.search["engine"] == "evolution"
+    # the plan says which matrix vLLM loads, made of which layers, with which kernel
+    matrices = result.plan.export["matrices"]
+    for group in groups:
+        fused = matrices[group[0].rpartition(".")[0] + ".qkv_proj"]
+        assert fused["layers"] == list(group) and fused["option"] == options[group[0]].label
+    for matrix, entry in matrices.items():
+        assert entry["option"] == options[entry.get("layers", [matrix])[0]].label
+    assert {"encoder.layer.1.output.dense", "pooler.dense"} <= set(matrices)
+    kernels = {m["kernel"] for m in matrices.values()}
+    assert "unquantized (16-bit float)" in kernels
+    assert any(k.startswith("Marlin W") for k in kernels)
+
+
+def test_vllm_names_the_kernel_of_each_option() -> None:
+    from autotune.runtimes import vllm_kernel
+
+    assert vllm_kernel(QuantOption(4, 128, True)) == "Marlin W4A16, groups of 128"
+    assert vllm_kernel(QuantOption(8, None, True)) == "Marlin W8A16, per channel"
+    assert vllm_kernel(KeepOption()) == "unquantized (16-bit float)"
