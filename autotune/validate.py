@@ -197,6 +197,7 @@ def validate_plan(
     if exported is not None:  # the plan's runtime counts the bytes of its export
         now = dataclasses.replace(now, bytes=exported["bytes"])
     checks = plan_checks(plan, now, tolerance, roofline, originals)
+    checks += _runtime_checks(plan, model, strict)
     measured = now.__dict__.copy()
     if exported is not None:
         measured.update(exported, bytes_counted_in=plan.target.get("runtime"))
@@ -288,6 +289,22 @@ def plan_checks(
             )
         )
     return checks
+
+
+def _runtime_checks(plan: Plan, model: nn.Module, strict: bool) -> list[Check]:
+    """Where the plan's runtime loads layers as one fused matrix (vLLM), that each such
+    group has one option, recomputed from the plan's layers."""
+    from autotune.export.base import shaped_layer_options
+    from autotune.runtimes import get_runtime
+
+    runtime = get_runtime(plan.target.get("runtime") or "torch")
+    if not runtime.fused:
+        return []
+    options = {ref.name: o for ref, o in shaped_layer_options(plan, model, strict).items()}
+    why = runtime.tie_refusal(options)
+    groups = len(runtime.tied_layers(list(options)))
+    found = why or f"{groups} fused groups, each whole"
+    return [Check(f"fused layers ({runtime.name})", "one option per fused matrix", found, not why)]
 
 
 def _export_bytes(plan: Plan, compressed: nn.Module, tokenizer: Any) -> dict[str, int] | None:

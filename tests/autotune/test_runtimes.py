@@ -391,6 +391,20 @@ def test_tune_for_vllm_gives_each_fused_group_one_option(tokenizer) -> None:
     kernels = {m["kernel"] for m in matrices.values()}
     assert "unquantized (16-bit float)" in kernels
     assert any(k.startswith("Marlin W") for k in kernels)
+    # validate recomputes the groups from the plan's layers: a hand-edited split fails
+    from autotune.validate import validate_plan
+
+    def fused_check(plan) -> object:
+        checks = validate_plan(plan, model, tokenizer=tokenizer, measure_latency=False).checks
+        (check,) = [c for c in checks if c.name == "fused layers (vllm)"]
+        return check
+
+    assert fused_check(result.plan).holds
+    key = groups[0][1]
+    other = next(o for o in options.values() if o.label != options[key].label)
+    edited = dataclasses.replace(result.plan, layers={**result.plan.layers, key: other.to_dict()})
+    check = fused_check(edited)
+    assert not check.holds and key in check.measured
 
 
 def test_vllm_names_the_kernel_of_each_option() -> None:
