@@ -87,6 +87,7 @@ from autotune.export.onnx import OnnxExporter, tensor_bytes
 from autotune.export.ort_sessions import SETTLE, open_session, run_rounds, session_options
 from autotune.loading import load_model
 from autotune.plan import Plan
+from autotune.runtimes import get_runtime
 from profilers.measure import model_bytes
 from profilers.probe import int8_pairs_saturate
 
@@ -384,9 +385,14 @@ def compressed_tensors_table(windows: int) -> None:
                 f"{diff:.2e}",
             ]
             print(f"| {name} | " + " | ".join(cells) + " |")
-    labels = [o.label for o in tuned.plan.layer_options(model).values()]
+    options = {ref.name: o for ref, o in tuned.plan.layer_options(model).items()}
+    labels = [o.label for o in options.values()]
     counts = {label: labels.count(label) for label in sorted(set(labels))}
     print(f"\ntuned for vllm: {counts}")
+    vllm = get_runtime("vllm")
+    for group in vllm.tied_layers(list(options)):
+        print(f"  fused {', '.join(group)}: {options[group[0]].label}")
+    print(f"  split groups: {vllm.tie_refusal(options) or 'none'}")
 
 
 def main() -> None:
