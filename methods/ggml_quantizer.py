@@ -11,13 +11,18 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+import itertools
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from methods.errors import OptionError
 
 INSTALL_HINT = "pip install 'autotune[llama]' (llama-cpp-python, which builds llama.cpp)"
+# weights per thread below which a tensor is quantised in one call (a thread costs more)
+MIN_CHUNK = 1 << 16
 
 
 @functools.cache
@@ -69,11 +74,16 @@ def requires_imatrix(ggml_type: int) -> bool:
 
 
 def quantize(
-    weight: np.ndarray, ggml_type: int, imatrix: np.ndarray | None = None, what: str = "quantize"
+    weight: np.ndarray,
+    ggml_type: int,
+    imatrix: np.ndarray | None = None,
+    what: str = "quantize",
+    threads: int | None = None,
 ) -> np.ndarray:
     """Rows of ``weight`` (``[rows, cols]`` float32) as llama.cpp stores them in
     ``ggml_type``: ``[rows, row_size]`` bytes. ``imatrix`` (``[cols]``) weighs each column's
-    error as ``llama-quantize --imatrix`` does."""
+    error as ``llama-quantize --imatrix`` does. Rows are split among ``threads`` (torch's
+    thread count by default) as ``llama-quantize`` splits them: the same bytes either way."""
     lib = _lib(what)
     src = np.ascontiguousarray(weight, dtype=np.float32)
     rows, cols = src.shape
@@ -82,15 +92,24 @@ def quantize(
     importance = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
     if importance is not None and importance.shape != (cols,):
         raise ValueError(f"an importance matrix has one value per column ({cols})")
-    written = lib.ggml_quantize_chunk(
-        ggml_type,
-        src.ctypes.data,
-        out.ctypes.data,
-        0,
-        rows,
-        cols,
-        None if importance is None else importance.ctypes.data,
-    )
+    weights = None if importance is None else importance.ctypes.data
+
+    def chunk(first: int, count: int) -> int:
+        # ``start`` counts elements; llama.cpp writes the rows from ``first`` on
+        return int(
+            lib.ggml_quantize_chunk(
+                ggml_type, src.ctypes.data, out.ctypes.data, first * cols, count, cols, weights
+            )
+        )
+
+    workers = min(threads or torch.get_num_threads(), max(1, rows * cols // MIN_CHUNK))
+    bounds = np.linspace(0, rows, workers + 1).astype(int)
+    spans = [(a, b - a) for a, b in itertools.pairwise(bounds) if b > a]
+    if len(spans) == 1:
+        written = chunk(*spans[0])
+    else:  # rows are quantised independently; ctypes releases the GIL in the call
+        with ThreadPoolExecutor(len(spans)) as pool:
+            written = sum(pool.map(lambda span: chunk(*span), spans))
     if written != out.nbytes:
         raise RuntimeError(f"llama.cpp wrote {written} bytes, expected {out.nbytes}")
     return out

@@ -62,6 +62,40 @@ def test_llama_cpps_codes_equal_gguf_numpy_encoders(name: str) -> None:
 
 
 @needs_llama
+@pytest.mark.parametrize("name", ["Q4_0", "Q3_K", "IQ2_XS", "IQ4_XS"])
+@pytest.mark.parametrize("threads", [2, 3, 7])
+def test_rows_split_among_threads_give_the_same_bytes(
+    name: str, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows quantised in several calls at once (uneven spans) are the bytes of one call,
+    with and without an importance matrix."""
+    library = ggml_quantizer._library()
+    calls: list[int] = []
+
+    class Counting:  # llama.cpp's library, counting the rows of each call
+        def __getattr__(self, attribute: str):
+            return getattr(library, attribute)
+
+        def ggml_quantize_chunk(self, *args):
+            calls.append(args[4])
+            return library.ggml_quantize_chunk(*args)
+
+    monkeypatch.setattr(ggml_quantizer, "_library", Counting)
+    monkeypatch.setattr(ggml_quantizer, "MIN_CHUNK", 1)
+    rng = np.random.default_rng(threads)
+    weight = rng.standard_normal((37, 512)).astype(np.float32)
+    importance = rng.uniform(0.1, 2.0, 512).astype(np.float32)
+    kind = GGMLQuantizationType[name].value
+    for imatrix in (importance, None if name.startswith("Q") else importance):
+        whole = ggml_quantizer.quantize(weight, kind, imatrix, threads=1)
+        assert calls == [37]
+        split = ggml_quantizer.quantize(weight, kind, imatrix, threads=threads)
+        assert sorted(calls[1:]) == sorted(np.diff(np.linspace(0, 37, threads + 1).astype(int)))
+        assert np.array_equal(whole, split)
+        calls.clear()
+
+
+@needs_llama
 @pytest.mark.parametrize("name", [t for t in PLAIN_GRID if t not in NUMPY_ENCODERS])
 def test_block_types_store_their_bytes_and_decode_as_llama_cpp(name: str) -> None:
     module = layer(bias=True)
