@@ -108,8 +108,10 @@ class GGUFStorage(KeepsStoredFormat):
 
     def decode(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The float32 weight (or the rows ``rows``), decoded as llama.cpp decodes it."""
-        raw = self.blocks if rows is None else self.blocks[rows.reshape(-1)]
-        decoded = quants.dequantize(raw.cpu().numpy(), self.kind.ggml)
+        raw = (self.blocks if rows is None else self.blocks[rows.reshape(-1)]).cpu().numpy()
+        decoded = ggml_quantizer.dequantize(raw, self.kind.ggml.value, self.cols)
+        if decoded is None:  # without llama.cpp: gguf's NumPy decoders, the same floats
+            decoded = quants.dequantize(raw, self.kind.ggml)
         return torch.from_numpy(np.ascontiguousarray(decoded, dtype=np.float32)).to(
             self.blocks.device
         )

@@ -62,6 +62,25 @@ def test_llama_cpps_codes_equal_gguf_numpy_encoders(name: str) -> None:
 
 
 @needs_llama
+@pytest.mark.parametrize("name", sorted(set(allowed_types()) - {"F32"}))
+def test_llama_cpps_decoders_give_gguf_numpy_decoders_floats(name: str) -> None:
+    """Every type decodes to the same float32 values in llama.cpp's ``to_float`` as in
+    gguf's NumPy port (which decodes where llama.cpp is not installed, and F32, which
+    llama.cpp has no decoder for)."""
+    assert ggml_quantizer.dequantize(np.zeros((1, 4), np.uint8), 0, 1) is None  # F32
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal((24, 512)).astype(np.float32)
+    kind = GGMLQuantizationType[name]
+    importance = rng.uniform(0.1, 2.0, 512).astype(np.float32)
+    imatrix = importance if ggml_quantizer.requires_imatrix(kind.value) else None
+    blocks = ggml_quantizer.quantize(weight, kind.value, imatrix)
+    ours = ggml_quantizer.dequantize(blocks, kind.value, 512)
+    theirs = quants.dequantize(blocks, kind).astype(np.float32)
+    assert ours is not None and ours.dtype == np.float32 and ours.shape == (24, 512)
+    assert np.array_equal(ours, theirs)
+
+
+@needs_llama
 @pytest.mark.parametrize("name", ["Q4_0", "Q3_K", "IQ2_XS", "IQ4_XS"])
 @pytest.mark.parametrize("threads", [2, 3, 7])
 def test_rows_split_among_threads_give_the_same_bytes(
