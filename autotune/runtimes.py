@@ -57,16 +57,16 @@ VLLM_FUSED = tuple(VLLM_FUSED_NAMES)
 
 def fused_groups(
     names: Sequence[str], families: Sequence[tuple[str, ...]]
-) -> list[tuple[tuple[str, ...], bool]]:
+) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
     """The groups of ``names`` that are siblings of one family (the last part of a name),
-    each with whether all of the family's members are among ``names``."""
+    each with its family (the group is whole where it has every member)."""
     found: dict[tuple[str, int], list[str]] = {}
     for name in names:
         parent, _, leaf = name.rpartition(".")
         for k, family in enumerate(families):
             if leaf in family:
                 found.setdefault((parent, k), []).append(name)
-    return [(tuple(members), len(members) == len(families[k])) for (_, k), members in found.items()]
+    return [(tuple(members), families[k]) for (_, k), members in found.items()]
 
 
 class Runtime(ABC):
@@ -147,7 +147,9 @@ class Runtime(ABC):
                 if not refused:
                     kept.setdefault(option.label, option)
             restricted[name] = list(kept.values())
-        for group in (g for g, whole in fused_groups(list(restricted), self.fused) if not whole):
+        for group, family in fused_groups(list(restricted), self.fused):
+            if len(group) == len(family):
+                continue
             for name in group:  # a member is not tuned (kept in float): the others stay too
                 restricted[name] = [o for o in restricted[name] if isinstance(o, KeepOption)]
         return restricted
@@ -155,15 +157,14 @@ class Runtime(ABC):
     def tied_layers(self, names: Sequence[str]) -> list[tuple[str, ...]]:
         """Groups of ``names`` this runtime runs as one fused matrix (siblings of one of its
         :attr:`fused` families, all tuned), which must take one option."""
-        return [group for group, whole in fused_groups(names, self.fused) if whole]
+        return [g for g, family in fused_groups(names, self.fused) if len(g) == len(family)]
 
     def tie_refusal(self, options: Mapping[str, Option]) -> str | None:
         """Why a plan (``options`` by layer; a layer left out is kept in float) cannot run
         here because the layers of a fused group differ, else ``None``."""
         keep = KeepOption()
-        for group, _ in fused_groups(list(options), self.fused):
+        for group, family in fused_groups(list(options), self.fused):
             parent = group[0].rpartition(".")[0]
-            family = next(f for f in self.fused if group[0].rpartition(".")[2] in f)
             names = [f"{parent}.{leaf}" if parent else leaf for leaf in family]
             labels = {name: options.get(name, keep).label for name in names}
             if len(set(labels.values())) > 1:
@@ -278,16 +279,22 @@ class VLLMRuntime(_ExportedRuntime):
         """Each matrix vLLM loads (a fused one under its own name, with the layers it is
         made of), its option and the kernel that multiplies by it."""
         matrices: dict[str, dict[str, Any]] = {}
-        fused = {name: group for group in self.tied_layers(list(options)) for name in group}
+        fused = {
+            name: (group, family)
+            for group, family in fused_groups(list(options), self.fused)
+            if len(group) == len(family)
+            for name in group
+        }
         for name, option in options.items():
-            group = fused.get(name, (name,))
+            group, family = fused.get(name, ((name,), None))
             if name != group[0]:
                 continue
-            parent, _, leaf = name.rpartition(".")
-            family = next((f for f in VLLM_FUSED if leaf in f and len(group) > 1), None)
-            matrix = f"{parent}.{VLLM_FUSED_NAMES[family]}" if family else name
             entry = {"option": option.label, "kernel": vllm_kernel(option)}
-            matrices[matrix] = {"layers": list(group), **entry} if family else entry
+            if family is None:
+                matrices[name] = entry
+            else:
+                matrix = f"{name.rpartition('.')[0]}.{VLLM_FUSED_NAMES[family]}"
+                matrices[matrix] = {"layers": list(group), **entry}
         return {"format": self.export_format, "matrices": matrices}
 
     def kernel_refusal(self, shape: LayerShape, option: Option) -> str | None:
