@@ -351,6 +351,40 @@ def test_a_plan_splitting_a_fused_group_is_refused_for_vllm_in_one_line() -> Non
     assert get_runtime("torch").tie_refusal(options) is None
 
 
+@pytest.mark.parametrize("engine", ["tpe", "nsga2"])
+def test_every_engine_keeps_vllms_fused_groups_whole(tokenizer, engine: str) -> None:
+    """Optuna's samplers search the tied table too (the Pareto front's plans expanded)."""
+    from autotune.tuner import autotune
+    from tests.conftest import make_tiny_bert
+
+    model = make_tiny_bert(hidden=128)
+    result = autotune(
+        model,
+        "95.5%",
+        "a100",
+        tokenizer=tokenizer,
+        runtime="vllm",
+        search=engine,
+        measure=False,
+        progress=False,
+        max_evals=8,
+        seq_len=32,
+        calibration_windows=8,
+        sensitivity_windows=2,
+        selection_windows=4,
+        heldout_windows=4,
+    )
+    assert result.plan.search["engine"] == engine
+    options = {ref.name: o for ref, o in result.plan.layer_options(model).items()}
+    vllm = get_runtime("vllm")
+    assert vllm.tie_refusal(options) is None
+    groups = vllm.tied_layers(list(options))
+    front = result.plan.search.get("pareto", [])
+    assert bool(front) == (engine == "nsga2")
+    for point in front:  # each plan of the front, by label per layer
+        assert all(len({point["layers"][name] for name in group}) == 1 for group in groups)
+
+
 def test_tune_for_vllm_gives_each_fused_group_one_option(tokenizer) -> None:
     """The evolutionary search and the allocator both search the tied groups as one layer:
     the plan mixes options across groups and never inside one."""
