@@ -161,29 +161,37 @@ def test_runtime_survives_the_plan_round_trip() -> None:
     assert HardwareSpec.from_dict(old).runtime == "torch"  # plans from before runtimes
 
 
-def test_tune_for_vllm_offers_only_what_vllm_runs(tokenizer) -> None:
+def tune_bert_for_vllm(tokenizer, budget: str, **settings):
+    """A small BERT (hidden 128: Marlin's tiles fit) and its tune for vLLM on ``a100`` with
+    short calibration; the float embedding table (vLLM's export keeps it) is most of it."""
     from autotune.tuner import autotune
     from tests.conftest import make_tiny_bert
 
+    model = make_tiny_bert(hidden=128)
     result = autotune(
-        make_tiny_bert(hidden=128),
-        "97%",  # the float embedding table (vLLM's export keeps it) is most of the model
+        model,
+        budget,
         "a100",
         tokenizer=tokenizer,
         runtime="vllm",
         measure=False,
         progress=False,
-        search="allocator",
         seq_len=32,
         calibration_windows=8,
         sensitivity_windows=2,
         selection_windows=4,
         heldout_windows=4,
+        **settings,
     )
+    return model, result
+
+
+def test_tune_for_vllm_offers_only_what_vllm_runs(tokenizer) -> None:
+    model, result = tune_bert_for_vllm(tokenizer, "97%", search="allocator")
     assert result.plan.target["runtime"] == "vllm"
     vllm = get_runtime("vllm")
     compressed = 0
-    for ref, option in result.plan.layer_options(make_tiny_bert(hidden=128)).items():
+    for ref, option in result.plan.layer_options(model).items():
         assert vllm.refusal(ref.name, ref.shape, option) is None, (ref.name, option)
         compressed += not isinstance(option, KeepOption)
     assert compressed
@@ -354,26 +362,7 @@ def test_a_plan_splitting_a_fused_group_is_refused_for_vllm_in_one_line() -> Non
 @pytest.mark.parametrize("engine", ["tpe", "nsga2"])
 def test_every_engine_keeps_vllms_fused_groups_whole(tokenizer, engine: str) -> None:
     """Optuna's samplers search the tied table too (the Pareto front's plans expanded)."""
-    from autotune.tuner import autotune
-    from tests.conftest import make_tiny_bert
-
-    model = make_tiny_bert(hidden=128)
-    result = autotune(
-        model,
-        "95.5%",
-        "a100",
-        tokenizer=tokenizer,
-        runtime="vllm",
-        search=engine,
-        measure=False,
-        progress=False,
-        max_evals=8,
-        seq_len=32,
-        calibration_windows=8,
-        sensitivity_windows=2,
-        selection_windows=4,
-        heldout_windows=4,
-    )
+    model, result = tune_bert_for_vllm(tokenizer, "95.5%", search=engine, max_evals=8)
     assert result.plan.search["engine"] == engine
     options = {ref.name: o for ref, o in result.plan.layer_options(model).items()}
     vllm = get_runtime("vllm")
@@ -388,25 +377,8 @@ def test_every_engine_keeps_vllms_fused_groups_whole(tokenizer, engine: str) -> 
 def test_tune_for_vllm_gives_each_fused_group_one_option(tokenizer) -> None:
     """The evolutionary search and the allocator both search the tied groups as one layer:
     the plan mixes options across groups and never inside one."""
-    from autotune.tuner import autotune
-    from tests.conftest import make_tiny_bert
-
-    model = make_tiny_bert(hidden=128)
-    result = autotune(
-        model,
-        "95.5%",  # the float embedding table is most of the model: 94.2% is the least
-        "a100",
-        tokenizer=tokenizer,
-        runtime="vllm",
-        measure=False,
-        progress=False,
-        max_evals=6,
-        seq_len=32,
-        calibration_windows=8,
-        sensitivity_windows=2,
-        selection_windows=4,
-        heldout_windows=4,
-    )
+    # 94.2% is the least this model can be stored in
+    model, result = tune_bert_for_vllm(tokenizer, "95.5%", max_evals=6)
     options = {ref.name: o for ref, o in result.plan.layer_options(model).items()}
     vllm = get_runtime("vllm")
     groups = vllm.tied_layers(list(options))
