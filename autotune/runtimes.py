@@ -157,7 +157,12 @@ class Runtime(ABC):
     def tied_layers(self, names: Sequence[str]) -> list[tuple[str, ...]]:
         """Groups of ``names`` this runtime runs as one fused matrix (siblings of one of its
         :attr:`fused` families, all tuned), which must take one option."""
-        return [g for g, family in fused_groups(names, self.fused) if len(g) == len(family)]
+        return [group for group, _ in self.fused_matrices(names)]
+
+    def fused_matrices(self, names: Sequence[str]) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+        """The groups of :meth:`tied_layers`, each with its family."""
+        groups = fused_groups(names, self.fused)
+        return [(group, family) for group, family in groups if len(group) == len(family)]
 
     def tie_refusal(self, options: Mapping[str, Option]) -> str | None:
         """Why a plan (``options`` by layer; a layer left out is kept in float) cannot run
@@ -279,12 +284,7 @@ class VLLMRuntime(_ExportedRuntime):
         """Each matrix vLLM loads (a fused one under its own name, with the layers it is
         made of), its option and the kernel that multiplies by it."""
         matrices: dict[str, dict[str, Any]] = {}
-        fused = {
-            name: (group, family)
-            for group, family in fused_groups(list(options), self.fused)
-            if len(group) == len(family)
-            for name in group
-        }
+        fused = {name: pair for pair in self.fused_matrices(list(options)) for name in pair[0]}
         for name, option in options.items():
             group, family = fused.get(name, ((name,), None))
             if name != group[0]:
