@@ -3,6 +3,7 @@
 # Importing a method's module registers it; one line per method.
 from methods import (
     codebook,  # noqa: F401
+    fp8,  # noqa: F401
     gguf,  # noqa: F401
     gptq,  # noqa: F401
     keep,  # noqa: F401
