@@ -24,17 +24,26 @@ from profilers.kernel_support import runs_kernel
 from profilers.measure import model_bytes
 
 DEFAULT_METHODS = ("rtn",)
+FP8_KERNELS = ("fp8_weight_only", "fp8_dynamic")  # FP8 weight-only, FP8 with FP8 inputs
 
 
 def default_methods(spec: HardwareSpec, calibrated: Sequence[str] = ()) -> tuple[str, ...]:
     """RTN everywhere and the ``calibrated`` methods (GPTQ when the model is in memory: the
     executor says which), plus W8A8 where the target runs dynamic int8 matmuls fast (CPUs
     with fbgemm) and autotune's W8A8 module calls that kernel on such a device; elsewhere
-    W8A8 would only run its float reference."""
+    W8A8 would only run its float reference; FP8 where the runtime runs the target's FP8
+    kernels (vLLM on Ampere and later), since autotune's own modules only decode it."""
     methods = (*DEFAULT_METHODS, *calibrated)
-    if "int8_dynamic" in spec.kernels and runs_kernel("int8_dynamic", spec.kind, spec.runtime):
-        return (*methods, "w8a8")
+    if _runs(spec, "int8_dynamic"):
+        methods = (*methods, "w8a8")
+    if any(_runs(spec, kernel) for kernel in FP8_KERNELS):
+        methods = (*methods, "fp8")
     return methods
+
+
+def _runs(spec: HardwareSpec, kernel: str) -> bool:
+    """Whether ``spec`` lists ``kernel`` and the runtime it is priced for runs it there."""
+    return kernel in spec.kernels and runs_kernel(kernel, spec.kind, spec.runtime)
 
 
 def layer_options(

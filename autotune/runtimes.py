@@ -1,7 +1,8 @@
 """Runtimes a plan can be tuned for: what runs the compressed model once it is exported.
 
 ``torch`` is autotune's own modules (every option). ``vllm`` serves a compressed-tensors
-export with its Marlin weight-only kernels on GPUs; ``onnxruntime`` runs an ONNX export on
+export with its Marlin weight-only kernels (integer and FP8) and its FP8 W8A8 matmul on GPUs;
+``onnxruntime`` runs an ONNX export on
 CPUs. A tune for a runtime offers each layer only the options that runtime's export holds
 and its kernels run (:meth:`Runtime.refusal`), in the forms they run (:meth:`Runtime.forms`),
 prices latency with the kernels that runtime runs
@@ -23,6 +24,7 @@ from torch import nn
 from autotune.errors import AutotuneError
 from autotune.layers import LayerRef
 from methods.base import LayerShape, Option
+from methods.fp8 import Fp8Option
 from methods.keep import KeepOption
 from methods.smoothquant import W8A8Option
 from profilers.hardware import HardwareSpec
@@ -259,8 +261,17 @@ MARLIN_GROUPS = (None, 32, 64, 128)
 MARLIN_TILE_ROWS, MARLIN_TILE_COLS = 64, 128
 
 
+# FP8 GEMMs: vLLM's CUTLASS kernels want both dimensions a multiple of 16
+FP8_DYNAMIC_MULTIPLE = 16
+VLLM_FP8_KERNELS = frozenset({"fp8_weight_only", "fp8_dynamic"})
+
+
 def vllm_kernel(option: Option) -> str:
     """The kernel vLLM multiplies a layer of ``option`` with (options it runs only)."""
+    if isinstance(option, Fp8Option):
+        if option.activations:
+            return "CUTLASS FP8 W8A8, per-channel weights, dynamic per-token activations"
+        return "Marlin FP8 W8A16, per channel"
     bits = getattr(option, "bits", None)
     if isinstance(option, KeepOption) or bits is None:
         return "unquantized (16-bit float)"
@@ -274,11 +285,21 @@ class VLLMRuntime(_ExportedRuntime):
     export_format = "compressed-tensors"
     description = (
         "vLLM serving a compressed-tensors export with Marlin kernels: symmetric int4 and "
-        "int8, per channel or in groups of 32, 64 or 128; the layers it fuses (query, key "
-        "and value; gate and up) take one option"
+        "int8, per channel or in groups of 32, 64 or 128, FP8 per channel (Ampere and "
+        "later); FP8 with dynamic FP8 activations on Ada and Hopper; the layers it fuses "
+        "(query, key and value; gate and up) take one option"
     )
 
     fused = VLLM_FUSED
+
+    def __init__(self, fp8_kernels: frozenset[str] = VLLM_FP8_KERNELS) -> None:
+        self.fp8_kernels = fp8_kernels  # the FP8 kernels the target's GPU has
+
+    def for_target(self, spec: HardwareSpec) -> Runtime:
+        """vLLM's FP8 kernels run where the GPU has them (the target lists them): Marlin's
+        FP8 weight-only kernel from Ampere on, FP8 activations on Ada and Hopper only."""
+        kernels = frozenset(k for k in VLLM_FP8_KERNELS if k in spec.kernels)
+        return self if kernels == self.fp8_kernels else VLLMRuntime(kernels)
 
     def describe_export(self, compressed, options):
         """Each matrix vLLM loads (a fused one under its own name, with the layers it is
@@ -298,6 +319,8 @@ class VLLMRuntime(_ExportedRuntime):
         return {"format": self.export_format, "matrices": matrices}
 
     def kernel_refusal(self, shape: LayerShape, option: Option) -> str | None:
+        if isinstance(option, Fp8Option):
+            return self._fp8_refusal(shape, option)
         bits = getattr(option, "bits", None)
         group = getattr(option, "group_size", None)
         symmetric = getattr(option, "symmetric", None)
@@ -310,6 +333,27 @@ class VLLMRuntime(_ExportedRuntime):
             )
         if group not in MARLIN_GROUPS:
             return "vLLM's Marlin kernels take per-channel scales or groups of 32, 64 or 128"
+        return self._tile_refusal(shape)
+
+    def _fp8_refusal(self, shape: LayerShape, option: Fp8Option) -> str | None:
+        if option.activations:
+            if "fp8_dynamic" not in self.fp8_kernels:
+                return (
+                    "vLLM multiplies FP8 activations only on GPUs with FP8 tensor cores (Ada, "
+                    "Hopper: targets listing fp8_dynamic); allowed here: fp8-ch"
+                )
+            if shape.rows % FP8_DYNAMIC_MULTIPLE or shape.cols % FP8_DYNAMIC_MULTIPLE:
+                return (
+                    f"vLLM's FP8 matmul needs dimensions that are multiples of "
+                    f"{FP8_DYNAMIC_MULTIPLE}; the layer is {shape.rows} x {shape.cols}"
+                )
+            return None
+        if "fp8_weight_only" not in self.fp8_kernels:
+            return "vLLM's FP8 weight-only kernel (Marlin) needs an Ampere or later GPU"
+        return self._tile_refusal(shape)
+
+    @staticmethod
+    def _tile_refusal(shape: LayerShape) -> str | None:
         if shape.rows % MARLIN_TILE_ROWS or shape.cols % MARLIN_TILE_COLS:
             return (
                 f"vLLM's Marlin kernels need {MARLIN_TILE_ROWS}-row and {MARLIN_TILE_COLS}-"

@@ -57,16 +57,32 @@ def device_for(kind: str) -> torch.device:
 
 # The runtime a plan is tuned for (``--runtime``): ``torch`` is autotune's own modules, whose
 # kernels are probed above; the others run the exported model with kernels of their own,
-# listed here per kind of device (vLLM's Marlin weight-only kernels on GPUs; ONNX Runtime's
+# listed here per kind of device (vLLM's Marlin weight-only kernels on GPUs, integer and FP8,
+# and its FP8 W8A8 matmul with dynamic per-token activations; ONNX Runtime's
 # MatMulNBits and its fused dynamic int8 matmul, DynamicQuantizeMatMul, on CPUs). Options those
 # kernels cannot take are kept out of such plans by :mod:`autotune.runtimes`.
 OWN_RUNTIME = "torch"
 RUNTIME_KERNELS: dict[str, dict[str, frozenset[str]]] = {
-    "vllm": {"gpu": frozenset({"int4_weight_only", "int8_weight_only"})},
+    "vllm": {
+        "gpu": frozenset({"int4_weight_only", "int8_weight_only", "fp8_weight_only", "fp8_dynamic"})
+    },
     "onnxruntime": {"cpu": frozenset({"int4_weight_only", "int8_dynamic"})},
     # llama.cpp multiplies every quantised GGML type in its blocks, on CPUs and GPUs alike
     # (activations quantised to 8 bits for integer dot products): ``gguf_block``
     "llama.cpp": {"cpu": frozenset({"gguf_block"}), "gpu": frozenset({"gguf_block"})},
+}
+
+
+# Operators one call of a runtime's kernel launches, where the roofline's default (several
+# for autotune's own modules: reshapes and casts around the kernel) does not hold: vLLM runs
+# a Marlin matmul as one kernel, and its FP8 W8A8 matmul after one that quantises the inputs.
+RUNTIME_KERNEL_OPS: dict[str, dict[str, int]] = {
+    "vllm": {
+        "int4_weight_only": 1,
+        "int8_weight_only": 1,
+        "fp8_weight_only": 1,
+        "fp8_dynamic": 2,
+    },
 }
 
 

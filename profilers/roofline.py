@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from methods.base import LayerShape, Option
 from methods.registry import method_of
 from profilers.hardware import HardwareSpec, KernelSpec
-from profilers.kernel_support import OWN_RUNTIME, runs_kernel
+from profilers.kernel_support import OWN_RUNTIME, RUNTIME_KERNEL_OPS, runs_kernel
 
 ACTIVATION_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 # operators one call of a layer dispatches, by how it computes (each costs op_overhead_s):
@@ -58,11 +58,14 @@ def format_in_runtime(shape: LayerShape, option: Option, runtime: str) -> str:
     """How a linear layer computes in ``runtime``: autotune's modules as the method says;
     llama.cpp's quantised GGML types in its block kernel (``gguf_block``; its float types as
     dense matmuls); in another runtime it is exported to, integer weight-only layers (``rtn``,
-    ``gptq``) as that runtime's int4 or symmetric int8 weight-only kernel (whether it has one
-    is :func:`priced_kernel`'s question), anything else dequantised."""
+    ``gptq``) as that runtime's int4 or symmetric int8 weight-only kernel and ``fp8`` layers as
+    its FP8 weight-only or dynamic-activation kernel (whether it has one is
+    :func:`priced_kernel`'s question), anything else dequantised."""
     method = method_of(option)
     if runtime == "llama.cpp" and option.method == "gguf":
         return "dense" if option.tensor_type.is_float else "gguf_block"  # type: ignore[attr-defined]
+    if runtime != OWN_RUNTIME and option.method == "fp8":
+        return "fp8_dynamic" if option.activations else "fp8_weight_only"  # type: ignore[attr-defined]
     if runtime == OWN_RUNTIME or option.method not in ("rtn", "gptq"):
         return method.runtime_format(shape, option)
     bits = getattr(option, "bits", None)
@@ -97,7 +100,9 @@ def layer_latency(
     if kernel is not None:
         moved = cost.weight_bytes + cost.other_bytes + activations
         roof = max(flops / spec.peak(kernel.compute_dtype), moved / spec.bandwidth)
-        ops = OPS_PER_CALL.get(fmt, OPS_PER_CALL["kernel"])
+        ops = RUNTIME_KERNEL_OPS.get(spec.runtime, {}).get(fmt) or OPS_PER_CALL.get(
+            fmt, OPS_PER_CALL["kernel"]
+        )
         return roof / kernel.efficiency + ops * spec.op_overhead_s
     if fmt == "dense":
         moved = cost.bytes + activations

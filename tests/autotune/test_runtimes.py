@@ -12,6 +12,7 @@ from autotune.runtimes import RUNTIMES, RuntimeChoiceError, get_runtime
 from autotune.targets import get_target
 from methods.base import LayerShape
 from methods.codebook import CodebookOption
+from methods.fp8 import Fp8Option
 from methods.keep import KeepOption
 from methods.registry import option_from_dict
 from methods.rtn import QuantOption
@@ -161,9 +162,10 @@ def test_runtime_survives_the_plan_round_trip() -> None:
     assert HardwareSpec.from_dict(old).runtime == "torch"  # plans from before runtimes
 
 
-def tune_bert_for_vllm(tokenizer, budget: str, **settings):
-    """A small BERT (hidden 128: Marlin's tiles fit) and its tune for vLLM on ``a100`` with
-    short calibration; the float embedding table (vLLM's export keeps it) is most of it."""
+def tune_bert_for_vllm(tokenizer, budget: str, target: str = "a100", **settings):
+    """A small BERT (hidden 128: Marlin's tiles fit) and its tune for vLLM on ``target``
+    (``a100``) with short calibration; the float embedding table (vLLM's export keeps it) is
+    most of it."""
     from autotune.tuner import autotune
     from tests.conftest import make_tiny_bert
 
@@ -171,7 +173,7 @@ def tune_bert_for_vllm(tokenizer, budget: str, **settings):
     result = autotune(
         model,
         budget,
-        "a100",
+        target,
         tokenizer=tokenizer,
         runtime="vllm",
         measure=False,
@@ -419,3 +421,87 @@ def test_vllm_names_the_kernel_of_each_option() -> None:
     assert vllm_kernel(QuantOption(4, 128, True)) == "Marlin W4A16, groups of 128"
     assert vllm_kernel(QuantOption(8, None, True)) == "Marlin W8A16, per channel"
     assert vllm_kernel(KeepOption()) == "unquantized (16-bit float)"
+
+
+@pytest.mark.parametrize(
+    ("target", "weight_only", "with_inputs"),
+    [("h100", True, True), ("rtx4090", True, True), ("a100", True, False), ("t4", False, False)],
+)
+def test_vllm_runs_fp8_where_the_gpu_has_its_kernels(
+    target: str, weight_only: bool, with_inputs: bool
+) -> None:
+    """Marlin's FP8 weight-only kernel from Ampere on; FP8 inputs on Ada and Hopper only."""
+    vllm = get_runtime("vllm").for_target(get_target(target))
+    assert (vllm.refusal("layer", SQUARE, Fp8Option(False)) is None) == weight_only
+    why = vllm.refusal("layer", SQUARE, Fp8Option(True))
+    assert (why is None) == with_inputs
+    if not with_inputs:
+        assert "FP8 tensor cores" in why
+    off_tiles = LayerShape("linear", rows=96, cols=256)
+    if weight_only:
+        assert "96 x 256" in vllm.refusal("layer", off_tiles, Fp8Option(False))
+    if with_inputs:  # CUTLASS needs multiples of 16 only
+        assert vllm.refusal("layer", off_tiles, Fp8Option(True)) is None
+
+
+def test_fp8_is_searched_by_default_only_where_a_runtime_runs_its_kernels() -> None:
+    from autotune.costs import default_methods
+
+    def methods(runtime: str, target: str) -> tuple[str, ...]:
+        chosen = get_runtime(runtime)
+        spec = get_target(target)
+        return default_methods(chosen.for_target(spec).spec_for(spec))
+
+    assert "fp8" in methods("vllm", "h100") and "fp8" in methods("vllm", "a100")
+    assert "fp8" not in methods("vllm", "t4")
+    assert "fp8" not in methods("torch", "h100")  # autotune's modules only decode it
+    assert "fp8" not in methods("torch", "cpu") and "fp8" not in methods("onnxruntime", "cpu")
+
+
+def test_h100_prices_fp8_inputs_on_its_fp8_tensor_cores() -> None:
+    """16,384 tokens through a 4096 x 4096 layer are compute-bound: FP8 inputs run at twice
+    the 16-bit rate. One token is bandwidth-bound: FP8 weights move int8's bytes."""
+    spec = get_runtime("vllm").spec_for(get_target("h100"))
+    big = LayerShape("linear", rows=4096, cols=4096, dtype="float16")
+    options = (Fp8Option(True), KeepOption())
+    prompt = {o.label: layer_latency(big, o, spec, 16384) for o in options}
+    assert prompt["fp8-ch-a8"] < 0.6 * prompt["keep"]
+    weight_only = layer_latency(big, Fp8Option(False), spec, 1)
+    int8 = layer_latency(big, QuantOption(8, None, True), spec, 1)
+    assert weight_only == pytest.approx(int8, rel=0.01)
+    assert weight_only < 0.7 * layer_latency(big, KeepOption(), spec, 1)
+    torch_spec = get_target("h100")  # autotune's modules decode the weight on every call
+    assert layer_latency(big, Fp8Option(False), torch_spec, 1) > 1.5 * weight_only
+
+
+def test_vllm_names_the_fp8_kernels() -> None:
+    from autotune.runtimes import vllm_kernel
+
+    assert vllm_kernel(Fp8Option(False)) == "Marlin FP8 W8A16, per channel"
+    assert vllm_kernel(Fp8Option(True)).startswith("CUTLASS FP8 W8A8")
+
+
+def test_tune_for_vllm_on_h100_with_fp8_exports_what_it_planned(tokenizer, tmp_path) -> None:
+    """An FP8 tune for vLLM on H100: every tuned matrix is FP8 (weight-only or with FP8
+    inputs, fused groups whole), the plan names the kernels, and the compressed-tensors export
+    holds one float-quantized group per FP8 form."""
+    import json
+
+    from autotune.export.base import export_plan
+    from autotune.runtimes import vllm_kernel
+
+    model, result = tune_bert_for_vllm(tokenizer, "97%", "h100", methods=["fp8"])
+    options = {ref.name: o for ref, o in result.plan.layer_options(model).items()}
+    vllm = get_runtime("vllm")
+    assert vllm.tie_refusal(options) is None
+    tuned = {name: o for name, o in options.items() if not isinstance(o, KeepOption)}
+    assert tuned and all(isinstance(o, Fp8Option) for o in tuned.values())
+    kernels = {m["kernel"] for m in result.plan.export["matrices"].values()}
+    assert kernels & {vllm_kernel(o) for o in tuned.values()} == {
+        vllm_kernel(o) for o in tuned.values()
+    }
+    export_plan(result.plan, model, "compressed-tensors", tmp_path / "out", tokenizer=tokenizer)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    labels = {o.label for o in tuned.values()}
+    assert set(config["config_groups"]) == labels
+    assert {g["format"] for g in config["config_groups"].values()} == {"float-quantized"}
