@@ -20,9 +20,15 @@ Every quantised linear layer is written from autotune's stored codes, scales and
   * at 8 bits, ``int-quantized``: int8 ``weight = u - 128`` and int8
     ``weight_zero_point = z - 128`` per group, one byte each.
 
-Scales stay float16: ``[rows, groups]``, or ``[rows, 1]`` per channel. One config group is
-written per distinct written scheme, targeting the exact module names that use it; every other
-linear layer is listed in ``ignore``.
+Scales stay float16: ``[rows, groups]``, or ``[rows, 1]`` per channel.
+
+FP8 layers (:mod:`methods.fp8`) are ``float-quantized``: the E4M3 codes as ``weight``
+(``float8_e4m3fn``) and the float32 scales as ``weight_scale`` ``[rows, 1]``, decoded exactly
+as autotune decodes them; with FP8 activations the group also carries dynamic per-token FP8
+``input_activations``, which compressed-tensors applies as autotune's module does.
+
+One config group is written per distinct written scheme, targeting the exact module names that
+use it; every other linear layer is listed in ``ignore``.
 """
 
 from __future__ import annotations
@@ -42,21 +48,30 @@ from autotune.layers import compressible_layers
 from autotune.plan import Plan
 from methods import affine
 from methods.base import KeepsStoredFormat, LayerShape, Option
+from methods.fp8 import Fp8Linear
 from methods.quantized import QuantizedLinear, RowLookup
 from methods.tied import TiedHead
 
 PACKED = "pack-quantized"
 UNPACKED = "int-quantized"
+FLOAT = "float-quantized"
 PLAN_FILE = "plan.json"
 _PACK_CHUNK = 1 << 22  # codes packed at once
-HELD = "allowed: rtn or gptq on linear layers (2 to 8 bits, per channel or in groups), or keep"
+HELD = (
+    "allowed: rtn or gptq on linear layers (2 to 8 bits, per channel or in groups), fp8 on "
+    "linear layers, or keep"
+)
 QUANTISED = ("rtn", "gptq")
+NO_SPARSE = (
+    "compressed-tensors (0.20) has no compressor for sparse weights, and vLLM no longer loads "
+    "2:4 checkpoints"
+)
 REFUSED = {
     "codebook": "codebook (NF4/FP4/Lloyd) tables have no compressed-tensors integer form",
     "outliers": "float16 outlier columns beside the codes have no compressed-tensors form",
-    "magnitude": "compressed-tensors holds no sparse weights that transformers loads",
-    "wanda": "compressed-tensors holds no sparse weights that transformers loads",
-    "sparsegpt": "compressed-tensors holds no sparse weights that transformers loads",
+    "magnitude": NO_SPARSE,
+    "wanda": NO_SPARSE,
+    "sparsegpt": NO_SPARSE,
     "svd": "low-rank factor pairs have no compressed-tensors form",
     "whitened_svd": "low-rank factor pairs have no compressed-tensors form",
     "fisher_svd": "low-rank factor pairs have no compressed-tensors form",
@@ -68,24 +83,34 @@ REFUSED = {
 }
 
 
+Written = QuantizedLinear | Fp8Linear  # the layers the format holds
+
+
 @dataclass(frozen=True)
 class Scheme:
-    """How one layer is written: bits, group size (``None`` per channel), symmetry and the
-    compressed-tensors format."""
+    """How one layer is written: bits, group size (``None`` per channel), symmetry, the
+    compressed-tensors format, the weights' number type (``int`` or ``float``) and whether
+    inputs are quantised too (dynamic per token, FP8 only)."""
 
     bits: int
     group_size: int | None
     symmetric: bool
     format: str = PACKED
+    type: str = "int"
+    activations: bool = False
 
     @property
     def label(self) -> str:
         group = "ch" if self.group_size is None else f"g{self.group_size}"
+        if self.type == "float":
+            return f"fp{self.bits}-{group}" + ("-a8" if self.activations else "")
         return f"int{self.bits}-{group}-{'sym' if self.symmetric else 'asym'}"
 
     @classmethod
-    def of(cls, module: QuantizedLinear) -> Scheme:
+    def of(cls, module: Written) -> Scheme:
         """The scheme ``module``'s stored codes are written in (see the module docstring)."""
+        if isinstance(module, Fp8Linear):
+            return cls(8, None, True, FLOAT, "float", module.activations)
         group = None if module.group_size == module.cols else module.group_size
         if module.symmetric:
             return cls(module.bits, group, True)
@@ -99,10 +124,20 @@ class Scheme:
 
         return QuantizationArgs(
             num_bits=self.bits,
-            type="int",
+            type=self.type,
             symmetric=self.symmetric,
             strategy="channel" if self.group_size is None else "group",
             group_size=self.group_size,
+        )
+
+    def input_args(self) -> Any:
+        """compressed-tensors' ``QuantizationArgs`` of the inputs (``None``: not quantised)."""
+        from compressed_tensors.quantization import QuantizationArgs
+
+        if not self.activations:
+            return None
+        return QuantizationArgs(
+            num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True
         )
 
 
@@ -115,7 +150,7 @@ class CompressedTensorsExporter(Exporter):
     writes = "folder"
     description = (
         "Hugging Face model folder in compressed-tensors format (pack-quantized integer "
-        "weights), loaded by transformers with compressed-tensors installed"
+        "weights, float-quantized FP8), loaded by transformers with compressed-tensors installed"
     )
 
     def refusal(self, layer: str, shape: LayerShape, option: Option) -> str | None:
@@ -128,6 +163,8 @@ class CompressedTensorsExporter(Exporter):
             if not 1 <= int(getattr(option, "bits", 0)) <= 8:
                 return f"{option.label}: pack-quantized holds 1 to 8 bits; " + HELD
             return None
+        if method == "fp8":
+            return None if shape.kind == "linear" else f"{option.label}: {HELD}"
         why = REFUSED.get(method, f"{method} has no compressed-tensors form")
         return f"{option.label}: {why}; {HELD}"
 
@@ -150,12 +187,12 @@ class CompressedTensorsExporter(Exporter):
         return ExportResult(self.name, Path(out), written, _layer_labels(compressed, quantized))
 
 
-def _quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
+def _quantized_layers(model: nn.Module) -> dict[str, Written]:
     """The quantised linear layers of ``model`` by name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, Fp8Linear))}
 
 
-def _check_model(model: nn.Module, plan: Plan, quantized: Mapping[str, QuantizedLinear]) -> None:
+def _check_model(model: nn.Module, plan: Plan, quantized: Mapping[str, Written]) -> None:
     """Refuse what only the compressed model shows: a pruned structure (the config's shapes no
     longer hold), a quantised tied table, or compressed storage of another kind."""
     if plan.kept_units():
@@ -197,7 +234,7 @@ def _skeleton(model: nn.Module) -> nn.Module:
         ) from None
 
 
-def _check_targets(skeleton: nn.Module, quantized: Mapping[str, QuantizedLinear]) -> None:
+def _check_targets(skeleton: nn.Module, quantized: Mapping[str, Written]) -> None:
     """Every quantised layer must be an ``nn.Linear`` of the original architecture with the
     same shape (compressed-tensors quantises ``nn.Linear``; GPT-2's ``Conv1D`` is not one)."""
     for name, module in quantized.items():
@@ -215,7 +252,7 @@ def _check_targets(skeleton: nn.Module, quantized: Mapping[str, QuantizedLinear]
             raise ExportError(f"layer {name!r} no longer has its architecture's shape")
 
 
-def _quantization_config(skeleton: nn.Module, quantized: Mapping[str, QuantizedLinear]) -> Any:
+def _quantization_config(skeleton: nn.Module, quantized: Mapping[str, Written]) -> Any:
     """compressed-tensors' ``QuantizationConfig``: one group per scheme, float linears ignored."""
     from compressed_tensors.config import CompressionFormat
     from compressed_tensors.quantization import (
@@ -228,7 +265,12 @@ def _quantization_config(skeleton: nn.Module, quantized: Mapping[str, QuantizedL
     for name, module in quantized.items():
         targets.setdefault(Scheme.of(module), []).append(name)
     groups = {
-        scheme.label: QuantizationScheme(targets=names, weights=scheme.args(), format=scheme.format)
+        scheme.label: QuantizationScheme(
+            targets=names,
+            weights=scheme.args(),
+            input_activations=scheme.input_args(),
+            format=scheme.format,
+        )
         for scheme, names in targets.items()
     }
     formats = {scheme.format for scheme in targets} or {CompressionFormat.dense.value}
@@ -253,25 +295,31 @@ def _write_config(folder: Path, config: Any) -> None:
 
 
 def _checkpoint_state(
-    model: nn.Module, quantized: Mapping[str, QuantizedLinear]
+    model: nn.Module, quantized: Mapping[str, Written]
 ) -> dict[str, torch.Tensor]:
     """``model``'s state dict with each quantised layer's stored buffers replaced by the
     tensors its compressed-tensors format loads."""
-    stored = {f"{name}.{buffer}" for name in quantized for buffer in QuantizedLinear.stored_buffers}
+    stored = {
+        f"{name}.{buffer}" for name, module in quantized.items() for buffer in module.stored_buffers
+    }
     state = {key: value for key, value in model.state_dict().items() if key not in stored}
     for name, module in quantized.items():
         state.update({f"{name}.{key}": value for key, value in layer_tensors(module, name).items()})
     return state
 
 
-def layer_tensors(module: QuantizedLinear, name: str = "layer") -> dict[str, torch.Tensor]:
+def layer_tensors(module: Written, name: str = "layer") -> dict[str, torch.Tensor]:
     """The tensors of one quantised linear layer in its compressed-tensors format, made from
     its stored codes, scales and zero points (checked against the names the library's
     compressor for that format reads)."""
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationScheme
 
     scheme = Scheme.of(module)
+    if isinstance(module, Fp8Linear):
+        tensors = {
+            "weight": module.codes.detach().cpu().contiguous(),
+            "weight_scale": module.scales.detach().cpu().float().reshape(-1, 1).contiguous(),
+        }
+        return _checked(tensors, scheme, name)
     zero = None if module.symmetric else zero_points(module, name)
     scales = module.scales.detach().cpu().to(torch.float16).contiguous()
     if scheme.format == PACKED:
@@ -287,6 +335,16 @@ def layer_tensors(module: QuantizedLinear, name: str = "layer") -> dict[str, tor
             "weight_scale": scales,
             "weight_zero_point": (zero.to(torch.int16) - 128).to(torch.int8),
         }
+    return _checked(tensors, scheme, name)
+
+
+def _checked(
+    tensors: dict[str, torch.Tensor], scheme: Scheme, name: str
+) -> dict[str, torch.Tensor]:
+    """``tensors``, refused unless they are the names the format's compressor reads."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
     weights = QuantizationScheme(targets=[name], weights=scheme.args(), format=scheme.format)
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
     expected = set(compressor.compression_param_names(weights))
@@ -331,7 +389,7 @@ def zero_points(module: QuantizedLinear, name: str = "layer") -> torch.Tensor:
     return zero
 
 
-def _layer_labels(model: nn.Module, quantized: Mapping[str, QuantizedLinear]) -> dict[str, str]:
+def _layer_labels(model: nn.Module, quantized: Mapping[str, Written]) -> dict[str, str]:
     """The scheme each layer got: its stored format, or ``float`` for the linear and embedding
     layers kept as they were."""
     labels = {name: Scheme.of(module).label for name, module in quantized.items()}

@@ -74,6 +74,7 @@ REFUSED = {
     "svd": "low-rank factor pairs are not written by the ONNX exporter",
     "whitened_svd": "low-rank factor pairs are not written by the ONNX exporter",
     "fisher_svd": "low-rank factor pairs are not written by the ONNX exporter",
+    "fp8": "ONNX Runtime's CPU provider has no FP8 matmul (the export is for CPUs)",
 }
 
 

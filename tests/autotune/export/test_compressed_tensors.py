@@ -21,8 +21,9 @@ from autotune.export.base import ExportError, export_plan, get_exporter  # noqa:
 from autotune.export.compressed_tensors import REFUSED, Scheme  # noqa: E402
 from autotune.plan import Plan  # noqa: E402
 from methods.base import LayerShape  # noqa: E402
+from methods.fp8 import Fp8Linear, Fp8Option, round_inputs  # noqa: E402
 from methods.quantized import QuantizedLinear  # noqa: E402
-from methods.registry import registered_methods  # noqa: E402
+from methods.registry import get_method, registered_methods  # noqa: E402
 from tests.conftest import make_tiny_bert, make_tiny_llama  # noqa: E402
 
 FORMAT = "compressed-tensors"
@@ -60,6 +61,16 @@ BERT_PLAN = Plan(
         r"re:encoder\.layer\.\d+\.intermediate\.dense": rtn(8, None, True),
         "encoder.layer.1.output.dense": {"method": "none"},
         r"re:embeddings\..*": {"method": "none"},
+    }
+)
+# FP8 weight-only and with FP8 inputs beside packed int4: a mixed-precision config
+FP8_PLAN = Plan(
+    layers={
+        "_default": {"method": "fp8", "activations": False},
+        r"re:model\.layers\.\d+\.self_attn\.[qkv]_proj": {"method": "fp8", "activations": True},
+        r"re:model\.layers\.\d+\.self_attn\.o_proj": rtn(4, 32, True),
+        "model.layers.1.mlp.down_proj": {"method": "none"},
+        "model.embed_tokens": {"method": "none"},
     }
 )
 
@@ -104,6 +115,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict:
     cases = {
         "llama": (make_tiny_llama(), LLAMA_PLAN, "AutoModelForCausalLM"),
         "bert": (make_tiny_bert(), BERT_PLAN, "AutoModel"),
+        "fp8": (make_tiny_llama(), FP8_PLAN, "AutoModelForCausalLM"),
     }
     found = {}
     for key, (model, plan, auto) in cases.items():
@@ -360,6 +372,60 @@ def test_the_users_model_is_not_changed(exported: dict) -> None:
         assert not any(isinstance(m, QuantizedLinear) for m in case["model"].modules())
 
 
+def test_fp8_layers_load_as_autotunes_weights_and_input_rounding(exported: dict) -> None:
+    """FP8 layers load as autotune's decoded weights bit for bit, and transformers rounds the
+    inputs of the FP8-activation layers per token as autotune's module does: the loaded model
+    is the float model with autotune's weights and that rounding, to float32 rounding."""
+    case = exported["fp8"]
+    compressed, loaded = case["compressed"], case["loaded"]
+    written = {
+        n: m for n, m in compressed.named_modules() if isinstance(m, (Fp8Linear, QuantizedLinear))
+    }
+    assert sum(isinstance(m, Fp8Linear) for m in written.values()) == 11
+    assert sum(isinstance(m, Fp8Linear) and m.activations for m in written.values()) == 6
+    twin = copy.deepcopy(case["model"])
+    for name, module in written.items():
+        weight = module.dequantize(torch.float32)
+        assert torch.equal(loaded[f"{name}.weight"], weight), name
+        twin.get_submodule(name).weight.data.copy_(weight)
+        if isinstance(module, Fp8Linear) and module.activations:
+            twin.get_submodule(name).register_forward_pre_hook(lambda _, a: (round_inputs(a[0]),))
+    ours, reference = output(compressed), output(twin)
+    scale = ours.abs().max().item()
+    assert (loaded["output"] - reference).abs().max().item() / scale < 1e-6
+    assert (loaded["output"] - ours).abs().max().item() / scale < 5e-3  # int4 kernel rounding
+    without_rounding = copy.deepcopy(twin)
+    for module in without_rounding.modules():
+        module._forward_pre_hooks.clear()
+    assert (loaded["output"] - output(without_rounding)).abs().max().item() / scale > 1e-4
+
+
+def test_fp8_groups_are_float_quantized_with_dynamic_token_inputs(exported: dict) -> None:
+    case = exported["fp8"]
+    config = json.loads((case["folder"] / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "mixed-precision"
+    groups = config["config_groups"]
+    assert set(groups) == {"fp8-ch", "fp8-ch-a8", "int4-g32-sym"}
+    for label in ("fp8-ch", "fp8-ch-a8"):
+        group = groups[label]
+        assert group["format"] == "float-quantized"
+        assert (group["weights"]["type"], group["weights"]["num_bits"]) == ("float", 8)
+        assert group["weights"]["strategy"] == "channel"
+    assert groups["fp8-ch"]["input_activations"] is None
+    inputs = groups["fp8-ch-a8"]["input_activations"]
+    assert (inputs["type"], inputs["num_bits"], inputs["strategy"]) == ("float", 8, "token")
+    assert inputs["dynamic"] is True
+    assert len(groups["fp8-ch-a8"]["targets"]) == 6
+    tensors = load_file(case["folder"] / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj"
+    module = case["compressed"].get_submodule(name)
+    assert tensors[f"{name}.weight"].dtype == torch.float8_e4m3fn
+    assert tensors[f"{name}.weight_scale"].shape == (module.rows, 1)
+    written = sum(v.numel() * v.element_size() for k, v in tensors.items() if k.startswith(name))
+    cost = get_method("fp8").cost(LayerShape.of(case["model"].get_submodule(name)), Fp8Option())
+    assert written == cost.bytes  # the plan's bytes: codes and float32 scales
+
+
 REFUSED_PLANS = {
     "codebook": ({"method": "codebook", "format": "nf", "bits": 4, "group_size": 32}, "codebook"),
     "svd": ({"method": "svd", "rank": 8}, "low-rank"),
@@ -453,7 +519,7 @@ def test_every_registered_method_gets_a_deliberate_answer() -> None:
     exporter = get_exporter(FORMAT)
     linear = LayerShape("linear", 64, 128)
     embedding = LayerShape("embedding", 3072, 64)
-    held = {"none", "rtn", "gptq"}
+    held = {"none", "rtn", "gptq", "fp8"}
     assert set(registered_methods()) <= held | set(REFUSED)
     for name, method in registered_methods().items():
         option = method.option_type()
@@ -464,6 +530,8 @@ def test_every_registered_method_gets_a_deliberate_answer() -> None:
             assert why and "allowed: rtn or gptq" in why, name
         if name in ("rtn", "gptq"):
             assert "keep embeddings in float" in exporter.refusal("emb", embedding, option)
+        if name == "fp8":
+            assert "allowed: rtn or gptq" in exporter.refusal("emb", embedding, option)
     assert exporter.refusal("emb", embedding, registered_methods()["none"].option_type()) is None
 
 
