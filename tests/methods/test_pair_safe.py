@@ -56,6 +56,7 @@ def test_a_pair_over_the_limit_moves_to_a_nearest_integer_point_within_it() -> N
 def test_searched_scales_fit_at_least_as_well_as_the_plain_scale_projected(
     per_tensor: bool,
 ) -> None:
+    torch.manual_seed(0)  # heavy tails: an unlucky draw's outliers cost more than 1.5x
     weight = torch.distributions.Laplace(0.0, 1.0).sample((32, 128))
     codes, scales = pair_safe_codes(weight, per_tensor)
     assert codes.dtype == torch.int8 and scales.dtype == torch.float16
