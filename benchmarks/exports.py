@@ -27,9 +27,12 @@ The demo model (all-MiniLM-L6-v2 as a transformers ``BertModel``) in ONNX Runtim
 * ``torch float32``: the float model in torch, for scale.
 
 A second table is the compressed-tensors export of the bundled causal LM (``tiny-lm``): a
-uniform int4 g128 and int8 per-channel plan (symmetric: what vLLM's Marlin kernels run) and a
-plan tuned with ``runtime="vllm"`` for the ``a100`` target at 8 MB. Each folder is loaded by
-plain transformers in a process that never imports autotune; the table gives the plan's
+uniform int4 g128 and int8 per-channel plan (symmetric: what vLLM's Marlin kernels run), FP8
+per channel weight-only and with FP8 inputs, and plans tuned with ``runtime="vllm"`` at 8 MB
+for the ``a100`` target and for ``h100`` (whose FP8 tensor cores take FP8 inputs), the last
+also at 0.63x the float model's predicted time for prompts of 16 x 2048 tokens. Each
+folder is loaded by plain transformers in a process that never imports autotune; the table
+gives the plan's
 predicted bytes beside the folder's ``model.safetensors`` bytes, the held-out KL of the
 loaded model's next-token distribution against the float model, and the largest logit
 difference between the loaded model and autotune's own compressed model.
@@ -311,7 +314,27 @@ CT_PLANS = {
     "int8 per-channel sym": Plan(
         layers={"_default": rtn(8, None, True), "model.embed_tokens": {"method": "none"}}
     ),
+    "fp8 per-channel": Plan(
+        layers={
+            "_default": {"method": "fp8", "activations": False},
+            "model.embed_tokens": {"method": "none"},
+        }
+    ),
+    "fp8 per-channel, fp8 inputs": Plan(
+        layers={
+            "_default": {"method": "fp8", "activations": True},
+            "model.embed_tokens": {"method": "none"},
+        }
+    ),
 }
+# plans tuned for vLLM: row, target, budget and settings (a latency budget for prompts of
+# 16 x 2048 tokens, where H100's FP8 tensor cores pay)
+PROMPTS = {"batch_size": 16, "latency_seq_len": 2048}
+VLLM_TUNES = (
+    ("tuned for vllm @ 8 MB", "a100", "8MB", {}),
+    ("tuned for vllm on h100 @ 8 MB", "h100", "8MB", {}),
+    ("tuned for vllm on h100 @ 8 MB, 0.63x at 16 x 2048", "h100", "8MB,0.63x", PROMPTS),
+)
 
 # run by a fresh interpreter: plain transformers loads every folder; autotune is never imported
 LOAD_FOLDERS = """
@@ -343,10 +366,21 @@ def compressed_tensors_table(windows: int) -> None:
     inputs = {f"b{i}": b["input_ids"].contiguous() for i, b in enumerate(batches)}
     with torch.inference_mode():
         reference = {k: model(input_ids=v).logits for k, v in inputs.items()}
-    tuned = autotune(
-        model, "8MB", "a100", runtime="vllm", tokenizer=tokenizer, progress=False, measure=False
-    )
-    plans = {**CT_PLANS, "tuned for vllm @ 8 MB": tuned.plan}
+    tunes = {
+        name: autotune(
+            model,
+            budget,
+            target,
+            runtime="vllm",
+            tokenizer=tokenizer,
+            progress=False,
+            measure=False,
+            **settings,
+        )
+        for name, target, budget, settings in VLLM_TUNES
+    }
+    plans = {**CT_PLANS, **{name: result.plan for name, result in tunes.items()}}
+    tuned_models = {name: result.model for name, result in tunes.items()}
     with tempfile.TemporaryDirectory() as folder:
         tmp, folders = Path(folder), {}
         for index, (name, plan) in enumerate(plans.items()):
@@ -369,7 +403,7 @@ def compressed_tensors_table(windows: int) -> None:
         print("|---|---:|---:|---:|---:|---:|---:|")
         for name, plan in plans.items():
             out = folders[name]
-            compressed = tuned.model if plan is tuned.plan else apply_plan(model, plan)
+            compressed = tuned_models.get(name) or apply_plan(model, plan)
             with torch.inference_mode():
                 ours = {k: compressed(input_ids=v).logits for k, v in inputs.items()}
             theirs = load_file(f"{out}-logits.safetensors")
@@ -385,14 +419,25 @@ def compressed_tensors_table(windows: int) -> None:
                 f"{diff:.2e}",
             ]
             print(f"| {name} | " + " | ".join(cells) + " |")
-    options = {ref.name: o for ref, o in tuned.plan.layer_options(model).items()}
-    labels = [o.label for o in options.values()]
-    counts = {label: labels.count(label) for label in sorted(set(labels))}
-    print(f"\ntuned for vllm: {counts}")
     vllm = get_runtime("vllm")
-    for group in vllm.tied_layers(list(options)):
-        print(f"  fused {', '.join(group)}: {options[group[0]].label}")
-    print(f"  split groups: {vllm.tie_refusal(options) or 'none'}")
+    for name, result in tunes.items():
+        options = {ref.name: o for ref, o in result.plan.layer_options(model).items()}
+        labels = [o.label for o in options.values()]
+        counts = {label: labels.count(label) for label in sorted(set(labels))}
+        print(f"\n{name}: {counts}")
+        for group in vllm.tied_layers(list(options)):
+            print(f"  fused {', '.join(group)}: {options[group[0]].label}")
+        print(f"  split groups: {vllm.tie_refusal(options) or 'none'}")
+        kernels = [m["kernel"] for m in result.plan.export["matrices"].values()]
+        print(f"  kernels: { {k: kernels.count(k) for k in sorted(set(kernels))} }")
+        predicted = result.plan.predicted
+        if "latency_ms" in predicted:
+            print(
+                f"  predicted latency {predicted['latency_ms']:.3f} ms against the float "
+                f"model's {predicted['original_latency_ms']:.3f} ms at "
+                f"{' x '.join(map(str, predicted['latency_shape']))} tokens "
+                f"({predicted['latency_ms'] / predicted['original_latency_ms']:.3f}x)"
+            )
 
 
 def main() -> None:

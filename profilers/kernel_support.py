@@ -84,6 +84,10 @@ RUNTIME_KERNEL_OPS: dict[str, dict[str, int]] = {
         "fp8_dynamic": 2,
     },
 }
+# Kernels a runtime calls at every token count, whatever token limit a target gives the
+# kernel (the limits in targets.json are where autotune's modules switch to dequantising):
+# vLLM multiplies a quantised layer with its kernel for prompts and decoding alike.
+EVERY_TOKEN_COUNT: dict[str, frozenset[str]] = {"vllm": frozenset(RUNTIME_KERNEL_OPS["vllm"])}
 
 
 def runtimes() -> tuple[str, ...]:

@@ -15,7 +15,12 @@ from dataclasses import dataclass
 from methods.base import LayerShape, Option
 from methods.registry import method_of
 from profilers.hardware import HardwareSpec, KernelSpec
-from profilers.kernel_support import OWN_RUNTIME, RUNTIME_KERNEL_OPS, runs_kernel
+from profilers.kernel_support import (
+    EVERY_TOKEN_COUNT,
+    OWN_RUNTIME,
+    RUNTIME_KERNEL_OPS,
+    runs_kernel,
+)
 
 ACTIVATION_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 # operators one call of a layer dispatches, by how it computes (each costs op_overhead_s):
@@ -51,6 +56,8 @@ def priced_kernel(spec: HardwareSpec, fmt: str, tokens: int) -> KernelSpec | Non
     kernel = spec.kernels.get(fmt) if fmt not in PATHS else None
     if kernel is None or not runs_kernel(fmt, spec.kind, spec.runtime):
         return None
+    if fmt in EVERY_TOKEN_COUNT.get(spec.runtime, ()):
+        return kernel
     return kernel if kernel.max_tokens is None or tokens <= kernel.max_tokens else None
 
 
