@@ -20,7 +20,7 @@ from autotune.report import Report
 from methods.registry import option_from_dict
 
 BLOCK_NAME = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<suffix>.+)$")
-METHOD_COLOURS = {"none": "#7f7f7f", "rtn": "#1f77b4", "w8a8": "#d62728"}
+METHOD_COLOURS = {"none": "#7f7f7f", "rtn": "#1f77b4", "w8a8": "#d62728", "fp8": "#9467bd"}
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def layer_rows(plan: Plan) -> list[LayerRow]:
         bits = info.get("bits_per_weight")
         if bits is None:
             bits = getattr(option, "bits", None)
-            bits = 8.0 if bits is None and option.method == "w8a8" else bits
+            bits = 8.0 if bits is None and option.method in ("w8a8", "fp8") else bits
         rows.append(
             LayerRow(key, option.label, option.method, bits, info.get("error"), info.get("bytes"))
         )
