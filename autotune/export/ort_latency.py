@@ -1,8 +1,10 @@
 """Latency of each (layer shape, option) measured inside ONNX Runtime on this machine.
 
 The ONNX Runtime counterpart of :func:`profilers.latency_table.measure_in_model`, with the
-same result. For each option label, every layer that can take it (one the ONNX exporter
-holds, whose conversion succeeds) is swapped to it at once, that variant is exported in
+same result. For each timing form (the options whose exports run the same nodes on tensors
+of the same sizes: :func:`timing_form`), every layer that can take such an option (one the
+ONNX exporter holds, whose conversion from the layer's own weights succeeds) is swapped to
+it at once, that variant is exported in
 memory by the ONNX exporter (:meth:`OnnxExporter.build`: the model is traced once and each
 variant is the exporter's edit of that graph), and CPU sessions run it; the unchanged float
 model is one more variant, ``keep`` for every layer. The caller's model is restored.
@@ -15,7 +17,7 @@ not taken as they are:
 * ``keep``: each layer's profiled kernel seconds (one float matmul or lookup, little slowed);
   ``whole`` is the float model's unprofiled wall time and ``rest = whole - its layers``, so
   ``rest`` plus the float layers is ``whole`` by construction.
-* another label: its variant's unprofiled wall time minus the float model's, per round, plus
+* another form: its variant's unprofiled wall time minus the float model's, per round, plus
   the swapped layers' float seconds, is the seconds of all its swapped layers together; they
   are shared among its layers in proportion to their profiled kernel seconds. A plan giving
   every layer that label is thus predicted at its export's wall time. Where the difference
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import statistics
 import tempfile
 import warnings
@@ -78,6 +81,7 @@ from autotune.plan import Plan
 from methods.base import LayerShape, Option
 from methods.errors import OptionError
 from methods.registry import method_of
+from methods.smoothquant import W8A8Option
 from methods.tied import TiedHead
 from profilers.execution.observe import Observers
 from profilers.latency_table import InModelLatency
@@ -110,6 +114,23 @@ class _Variant:
     options: dict[str, Option] = field(default_factory=dict)
 
 
+# the smoothing strength standing for every smoothed W8A8 option in its timing form
+SMOOTHED = 0.5
+
+
+def timing_form(option: Option) -> str:
+    """The label standing for every option whose export runs the same nodes on tensors of
+    the same sizes, timed once for all: a calibrated option's stand-in (GPTQ: RTN's storage),
+    W8A8 without its pair-safe codes and smoothing strength (smoothed or not still differs).
+    Timing alike variants apart gave the search several noisy prices of one cost, and it
+    chose the luckiest."""
+    option = method_of(option).stand_in(option) or option
+    if isinstance(option, W8A8Option):
+        alpha = SMOOTHED if option.alpha else 0.0
+        option = dataclasses.replace(option, pair_safe=False, alpha=alpha)
+    return option.label
+
+
 def build_variants(
     model: nn.Module,
     layers: Mapping[str, Sequence[Option]],
@@ -117,15 +138,17 @@ def build_variants(
     observers: Observers,
     progress: Callable[[int], None] | None = None,
 ) -> list[_Variant]:
-    """One variant per label but ``keep``: each layer that can take it, converted from its
-    own weights. Copies of one conversion would time wrong: the exporter stores identical
-    tensors once, and a variant reading one weight per shape ran 1.16x faster than the
-    export of the same plan on the demo. A calibrated option is converted as its
-    uncalibrated stand-in where it has one (the same storage, hence the same kernels and
-    time, without a solve per layer); a layer whose conversion fails takes a copy of
-    another layer's of its shape, or is left out."""
+    """One variant per timing form (:func:`timing_form`) but ``keep``: each layer that can
+    take an option of that form, converted from its own weights. Copies of one conversion
+    would time wrong: the exporter stores identical tensors once, and a variant reading one
+    weight per shape ran 1.16x faster than the export of the same plan on the demo. A
+    calibrated option is converted as its uncalibrated stand-in where it has one (the same
+    storage, hence the same kernels and time, without a solve per layer); a layer whose
+    conversion fails takes a copy of another layer's of its shape, or is left out.
+    ``progress`` counts each (shape, label) once."""
     transposed = _transposed_tables(model)
     built: dict[tuple[LayerShape, str], nn.Module] = {}
+    counted: set[tuple[LayerShape, str]] = set()
     variants: dict[str, _Variant] = {}
     for name, options in layers.items():
         original = model.get_submodule(name)
@@ -135,24 +158,34 @@ def build_variants(
                 continue
             if exporter.refusal(name, shape, option) is not None:
                 continue
-            key = (shape, option.label)
-            timed = method_of(option).stand_in(option) or option
-            try:
-                module = method_of(timed).convert(
-                    original, timed, observers.get((name, timed.label))
-                )
-            except OptionError:
-                module = _copy(built[key]) if key in built else None
-            if module is None:
-                continue
-            if key not in built:
-                built[key] = module
-                if progress is not None:
-                    progress(1)
-            variant = variants.setdefault(option.label, _Variant(option.label))
-            variant.modules[name] = module
-            variant.options[name] = option
-    return list(variants.values())
+            form = timing_form(option)
+            variant = variants.setdefault(form, _Variant(form))
+            if name not in variant.modules:
+                module = _convert(original, option, name, observers, built.get((shape, form)))
+                if module is not None:
+                    built.setdefault((shape, form), module)
+                    variant.modules[name] = module
+                    variant.options[name] = option
+            if progress is not None and (shape, option.label) not in counted:
+                counted.add((shape, option.label))
+                progress(1)
+    return [variant for variant in variants.values() if variant.modules]
+
+
+def _convert(
+    original: nn.Module,
+    option: Option,
+    name: str,
+    observers: Observers,
+    fallback: nn.Module | None,
+) -> nn.Module | None:
+    """``original`` converted to ``option`` (as its stand-in where it has one), else a copy
+    of ``fallback`` (a layer of its shape), else ``None``."""
+    timed = method_of(option).stand_in(option) or option
+    try:
+        return method_of(timed).convert(original, timed, observers.get((name, timed.label)))
+    except OptionError:
+        return _copy(fallback) if fallback is not None else None
 
 
 @contextlib.contextmanager
@@ -225,7 +258,13 @@ def measure_in_ort(
         timed = _time_variants(
             model, list(layers), variants, exporter, inputs, threads, rounds, settle, Path(folder)
         )
-    return _table(timed, shapes)
+    table = _table(timed, shapes)
+    for name, options in layers.items():  # every label at its timing form's seconds
+        for option in options:
+            form = table.layers.get((shapes[name], timing_form(option)))
+            if form is not None:
+                table.layers.setdefault((shapes[name], option.label), form)
+    return table
 
 
 def _table(timed: Mapping[str, _Timed], shapes: Mapping[str, LayerShape]) -> InModelLatency:

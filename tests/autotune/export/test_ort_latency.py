@@ -199,6 +199,33 @@ def test_each_layer_of_a_variant_is_converted_from_its_own_weights(bert: Traced)
     assert len({node.input[1] for node in weights}) == len(names)
 
 
+def test_options_whose_exports_run_alike_are_timed_once() -> None:
+    """GPTQ as RTN's storage; W8A8 whatever its pair-safe codes and smoothing strength, but
+    smoothed or not, per channel or per tensor, 7- or 8-bit activations apart."""
+    form = ort_latency.timing_form
+    assert form(GPTQOption(4, 32, True)) == form(QuantOption(4, 32, True)) == "int4-g32-sym"
+    assert form(QuantOption(4, 32, True)) != form(QuantOption(4, 32, False))
+    smoothed = {form(W8A8Option(a, 8, pair_safe=p)) for a in (0.45, 0.75) for p in (False, True)}
+    assert len(smoothed) == 1
+    assert form(W8A8Option(0.0, 8)) == form(W8A8Option(0.0, 8, pair_safe=True))
+    assert form(W8A8Option(0.0, 8)) not in smoothed
+    assert form(W8A8Option(0.0, 8, "tensor")) != form(W8A8Option(0.0, 8))
+    assert form(W8A8Option(0.0, 7)) != form(W8A8Option(0.0, 8))
+
+
+def test_alike_options_share_one_variant_and_every_label_gets_its_price(bert: Traced) -> None:
+    model, _ = bert
+    names = [
+        n for n in layer_names(model) if LayerShape.of(model.get_submodule(n)).kind == "linear"
+    ]
+    options = [KeepOption(), QuantOption(4, 32, True), GPTQOption(4, 32, True)]
+    table = ort_latency.measure_in_ort(model, {n: options for n in names}, tokens(), rounds=2)
+    shape = LayerShape.of(model.get_submodule(QUERY))
+    assert table.layers[(shape, "gptq4-g32-sym-ao")] == table.layers[(shape, "int4-g32-sym")]
+    variants = ort_latency.build_variants(model, {n: options for n in names}, OnnxExporter(), {})
+    assert [v.label for v in variants] == ["int4-g32-sym"]
+
+
 def _profiled(traced: Traced, label: str, folder: Path) -> ort_profile.ProfiledSession:
     """A profiled session of the model with every layer under ``label`` where it can be."""
     model, float_graph = traced
