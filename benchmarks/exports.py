@@ -20,8 +20,8 @@ The demo model (all-MiniLM-L6-v2 as a transformers ``BertModel``) in ONNX Runtim
   ``local`` (every option timed inside ONNX Runtime sessions) for the int8 file's tensor bytes
   and quantize_dynamic's speed: a latency budget relative to the float model (``0.65x``-like,
   see :mod:`autotune.budget`) at quantize_dynamic's 1 x 16 time over ORT float32's, both
-  timed just before as the tune times (visited in turn, settled at each visit), and at 0.95x
-  that (a margin for the timing noise of the tune's checks); the int4 and
+  timed just before as the tune times (visited in turn, settled at each visit), and at 1.1x
+  that (about the time of 8-bit activations with weight scales per channel); the int4 and
   int8 weight-only plans also with
   ``accuracy_level=4`` (ONNX Runtime quantises MatMulNBits' activations to int8 per block:
   faster, no longer autotune's numerics);
@@ -103,9 +103,9 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUTS = ("last_hidden_state", "pooler_output")
 SHAPES = (16, 128)
 # the latency-bound plans' budgets: these multiples of quantize_dynamic's 1 x 16 time relative
-# to the float model (1: at least its speed; 0.95: with a margin for the checks' timing noise,
-# about 5% on this VM: benchmarks/latency_checks.py)
-LATENCY_FACTORS = (1.0, 0.95)
+# to the float model (1: at least its speed; 1.1: about the time of 8-bit activations with
+# weight scales per channel, 1.02-1.08x quantize_dynamic's in pairs on the demo)
+LATENCY_FACTORS = (1.0, 1.1)
 PAIRED_ROUNDS = 40  # rounds of each pair timed against quantize_dynamic
 T = TypeVar("T")
 
