@@ -20,11 +20,10 @@ from methods.registry import get_method, method_of
 from methods.tied import tied_heads
 from profilers.execution.observe import Observers
 from profilers.hardware import HardwareSpec
-from profilers.kernel_support import runs_kernel
+from profilers.kernel_support import FP8_KERNELS, runs_kernel
 from profilers.measure import model_bytes
 
 DEFAULT_METHODS = ("rtn",)
-FP8_KERNELS = ("fp8_weight_only", "fp8_dynamic")  # FP8 weight-only, FP8 with FP8 inputs
 
 
 def default_methods(spec: HardwareSpec, calibrated: Sequence[str] = ()) -> tuple[str, ...]:

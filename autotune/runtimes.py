@@ -2,10 +2,9 @@
 
 ``torch`` is autotune's own modules (every option). ``vllm`` serves a compressed-tensors
 export with its Marlin weight-only kernels (integer and FP8) and its FP8 W8A8 matmul on GPUs;
-``onnxruntime`` runs an ONNX export on
-CPUs. A tune for a runtime offers each layer only the options that runtime's export holds
-and its kernels run (:meth:`Runtime.refusal`), in the forms they run (:meth:`Runtime.forms`),
-prices latency with the kernels that runtime runs
+``onnxruntime`` runs an ONNX export on CPUs. A tune for a runtime offers each layer only the
+options that runtime's export holds and its kernels run (:meth:`Runtime.refusal`), in the
+forms they run (:meth:`Runtime.forms`), prices latency with the kernels that runtime runs
 (:data:`profilers.kernel_support.RUNTIME_KERNELS`, through the target spec's ``runtime``) and
 bytes as its export stores them (:meth:`Runtime.byte_prices`), so the plan it returns exports
 without a refused layer and within its budget.
@@ -28,6 +27,7 @@ from methods.fp8 import Fp8Option
 from methods.keep import KeepOption
 from methods.smoothquant import W8A8Option
 from profilers.hardware import HardwareSpec
+from profilers.kernel_support import FP8_KERNELS
 
 ORT_ACTIVATION_BITS = 8  # DynamicQuantizeLinear's range
 
@@ -263,7 +263,7 @@ MARLIN_TILE_ROWS, MARLIN_TILE_COLS = 64, 128
 
 # FP8 GEMMs: vLLM's CUTLASS kernels want both dimensions a multiple of 16
 FP8_DYNAMIC_MULTIPLE = 16
-VLLM_FP8_KERNELS = frozenset({"fp8_weight_only", "fp8_dynamic"})
+VLLM_FP8_KERNELS = frozenset(FP8_KERNELS)
 
 
 def vllm_kernel(option: Option) -> str:

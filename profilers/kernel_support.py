@@ -73,6 +73,9 @@ RUNTIME_KERNELS: dict[str, dict[str, frozenset[str]]] = {
 }
 
 
+# FP8 kernels a runtime may have: weight-only, and with FP8 inputs
+FP8_KERNELS = ("fp8_weight_only", "fp8_dynamic")
+
 # Operators one call of a runtime's kernel launches, where the roofline's default (several
 # for autotune's own modules: reshapes and casts around the kernel) does not hold: vLLM runs
 # a Marlin matmul as one kernel, and its FP8 W8A8 matmul after one that quantises the inputs.

@@ -20,9 +20,9 @@ not taken as they are:
 * another form: its variant's unprofiled wall time minus the float model's, per round, plus
   the swapped layers' float seconds, is the seconds of all its swapped layers together; they
   are shared among its layers in proportion to their profiled kernel seconds. A plan giving
-  every layer that label is thus predicted at its export's wall time. Where the difference
-  is swamped by noise (no time left for the layers, which happens on tiny models), their
-  profiled kernel seconds stand in: a layer never costs nothing.
+  every layer an option of that form is thus predicted at its export's wall time. Where the
+  difference is swamped by noise (no time left for the layers, which happens on tiny
+  models), their profiled kernel seconds stand in: a layer never costs nothing.
 
 A profiled node is a layer's by name or by the values it reads
 (:func:`autotune.export.ort_profile.node_owners`). A bias added by a node of its own is part
