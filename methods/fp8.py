@@ -77,6 +77,11 @@ def fp8_codes(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return scaled.clamp(-E4M3_MAX, E4M3_MAX).to(CODE_DTYPE)
 
 
+def fp8_decode(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 weight ``codes * scales`` (one scale per row)."""
+    return codes.float() * scales[:, None]
+
+
 def round_inputs(x: torch.Tensor) -> torch.Tensor:
     """Each row of ``x`` rounded to E4M3 with its own scale ``max|x| / 448`` and scaled
     back, in ``x``'s dtype (compressed-tensors' dynamic per-token FP8 rounding)."""
@@ -121,7 +126,7 @@ class Fp8Linear(WeightOnlyLinear, KeepsStoredFormat):
         """The float weight the codes stand for (``[r, cols]``), freshly allocated."""
         codes = self.codes if rows is None else self.codes[rows]
         scales = self.scales if rows is None else self.scales[rows]
-        return (codes.float() * scales[:, None]).to(dtype)
+        return fp8_decode(codes, scales).to(dtype)
 
     def scratch_needs(self, dtype: torch.dtype) -> dict[str, int]:
         """Bytes of the scratch slot a forward pass may grow (see methods/workspace.py)."""
@@ -187,7 +192,7 @@ class Fp8(Method):
         if rows is not None:  # each row has its own scale
             weight = weight[rows]
         scales = fp8_scales(weight)
-        return fp8_codes(weight, scales).float() * scales[:, None]
+        return fp8_decode(fp8_codes(weight, scales), scales)
 
     def convert(
         self, module: nn.Module, option: Option, observer: Observer | None = None

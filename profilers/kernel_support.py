@@ -62,19 +62,16 @@ def device_for(kind: str) -> torch.device:
 # MatMulNBits and its fused dynamic int8 matmul, DynamicQuantizeMatMul, on CPUs). Options those
 # kernels cannot take are kept out of such plans by :mod:`autotune.runtimes`.
 OWN_RUNTIME = "torch"
+# FP8 kernels a runtime may have: weight-only, and with FP8 inputs
+FP8_KERNELS = ("fp8_weight_only", "fp8_dynamic")
 RUNTIME_KERNELS: dict[str, dict[str, frozenset[str]]] = {
-    "vllm": {
-        "gpu": frozenset({"int4_weight_only", "int8_weight_only", "fp8_weight_only", "fp8_dynamic"})
-    },
+    "vllm": {"gpu": frozenset({"int4_weight_only", "int8_weight_only", *FP8_KERNELS})},
     "onnxruntime": {"cpu": frozenset({"int4_weight_only", "int8_dynamic"})},
     # llama.cpp multiplies every quantised GGML type in its blocks, on CPUs and GPUs alike
     # (activations quantised to 8 bits for integer dot products): ``gguf_block``
     "llama.cpp": {"cpu": frozenset({"gguf_block"}), "gpu": frozenset({"gguf_block"})},
 }
 
-
-# FP8 kernels a runtime may have: weight-only, and with FP8 inputs
-FP8_KERNELS = ("fp8_weight_only", "fp8_dynamic")
 
 # Operators one call of a runtime's kernel launches, where the roofline's default (several
 # for autotune's own modules: reshapes and casts around the kernel) does not hold: vLLM runs
@@ -90,7 +87,7 @@ RUNTIME_KERNEL_OPS: dict[str, dict[str, int]] = {
 # Kernels a runtime calls at every token count, whatever token limit a target gives the
 # kernel (the limits in targets.json are where autotune's modules switch to dequantising):
 # vLLM multiplies a quantised layer with its kernel for prompts and decoding alike.
-EVERY_TOKEN_COUNT: dict[str, frozenset[str]] = {"vllm": frozenset(RUNTIME_KERNEL_OPS["vllm"])}
+EVERY_TOKEN_COUNT: dict[str, frozenset[str]] = {"vllm": RUNTIME_KERNELS["vllm"]["gpu"]}
 
 
 def runtimes() -> tuple[str, ...]:

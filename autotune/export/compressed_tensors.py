@@ -312,7 +312,6 @@ def layer_tensors(module: Written, name: str = "layer") -> dict[str, torch.Tenso
     """The tensors of one quantised linear layer in its compressed-tensors format, made from
     its stored codes, scales and zero points (checked against the names the library's
     compressor for that format reads)."""
-
     scheme = Scheme.of(module)
     if isinstance(module, Fp8Linear):
         tensors = {
