@@ -246,10 +246,7 @@ def allocate_plan(
     }
     table = choice_table(costs, scores)
     try:
-        if not ties:
-            return table, allocate(table, limits)
-        tied = tie(table, ties)
-        return table, tied.allocation(allocate(tied.reduced, limits))
+        return table, _allocate(table, limits, ties)
     except InfeasibleError as exc:
         raise InfeasibleBudgetError(
             infeasible_message(budget, table, limits, costs), exc.minimums
@@ -263,22 +260,69 @@ def assignment_options(
     return {n: costs.options[n][i] for n, i in zip(table.variables, assignment, strict=True)}
 
 
+def _allocate(
+    table: ChoiceTable, limits: dict[str, float], ties: Sequence[Sequence[str]] = ()
+) -> Allocation:
+    """The allocator's plan of ``table`` within ``limits``, each group of ``ties`` taking
+    one label."""
+    if not ties:
+        return allocate(table, limits)
+    tied = tie(table, ties)
+    return tied.allocation(allocate(tied.reduced, limits))
+
+
 def fitting_uniforms(
-    costs: CostModel, table: ChoiceTable, limits: dict[str, float], keep: int | None = None
+    costs: CostModel,
+    table: ChoiceTable,
+    limits: dict[str, float],
+    keep: int | None = None,
+    ties: Sequence[Sequence[str]] = (),
 ) -> dict[str, dict[str, Option]]:
-    """``{"uniform <label>": options}`` for every option all layers can take that fits, by
-    label; with ``keep``, only the ``keep`` of them with the least summed error in ``table``
-    (ties by label)."""
+    """``{name: options}`` for every uniform plan that fits: ``uniform <label>`` where every
+    layer takes the option ``label``; where only most layers can take it (int8 activations
+    in linear layers, not in embeddings), ``uniform <label> on K of N layers``, the others
+    taking the allocator's choice within what is left of ``limits``, as ONNX Runtime's
+    ``quantize_dynamic`` gives embeddings a form of their own. With ``keep``, only the
+    ``keep`` of them with the least summed error in ``table`` (ties by name)."""
     labels = {o.label for opts in costs.options.values() for o in opts} - {KeepOption().label}
-    fitting = {}
+    fitting: dict[str, list[int]] = {}
     for label in sorted(labels):
-        uniform = table.uniform(label)
+        uniform = _uniform_where_offered(table, label, limits, ties)
         if uniform is not None and table.fits(uniform, limits):
-            fitting[label] = uniform
+            taking = sum(label in choices for choices in table.choices)
+            every = taking == len(table.variables)
+            name = (
+                f"uniform {label}"
+                if every
+                else f"uniform {label} on {taking} of {len(table.variables)} layers"
+            )
+            fitting[name] = uniform
     if keep is not None:
-        ranked = sorted(fitting, key=lambda label: table.score(fitting[label]))  # ties by label
-        fitting = {label: fitting[label] for label in sorted(ranked[:keep])}
-    return {
-        f"uniform {label}": assignment_options(costs, table, uniform)
-        for label, uniform in fitting.items()
-    }
+        ranked = sorted(fitting, key=lambda name: table.score(fitting[name]))  # ties by name
+        fitting = {name: fitting[name] for name in sorted(ranked[:keep])}
+    return {name: assignment_options(costs, table, uniform) for name, uniform in fitting.items()}
+
+
+def _uniform_where_offered(
+    table: ChoiceTable, label: str, limits: dict[str, float], ties: Sequence[Sequence[str]]
+) -> list[int] | None:
+    """Every layer that can take ``label`` taking it and, when at least half of them can,
+    the others the allocator's least-error choice within ``limits``; ``None`` if fewer can,
+    or nothing fits."""
+    uniform = table.uniform(label)
+    if uniform is not None:
+        return uniform
+    taking = [label in choices for choices in table.choices]
+    if 2 * sum(taking) < len(taking):
+        return None
+    scores = [
+        np.where(np.arange(len(choices)) == choices.index(label), scores, np.inf)
+        if takes
+        else scores
+        for takes, choices, scores in zip(taking, table.choices, table.scores, strict=True)
+    ]
+    masked = ChoiceTable(table.variables, table.choices, scores, table.costs, table.fixed)
+    try:
+        return _allocate(masked, limits, ties).assignment
+    except InfeasibleError:
+        return None

@@ -167,7 +167,9 @@ def search(
     if uncalibrated is not None and uncalibrated not in [c.options for c in candidates]:
         candidates.append(Candidate(UNCALIBRATED, uncalibrated))
     searched = len(candidates)
-    uniforms = fitting_uniforms(costs, table, priced.limits, keep=UNIFORM_SCREENED)
+    uniforms = fitting_uniforms(
+        costs, table, priced.limits, keep=UNIFORM_SCREENED, ties=priced.ties
+    )
     for name, uniform in uniforms.items():
         candidates.append(Candidate(name, uniform))
     return Searched(table, allocation, fitness, engine, outcome, candidates, searched)

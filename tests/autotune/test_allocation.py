@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from autotune.allocation import (
@@ -109,3 +111,66 @@ def test_kept_uniform_plans_are_those_with_the_least_summed_error(costs) -> None
         assert set(every) == {f"uniform {best}", f"uniform {worst}"}
         kept = fitting_uniforms(costs, table, limits, keep=1)
         assert kept == {f"uniform {best}": every[f"uniform {best}"]}
+
+
+def _without(costs, layers: set[str], label: str):
+    """``costs`` with ``label`` not offered to ``layers``."""
+
+    def drop(table: dict) -> dict:
+        return {
+            name: [
+                value
+                for option, value in zip(costs.options[name], values, strict=True)
+                if not (name in layers and option.label == label)
+            ]
+            for name, values in table.items()
+        }
+
+    return dataclasses.replace(
+        costs,
+        options=drop(costs.options),
+        bytes=drop(costs.bytes),
+        weight_bits=drop(costs.weight_bits),
+        seconds=drop(costs.seconds),
+    )
+
+
+RANKS = {"keep": 0.0, "int8-ch-sym": 1.0, "int4-g32-asym": 3.0}
+
+
+@pytest.mark.parametrize("room", ["float", "int8"])
+def test_a_label_most_layers_take_is_a_uniform_plan_with_the_others_allocated(
+    costs, room: str
+) -> None:
+    names = list(costs.options)
+    lacking = {n for n in names if n.startswith("encoder.layer.0.attention")}
+    partial = _without(costs, lacking, "int4-g32-asym")
+    # room for the others in float, or just enough for them in int8
+    other = "keep" if room == "float" else "int8-ch-sym"
+    least = {
+        n: [o.label for o in opts].index(other if n in lacking else "int4-g32-asym")
+        for n, opts in partial.options.items()
+    }
+    budget = Budget.parse(f"{partial.totals(least)['bytes']:.0f}B")
+    limits = limits_for(budget, partial)
+    errors = {n: {o.label: RANKS[o.label] for o in opts} for n, opts in partial.options.items()}
+    table, _ = allocate_plan(budget, partial, limits, errors)
+    name = f"uniform int4-g32-asym on {len(names) - len(lacking)} of {len(names)} layers"
+    uniforms = fitting_uniforms(partial, table, limits)
+    assert name in uniforms
+    options = uniforms[name]
+    assert all(options[n].label == "int4-g32-asym" for n in names if n not in lacking)
+    # the others take the least error that fits: float where it fits, else int8
+    assert {options[n].label for n in lacking} == {other}
+    totals = partial.totals({n: partial.options[n].index(o) for n, o in options.items()})
+    assert totals["bytes"] <= limits["bytes"]
+
+
+def test_a_label_fewer_than_half_the_layers_take_is_no_uniform_plan(costs) -> None:
+    names = list(costs.options)
+    partial = _without(costs, set(names[: len(names) // 2 + 1]), "int4-g32-asym")
+    limits = limits_for(Budget.parse("60%"), partial)
+    errors = {n: {o.label: RANKS[o.label] for o in opts} for n, opts in partial.options.items()}
+    table, _ = allocate_plan(Budget.parse("60%"), partial, limits, errors)
+    assert not any("int4" in name for name in fitting_uniforms(partial, table, limits))
+    assert "uniform int8-ch-sym" in fitting_uniforms(partial, table, limits)
