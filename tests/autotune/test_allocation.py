@@ -174,3 +174,24 @@ def test_a_label_fewer_than_half_the_layers_take_is_no_uniform_plan(costs) -> No
     table, _ = allocate_plan(Budget.parse("60%"), partial, limits, errors)
     assert not any("int4" in name for name in fitting_uniforms(partial, table, limits))
     assert "uniform int8-ch-sym" in fitting_uniforms(partial, table, limits)
+
+
+def test_a_calibrated_label_most_layers_take_is_no_uniform_plan() -> None:
+    import torch
+
+    model = make_tiny_bert()
+    layers = compressible_layers(model)
+    labels = ["int8-ch-sym", "int4-g32-asym", "gptq4-g32-asym-ao"]
+    options = layer_options(layers, ["rtn", "gptq"], labels)
+    inputs = {"input_ids": torch.randint(1000, 2000, (1, 16))}
+    costs = build_costs(model, layers, options, get_target("cpu"), inputs)
+    offered = [{o.label for o in opts} for opts in costs.options.values()]
+    assert not all("gptq4-g32-asym-ao" in labels for labels in offered)
+    rank = {"keep": 0.0, "int8-ch-sym": 1.0, "gptq4-g32-asym-ao": 2.0, "int4-g32-asym": 3.0}
+    errors = {n: {o.label: rank[o.label] for o in opts} for n, opts in costs.options.items()}
+    budget = Budget.parse("60%")
+    limits = limits_for(budget, costs)
+    table, _ = allocate_plan(budget, costs, limits, errors)
+    names = set(fitting_uniforms(costs, table, limits))
+    assert not any("gptq" in name for name in names)
+    assert {"uniform int8-ch-sym", "uniform int4-g32-asym"} <= names
