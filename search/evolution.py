@@ -30,10 +30,14 @@ NO_NEW_PLAN = "no new plan within the limits"
 class Stall:
     """Stop once the parent's error fell by less than ``gain`` (relative) over the last
     ``generations`` generations (3: on the demo, 4 and 8 cost more evaluations for the same
-    held-out error, and 2 stopped a 3-bit search early; see benchmarks/evolution_stall.py)."""
+    held-out error, and 2 stopped a 3-bit search early), or did not fall at all over the
+    last ``idle`` generations (``None``: no such rule). With 2, eight of nine default tunes
+    of the bundled models stopped a generation sooner with the same plan, and the one search
+    that paid (the demo at 3 bits) ran on; see benchmarks/evolution_stall.py."""
 
     generations: int = 3
     gain: float = 0.005
+    idle: int | None = 2
 
     def __post_init__(self) -> None:
         if self.generations < 1 or not 0 <= self.gain < 1:
@@ -41,16 +45,21 @@ class Stall:
                 f"a stall needs generations >= 1 and 0 <= gain < 1, got {self.generations}, "
                 f"{self.gain}"
             )
+        if self.idle is not None and self.idle < 1:
+            raise ValueError(f"a stall's idle generations must be at least 1, got {self.idle}")
 
     def reason(self, history: Sequence[float], judged_on: str = "") -> str | None:
         """Why the search stalled after ``history`` (the parent's error per generation, the
         start first; ``judged_on`` names the data it was measured on), or ``None``."""
+        where = f" on the {judged_on}" if judged_on else ""
+        idle = self.idle
+        if idle is not None and len(history) > idle and history[-1] >= history[-1 - idle]:
+            return f"stalled (no lower error{where} in {idle} generations)"
         if len(history) <= self.generations:
             return None
         before, now = history[-1 - self.generations], history[-1]
         if before - now > self.gain * abs(before):
             return None
-        where = f" on the {judged_on}" if judged_on else ""
         return (
             f"stalled (under {100 * self.gain:g}% lower error{where} in "
             f"{self.generations} generations)"

@@ -89,7 +89,7 @@ def test_stops_when_the_best_error_stalls_and_says_so(problem):
         fitness = SyntheticFitness(table, weights)
         return evolve(table, limits, fitness, start, max_evals=10**4, seed=4, **stop)
 
-    stalled = run(stall=Stall(generations=3, gain=0.01))
+    stalled = run(stall=Stall(generations=3, gain=0.01, idle=None))
     assert stalled.stopped.startswith("stalled (under 1% lower error in 3 generations)")
     history = stalled.history
     assert history[-4] - history[-1] <= 0.01 * history[-4]
@@ -113,7 +113,14 @@ def test_a_judge_says_when_the_search_stalls(problem):
     judge = Judge(flat)
     fitness = SyntheticFitness(table, weights)
     result = evolve(
-        table, limits, fitness, start, max_evals=10**4, seed=4, stall=Stall(3, 0.01), judge=judge
+        table,
+        limits,
+        fitness,
+        start,
+        max_evals=10**4,
+        seed=4,
+        stall=Stall(3, 0.01, idle=None),
+        judge=judge,
     )
     assert result.stopped == (
         "stalled (under 1% lower error on the selection split in 3 generations)"
@@ -133,6 +140,36 @@ def test_a_judge_that_keeps_seeing_gains_lets_the_search_run(problem):
     )
     assert not result.stopped.startswith("stalled")
     assert len(result.judged) == result.iterations + 1
+
+
+def test_a_judge_that_sees_no_gain_for_the_idle_generations_stops_the_search(problem):
+    """The idle rule: no lower error at all on the judge's data over 2 generations stops the
+    search then, before the gain rule's 3 generations; a judge that saw a small gain in
+    them lets it run on to the gain rule."""
+    table, weights, limits, start = problem
+
+    def run(errors: list[float]):
+        judged = iter(errors)
+        judge = Judge(lambda assignment: next(judged))
+        fitness = SyntheticFitness(table, weights)
+        stall = Stall(3, 0.01, idle=2)
+        return evolve(
+            table, limits, fitness, start, max_evals=10**4, seed=4, stall=stall, judge=judge
+        )
+
+    idle = run([1.0, 1.0, 1.2] + [1.0] * 100)
+    assert idle.stopped == "stalled (no lower error on the selection split in 2 generations)"
+    assert idle.iterations == 2 and idle.judged == [1.0, 1.0, 1.2]
+    small_gain = run([1.0, 0.999, 0.998, 0.997] + [0.997] * 100)
+    assert small_gain.stopped == (
+        "stalled (under 1% lower error on the selection split in 3 generations)"
+    )
+    assert small_gain.iterations == 3
+
+
+def test_idle_generations_below_one_are_refused():
+    with pytest.raises(ValueError, match="idle generations"):
+        Stall(3, 0.01, idle=0)
 
 
 @pytest.mark.parametrize(("generations", "gain"), [(0, 0.01), (3, -0.1), (3, 1.0)])
