@@ -9,7 +9,15 @@ from typing import Any
 from torch import nn
 
 from autotune.agreement import Agreement, drop_disagreeing
-from autotune.allocation import LOCAL_LATENCY_MARGIN, check_feasible, keep_fits, limits_for
+from autotune.allocation import (
+    LOCAL_LATENCY_MARGIN,
+    RESOURCE_NAMES,
+    TIMING_SPREAD,
+    check_feasible,
+    keep_fits,
+    limits_for,
+    within_timing_spread,
+)
 from autotune.budget import Budget
 from autotune.costs import CostModel, build_costs, layer_options
 from autotune.errors import AutotuneError
@@ -116,7 +124,18 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
     margin = LOCAL_LATENCY_MARGIN if timed else 0.0
     overhead = serving.get("kv_cache", 0) + serving.get("activations", 0)
     limits = limits_for(budget, costs, overhead, latency_margin=margin)
-    check_feasible(budget, costs, limits)
+    if timed and executor.holds_whole_model:  # a latency check will time the plan
+        limits, raised = within_timing_spread(budget, costs, limits, margin)
+        for resource in raised:
+            say.say(
+                f"budget {budget.spec}: no plan is predicted within its "
+                f"{RESOURCE_NAMES[resource]}, but the fastest is within "
+                f"{100 * TIMING_SPREAD:g}% of it, how far this machine's timings of whole "
+                "plans stray from their prediction: the fastest plan predicted is searched "
+                "for and timed"
+            )
+    else:
+        check_feasible(budget, costs, limits)
     if not setup.as_is and keep_fits(costs, limits):
         setup.as_is = True
         say.say(

@@ -7,11 +7,14 @@ import dataclasses
 import pytest
 
 from autotune.allocation import (
+    TIMING_SPREAD,
     allocate_plan,
     assignment_options,
     check_feasible,
     fitting_uniforms,
+    least_reachable,
     limits_for,
+    within_timing_spread,
 )
 from autotune.budget import Budget
 from autotune.costs import build_costs, layer_options
@@ -195,3 +198,33 @@ def test_a_calibrated_label_most_layers_take_is_no_uniform_plan() -> None:
     names = set(fitting_uniforms(costs, table, limits))
     assert not any("gptq" in name for name in names)
     assert {"uniform int8-ch-sym", "uniform int4-g32-asym"} <= names
+
+
+def test_a_latency_limit_within_the_timing_spread_is_raised_to_the_fastest_plan(costs) -> None:
+    budget = Budget.parse("50%")
+    bytes_limit = limits_for(budget, costs)["bytes"]
+    fastest = least_reachable(costs, {}, "seconds")
+    fastest_within = least_reachable(costs, {"bytes": bytes_limit}, "seconds")
+    assert fastest_within is not None and fastest_within > fastest  # float layers do not fit
+    margin = 0.05
+    for limit in (0.99 * fastest_within, fastest_within / (1 + TIMING_SPREAD) * 1.01):
+        limits = {"bytes": bytes_limit, "seconds": limit * (1 - margin)}
+        raised, which = within_timing_spread(budget, costs, limits, margin)
+        assert which == ["seconds"] and raised["bytes"] == bytes_limit
+        assert raised["seconds"] == pytest.approx(fastest_within, rel=1e-5)
+        assert raised["seconds"] >= fastest_within
+    reachable = {"bytes": bytes_limit, "seconds": 2 * fastest_within}
+    assert within_timing_spread(budget, costs, reachable, margin) == (reachable, [])
+
+
+def test_a_latency_limit_beyond_the_timing_spread_is_refused(costs) -> None:
+    budget = Budget.parse("1ms")
+    fastest = least_reachable(costs, {}, "seconds")
+    limits = {"seconds": 0.95 * fastest / (1 + TIMING_SPREAD) * 0.99}
+    with pytest.raises(InfeasibleBudgetError):
+        within_timing_spread(budget, costs, limits, 0.05)
+
+
+def test_the_fastest_plan_within_limits_no_plan_meets_is_none(costs) -> None:
+    assert least_reachable(costs, {"bytes": 0.01 * costs.original_bytes}, "seconds") is None
+    assert least_reachable(costs, {}, "decode_seconds") is None  # not priced
