@@ -130,10 +130,17 @@ class CostModel:
     def only(self, label: str) -> CostModel:
         """This model with each layer offered only its option ``label`` (which every layer
         must have, as ``keep``)."""
-        index = {n: [o.label for o in opts].index(label) for n, opts in self.options.items()}
+        return self.offering(lambda name, option: option.label == label)
+
+    def offering(self, offered: Callable[[str, Option], bool]) -> CostModel:
+        """This model with each layer offered only the options ``offered(layer, option)``
+        keeps, their costs with them."""
 
         def pick(table: dict[str, list]) -> dict[str, list]:
-            return {n: [values[index[n]]] for n, values in table.items()}
+            return {
+                n: [v for o, v in zip(self.options[n], values, strict=True) if offered(n, o)]
+                for n, values in table.items()
+            }
 
         return dataclasses.replace(
             self,

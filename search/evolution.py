@@ -31,9 +31,9 @@ class Stall:
     """Stop once the parent's error fell by less than ``gain`` (relative) over the last
     ``generations`` generations (3: on the demo, 4 and 8 cost more evaluations for the same
     held-out error, and 2 stopped a 3-bit search early), or did not fall at all over the
-    last ``idle`` generations (``None``: no such rule). With 2, eight of nine default tunes
-    of the bundled models stopped a generation sooner with the same plan, and the one search
-    that paid (the demo at 3 bits) ran on; see benchmarks/evolution_stall.py."""
+    last ``idle`` generations (``None``: no such rule). With 2, seven of eight tunes of the
+    bundled models at 3-5 bits stopped a generation sooner with the same plan, and the one
+    search that paid (the demo at 3 bits) still ran 6; see benchmarks/evolution_stall.py."""
 
     generations: int = 3
     gain: float = 0.005

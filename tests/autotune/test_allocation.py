@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from autotune.allocation import (
@@ -118,24 +116,7 @@ def test_kept_uniform_plans_are_those_with_the_least_summed_error(costs) -> None
 
 def _without(costs, layers: set[str], label: str):
     """``costs`` with ``label`` not offered to ``layers``."""
-
-    def drop(table: dict) -> dict:
-        return {
-            name: [
-                value
-                for option, value in zip(costs.options[name], values, strict=True)
-                if not (name in layers and option.label == label)
-            ]
-            for name, values in table.items()
-        }
-
-    return dataclasses.replace(
-        costs,
-        options=drop(costs.options),
-        bytes=drop(costs.bytes),
-        weight_bits=drop(costs.weight_bits),
-        seconds=drop(costs.seconds),
-    )
+    return costs.offering(lambda name, option: not (name in layers and option.label == label))
 
 
 RANKS = {"keep": 0.0, "int8-ch-sym": 1.0, "int4-g32-asym": 3.0}

@@ -50,7 +50,10 @@ def test_each_engine_starts_from_the_allocator_and_keeps_the_budget(tokenizer, e
         # cheap screening: more evaluations on the profiling batches than on the full set
         calls = search["evaluations_by_fidelity"]["calls"]
         assert calls[0] > calls[1]
-        assert run["full_evaluations"] >= 12
+        if run["stopped"] == "max_evals":
+            assert run["full_evaluations"] >= 12
+        else:  # its stall rule on the selection split ended it first
+            assert run["stopped"].startswith("stalled") and run["iterations"] >= 2
         # the stall is judged on the selection split: the parent's error there, per
         # generation, from the allocator's plan on (the final choice judges its plan again)
         judged = run["selection_errors"]
