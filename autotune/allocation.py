@@ -340,19 +340,15 @@ def fitting_uniforms(
         if method_of(o).needs_calibration(o)
     }
     for label in sorted(labels):
-        uniform = (
-            table.uniform(label)
-            if label in calibrated
-            else _uniform_where_offered(table, label, limits, ties)
-        )
+        taking = [label in choices for choices in table.choices]
+        if all(taking):
+            uniform, name = table.uniform(label), f"uniform {label}"
+        elif label in calibrated or 2 * sum(taking) < len(taking):
+            continue
+        else:
+            uniform = _uniform_where_offered(table, label, taking, limits, ties)
+            name = f"uniform {label} on {sum(taking)} of {len(taking)} layers"
         if uniform is not None and table.fits(uniform, limits):
-            taking = sum(label in choices for choices in table.choices)
-            every = taking == len(table.variables)
-            name = (
-                f"uniform {label}"
-                if every
-                else f"uniform {label} on {taking} of {len(table.variables)} layers"
-            )
             fitting[name] = uniform
     if keep is not None:
         ranked = sorted(fitting, key=lambda name: table.score(fitting[name]))  # ties by name
@@ -361,17 +357,14 @@ def fitting_uniforms(
 
 
 def _uniform_where_offered(
-    table: ChoiceTable, label: str, limits: dict[str, float], ties: Sequence[Sequence[str]]
+    table: ChoiceTable,
+    label: str,
+    taking: list[bool],
+    limits: dict[str, float],
+    ties: Sequence[Sequence[str]],
 ) -> list[int] | None:
-    """Every layer that can take ``label`` taking it and, when at least half of them can,
-    the others the allocator's least-error choice within ``limits``; ``None`` if fewer can,
-    or nothing fits."""
-    uniform = table.uniform(label)
-    if uniform is not None:
-        return uniform
-    taking = [label in choices for choices in table.choices]
-    if 2 * sum(taking) < len(taking):
-        return None
+    """The layers ``taking`` the label taking it, the others the allocator's least-error
+    choice within ``limits``; ``None`` if nothing fits."""
     scores = [
         np.where(np.arange(len(choices)) == choices.index(label), scores, np.inf)
         if takes

@@ -22,11 +22,11 @@ from typing import Any
 
 from autotune.allocation import candidate_totals, check_feasible
 from autotune.errors import InfeasibleBudgetError
-from autotune.latency_models import latency_model_for, measuring_model
+from autotune.latency_models import measuring_model
 from autotune.pipeline.choose import Scored, Searched, Selected, search, select_plan
 from autotune.pipeline.config import TuneConfig
 from autotune.pipeline.prepare import Data, Setup
-from autotune.pipeline.price import Priced
+from autotune.pipeline.price import Priced, times_plans
 from autotune.plan import Plan
 from methods.base import Option
 from profilers.measure import LatencyStats, measure_against
@@ -129,12 +129,7 @@ class LatencyCheck:
 def applies(setup: Setup, priced: Priced) -> bool:
     """Whether the plan can be checked here: a latency budget, priced by timing on this
     machine, with the whole model in memory."""
-    return (
-        not setup.as_is
-        and setup.executor.holds_whole_model
-        and latency_model_for(setup.spec).measures
-        and any(r in priced.limits for r in _PHASES)
-    )
+    return times_plans(setup) and any(r in priced.limits for r in _PHASES)
 
 
 def confirm_latency(

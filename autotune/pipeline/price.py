@@ -124,7 +124,7 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
     margin = LOCAL_LATENCY_MARGIN if timed else 0.0
     overhead = serving.get("kv_cache", 0) + serving.get("activations", 0)
     limits = limits_for(budget, costs, overhead, latency_margin=margin)
-    if timed and executor.holds_whole_model:  # a latency check will time the plan
+    if times_plans(setup):  # a latency check will time the plan
         limits, raised = within_timing_spread(budget, costs, limits, margin)
         for resource in raised:
             say.say(
@@ -169,6 +169,16 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
         margin,
         baseline,
         setup.runtime.tied_layers([ref.name for ref in layers]),
+    )
+
+
+def times_plans(setup: Setup) -> bool:
+    """Whether a plan of this tune can be timed here as a whole: options priced by timing on
+    this machine, the whole model in memory, something to compress."""
+    return (
+        not setup.as_is
+        and setup.executor.holds_whole_model
+        and latency_model_for(setup.spec).measures
     )
 
 
