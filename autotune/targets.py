@@ -22,6 +22,7 @@ from typing import Any
 
 from autotune.errors import TargetError
 from autotune.json_input import check_schema, parse_json, read_json
+from methods.gguf_types import TYPE_FALLBACKS as BLOCK_TYPES
 from profilers.hardware import HardwareSpec
 from profilers.kernel_support import allowed_kernel_entries
 
@@ -57,6 +58,10 @@ _EFFICIENCY = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
 _OP_OVERHEAD = {"type": "number", "minimum": 0, "maximum": MAX_OP_OVERHEAD_S}
 _SOURCES = {"type": "object", "additionalProperties": {"type": "string"}}
 _KERNELS = {"type": "object", "additionalProperties": _KERNEL_SCHEMA}
+_BLOCK_RATES = {  # profilers.hardware.HardwareSpec.block_rates
+    "type": "object",
+    "additionalProperties": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
+}
 RUNTIME_SCHEMA: dict[str, Any] = {  # profilers.hardware.RuntimePrices
     "type": "object",
     "properties": {
@@ -65,6 +70,7 @@ RUNTIME_SCHEMA: dict[str, Any] = {  # profilers.hardware.RuntimePrices
         "peak_flops": _PEAKS_SCHEMA,
         "kernels": _KERNELS,
         "sources": _SOURCES,
+        "block_rates": _BLOCK_RATES,
     },
     "additionalProperties": False,
 }
@@ -88,6 +94,7 @@ ENTRY_SCHEMA: dict[str, Any] = {
         "int8_pairs_saturate": {"type": "boolean"},
         "kernels": _KERNELS,
         "sources": _SOURCES,
+        "block_rates": _BLOCK_RATES,
         "runtimes": {"type": "object", "additionalProperties": RUNTIME_SCHEMA},
     },
     "additionalProperties": False,
@@ -136,6 +143,17 @@ def _check_kernel_names(data: dict[str, Any], origin: str) -> None:
                 raise TargetError(
                     f"{origin}: targets/{index}/{where}: unknown kernel {unknown[0]!r} in "
                     f"{entry['name']!r}; allowed: {', '.join(allowed)}"
+                )
+        rates = {"block_rates": entry.get("block_rates", {})}
+        rates.update(
+            {f"runtimes/{n}/block_rates": r.get("block_rates", {}) for n, r in runtimes.items()}
+        )
+        for where, table in rates.items():
+            unknown = sorted(set(table) - set(BLOCK_TYPES))
+            if unknown:
+                raise TargetError(
+                    f"{origin}: targets/{index}/{where}: unknown block type {unknown[0]!r} in "
+                    f"{entry['name']!r}; allowed: {', '.join(sorted(BLOCK_TYPES))}"
                 )
 
 

@@ -33,6 +33,9 @@ class RuntimePrices:
     peak_flops: dict[str, float] = field(default_factory=dict)
     kernels: dict[str, KernelSpec] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
+    # per block type (GGML's name): the speed of the block kernel's matrix-vector product of
+    # it (see HardwareSpec.block_rates)
+    block_rates: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The target-file form: only the figures it sets."""
@@ -43,6 +46,7 @@ class RuntimePrices:
         data = dict(data)
         data["kernels"] = {k: KernelSpec(**v) for k, v in data.get("kernels", {}).items()}
         data["peak_flops"] = {k: float(v) for k, v in data.get("peak_flops", {}).items()}
+        data["block_rates"] = {k: float(v) for k, v in data.get("block_rates", {}).items()}
         return RuntimePrices(**data)
 
 
@@ -72,6 +76,12 @@ class HardwareSpec:
     # figures of runtimes whose graphs run otherwise than autotune's modules (llama.cpp's
     # one node per operation), applied by :meth:`for_runtime`
     runtimes: dict[str, RuntimePrices] = field(default_factory=dict)
+    # per block type of a block kernel (GGML's type name): the speed of its matrix-vector
+    # product (a call of one token: a decode step) relative to the kernel's roofline, which
+    # it divides (llama.cpp's i-quants look their values up in grids: in a decode step on
+    # small-lm IQ3_S took 2.1x Q4_K's time at 3.44 bits per weight against 4.5, while its
+    # prompts ran at Q4_K's speed); a type not listed has 1
+    block_rates: dict[str, float] = field(default_factory=dict)
 
     def for_runtime(self, runtime: str) -> HardwareSpec:
         """This device as ``runtime`` runs on it: the runtime's own figures (where the entry
@@ -89,6 +99,7 @@ class HardwareSpec:
             peak_flops={**self.peak_flops, **prices.peak_flops},
             kernels={**self.kernels, **prices.kernels},
             sources={**self.sources, **prices.sources},
+            block_rates={**self.block_rates, **prices.block_rates},
             **changed,
         )
 
@@ -100,8 +111,9 @@ class HardwareSpec:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["runtimes"] = {k: v.to_dict() for k, v in self.runtimes.items()}
-        if not data["runtimes"]:
-            del data["runtimes"]
+        for empty in ("runtimes", "block_rates"):
+            if not data[empty]:
+                del data[empty]
         return data
 
     @staticmethod
@@ -112,4 +124,5 @@ class HardwareSpec:
         data["runtimes"] = {
             k: RuntimePrices.from_dict(v) for k, v in data.get("runtimes", {}).items()
         }
+        data["block_rates"] = {k: float(v) for k, v in data.get("block_rates", {}).items()}
         return HardwareSpec(**data)

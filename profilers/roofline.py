@@ -107,6 +107,7 @@ def layer_latency(
     if kernel is not None:
         moved = cost.weight_bytes + cost.other_bytes + activations
         roof = max(flops / spec.peak(kernel.compute_dtype), moved / spec.bandwidth)
+        roof /= block_rate(spec, fmt, option) if tokens == 1 else 1.0
         ops = RUNTIME_KERNEL_OPS.get(spec.runtime, {}).get(fmt) or OPS_PER_CALL.get(
             fmt, OPS_PER_CALL["kernel"]
         )
@@ -119,6 +120,14 @@ def layer_latency(
     moved = cost.bytes + 2 * float_weight + activations
     roof = max(flops / spec.peak(shape.dtype), moved / spec.bandwidth)
     return roof / _efficiency(spec, "dequantize") + OPS_PER_CALL["dequantize"] * spec.op_overhead_s
+
+
+def block_rate(spec: HardwareSpec, fmt: str, option: Option) -> float:
+    """The speed of a block kernel's matrix-vector product of this option's type, relative
+    to the kernel's (``spec.block_rates``; 1 for other kernels and unlisted types)."""
+    if fmt != "gguf_block":
+        return 1.0
+    return spec.block_rates.get(getattr(option, "type", ""), 1.0)
 
 
 def rest_latency(rest: RestOfModel, spec: HardwareSpec) -> float:

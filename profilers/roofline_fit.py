@@ -134,6 +134,9 @@ def fit_target(
     return Fit(fitted, accuracy(spec, observations), accuracy(fitted, observations))
 
 
+RATE_BOUNDS = (0.02, 50.0)  # a block type's rate, relative to the reference type's
+
+
 def fit_runtime(
     spec: HardwareSpec,
     runtime: str,
@@ -141,22 +144,32 @@ def fit_runtime(
     kernels: Sequence[str],
     *,
     source: str = "",
+    block_types: Sequence[str] = (),
+    reference: str | None = None,
 ) -> Fit:
     """``spec`` with figures of its own for ``runtime``: its dense efficiency, the overhead
     of one operation, each of ``kernels``' efficiency and the peak of their compute types,
-    fitted to whole-model ``observations``; ``before`` is the spec as the runtime priced it
-    until now."""
-    if len(observations) < 2 + 2 * len(kernels):
+    and a block rate (:attr:`~profilers.hardware.HardwareSpec.block_rates`) for each of
+    ``block_types`` but ``reference`` (whose rate is 1, so that the kernel's efficiency
+    keeps the level and the rates the spread), fitted to whole-model ``observations``;
+    ``before`` is the spec as the runtime priced it until now."""
+    rated = [t for t in block_types if t != reference]
+    if len(observations) < 2 + 2 * len(kernels) + len(rated):
         raise ValueError(f"fitting {runtime}'s figures needs more measured models or shapes")
     base = spec.for_runtime(runtime)
     dtypes = sorted({base.kernels[k].compute_dtype for k in kernels})
+    count = 2 + len(kernels) + len(dtypes)
     start = np.log(
         [base.efficiency, max(base.op_overhead_s, 1e-7)]
         + [base.kernels[k].efficiency for k in kernels]
         + [base.peak(d) for d in dtypes]
+        + [base.block_rates.get(t, 1.0) for t in rated]
     )
+    low_rate, high_rate = RATE_BOUNDS
     lower = np.log([1e-3, 1e-9] + [1e-3] * len(kernels) + [1e8] * len(dtypes))
     upper = np.log([1.0, 1e-2] + [1.0] * len(kernels) + [1e16] * len(dtypes))
+    lower = np.concatenate((lower, np.full(len(rated), math.log(low_rate))))
+    upper = np.concatenate((upper, np.full(len(rated), math.log(high_rate))))
     note = f"fitted to {len(observations)} latencies measured in {runtime} {source}".strip()
 
     def prices(params: np.ndarray) -> RuntimePrices:
@@ -165,15 +178,21 @@ def fit_runtime(
             k: dataclasses.replace(base.kernels[k], efficiency=float(min(v, 1.0)), source=note)
             for k, v in zip(kernels, values[2 : 2 + len(kernels)], strict=True)
         }
-        peaks = dict(zip(dtypes, map(float, values[2 + len(kernels) :]), strict=True))
+        peaks = dict(zip(dtypes, map(float, values[2 + len(kernels) : count]), strict=True))
+        rates = {t: float(v) for t, v in zip(rated, values[count:], strict=True)}
+        if reference is not None and rated:
+            rates[reference] = 1.0
         sources = {"efficiency": note, "op_overhead_s": note}
         sources.update({f"peak_flops.{d}": note for d in dtypes})
+        if rates:
+            sources["block_rates"] = f"{note}; relative to {reference}"
         return RuntimePrices(
             efficiency=float(min(values[0], 1.0)),
             op_overhead_s=float(values[1]),
             peak_flops=peaks,
             kernels=fitted,
             sources=sources,
+            block_rates=dict(sorted(rates.items())),
         )
 
     def with_prices(params: np.ndarray) -> HardwareSpec:

@@ -109,9 +109,9 @@ def test_a_gpu_target_prices_int4_as_vllms_kernel_and_as_dequantise_for_torch() 
 @pytest.mark.parametrize("target", ["a100", "cpu"])
 def test_llama_cpp_prices_its_quantised_types_on_its_block_kernel(target: str) -> None:
     """In llama.cpp every quantised GGML type runs a kernel that reads the packed blocks, on
-    CPUs and GPUs: at one token a layer is priced by its stored bytes (Q4_K about half of
-    Q8_0's time), not as autotune's dequantising modules (rebuilding the float weight); its
-    float types run dense."""
+    CPUs and GPUs: at one token a layer is priced by its stored bytes over its type's block
+    rate where the target has one (Q4_K about half of Q8_0's time), not as autotune's
+    dequantising modules (rebuilding the float weight); its float types run dense."""
     from methods.gguf import GGUFOption
     from profilers.roofline import format_in_runtime
 
@@ -127,11 +127,13 @@ def test_llama_cpp_prices_its_quantised_types_on_its_block_kernel(target: str) -
     cost = q4.tensor_type.row_bytes(4096) * 4096
     moved = cost + (4096 + 4096) * 4
     overhead = 1 * llama.op_overhead_s  # one matrix-multiplication node
+    rates = {o.label: llama.block_rates.get(o.type, 1.0) for o in (q4, q8)}
     assert seconds[q4.label] == pytest.approx(
-        moved / llama.bandwidth / kernel.efficiency + overhead
+        moved / llama.bandwidth / kernel.efficiency / rates[q4.label] + overhead
     )
     assert seconds[q4.label] < seconds[q8.label] < seconds[f16.label]
     bytes_ratio = q4.tensor_type.row_bytes(4096) / q8.tensor_type.row_bytes(4096)
+    bytes_ratio *= rates[q8.label] / rates[q4.label]
     assert (seconds[q4.label] - overhead) / (seconds[q8.label] - overhead) == pytest.approx(
         bytes_ratio, rel=0.01
     )

@@ -156,6 +156,10 @@ def test_every_builtin_kernel_name_is_known() -> None:
             {"llama.cpp": {"kernels": {"gguf_blok": {"compute_dtype": "int8", "efficiency": 1}}}},
             "targets/0/runtimes/llama.cpp/kernels: unknown kernel 'gguf_blok'",
         ),
+        (
+            {"llama.cpp": {"block_rates": {"IQ3_SS": 0.5}}},
+            "targets/0/runtimes/llama.cpp/block_rates: unknown block type 'IQ3_SS'",
+        ),
     ],
 )
 def test_a_misspelt_runtime_or_its_kernel_is_refused(

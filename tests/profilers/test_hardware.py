@@ -180,3 +180,12 @@ def test_runtime_figures_round_trip_through_plain_data() -> None:
     }
     assert HardwareSpec.from_dict(data) == spec
     assert "runtimes" not in example_spec().to_dict()
+
+
+def test_a_runtimes_block_rates_survive_a_round_trip_and_join_the_spec_it_prices() -> None:
+    prices = RuntimePrices(op_overhead_s=1e-6, block_rates={"IQ3_S": 0.25, "Q4_0": 1.0})
+    spec = dataclasses.replace(example_spec(), runtimes={"llama.cpp": prices})
+    again = HardwareSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert again == spec and "block_rates" not in spec.to_dict()  # only the runtime's
+    assert again.for_runtime("llama.cpp").block_rates == {"IQ3_S": 0.25, "Q4_0": 1.0}
+    assert again.for_runtime("torch").block_rates == {}

@@ -506,3 +506,24 @@ def test_the_same_kernel_table_is_priced_on_a_cpu(option: Option) -> None:
     fmt = method_of(option).runtime_format(LINEAR, option)
     assert priced_kernel(listed, fmt, 1) is GPU_KERNELS[fmt]
     assert layer_latency(LINEAR, option, listed, 1) != layer_latency(LINEAR, option, make_spec(), 1)
+
+
+@pytest.mark.parametrize("tokens", [1, 128])
+def test_a_block_rate_divides_a_gguf_layers_matrix_vector_roofline_only(tokens: int) -> None:
+    from methods.gguf import GGUFOption
+
+    kernel = KernelSpec("int8", None, 1.0, "fitted")
+    spec = HardwareSpec(
+        name="box", kind="cpu", description="", memory_bytes=2**34, bandwidth=4e10,
+        peak_flops={"float32": 1e11, "int8": 2e11}, op_overhead_s=1e-6,
+        kernels={"gguf_block": kernel}, runtime="llama.cpp",
+    )  # fmt: skip
+    slow = dataclasses.replace(spec, block_rates={"IQ3_S": 0.25})
+    shape = LayerShape("linear", 1024, 1024)
+    overhead = spec.op_overhead_s  # one graph node
+    for name, rate in (("IQ3_S", 0.25), ("Q4_0", 1.0)):
+        option = GGUFOption(name)
+        plain = layer_latency(shape, option, spec, tokens) - overhead
+        rated = layer_latency(shape, option, slow, tokens) - overhead
+        expected = plain / rate if tokens == 1 else plain
+        assert rated == pytest.approx(expected)

@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from autotune.cli import main
-from autotune.export.llama_fit import FLOAT, TYPES, fit_llama_cpp, uniform_types
+from autotune.export.llama_fit import (
+    FLOAT,
+    TYPES,
+    fit_llama_cpp,
+    rated_type,
+    type_files,
+    uniform_types,
+)
 from autotune.profiling import profile_model
 from autotune.runtimes import get_runtime
 from autotune.targets import get_target, load_registry
@@ -57,8 +64,8 @@ def test_the_fit_prices_the_timed_files_closer_than_the_targets_figures(monkeypa
     seen = []
     observe = llama_fit.llama_observations
 
-    def recorded(*args):
-        seen.extend(observe(*args))
+    def recorded(*args, **kwargs):
+        seen.extend(observe(*args, **kwargs))
         return seen
 
     monkeypatch.setattr(llama_fit, "llama_observations", recorded)
@@ -68,8 +75,12 @@ def test_the_fit_prices_the_timed_files_closer_than_the_targets_figures(monkeypa
     device = get_target("cpu")
     fit = fit_llama_cpp(model, device, shapes, rounds=2)
     types = uniform_types(model)
-    assert len(seen) == 2 * (len(types) + 1)  # every type and the F32 file, at each shape
-    assert {o.label.rsplit(" ", 1)[1] for o in seen} == {FLOAT, *types}
+    rated = type_files(model)
+    # every uniform type, the F32 file and every block type's file, at each shape
+    assert len(seen) == 2 * (len(types) + 1 + len(rated))
+    uniform = [o for o in seen if rated_type(o) is None]
+    assert {o.label.rsplit(" ", 1)[1] for o in uniform} == {FLOAT, *types}
+    assert {rated_type(o) for o in seen} - {None} == set(rated) >= {"IQ3_S", "IQ2_XXS", "Q4_K"}
     assert all(o.seconds > 0 and np.isfinite(o.price(device)) for o in seen)
     before = get_runtime("llama.cpp").spec_for(device)
     after = fit.spec.for_runtime("llama.cpp")
@@ -77,6 +88,9 @@ def test_the_fit_prices_the_timed_files_closer_than_the_targets_figures(monkeypa
     # the device's own figures are kept for every other runtime
     assert fit.spec.op_overhead_s == device.op_overhead_s
     assert fit.spec.runtimes["llama.cpp"].kernels["gguf_block"].efficiency > 0
+    rates = fit.spec.runtimes["llama.cpp"].block_rates
+    assert set(rates) == set(rated) and rates["Q4_0"] == 1.0
+    assert all(0 < rate < 100 for rate in rates.values())
 
 
 @NEEDS_LLAMA
