@@ -289,7 +289,7 @@ def allocate_plan(
     }
     table = choice_table(costs, scores)
     try:
-        return table, _allocate(table, limits, ties)
+        return table, allocate_tied(table, limits, ties)
     except InfeasibleError as exc:
         raise InfeasibleBudgetError(
             infeasible_message(budget, table, limits, costs), exc.minimums
@@ -303,7 +303,7 @@ def assignment_options(
     return {n: costs.options[n][i] for n, i in zip(table.variables, assignment, strict=True)}
 
 
-def _allocate(
+def allocate_tied(
     table: ChoiceTable, limits: dict[str, float], ties: Sequence[Sequence[str]] = ()
 ) -> Allocation:
     """The allocator's plan of ``table`` within ``limits``, each group of ``ties`` taking
@@ -373,6 +373,6 @@ def _uniform_where_offered(
     ]
     masked = ChoiceTable(table.variables, table.choices, scores, table.costs, table.fixed)
     try:
-        return _allocate(masked, limits, ties).assignment
+        return allocate_tied(masked, limits, ties).assignment
     except InfeasibleError:
         return None

@@ -84,6 +84,9 @@ class Runtime(ABC):
     fits_prices: ClassVar[bool] = False
     # families of sibling layers (by the last part of their names) it runs as one matrix
     fused: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    # a memory budget's plan generates at most this much slower than the largest of
+    # :meth:`reference_plans` that fits (autotune.decode_guard); ``None``: speed left free
+    decode_slack: ClassVar[float | None] = None
 
     @abstractmethod
     def refusal(self, layer: str, shape: LayerShape, option: Option) -> str | None:
@@ -125,6 +128,11 @@ class Runtime(ABC):
         this runtime's own, fitted to the model timed in it at ``shapes``; only where
         :attr:`fits_prices` (else its plans are priced with the device's own figures)."""
         raise NotImplementedError(f"{self.name} has no figures of its own to fit")
+
+    def reference_plans(self, options: Mapping[str, Sequence[Option]]) -> dict[str, dict[str, str]]:
+        """Plans a memory budget's generation speed is held to (name -> layer -> option
+        label), from the layers' ``options``; none by default."""
+        return {}
 
     def forms(self, option: Option) -> list[Option]:
         """The forms of ``option`` this runtime's kernels run (the option itself by default;
@@ -434,6 +442,9 @@ class LlamaCppRuntime(_ExportedRuntime):
     export_format = "gguf"
     timed_locally = True  # autotune.export.llama_latency times each type in llama.cpp
     fits_prices = True  # autotune.export.llama_fit: one graph node per operation
+    decode_slack = 0.05
+    # the base types of llama.cpp's mixes (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K) and F16
+    REFERENCE_TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K")
     description = (
         "llama.cpp running a GGUF export: each tensor one of llama.cpp's types (Q8_0, Q6_K, "
         "Q4_K, IQ4_XS, ...); budgets count the GGUF file's bytes"
@@ -451,6 +462,27 @@ class LlamaCppRuntime(_ExportedRuntime):
 
     def methods(self, spec: HardwareSpec) -> tuple[str, ...]:
         return ("gguf",)
+
+    def reference_plans(self, options):
+        """The files ``llama-quantize --pure TYPE`` writes, for each of the mixes' base types:
+        every tensor in that type, or in llama.cpp's fallback where its rows cannot take it."""
+        from methods.gguf import GGUFOption
+        from methods.gguf_types import TYPE_FALLBACKS
+
+        plans = {}
+        for base in self.REFERENCE_TYPES:
+            plan = {}
+            for layer, offered in options.items():
+                labels = {o.label for o in offered}
+                kind: str | None = base
+                while kind is not None and GGUFOption(kind).label not in labels:
+                    kind = TYPE_FALLBACKS[kind]
+                if kind is None:
+                    break
+                plan[layer] = GGUFOption(kind).label
+            else:
+                plans[f"llama-quantize --pure {base}"] = plan
+        return plans
 
     def fit_prices(self, model, spec, shapes, tokenizer=None):
         from autotune.export.llama_cpp import available

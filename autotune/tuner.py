@@ -16,7 +16,7 @@ from autotune.pipeline.clock import StageClock
 from autotune.pipeline.config import TuneConfig
 from autotune.pipeline.confirm import confirm_latency
 from autotune.pipeline.prepare import calibrate, prepare
-from autotune.pipeline.price import price
+from autotune.pipeline.price import guard, price
 from autotune.pipeline.record import apply_chosen, measure_result, record_plan, write_model
 from autotune.plan import Plan
 from autotune.report import Report
@@ -88,6 +88,7 @@ def autotune(
     data = clock.run("calibrate", calibrate, setup, config)
     priced = clock.run("price", price, setup, data, config)
     scored = clock.run("score", score, setup, data, priced, config)
+    priced = guard(setup, priced, scored.table.errors)  # one MILP: not a stage of its own
     searched = clock.run("search", search, setup, data, priced, scored, config)
     selected = clock.run("select", select_plan, setup, data, scored, searched, config)
     priced, searched, selected = clock.run(

@@ -8,7 +8,9 @@
    held-out splits, their reference outputs, and any structured pruning;
 3. :func:`~autotune.pipeline.price.price`: the layers and their options, each priced in
    bytes and latency, and the budget's limits;
-4. :func:`~autotune.pipeline.choose.score`: each (layer, option) scored by the estimator;
+4. :func:`~autotune.pipeline.choose.score`: each (layer, option) scored by the estimator,
+   then :func:`~autotune.pipeline.price.guard`: a memory budget's decode limit from the
+   scores, where the runtime holds generation to a reference (:mod:`autotune.decode_guard`);
 5. :func:`~autotune.pipeline.choose.search`: the allocator's plan, improved by the engine;
 6. :func:`~autotune.pipeline.choose.select_plan`: the front runner against every uniform
    plan that fits, on the selection split;

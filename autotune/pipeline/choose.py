@@ -14,7 +14,7 @@ from autotune.errors import InfeasibleBudgetError
 from autotune.fitness import PlanFitness, windows_of
 from autotune.pipeline.config import TuneConfig
 from autotune.pipeline.prepare import Data, Setup
-from autotune.pipeline.price import Priced
+from autotune.pipeline.price import Priced, guarded_limits
 from autotune.refinement import Decide
 from autotune.searching import SearchOutcome, choose_engine, run_search
 from autotune.selection import Selection, choose, uniform_finalists
@@ -80,9 +80,8 @@ def _allocator_choice(setup: Setup, priced: Priced) -> Decide:
     """The allocator's option per layer on a table of errors, within the tune's limits."""
 
     def decide(errors: dict[str, dict[str, float]]) -> dict[str, str]:
-        table, allocation = allocate_plan(
-            setup.budget, priced.costs, priced.limits, errors, priced.ties
-        )
+        limits, _ = guarded_limits(priced, errors)
+        table, allocation = allocate_plan(setup.budget, priced.costs, limits, errors, priced.ties)
         chosen = assignment_options(priced.costs, table, allocation.assignment)
         return {name: option.label for name, option in chosen.items()}
 

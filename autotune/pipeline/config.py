@@ -31,8 +31,9 @@ class CalibrationConfig:
 class SearchConfig:
     """What is searched and how: methods and option labels offered, the sensitivity
     estimator (:mod:`autotune.estimators`), the engine (:mod:`autotune.engines`) and its
-    effort, an Optuna study to record it, structured pruning first, and the sensitivity
-    cache (``True``: ``$AUTOTUNE_CACHE`` or ``~/.cache/autotune``; a folder; ``False``)."""
+    effort, an Optuna study to record it, structured pruning first, the sensitivity
+    cache (``True``: ``$AUTOTUNE_CACHE`` or ``~/.cache/autotune``; a folder; ``False``), and
+    how much slower than the runtime's reference a memory budget's plan may generate."""
 
     methods: Sequence[str] | None = None
     option_labels: Sequence[str] | None = None
@@ -45,6 +46,14 @@ class SearchConfig:
     structured: Mapping[str, float] | None = None
     cache: bool | str | Path = True
     seed: int = 0
+    # a memory budget's plan generates at most this much slower than the runtime's reference
+    # file of its size (autotune.decode_guard): "runtime" for the runtime's own, None: off
+    decode_slack: float | str | None = "runtime"
+
+    def __post_init__(self) -> None:
+        from autotune.decode_guard import checked_slack
+
+        object.__setattr__(self, "decode_slack", checked_slack(self.decode_slack))
 
 
 @dataclass(frozen=True)

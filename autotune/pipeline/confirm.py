@@ -129,7 +129,15 @@ class LatencyCheck:
 def applies(setup: Setup, priced: Priced) -> bool:
     """Whether the plan can be checked here: a latency budget, priced by timing on this
     machine, with the whole model in memory."""
-    return times_plans(setup) and any(r in priced.limits for r in _PHASES)
+    return times_plans(setup) and bool(checked_resources(setup, priced))
+
+
+def checked_resources(setup: Setup, priced: Priced) -> list[str]:
+    """The latency limits a check times the plan against: the budget's own (a decode guard,
+    :mod:`autotune.decode_guard`, is a search limit, not a budget)."""
+    budget = setup.budget
+    bound = {"seconds": budget.bounds_latency, "decode_seconds": budget.bounds_decode}
+    return [r for r in _PHASES if r in priced.limits and bound[r]]
 
 
 def confirm_latency(
@@ -332,8 +340,9 @@ def measured_ms(
     out: dict[str, tuple[LatencyStats, LatencyStats | None]] = {}
     with setup.executor.swapped(options) as model:
         models = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
-        for resource, phase in _PHASES.items():
-            if resource not in priced.limits or inputs[resource] is None:
+        for resource in checked_resources(setup, priced):
+            phase = _PHASES[resource]
+            if inputs[resource] is None:
                 continue
             limit = setup.budget.timing_limit(phase, baseline is not None)
             elsewhere = None

@@ -3,7 +3,7 @@ limits the budget sets on them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -20,6 +20,14 @@ from autotune.allocation import (
 )
 from autotune.budget import Budget
 from autotune.costs import CostModel, build_costs, layer_options
+from autotune.decode_guard import (
+    RUNTIME_DEFAULT,
+    DecodeGuard,
+    GuardRule,
+    checked_slack,
+    decode_guard,
+    guard_rule,
+)
 from autotune.errors import AutotuneError
 from autotune.latency_models import latency_model_for
 from autotune.layers import LayerRef, compressible_layers
@@ -59,6 +67,10 @@ class Priced:
     baseline: Measured | None = None
     # groups of layers the runtime runs as one (fused) matrix: each takes one option
     ties: list[tuple[str, ...]] = field(default_factory=list)
+    # what a memory budget's decode step is held to, and, once the options are scored, the
+    # limit it gives (autotune.decode_guard)
+    guard_rule: GuardRule | None = None
+    guard: DecodeGuard | None = None
 
 
 def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
@@ -143,6 +155,7 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
             "every layer is kept and nothing is profiled"
         )
         options, costs = keep_only(options), costs.only(KeepOption().label)
+    rule = None if setup.as_is else _guard_rule(setup, config, costs, options, limits)
     say.say(
         f"{len(layers)} layers x {max(len(o) for o in options.values())} options; "
         f"target {spec.name}; budget {budget.spec}"
@@ -169,7 +182,46 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
         margin,
         baseline,
         setup.runtime.tied_layers([ref.name for ref in layers]),
+        rule,
     )
+
+
+def _guard_rule(
+    setup: Setup,
+    config: TuneConfig,
+    costs: CostModel,
+    options: dict[str, list[Option]],
+    limits: dict[str, float],
+) -> GuardRule | None:
+    """What the decode step of a budget that sets no decode limit is held to, where the
+    runtime holds generation to a reference (:mod:`autotune.decode_guard`)."""
+    slack = checked_slack(config.search.decode_slack)
+    if slack == RUNTIME_DEFAULT:
+        slack = setup.runtime.decode_slack
+    if slack is None or setup.budget.bounds_decode:
+        return None
+    references = setup.runtime.reference_plans(options)
+    return guard_rule(costs, limits, references, float(slack))
+
+
+def guarded_limits(
+    priced: Priced, errors: dict[str, dict[str, float]]
+) -> tuple[dict[str, float], DecodeGuard | None]:
+    """The limits a plan is searched under on the layers' ``errors``: the budget's, and the
+    decode guard's where there is one."""
+    if priced.guard_rule is None:
+        return priced.limits, None
+    guard = decode_guard(priced.guard_rule, priced.costs, priced.limits, errors, priced.ties)
+    return {**priced.limits, "decode_seconds": guard.limit_s}, guard
+
+
+def guard(setup: Setup, priced: Priced, errors: dict[str, dict[str, float]]) -> Priced:
+    """Stage 4b: the decode guard's limit on the scored options (unchanged without one)."""
+    limits, found = guarded_limits(priced, errors)
+    if found is None:
+        return priced
+    setup.say.say(found.describe())
+    return replace(priced, limits=limits, guard=found)
 
 
 def times_plans(setup: Setup) -> bool:

@@ -146,6 +146,8 @@ def _search_record(
     budget = setup.budget
     if priced.margin and (budget.bounds_latency or budget.bounds_decode):
         record["latency_margin"] = priced.margin
+    if priced.guard is not None:
+        record["decode_guard"] = priced.guard.to_dict()
     record["selection"] = selected.selection.to_dict()
     if selected.latency_checks:
         record["latency_checks"] = selected.latency_checks

@@ -139,6 +139,14 @@ def _add_search(tune: argparse.ArgumentParser) -> None:
     tune.add_argument(
         "--study", help="study name in --storage (default: derived from model, data and space)"
     )
+    tune.add_argument(
+        "--decode-slack",
+        default="runtime",
+        metavar="F",
+        help="with a budget that sets no decode limit, how much slower than the runtime's own "
+        "file of that size the plan may generate (llama.cpp: 0.05, against its --pure file "
+        "of the largest of its mixes' base types that fits); off: speed left free",
+    )
 
 
 def _add_pruning(tune: argparse.ArgumentParser) -> None:

@@ -26,4 +26,5 @@ def tune_settings(args: argparse.Namespace, methods: Any, labels: Any) -> dict[s
         "study_name": args.study,
         "structured": {"ffn": args.prune_ffn, "heads": args.prune_heads},
         "runtime": args.runtime,
+        "decode_slack": args.decode_slack,
     }
