@@ -12,8 +12,11 @@ text its tunes use, in llama.cpp's imatrix format). The plain mix's file size is
 budget of three ``autotune(..., runtime="llama.cpp")`` runs:
 
 * **autotune**: target ``cpu``, every type offered (importance-matrix options included,
-  computed from autotune's calibration text);
-* **plain**: the same with plain types only (no importance matrix: the mixes' own footing);
+  computed from autotune's calibration text), the default decode guard on (a memory budget's
+  decode step at most 5% slower than the fastest plan predicted as good as llama.cpp's
+  ``--pure`` file of the largest base type that fits; ``autotune.decode_guard``);
+* **speed free**: the same with ``decode_slack="off"`` (generation speed left free);
+* **plain**: the default with plain types only (no importance matrix: the mixes' own footing);
 * **decode-bound**: target ``local`` (every type timed in llama.cpp here) with the mix's
   own decode time as a second budget (one token after 127, timed in llama.cpp beforehand).
 
@@ -131,7 +134,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(BUNDLED_LMS), default="tiny-lm")
     parser.add_argument("--mixes", default=",".join(MIXES))
     parser.add_argument("--windows", type=int, default=32, help="held-out windows of 128 tokens")
-    parser.add_argument("--rounds", type=int, default=7, help="timing rounds")
+    parser.add_argument("--rounds", type=int, default=21, help="timing rounds")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain-types tunes")
     args = parser.parse_args()
     mixes = [m.strip() for m in args.mixes.split(",") if m.strip()]
@@ -161,13 +164,19 @@ def main() -> None:
         for mix in mixes:
             size = paths[mix].stat().st_size
             variants = {
-                "autotune": (f"{size}B", "cpu", None),
-                "plain": (f"{size}B", "cpu", plain),
-                "decode-bound": (f"{size}B,decode={mix_decode[mix].p50_ms:.4f}ms", "local", None),
+                "autotune": (f"{size}B", "cpu", None, "runtime"),
+                "speed free": (f"{size}B", "cpu", None, None),
+                "plain": (f"{size}B", "cpu", plain, "runtime"),
+                "decode-bound": (
+                    f"{size}B,decode={mix_decode[mix].p50_ms:.4f}ms",
+                    "local",
+                    None,
+                    "runtime",
+                ),
             }
             if args.no_plain:
                 del variants["plain"]
-            for variant, (budget, target, labels) in variants.items():
+            for variant, (budget, target, labels, slack) in variants.items():
                 start = time.perf_counter()
                 try:
                     result = autotune(
@@ -177,6 +186,7 @@ def main() -> None:
                         runtime="llama.cpp",
                         tokenizer=tokenizer,
                         option_labels=labels,
+                        decode_slack=slack,
                         progress=False,
                         measure=False,
                     )
@@ -200,7 +210,7 @@ def main() -> None:
             base_kl = quality[mix]["heldout_error"]
             base, base_one = timed[mix], one[mix]
             names = [mix, f"{mix} + imatrix"]
-            names += [f"{v} @ {mix}" for v in ("autotune", "plain", "decode-bound")]
+            names += [f"{v} @ {mix}" for v in ("autotune", "speed free", "plain", "decode-bound")]
             for name in names:
                 if name not in paths:
                     continue
