@@ -78,6 +78,13 @@ def search_line(search: dict[str, Any]) -> str | None:
             f"{check['predicted_ms']:.4g} ms predicted, "
             f"budget {check['budget_ms']:.4g} ms ({'met' if check['met'] else 'missed'})"
         )
+    guard = search.get("decode_guard")
+    if guard:
+        line += (
+            f"; decode step searched within {guard['limit_ms']:.4g} ms, "
+            f"{100 * guard['slack']:g}% over the fastest plan predicted as good as "
+            f"{guard['reference']} ({guard['fastest_as_good_ms']:.4g} ms)"
+        )
     selection = search.get("selection") or {}
     chosen, front = selection.get("chosen"), selection.get("front_runner")
     if chosen and front and chosen != front:

@@ -35,6 +35,23 @@ def test_search_line_says_when_a_uniform_plan_beat_the_front_runner() -> None:
     assert "front runner" not in (Report(kept).search_line() or "")
 
 
+def test_search_line_gives_the_decode_guard_it_was_searched_under() -> None:
+    plan = _plan({"windows": 8, "front_runner": "allocator", "chosen": "allocator"})
+    assert "decode step" not in (Report(plan).search_line() or "")
+    plan.search["decode_guard"] = {
+        "reference": "llama-quantize --pure Q3_K",
+        "reference_ms": 0.45,
+        "fastest_as_good_ms": 0.3267,
+        "slack": 0.05,
+        "limit_ms": 0.343,
+    }
+    line = Report(plan).search_line() or ""
+    assert (
+        "decode step searched within 0.343 ms, 5% over the fastest plan predicted as good as "
+        "llama-quantize --pure Q3_K (0.3267 ms)" in line
+    )
+
+
 def test_best_uniform_note_gives_both_sizes_and_the_error_ratio() -> None:
     plan = _plan(
         {"windows": 8, "front_runner": "allocator", "chosen": "allocator"},
