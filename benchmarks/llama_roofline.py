@@ -19,6 +19,11 @@ depends on their relative cost, shown over F16's (below 1: faster than F16). Mod
 config with rows that are multiples of 256 (8 blocks x 512, MLP 1536, random weights: speed
 does not depend on them), so K-quants apply.
 
+A second table times one file per block type a plan can take (its linear layers in that type,
+its embeddings in Q4_0; the i-quants too) in a decode step and compares each type's time over
+Q4_0's file with the ``cpu`` figures' prediction, with their block rates and without them
+(every type priced by its bytes on one kernel efficiency).
+
 Run: ``python benchmarks/llama_roofline.py`` (a few minutes on 2 cores; needs
 ``pip install 'autotune[llama]'``).
 """
@@ -42,7 +47,7 @@ import transformers
 from torch import nn
 
 from autotune.export.llama_cpp import available
-from autotune.export.llama_fit import FLOAT, llama_observations
+from autotune.export.llama_fit import FLOAT, REFERENCE, llama_observations, rated_type
 from autotune.loading import load_model
 from autotune.runtimes import get_runtime
 from autotune.targets import get_target
@@ -76,7 +81,9 @@ def rows(model_name: str, model: nn.Module, summary: list[list[str]]) -> list[li
         "device figures": dataclasses.replace(device, runtimes={}).for_runtime(RUNTIME),
     }
     found = []
-    observations = llama_observations(model, shapes(model))
+    observations = llama_observations(model, shapes(model), rated=True)
+    _rated_rows(model_name, [o for o in observations if rated_type(o) is not None], ways)
+    observations = [o for o in observations if rated_type(o) is None]
     for shape in shapes(model):
         timed = {
             o.label.rsplit(" ", 1)[1]: o for o in observations if f" {shape} " in f"{o.label} "
@@ -114,6 +121,42 @@ def rows(model_name: str, model: nn.Module, summary: list[list[str]]) -> list[li
     return found
 
 
+RATED: list[list[str]] = []  # per model and block type, in a decode step
+RATED_SUMMARY: list[list[str]] = []
+
+
+def _rated_rows(model_name: str, observations: list, ways: dict) -> None:
+    """Each block type's decode step over Q4_0's, measured and priced with and without the
+    block rates."""
+    figures = ways["llama.cpp figures"]
+    priced_ways = {
+        "with block rates": figures,
+        "without": dataclasses.replace(figures, block_rates={}),
+    }
+    decode = {rated_type(o): o for o in observations if " decode " in o.label}
+    if REFERENCE not in decode:
+        return
+    anchor = decode[REFERENCE]
+    errors: dict[str, list[float]] = {w: [] for w in priced_ways}
+    for kind, observation in sorted(decode.items()):
+        measured = observation.seconds / anchor.seconds
+        row = [model_name, kind, f"{1e3 * observation.seconds:.3f}", f"{measured:.2f}"]
+        for way, spec in priced_ways.items():
+            predicted = observation.price(spec) / anchor.price(spec)
+            row.append(f"{predicted:.2f} ({predicted / measured:.2f})")
+            errors[way].append(abs(math.log(predicted / measured)))
+        RATED.append(row)
+    for way, values in errors.items():
+        RATED_SUMMARY.append(
+            [
+                model_name,
+                way,
+                f"{math.exp(statistics.median(values)):.2f}x",
+                f"{math.exp(max(values)):.2f}x",
+            ]
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="tiny-lm,small-lm,llama-8x512")
@@ -145,6 +188,19 @@ def main() -> None:
     )
     print("|---|---|---|---:|---:|---:|")
     for row in summary:
+        print("| " + " | ".join(row) + " |")
+    print()
+    print(
+        f"| model | type | decode ms | measured / {REFERENCE} | priced / {REFERENCE} with block "
+        "rates (x measured) | without (x measured) |"
+    )
+    print("|---|---|---:|---:|---:|---:|")
+    for row in RATED:
+        print("| " + " | ".join(row) + " |")
+    print()
+    print(f"| model | prices | median error of the time over {REFERENCE}'s (factor) | largest |")
+    print("|---|---|---:|---:|")
+    for row in RATED_SUMMARY:
         print("| " + " | ".join(row) + " |")
 
 
