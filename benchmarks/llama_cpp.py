@@ -18,7 +18,11 @@ budget of three ``autotune(..., runtime="llama.cpp")`` runs:
 * **speed free**: the same with ``decode_slack="off"`` (generation speed left free);
 * **plain**: the default with plain types only (no importance matrix: the mixes' own footing);
 * **decode-bound**: target ``local`` (every type timed in llama.cpp here) with the mix's
-  own decode time as a second budget (one token after 127, timed in llama.cpp beforehand).
+  own decode speed as a second budget: its decode step (one token after 127) over the F32
+  file's, both timed in llama.cpp beforehand in the same rounds, as ``decode=Rx`` (a ratio
+  to the original's decode step, which the tune's check times beside the plan: this VM's
+  speed drifts by up to 1.4x within minutes, so a bound in milliseconds measured before the
+  tunes is not what the machine runs later).
 
 Every plan is exported to GGUF and all files are run in llama.cpp:
 
@@ -67,6 +71,7 @@ from methods.gguf import GGUFTypes
 from profilers.quality import output_error, run_outputs
 
 MIXES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
+FLOAT = "F32"
 # the calibration a default tune uses (stdlib docstrings, 32 windows of 128 tokens)
 CALIBRATION = {"seq_len": 128, "calibration_windows": 32, "batch_size": 8}
 
@@ -158,9 +163,11 @@ def main() -> None:
             quantize_mix(source, paths[mix], mix)
         weighted_mixes = imatrix_mixes(model, tokenizer, source, mixes, work)
         paths.update(weighted_mixes)
-        # each mix's decode step as a local tune times it (1 token after 127)
+        # each mix's decode step as a local tune times it (1 token after 127), over F32's
         decode = {"input_ids": torch.zeros(1, 1, dtype=torch.long), "cache": Context(127)}
-        mix_decode = measure_files({m: paths[m] for m in mixes}, decode, rounds=args.rounds)
+        timed_files = {FLOAT: source, **{m: paths[m] for m in mixes}}
+        mix_decode = measure_files(timed_files, decode, rounds=args.rounds)
+        mix_ratio = {m: mix_decode[m].p50_ms / mix_decode[FLOAT].p50_ms for m in mixes}
         for mix in mixes:
             size = paths[mix].stat().st_size
             variants = {
@@ -168,7 +175,7 @@ def main() -> None:
                 "speed free": (f"{size}B", "cpu", None, None),
                 "plain": (f"{size}B", "cpu", plain, "runtime"),
                 "decode-bound": (
-                    f"{size}B,decode={mix_decode[mix].p50_ms:.4f}ms",
+                    f"{size}B,decode={mix_ratio[mix]:.4f}x",
                     "local",
                     None,
                     "runtime",
@@ -251,7 +258,10 @@ def main() -> None:
         )
     print()
     for mix in mixes:
-        print(f"{mix}: decode {mix_decode[mix].p50_ms:.4f} ms per token after 127 (the bound)")
+        print(
+            f"{mix}: decode {mix_decode[mix].p50_ms:.4f} ms per token after 127, "
+            f"{mix_ratio[mix]:.4f}x F32's {mix_decode[FLOAT].p50_ms:.4f} ms (the bound)"
+        )
     for name, why in refused.items():
         print(f"{name}: no plan, {why}")
 
