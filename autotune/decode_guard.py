@@ -2,18 +2,18 @@
 runtime's own file of that size.
 
 A budget of bytes alone leaves a plan's speed free, and in llama.cpp types of equal bytes
-generate at very different speeds: in a decode step on small-lm IQ3_S took 2.1x Q4_K's time
-at 3.44 bits per weight against 4.5, so plans that spend the bytes best ran 1.16-1.37x
-slower than llama.cpp's mixes of their size. A runtime names its reference plans
-(:meth:`autotune.runtimes.Runtime.reference_plans`: for llama.cpp, the files ``llama-quantize
---pure`` writes with one of its mixes' base types). When the budget sets no decode limit,
-the largest reference that fits the budget's other limits is the yardstick
-(:func:`guard_rule`); once every layer's options are scored, the fastest plan within those
-limits whose summed error is at most the reference's is found (a MILP with the predicted
-decode time as its objective), and the plan is searched with its decode step within
-``slack`` of that plan's (:func:`decode_guard`). The yardstick is not the reference's own
-speed: llama.cpp's mixes give a few tensors of a slow base type (Q3_K) faster types and
-generate faster than that type's pure file.
+generate at very different speeds: in a decode step on small-lm IQ3_S took 2.2x Q4_K's time
+at 3.44 bits per weight against 4.5, so plans that spend the bytes best took up to 1.61x
+the time of llama.cpp's mix of their size per generated token (``benchmarks/llama_cpp.py``).
+A runtime names its reference plans (:meth:`autotune.runtimes.Runtime.reference_plans`:
+for llama.cpp, the files ``llama-quantize --pure`` writes with one of its mixes' base
+types). When the budget sets no decode limit, the largest reference that fits the budget's
+other limits is the yardstick (:func:`guard_rule`); once every layer's options are scored,
+the fastest plan within those limits whose summed error is at most the reference's is found
+(a MILP with the predicted decode time as its objective), and the plan is searched with its
+decode step within ``slack`` of that plan's (:func:`decode_guard`). The yardstick is not the
+reference's own speed: llama.cpp's mixes give a few tensors of a slow base type (Q3_K)
+faster types and generate faster than that type's pure file.
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ class HardwareSpec:
     # per block type of a block kernel (GGML's type name): the speed of its matrix-vector
     # product (a call of one token: a decode step) relative to the kernel's roofline, which
     # it divides (llama.cpp's i-quants look their values up in grids: in a decode step on
-    # small-lm IQ3_S took 2.1x Q4_K's time at 3.44 bits per weight against 4.5, while its
+    # small-lm IQ3_S took 2.2x Q4_K's time at 3.44 bits per weight against 4.5, while its
     # prompts ran at Q4_K's speed); a type not listed has 1
     block_rates: dict[str, float] = field(default_factory=dict)
 
