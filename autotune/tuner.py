@@ -76,7 +76,9 @@ def autotune(
       ``search`` (``"auto"`` or an engine of :mod:`autotune.engines`), ``max_evals``,
       ``timeout``, ``storage`` and ``study_name`` (an Optuna study that records the search,
       so a killed one resumes), ``structured`` (e.g. ``{"ffn": 0.25}``: prune that share of
-      FFN neurons or heads first), ``cache`` and ``seed``.
+      FFN neurons or heads first), ``cache`` and ``seed``; ``decode_slack``: where the
+      runtime holds a memory budget's generation to a reference (llama.cpp, see
+      :mod:`autotune.decode_guard`), how much slower the plan may decode (``"off"``: free).
     """
     started = time.perf_counter()
     if config is None:
