@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -137,24 +137,30 @@ def _check_kernel_names(data: dict[str, Any], origin: str) -> None:
             )
         tables = {"kernels": entry.get("kernels", {})}
         tables.update({f"runtimes/{n}/kernels": r.get("kernels", {}) for n, r in runtimes.items()})
-        for where, kernels in tables.items():
-            unknown = sorted(set(kernels) - set(allowed))
-            if unknown:
-                raise TargetError(
-                    f"{origin}: targets/{index}/{where}: unknown kernel {unknown[0]!r} in "
-                    f"{entry['name']!r}; allowed: {', '.join(allowed)}"
-                )
+        _refuse_unknown(tables, allowed, "kernel", f"{origin}: targets/{index}", entry["name"])
         rates = {"block_rates": entry.get("block_rates", {})}
         rates.update(
             {f"runtimes/{n}/block_rates": r.get("block_rates", {}) for n, r in runtimes.items()}
         )
-        for where, table in rates.items():
-            unknown = sorted(set(table) - set(BLOCK_TYPES))
-            if unknown:
-                raise TargetError(
-                    f"{origin}: targets/{index}/{where}: unknown block type {unknown[0]!r} in "
-                    f"{entry['name']!r}; allowed: {', '.join(sorted(BLOCK_TYPES))}"
-                )
+        where = f"{origin}: targets/{index}"
+        _refuse_unknown(rates, sorted(BLOCK_TYPES), "block type", where, entry["name"])
+
+
+def _refuse_unknown(
+    tables: Mapping[str, Mapping[str, Any]],
+    allowed: Sequence[str],
+    what: str,
+    where: str,
+    name: str,
+) -> None:
+    """Refuse the first key of ``tables`` (section -> table) that ``allowed`` lacks."""
+    for section, table in tables.items():
+        unknown = sorted(set(table) - set(allowed))
+        if unknown:
+            raise TargetError(
+                f"{where}/{section}: unknown {what} {unknown[0]!r} in {name!r}; "
+                f"allowed: {', '.join(allowed)}"
+            )
 
 
 @functools.cache
