@@ -3,7 +3,7 @@ what a plan records per layer."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -236,7 +236,7 @@ def within_timing_spread(
     fastest plan predicted, and a latency check times it. Returns the limits and the
     resources raised; refuses as :func:`check_feasible` does whatever is still out of reach."""
     raised = dict(limits)
-    others = {r: v for r, v in limits.items() if r not in LATENCY_RESOURCES}
+    others = non_latency(limits)
     for resource in LATENCY_RESOURCES:
         if resource not in limits:
             continue
@@ -246,6 +246,11 @@ def within_timing_spread(
             raised[resource] = least * (1 + 1e-6)
     check_feasible(budget, costs, raised)
     return raised, [r for r in raised if raised[r] != limits[r]]
+
+
+def non_latency(limits: Mapping[str, float]) -> dict[str, float]:
+    """``limits`` without the latency ones (stored bytes, bits)."""
+    return {r: v for r, v in limits.items() if r not in LATENCY_RESOURCES}
 
 
 def least_reachable(costs: CostModel, limits: dict[str, float], resource: str) -> float | None:

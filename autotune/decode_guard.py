@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from autotune.allocation import LATENCY_RESOURCES, allocate_tied, choice_table
+from autotune.allocation import allocate_tied, choice_table, non_latency
 from autotune.costs import CostModel
 from autotune.errors import AutotuneError
 from search.allocator import InfeasibleError
@@ -101,10 +101,6 @@ def checked_slack(value: Any) -> float | str | None:
     return slack
 
 
-def _others(limits: Mapping[str, float]) -> dict[str, float]:
-    return {r: v for r, v in limits.items() if r not in LATENCY_RESOURCES}
-
-
 def _assignment(table: ChoiceTable, labels: Mapping[str, str]) -> list[int] | None:
     try:
         return [
@@ -130,7 +126,7 @@ def guard_rule(
     fitting = []
     for name, labels in references.items():
         chosen = _assignment(table, labels)
-        if chosen is not None and table.fits(chosen, _others(limits)):
+        if chosen is not None and table.fits(chosen, non_latency(limits)):
             size = table.total("bytes", chosen)
             fitting.append((size, -table.total(DECODE, chosen), name))
     if not fitting:
@@ -167,7 +163,7 @@ def decode_guard(
         },
         {**scored.fixed, "error": 0.0},
     )
-    bound = {**_others(limits), "error": reference_error * (1 + 1e-9) + 1e-15}
+    bound = {**non_latency(limits), "error": reference_error * (1 + 1e-9) + 1e-15}
     try:
         fastest = table.total(DECODE, allocate_tied(table, bound, ties).assignment)
     except InfeasibleError:  # the reference itself, where the solver finds nothing better

@@ -74,7 +74,13 @@ def shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
     }
 
 
-def rows(model_name: str, model: nn.Module, summary: list[list[str]]) -> list[list[str]]:
+def rows(
+    model_name: str,
+    model: nn.Module,
+    summary: list[list[str]],
+    rated: list[list[str]],
+    rated_summary: list[list[str]],
+) -> list[list[str]]:
     device = get_target("cpu")
     ways = {
         "llama.cpp figures": get_runtime(RUNTIME).spec_for(device),
@@ -82,7 +88,8 @@ def rows(model_name: str, model: nn.Module, summary: list[list[str]]) -> list[li
     }
     found = []
     observations = llama_observations(model, shapes(model), rated=True)
-    _rated_rows(model_name, [o for o in observations if rated_type(o) is not None], ways)
+    per_type = [o for o in observations if rated_type(o) is not None]
+    _rated_rows(model_name, per_type, ways, rated, rated_summary)
     observations = [o for o in observations if rated_type(o) is None]
     for shape in shapes(model):
         timed = {
@@ -121,13 +128,15 @@ def rows(model_name: str, model: nn.Module, summary: list[list[str]]) -> list[li
     return found
 
 
-RATED: list[list[str]] = []  # per model and block type, in a decode step
-RATED_SUMMARY: list[list[str]] = []
-
-
-def _rated_rows(model_name: str, observations: list, ways: dict) -> None:
+def _rated_rows(
+    model_name: str,
+    observations: list,
+    ways: dict,
+    rated: list[list[str]],
+    rated_summary: list[list[str]],
+) -> None:
     """Each block type's decode step over Q4_0's, measured and priced with and without the
-    block rates."""
+    block rates: a row per type in ``rated``, per way of pricing in ``rated_summary``."""
     figures = ways["llama.cpp figures"]
     priced_ways = {
         "with block rates": figures,
@@ -145,9 +154,9 @@ def _rated_rows(model_name: str, observations: list, ways: dict) -> None:
             predicted = observation.price(spec) / anchor.price(spec)
             row.append(f"{predicted:.2f} ({predicted / measured:.2f})")
             errors[way].append(abs(math.log(predicted / measured)))
-        RATED.append(row)
+        rated.append(row)
     for way, values in errors.items():
-        RATED_SUMMARY.append(
+        rated_summary.append(
             [
                 model_name,
                 way,
@@ -169,9 +178,11 @@ def main() -> None:
     print(f"cpu target's llama.cpp figures: {fitted}")
     table: list[list[str]] = []
     summary: list[list[str]] = []
+    rated: list[list[str]] = []  # per model and block type, in a decode step
+    rated_summary: list[list[str]] = []
     for name in args.models.split(","):
         model = config_llama() if name == "llama-8x512" else load_model(name).model
-        table += rows(name, model, summary)
+        table += rows(name, model, summary, rated, rated_summary)
     print()
     print(
         "| model | shape | type | measured ms | llama.cpp figures ms (x measured) | device "
@@ -195,12 +206,12 @@ def main() -> None:
         "rates (x measured) | without (x measured) |"
     )
     print("|---|---|---:|---:|---:|---:|")
-    for row in RATED:
+    for row in rated:
         print("| " + " | ".join(row) + " |")
     print()
     print(f"| model | prices | median error of the time over {REFERENCE}'s (factor) | largest |")
     print("|---|---|---:|---:|")
-    for row in RATED_SUMMARY:
+    for row in rated_summary:
         print("| " + " | ".join(row) + " |")
 
 

@@ -59,15 +59,7 @@ FLOAT = "F32"
 def uniform_types(model: nn.Module) -> list[str]:
     """The types of :data:`TYPES` that every compressible layer of ``model`` takes."""
     layers = compressible_layers(model)
-    return [
-        name
-        for name in TYPES
-        if all(
-            method_of(GGUFOption(name)).supports(r.shape)
-            and GGUFOption(name).tensor_type.fits(r.shape.cols)
-            for r in layers
-        )
-    ]
+    return [name for name in TYPES if all(takes(r, GGUFOption(name)) for r in layers)]
 
 
 def type_option(name: str) -> GGUFOption:

@@ -24,7 +24,6 @@ from autotune.decode_guard import (
     RUNTIME_DEFAULT,
     DecodeGuard,
     GuardRule,
-    checked_slack,
     decode_guard,
     guard_rule,
 )
@@ -195,7 +194,7 @@ def _guard_rule(
 ) -> GuardRule | None:
     """What the decode step of a budget that sets no decode limit is held to, where the
     runtime holds generation to a reference (:mod:`autotune.decode_guard`)."""
-    slack = checked_slack(config.search.decode_slack)
+    slack = config.search.decode_slack  # checked by SearchConfig
     if slack == RUNTIME_DEFAULT:
         slack = setup.runtime.decode_slack
     if slack is None or setup.budget.bounds_decode:

@@ -127,25 +127,9 @@ def test_llama_cpps_references_are_its_pure_files_with_its_fallbacks() -> None:
 
 
 def tune_small_llama(tokenizer, budget: str = "2200000B", **settings):
-    from autotune.tuner import autotune
-    from tests.autotune.export.test_gguf import make_model
+    from tests.autotune.export.test_gguf import tune_for_llama_cpp
 
-    return autotune(
-        make_model(),
-        budget,
-        "cpu",
-        tokenizer=tokenizer,
-        runtime="llama.cpp",
-        progress=False,
-        measure=False,
-        search="allocator",
-        seq_len=32,
-        calibration_windows=8,
-        sensitivity_windows=2,
-        selection_windows=2,
-        heldout_windows=2,
-        **settings,
-    )
+    return tune_for_llama_cpp(budget, tokenizer, measure=False, **settings)
 
 
 def test_a_memory_tune_for_llama_cpp_is_searched_within_its_decode_guard(bpe_tokenizer) -> None:

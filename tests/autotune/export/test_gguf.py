@@ -65,15 +65,12 @@ def make_model(family: str = "llama", tied: bool = False, seed: int = 0, vocab_s
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
 
 
-def tune_for_llama_cpp(budget_bytes: int, tokenizer, family: str = "llama"):
-    """A quick tune of :func:`make_model` for llama.cpp (allocator, few short windows)."""
+def tune_for_llama_cpp(budget: int | str, tokenizer, family: str = "llama", **overrides):
+    """A quick tune of :func:`make_model` for llama.cpp (allocator, few short windows);
+    ``budget`` in bytes or a budget's text, ``overrides`` replace or add settings."""
     from autotune.tuner import autotune
 
-    return autotune(
-        make_model(family, tied=family == "gpt2"),
-        f"{budget_bytes}B",
-        "cpu",
-        tokenizer=tokenizer,
+    settings = dict(
         runtime="llama.cpp",
         progress=False,
         search="allocator",
@@ -83,6 +80,9 @@ def tune_for_llama_cpp(budget_bytes: int, tokenizer, family: str = "llama"):
         selection_windows=4,
         heldout_windows=4,
     )
+    text = f"{budget}B" if isinstance(budget, int) else budget
+    model = make_model(family, tied=family == "gpt2")
+    return autotune(model, text, "cpu", tokenizer=tokenizer, **{**settings, **overrides})
 
 
 PLANS = {
