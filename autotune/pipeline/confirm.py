@@ -6,8 +6,13 @@ kernels interact (ONNX Runtime's int8 kernels gain unequally on float32 from one
 another). So the selected plan is timed as a whole, in the runtime that runs it, beside the
 original as the final measurement times it; if it misses a latency or decode budget, the
 limit it is planned under is tightened by how far its prediction was off and the search runs
-again (the sensitivity table is reused), up to :data:`SEARCHES` searches in all; a limit
-tightened below every plan's prediction searches for the fastest plan predicted instead
+again (the sensitivity table is reused), up to :data:`SEARCHES` searches in all. A settled
+miss is replanned the latency margin under the budget; a miss the timing could not settle
+(the measured multiple's confidence interval still holds the budget after the most rounds)
+is replanned onto the budget, without the margin, since a plan within timing noise of it
+needs no more speed than a plan predicted a little faster (with the margin, a plan a hair
+over its budget could be replaced by the fastest plan predicted, at many times its error).
+A limit tightened below every plan's prediction searches for the fastest plan predicted instead
 (once). If none meets it, the plan measured nearest to it is kept, or, among plans whose
 misses cannot be told from the nearest one's, the one with the least error on the selection
 split (:func:`kept_after_misses`). A plan is timed beside the original until the verdict is
@@ -84,6 +89,12 @@ class LatencyCheck:
     @property
     def met(self) -> bool:
         return self.excess <= 1.0
+
+    @property
+    def settled(self) -> bool:
+        """Whether the verdict is sure: met, or missed even at the low end of the measured
+        multiple's confidence interval (a term without an interval counts as measured)."""
+        return self.met or self.excess_range[0] > 1.0
 
     def replanned_ms(self, keep: float) -> float:
         """The limit (ms, on the prediction's scale) to search under next so that, off by
@@ -164,7 +175,7 @@ def confirm_latency(
                 f"latency check: '{check.plan}' {check.measured_ms:.4g} ms measured"
                 + _multiple(check.ratio)
                 + f", {check.predicted_ms:.4g} ms predicted, budget {check.budget_ms:.4g} ms"
-                + ("" if check.met else " (missed)")
+                + ("" if check.met else " (missed)" if check.settled else " (missed, unsettled)")
             )
         if not missed:
             break
@@ -245,10 +256,10 @@ def kept_after_misses(tried: list[Tried]) -> Tried:
 
 def tightened(priced: Priced, missed: list[LatencyCheck]) -> dict[str, float]:
     """The limits with each missed latency planned so that, off by the same ratio, the plan
-    lands the margin under its budget."""
+    lands the margin under its budget, or on it where the miss was not settled."""
     limits = dict(priced.limits)
-    keep = 1.0 - priced.margin
     for check in missed:
+        keep = 1.0 - priced.margin if check.settled else 1.0
         wanted = check.replanned_ms(keep) / 1e3
         limits[check.resource] = min(limits[check.resource], wanted)
     return limits

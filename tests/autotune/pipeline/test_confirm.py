@@ -217,6 +217,39 @@ def test_a_missed_relative_check_is_replanned_by_the_multiple_measured() -> None
     assert tightened(priced, [both])["seconds"] == pytest.approx(0.95 * 0.006)
 
 
+def test_a_miss_the_timing_could_not_settle_is_replanned_onto_the_budget() -> None:
+    from profilers.paired_timing import Interval
+
+    # predicted at 0.6x the original, measured at 0.76x (95% CI 0.74-0.78) against 0.75x:
+    # the interval still holds the budget, so the next limit lands on it, not the margin under
+    unsettled = LatencyCheck(
+        "decode_seconds",
+        "evolution",
+        1,
+        budget_ms=7.5,
+        planned_ms=12.0,
+        predicted_ms=12.0,
+        measured_ms=7.6,
+        original_ms=10.0,
+        ratio_term=0.75,
+        ratio=Interval(0.76, 0.74, 0.78, 60),
+        original_predicted_ms=20.0,
+    )
+    assert not unsettled.met and not unsettled.settled
+    priced = SimpleNamespace(limits={"decode_seconds": 0.012}, margin=0.05)
+    misfit = 0.76 / 0.6
+    assert tightened(priced, [unsettled])["decode_seconds"] == pytest.approx(0.75 * 0.020 / misfit)
+    # the same median, sure to be over: the margin under, as before
+    settled = replace(unsettled, ratio=Interval(0.76, 0.755, 0.765, 60))
+    assert settled.settled and not settled.met
+    assert tightened(priced, [settled])["decode_seconds"] == pytest.approx(
+        0.95 * 0.75 * 0.020 / misfit
+    )
+    # a met check is settled; without an interval a miss is as measured
+    assert replace(unsettled, ratio=Interval(0.7, 0.6, 0.8, 60)).settled
+    assert check(measured=10.01).settled
+
+
 def test_a_limit_tightened_below_every_prediction_searches_for_the_fastest_plan(
     monkeypatch,
 ) -> None:
