@@ -73,7 +73,9 @@ def search_line(search: dict[str, Any]) -> str | None:
         )
     for check in search.get("latency_checks") or []:
         line += (
-            f"; {check['budget']} check of search {check.get('search', 1)}'s plan: "
+            f"; {check['budget']} check of search {check.get('search', 1)}'s plan"
+            + (" (under a loosened limit)" if check.get("loosened") else "")
+            + ": "
             f"{check['measured_ms']:.4g} ms measured{_multiple(check.get('ratio'))}, "
             f"{check['predicted_ms']:.4g} ms predicted, "
             f"budget {check['budget_ms']:.4g} ms ({'met' if check['met'] else 'missed'})"

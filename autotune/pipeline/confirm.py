@@ -12,12 +12,17 @@ miss is replanned the latency margin under the budget; a miss the timing could n
 is replanned onto the budget, without the margin, since a plan within timing noise of it
 needs no more speed than a plan predicted a little faster (with the margin, a plan a hair
 over its budget could be replaced by the fastest plan predicted, at many times its error).
-A limit tightened below every plan's prediction searches for the fastest plan predicted instead
-(once). If none meets it, the plan measured nearest to it is kept, or, among plans whose
+A limit tightened below every plan's prediction searches for the fastest plan predicted
+instead (once). If none meets it, the plan measured nearest to it is kept, or, among plans whose
 misses cannot be told from the nearest one's, the one with the least error on the selection
-split (:func:`kept_after_misses`). A plan is timed beside the original until the verdict is
-settled (:mod:`profilers.paired_timing`), and a relative budget is judged on the median of
-the per-round multiples. Every check is recorded in the plan (``search.latency_checks``).
+split (:func:`kept_after_misses`). A first plan that was bound by its limit and meets its
+budget by more than the margin was predicted slower than it runs, so the search runs once
+more under limits loosened the same way (:func:`spend_room`), and the new plan is kept if
+its own check meets the budget and its selection error is no higher (a budget at the
+fastest plan predicted otherwise leaves the allocator no room when the predictions are
+pessimistic). A plan is timed beside the original until the verdict is settled
+(:mod:`profilers.paired_timing`), and a relative budget is judged on the median of the
+per-round multiples. Every check is recorded in the plan (``search.latency_checks``).
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ from methods.base import Option
 from profilers.measure import LatencyStats, measure_against
 from profilers.paired_timing import Interval, paired
 
-SEARCHES = 3  # the first search and at most two more under tightened limits
+SEARCHES = 3  # the first search and at most two more under tightened (or loosened) limits
+LOOSEN_AT_LEAST = 0.01  # a loosened limit less than 1% above the last is not searched
+BINDING = 0.97  # a plan predicted at 97% of its limit or more was bound by it
 
 # the limit each latency budget sets -> its phase (``{phase}_ms``: the predicted total's name)
 _PHASES = {"seconds": "latency", "decode_seconds": "decode"}
@@ -60,6 +67,7 @@ class LatencyCheck:
     ratio_term: float | None = None  # the budget's multiple of the original, where it sets one
     ratio: Interval | None = None  # the measured multiple, from rounds that timed both
     original_predicted_ms: float | None = None  # the original on the prediction's scale
+    loosened: bool = False  # its plan was searched under a limit loosened after a roomy check
 
     @property
     def excess(self) -> float:
@@ -96,15 +104,18 @@ class LatencyCheck:
         multiple's confidence interval (a term without an interval counts as measured)."""
         return self.met or self.excess_range[0] > 1.0
 
-    def replanned_ms(self, keep: float) -> float:
+    def replanned_ms(self, keep: float, loosen: bool = False) -> float:
         """The limit (ms, on the prediction's scale) to search under next so that, off by
         as much again, the plan lands at ``keep`` of each term: an ms term by the measured
         over the predicted time, a relative term by the measured over the predicted
         multiple of the original (each on its own scale, so a machine that ran faster or
-        slower than when the options were timed moves neither)."""
+        slower than when the options were timed moves neither). A plan measured faster
+        than predicted counts as predicted, unless ``loosen``."""
 
         def off(measured: float, predicted: float) -> float:
-            return max(measured / predicted, 1.0) if predicted > 0 else 1.0
+            if predicted <= 0:
+                return 1.0
+            return measured / predicted if loosen else max(measured / predicted, 1.0)
 
         wanted = []
         if self.ms_term is not None or self.ratio_term is None:
@@ -122,6 +133,11 @@ class LatencyCheck:
                 wanted.append(keep * self.budget_ms / off(self.measured_ms, self.predicted_ms))
         return min(wanted)
 
+    def roomy(self, margin: float) -> bool:
+        """Whether the plan measured more than ``margin`` under its budget and is sure to
+        be under it (the high end of :attr:`excess_range` below 1)."""
+        return self.excess < 1.0 - margin and self.excess_range[1] < 1.0
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "budget": "decode" if self.resource == "decode_seconds" else "latency",
@@ -134,6 +150,7 @@ class LatencyCheck:
             **({"original_ms": round(self.original_ms, 6)} if self.original_ms is not None else {}),
             **({"ratio": self.ratio.to_dict()} if self.ratio is not None else {}),
             "met": self.met,
+            **({"loosened": True} if self.loosened else {}),
         }
 
 
@@ -207,8 +224,51 @@ def confirm_latency(
         setup.say.say(
             f"latency check: no plan met the budget; kept {kept.why} (search {kept.search})"
         )
+    elif attempt == 0:  # the first plan met: a plan tightened after a miss is not loosened
+        met = Tried(found, attempt + 1, priced, searched, selected)
+        kept, more = spend_room(setup, data, scored, config, met)
+        priced, searched, selected = kept.priced, kept.searched, kept.selected
+        checks += more
     selected.latency_checks = [c.to_dict() for c in checks]
     return priced, searched, selected
+
+
+def spend_room(
+    setup: Setup, data: Data, scored: Scored, config: TuneConfig, met: Tried
+) -> tuple[Tried, list[LatencyCheck]]:
+    """A plan that met its latency budgets with room to spare (:func:`loosened`) was
+    predicted slower than it runs: search once more under limits loosened by how far it
+    was off, keeping the margin, and keep that plan if its check meets the budgets and its
+    error on the selection split is no higher; else the plan that met. Returns the plan
+    kept and the new checks."""
+    limits = loosened(met.priced, met.checks)
+    if limits is None:
+        return met, []
+    setup.say.say(
+        "latency check: met with room; searching again under a limit loosened by the "
+        "measured-over-predicted ratio"
+    )
+    priced = replace(met.priced, limits=limits)
+    try:
+        searched = search(setup, data, priced, scored, config)
+    except InfeasibleBudgetError:
+        return met, []
+    selected = select_plan(setup, data, scored, searched, config)
+    checks = [
+        replace(c, loosened=True) for c in check_plan(setup, priced, selected, met.search + 1)
+    ]
+    for check in checks:
+        setup.say.say(
+            f"latency check: '{check.plan}' {check.measured_ms:.4g} ms measured"
+            + _multiple(check.ratio)
+            + f", {check.predicted_ms:.4g} ms predicted, budget {check.budget_ms:.4g} ms"
+            + ("" if check.met else " (missed)")
+        )
+    wider = Tried(checks, met.search + 1, priced, searched, selected)
+    if all(c.met for c in checks) and wider.selection_error <= met.selection_error:
+        return wider, checks
+    setup.say.say(f"latency check: kept search {met.search}'s plan")
+    return met, checks
 
 
 @dataclass
@@ -263,6 +323,25 @@ def tightened(priced: Priced, missed: list[LatencyCheck]) -> dict[str, float]:
         wanted = check.replanned_ms(keep) / 1e3
         limits[check.resource] = min(limits[check.resource], wanted)
     return limits
+
+
+def loosened(priced: Priced, checks: list[LatencyCheck]) -> dict[str, float] | None:
+    """The limits with each latency that bound the search (the plan predicted within
+    :data:`BINDING` of it) and whose check has room (:meth:`LatencyCheck.roomy`) planned so
+    that, off by the same ratio, the plan lands the margin under its budget; ``None`` where
+    no limit grows by more than :data:`LOOSEN_AT_LEAST`."""
+    limits = dict(priced.limits)
+    keep = 1.0 - priced.margin
+    grown = False
+    for check in checks:
+        binding = check.predicted_ms >= BINDING * check.planned_ms
+        if not (binding and check.met and check.roomy(priced.margin)):
+            continue
+        wanted = check.replanned_ms(keep, loosen=True) / 1e3
+        if wanted > limits[check.resource] * (1.0 + LOOSEN_AT_LEAST):
+            limits[check.resource] = wanted
+            grown = True
+    return limits if grown else None
 
 
 def fastest_reachable(

@@ -52,6 +52,18 @@ def test_search_line_gives_the_decode_guard_it_was_searched_under() -> None:
     )
 
 
+def test_search_line_says_which_check_was_of_a_plan_under_a_loosened_limit() -> None:
+    plan = _plan({"windows": 8, "front_runner": "allocator", "chosen": "allocator"})
+    check = {"budget": "latency", "budget_ms": 2.5, "predicted_ms": 2.4, "met": True}
+    plan.search["latency_checks"] = [
+        {**check, "plan": "allocator", "search": 1, "measured_ms": 2.1},
+        {**check, "plan": "allocator", "search": 2, "measured_ms": 2.3, "loosened": True},
+    ]
+    line = Report(plan).search_line() or ""
+    assert "latency check of search 1's plan: 2.1 ms measured" in line
+    assert "latency check of search 2's plan (under a loosened limit): 2.3 ms measured" in line
+
+
 def test_best_uniform_note_gives_both_sizes_and_the_error_ratio() -> None:
     plan = _plan(
         {"windows": 8, "front_runner": "allocator", "chosen": "allocator"},

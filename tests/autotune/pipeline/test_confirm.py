@@ -58,6 +58,8 @@ class _Run:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, measured: list[float], feasible=True):
         self.measured, self.limits, self.said = list(measured), [], []
         self.feasible, self.fastest = feasible, 0.0
+        self.errors: list[float] = []  # the selection errors of the plans searched, in order
+        self.predicted = 8.0  # each plan's predicted ms
         monkeypatch.setattr(confirm, "applies", lambda setup, priced: True)
         monkeypatch.setattr(confirm, "check_plan", self.check_plan)
         monkeypatch.setattr(confirm, "search", self.search)
@@ -67,13 +69,14 @@ class _Run:
 
     def check_plan(self, setup, priced, selected, attempt):
         self.limits.append(priced.limits["seconds"])
-        return [check(self.measured.pop(0), search=attempt)]
+        return [check(self.measured.pop(0), self.predicted, search=attempt)]
 
     def search(self, setup, data, priced, scored, config):
         return f"search {len(self.limits)}"
 
     def select(self, setup, data, scored, searched, config):
-        return _Selected(f"plan {len(self.limits)}")
+        error = self.errors.pop(0) if self.errors else 0.1
+        return _Selected(f"plan {len(self.limits)}", error=error)
 
     def check_feasible(self, budget, costs, limits):
         if not self.feasible:
@@ -129,6 +132,78 @@ def test_limits_no_plan_meets_keep_the_checked_plan(monkeypatch) -> None:
     _, searched, selected = run.confirm()
     assert (searched, selected.name) == ("search 0", "plan 0")
     assert any("no plan fits the tightened limits" in line for line in run.said)
+
+
+def test_a_plan_that_met_with_room_is_searched_again_under_a_loosened_limit(monkeypatch) -> None:
+    # 6 ms measured against 10, 9.4 predicted under a 9.5 ms limit (bound by it): the next
+    # limit is planned for the margin under 10 ms at that ratio, 0.95 * 10 / (6 / 9.4)
+    run = _Run(monkeypatch, [6.0, 9.0])
+    run.predicted = 9.4
+    priced, searched, selected = run.confirm()
+    assert run.limits[1] == pytest.approx(0.95 * 0.010 / (6.0 / 9.4))
+    assert (searched, selected.name) == ("search 1", "plan 1")
+    assert priced.limits["seconds"] == run.limits[1]
+    checks = selected.latency_checks
+    assert [(c["search"], c["met"], c.get("loosened", False)) for c in checks] == [
+        (1, True, False),
+        (2, True, True),
+    ]
+    assert any("loosened" in line for line in run.said)
+
+
+def test_a_loosened_plan_that_misses_or_is_worse_is_not_kept(monkeypatch) -> None:
+    missed = _Run(monkeypatch, [6.0, 10.5])
+    missed.predicted = 9.4
+    _, searched, selected = missed.confirm()
+    assert (searched, selected.name) == ("search 0", "plan 0")
+    assert [c["met"] for c in selected.latency_checks] == [True, False]
+    assert any("kept search 1's plan" in line for line in missed.said)
+    worse = _Run(monkeypatch, [6.0, 9.0])
+    worse.predicted = 9.4
+    worse.errors = [0.2]  # the loosened plan's selection error, above the first's 0.1
+    _, searched, selected = worse.confirm()
+    assert (searched, selected.name) == ("search 0", "plan 0")
+
+
+def test_only_a_first_plan_bound_by_its_limit_and_with_room_is_loosened(monkeypatch) -> None:
+    # 9.7 ms of 10 is within the margin: nothing to spend
+    near = _Run(monkeypatch, [9.7])
+    near.predicted = 9.4
+    assert len(near.confirm()[2].latency_checks) == 1 and len(near.limits) == 1
+    # predicted at 8 ms under a 9.5 ms limit: the limit did not bind, so a looser one would
+    # find the same plan
+    free = _Run(monkeypatch, [6.0])
+    assert len(free.confirm()[2].latency_checks) == 1 and len(free.limits) == 1
+    # a plan that met after a miss is not loosened again
+    after_miss = _Run(monkeypatch, [12.0, 6.0])
+    after_miss.predicted = 9.4
+    _, _, selected = after_miss.confirm()
+    assert [c["met"] for c in selected.latency_checks] == [False, True]
+    assert len(after_miss.limits) == 2
+
+
+def test_a_check_has_room_only_if_sure_to_be_under_its_budget() -> None:
+    from profilers.paired_timing import Interval
+
+    roomy = _relative(0.6, 0.55, 0.65, 1)  # 0.6x against 0.7x: 0.86 of the budget
+    assert roomy.roomy(0.05)
+    # predicted 6 ms under a 6.5 ms limit: the limit did not bind the search
+    priced = SimpleNamespace(limits={"seconds": 0.0065}, margin=0.05)
+    assert confirm.loosened(priced, [roomy]) is None
+    roomy = replace(roomy, planned_ms=6.1)
+    assert not _relative(0.6, 0.5, 0.72, 1).roomy(0.05)  # the interval reaches over 0.7x
+    assert not _relative(0.68, 0.66, 0.69, 1).roomy(0.05)  # within the margin
+    # without the original on the prediction's scale, the ms scale: measured as predicted
+    # (6 ms), so planned the margin under the 7 ms budget, 1% or more above the 6.1 ms limit
+    priced = SimpleNamespace(limits={"seconds": 0.0061}, margin=0.05)
+    assert confirm.loosened(priced, [roomy])["seconds"] == pytest.approx(0.95 * 0.007)
+    tighter = SimpleNamespace(limits={"seconds": 0.0066}, margin=0.05)
+    assert confirm.loosened(tighter, [roomy]) is None
+    scaled = replace(roomy, original_predicted_ms=10.0, ratio=Interval(0.5, 0.45, 0.55, 12))
+    # predicted 0.6x of the original, measured 0.5x: 0.95 * 0.7 * 10 ms / (0.5 / 0.6)
+    assert confirm.loosened(priced, [scaled])["seconds"] == pytest.approx(
+        0.95 * 0.7 * 0.010 / (0.5 / 0.6)
+    )
 
 
 def _stats(*ms: float) -> LatencyStats:
