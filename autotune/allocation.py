@@ -232,9 +232,12 @@ def within_timing_spread(
 ) -> tuple[dict[str, float], list[str]]:
     """``limits`` with each latency limit that no plan within the other limits is predicted
     to meet, but whose budget (the limit before ``margin``) is within :data:`TIMING_SPREAD`
-    of the fastest such prediction, raised to that prediction: the search then finds the
-    fastest plan predicted, and a latency check times it. Returns the limits and the
-    resources raised; refuses as :func:`check_feasible` does whatever is still out of reach."""
+    of the fastest such prediction, raised to ``margin`` over that prediction: plans
+    predicted that near the fastest cannot be told from it by prediction (timings of whole
+    plans stray by more), so the search takes the least error among them, and a latency
+    check times it (on a miss, :mod:`autotune.pipeline.confirm` searches for the fastest).
+    Returns the limits and the resources raised; refuses as :func:`check_feasible` does
+    whatever is still out of reach."""
     raised = dict(limits)
     others = non_latency(limits)
     for resource in LATENCY_RESOURCES:
@@ -243,7 +246,7 @@ def within_timing_spread(
         least = least_reachable(costs, others, resource)
         wanted = limits[resource] / (1.0 - margin)
         if least is not None and limits[resource] < least <= (1.0 + TIMING_SPREAD) * wanted:
-            raised[resource] = least * (1 + 1e-6)
+            raised[resource] = least * (1 + max(margin, 1e-6))
     check_feasible(budget, costs, raised)
     return raised, [r for r in raised if raised[r] != limits[r]]
 

@@ -26,14 +26,22 @@ from profilers.measure import model_bytes
 DEFAULT_METHODS = ("rtn",)
 
 
-def default_methods(spec: HardwareSpec, calibrated: Sequence[str] = ()) -> tuple[str, ...]:
+def default_methods(
+    spec: HardwareSpec, calibrated: Sequence[str] = (), for_speed: bool = True
+) -> tuple[str, ...]:
     """RTN everywhere and the ``calibrated`` methods (GPTQ when the model is in memory: the
     executor says which), plus W8A8 where the target runs dynamic int8 matmuls fast (CPUs
     with fbgemm) and autotune's W8A8 module calls that kernel on such a device; elsewhere
     W8A8 would only run its float reference; FP8 where the runtime runs the target's FP8
-    kernels (vLLM on Ampere and later), since autotune's own modules only decode it."""
+    kernels (vLLM on Ampere and later), since autotune's own modules only decode it.
+
+    W8A8 only trades error for speed: it stores its weights as the int8 weight-only options
+    do (with a smoothing vector on top where it smooths) and rounds the activations too, so
+    without ``for_speed`` (a budget that bounds no latency) it is left out: measured end to
+    end on 31 of the demo's layers, each had more error than the layer's best 8-bit
+    weight-only option per channel."""
     methods = (*DEFAULT_METHODS, *calibrated)
-    if _runs(spec, "int8_dynamic"):
+    if for_speed and _runs(spec, "int8_dynamic"):
         methods = (*methods, "w8a8")
     if any(_runs(spec, kernel) for kernel in FP8_KERNELS):
         methods = (*methods, "fp8")

@@ -67,7 +67,12 @@ def prepare(
     methods = search.methods
     if methods is None:
         methods = runtime.methods(spec) or default_methods(
-            spec, executor.default_calibrated_methods
+            spec,
+            executor.default_calibrated_methods,
+            # named labels are offered whatever the budget
+            for_speed=parsed.bounds_latency
+            or parsed.bounds_decode
+            or search.option_labels is not None,
         )
     executor.refuse(parsed, spec, config, methods, estimator)
     opened = executor.open(model, config, tokenizer)

@@ -142,8 +142,8 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
                 f"budget {budget.spec}: no plan is predicted within its "
                 f"{RESOURCE_NAMES[resource]}, but the fastest is within "
                 f"{100 * TIMING_SPREAD:g}% of it, how far this machine's timings of whole "
-                "plans stray from their prediction: the fastest plan predicted is searched "
-                "for and timed"
+                "plans stray from their prediction: the best plan predicted within "
+                f"{100 * margin:g}% of the fastest is searched for and timed"
             )
     else:
         check_feasible(budget, costs, limits)

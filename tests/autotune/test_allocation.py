@@ -181,7 +181,9 @@ def test_a_calibrated_label_most_layers_take_is_no_uniform_plan() -> None:
     assert {"uniform int8-ch-sym", "uniform int4-g32-asym"} <= names
 
 
-def test_a_latency_limit_within_the_timing_spread_is_raised_to_the_fastest_plan(costs) -> None:
+def test_a_latency_limit_within_the_timing_spread_is_raised_to_the_margin_over_the_fastest_plan(
+    costs,
+) -> None:
     budget = Budget.parse("50%")
     bytes_limit = limits_for(budget, costs)["bytes"]
     fastest = least_reachable(costs, {}, "seconds")
@@ -192,8 +194,11 @@ def test_a_latency_limit_within_the_timing_spread_is_raised_to_the_fastest_plan(
         limits = {"bytes": bytes_limit, "seconds": limit * (1 - margin)}
         raised, which = within_timing_spread(budget, costs, limits, margin)
         assert which == ["seconds"] and raised["bytes"] == bytes_limit
-        assert raised["seconds"] == pytest.approx(fastest_within, rel=1e-5)
-        assert raised["seconds"] >= fastest_within
+        assert raised["seconds"] == pytest.approx(fastest_within * (1 + margin), rel=1e-5)
+    # with no margin, a hair over the fastest
+    limits = {"bytes": bytes_limit, "seconds": 0.99 * fastest_within}
+    raised, _ = within_timing_spread(budget, costs, limits, 0.0)
+    assert fastest_within < raised["seconds"] == pytest.approx(fastest_within, rel=1e-5)
     reachable = {"bytes": bytes_limit, "seconds": 2 * fastest_within}
     assert within_timing_spread(budget, costs, reachable, margin) == (reachable, [])
 

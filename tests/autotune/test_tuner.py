@@ -153,6 +153,7 @@ def test_infeasible_budget_fails_before_profiling_and_names_the_smallest_size(to
 
 def test_default_methods_follow_the_target_and_the_executor() -> None:
     assert "w8a8" in default_methods(get_target("cpu"))
+    assert "w8a8" not in default_methods(get_target("cpu"), for_speed=False)
     assert default_methods(get_target("a100")) == ("rtn",)
     calibrated = get_executor("in-memory").default_calibrated_methods
     assert calibrated == ("gptq",)
@@ -161,12 +162,16 @@ def test_default_methods_follow_the_target_and_the_executor() -> None:
     assert get_executor("block-by-block").default_calibrated_methods == ()
 
 
-def test_cpu_targets_search_w8a8_too(tuned) -> None:
+def test_cpu_targets_search_w8a8_where_the_budget_bounds_latency(tuned, tokenizer) -> None:
     _, result = tuned
     labels = {label for errors in result.sensitivity.errors.values() for label in errors}
-    assert {"w8a8-sq0.45", "w8a8-sq0.6", "w8a8-sq0.75"} <= labels
     assert "int4-g32-asym" in labels
     assert "gptq4-g32-asym-ao" in labels  # calibrated by default in memory
+    # a memory budget alone: W8A8 would only add activation error to int8 weights
+    assert not any(label.startswith("w8a8") for label in labels)
+    _, timed = _tune("35%,1000ms", tokenizer, measure=False)
+    labels = {label for errors in timed.sensitivity.errors.values() for label in errors}
+    assert {"w8a8-sq0.45", "w8a8-sq0.6", "w8a8-sq0.75"} <= labels
 
 
 def test_local_target_measures_latency_in_the_model(tokenizer) -> None:
