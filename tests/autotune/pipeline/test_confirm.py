@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from autotune.errors import InfeasibleBudgetError
 from autotune.pipeline import confirm
 from autotune.pipeline.confirm import LatencyCheck, tightened
 from profilers.measure import LatencyStats, latency_stats
@@ -64,7 +63,7 @@ class _Run:
         monkeypatch.setattr(confirm, "check_plan", self.check_plan)
         monkeypatch.setattr(confirm, "search", self.search)
         monkeypatch.setattr(confirm, "select_plan", self.select)
-        monkeypatch.setattr(confirm, "check_feasible", self.check_feasible)
+        monkeypatch.setattr(confirm, "least_reachable", self.least_reachable)
         self.setup = SimpleNamespace(budget=None, say=SimpleNamespace(say=self.said.append))
 
     def check_plan(self, setup, priced, selected, attempt):
@@ -78,11 +77,9 @@ class _Run:
         error = self.errors.pop(0) if self.errors else 0.1
         return _Selected(f"plan {len(self.limits)}", error=error)
 
-    def check_feasible(self, budget, costs, limits):
-        if not self.feasible:
-            raise InfeasibleBudgetError("no plan", {})
-        if limits["seconds"] < self.fastest:
-            raise InfeasibleBudgetError("no plan", {"seconds": self.fastest})
+    def least_reachable(self, costs, limits, resource):
+        assert "seconds" not in limits  # the fastest within the other limits
+        return self.fastest if self.feasible else None
 
     def confirm(self):
         priced = _Priced(limits={"seconds": 0.0095}, margin=0.05)
