@@ -27,6 +27,7 @@ per-round multiples. Every check is recorded in the plan (``search.latency_check
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -206,7 +207,7 @@ def confirm_latency(
             setup.say.say("latency check: no plan fits the tightened limits")
             break
         if any(limits[resource] < value for resource, value in least.items()):
-            limits = fastest_reachable(priced, limits, least)
+            limits = fastest_reachable(priced, limits, least, found)
             if limits is None:
                 setup.say.say("latency check: no plan fits the tightened limits")
                 break
@@ -362,19 +363,25 @@ def fastest_within(costs: CostModel, limits: dict[str, float]) -> dict[str, floa
 
 
 def fastest_reachable(
-    priced: Priced, limits: dict[str, float], smallest: dict[str, float]
+    priced: Priced,
+    limits: dict[str, float],
+    smallest: dict[str, float],
+    checked: Sequence[LatencyCheck] = (),
 ) -> dict[str, float] | None:
     """``limits`` with every latency limit below the least any plan within the other limits
     is predicted to reach (``smallest``, :func:`fastest_within`) raised to that least (a
     hair above it), so that the next search finds the fastest plan predicted; ``None``
-    where that is no tighter than the search just checked (nothing new to try), a limit
-    other than latency is out of reach, or no least is known."""
+    where that is no tighter than the search just checked or the plan it found (``checked``,
+    its checks: it was the fastest already), a limit other than latency is out of reach, or
+    no least is known."""
     raised = dict(limits)
+    found = {c.resource: c.predicted_ms / 1e3 for c in checked}
     for resource, limit in limits.items():
         least = smallest.get(resource, 0.0)
         if limit >= least:
             continue
-        if resource not in _PHASES or least * (1 + 1e-6) >= priced.limits[resource]:
+        before = min(priced.limits[resource], found.get(resource, float("inf")))
+        if resource not in _PHASES or least * (1 + 1e-6) >= before:
             return None
         raised[resource] = least * (1 + 1e-6)
     return raised if raised != limits else None

@@ -326,9 +326,9 @@ def test_a_limit_tightened_below_every_prediction_searches_for_the_fastest_plan(
     monkeypatch,
 ) -> None:
     run = _Run(monkeypatch, [12.0, 9.5])
-    run.fastest = 0.008  # the fastest plan is predicted at 8 ms: 0.95 * 10 / 1.5 is below
+    run.fastest = 0.007  # the fastest plan is predicted at 7 ms: 0.95 * 10 / 1.5 is below
     _, searched, selected = run.confirm()
-    assert run.limits[1] == pytest.approx(0.008, rel=1e-5) and run.limits[1] > 0.008
+    assert run.limits[1] == pytest.approx(0.007, rel=1e-5) and run.limits[1] > 0.007
     assert (searched, selected.name) == ("search 1", "plan 1")
     assert [c["met"] for c in selected.latency_checks] == [False, True]
     assert any("searching for the fastest plan predicted" in line for line in run.said)
@@ -336,10 +336,21 @@ def test_a_limit_tightened_below_every_prediction_searches_for_the_fastest_plan(
 
 def test_the_fastest_plan_is_searched_for_once(monkeypatch) -> None:
     run = _Run(monkeypatch, [12.0, 11.0, 10.5])
-    run.fastest = 0.008
+    run.fastest = 0.007
     _, _, selected = run.confirm()
     # the second check missed at the fastest plan: no tighter plan is predicted, so it stops
     assert len(selected.latency_checks) == 2 and len(run.limits) == 2
+    assert any("no plan fits the tightened limits" in line for line in run.said)
+
+
+def test_a_plan_predicted_at_the_fastest_is_not_searched_for_again(monkeypatch) -> None:
+    # the first plan is the fastest predicted (8 ms): a tightened limit below it has nothing
+    # new to find
+    run = _Run(monkeypatch, [12.0, 11.0])
+    run.fastest = 0.008
+    _, searched, selected = run.confirm()
+    assert len(selected.latency_checks) == 1 and len(run.limits) == 1
+    assert searched == "search 0"
     assert any("no plan fits the tightened limits" in line for line in run.said)
 
 
