@@ -190,12 +190,7 @@ def confirm_latency(
         checks += found
         missed = [c for c in found if not c.met]
         for check in found:
-            setup.say.say(
-                f"latency check: '{check.plan}' {check.measured_ms:.4g} ms measured"
-                + _multiple(check.ratio)
-                + f", {check.predicted_ms:.4g} ms predicted, budget {check.budget_ms:.4g} ms"
-                + ("" if check.met else " (missed)" if check.settled else " (missed, unsettled)")
-            )
+            _say_check(setup, check)
         if not missed:
             break
         tried.append(Tried(found, attempt + 1, priced, searched, selected))
@@ -262,12 +257,7 @@ def spend_room(
         replace(c, loosened=True) for c in check_plan(setup, priced, selected, met.search + 1)
     ]
     for check in checks:
-        setup.say.say(
-            f"latency check: '{check.plan}' {check.measured_ms:.4g} ms measured"
-            + _multiple(check.ratio)
-            + f", {check.predicted_ms:.4g} ms predicted, budget {check.budget_ms:.4g} ms"
-            + ("" if check.met else " (missed)")
-        )
+        _say_check(setup, check)
     wider = Tried(checks, met.search + 1, priced, searched, selected)
     if all(c.met for c in checks) and wider.selection_error <= met.selection_error:
         return wider, checks
@@ -277,7 +267,7 @@ def spend_room(
 
 @dataclass
 class Tried:
-    """A searched plan whose checks missed, with what it was searched and selected from."""
+    """A searched plan and its checks, with what it was searched and selected from."""
 
     checks: list[LatencyCheck]
     search: int
@@ -422,6 +412,17 @@ def check_plan(
             )
         )
     return checks
+
+
+def _say_check(setup: Setup, check: LatencyCheck) -> None:
+    """One line on a check: measured, predicted, the budget and the verdict."""
+    verdict = "" if check.met else " (missed)" if check.settled else " (missed, unsettled)"
+    setup.say.say(
+        f"latency check: '{check.plan}' {check.measured_ms:.4g} ms measured"
+        + _multiple(check.ratio)
+        + f", {check.predicted_ms:.4g} ms predicted, budget {check.budget_ms:.4g} ms"
+        + verdict
+    )
 
 
 def _multiple(ratio: Interval | None) -> str:
