@@ -263,12 +263,12 @@ def test_a_relative_budget_is_judged_on_the_rounds_that_timed_both(monkeypatch) 
     assert _checked(monkeypatch, "0.75x,9ms", (plan, original)).met
 
 
-def test_a_missed_relative_check_is_replanned_by_the_multiple_measured() -> None:
+def _relative_miss() -> LatencyCheck:
+    """Predicted 12 ms against the original's 20 ms (0.6x), timed at 0.9x the original
+    (95% CI 0.85-0.95) on a machine twice as fast (10 ms), against a 0.75x budget."""
     from profilers.paired_timing import Interval
 
-    # predicted 12 ms against the original's 20 ms (0.6x); timed at 0.9x the original on a
-    # machine twice as fast (10 ms): planned next at 0.75x / 1.5 of 20 ms, with the margin
-    missed = LatencyCheck(
+    return LatencyCheck(
         "seconds",
         "allocator",
         1,
@@ -281,6 +281,11 @@ def test_a_missed_relative_check_is_replanned_by_the_multiple_measured() -> None
         ratio=Interval(0.9, 0.85, 0.95, 20),
         original_predicted_ms=20.0,
     )
+
+
+def test_a_missed_relative_check_is_replanned_by_the_multiple_measured() -> None:
+    # planned next at 0.75x / 1.5 of 20 ms, with the margin
+    missed = _relative_miss()
     assert not missed.met and missed.excess == pytest.approx(1.2)
     priced = SimpleNamespace(limits={"seconds": 0.01425}, margin=0.05)
     assert tightened(priced, [missed])["seconds"] == pytest.approx(0.95 * 0.75 * 0.020 / 1.5)
@@ -294,18 +299,12 @@ def test_a_miss_the_timing_could_not_settle_is_replanned_onto_the_budget() -> No
 
     # predicted at 0.6x the original, measured at 0.76x (95% CI 0.74-0.78) against 0.75x:
     # the interval still holds the budget, so the next limit lands on it, not the margin under
-    unsettled = LatencyCheck(
-        "decode_seconds",
-        "evolution",
-        1,
-        budget_ms=7.5,
+    unsettled = replace(
+        _relative_miss(),
+        resource="decode_seconds",
         planned_ms=12.0,
-        predicted_ms=12.0,
         measured_ms=7.6,
-        original_ms=10.0,
-        ratio_term=0.75,
         ratio=Interval(0.76, 0.74, 0.78, 60),
-        original_predicted_ms=20.0,
     )
     assert not unsettled.met and not unsettled.settled
     priced = SimpleNamespace(limits={"decode_seconds": 0.012}, margin=0.05)
