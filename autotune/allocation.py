@@ -239,11 +239,7 @@ def within_timing_spread(
     Returns the limits and the resources raised; refuses as :func:`check_feasible` does
     whatever is still out of reach."""
     raised = dict(limits)
-    others = non_latency(limits)
-    for resource in LATENCY_RESOURCES:
-        if resource not in limits:
-            continue
-        least = least_reachable(costs, others, resource)
+    for resource, least in least_within(costs, limits).items():
         wanted = limits[resource] / (1.0 - margin)
         if least is not None and limits[resource] < least <= (1.0 + TIMING_SPREAD) * wanted:
             raised[resource] = least * (1 + max(margin, 1e-6))
@@ -254,6 +250,14 @@ def within_timing_spread(
 def non_latency(limits: Mapping[str, float]) -> dict[str, float]:
     """``limits`` without the latency ones (stored bytes, bits)."""
     return {r: v for r, v in limits.items() if r not in LATENCY_RESOURCES}
+
+
+def least_within(costs: CostModel, limits: Mapping[str, float]) -> dict[str, float | None]:
+    """For each latency limit in ``limits``, the least total of its resource among plans
+    within the other limits (stored bytes, bits), predicted; ``None`` where no plan is
+    within those or the resource is not priced."""
+    others = non_latency(limits)
+    return {r: least_reachable(costs, others, r) for r in LATENCY_RESOURCES if r in limits}
 
 
 def least_reachable(costs: CostModel, limits: dict[str, float], resource: str) -> float | None:

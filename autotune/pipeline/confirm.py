@@ -31,8 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from autotune.allocation import candidate_totals, least_reachable, non_latency
-from autotune.costs import CostModel
+from autotune.allocation import candidate_totals, least_within
 from autotune.errors import InfeasibleBudgetError
 from autotune.latency_models import measuring_model
 from autotune.pipeline.choose import Scored, Searched, Selected, search, select_plan
@@ -197,8 +196,8 @@ def confirm_latency(
         if attempt == SEARCHES - 1:
             break
         limits = tightened(priced, missed)
-        least = fastest_within(priced.costs, limits)
-        if least is None:
+        least = least_within(priced.costs, limits)
+        if None in least.values():
             setup.say.say("latency check: no plan fits the tightened limits")
             break
         if any(limits[resource] < value for resource, value in least.items()):
@@ -338,20 +337,6 @@ def loosened(priced: Priced, checks: list[LatencyCheck]) -> dict[str, float] | N
     return limits if grown else None
 
 
-def fastest_within(costs: CostModel, limits: dict[str, float]) -> dict[str, float] | None:
-    """The least each latency limit's total can be among plans within the other limits
-    (stored bytes, bits), predicted; ``None`` where no plan is within those."""
-    others = non_latency(limits)
-    least = {}
-    for resource in _PHASES:
-        if resource in limits:
-            value = least_reachable(costs, others, resource)
-            if value is None:
-                return None
-            least[resource] = value
-    return least
-
-
 def fastest_reachable(
     priced: Priced,
     limits: dict[str, float],
@@ -359,8 +344,9 @@ def fastest_reachable(
     checked: Sequence[LatencyCheck] = (),
 ) -> dict[str, float] | None:
     """``limits`` with every latency limit below the least any plan within the other limits
-    is predicted to reach (``smallest``, :func:`fastest_within`) raised to that least (a
-    hair above it), so that the next search finds the fastest plan predicted; ``None``
+    is predicted to reach (``smallest``, :func:`~autotune.allocation.least_within`) raised
+    to that least (a hair above it), so that the next search finds the fastest plan
+    predicted; ``None``
     where that is no tighter than the search just checked or the plan it found (``checked``,
     its checks: it was the fastest already), a limit other than latency is out of reach, or
     no least is known."""

@@ -63,7 +63,7 @@ class _Run:
         monkeypatch.setattr(confirm, "check_plan", self.check_plan)
         monkeypatch.setattr(confirm, "search", self.search)
         monkeypatch.setattr(confirm, "select_plan", self.select)
-        monkeypatch.setattr(confirm, "least_reachable", self.least_reachable)
+        monkeypatch.setattr(confirm, "least_within", self.least_within)
         self.setup = SimpleNamespace(budget=None, say=SimpleNamespace(say=self.said.append))
 
     def check_plan(self, setup, priced, selected, attempt):
@@ -77,9 +77,9 @@ class _Run:
         error = self.errors.pop(0) if self.errors else 0.1
         return _Selected(f"plan {len(self.limits)}", error=error)
 
-    def least_reachable(self, costs, limits, resource):
-        assert "seconds" not in limits  # the fastest within the other limits
-        return self.fastest if self.feasible else None
+    def least_within(self, costs, limits):
+        assert "seconds" in limits  # the tightened limits, the others among them
+        return {"seconds": self.fastest if self.feasible else None}
 
     def confirm(self):
         priced = _Priced(limits={"seconds": 0.0095}, margin=0.05)
