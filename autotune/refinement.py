@@ -27,11 +27,17 @@ class Reach:
 
     ``steps``: front options on each side of the chosen one. ``band``: an estimate may be this
     factor too high; an unmeasured option within the steps' byte range whose estimate times
-    ``band`` would reach the front is measured too. ``rounds``: the most decisions re-made."""
+    ``band`` would reach the front is measured too. ``rounds``: the most decisions re-made.
 
-    steps: int = 1
-    band: float = 0.8
-    rounds: int = 8
+    The default measures the chosen options alone, round after round until the choice rests
+    on measured errors or three rounds are spent: against one front neighbour on each side,
+    a 0.8 band and eight rounds it measured about half as many pairs, scored in 0.45-0.55x
+    the time, and its plans' held-out errors were 0.7% lower to 4% higher on the bundled
+    models (``benchmarks/estimators.py``)."""
+
+    steps: int = 0
+    band: float = 1.0
+    rounds: int = 3
 
 
 def front(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from autotune.costs import layer_options
 from autotune.errors import AutotuneError
 from autotune.estimators import ESTIMATORS, get_estimator
 from autotune.layers import compressible_layers
+from autotune.refinement import Reach
 from profilers.execution.observe import collect_observers
 from tests.conftest import make_tiny_bert
 
@@ -127,17 +129,25 @@ def _lagrangian_choice(model, options, weight: float):
     return decide
 
 
-def test_refined_measures_what_the_decision_rests_on(setting) -> None:
+def _refined_beside_exact(setting, reach: Reach | None = None):
+    """The refined table (with ``reach``, else the default), the end-to-end one, the
+    stand-in allocator and how many pairs there are."""
     model, _, batches, _ = setting
     options = layer_options(compressible_layers(model), ("rtn", "gptq"), None)
     observers = collect_observers(model, options, batches)
     exact = get_estimator("end-to-end").table(model, options, batches, observers=observers)
     scale = max(max(row.values()) for row in exact.errors.values())
     decide = _lagrangian_choice(model, options, weight=1e-6 * scale)
-    refined = get_estimator("refined").table(
-        model, options, batches, observers=observers, decide=decide
-    )
-    total = sum(len(o) for o in options.values())
+    estimator = get_estimator("refined")
+    if reach is not None:
+        estimator = copy.copy(estimator)
+        estimator.reach = reach
+    refined = estimator.table(model, options, batches, observers=observers, decide=decide)
+    return refined, exact, decide, sum(len(o) for o in options.values())
+
+
+def test_refined_measures_what_the_decision_rests_on(setting) -> None:
+    refined, exact, decide, total = _refined_beside_exact(setting)
     assert sum(refined.scored_by.values()) == total
     assert 0 < refined.scored_by["end-to-end"] < total
     assert refined.rounds >= 2
@@ -145,7 +155,14 @@ def test_refined_measures_what_the_decision_rests_on(setting) -> None:
     assert len(set(chosen.values())) >= 3  # a mixed plan, not all kept or all cheapest
     for layer, label in chosen.items():  # the decision is made on measured errors
         assert refined.errors[layer][label] == pytest.approx(exact.errors[layer][label])
-    assert chosen == decide(exact.errors)
+
+
+def test_refined_with_a_wider_reach_decides_as_every_pair_measured(setting) -> None:
+    wide = Reach(steps=1, band=0.8, rounds=8)
+    refined, exact, decide, total = _refined_beside_exact(setting, wide)
+    lean, *_ = _refined_beside_exact(setting)
+    assert lean.scored_by["end-to-end"] < refined.scored_by["end-to-end"] < total
+    assert decide(refined.errors) == decide(exact.errors)
 
 
 def test_refined_converts_calibrated_options_only_to_measure_them(setting, monkeypatch) -> None:
