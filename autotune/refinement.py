@@ -30,10 +30,10 @@ class Reach:
     ``band`` would reach the front is measured too. ``rounds``: the most decisions re-made.
 
     The default measures the chosen options alone, round after round until the choice rests
-    on measured errors or three rounds are spent: against one front neighbour on each side,
-    a 0.8 band and eight rounds it measured about half as many pairs, scored in 0.45-0.55x
-    the time, and its plans' held-out errors were 0.7% lower to 4% higher on the bundled
-    models (``benchmarks/estimators.py``)."""
+    on measured errors or three rounds are spent. One front neighbour on each side, a 0.8
+    band and eight rounds measured about twice the pairs (1.5-2.1x the scoring time) for
+    plans of 0.94x-1.08x the held-out error on the bundled models
+    (``benchmarks/estimators.py``)."""
 
     steps: int = 0
     band: float = 1.0
