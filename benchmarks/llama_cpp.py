@@ -19,10 +19,12 @@ budget of three ``autotune(..., runtime="llama.cpp")`` runs:
 * **plain**: the default with plain types only (no importance matrix: the mixes' own footing);
 * **decode-bound**: target ``local`` (every type timed in llama.cpp here) with the mix's
   own decode speed as a second budget: its decode step (one token after 127) over the F32
-  file's, both timed in llama.cpp beforehand in the same rounds, as ``decode=Rx`` (a ratio
-  to the original's decode step, which the tune's check times beside the plan: this VM's
-  speed drifts by up to 1.4x within minutes, so a bound in milliseconds measured before the
-  tunes is not what the machine runs later).
+  file's, as ``decode=Rx`` (a ratio to the original's decode step, which the tune's check
+  times beside the plan: this VM's speed drifts by up to 1.4x within minutes, so a bound in
+  milliseconds measured before the tunes is not what the machine runs later). The ratio is
+  measured as the check measures a plan, just before the mix's decode-bound tune: the two
+  files alone loaded, timed in turn for the check's most rounds, the median of the per-round
+  ratios; and again the same way after every tune, to show how far it moved.
 
 Every plan is exported to GGUF and all files are run in llama.cpp:
 
@@ -62,16 +64,16 @@ from autotune.errors import AutotuneError
 from autotune.export import export_plan, get_exporter
 from autotune.export.imatrix import write_imatrix
 from autotune.export.llama_cpp import quality_in_llama_cpp, speeds_in_llama_cpp
-from autotune.export.llama_latency import measure_files
+from autotune.export.llama_latency import FILE_ROUNDS, measure_files
 from autotune.export.llama_tools import find_tool
 from autotune.layers import compressible_layers
 from autotune.loading import BUNDLED_LMS, load_model
 from autotune.plan import Plan
 from methods.gguf import GGUFTypes
+from profilers.paired_timing import ROUNDS_TO_SETTLE, Interval, paired
 from profilers.quality import output_error, run_outputs
 
 MIXES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
-FLOAT = "F32"
 # the calibration a default tune uses (stdlib docstrings, 32 windows of 128 tokens)
 CALIBRATION = {"seq_len": 128, "calibration_windows": 32, "batch_size": 8}
 
@@ -163,19 +165,16 @@ def main() -> None:
             quantize_mix(source, paths[mix], mix)
         weighted_mixes = imatrix_mixes(model, tokenizer, source, mixes, work)
         paths.update(weighted_mixes)
-        # each mix's decode step as a local tune times it (1 token after 127), over F32's
-        decode = {"input_ids": torch.zeros(1, 1, dtype=torch.long), "cache": Context(127)}
-        timed_files = {FLOAT: source, **{m: paths[m] for m in mixes}}
-        mix_decode = measure_files(timed_files, decode, rounds=args.rounds)
-        mix_ratio = {m: mix_decode[m].p50_ms / mix_decode[FLOAT].p50_ms for m in mixes}
+        bounds: dict[str, Interval] = {}
         for mix in mixes:
             size = paths[mix].stat().st_size
+            bounds[mix] = decode_bound(paths[mix], source)
             variants = {
                 "autotune": (f"{size}B", "cpu", None, "runtime"),
                 "speed free": (f"{size}B", "cpu", None, None),
                 "plain": (f"{size}B", "cpu", plain, "runtime"),
                 "decode-bound": (
-                    f"{size}B,decode={mix_ratio[mix]:.4f}x",
+                    f"{size}B,decode={bounds[mix].median:.4f}x",
                     "local",
                     None,
                     "runtime",
@@ -206,6 +205,7 @@ def main() -> None:
                 paths[f"{variant} @ {mix}"] = path
                 error = output_error(result.model, heldout, reference, "kl")
                 in_torch[f"{variant} @ {mix}"] = error
+        after = {mix: decode_bound(paths[mix], source) for mix in mixes}
         quality = {
             name: quality_in_llama_cpp(path, heldout, reference, "kl")
             for name, path in paths.items()
@@ -259,11 +259,23 @@ def main() -> None:
     print()
     for mix in mixes:
         print(
-            f"{mix}: decode {mix_decode[mix].p50_ms:.4f} ms per token after 127, "
-            f"{mix_ratio[mix]:.4f}x F32's {mix_decode[FLOAT].p50_ms:.4f} ms (the bound)"
+            f"{mix}: decode step (1 token after 127) over F32's, just before its decode-bound "
+            f"tune (the bound) {bounds[mix].describe()}; after every tune "
+            f"{after[mix].describe()}"
         )
     for name, why in refused.items():
         print(f"{name}: no plan, {why}")
+
+
+def decode_bound(mix: Path, f32: Path) -> Interval:
+    """The mix's decode step (one token after 127) over the F32 file's, measured as a tune's
+    check measures a plan against the original: the two files alone loaded, timed in turn for
+    the check's most rounds, the median of the per-round ratios."""
+    decode = {"input_ids": torch.zeros(1, 1, dtype=torch.long), "cache": Context(127)}
+    stats = measure_files({"model": mix, "baseline": f32}, decode, FILE_ROUNDS * ROUNDS_TO_SETTLE)
+    interval = paired(stats["model"].samples_ms, stats["baseline"].samples_ms)
+    assert interval is not None
+    return interval
 
 
 def quality_ppl_reference(heldout, reference) -> float:
