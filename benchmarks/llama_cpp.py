@@ -37,7 +37,7 @@ Every plan is exported to GGUF and all files are run in llama.cpp:
   with 1), timed in rounds that visit every file in turn; the ratio is the file's time over
   the plain mix's, the median over rounds (above 1: slower).
 
-Run: ``python benchmarks/llama_cpp.py`` (about 15 minutes on 2 cores for tiny-lm; needs
+Run: ``python benchmarks/llama_cpp.py`` (about 8-12 minutes on 2 cores for tiny-lm; needs
 ``pip install 'autotune[llama]'``); ``--mixes Q4_K_M`` for a part, ``--model small-lm`` for
 the wider model.
 """
