@@ -105,8 +105,13 @@ def validate_plan(
     strict: bool = True,
     trust_remote_code: bool = False,
     compressed: nn.Module | str | Path | None = None,
+    calibration: Any = None,
 ) -> ValidationResult:
     """Apply ``plan`` to ``model`` and check budget, predicted bytes and quality.
+
+    ``calibration`` is what a plan with calibrated methods (GPTQ) was tuned on, where that
+    was not a text file or the default text the plan names (input batches, as ``autotune``
+    takes them); :func:`~autotune.apply.apply_plan` refuses such a plan without it.
 
     ``compressed`` (a folder written by ``autotune apply``, or a module) is checked instead of
     a fresh application of the plan; the folder's plan must be the same plan. A GGUF file is
@@ -140,7 +145,9 @@ def validate_plan(
             strict=strict,
         )
     if compressed is None:
-        compressed = apply_plan(model, plan, tokenizer=tokenizer, strict=strict)
+        compressed = apply_plan(
+            model, plan, calibration=calibration, tokenizer=tokenizer, strict=strict
+        )
     elif isinstance(compressed, (str, Path)):
         compressed = _load_saved(compressed, plan, trust_remote_code)
     latency_inputs = decode = decode_tokens = None

@@ -121,7 +121,7 @@ def test_a_decode_budget_bounds_the_predicted_time_per_token() -> None:
     assert bounded.report.holds() == {"memory": True, "decode": True}
     assert "decode p50 per token (1 x 32 context)" in str(bounded.report)
     assert Budget.parse(bounded.plan.budget["spec"]).decode_ms == pytest.approx(limit, rel=1e-12)
-    checked = validate_plan(bounded.plan, model, heldout=batches[-1:])
+    checked = validate_plan(bounded.plan, model, heldout=batches[-1:], calibration=batches)
     decode = next(c for c in checked.checks if c.name == "decode p50")
     assert decode.holds and "predicted" in decode.measured
     assert checked.ok and checked.measured["decode"]["p50_ms"] > 0

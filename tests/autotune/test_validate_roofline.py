@@ -45,7 +45,13 @@ def edited(plan: Plan, budget: str, **predicted: float) -> Plan:
 
 
 def latency_check(plan: Plan, phase: str):
-    result = validate_plan(plan, tiny_llama(), heldout=token_batches()[-1:], measure_latency=False)
+    result = validate_plan(
+        plan,
+        tiny_llama(),
+        heldout=token_batches()[-1:],
+        measure_latency=False,
+        calibration=token_batches(),
+    )
     return result, next(c for c in result.checks if c.name == f"{phase} p50")
 
 
