@@ -27,7 +27,7 @@ per-round multiples. Every check is recorded in the plan (``search.latency_check
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -197,10 +197,7 @@ def confirm_latency(
             break
         limits = tightened(priced, missed)
         least = least_within(priced.costs, limits)
-        if None in least.values():
-            setup.say.say("latency check: no plan fits the tightened limits")
-            break
-        if any(limits[resource] < value for resource, value in least.items()):
+        if any(value is None or limits[r] < value for r, value in least.items()):
             limits = fastest_reachable(priced, limits, least, found)
             if limits is None:
                 setup.say.say("latency check: no plan fits the tightened limits")
@@ -340,20 +337,21 @@ def loosened(priced: Priced, checks: list[LatencyCheck]) -> dict[str, float] | N
 def fastest_reachable(
     priced: Priced,
     limits: dict[str, float],
-    smallest: dict[str, float],
+    smallest: Mapping[str, float | None],
     checked: Sequence[LatencyCheck] = (),
 ) -> dict[str, float] | None:
     """``limits`` with every latency limit below the least any plan within the other limits
     is predicted to reach (``smallest``, :func:`~autotune.allocation.least_within`) raised
     to that least (a hair above it), so that the next search finds the fastest plan
-    predicted; ``None``
-    where that is no tighter than the search just checked or the plan it found (``checked``,
-    its checks: it was the fastest already), a limit other than latency is out of reach, or
-    no least is known."""
+    predicted; ``None`` where that is no tighter than the search just checked or the plan it
+    found (``checked``, its checks: it was the fastest already), a limit other than latency
+    is out of reach, or no least is known (no plan is within the other limits)."""
     raised = dict(limits)
     found = {c.resource: c.predicted_ms / 1e3 for c in checked}
     for resource, limit in limits.items():
         least = smallest.get(resource, 0.0)
+        if least is None:
+            return None
         if limit >= least:
             continue
         before = min(priced.limits[resource], found.get(resource, float("inf")))

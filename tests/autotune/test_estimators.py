@@ -129,25 +129,27 @@ def _lagrangian_choice(model, options, weight: float):
     return decide
 
 
-def _refined_beside_exact(setting, reach: Reach | None = None):
-    """The refined table (with ``reach``, else the default), the end-to-end one, the
-    stand-in allocator and how many pairs there are."""
+def _refined_beside_exact(setting, *reaches: Reach | None):
+    """A refined table for each of ``reaches`` (``None``: the default reach), the end-to-end
+    table, the stand-in allocator and how many pairs there are."""
     model, _, batches, _ = setting
     options = layer_options(compressible_layers(model), ("rtn", "gptq"), None)
     observers = collect_observers(model, options, batches)
     exact = get_estimator("end-to-end").table(model, options, batches, observers=observers)
     scale = max(max(row.values()) for row in exact.errors.values())
     decide = _lagrangian_choice(model, options, weight=1e-6 * scale)
-    estimator = get_estimator("refined")
-    if reach is not None:
-        estimator = copy.copy(estimator)
-        estimator.reach = reach
-    refined = estimator.table(model, options, batches, observers=observers, decide=decide)
-    return refined, exact, decide, sum(len(o) for o in options.values())
+    tables = []
+    for reach in reaches:
+        estimator = get_estimator("refined")
+        if reach is not None:
+            estimator = copy.copy(estimator)
+            estimator.reach = reach
+        tables.append(estimator.table(model, options, batches, observers=observers, decide=decide))
+    return tables, exact, decide, sum(len(o) for o in options.values())
 
 
 def test_refined_measures_what_the_decision_rests_on(setting) -> None:
-    refined, exact, decide, total = _refined_beside_exact(setting)
+    (refined,), exact, decide, total = _refined_beside_exact(setting, None)
     assert sum(refined.scored_by.values()) == total
     assert 0 < refined.scored_by["end-to-end"] < total
     assert refined.rounds >= 2
@@ -159,8 +161,7 @@ def test_refined_measures_what_the_decision_rests_on(setting) -> None:
 
 def test_refined_with_a_wider_reach_decides_as_every_pair_measured(setting) -> None:
     wide = Reach(steps=1, band=0.8, rounds=8)
-    refined, exact, decide, total = _refined_beside_exact(setting, wide)
-    lean, *_ = _refined_beside_exact(setting)
+    (refined, lean), exact, decide, total = _refined_beside_exact(setting, wide, None)
     assert lean.scored_by["end-to-end"] < refined.scored_by["end-to-end"] < total
     assert decide(refined.errors) == decide(exact.errors)
 
