@@ -313,7 +313,8 @@ class Budget:
             out["kv_dtype"] = self.kv_dtype
         return out
 
-    def describe(self) -> str:
+    def describe(self, multiples_of: str = "the original's") -> str:
+        """The budget in words; its multiples are of ``multiples_of`` (a reference file's)."""
         parts = []
         serving = (
             f" (weights + {self.kv_dtype} KV cache of {self.batch_size} x {self.context} tokens "
@@ -334,7 +335,7 @@ class Budget:
             )
         if self.latency_ratio is not None:
             parts.append(
-                f"p50 latency at most {self.latency_ratio:g}x the original's at batch "
+                f"p50 latency at most {self.latency_ratio:g}x {multiples_of} at batch "
                 f"{self.batch_size} x {self.seq_len} tokens"
             )
         if self.decode_ms is not None:
@@ -344,7 +345,7 @@ class Budget:
             )
         if self.decode_ratio is not None:
             parts.append(
-                f"p50 decode at most {self.decode_ratio:g}x the original's per token at "
+                f"p50 decode at most {self.decode_ratio:g}x {multiples_of} per token at "
                 f"batch {self.batch_size} with {self.decode_context} tokens of context"
             )
         return "; ".join(parts)

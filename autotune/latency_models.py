@@ -15,6 +15,7 @@ import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -76,11 +77,12 @@ class LatencyModel(ABC):
         self,
         compressed: nn.Module,
         plan: Any,
-        original: nn.Module | None,
+        original: nn.Module | Path | None,
         inputs: dict,
         limit: Limit | None = None,
     ) -> dict[str, LatencyStats] | None:
-        """The compressed model's (``"model"``) and the original's (``"baseline"``) latency
+        """The compressed model's (``"model"``) and the original's (``"baseline"``; a
+        reference file in the runtime's format as it is, :mod:`autotune.reference_file`) latency
         where this model times them elsewhere than autotune's modules, in rounds that visit
         both, for longer where a ``limit`` is given (up to
         :data:`~profilers.paired_timing.ROUNDS_TO_SETTLE` times the usual rounds) until its
@@ -181,10 +183,10 @@ class OnnxRuntimeTimed(TorchTimed):
         )
 
     def measure(self, compressed, plan, original, inputs, limit=None):
-        """Both models exported to ONNX and timed in ONNX Runtime, visited in turn and
-        settled at each visit as the options were when they were priced."""
+        """Both models exported to ONNX (``original`` as it is where it is a file) and timed
+        in ONNX Runtime, visited in turn and settled at each visit as the options were when
+        they were priced."""
         import tempfile
-        from pathlib import Path
 
         from autotune.export.onnx import OnnxExporter
         from autotune.export.ort_sessions import (
@@ -197,7 +199,9 @@ class OnnxRuntimeTimed(TorchTimed):
 
         exporter = OnnxExporter()
         graphs = {"model": exporter.build(compressed, plan)[0]}
-        if original is not None:  # the same at every check of a tune: exported once
+        if isinstance(original, Path):  # a reference file (autotune.reference_file)
+            graphs["baseline"] = original
+        elif original is not None:  # the same at every check of a tune: exported once
             graphs["baseline"] = _FLOAT_EXPORTS.get(original, float_onnx_export)
         with tempfile.TemporaryDirectory(prefix="autotune-ort-") as folder:
             sessions = [
@@ -254,9 +258,9 @@ class LlamaCppTimed(TorchTimed):
         )
 
     def measure(self, compressed, plan, original, inputs, limit=None):
-        """The plan's GGUF file and the float model's, timed in llama.cpp in turn."""
+        """The plan's GGUF file and the float model's (``original`` as it is where it is a
+        file), timed in llama.cpp in turn."""
         import tempfile
-        from pathlib import Path
 
         from autotune.export.gguf import GGUFExporter
         from autotune.export.llama_latency import FILE_ROUNDS, measure_files
@@ -265,7 +269,9 @@ class LlamaCppTimed(TorchTimed):
         with tempfile.TemporaryDirectory(prefix="autotune-llama-") as folder:
             paths = {"model": Path(folder) / "model.gguf"}
             exporter.write(compressed, plan, paths["model"])
-            if original is not None:
+            if isinstance(original, Path):  # a reference file (autotune.reference_file)
+                paths["baseline"] = original
+            elif original is not None:
                 paths["baseline"] = Path(folder) / "float.gguf"
                 exporter.write(original, None, paths["baseline"])
             rounds = FILE_ROUNDS if limit is None else limit.rounds(FILE_ROUNDS)

@@ -146,16 +146,33 @@ class Report:
         measured = self.plan.measured or {}
         original = (measured.get("baseline") or {}).get(f"{phase}_p50_ms")
         if not (self.local and f"{phase}_p50_ms" in measured and original is not None):
-            original = self.plan.predicted.get(f"original_{phase}_ms")
+            original = self.predicted_yardstick_ms(phase)
         if original is None:
             return budget.phase_ms(phase)
         return budget.phase_limit_ms(phase, original)
+
+    def multiples_of(self) -> str:
+        """Whose time the budget's multiples are of, in words."""
+        reference = (self.plan.search or {}).get("relative_to")
+        return f"reference file {reference['file']}'s" if reference else "the original's"
+
+    def yardstick(self, phase: str) -> tuple[str, float]:
+        """What the budget's multiple on ``phase`` is of (``original``, or ``reference``: a
+        file, ``--relative-to``) and that one's time as a multiple of the original's."""
+        reference = (self.plan.search or {}).get("relative_to") or {}
+        multiple = (reference.get("multiple_of_original") or {}).get(phase)
+        return ("original", 1.0) if multiple is None else ("reference", float(multiple))
+
+    def predicted_yardstick_ms(self, phase: str) -> float | None:
+        """The predicted time of what the budget's multiple on ``phase`` is of."""
+        original = self.plan.predicted.get(f"original_{phase}_ms")
+        return None if original is None else original * self.yardstick(phase)[1]
 
     def _latency_budget_cell(self, phase: str) -> str:
         """The limit in ms, with the multiple of the original's it stands for."""
         ratio = self.budget.phase_ratio(phase)
         cell = fmt(self.latency_budget_ms(phase), " ms")
-        return cell if ratio is None else f"{cell} ({ratio:g}x original)"
+        return cell if ratio is None else f"{cell} ({ratio:g}x {self.yardstick(phase)[0]})"
 
     def _latency_for_budget(self, phase: str = "latency") -> float | None:
         """Measured p50 when the target is this machine, else the target's roofline,
@@ -276,13 +293,10 @@ class Report:
         multiple = self.measured_multiple(phase)
         if multiple is None:
             return []
-        predicted, original = (
-            self.predicted_ms(phase),
-            self.plan.predicted.get(f"original_{phase}_ms"),
-        )
+        predicted, original = self.predicted_ms(phase), self.predicted_yardstick_ms(phase)
         return [
             (
-                "  x original (same rounds)",
+                f"  x {self.yardstick(phase)[0]} (same rounds)",
                 f"{predicted / original:.3g}x" if predicted and original else "-",
                 multiple.describe(),
                 f"{self.budget.phase_ratio(phase):g}x",
@@ -314,16 +328,26 @@ class Report:
                     f"predicted latency {pred['original_latency_ms']:.4g} ms (as recorded when "
                     "tuned)"
                 )
+            file = baseline.get("reference_file")
+            timed = []
             machine = self.measured_machine()
             where = f" on {machine}" if machine else ""
             for phase, what in (("latency", "measured p50"), ("decode", "decode p50")):
                 key = f"{phase}_p50_ms"
                 if baseline.get(key) is not None and meas.get(key):
-                    parts.append(
+                    timed.append(
                         f"{what} {baseline[key]:.4g} ms{where} (compressed is "
                         f"{speed_words(baseline[key], meas[key])})"
                     )
-            lines.append("reference: " + "; ".join(parts))
+            if file is None:
+                lines.append("reference: " + "; ".join(parts + timed))
+            else:
+                lines.append("reference: " + "; ".join(parts))
+                if timed:
+                    lines.append(
+                        f"timed beside reference file {file['file']} ({file['bytes']:,} B): "
+                        + "; ".join(timed)
+                    )
         uniform = uniform_line(pred, meas)
         if uniform:
             lines.append(uniform)
@@ -375,7 +399,7 @@ class Report:
         budget = self.budget
         lines = [
             self.headline(),
-            f"budget {budget.spec}: {budget.describe()}",
+            f"budget {budget.spec}: {budget.describe(self.multiples_of())}",
             "",
             "layers:",
         ]

@@ -76,7 +76,7 @@ def search_line(search: dict[str, Any]) -> str | None:
             f"; {check['budget']} check of search {check.get('search', 1)}'s plan"
             + (" (under a loosened limit)" if check.get("loosened") else "")
             + ": "
-            f"{check['measured_ms']:.4g} ms measured{_multiple(check.get('ratio'))}, "
+            f"{check['measured_ms']:.4g} ms measured{_multiple(check)}, "
             f"{check['predicted_ms']:.4g} ms predicted, "
             f"budget {check['budget_ms']:.4g} ms ({'met' if check['met'] else 'missed'})"
         )
@@ -97,11 +97,14 @@ def search_line(search: dict[str, Any]) -> str | None:
     return line
 
 
-def _multiple(ratio: dict[str, Any] | None) -> str:
-    """`` (0.71x the original's in 23 rounds)`` for a check that timed both in turn."""
+def _multiple(check: dict[str, Any]) -> str:
+    """`` (0.71x the original's in 23 rounds)`` (or the reference file's) for a check that
+    timed both in turn."""
+    ratio = check.get("ratio")
     if not ratio:
         return ""
-    return f" ({ratio['p50']:.3g}x the original's in {ratio['rounds']} rounds)"
+    beside = "reference file" if "reference_ms" in check else "original"
+    return f" ({ratio['p50']:.3g}x the {beside}'s in {ratio['rounds']} rounds)"
 
 
 def structure_line(structure: dict[str, Any]) -> str | None:

@@ -16,6 +16,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import nn
@@ -87,6 +88,10 @@ class Runtime(ABC):
     # a memory budget's plan generates at most this much slower than the largest of
     # :meth:`reference_plans` that fits (autotune.decode_guard); ``None``: speed left free
     decode_slack: ClassVar[float | None] = None
+    # the files a budget's multiples can be taken of (``--relative-to``, by suffix), and the
+    # phases this runtime times such a file in; ``None``: none (autotune.reference_file)
+    reference_suffix: ClassVar[str | None] = None
+    reference_phases: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def refusal(self, layer: str, shape: LayerShape, option: Option) -> str | None:
@@ -128,6 +133,9 @@ class Runtime(ABC):
         this runtime's own, fitted to the model timed in it at ``shapes``; only where
         :attr:`fits_prices` (else its plans are priced with the device's own figures)."""
         raise NotImplementedError(f"{self.name} has no figures of its own to fit")
+
+    def check_reference(self, path: Path) -> None:  # noqa: B027 (a suffix is enough by default)
+        """Refuse in one line a reference file (``--relative-to``) this runtime cannot load."""
 
     def reference_plans(self, options: Mapping[str, Sequence[Option]]) -> dict[str, dict[str, str]]:
         """Plans a memory budget's generation speed is held to (name -> layer -> option
@@ -380,8 +388,21 @@ class OnnxRuntimeRuntime(_ExportedRuntime):
         "DynamicQuantizeMatMul for w8a8); budgets count the export's own tensor bytes"
     )
 
+    reference_suffix = ".onnx"
+    reference_phases = ("latency",)
+
     def __init__(self, pair_safe: bool = False) -> None:
         self.pair_safe = pair_safe  # w8a8 codes: pair-safe where int8 pair sums saturate
+
+    def check_reference(self, path: Path) -> None:
+        import onnx
+
+        try:
+            onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # onnx raises several kinds on a file that is not a model
+            raise RuntimeChoiceError(
+                f"reference file {path.name!r} is not an ONNX model ONNX Runtime loads: {exc}"
+            ) from None
 
     def for_target(self, spec: HardwareSpec) -> Runtime:
         """On CPUs whose 8-bit dot products saturate pair sums (x86 without VNNI), ONNX
@@ -445,6 +466,8 @@ class LlamaCppRuntime(_ExportedRuntime):
     decode_slack = 0.05
     # the base types of llama.cpp's mixes (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K) and F16
     REFERENCE_TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K")
+    reference_suffix = ".gguf"
+    reference_phases = ("latency", "decode")
     description = (
         "llama.cpp running a GGUF export: each tensor one of llama.cpp's types (Q8_0, Q6_K, "
         "Q4_K, IQ4_XS, ...); budgets count the GGUF file's bytes"
@@ -454,6 +477,16 @@ class LlamaCppRuntime(_ExportedRuntime):
         from autotune.export.gguf_families import family_of
 
         family_of(model)
+
+    def check_reference(self, path: Path) -> None:
+        import gguf
+
+        try:
+            gguf.GGUFReader(path)
+        except Exception as exc:  # the reader raises several kinds on a file that is not one
+            raise RuntimeChoiceError(
+                f"reference file {path.name!r} is not a GGUF file llama.cpp loads: {exc}"
+            ) from None
 
     def describe_export(self, compressed, options):
         from autotune.export.gguf import describe

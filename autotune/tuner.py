@@ -60,8 +60,10 @@ def autotune(
       ``save_to`` (a folder the compressed model is written to; needed block by block),
       ``target_files``, ``runtime`` (``"torch"``, ``"vllm"``, ``"onnxruntime"``: only
       options that runtime's export holds, priced with its kernels; see
-      :mod:`autotune.runtimes`), ``batch_size``, ``latency_seq_len``, ``inplace``,
-      ``progress``, ``measure``, ``trust_remote_code``;
+      :mod:`autotune.runtimes`), ``relative_to`` (a file in that runtime's format, e.g.
+      llama.cpp's Q4_K_M GGUF: the budget's multiples, ``"decode=1x"``, are of its time,
+      timed beside the plan; see :mod:`autotune.reference_file`), ``batch_size``,
+      ``latency_seq_len``, ``inplace``, ``progress``, ``measure``, ``trust_remote_code``;
     * calibration (:class:`~autotune.pipeline.config.CalibrationConfig`): ``calibration``,
       ``heldout`` (texts, a text file or input batches; default standard library
       docstrings), ``seq_len`` and the windows of each split. The calibration split picks

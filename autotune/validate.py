@@ -106,12 +106,17 @@ def validate_plan(
     trust_remote_code: bool = False,
     compressed: nn.Module | str | Path | None = None,
     calibration: Any = None,
+    relative_to: str | Path | None = None,
 ) -> ValidationResult:
     """Apply ``plan`` to ``model`` and check budget, predicted bytes and quality.
 
     ``calibration`` is what a plan with calibrated methods (GPTQ) was tuned on, where that
     was not a text file or the default text the plan names (input batches, as ``autotune``
     takes them); :func:`~autotune.apply.apply_plan` refuses such a plan without it.
+
+    ``relative_to`` is the reference file a plan's budget multiples are of, where it was tuned
+    with one (:mod:`autotune.reference_file`): the plan is timed beside it in its runtime, and
+    a plan tuned against another file is refused.
 
     ``compressed`` (a folder written by ``autotune apply``, or a module) is checked instead of
     a fresh application of the plan; the folder's plan must be the same plan. A GGUF file is
@@ -190,6 +195,8 @@ def validate_plan(
         baseline=model if beside else None,
         limits=limits,
     )
+    if latency_inputs is not None and local and budget is not None:
+        now = _beside_reference(plan, compressed, relative_to, latency_inputs, decode, budget, now)
     originals: dict[str, float] = {}
     if original_roofline is not None:
         originals = {
@@ -298,6 +305,57 @@ def plan_checks(
     return checks
 
 
+def _beside_reference(
+    plan: Plan,
+    compressed: nn.Module,
+    given: str | Path | None,
+    latency_inputs: dict[str, torch.Tensor],
+    decode: dict[str, Any] | None,
+    budget: Budget,
+    now: Measured,
+) -> Measured:
+    """``now`` with each phase whose budget multiple is of a reference file timed again in
+    the plan's runtime beside that file (``given``; refused if it is missing or another
+    file), where the plan was tuned against one."""
+    from autotune.latency_models import measuring_model
+    from autotune.reference_file import ReferenceFile
+    from profilers.hardware import HardwareSpec
+
+    recorded = (plan.search or {}).get("relative_to")
+    if not recorded:
+        return now
+    if given is None:
+        raise PlanError(
+            f"the plan's budget multiples are of reference file {recorded['file']!r}: pass it "
+            "(--relative-to) to time the plan beside it"
+        )
+    file = ReferenceFile.of(given)
+    if not file.matches(recorded):
+        raise PlanError(
+            f"reference file {file.path.name!r} is not the one the plan was tuned against "
+            f"({recorded['file']!r}, SHA-256 {recorded['sha256'][:16]}...)"
+        )
+    timer = measuring_model(HardwareSpec.from_dict(plan.target))
+    if not timer.runs_here() or not timer.measures:
+        raise PlanError(
+            f"the plan is timed beside reference file {file.path.name!r} in "
+            f"{plan.target.get('runtime')}, which is not installed here"
+        )
+    inputs = {"latency": latency_inputs, "decode": decode}
+    fields = {"latency": ("latency", "baseline_latency"), "decode": ("decode", "baseline_decode")}
+    changed: dict[str, Any] = {}
+    for phase in recorded.get("multiple_of_original") or {}:
+        if inputs.get(phase) is None:
+            continue
+        found = timer.measure(
+            compressed, plan, file.path, inputs[phase], budget.timing_limit(phase, True)
+        )
+        if found is not None:
+            model_field, beside_field = fields[phase]
+            changed[model_field], changed[beside_field] = found["model"], found["baseline"]
+    return dataclasses.replace(now, **changed)
+
+
 def _runtime_checks(plan: Plan, model: nn.Module, strict: bool) -> list[Check]:
     """Where the plan's runtime loads layers as one fused matrix (vLLM), that each such
     group has one option, recomputed from the plan's layers."""
@@ -367,7 +425,7 @@ def _budgeted_latency(
         term = "" if absolute is None else f" and <= {absolute:g} ms"
         return Check(
             f"{phase} p50",
-            f"<= {ratio:g}x the original's (timed in the same rounds){term}",
+            f"<= {ratio:g}x {_multiples_of(plan, phase)} (timed in the same rounds){term}",
             f"{multiple.describe()}: {now.p50_ms:.4g} ms against {beside.p50_ms:.4g} ms",
             multiple.median <= ratio and within,
         )
@@ -387,6 +445,14 @@ def _budgeted_latency(
     return dataclasses.replace(
         check, expected=f"{check.expected} ({ratio:g}x the original's {original:.4g} ms, {what})"
     )
+
+
+def _multiples_of(plan: Plan, phase: str) -> str:
+    """Whose time the budget's multiple on ``phase`` is of, in words."""
+    reference = (plan.search or {}).get("relative_to") or {}
+    if phase in (reference.get("multiple_of_original") or {}):
+        return f"reference file {reference['file']}'s"
+    return "the original's"
 
 
 def _latency_check(

@@ -119,9 +119,15 @@ class InMemory(Executor):
         budget, metric, work = setup.budget, scored.table.metric, self.work
         baseline = None if setup.inplace else setup.original
         limits = {p: budget.timing_limit(p, baseline is not None) for p in ("latency", "decode")}
+        # the reference file a budget's multiples are of, timed beside the plan instead
+        beside: dict[str, Any] = {phase: baseline for phase in limits}
+        if setup.reference is not None:  # every phase the runtime times it in
+            for phase in setup.runtime.reference_phases:
+                beside[phase] = setup.reference.path
+                limits[phase] = budget.timing_limit(phase, True)
         latency_model = measuring_model(setup.spec)
         elsewhere = latency_model.measure(
-            work, plan, baseline, priced.latency_inputs, limits["latency"]
+            work, plan, beside["latency"], priced.latency_inputs, limits["latency"]
         )
         measured = measure_model(
             work,
@@ -138,7 +144,7 @@ class InMemory(Executor):
             measured.baseline_latency = elsewhere.get("baseline")
             if priced.decode is not None and latency_model.measures_decode:
                 decode = latency_model.measure(
-                    work, plan, baseline, priced.decode, limits["decode"]
+                    work, plan, beside["decode"], priced.decode, limits["decode"]
                 )
                 measured.decode, measured.baseline_decode = decode["model"], decode.get("baseline")
         figures: dict[str, Any] = measured.to_dict([budget.batch_size, budget.seq_len], metric)
@@ -148,6 +154,11 @@ class InMemory(Executor):
             figures.update(exported, bytes_counted_in=runtime.export_format)
         if elsewhere is not None:
             figures["timed_in"] = latency_model.name
+        if setup.reference is not None and "baseline" in figures:
+            figures["baseline"]["reference_file"] = setup.reference.to_dict()
+            figures["baseline"]["timed"] = (
+                "the reference file (--relative-to), interleaved with the compressed model"
+            )
         in_runtime = runtime.measure_export(
             work,
             plan,

@@ -74,6 +74,9 @@ class TuneConfig:
     trust_remote_code: bool = False
     executor: str = "in-memory"  # or "block-by-block": see autotune.executors
     save_to: str | Path | None = None  # where the compressed model is written
+    # a file in the runtime's format whose time the budget's multiples are of (else the
+    # original's): see autotune.reference_file
+    relative_to: str | Path | None = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
 

@@ -69,6 +69,7 @@ class LatencyCheck:
     ratio: Interval | None = None  # the measured multiple, from rounds that timed both
     original_predicted_ms: float | None = None  # the original on the prediction's scale
     loosened: bool = False  # its plan was searched under a limit loosened after a roomy check
+    beside: str = "original"  # what was timed beside it: the original, or a reference file
 
     @property
     def excess(self) -> float:
@@ -148,7 +149,11 @@ class LatencyCheck:
             "planned_ms": round(self.planned_ms, 6),
             "predicted_ms": round(self.predicted_ms, 6),
             "measured_ms": round(self.measured_ms, 6),
-            **({"original_ms": round(self.original_ms, 6)} if self.original_ms is not None else {}),
+            **(
+                {f"{self.beside}_ms": round(self.original_ms, 6)}
+                if self.original_ms is not None
+                else {}
+            ),
             **({"ratio": self.ratio.to_dict()} if self.ratio is not None else {}),
             "met": self.met,
             **({"loosened": True} if self.loosened else {}),
@@ -374,6 +379,8 @@ def check_plan(
     for resource, (stats, beside) in measured.items():
         phase, budget = _PHASES[resource], setup.budget
         budget_field = f"{phase}_ms"
+        # a budget of multiples of a reference file: that file, on the prediction's scale
+        multiple = priced.reference_multiples.get(phase)
         original_ms = None if beside is None else beside.p50_ms
         if original_ms is None:  # tuned in place: the original as timed before tuning
             original_ms = _timed_before(priced, resource)
@@ -392,7 +399,8 @@ def check_plan(
                 ms_term=budget.phase_ms(phase),
                 ratio_term=budget.phase_ratio(phase),
                 ratio=None if beside is None else paired(stats.samples_ms, beside.samples_ms),
-                original_predicted_ms=float(original[budget_field]),
+                original_predicted_ms=float(original[budget_field]) * (multiple or 1.0),
+                beside="original" if multiple is None else "reference",
             )
         )
     return checks
@@ -403,17 +411,18 @@ def _say_check(setup: Setup, check: LatencyCheck) -> None:
     verdict = "" if check.met else " (missed)" if check.settled else " (missed, unsettled)"
     setup.say.say(
         f"latency check: '{check.plan}' {check.measured_ms:.4g} ms measured"
-        + _multiple(check.ratio)
+        + _multiple(check.ratio, check.beside)
         + f", {check.predicted_ms:.4g} ms predicted, budget {check.budget_ms:.4g} ms"
         + verdict
     )
 
 
-def _multiple(ratio: Interval | None) -> str:
-    """``", 0.71x (95% CI 0.69-0.74, 23 rounds) of the original's"``, where it was timed."""
+def _multiple(ratio: Interval | None, beside: str = "original") -> str:
+    """``", 0.71x (95% CI 0.69-0.74, 23 rounds) of the original's"`` (or the reference
+    file's), where it was timed."""
     if ratio is None:
         return ""
-    return f", {ratio.describe()} of the original's"
+    return f", {ratio.describe()} of the {beside}'s"
 
 
 def _timed_before(priced: Priced, resource: str) -> float | None:
@@ -434,16 +443,18 @@ def measured_ms(
     modules), in rounds that go on until the budget's verdict is settled
     (:meth:`~autotune.budget.Budget.timing_limit`)."""
     latency_model = measuring_model(setup.spec)
-    baseline = None if setup.inplace else setup.original
+    original = None if setup.inplace else setup.original
     plan = Plan(layers={name: option.to_dict() for name, option in options.items()})
     inputs = {"seconds": priced.latency_inputs, "decode_seconds": priced.decode}
     out: dict[str, tuple[LatencyStats, LatencyStats | None]] = {}
     with setup.executor.swapped(options) as model:
-        models = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
+        models = {"model": model} if original is None else {"model": model, "baseline": original}
         for resource in checked_resources(setup, priced):
             phase = _PHASES[resource]
             if inputs[resource] is None:
                 continue
+            reference = setup.reference if phase in priced.reference_multiples else None
+            baseline = original if reference is None else reference.path
             limit = setup.budget.timing_limit(phase, baseline is not None)
             elsewhere = None
             if resource == "seconds" or latency_model.measures_decode:

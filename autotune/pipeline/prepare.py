@@ -20,6 +20,7 @@ from autotune.fingerprint import fingerprint
 from autotune.layers import compressible_layers
 from autotune.pipeline.config import TuneConfig
 from autotune.progress import Progress
+from autotune.reference_file import ReferenceFile, open_reference
 from autotune.runtimes import Runtime, get_runtime
 from autotune.searching import check_settings
 from autotune.storage_bounds import StorageBounds
@@ -46,6 +47,8 @@ class Setup(Opened):
     tied: Any
     say: Progress
     as_is: bool  # the uncompressed model meets the budget: every layer is kept
+    # the file the budget's multiples are of, timed beside the plan (None: the original)
+    reference: ReferenceFile | None = None
 
 
 def prepare(
@@ -59,6 +62,10 @@ def prepare(
     runtime = get_runtime(config.runtime).for_target(spec)
     runtime.check_target(spec, config.target if isinstance(config.target, str) else spec.name)
     spec = runtime.spec_for(spec)
+    reference = None
+    if config.relative_to is not None:
+        target = config.target if isinstance(config.target, str) else spec.name
+        reference = open_reference(config.relative_to, runtime, parsed, target)
     search = config.search
     check_settings(search.search, search.max_evals, search.timeout, search.storage)
     check_structured(search.structured)
@@ -75,6 +82,11 @@ def prepare(
             or search.option_labels is not None,
         )
     executor.refuse(parsed, spec, config, methods, estimator)
+    if reference is not None and not executor.holds_whole_model:
+        raise AutotuneError(
+            f"--relative-to times the whole plan beside the file; executor {executor.name} "
+            "never holds the whole model: use the in-memory executor"
+        )
     opened = executor.open(model, config, tokenizer)
     model, work = opened.original, opened.work
     runtime.check_model(model)
@@ -103,6 +115,7 @@ def prepare(
         tied=tied,
         say=say,
         as_is=as_is,
+        reference=reference,
     )
 
 

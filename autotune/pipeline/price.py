@@ -34,6 +34,7 @@ from autotune.measured_figures import Measured, measure_model
 from autotune.pipeline.config import TuneConfig
 from autotune.pipeline.prepare import Data, Setup
 from autotune.plan import Plan
+from autotune.reference_file import ReferenceFileError, planning_budget, reference_multiples
 from autotune.storage_bounds import keep_only
 from methods.base import Option
 from methods.keep import KeepOption
@@ -70,6 +71,9 @@ class Priced:
     # limit it gives (autotune.decode_guard)
     guard_rule: GuardRule | None = None
     guard: DecodeGuard | None = None
+    # the reference file's time as a multiple of the original's, by phase, where the budget's
+    # multiples are of a file (autotune.reference_file)
+    reference_multiples: dict[str, float] = field(default_factory=dict)
 
 
 def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
@@ -134,9 +138,11 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
     serving = _serving_memory(work, budget, activations.peak_bytes)
     margin = LOCAL_LATENCY_MARGIN if timed else 0.0
     overhead = serving.get("kv_cache", 0) + serving.get("activations", 0)
-    limits = limits_for(budget, costs, overhead, latency_margin=margin)
+    multiples = _reference_multiples(setup, latency_inputs, decode)
+    planned = planning_budget(budget, multiples)  # multiples of the original's time
+    limits = limits_for(planned, costs, overhead, latency_margin=margin)
     if times_plans(setup):  # a latency check will time the plan
-        limits, raised = within_timing_spread(budget, costs, limits, margin)
+        limits, raised = within_timing_spread(planned, costs, limits, margin)
         for resource in raised:
             say.say(
                 f"budget {budget.spec}: no plan is predicted within its "
@@ -146,7 +152,7 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
                 f"{100 * margin:g}% of the fastest is searched for and timed"
             )
     else:
-        check_feasible(budget, costs, limits)
+        check_feasible(planned, costs, limits)
     if not setup.as_is and keep_fits(costs, limits):
         setup.as_is = True
         say.say(
@@ -182,7 +188,34 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
         baseline,
         setup.runtime.tied_layers([ref.name for ref in layers]),
         rule,
+        reference_multiples=multiples,
     )
+
+
+def _reference_multiples(
+    setup: Setup, latency_inputs: dict[str, Any], decode: dict[str, Any] | None
+) -> dict[str, float]:
+    """The reference file's time as a multiple of the original's, for each phase the budget
+    holds to a multiple, timed beside it in the runtime (none without a reference file)."""
+    reference = setup.reference
+    if reference is None:
+        return {}
+    timer = latency_model_for(setup.spec)
+    if not timer.runs_here():
+        raise ReferenceFileError(
+            f"--relative-to times the file in {setup.runtime.name}, which is not installed here"
+        )
+    inputs = {"latency": latency_inputs}
+    if timer.measures_decode:
+        inputs["decode"] = decode
+    multiples = reference_multiples(timer.measure, setup.original, inputs, setup.budget, reference)
+    for phase, multiple in multiples.items():
+        setup.say.say(
+            f"reference file {reference.path.name}: {multiple:.4g}x the original's "
+            f"{'decode step' if phase == 'decode' else 'latency'} in {setup.runtime.name} (timed "
+            "in the same rounds); the budget's multiples are of that file"
+        )
+    return multiples
 
 
 def _guard_rule(

@@ -148,6 +148,11 @@ def _search_record(
         record["latency_margin"] = priced.margin
     if priced.guard is not None:
         record["decode_guard"] = priced.guard.to_dict()
+    if setup.reference is not None:
+        record["relative_to"] = {
+            **setup.reference.to_dict(),
+            "multiple_of_original": {k: round(v, 6) for k, v in priced.reference_multiples.items()},
+        }
     record["selection"] = selected.selection.to_dict()
     if selected.latency_checks:
         record["latency_checks"] = selected.latency_checks

@@ -25,6 +25,12 @@ def add_validate(sub: Any) -> None:
     )
     validate.add_argument("--no-latency", action="store_true", help="do not time the model")
     validate.add_argument(
+        "--relative-to",
+        metavar="FILE",
+        help="the reference file the plan's budget multiples are of (autotune tune "
+        "--relative-to): the plan is timed beside it in its runtime",
+    )
+    validate.add_argument(
         "--compressed",
         metavar="PATH",
         help="check this saved compressed model (autotune apply -o) or GGUF file (autotune "

@@ -96,6 +96,13 @@ def _add_space(tune: argparse.ArgumentParser) -> None:
         "tensor types, Q8_0 ... IQ2_XXS, in a GGUF file)",
     )
     tune.add_argument(
+        "--relative-to",
+        metavar="FILE",
+        help="a file in the --runtime's format (llama.cpp: .gguf, onnxruntime: .onnx) whose "
+        "time the budget's multiples are of, timed beside the plan at every check: "
+        "'--budget 2.6MB,decode=1x --relative-to Q4_K_M.gguf' (default: the original model's)",
+    )
+    tune.add_argument(
         "--options",
         help="comma-separated option labels to offer, e.g. int8-ch-sym,int4-g64-asym "
         "(default: every option of the methods' grids)",

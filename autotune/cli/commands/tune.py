@@ -47,6 +47,10 @@ def _checked_problem(args: argparse.Namespace) -> tuple[Any, Any]:
     target = get_target(args.target, args.target_file)  # fail fast on a bad target
     runtime = get_runtime(args.runtime)
     runtime.check_target(target, args.target)
+    if args.relative_to is not None:
+        from autotune.reference_file import open_reference
+
+        open_reference(args.relative_to, runtime, budget, args.target)
     if getattr(args, "export", None) and runtime.export_format is None:
         from autotune.runtimes import RUNTIMES, RuntimeChoiceError
 

@@ -27,4 +27,5 @@ def tune_settings(args: argparse.Namespace, methods: Any, labels: Any) -> dict[s
         "structured": {"ffn": args.prune_ffn, "heads": args.prune_heads},
         "runtime": args.runtime,
         "decode_slack": args.decode_slack,
+        "relative_to": args.relative_to,
     }

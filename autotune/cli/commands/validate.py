@@ -22,6 +22,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if streams(args):
         from autotune.streamed import validate_streamed
 
+        if args.relative_to is not None:
+            from autotune.errors import AutotuneError
+
+            raise AutotuneError(
+                "--relative-to times the whole plan beside the file; block by block the plan "
+                "is not timed: leave out --low-memory"
+            )
+
         result = validate_streamed(
             plan,
             args.model,
@@ -40,6 +48,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         measure_latency=not args.no_latency,
         trust_remote_code=args.trust_remote_code,
         compressed=args.compressed,
+        relative_to=args.relative_to,
     )
     emit(args, str(result), result.to_dict())
     return EXIT_OK if result.ok else EXIT_BROKEN
