@@ -18,10 +18,10 @@ The demo model (all-MiniLM-L6-v2 as a transformers ``BertModel``) in ONNX Runtim
   plans tuned by ``autotune()`` for ``runtime="onnxruntime"`` on the ``cpu`` target at the
   tensor bytes of ORT's 4-bit block-32 file, of ORT's int8 file and at 15 MB, and two tuned on
   ``local`` (every option timed inside ONNX Runtime sessions) for the int8 file's tensor bytes
-  and quantize_dynamic's speed: a latency budget relative to the float model (``0.65x``-like,
-  see :mod:`autotune.budget`) at quantize_dynamic's 1 x 16 time over ORT float32's, both
-  timed just before as the tune times (visited in turn, settled at each visit), and at 1.1x
-  that (about the time of 8-bit activations with weight scales per channel); the int4 and
+  and quantize_dynamic's speed: a latency budget of ``1x`` quantize_dynamic's file
+  (``relative_to``, :mod:`autotune.reference_file`: each check times the plan's export beside
+  that file at 1 x 16 tokens in the same rounds), and of ``1.1x`` it (about the time of 8-bit
+  activations with weight scales per channel); the int4 and
   int8 weight-only plans also with
   ``accuracy_level=4`` (ONNX Runtime quantises MatMulNBits' activations to int8 per block:
   faster, no longer autotune's numerics);
@@ -91,7 +91,7 @@ from autotune.calibration import build_heldout
 from autotune.errors import InfeasibleBudgetError
 from autotune.export import export_plan
 from autotune.export.onnx import OnnxExporter, tensor_bytes
-from autotune.export.ort_sessions import SETTLE, open_session, run_rounds, session_options
+from autotune.export.ort_sessions import SETTLE, run_rounds
 from autotune.loading import load_model
 from autotune.plan import Plan
 from autotune.runtimes import get_runtime
@@ -102,9 +102,9 @@ from profilers.probe import int8_pairs_saturate
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUTS = ("last_hidden_state", "pooler_output")
 SHAPES = (16, 128)
-# the latency-bound plans' budgets: these multiples of quantize_dynamic's 1 x 16 time relative
-# to the float model (1: at least its speed; 1.1: about the time of 8-bit activations with
-# weight scales per channel, 1.02-1.08x quantize_dynamic's in pairs on the demo)
+# the latency-bound plans' budgets: these multiples of quantize_dynamic's file's 1 x 16 time
+# (1: at least its speed; 1.1: about the time of 8-bit activations with weight scales per
+# channel, 1.02-1.08x quantize_dynamic's in pairs on the demo)
 LATENCY_FACTORS = (1.0, 1.1)
 PAIRED_ROUNDS = 40  # rounds of each pair timed against quantize_dynamic
 T = TypeVar("T")
@@ -202,18 +202,6 @@ def export(plan: Plan, compressed: nn.Module, path: Path, accuracy_level: int) -
     OnnxExporter(accuracy_level).write(compressed, plan, path)
 
 
-def tune_regime_ratio(
-    path: Path, beside: Path, feed: dict[str, np.ndarray], rounds: int = 30
-) -> float:
-    """Median time of an ONNX file at 1 x 16 tokens over ``beside``'s, timed as a tune on
-    ``local`` times a plan beside the original: both sessions visited in turn, settled at
-    each visit."""
-    inputs = timing_inputs(feed, 16)
-    sessions = [open_session(str(p), session_options()) for p in (path, beside)]
-    walls = run_rounds(sessions, inputs, rounds, SETTLE)
-    return statistics.median(walls[0]) / statistics.median(walls[1])
-
-
 def pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     weights = mask[..., None].astype(np.float64)
     return (hidden * weights).sum(axis=1) / weights.sum(axis=1)
@@ -282,10 +270,11 @@ def print_table(variants: list[Variant], tuned: dict[str, Plan], model: nn.Modul
         figures = f"predicted {predicted.get('bytes'):,} tensor bytes"
         if measured.get("timed_in") == "onnxruntime-timed":
             baseline = measured.get("baseline", {})
+            beside = (baseline.get("reference_file") or {}).get("file", "the float model")
             figures += (
                 f", {predicted['latency_ms']:.2f} ms in ONNX Runtime (measured "
-                f"{measured.get('latency_p50_ms', float('nan')):.2f} ms beside the float "
-                f"model's {baseline.get('latency_p50_ms', float('nan')):.2f}"
+                f"{measured.get('latency_p50_ms', float('nan')):.2f} ms beside {beside}'s "
+                f"{baseline.get('latency_p50_ms', float('nan')):.2f}"
                 + (
                     f", {baseline['latency_ratio']['p50']:.3f}x it in the median round"
                     if "latency_ratio" in baseline
@@ -302,6 +291,11 @@ def print_table(variants: list[Variant], tuned: dict[str, Plan], model: nn.Modul
                 + (
                     f" ({check['original_ms']:.2f} ms the float model beside it)"
                     if "original_ms" in check
+                    else ""
+                )
+                + (
+                    f" ({check['reference_ms']:.2f} ms the reference file beside it)"
+                    if "reference_ms" in check
                     else ""
                 )
                 + (
@@ -491,7 +485,6 @@ def onnx_table(args: argparse.Namespace) -> None:
         variants.append(Variant("ort quantize_dynamic int8 per-channel", tmp / "int8-pc.onnx"))
         int4_bytes, int8_bytes = variants[2].tensor_bytes, variants[1].tensor_bytes
         assert int4_bytes is not None and int8_bytes is not None
-        regime = tune_regime_ratio(variants[1].path, float_path, feeds[0])
 
         def tune(budget: str, **kwargs) -> tuple[Plan, nn.Module] | None:
             try:
@@ -530,12 +523,16 @@ def onnx_table(args: argparse.Namespace) -> None:
             "autotune tuned @ 15 MB": tune("15MB", target="cpu", measure=False),
         }
         for factor in LATENCY_FACTORS:
-            speed = factor * regime
             name = (
-                f"autotune tuned @ {int8_bytes / 1e6:.1f} MB, {speed:.3f}x ORT float "
-                f"({factor:g}x quantize_dynamic's, ORT-timed)"
+                f"autotune tuned @ {int8_bytes / 1e6:.1f} MB, {factor:g}x quantize_dynamic's "
+                "time (its file beside each check, ORT-timed)"
             )
-            plans[name] = tune(f"{int8_bytes}B,{speed:.3f}x", target="local", latency_seq_len=16)
+            plans[name] = tune(
+                f"{int8_bytes}B,{factor:g}x",
+                target="local",
+                latency_seq_len=16,
+                relative_to=variants[1].path,
+            )
         plans = {name: entry for name, entry in plans.items() if entry is not None}
         tuned = {name: plan for name, (plan, _) in list(plans.items())[6:]}
         for index, (name, (plan, compressed)) in enumerate(plans.items()):

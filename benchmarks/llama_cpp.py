@@ -18,13 +18,12 @@ budget of three ``autotune(..., runtime="llama.cpp")`` runs:
 * **speed free**: the same with ``decode_slack="off"`` (generation speed left free);
 * **plain**: the default with plain types only (no importance matrix: the mixes' own footing);
 * **decode-bound**: target ``local`` (every type timed in llama.cpp here) with the mix's
-  own decode speed as a second budget: its decode step (one token after 127) over the F32
-  file's, as ``decode=Rx`` (a ratio to the original's decode step, which the tune's check
-  times beside the plan: this VM's speed drifts by up to 1.4x within minutes, so a bound in
-  milliseconds measured before the tunes is not what the machine runs later). The ratio is
-  measured as the check measures a plan, just before the mix's decode-bound tune: the two
-  files alone loaded, timed in turn for the check's most rounds, the median of the per-round
-  ratios; and again the same way after every tune, to show how far it moved.
+  own decode speed as a second budget: ``decode=1x`` with ``relative_to`` the mix's file
+  (``--relative-to``, :mod:`autotune.reference_file`), so that each check of the tune times
+  the plan's decode step (one token after 127) beside the mix's file in the same rounds
+  (this VM's speed drifts by up to 1.4x within minutes: a bound in milliseconds, or as a
+  multiple of the F32 file's measured before the tune, is not what the machine runs later).
+  Each such tune's checks are printed below the table.
 
 Every plan is exported to GGUF and all files are run in llama.cpp:
 
@@ -56,21 +55,18 @@ import subprocess
 import tempfile
 import time
 
-import torch
-
 from autotune import autotune
 from autotune.calibration import build_heldout
 from autotune.errors import AutotuneError
 from autotune.export import export_plan, get_exporter
 from autotune.export.imatrix import write_imatrix
 from autotune.export.llama_cpp import quality_in_llama_cpp, speeds_in_llama_cpp
-from autotune.export.llama_latency import FILE_ROUNDS, measure_files
 from autotune.export.llama_tools import find_tool
 from autotune.layers import compressible_layers
 from autotune.loading import BUNDLED_LMS, load_model
 from autotune.plan import Plan
 from methods.gguf import GGUFTypes
-from profilers.paired_timing import ROUNDS_TO_SETTLE, Interval, paired
+from profilers.paired_timing import Interval
 from profilers.quality import output_error, run_outputs
 
 MIXES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
@@ -89,16 +85,6 @@ def quantize_mix(source: Path, out: Path, mix: str) -> None:
         str(source).encode(), str(out).encode(), ctypes.byref(params)
     ):
         raise RuntimeError(f"llama_model_quantize failed for {mix}")
-
-
-class Context:
-    """A decode input's context length, as a frozen KV cache reports it."""
-
-    def __init__(self, tokens: int) -> None:
-        self.tokens = tokens
-
-    def get_seq_length(self) -> int:
-        return self.tokens
 
 
 def imatrix_mixes(
@@ -165,24 +151,18 @@ def main() -> None:
             quantize_mix(source, paths[mix], mix)
         weighted_mixes = imatrix_mixes(model, tokenizer, source, mixes, work)
         paths.update(weighted_mixes)
-        bounds: dict[str, Interval] = {}
+        checks: dict[str, list[dict]] = {}
         for mix in mixes:
             size = paths[mix].stat().st_size
-            bounds[mix] = decode_bound(paths[mix], source)
             variants = {
-                "autotune": (f"{size}B", "cpu", None, "runtime"),
-                "speed free": (f"{size}B", "cpu", None, None),
-                "plain": (f"{size}B", "cpu", plain, "runtime"),
-                "decode-bound": (
-                    f"{size}B,decode={bounds[mix].median:.4f}x",
-                    "local",
-                    None,
-                    "runtime",
-                ),
+                "autotune": (f"{size}B", "cpu", None, "runtime", None),
+                "speed free": (f"{size}B", "cpu", None, None, None),
+                "plain": (f"{size}B", "cpu", plain, "runtime", None),
+                "decode-bound": (f"{size}B,decode=1x", "local", None, "runtime", paths[mix]),
             }
             if args.no_plain:
                 del variants["plain"]
-            for variant, (budget, target, labels, slack) in variants.items():
+            for variant, (budget, target, labels, slack, against) in variants.items():
                 start = time.perf_counter()
                 try:
                     result = autotune(
@@ -190,6 +170,7 @@ def main() -> None:
                         budget,
                         target,
                         runtime="llama.cpp",
+                        relative_to=against,
                         tokenizer=tokenizer,
                         option_labels=labels,
                         decode_slack=slack,
@@ -200,12 +181,13 @@ def main() -> None:
                     refused[f"{variant} @ {mix}"] = str(exc).split(": ", 1)[-1]
                     continue
                 tune_seconds[f"{variant} @ {mix}"] = time.perf_counter() - start
+                if against is not None:
+                    checks[mix] = result.plan.search.get("latency_checks", [])
                 path = work / f"{variant}-{mix}.gguf"
                 export_plan(result.plan, model, "gguf", path, tokenizer=tokenizer)
                 paths[f"{variant} @ {mix}"] = path
                 error = output_error(result.model, heldout, reference, "kl")
                 in_torch[f"{variant} @ {mix}"] = error
-        after = {mix: decode_bound(paths[mix], source) for mix in mixes}
         quality = {
             name: quality_in_llama_cpp(path, heldout, reference, "kl")
             for name, path in paths.items()
@@ -257,25 +239,20 @@ def main() -> None:
             f"{tps:.0f} | {tg:.2f}x | {tg_one:.2f}x | {pp:.2f}x | {tune} |"
         )
     print()
-    for mix in mixes:
-        print(
-            f"{mix}: decode step (1 token after 127) over F32's, just before its decode-bound "
-            f"tune (the bound) {bounds[mix].describe()}; after every tune "
-            f"{after[mix].describe()}"
-        )
+    for mix, found in checks.items():
+        timed_checks = "; ".join(check_text(c) for c in found) or "none"
+        print(f"decode-bound at {mix}'s size, the tune's checks beside {mix}: {timed_checks}")
     for name, why in refused.items():
         print(f"{name}: no plan, {why}")
 
 
-def decode_bound(mix: Path, f32: Path) -> Interval:
-    """The mix's decode step (one token after 127) over the F32 file's, measured as a tune's
-    check measures a plan against the original: the two files alone loaded, timed in turn for
-    the check's most rounds, the median of the per-round ratios."""
-    decode = {"input_ids": torch.zeros(1, 1, dtype=torch.long), "cache": Context(127)}
-    stats = measure_files({"model": mix, "baseline": f32}, decode, FILE_ROUNDS * ROUNDS_TO_SETTLE)
-    interval = paired(stats["model"].samples_ms, stats["baseline"].samples_ms)
-    assert interval is not None
-    return interval
+def check_text(check: dict) -> str:
+    """One latency check of a tune: search, the plan's multiple of the reference file's
+    decode step with its interval, and the verdict."""
+    ratio = Interval.from_dict(check["ratio"]).describe() if check.get("ratio") else "-"
+    verdict = "met" if check["met"] else "missed"
+    loosened = ", loosened" if check.get("loosened") else ""
+    return f"search {check['search']}{loosened}: {ratio}, {verdict}"
 
 
 def quality_ppl_reference(heldout, reference) -> float:

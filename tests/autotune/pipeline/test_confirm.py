@@ -207,10 +207,11 @@ def _stats(*ms: float) -> LatencyStats:
     return latency_stats([m / 1e3 for m in ms])
 
 
-def _checked(monkeypatch: pytest.MonkeyPatch, budget: str, timed, baseline=None):
+def _checked(monkeypatch: pytest.MonkeyPatch, budget: str, timed, baseline=None, multiples=None):
     """``check_plan`` of a plan predicted at 12 ms, the original predicted at 20 ms, timed at
     ``timed``: ms of the plan and of the original beside it (or ``None``), one number for
-    every round alike, or one per round."""
+    every round alike, or one per round; ``multiples``: a reference file's time as a multiple
+    of the original's, by phase, where the budget's multiples are of that file."""
     from autotune.budget import Budget
 
     def rounds(ms):
@@ -220,7 +221,12 @@ def _checked(monkeypatch: pytest.MonkeyPatch, budget: str, timed, baseline=None)
     monkeypatch.setattr(confirm, "candidate_totals", lambda costs, options: {"latency_ms": 12.0})
     monkeypatch.setattr(confirm, "measured_ms", lambda setup, priced, options: {"seconds": stats})
     costs = SimpleNamespace(original_totals=lambda: {"latency_ms": 20.0})
-    priced = SimpleNamespace(costs=costs, limits={"seconds": 0.014}, baseline=baseline)
+    priced = SimpleNamespace(
+        costs=costs,
+        limits={"seconds": 0.014},
+        baseline=baseline,
+        reference_multiples=multiples or {},
+    )
     setup = SimpleNamespace(budget=Budget.parse(budget))
     selected = SimpleNamespace(chosen=SimpleNamespace(options={}, name="allocator"))
     (found,) = confirm.check_plan(setup, priced, selected)
@@ -244,6 +250,21 @@ def test_a_relative_budget_is_judged_against_the_original_timed_in_the_same_run(
     assert _checked(monkeypatch, "0.75x", (5.0, None)).budget_ms == pytest.approx(15.0)
     absolute = _checked(monkeypatch, "9ms", (7.0, 10.0))
     assert absolute.budget_ms == 9.0
+
+
+def test_a_budget_of_a_reference_files_time_is_judged_beside_that_file(monkeypatch) -> None:
+    # the file (timed beside the plan at 8 ms) runs at 0.4x the original: 1x of it is the
+    # limit, and on the prediction's scale the file stands at 0.4 x 20 ms
+    found = _checked(monkeypatch, "1x", (7.0, 8.0), multiples={"latency": 0.4})
+    assert found.budget_ms == pytest.approx(8.0) and found.met
+    assert found.original_predicted_ms == pytest.approx(8.0)
+    recorded = found.to_dict()
+    assert recorded["reference_ms"] == 8.0 and "original_ms" not in recorded
+    # a miss is replanned on the file's scale: predicted 12 ms is 1.5x the file's predicted
+    # 8 ms, measured 1.1x: the next limit is 0.95 x 1 x 8 ms
+    missed = _checked(monkeypatch, "1x", (8.8, 8.0), multiples={"latency": 0.4})
+    assert not missed.met
+    assert missed.replanned_ms(0.95) == pytest.approx(0.95 * 8.0)
 
 
 def test_a_relative_budget_is_judged_on_the_rounds_that_timed_both(monkeypatch) -> None:
