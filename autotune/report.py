@@ -128,8 +128,9 @@ class Report:
         return out
 
     def measured_multiple(self, phase: str) -> Interval | None:
-        """On ``local`` with a budget relative to the original: the plan's time as a multiple
-        of the original's, the median of the rounds that timed both, where it was measured."""
+        """On ``local`` with a relative budget: the plan's time as a multiple of the
+        original's (or the reference file's, :meth:`yardstick`), the median of the rounds
+        that timed both, where it was measured."""
         if not self.local or self.budget.phase_ratio(phase) is None:
             return None
         baseline = (self.plan.measured or {}).get("baseline") or {}

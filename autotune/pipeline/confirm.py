@@ -438,10 +438,11 @@ def measured_ms(
     setup: Setup, priced: Priced, options: dict[str, Option]
 ) -> dict[str, tuple[LatencyStats, LatencyStats | None]]:
     """Timings of the model with ``options``, and of the original timed beside it (``None``
-    when tuned in place), for each latency limit, timed as the final measurement times them
-    (in the runtime the plan is for when its latency model times there, else in autotune's
-    modules), in rounds that go on until the budget's verdict is settled
-    (:meth:`~autotune.budget.Budget.timing_limit`)."""
+    when tuned in place; the reference file where the budget's multiple is of one,
+    :mod:`autotune.reference_file`), for each latency limit, timed as the final
+    measurement times them (in the runtime the plan is for when its latency model times
+    there, else in autotune's modules), in rounds that go on until the budget's verdict is
+    settled (:meth:`~autotune.budget.Budget.timing_limit`)."""
     latency_model = measuring_model(setup.spec)
     original = None if setup.inplace else setup.original
     plan = Plan(layers={name: option.to_dict() for name, option in options.items()})
