@@ -99,6 +99,30 @@ def open_reference(path: str | Path, runtime: Any, budget: Budget, target: str) 
     return ReferenceFile.of(file)
 
 
+def given_reference(
+    recorded: Mapping[str, Any] | None, given: str | Path | None
+) -> ReferenceFile | None:
+    """The file a plan tuned against the reference ``recorded`` (its ``search.relative_to``;
+    ``None``: none) is timed beside: ``given``, refused in one line where it is missing or
+    not that file."""
+    from autotune.errors import PlanError
+
+    if not recorded:
+        return None
+    if given is None:
+        raise PlanError(
+            f"the plan's budget multiples are of reference file {recorded['file']!r}: pass it "
+            "(--relative-to) to time the plan beside it"
+        )
+    file = ReferenceFile.of(given)
+    if not file.matches(recorded):
+        raise PlanError(
+            f"reference file {file.path.name!r} is not the one the plan was tuned against "
+            f"({recorded['file']!r}, SHA-256 {recorded['sha256'][:16]}...)"
+        )
+    return file
+
+
 def reference_multiples(
     measure: Any,
     original: Any,

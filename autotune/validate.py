@@ -148,6 +148,8 @@ def validate_plan(
             reference=reference,
             tolerance=tolerance,
             strict=strict,
+            measure_latency=measure_latency,
+            relative_to=relative_to,
         )
     if compressed is None:
         compressed = apply_plan(
@@ -318,23 +320,13 @@ def _beside_reference(
     the plan's runtime beside that file (``given``; refused if it is missing or another
     file), where the plan was tuned against one."""
     from autotune.latency_models import measuring_model
-    from autotune.reference_file import ReferenceFile
+    from autotune.reference_file import given_reference
     from profilers.hardware import HardwareSpec
 
     recorded = (plan.search or {}).get("relative_to")
-    if not recorded:
+    file = given_reference(recorded, given)
+    if file is None:
         return now
-    if given is None:
-        raise PlanError(
-            f"the plan's budget multiples are of reference file {recorded['file']!r}: pass it "
-            "(--relative-to) to time the plan beside it"
-        )
-    file = ReferenceFile.of(given)
-    if not file.matches(recorded):
-        raise PlanError(
-            f"reference file {file.path.name!r} is not the one the plan was tuned against "
-            f"({recorded['file']!r}, SHA-256 {recorded['sha256'][:16]}...)"
-        )
     timer = measuring_model(HardwareSpec.from_dict(plan.target))
     if not timer.runs_here() or not timer.measures:
         raise PlanError(

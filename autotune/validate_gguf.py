@@ -3,18 +3,23 @@ plan by reading the file and running it in llama.cpp, never by reading the plan'
 
 The file must carry this plan's fingerprint (a file written for another plan or model is
 refused in one line). Then: its size against the budget and the predicted bytes, each
-layer's tensor type against the plan's option, and the held-out error computed from
-llama.cpp's logits against the error llama.cpp gave when the plan was tuned.
+layer's tensor type against the plan's option, the held-out error computed from llama.cpp's
+logits against the error llama.cpp gave when the plan was tuned, and, for a plan tuned for
+this machine (``local``) with a latency or decode budget, the file's time in llama.cpp:
+beside the original's F32 file for a multiple of the original, beside the reference file for
+a multiple of one (:mod:`autotune.reference_file`), on its own for a limit in ms.
 """
 
 from __future__ import annotations
 
 import copy
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from autotune.budget import Budget
 from autotune.errors import PlanError
 from autotune.layers import weight_numel
 from autotune.measured_figures import Measured, device_description
@@ -92,8 +97,12 @@ def validate_gguf(
     reference: list | None,
     tolerance: float,
     strict: bool,
+    measure_latency: bool = True,
+    relative_to: str | Path | None = None,
 ):
-    """The checks of a GGUF file against ``plan`` (see the module's docstring)."""
+    """The checks of a GGUF file against ``plan`` (see the module's docstring); its time is
+    measured unless ``measure_latency`` is false, beside ``relative_to`` where the plan's
+    budget multiples are of a reference file."""
     import gguf
 
     from autotune.export.llama_cpp import available, quality_in_llama_cpp
@@ -111,13 +120,23 @@ def validate_gguf(
     if batches and reference is not None and available():
         metric = in_runtime.get("metric") or recorded.get("metric", "kl")
         figures = quality_in_llama_cpp(path, batches, reference, metric)
+    timed: dict[str, tuple[Any, Any]] = {}
+    budget = Budget.parse(plan.budget) if plan.budget else None
+    local = plan.target.get("name") == "local"
+    if budget is not None and local and measure_latency and available():
+        timed = file_timings(plan, model, path, budget, relative_to)
+    latency, baseline_latency = timed.get("latency", (None, None))
+    decode, baseline_decode = timed.get("decode", (None, None))
     now = Measured(
         bytes=size,
         state_bytes=size,
         avg_bits=8.0 * layer_bytes / weights if weights else 0.0,
-        latency=None,
+        latency=latency,
         heldout_error=figures.get("heldout_error"),
         perplexity=figures.get("perplexity"),
+        baseline_latency=baseline_latency,
+        decode=decode,
+        baseline_decode=baseline_decode,
     )
     judged = copy.copy(plan)
     judged.measured = {k: v for k, v in recorded.items() if k != "heldout_error"}
@@ -133,4 +152,48 @@ def validate_gguf(
         "measured_in": "llama.cpp" if figures else None,
         "device": device_description(),
     }
+    for phase, (stats, beside) in timed.items():
+        measured[phase] = stats.to_dict()
+        if beside is not None:
+            measured[f"baseline_{phase}"] = beside.to_dict()
     return ValidationResult(checks, measured)
+
+
+def file_timings(
+    plan: Plan, model: nn.Module, path: Path, budget: Budget, relative_to: str | Path | None
+) -> dict[str, tuple[Any, Any]]:
+    """The GGUF file's time in llama.cpp for each phase ``budget`` limits (the prompt at the
+    budget's shape; a decode step after its context), and beside it, where the limit is a
+    multiple, the reference file the plan was tuned against (``relative_to``, checked) or
+    the original's F32 file, timed in the same rounds until the verdict is settled."""
+    from autotune.export.gguf import GGUFExporter
+    from autotune.export.llama_latency import FILE_ROUNDS, measure_files, shaped_inputs
+    from autotune.reference_file import given_reference
+
+    recorded = (plan.search or {}).get("relative_to")
+    reference = given_reference(recorded, relative_to)
+    of_file = set((recorded or {}).get("multiple_of_original") or {})
+    shapes = {
+        "latency": shaped_inputs(budget.batch_size, budget.seq_len),
+        "decode": shaped_inputs(budget.batch_size, 1, budget.decode_context),
+    }
+    bounded = {"latency": budget.bounds_latency, "decode": budget.bounds_decode}
+    out: dict[str, tuple[Any, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="autotune-validate-") as folder:
+        original = Path(folder) / "float.gguf"
+        for phase, inputs in shapes.items():
+            if not bounded[phase]:
+                continue
+            paths = {"model": path}
+            if budget.phase_ratio(phase) is not None:
+                if reference is not None and phase in of_file:
+                    paths["baseline"] = reference.path
+                else:
+                    if not original.exists():
+                        GGUFExporter().write(model, None, original)
+                    paths["baseline"] = original
+            limit = budget.timing_limit(phase, "baseline" in paths)
+            rounds = FILE_ROUNDS if limit is None else limit.rounds(FILE_ROUNDS)
+            stats = measure_files(paths, inputs, rounds, limit)
+            out[phase] = (stats["model"], stats.get("baseline"))
+    return out

@@ -37,6 +37,25 @@ KEEP = KeepOption().label
 DECODE_STEPS = 16
 
 
+@dataclasses.dataclass(frozen=True)
+class ContextLength:
+    """The context a decode input attends to, as a frozen KV cache reports it."""
+
+    tokens: int
+
+    def get_seq_length(self) -> int:
+        return self.tokens
+
+
+def shaped_inputs(rows: int, tokens: int, context: int = 0) -> dict[str, Any]:
+    """Inputs of ``rows`` sequences of ``tokens`` new tokens after ``context`` tokens, as
+    :func:`shape_of` reads them (the file timings need no values)."""
+    import torch
+
+    ids = torch.zeros(rows, tokens, dtype=torch.long)
+    return {"input_ids": ids, "cache": ContextLength(context)} if context else {"input_ids": ids}
+
+
 def shape_of(inputs: Mapping[str, Any]) -> tuple[int, int, int]:
     """(rows, new tokens per row, context before them) of a prefill or decode input."""
     ids = inputs["input_ids"]

@@ -164,6 +164,56 @@ def test_a_decode_budget_of_a_gguf_file_is_checked_beside_that_file(tmp_path: Pa
     assert "reference file q4_k.gguf's (timed in the same rounds)" in decode.expected
     assert " ms against " in decode.measured  # the plan's p50 against the file's
 
+    # the plan's GGUF file, validated: run in llama.cpp beside the reference file itself
+    exported = tmp_path / "plan.gguf"
+    GGUFExporter().write(result.model, plan, exported)
+    with pytest.raises(PlanError, match="pass it"):
+        validate_plan(plan, model, compressed=exported, heldout=batches)
+    from_file = validate_plan(
+        plan, model, compressed=exported, heldout=batches, relative_to=reference
+    )
+    decode = next(c for c in from_file.checks if c.name == "decode p50")
+    assert "reference file q4_k.gguf's (timed in the same rounds)" in decode.expected
+    assert from_file.measured["decode"]["p50_ms"] > 0
+    assert from_file.measured["baseline_decode"]["p50_ms"] > 0
+
+
+@pytest.mark.skipif(not ggml_quantizer.available(), reason="llama.cpp is not installed")
+def test_a_gguf_file_of_a_local_plan_is_timed_in_llama_cpp_when_validated(
+    tmp_path: Path,
+) -> None:
+    """A multiple of the original: the file beside the original's F32 file, in llama.cpp."""
+    from autotune.export.gguf import GGUFExporter
+    from autotune.tuner import autotune
+    from autotune.validate import validate_plan
+    from tests.autotune.export.test_gguf import make_model
+
+    model = make_model()
+    batches = [{"input_ids": torch.randint(3, 4096, (1, 16))} for _ in range(6)]
+    result = autotune(
+        model,
+        "40%,decode=5x",
+        "local",
+        runtime="llama.cpp",
+        calibration=batches,
+        progress=False,
+        search="allocator",
+        latency_seq_len=16,
+        seq_len=16,
+        sensitivity_windows=2,
+        heldout_windows=2,
+    )
+    exported = tmp_path / "plan.gguf"
+    GGUFExporter().write(result.model, result.plan, exported)
+    checked = validate_plan(result.plan, model, compressed=exported, heldout=batches)
+    decode = next(c for c in checked.checks if c.name == "decode p50")
+    assert "<= 5x the original's (timed in the same rounds)" in decode.expected
+    assert checked.measured["baseline_decode"]["p50_ms"] > 0
+    untimed = validate_plan(
+        result.plan, model, compressed=exported, heldout=batches, measure_latency=False
+    )
+    assert not next(c for c in untimed.checks if c.name == "decode p50").holds
+
 
 def test_a_latency_budget_of_an_onnx_file_is_checked_beside_that_file(
     tmp_path: Path, tokenizer
