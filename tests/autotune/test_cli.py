@@ -307,4 +307,7 @@ def test_tune_for_llama_cpp_exports_a_gguf_that_validates(
     out = capsys.readouterr().out
     assert f"gguf export written to {gguf}" in out
     assert json.loads(plan.read_text())["measured"]["bytes"] == gguf.stat().st_size <= 2_400_000
-    assert main(["validate", str(plan), str(folder), "--compressed", str(gguf)]) == 0
+    validate = ["validate", str(plan), str(folder), "--compressed", str(gguf)]
+    assert main([*validate, "--runtime", "llama.cpp"]) == 0
+    assert main([*validate, "--runtime", "onnxruntime"]) == 2
+    assert "tuned for runtime llama.cpp, not onnxruntime" in capsys.readouterr().err

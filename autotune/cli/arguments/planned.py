@@ -25,6 +25,11 @@ def add_validate(sub: Any) -> None:
     )
     validate.add_argument("--no-latency", action="store_true", help="do not time the model")
     validate.add_argument(
+        "--runtime",
+        metavar="RUNTIME",
+        help="the runtime the plan was tuned for (checked against the plan; default: the plan's)",
+    )
+    validate.add_argument(
         "--relative-to",
         metavar="FILE",
         help="the reference file the plan's budget multiples are of (autotune tune "

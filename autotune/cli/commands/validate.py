@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from autotune.cli.commands.output import emit
 from autotune.cli.commands.streaming import streams
 from autotune.cli.exit_codes import EXIT_BROKEN, EXIT_OK
+
+if TYPE_CHECKING:
+    from autotune.plan import Plan
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -15,6 +19,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from autotune.validate import validate_plan
 
     plan = Plan.load(args.plan)
+    if args.runtime is not None:
+        _check_runtime(plan, args.runtime)
     if args.tolerance < 0:
         from autotune.errors import AutotuneError
 
@@ -52,3 +58,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     )
     emit(args, str(result), result.to_dict())
     return EXIT_OK if result.ok else EXIT_BROKEN
+
+
+def _check_runtime(plan: Plan, name: str) -> None:
+    """Refuse a ``--runtime`` that is not the one the plan was tuned for."""
+    from autotune.errors import PlanError
+    from autotune.runtimes import get_runtime
+
+    get_runtime(name)  # an unknown name is refused with the allowed ones
+    tuned_for = plan.target.get("runtime") or "torch"
+    if name != tuned_for:
+        raise PlanError(
+            f"the plan was tuned for runtime {tuned_for}, not {name}: validate checks it where "
+            "it was tuned (leave out --runtime)"
+        )
