@@ -152,6 +152,24 @@ def reference_multiples(
     return multiples
 
 
+def in_terms_of_reference(
+    message: str,
+    budget: Budget,
+    planned: Budget,
+    reference: ReferenceFile,
+    multiples: Mapping[str, float],
+) -> str:
+    """``message`` about the ``planned`` budget (multiples of the original's time) told in
+    the terms of the user's ``budget``: its own text, and the reference file's multiple of
+    the original's time that the plan's multiples were taken through."""
+    timed = ", ".join(
+        f"{'decode step' if phase == 'decode' else 'latency'} {multiple:.4g}x the original's"
+        for phase, multiple in multiples.items()
+    )
+    told = f"budget {budget.spec} (reference file {reference.path.name}: {timed} here)"
+    return message.replace(f"budget {planned.spec}", told, 1)
+
+
 def planning_budget(budget: Budget, multiples: Mapping[str, float]) -> Budget:
     """``budget`` with each relative term a multiple of the original's time: the term times
     the reference's own multiple of it (the search's predictions are on the original's

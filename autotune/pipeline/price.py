@@ -27,14 +27,19 @@ from autotune.decode_guard import (
     decode_guard,
     guard_rule,
 )
-from autotune.errors import AutotuneError
+from autotune.errors import AutotuneError, InfeasibleBudgetError
 from autotune.latency_models import latency_model_for
 from autotune.layers import LayerRef, compressible_layers
 from autotune.measured_figures import Measured, measure_model
 from autotune.pipeline.config import TuneConfig
 from autotune.pipeline.prepare import Data, Setup
 from autotune.plan import Plan
-from autotune.reference_file import ReferenceFileError, planning_budget, reference_multiples
+from autotune.reference_file import (
+    ReferenceFileError,
+    in_terms_of_reference,
+    planning_budget,
+    reference_multiples,
+)
 from autotune.storage_bounds import keep_only
 from methods.base import Option
 from methods.keep import KeepOption
@@ -140,19 +145,13 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
     overhead = serving.get("kv_cache", 0) + serving.get("activations", 0)
     multiples = _reference_multiples(setup, latency_inputs, decode)
     planned = planning_budget(budget, multiples)  # multiples of the original's time
-    limits = limits_for(planned, costs, overhead, latency_margin=margin)
-    if times_plans(setup):  # a latency check will time the plan
-        limits, raised = within_timing_spread(planned, costs, limits, margin)
-        for resource in raised:
-            say.say(
-                f"budget {budget.spec}: no plan is predicted within its "
-                f"{RESOURCE_NAMES[resource]}, but the fastest is within "
-                f"{100 * TIMING_SPREAD:g}% of it, how far this machine's timings of whole "
-                "plans stray from their prediction: the best plan predicted within "
-                f"{100 * margin:g}% of the fastest is searched for and timed"
-            )
-    else:
-        check_feasible(planned, costs, limits)
+    try:
+        limits = _limits(setup, planned, costs, overhead, margin)
+    except InfeasibleBudgetError as exc:
+        if setup.reference is None:
+            raise
+        said = in_terms_of_reference(str(exc), budget, planned, setup.reference, multiples)
+        raise InfeasibleBudgetError(said, exc.smallest) from None
     if not setup.as_is and keep_fits(costs, limits):
         setup.as_is = True
         say.say(
@@ -190,6 +189,28 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
         rule,
         reference_multiples=multiples,
     )
+
+
+def _limits(
+    setup: Setup, planned: Budget, costs: CostModel, overhead: int, margin: float
+) -> dict[str, float]:
+    """The limits ``planned`` (the budget, its multiples of the original's time) sets;
+    refused where no plan is predicted within them, unless a latency check will time the
+    plan and the fastest is predicted within the timing spread."""
+    limits = limits_for(planned, costs, overhead, latency_margin=margin)
+    if not times_plans(setup):
+        check_feasible(planned, costs, limits)
+        return limits
+    limits, raised = within_timing_spread(planned, costs, limits, margin)
+    for resource in raised:
+        setup.say.say(
+            f"budget {setup.budget.spec}: no plan is predicted within its "
+            f"{RESOURCE_NAMES[resource]}, but the fastest is within "
+            f"{100 * TIMING_SPREAD:g}% of it, how far this machine's timings of whole "
+            "plans stray from their prediction: the best plan predicted within "
+            f"{100 * margin:g}% of the fastest is searched for and timed"
+        )
+    return limits
 
 
 def _reference_multiples(

@@ -15,6 +15,7 @@ from autotune.errors import AutotuneError, PlanError
 from autotune.reference_file import (
     ReferenceFile,
     file_sha256,
+    in_terms_of_reference,
     open_reference,
     planning_budget,
     reference_multiples,
@@ -87,6 +88,19 @@ def test_the_plan_is_searched_under_the_reference_on_the_original_scale() -> Non
     assert planned.decode_ms == 5 and planned.size_ratio == budget.size_ratio
 
 
+def test_a_budget_no_plan_is_predicted_to_meet_is_refused_in_the_users_terms() -> None:
+    budget = Budget.parse("2MB,decode=1x")
+    planned = planning_budget(budget, {"decode": 0.677})
+    message = f"budget {planned.spec} cannot be met: the lowest predicted decode latency is"
+    said = in_terms_of_reference(
+        message, budget, planned, ReferenceFile(Path("q4.gguf"), 1, "0"), {"decode": 0.677}
+    )
+    assert said.startswith(
+        "budget 2MB,decode=1x (reference file q4.gguf: decode step 0.677x the original's "
+        "here) cannot be met"
+    )
+
+
 def test_the_references_multiple_is_the_median_of_the_rounds_ratios() -> None:
     """Both timed in the same rounds: the median of reference over original per round."""
     model_ms = [2.0, 2.0, 4.0, 2.0, 2.0]
@@ -105,28 +119,19 @@ def test_the_references_multiple_is_the_median_of_the_rounds_ratios() -> None:
     assert calls == [("original", Path("r.gguf"))]
 
 
-@pytest.mark.skipif(not ggml_quantizer.available(), reason="llama.cpp is not installed")
-def test_a_decode_budget_of_a_gguf_file_is_checked_beside_that_file(tmp_path: Path) -> None:
-    """Every check of the tune, the final measurement and ``validate`` time the plan beside
-    the reference file; ``validate`` refuses a plan without its file or with another."""
-    from autotune.apply import apply_plan
-    from autotune.export.gguf import GGUFExporter
-    from autotune.plan import Plan
-    from autotune.tuner import autotune
-    from autotune.validate import validate_plan
-    from tests.autotune.export.test_gguf import make_model
+def _batches() -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": torch.randint(3, 4096, (1, 16))} for _ in range(6)]
 
-    model = make_model()
-    reference = tmp_path / "q4_k.gguf"
-    pure = Plan(layers={"_default": {"method": "gguf", "type": "Q4_K"}})
-    GGUFExporter().write(apply_plan(model, pure), pure, reference)
-    batches = [{"input_ids": torch.randint(3, 4096, (1, 16))} for _ in range(6)]
-    result = autotune(
+
+def _tune_for_llama_cpp(model, budget: str, batches: list, **settings):
+    """A quick tune of a small causal LM for llama.cpp on this machine."""
+    from autotune.tuner import autotune
+
+    return autotune(
         model,
-        f"{reference.stat().st_size}B,decode=1x",
+        budget,
         "local",
         runtime="llama.cpp",
-        relative_to=reference,
         calibration=batches,
         progress=False,
         search="allocator",
@@ -134,6 +139,28 @@ def test_a_decode_budget_of_a_gguf_file_is_checked_beside_that_file(tmp_path: Pa
         seq_len=16,
         sensitivity_windows=2,
         heldout_windows=2,
+        **settings,
+    )
+
+
+@pytest.mark.skipif(not ggml_quantizer.available(), reason="llama.cpp is not installed")
+def test_a_decode_budget_of_a_gguf_file_is_checked_beside_that_file(tmp_path: Path) -> None:
+    """Every check of the tune, the final measurement and ``validate`` time the plan beside
+    the reference file; ``validate`` refuses a plan without its file or with another."""
+    from autotune.apply import apply_plan
+    from autotune.export.gguf import GGUFExporter
+    from autotune.plan import Plan
+    from autotune.validate import validate_plan
+    from tests.autotune.export.test_gguf import make_model
+
+    model = make_model()
+    reference = tmp_path / "q4_k.gguf"
+    pure = Plan(layers={"_default": {"method": "gguf", "type": "Q4_K"}})
+    GGUFExporter().write(apply_plan(model, pure), pure, reference)
+    batches = _batches()
+    # 1.5x: the per-type table's predictions stray under load from the file's own timing
+    result = _tune_for_llama_cpp(
+        model, f"{reference.stat().st_size}B,decode=1.5x", batches, relative_to=reference
     )
     plan = result.plan
     recorded = plan.search["relative_to"]
@@ -142,12 +169,12 @@ def test_a_decode_budget_of_a_gguf_file_is_checked_beside_that_file(tmp_path: Pa
     assert set(recorded["multiple_of_original"]) == {"decode"}
     checks = plan.search["latency_checks"]
     assert checks and all(c["budget"] == "decode" for c in checks)
-    for check in checks:  # each budget is 1x the reference file's time in its own rounds
+    for check in checks:  # each budget is 1.5x the reference file's time in its own rounds
         assert "original_ms" not in check
-        assert check["budget_ms"] == pytest.approx(check["reference_ms"], abs=2e-6)
+        assert check["budget_ms"] == pytest.approx(1.5 * check["reference_ms"], abs=2e-6)
     baseline = plan.measured["baseline"]
     assert baseline["reference_file"]["sha256"] == recorded["sha256"]
-    assert result.report.holds()["decode"] == (baseline["decode_ratio"]["p50"] <= 1.0)
+    assert result.report.holds()["decode"] == (baseline["decode_ratio"]["p50"] <= 1.5)
     report = str(result.report)
     assert "x reference (same rounds)" in report and "reference file q4_k.gguf's" in report
     saved = tmp_path / "plan.json"
@@ -191,25 +218,12 @@ def test_a_gguf_file_of_a_local_plan_is_timed_in_llama_cpp_when_validated(
 ) -> None:
     """A multiple of the original: the file beside the original's F32 file, in llama.cpp."""
     from autotune.export.gguf import GGUFExporter
-    from autotune.tuner import autotune
     from autotune.validate import validate_plan
     from tests.autotune.export.test_gguf import make_model
 
     model = make_model()
-    batches = [{"input_ids": torch.randint(3, 4096, (1, 16))} for _ in range(6)]
-    result = autotune(
-        model,
-        "40%,decode=5x",
-        "local",
-        runtime="llama.cpp",
-        calibration=batches,
-        progress=False,
-        search="allocator",
-        latency_seq_len=16,
-        seq_len=16,
-        sensitivity_windows=2,
-        heldout_windows=2,
-    )
+    batches = _batches()
+    result = _tune_for_llama_cpp(model, "40%,decode=5x", batches)
     exported = tmp_path / "plan.gguf"
     GGUFExporter().write(result.model, result.plan, exported)
     checked = validate_plan(result.plan, model, compressed=exported, heldout=batches)
