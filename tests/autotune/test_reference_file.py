@@ -158,9 +158,9 @@ def test_a_decode_budget_of_a_gguf_file_is_checked_beside_that_file(tmp_path: Pa
     pure = Plan(layers={"_default": {"method": "gguf", "type": "Q4_K"}})
     GGUFExporter().write(apply_plan(model, pure), pure, reference)
     batches = _batches()
-    # 1.5x: the per-type table's predictions stray under load from the file's own timing
+    # 2x: under load the per-type table and the file's own timing stray from each other
     result = _tune_for_llama_cpp(
-        model, f"{reference.stat().st_size}B,decode=1.5x", batches, relative_to=reference
+        model, f"{reference.stat().st_size}B,decode=2x", batches, relative_to=reference
     )
     plan = result.plan
     recorded = plan.search["relative_to"]
@@ -169,12 +169,12 @@ def test_a_decode_budget_of_a_gguf_file_is_checked_beside_that_file(tmp_path: Pa
     assert set(recorded["multiple_of_original"]) == {"decode"}
     checks = plan.search["latency_checks"]
     assert checks and all(c["budget"] == "decode" for c in checks)
-    for check in checks:  # each budget is 1.5x the reference file's time in its own rounds
+    for check in checks:  # each budget is 2x the reference file's time in its own rounds
         assert "original_ms" not in check
-        assert check["budget_ms"] == pytest.approx(1.5 * check["reference_ms"], abs=2e-6)
+        assert check["budget_ms"] == pytest.approx(2 * check["reference_ms"], abs=2e-6)
     baseline = plan.measured["baseline"]
     assert baseline["reference_file"]["sha256"] == recorded["sha256"]
-    assert result.report.holds()["decode"] == (baseline["decode_ratio"]["p50"] <= 1.5)
+    assert result.report.holds()["decode"] == (baseline["decode_ratio"]["p50"] <= 2)
     report = str(result.report)
     assert "x reference (same rounds)" in report and "reference file q4_k.gguf's" in report
     saved = tmp_path / "plan.json"
