@@ -12,14 +12,17 @@ drifts between runs, stands between the plan and the file it is held to.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autotune.budget import Budget
 from autotune.errors import AutotuneError
 from profilers.paired_timing import paired
+
+if TYPE_CHECKING:
+    from autotune.runtimes import Runtime
 
 _HASH_CHUNK = 1 << 20
 
@@ -59,7 +62,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def open_reference(path: str | Path, runtime: Any, budget: Budget, target: str) -> ReferenceFile:
+def open_reference(
+    path: str | Path, runtime: Runtime, budget: Budget, target: str
+) -> ReferenceFile:
     """``path`` as the reference of ``budget``'s relative terms in ``runtime`` on ``target``;
     refused in one line where the runtime cannot time such a file on this machine, the file
     is not one it loads, or the budget has no relative term it times."""
@@ -124,7 +129,7 @@ def given_reference(
 
 
 def reference_multiples(
-    measure: Any,
+    measure: Callable[..., Any],
     original: Any,
     inputs: Mapping[str, Any],
     budget: Budget,
