@@ -263,7 +263,7 @@ class LlamaCppTimed(TorchTimed):
         import tempfile
 
         from autotune.export.gguf import GGUFExporter
-        from autotune.export.llama_latency import FILE_ROUNDS, measure_files
+        from autotune.export.llama_latency import measure_files
 
         exporter = GGUFExporter()
         with tempfile.TemporaryDirectory(prefix="autotune-llama-") as folder:
@@ -274,8 +274,7 @@ class LlamaCppTimed(TorchTimed):
             elif original is not None:
                 paths["baseline"] = Path(folder) / "float.gguf"
                 exporter.write(original, None, paths["baseline"])
-            rounds = FILE_ROUNDS if limit is None else limit.rounds(FILE_ROUNDS)
-            return measure_files(paths, inputs, rounds, limit)
+            return measure_files(paths, inputs, limit=limit)
 
 
 def per_layer(job: Pricing, timed: dict[tuple[LayerShape, str], float]) -> dict[str, list[float]]:

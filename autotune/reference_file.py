@@ -104,6 +104,22 @@ def open_reference(
     return ReferenceFile.of(file)
 
 
+def recorded_multiples(search: Mapping[str, Any] | None) -> dict[str, float]:
+    """The phases whose budget multiple a plan's search record (``search.relative_to``) says
+    were of a reference file, with that file's multiple of the original's time."""
+    recorded = (search or {}).get("relative_to") or {}
+    return {k: float(v) for k, v in (recorded.get("multiple_of_original") or {}).items()}
+
+
+def multiples_of(search: Mapping[str, Any] | None, phase: str | None = None) -> str:
+    """Whose time a plan's budget multiple (on ``phase``; any phase if ``None``) is of, in
+    words: ``"reference file q4.gguf's"`` or ``"the original's"``."""
+    recorded = (search or {}).get("relative_to")
+    if recorded and (phase is None or phase in recorded_multiples(search)):
+        return f"reference file {recorded['file']}'s"
+    return "the original's"
+
+
 def given_reference(
     recorded: Mapping[str, Any] | None, given: str | Path | None
 ) -> ReferenceFile | None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from autotune.budget import Budget
 from autotune.plan import DEFAULT_KEY, Plan
+from autotune.reference_file import multiples_of, recorded_multiples
 from autotune.report_text import (
     device_kind,
     fmt,
@@ -152,17 +153,11 @@ class Report:
             return budget.phase_ms(phase)
         return budget.phase_limit_ms(phase, original)
 
-    def multiples_of(self) -> str:
-        """Whose time the budget's multiples are of, in words."""
-        reference = (self.plan.search or {}).get("relative_to")
-        return f"reference file {reference['file']}'s" if reference else "the original's"
-
     def yardstick(self, phase: str) -> tuple[str, float]:
         """What the budget's multiple on ``phase`` is of (``original``, or ``reference``: a
         file, ``--relative-to``) and that one's time as a multiple of the original's."""
-        reference = (self.plan.search or {}).get("relative_to") or {}
-        multiple = (reference.get("multiple_of_original") or {}).get(phase)
-        return ("original", 1.0) if multiple is None else ("reference", float(multiple))
+        multiple = recorded_multiples(self.plan.search).get(phase)
+        return ("original", 1.0) if multiple is None else ("reference", multiple)
 
     def predicted_yardstick_ms(self, phase: str) -> float | None:
         """The predicted time of what the budget's multiple on ``phase`` is of."""
@@ -400,7 +395,7 @@ class Report:
         budget = self.budget
         lines = [
             self.headline(),
-            f"budget {budget.spec}: {budget.describe(self.multiples_of())}",
+            f"budget {budget.spec}: {budget.describe(multiples_of(self.plan.search))}",
             "",
             "layers:",
         ]

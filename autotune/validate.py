@@ -23,6 +23,7 @@ from autotune.layers import weight_numel
 from autotune.loading import load_model
 from autotune.measured_figures import Measured, device_description, measure_model
 from autotune.plan import Plan
+from autotune.reference_file import multiples_of, recorded_multiples
 from autotune.repriced import LABEL, RooflineLatency, plan_roofline, profile_roofline
 from autotune.validate_gguf import is_gguf, validate_gguf
 from methods.keep import KeepOption
@@ -171,6 +172,11 @@ def validate_plan(
     relative = budget is not None and (
         budget.latency_ratio is not None or budget.decode_ratio is not None
     )
+    # multiples of the original that are not of a reference file (timed beside it instead)
+    of_original = budget is not None and any(
+        budget.phase_ratio(phase) is not None and phase not in recorded_multiples(plan.search)
+        for phase in ("latency", "decode")
+    )
     if timed and plan.target.get("name") != "local":
         assert latency_inputs is not None
         roofline = plan_roofline(plan, model, latency_inputs, decode_tokens)
@@ -183,7 +189,7 @@ def validate_plan(
         decode = adapter_for(model).decode_inputs(model, decode_tokens)
     metric = recorded.get("metric", predicted.get("metric", "nmse"))
     local = plan.target.get("name") == "local"
-    beside = relative and local
+    beside = of_original and local
     limits = None  # a named target's latency is judged on its roofline, not timed here
     if budget is not None and local:
         limits = {phase: budget.timing_limit(phase, beside) for phase in ("latency", "decode")}
@@ -336,7 +342,7 @@ def _beside_reference(
     inputs = {"latency": latency_inputs, "decode": decode}
     fields = {"latency": ("latency", "baseline_latency"), "decode": ("decode", "baseline_decode")}
     changed: dict[str, Any] = {}
-    for phase in recorded.get("multiple_of_original") or {}:
+    for phase in recorded_multiples(plan.search):
         if inputs.get(phase) is None:
             continue
         found = timer.measure(
@@ -417,7 +423,7 @@ def _budgeted_latency(
         term = "" if absolute is None else f" and <= {absolute:g} ms"
         return Check(
             f"{phase} p50",
-            f"<= {ratio:g}x {_multiples_of(plan, phase)} (timed in the same rounds){term}",
+            f"<= {ratio:g}x {multiples_of(plan.search, phase)} (timed in the same rounds){term}",
             f"{multiple.describe()}: {now.p50_ms:.4g} ms against {beside.p50_ms:.4g} ms",
             multiple.median <= ratio and within,
         )
@@ -437,14 +443,6 @@ def _budgeted_latency(
     return dataclasses.replace(
         check, expected=f"{check.expected} ({ratio:g}x the original's {original:.4g} ms, {what})"
     )
-
-
-def _multiples_of(plan: Plan, phase: str) -> str:
-    """Whose time the budget's multiple on ``phase`` is of, in words."""
-    reference = (plan.search or {}).get("relative_to") or {}
-    if phase in (reference.get("multiple_of_original") or {}):
-        return f"reference file {reference['file']}'s"
-    return "the original's"
 
 
 def _latency_check(

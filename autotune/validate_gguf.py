@@ -167,12 +167,12 @@ def file_timings(
     multiple, the reference file the plan was tuned against (``relative_to``, checked) or
     the original's F32 file, timed in the same rounds until the verdict is settled."""
     from autotune.export.gguf import GGUFExporter
-    from autotune.export.llama_latency import FILE_ROUNDS, measure_files, shaped_inputs
-    from autotune.reference_file import given_reference
+    from autotune.export.llama_latency import measure_files, shaped_inputs
+    from autotune.reference_file import given_reference, recorded_multiples
 
     recorded = (plan.search or {}).get("relative_to")
     reference = given_reference(recorded, relative_to)
-    of_file = set((recorded or {}).get("multiple_of_original") or {})
+    of_file = recorded_multiples(plan.search)
     shapes = {
         "latency": shaped_inputs(budget.batch_size, budget.seq_len),
         "decode": shaped_inputs(budget.batch_size, 1, budget.decode_context),
@@ -193,7 +193,6 @@ def file_timings(
                         GGUFExporter().write(model, None, original)
                     paths["baseline"] = original
             limit = budget.timing_limit(phase, "baseline" in paths)
-            rounds = FILE_ROUNDS if limit is None else limit.rounds(FILE_ROUNDS)
-            stats = measure_files(paths, inputs, rounds, limit)
+            stats = measure_files(paths, inputs, limit=limit)
             out[phase] = (stats["model"], stats.get("baseline"))
     return out

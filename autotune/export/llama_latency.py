@@ -190,13 +190,17 @@ def split(
 def measure_files(
     paths: Mapping[str, Path],
     inputs: Mapping[str, Any],
-    rounds: int = FILE_ROUNDS,
+    rounds: int | None = None,
     limit: Limit | None = None,
 ) -> dict[str, LatencyStats]:
     """Each GGUF file's latency at the shape of ``inputs``, timed in turn each round (the
-    order reversed every other round); with a ``limit`` on ``"model"`` (against
-    ``"baseline"``), the rounds stop once its verdict is settled."""
+    order reversed every other round) for ``rounds`` (default :data:`FILE_ROUNDS`, as many
+    more as a ``limit`` allows); with a ``limit`` on ``"model"`` (against ``"baseline"``),
+    the rounds stop once its verdict is settled."""
     from autotune.export.llama_cpp import LlamaCppModel
+
+    if rounds is None:
+        rounds = FILE_ROUNDS if limit is None else limit.rounds(FILE_ROUNDS)
 
     rows, tokens, context = shape_of(inputs)
     n_ctx = context + max(tokens, DECODE_STEPS) + 2
