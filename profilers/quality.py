@@ -8,8 +8,10 @@ out by ``attention_mask`` are left out of both.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,14 +64,17 @@ class OutputError:
         output: Mapping[str, torch.Tensor],
         mask: torch.Tensor | None = None,
     ) -> None:
-        for key, ref in reference.items():
-            ref = ref.to(torch.float32)
+        for key, given in reference.items():
+            ref = given.to(torch.float32)
             out = output[key].to(ref.device, torch.float32)
             keep = _token_mask(ref, mask)
+            if keep is not None and bool(keep.all()):
+                keep = None  # every token counts: no copy of either tensor
             if keep is not None:
                 ref, out = ref[keep], out[keep]
             if self.metric == "kl":
-                num, den = _kl_sum(ref, out), float(ref[..., 0].numel())
+                normalised = REFERENCE_LOG_PROBS.get(given, mask, lambda r=ref: _log_probs(r))
+                num, den = _kl_sum(normalised, out), float(ref[..., 0].numel())
             else:
                 num = float((out - ref).pow(2).sum())
                 den = float(ref.pow(2).sum())
@@ -86,17 +91,77 @@ class OutputError:
 KL_CHUNK_ELEMENTS = 1 << 22  # the temporaries of one chunk of rows: 16 MB each in float32
 
 
-def _kl_sum(reference: torch.Tensor, output: torch.Tensor) -> float:
-    """The summed KL divergence of ``output``'s distributions from ``reference``'s over every
-    row (token), a chunk of rows at a time, so a large vocabulary's temporaries stay small."""
+class LogProbs(NamedTuple):
+    """A reference's distributions over the vocabulary, one row per token: log-probabilities
+    and probabilities, in float32."""
+
+    log_p: torch.Tensor
+    p: torch.Tensor
+
+
+def _log_probs(reference: torch.Tensor) -> LogProbs:
+    """``reference``'s logits normalised, a chunk of rows at a time."""
     vocab = reference.shape[-1]
-    ref, out = reference.reshape(-1, vocab), output.reshape(-1, vocab)
+    rows = max(1, KL_CHUNK_ELEMENTS // vocab)
+    log_p = torch.cat(
+        [F.log_softmax(chunk, dim=-1) for chunk in reference.reshape(-1, vocab).split(rows)]
+    )
+    return LogProbs(log_p, log_p.exp())
+
+
+class ReferenceCache:
+    """The normalised distributions of reference logits, kept per reference tensor (and
+    token mask) while the tensor lives, least recently used out first within a byte cap: a
+    tune compares one split's reference with the outputs of many plans, and normalising it
+    each time cost as much as normalising the outputs."""
+
+    def __init__(self, cap_bytes: int) -> None:
+        self.cap = cap_bytes
+        self.used = 0
+        self.entries: OrderedDict[tuple[int, int], tuple[LogProbs, int]] = OrderedDict()
+
+    def get(
+        self, reference: torch.Tensor, mask: torch.Tensor | None, make: Callable[[], LogProbs]
+    ) -> LogProbs:
+        key = (id(reference), id(mask))
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries.move_to_end(key)
+            return entry[0]
+        found = make()
+        size = sum(t.numel() * t.element_size() for t in found)
+        if size <= self.cap:
+            while self.used + size > self.cap:
+                self._drop(next(iter(self.entries)))
+            self.entries[key] = (found, size)
+            self.used += size
+            # a new tensor may take a freed one's id: its entries go with it
+            for owner in (reference, mask):
+                if owner is not None:
+                    weakref.finalize(owner, self._drop, key)
+        return found
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self.used -= entry[1]
+
+
+REFERENCE_LOG_PROBS = ReferenceCache(cap_bytes=512 << 20)
+
+
+def _kl_sum(reference: LogProbs, output: torch.Tensor) -> float:
+    """The summed KL divergence of ``output``'s distributions (logits) from the reference's
+    over every row (token), a chunk of rows at a time, so a large vocabulary's temporaries
+    stay small."""
+    vocab = reference.log_p.shape[-1]
+    out = output.reshape(-1, vocab)
     rows = max(1, KL_CHUNK_ELEMENTS // vocab)
     total = torch.zeros((), dtype=torch.float64)
-    for start in range(0, ref.shape[0], rows):
-        log_p = F.log_softmax(ref[start : start + rows], dim=-1)
+    for start in range(0, out.shape[0], rows):
+        log_p, p = reference.log_p[start : start + rows], reference.p[start : start + rows]
         log_q = F.log_softmax(out[start : start + rows], dim=-1)
-        total += (log_p.exp() * (log_p - log_q)).sum(dim=-1).sum(dtype=torch.float64)
+        total += (p * (log_p - log_q)).sum(dim=-1).sum(dtype=torch.float64)
     return float(total)
 
 

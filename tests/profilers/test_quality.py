@@ -234,6 +234,49 @@ def test_kl_is_a_mean_over_tokens_of_all_batches() -> None:
     assert value == pytest.approx(expected, rel=1e-5)
 
 
+def test_kl_against_one_reference_and_many_outputs_is_each_pairs_own_kl() -> None:
+    """The reference's normalised distributions are kept between calls: every output is still
+    compared with its own reference, and changing the mask changes which tokens count."""
+    generator = torch.Generator().manual_seed(8)
+    reference = 3 * torch.randn(2, 4, 9, generator=generator)
+    outputs = [3 * torch.randn(2, 4, 9, generator=generator) for _ in range(3)]
+    for output in outputs:
+        value = error_of("kl", ({"logits": reference}, {"logits": output}))
+        assert value == pytest.approx(kl_per_row(reference, output), rel=1e-5)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])
+    masked = error_of("kl", ({"logits": reference}, {"logits": outputs[0]}), mask=mask)
+    keep = mask.bool()
+    assert masked == pytest.approx(kl_per_row(reference[keep], outputs[0][keep]), rel=1e-5)
+
+
+def test_the_reference_cache_keeps_within_its_cap_and_forgets_a_freed_reference() -> None:
+    from profilers.quality import LogProbs, ReferenceCache
+
+    cache = ReferenceCache(cap_bytes=3 * 2 * 4 * 10)  # three references of 10 floats each
+    made = []
+
+    def make(tensor: torch.Tensor):
+        def compute() -> LogProbs:
+            made.append(tensor)
+            return LogProbs(torch.log_softmax(tensor, -1), torch.softmax(tensor, -1))
+
+        return compute
+
+    kept = [torch.randn(2, 5) for _ in range(4)]
+    for tensor in kept:
+        cache.get(tensor, None, make(tensor))
+    assert len(cache.entries) == 3 and cache.used == 3 * 2 * 4 * 10  # the first went out
+    cache.get(kept[3], None, make(kept[3]))
+    assert len(made) == 4  # kept: not normalised again
+    cache.get(kept[0], None, make(kept[0]))
+    assert len(made) == 5  # dropped for room: normalised again
+    del made[:], kept[1:], tensor
+    assert len(cache.entries) == 1 and cache.used == 2 * 4 * 10
+    too_big = torch.randn(4, 10)
+    cache.get(too_big, None, make(too_big))
+    assert len(cache.entries) == 1  # larger than the cap: computed, not kept
+
+
 # --- OutputError: attention mask -----------------------------------------------------------
 
 
