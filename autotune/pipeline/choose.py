@@ -109,6 +109,8 @@ class Searched:
     outcome: SearchOutcome
     candidates: list[Candidate]
     searched: int
+    # the selection split's error of each plan measured there, kept (the stall judge's too)
+    on_selection: PlanFitness
 
     def options(self, costs: Any, assignment: list[int]) -> dict[str, Option]:
         """The option of each layer in an assignment of this search's table."""
@@ -126,6 +128,11 @@ def search(
     calib = data.calib
     fitness = PlanFitness(
         setup.executor, table.variables, costs.options, [data.screening, data.calibration], metric
+    )
+    # the selection split's errors, kept per plan: the search's stall judge and the final
+    # choice read the same ones
+    on_selection = PlanFitness(
+        setup.executor, table.variables, costs.options, [data.selection], metric
     )
     tied = tie(table, priced.ties)
     start = replace(allocation, assignment=tied.reduce(allocation.assignment))
@@ -146,7 +153,7 @@ def search(
         study_name=settings.study_name,
         data_key=f"{data.fingerprint}:{batches_digest(calib.calibration)}:{metric}",
         progress=config.progress,
-        judge=_selection_judge(setup, data, tied, costs, metric),
+        judge=Judge(lambda assignment: on_selection(tied.expand(assignment), 0)),
     )
     outcome = _expanded(outcome, tied)
     if outcome.result is not None:
@@ -171,7 +178,7 @@ def search(
     )
     for name, uniform in uniforms.items():
         candidates.append(Candidate(name, uniform))
-    return Searched(table, allocation, fitness, engine, outcome, candidates, searched)
+    return Searched(table, allocation, fitness, engine, outcome, candidates, searched, on_selection)
 
 
 def _expanded(outcome: SearchOutcome, tied: Tied) -> SearchOutcome:
@@ -180,14 +187,6 @@ def _expanded(outcome: SearchOutcome, tied: Tied) -> SearchOutcome:
         return outcome
     result = tied.result(outcome.result) if outcome.result is not None else None
     return replace(outcome, assignment=tied.expand(outcome.assignment), result=result)
-
-
-def _selection_judge(setup: Setup, data: Data, tied: Tied, costs: Any, metric: str) -> Judge:
-    """The selection split's error of a plan (kept per plan): when the search's gain there
-    stalls, it stops, however much its calibration error still falls."""
-    layers = tied.table.variables
-    judged = PlanFitness(setup.executor, layers, costs.options, [data.selection], metric)
-    return Judge(lambda assignment: judged(tied.expand(assignment), 0))
 
 
 UNCALIBRATED = "allocator, uncalibrated options only"
@@ -258,9 +257,8 @@ def select_plan(
     baselines += uniform_finalists({c.name: c.screening_error for c in candidates[count:]})
     judged = [front.name, *(n for n in baselines if n != front.name)]
     with say.bar(1, "selection split") as bar:
-        on_selection = executor.errors(
-            {n: by_name[n].options for n in judged}, data.selection, metric
-        )
+        found = searched.on_selection.errors([by_name[n].options for n in judged], 0)
+        on_selection = dict(zip(judged, found, strict=True))
         bar.update(1)
     selection = choose(
         front.name, baselines, on_selection.__getitem__, windows_of(data.selection.batches)

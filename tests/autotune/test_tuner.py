@@ -103,6 +103,28 @@ def test_the_heldout_split_is_read_only_after_the_choice(tokenizer, monkeypatch)
     assert "selection" not in events[events.index("chosen") :]
 
 
+def test_no_plan_is_measured_twice_on_the_selection_split(tokenizer, monkeypatch) -> None:
+    """The search's stall judge and the final choice share the selection split's errors: the
+    plans the judge saw are not run again, and the choice reads the errors the judge got."""
+    from autotune.executors import InMemory
+
+    seen: list[tuple[str, ...]] = []
+    real_errors = InMemory.errors
+
+    def errors(self, plans, split, metric):
+        if split.name == "selection":
+            seen.extend(tuple(o.label for o in options.values()) for options in plans.values())
+        return real_errors(self, plans, split, metric)
+
+    monkeypatch.setattr(InMemory, "errors", errors)
+    _, result = _tune("35%", tokenizer, search="evolution")
+    search = result.plan.search
+    judged = search["engine_run"]["selection_errors"]
+    assert judged, "the judge looked at the search's parent"
+    assert len(seen) == len(set(seen))
+    assert search["selection"]["errors"]["allocator"] == judged[0]
+
+
 def test_plan_lists_every_profiled_layer_with_a_real_option(tuned) -> None:
     _, result = tuned
     layers = result.plan.layers
