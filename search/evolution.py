@@ -26,18 +26,24 @@ Progress = Callable[[Counter, float, dict[str, float]], None]
 NO_NEW_PLAN = "no new plan within the limits"
 
 
+def _generations_spelled(count: int) -> str:
+    return f"{count} generation{'' if count == 1 else 's'}"
+
+
 @dataclass(frozen=True)
 class Stall:
     """Stop once the parent's error fell by less than ``gain`` (relative) over the last
     ``generations`` generations (3: on the demo, 4 and 8 cost more evaluations for the same
     held-out error, and 2 stopped a 3-bit search early), or did not fall at all over the
-    last ``idle`` generations (``None``: no such rule). With 2, seven of eight tunes of the
-    bundled models at 3-5 bits stopped a generation sooner with the same plan, and the one
-    search that paid (the demo at 3 bits) still ran 6; see benchmarks/evolution_stall.py."""
+    last ``idle`` generations (``None``: no such rule). With 1 rather than 2, each of eight
+    tunes of the bundled models at 3-5 bits stopped one or two generations sooner (4 full
+    evaluations instead of 7 or 10) with the same plan and held-out error, and the one search
+    that paid (the demo at 5 bits) still ran 3 generations and kept its plan; see
+    benchmarks/evolution_stall.py."""
 
     generations: int = 3
     gain: float = 0.005
-    idle: int | None = 2
+    idle: int | None = 1
 
     def __post_init__(self) -> None:
         if self.generations < 1 or not 0 <= self.gain < 1:
@@ -54,7 +60,7 @@ class Stall:
         where = f" on the {judged_on}" if judged_on else ""
         idle = self.idle
         if idle is not None and len(history) > idle and history[-1] >= history[-1 - idle]:
-            return f"stalled (no lower error{where} in {idle} generations)"
+            return f"stalled (no lower error{where} in {_generations_spelled(idle)})"
         if len(history) <= self.generations:
             return None
         before, now = history[-1 - self.generations], history[-1]
@@ -62,7 +68,7 @@ class Stall:
             return None
         return (
             f"stalled (under {100 * self.gain:g}% lower error{where} in "
-            f"{self.generations} generations)"
+            f"{_generations_spelled(self.generations)})"
         )
 
 
