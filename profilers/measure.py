@@ -10,10 +10,14 @@ import torch
 from torch import nn
 
 from methods.base import is_weight_layer, storage_key
-from profilers.paired_timing import ROUNDS_TO_SETTLE, Limit
+from profilers.paired_timing import MIN_ROUNDS, ROUNDS_TO_SETTLE, Limit
 
 # rounds of :func:`measure_latencies`, and the seconds after which it stops early
 ROUNDS, MAX_SECONDS = 40, 30.0
+# rounds of :func:`measure_against` without a limit: the figures only report (nothing is
+# decided on them), and their paired ratio's interval needs no more than the rounds a limit's
+# verdict may settle after at the earliest, twice over
+REPORT_ROUNDS = 2 * MIN_ROUNDS
 
 
 def _unique_tensors(tensors):
@@ -143,9 +147,9 @@ def measure_against(
 ) -> dict[str, LatencyStats]:
     """:func:`measure_latencies` of ``"model"`` (and ``"baseline"``), for up to
     :data:`~profilers.paired_timing.ROUNDS_TO_SETTLE` times its usual rounds and seconds
-    until ``limit``'s verdict is settled (no limit: the usual rounds)."""
+    until ``limit``'s verdict is settled (no limit: :data:`REPORT_ROUNDS`)."""
     if limit is None:
-        return measure_latencies(models, inputs)
+        return measure_latencies(models, inputs, rounds=REPORT_ROUNDS)
     return measure_latencies(
         models,
         inputs,

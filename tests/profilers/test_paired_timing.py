@@ -101,8 +101,8 @@ def test_timing_goes_on_until_the_verdict_is_settled(monkeypatch: pytest.MonkeyP
     stats = measure_against(models, inputs, Limit(ratio=0.5))
     assert stats["model"].repeats == measure.ROUNDS * ROUNDS_TO_SETTLE
     assert len(stats["baseline"].samples_ms) == stats["model"].repeats
-    # without a limit, the usual rounds; a limit passed straight in caps at ``rounds``
-    assert measure_against(models, inputs, None)["model"].repeats == measure.ROUNDS
+    # without a limit, the rounds of a report; a limit passed straight in caps at ``rounds``
+    assert measure_against(models, inputs, None)["model"].repeats == measure.REPORT_ROUNDS
     capped = measure_latencies(models, inputs, rounds=12, limit=Limit(ratio=0.5))
     assert capped["model"].repeats == 12
     assert capped["model"].samples_ms == (1.0,) * 12
