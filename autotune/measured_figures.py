@@ -20,7 +20,7 @@ from profilers.memory import activation_peak
 from profilers.memory import scratch_in_use as workspace_buffers
 from profilers.paired_timing import Limit, paired
 from profilers.probe import machine_facts
-from profilers.quality import is_causal_lm, output_error, perplexity
+from profilers.quality import NextTokenLoss, is_causal_lm, output_error, perplexity
 
 
 def device_description() -> str:
@@ -139,9 +139,10 @@ def measure_model(
             decode_shape = [decode_inputs["input_ids"].shape[0], cache.get_seq_length() + 1]
     error = ppl = baseline_ppl = None
     if heldout is not None:
-        error = output_error(model, heldout[0], heldout[1], metric)
-        if metric == "kl" and is_causal_lm(model):
-            ppl = perplexity(model, heldout[0])
+        loss = NextTokenLoss() if metric == "kl" and is_causal_lm(model) else None
+        error = output_error(model, heldout[0], heldout[1], metric, loss)
+        if loss is not None:
+            ppl = loss.perplexity()
             baseline_ppl = perplexity(None, heldout[0], logits=heldout[1])
     return Measured(
         bytes=model_bytes(model),

@@ -180,12 +180,17 @@ def output_error(
     batches: list[dict[str, torch.Tensor]],
     reference: list[dict[str, torch.Tensor]],
     metric: str,
+    loss: NextTokenLoss | None = None,
 ) -> float:
-    """Error of ``model`` on ``batches`` against precomputed ``reference`` outputs."""
+    """Error of ``model`` on ``batches`` against precomputed ``reference`` outputs; with
+    ``loss``, the same outputs' next-token loss is added to it too (one pass for both)."""
     acc = OutputError(metric)
     with torch.inference_mode():
         for batch, ref in zip(batches, reference, strict=True):
-            acc.add(ref, select_outputs(model(**batch)), batch.get("attention_mask"))
+            out = select_outputs(model(**batch))
+            acc.add(ref, out, batch.get("attention_mask"))
+            if loss is not None:
+                loss.add(out["logits"], batch)
     return acc.value()
 
 

@@ -487,3 +487,18 @@ def test_perplexity_is_the_exponent_of_the_mean_next_token_loss() -> None:
     assert perplexity(None, batches, logits=recorded) == pytest.approx(expected, rel=1e-5)
     assert is_causal_lm(model)
     assert not is_causal_lm(transformers.BertModel(tiny_bert_config()))
+
+
+def test_output_error_with_a_loss_gives_the_perplexity_of_the_same_pass() -> None:
+    from profilers.quality import NextTokenLoss, perplexity
+
+    model = _tiny_gpt2()
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(2))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    reference = run_outputs(model, batches)
+    perturb_(model.lm_head, scale=0.2)
+    loss = NextTokenLoss()
+    error = output_error(model, batches, reference, "kl", loss)
+    assert error == output_error(model, batches, reference, "kl")
+    assert loss.perplexity() == pytest.approx(perplexity(model, batches), rel=1e-6)
+    assert loss.perplexity() != pytest.approx(perplexity(None, batches, logits=reference))
