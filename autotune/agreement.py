@@ -17,7 +17,7 @@ from the ``X^T X`` of each split.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from methods.base import LayerShape, Option
 from methods.errors import OptionError
 from methods.observers import HessianObserver
 from methods.registry import method_of
+from profilers.cache import SensitivityCache
 from profilers.converted import ConvertedModules
 from profilers.execution.observe import Observers, run_hooked
 from profilers.proxies import effective_weight
@@ -155,6 +156,52 @@ def agreements(
         if keep is not None and agreement.holds:  # the tune may measure it
             keep.put(probe.layer, probe.option.label, converted, module)
     return judged
+
+
+_SPLITS = ("calibration", "selection")
+
+
+def remembered(
+    layers: Sequence[LayerRef],
+    options: Mapping[str, Sequence[Option]],
+    observers: Observers,
+    cache: SensitivityCache | None,
+    judge: Callable[[], list[Agreement]],
+) -> list[Agreement]:
+    """``judge()``'s agreements, read from ``cache`` where it holds every probe's (a tune of
+    the same model on the same calibration and selection text judged them), else judged and
+    stored there: a probe's entries are its two ratios, or ``None`` where its conversion was
+    refused (not judged)."""
+    found = probes(layers, options, observers)
+    keys = {(p.layer, _entry(p.option, p.stand_in)): p for p in found}
+    if cache is not None and found and all(cache.has(layer, _labels(e)) for layer, e in keys):
+        judged = []
+        for (layer, entry), probe in keys.items():
+            ratios = [cache.get(layer, label) for label in _labels(entry)]
+            if None not in ratios:
+                method = method_of(probe.option).name
+                judged.append(
+                    Agreement(layer, method, probe.option.label, probe.stand_in.label, *ratios)
+                )
+        return judged
+    judged = judge()
+    if cache is not None and found:
+        by_key = {(a.layer, f"{a.method}|{a.probe}|{a.stand_in}"): a for a in judged}
+        for layer, entry in keys:
+            agreement = by_key.get((layer, entry))
+            for label, split in zip(_labels(entry), _SPLITS, strict=True):
+                cache.put(layer, label, None if agreement is None else getattr(agreement, split))
+        cache.metric = "ratio"
+        cache.save()
+    return judged
+
+
+def _entry(option: Option, stand_in: Option) -> str:
+    return f"{method_of(option).name}|{option.label}|{stand_in.label}"
+
+
+def _labels(entry: str) -> list[str]:
+    return [f"{entry}|{split}" for split in _SPLITS]
 
 
 def _weight_of(module: nn.Module, option: Option) -> torch.Tensor | None:

@@ -4,11 +4,12 @@ limits the budget sets on them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from autotune.agreement import Agreement, drop_disagreeing
+from autotune.agreement import Agreement, drop_disagreeing, remembered
 from autotune.allocation import (
     LOCAL_LATENCY_MARGIN,
     RESOURCE_NAMES,
@@ -43,6 +44,7 @@ from autotune.reference_file import (
 from autotune.storage_bounds import keep_only
 from methods.base import Option
 from methods.keep import KeepOption
+from profilers.cache import SensitivityCache, batches_digest, default_cache_dir, table_key
 from profilers.execution.adapters import adapter_for
 from profilers.execution.decode import DecodeError
 from profilers.execution.observe import Observers
@@ -104,7 +106,13 @@ def price(setup: Setup, data: Data, config: TuneConfig) -> Priced:
             f"{name}: {count} calibrated options left out (fewer calibration tokens than "
             "inputs: their statistics would be rank-deficient)"
         )
-    judged = executor.agreement(layers, options, observers, calib.selection)
+    judged = remembered(
+        layers,
+        options,
+        observers,
+        _agreement_cache(data, config),
+        lambda: executor.agreement(layers, options, observers, calib.selection),
+    )
     for agreement in drop_disagreeing(options, observers, judged):
         say.say(
             f"{agreement.layer}: {agreement.method} options left out (its probe "
@@ -211,6 +219,19 @@ def _limits(
             f"{100 * margin:g}% of the fastest is searched for and timed"
         )
     return limits
+
+
+def _agreement_cache(data: Data, config: TuneConfig) -> SensitivityCache | None:
+    """Where the calibrated methods' agreement on this model and text is kept (``None``
+    when the tune caches nothing): keyed by the model, the calibration and selection
+    batches and the methods' versions, as the sensitivity table is."""
+    setting = config.search.cache
+    if not setting:
+        return None
+    folder = default_cache_dir() if setting is True else Path(setting)
+    calib = data.calib
+    digest = f"{batches_digest(calib.calibration)}:{batches_digest(calib.selection)}"
+    return SensitivityCache(folder, table_key(data.fingerprint, digest, "agreement"))
 
 
 def _reference_multiples(

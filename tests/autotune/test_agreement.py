@@ -151,3 +151,41 @@ def test_honest_errors_scale_a_kept_method_on_its_layer_only() -> None:
 def test_calibration_understating_a_gain_never_scales_errors_down() -> None:
     assert Agreement("l", "gptq", "p", "s", calibration=0.5, selection=0.3).optimism == 1.0
     assert Agreement("l", "gptq", "p", "s", calibration=0.0, selection=0.3).optimism == 1.0
+
+
+def test_agreements_remembered_in_a_cache_are_read_back_without_judging(probed, tmp_path) -> None:
+    from autotune.agreement import remembered
+    from profilers.cache import SensitivityCache
+
+    model, options, observers, _, selection, judged, _ = probed
+    layers = compressible_layers(model)
+    calls = []
+
+    def judge() -> list[Agreement]:
+        calls.append(1)
+        return agreements(model, layers, options, observers, selection)
+
+    first = remembered(layers, options, observers, SensitivityCache(tmp_path, "k"), judge)
+    again = remembered(layers, options, observers, SensitivityCache(tmp_path, "k"), judge)
+    assert len(calls) == 1
+    assert first == again == judged  # the ratios survive the JSON file exactly
+    other = remembered(layers, options, observers, SensitivityCache(tmp_path, "other"), judge)
+    assert len(calls) == 2 and other == judged
+    remembered(layers, options, observers, None, judge)
+    assert len(calls) == 3  # without a cache, judged every time
+
+
+def test_a_refused_probe_is_remembered_as_not_judged(probed, tmp_path) -> None:
+    from autotune.agreement import remembered
+    from profilers.cache import SensitivityCache
+
+    model, options, observers, _, _, judged, _ = probed
+    layers = compressible_layers(model)
+    only_second = [a for a in judged if a.layer == "second"]
+    first = remembered(
+        layers, options, observers, SensitivityCache(tmp_path, "k"), lambda: only_second
+    )
+    again = remembered(
+        layers, options, observers, SensitivityCache(tmp_path, "k"), lambda: pytest.fail("judged")
+    )
+    assert first == again == only_second
