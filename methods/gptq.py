@@ -34,12 +34,12 @@ from methods.base import Cost, LayerShape, Method, Observer, Option, finite_weig
 from methods.errors import OptionError
 from methods.gptq_solver import (
     FACTORS,
+    GPTQ_DTYPE,
     FactorOf,
     Quantized,
     factor,
     gptq_quantize,
     gptq_quantize_many,
-    work_dtype,
 )
 from methods.observers import SHARED, HessianObserver
 from methods.registry import get_method, register
@@ -77,7 +77,7 @@ class GPTQOption(Option):
 
 class GPTQ(Method):
     name: ClassVar[str] = "gptq"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: factor and sweep in float32
     option_type: ClassVar[type[Option]] = GPTQOption
 
     def supports(self, shape: LayerShape) -> bool:
@@ -192,7 +192,7 @@ class GPTQ(Method):
         return lambda damp, act_order: FACTORS.get(
             observer,
             (*state, *seen, damp, act_order),
-            lambda: factor(weight, hessian, damp, act_order, label),
+            lambda: factor(weight, hessian, damp, act_order, label, GPTQ_DTYPE),
         )
 
     def _refusal(
@@ -222,7 +222,7 @@ class GPTQ(Method):
                 f"the layer takes {shape.cols}"
             )
         weight = finite_weight(module, option.label)
-        hessian = observer.hessian(work_dtype(weight.device))
+        hessian = observer.hessian(GPTQ_DTYPE)
         if not torch.isfinite(hessian).all():
             raise OptionError(f"{option.label}: the calibration inputs hold NaN or inf values")
         return weight, hessian

@@ -38,8 +38,8 @@ BLOCK = 32
 _MAX_DAMP_RETRIES = 4
 # Rows of one stacked sweep (summed over its options): each column's update then touches a
 # block that stays in the CPU's cache (3072 rows beat 1536 and 6144 by 20% on the demo's
-# layers). And at most this many weights: 8 bytes of float64 work copy, 2 + 2 of float16
-# column scales and offsets and 1 of codes each, so about 200 MB.
+# layers). And at most this many weights, each with its work copy, code, column scale and
+# offset in the work dtype: a few hundred MB at most.
 STACK_ROWS = 3072
 STACK_ELEMENTS = 1 << 24
 # Stacked rows up to which a CPU sweep runs in numpy (one thread, a microsecond per call)
@@ -57,7 +57,13 @@ class Quantized(NamedTuple):
 
 
 def work_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the Cholesky solvers built on this one (pruning, low rank)."""
     return torch.float32 if device.type == "cuda" else torch.float64
+
+
+# GPTQ's own factor and sweep: float32 on every device, as GPTQ's reference implementation
+# (float64 took 1.3-2x the time of a factor and a sweep of the demo's layers on the CPU)
+GPTQ_DTYPE = torch.float32
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float, label: str) -> torch.Tensor:
@@ -106,11 +112,17 @@ class Factored:
 
 
 def factor(
-    weight: torch.Tensor, hessian: torch.Tensor, damp: float, act_order: bool, label: str
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    damp: float,
+    act_order: bool,
+    label: str,
+    dtype: torch.dtype | None = None,
 ) -> Factored:
-    """The layer's factor for dampening ``damp``; with ``act_order`` the columns are swept by
-    decreasing Hessian diagonal. Neither argument is modified."""
-    dtype = work_dtype(weight.device)
+    """The layer's factor for dampening ``damp`` in ``dtype`` (default :func:`work_dtype`);
+    with ``act_order`` the columns are swept by decreasing Hessian diagonal. Neither argument
+    is modified."""
+    dtype = dtype or work_dtype(weight.device)
     w = weight.to(dtype).clone()
     h = hessian.to(dtype=dtype, device=weight.device).clone()
     dead = h.diagonal() == 0
@@ -193,7 +205,7 @@ def gptq_quantize(
 
 
 def _factoring(weight: torch.Tensor, hessian: torch.Tensor, label: str) -> FactorOf:
-    return lambda damp, act_order: factor(weight, hessian, damp, act_order, label)
+    return lambda damp, act_order: factor(weight, hessian, damp, act_order, label, GPTQ_DTYPE)
 
 
 def gptq_quantize_many(

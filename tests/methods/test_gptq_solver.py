@@ -143,9 +143,9 @@ def counting_factor(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, bool]]
     calls: list[tuple[float, bool]] = []
     real = gptq_module.factor
 
-    def counted(weight, hessian, damp, act_order, label):
+    def counted(weight, hessian, damp, act_order, label, *dtype):
         calls.append((damp, act_order))
-        return real(weight, hessian, damp, act_order, label)
+        return real(weight, hessian, damp, act_order, label, *dtype)
 
     monkeypatch.setattr(gptq_module, "factor", counted)
     return calls
@@ -192,3 +192,21 @@ def test_factors_go_with_their_observer_and_within_the_cap(monkeypatch: pytest.M
     GPTQ.convert(module, MIXED[5], observer)
     assert [key[-2:] for key in small.entries] == [(0.05, True)]  # the older one left
     assert small.used == one
+
+
+def test_gptq_factors_and_sweeps_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPTQ works in float32 whatever the device (its reference implementation does)."""
+    from methods import gptq_solver
+
+    dtypes: list[torch.dtype] = []
+    real = gptq_solver.sweep_static
+
+    def sweep(factored, options):
+        dtypes.append(factored.upper.dtype)
+        return real(factored, options)
+
+    monkeypatch.setattr(gptq_solver, "sweep_static", sweep)
+    torch.manual_seed(3)
+    module = nn.Linear(COLS, ROWS)
+    GPTQ.convert(module, MIXED[0], observed(module, inputs()))
+    assert dtypes == [torch.float32]
