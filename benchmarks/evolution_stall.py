@@ -3,9 +3,9 @@
 Each row is a whole ``autotune()`` run (target ``cpu``, ``search="evolution"``, the default
 evaluation ceiling) at one budget, with a stall rule spelled ``N`` (stop once the parent's
 error on the selection split fell by less than 0.5% over the last N generations), ``N+K``
-(that, or no lower error at all over the last K generations: the default is ``3+1``) or
-``off`` (only the ceiling stops it). By default ``3+2`` (the rule before) and ``3+1`` are
-compared on the demo and tiny-lm; ``--rules 8,4,off`` compares others.
+(that, or no lower error at all over the last K generations) or
+``off`` (only the ceiling stops it); the default is ``1``. By default ``3+1`` (the rule
+before) and ``1`` are compared on the demo and tiny-lm; ``--rules 8,4,off`` compares others.
 Printed: why the search stopped, its generations and full evaluations, the plan the selection
 split kept (the engine's, the allocator's or a uniform one), the held-out error (normalised
 MSE of the demo's sentence embeddings, KL of tiny-lm's next-token distributions, on held-out
@@ -36,7 +36,7 @@ BUDGETS = ("3bits", "3.5bits", "4bits", "5bits")
 
 
 MODELS = ("demo", "tiny-lm")
-RULES = ("3+2", "3+1")
+RULES = ("3+1", "1")
 
 
 def rule(spelled: str) -> tuple[str, Stall | None]:
@@ -44,9 +44,10 @@ def rule(spelled: str) -> tuple[str, Stall | None]:
     if spelled == "off":
         return "off", None
     generations, _, idle = spelled.partition("+")
+    plural = "" if generations == "1" else "s"
     if not idle:
-        return f"on ({generations} generations)", Stall(int(generations), idle=None)
-    name = f"on ({generations} generations, or {idle} without a gain)"
+        return f"on ({generations} generation{plural})", Stall(int(generations), idle=None)
+    name = f"on ({generations} generation{plural}, or {idle} without a gain)"
     return name, Stall(int(generations), idle=int(idle))
 
 

@@ -33,17 +33,16 @@ def _generations_spelled(count: int) -> str:
 @dataclass(frozen=True)
 class Stall:
     """Stop once the parent's error fell by less than ``gain`` (relative) over the last
-    ``generations`` generations (3: on the demo, 4 and 8 cost more evaluations for the same
-    held-out error, and 2 stopped a 3-bit search early), or did not fall at all over the
-    last ``idle`` generations (``None``: no such rule). With 1 rather than 2, each of eight
-    tunes of the bundled models at 3-5 bits stopped one or two generations sooner (4 full
-    evaluations instead of 7 or 10) with the same plan and held-out error, and the one search
-    that paid (the demo at 5 bits) still ran 3 generations and kept its plan; see
-    benchmarks/evolution_stall.py."""
+    ``generations`` generations, or did not fall at all over the last ``idle`` generations
+    (``None``: no such rule). The default, under 0.5% in one generation (a smaller gain on
+    the selection split's few windows is noise, not progress), gave the same held-out error
+    as 3 generations or 1 without any gain in seven of eight tunes of the bundled models at
+    3-5 bits and a lower one in the eighth, with 4 full evaluations each instead of up to
+    10; see benchmarks/evolution_stall.py."""
 
-    generations: int = 3
+    generations: int = 1
     gain: float = 0.005
-    idle: int | None = 1
+    idle: int | None = None
 
     def __post_init__(self) -> None:
         if self.generations < 1 or not 0 <= self.gain < 1:
