@@ -173,7 +173,10 @@ def remembered(
     stored there: a probe's entries are its two ratios, or ``None`` where its conversion was
     refused (not judged)."""
     found = probes(layers, options, observers)
-    keys = {(p.layer, _entry(p.option, p.stand_in)): p for p in found}
+    keys = {
+        (p.layer, _entry(method_of(p.option).name, p.option.label, p.stand_in.label)): p
+        for p in found
+    }
     if cache is not None and found and all(cache.has(layer, _labels(e)) for layer, e in keys):
         judged = []
         for (layer, entry), probe in keys.items():
@@ -186,7 +189,7 @@ def remembered(
         return judged
     judged = judge()
     if cache is not None and found:
-        by_key = {(a.layer, f"{a.method}|{a.probe}|{a.stand_in}"): a for a in judged}
+        by_key = {(a.layer, _entry(a.method, a.probe, a.stand_in)): a for a in judged}
         for layer, entry in keys:
             agreement = by_key.get((layer, entry))
             for label, split in zip(_labels(entry), _SPLITS, strict=True):
@@ -196,8 +199,9 @@ def remembered(
     return judged
 
 
-def _entry(option: Option, stand_in: Option) -> str:
-    return f"{method_of(option).name}|{option.label}|{stand_in.label}"
+def _entry(method: str, probe: str, stand_in: str) -> str:
+    """A probe's name in the cache: its method, its option and its stand-in."""
+    return f"{method}|{probe}|{stand_in}"
 
 
 def _labels(entry: str) -> list[str]:

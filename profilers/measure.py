@@ -15,8 +15,7 @@ from profilers.paired_timing import MIN_ROUNDS, ROUNDS_TO_SETTLE, Limit
 # rounds of :func:`measure_latencies`, and the seconds after which it stops early
 ROUNDS, MAX_SECONDS = 40, 30.0
 # rounds of :func:`measure_against` without a limit: the figures only report (nothing is
-# decided on them), and their paired ratio's interval needs no more than the rounds a limit's
-# verdict may settle after at the earliest, twice over
+# decided on them); twice the fewest rounds a limit's verdict may rest on
 REPORT_ROUNDS = 2 * MIN_ROUNDS
 
 
