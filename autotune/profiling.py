@@ -35,7 +35,7 @@ from autotune.runtimes import get_runtime
 from methods.keep import KeepOption
 from methods.registry import method_of
 from methods.tied import untie_output_embeddings
-from profilers.cache import SensitivityCache, batches_digest, default_cache_dir, table_key
+from profilers.cache import SensitivityCache, batches_digest, cache_folder, table_key
 from profilers.execution.adapters import adapter_for
 from profilers.execution.decode import DecodeError
 from profilers.execution.observe import collect_observers
@@ -219,7 +219,7 @@ def profile_model(
     decode_costs = build_costs(model, layers, options, spec, decode, observers=observers)
     table_cache = None
     if cache and estimator.cacheable:
-        folder = default_cache_dir() if cache is True else Path(cache)
+        folder = cache_folder(cache)
         digest = batches_digest(calib.sensitivity)
         key = table_key(fingerprint(model), digest, estimator.cache_name or sensitivity)
         table_cache = SensitivityCache(folder, key)

@@ -173,8 +173,9 @@ def validate_plan(
         budget.latency_ratio is not None or budget.decode_ratio is not None
     )
     # multiples of the original that are not of a reference file (timed beside it instead)
+    of_file = recorded_multiples(plan.search)
     of_original = budget is not None and any(
-        budget.phase_ratio(phase) is not None and phase not in recorded_multiples(plan.search)
+        budget.phase_ratio(phase) is not None and phase not in of_file
         for phase in ("latency", "decode")
     )
     if timed and plan.target.get("name") != "local":

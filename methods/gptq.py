@@ -190,7 +190,7 @@ class GPTQ(Method):
         state = (stored.data_ptr(), stored._version, tuple(stored.shape))
         seen = (getattr(observer, "tokens", 0), getattr(observer, "calls", 0))
         return lambda damp, act_order: FACTORS.get(
-            observer,
+            (observer,),
             (*state, *seen, damp, act_order),
             lambda: factor(weight, hessian, damp, act_order, label, GPTQ_DTYPE),
         )

@@ -16,9 +16,7 @@ it gets alone; the stack only removes the per-column overhead that dominates sma
 
 from __future__ import annotations
 
-import weakref
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -27,6 +25,7 @@ import torch
 
 from methods import affine
 from methods.errors import OptionError
+from methods.owned_cache import OwnedCache
 
 if TYPE_CHECKING:
     from methods.gptq import GPTQOption
@@ -138,44 +137,20 @@ def factor(
 FactorOf = Callable[[float, bool], Factored]  # the factor for a dampening and activation order
 
 
-class FactorCache:
+class FactorCache(OwnedCache[Factored]):
     """Factors kept per owner (a layer's calibration observer) and key, least recently used
     out first within a byte cap, so that options of a layer converted at different times (a
     probe first, then the options scoring measures, round after round) share one
     factorisation. An owner's entries go when it is collected."""
 
     def __init__(self, cap_bytes: int) -> None:
-        self.cap = cap_bytes
-        self.used = 0
-        self.entries: OrderedDict[tuple[Hashable, ...], tuple[weakref.ref, Factored, int]] = (
-            OrderedDict()
-        )
+        super().__init__(cap_bytes, _factored_bytes)
 
-    def get(
-        self, owner: object, key: tuple[Hashable, ...], make: Callable[[], Factored]
-    ) -> Factored:
-        """The factor kept for ``owner`` under ``key``, else ``make()``'s (kept if it fits)."""
-        full = (id(owner), *key)
-        entry = self.entries.get(full)
-        if entry is not None and entry[0]() is owner:
-            self.entries.move_to_end(full)
-            return entry[1]
-        self._drop(full)
-        factored = make()
-        size = sum(
-            t.element_size() * t.numel() for t in (factored.weight, factored.perm, factored.upper)
-        )
-        if size <= self.cap:
-            while self.used + size > self.cap:
-                self._drop(next(iter(self.entries)))
-            self.entries[full] = (weakref.ref(owner, lambda _: self._drop(full)), factored, size)
-            self.used += size
-        return factored
 
-    def _drop(self, full: tuple[Hashable, ...]) -> None:
-        entry = self.entries.pop(full, None)
-        if entry is not None:
-            self.used -= entry[2]
+def _factored_bytes(factored: Factored) -> int:
+    return sum(
+        t.element_size() * t.numel() for t in (factored.weight, factored.perm, factored.upper)
+    )
 
 
 # every GPTQ conversion's factors: the demo's 36 linear layers need about 240 MB

@@ -32,6 +32,11 @@ def default_cache_dir() -> Path:
     return Path(base) / "autotune"
 
 
+def cache_folder(setting: bool | str | Path) -> Path:
+    """The folder a tune's cache setting names (``True``: :func:`default_cache_dir`)."""
+    return default_cache_dir() if setting is True else Path(setting)
+
+
 def batches_digest(batches: Iterable[Mapping[str, torch.Tensor]]) -> str:
     """SHA-256 of the calibration batches: keys, shapes, dtypes and values."""
     digest = hashlib.sha256()

@@ -8,13 +8,13 @@ out by ``attention_mask`` are left out of both.
 
 from __future__ import annotations
 
-import weakref
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from methods.owned_cache import OwnedCache
 
 SKIPPED_OUTPUTS = {"hidden_states", "attentions", "past_key_values", "cross_attentions"}
 
@@ -73,7 +73,7 @@ class OutputError:
             if keep is not None:
                 ref, out = ref[keep], out[keep]
             if self.metric == "kl":
-                normalised = REFERENCE_LOG_PROBS.get(given, mask, lambda r=ref: _log_probs(r))
+                normalised = REFERENCE_LOG_PROBS.get((given, mask), (), lambda r=ref: _log_probs(r))
                 num, den = _kl_sum(normalised, out), float(ref[..., 0].numel())
             else:
                 num = float((out - ref).pow(2).sum())
@@ -109,42 +109,14 @@ def _log_probs(reference: torch.Tensor) -> LogProbs:
     return LogProbs(log_p, log_p.exp())
 
 
-class ReferenceCache:
+class ReferenceCache(OwnedCache[LogProbs]):
     """The normalised distributions of reference logits, kept per reference tensor (and
     token mask) while the tensor lives, least recently used out first within a byte cap: a
     tune compares one split's reference with the outputs of many plans, and normalising it
     each time cost as much as normalising the outputs."""
 
     def __init__(self, cap_bytes: int) -> None:
-        self.cap = cap_bytes
-        self.used = 0
-        self.entries: OrderedDict[tuple[int, int], tuple[LogProbs, int]] = OrderedDict()
-
-    def get(
-        self, reference: torch.Tensor, mask: torch.Tensor | None, make: Callable[[], LogProbs]
-    ) -> LogProbs:
-        key = (id(reference), id(mask))
-        entry = self.entries.get(key)
-        if entry is not None:
-            self.entries.move_to_end(key)
-            return entry[0]
-        found = make()
-        size = sum(t.numel() * t.element_size() for t in found)
-        if size <= self.cap:
-            while self.used + size > self.cap:
-                self._drop(next(iter(self.entries)))
-            self.entries[key] = (found, size)
-            self.used += size
-            # a new tensor may take a freed one's id: its entries go with it
-            for owner in (reference, mask):
-                if owner is not None:
-                    weakref.finalize(owner, self._drop, key)
-        return found
-
-    def _drop(self, key: tuple[int, int]) -> None:
-        entry = self.entries.pop(key, None)
-        if entry is not None:
-            self.used -= entry[1]
+        super().__init__(cap_bytes, lambda found: sum(t.numel() * t.element_size() for t in found))
 
 
 REFERENCE_LOG_PROBS = ReferenceCache(cap_bytes=512 << 20)

@@ -4,7 +4,6 @@ the best-screened uniform plans that fit on the selection split."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from autotune.agreement import honest_errors
@@ -21,7 +20,7 @@ from autotune.selection import Selection, choose, uniform_finalists
 from methods.base import Option
 from methods.keep import KeepOption
 from methods.registry import method_of
-from profilers.cache import SensitivityCache, batches_digest, default_cache_dir, table_key
+from profilers.cache import SensitivityCache, batches_digest, cache_folder, table_key
 from profilers.sensitivity import SensitivityTable
 from search import Allocation, ChoiceTable
 from search.evolution import Judge
@@ -40,8 +39,7 @@ def score(setup: Setup, data: Data, priced: Priced, config: TuneConfig) -> Score
     estimator, options, say = setup.estimator, priced.options, setup.say
     cache = None
     if config.search.cache and estimator.cacheable:
-        setting = config.search.cache
-        folder = default_cache_dir() if setting is True else Path(setting)
+        folder = cache_folder(config.search.cache)
         digest = batches_digest(data.calib.sensitivity)
         cached_as = estimator.cache_name or estimator.name
         cache = SensitivityCache(folder, table_key(data.fingerprint, digest, cached_as))

@@ -4,7 +4,6 @@ limits the budget sets on them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -44,7 +43,7 @@ from autotune.reference_file import (
 from autotune.storage_bounds import keep_only
 from methods.base import Option
 from methods.keep import KeepOption
-from profilers.cache import SensitivityCache, batches_digest, default_cache_dir, table_key
+from profilers.cache import SensitivityCache, batches_digest, cache_folder, table_key
 from profilers.execution.adapters import adapter_for
 from profilers.execution.decode import DecodeError
 from profilers.execution.observe import Observers
@@ -228,7 +227,7 @@ def _agreement_cache(data: Data, config: TuneConfig) -> SensitivityCache | None:
     setting = config.search.cache
     if not setting:
         return None
-    folder = default_cache_dir() if setting is True else Path(setting)
+    folder = cache_folder(setting)
     calib = data.calib
     digest = f"{batches_digest(calib.calibration)}:{batches_digest(calib.selection)}"
     return SensitivityCache(folder, table_key(data.fingerprint, digest, "agreement"))

@@ -264,16 +264,16 @@ def test_the_reference_cache_keeps_within_its_cap_and_forgets_a_freed_reference(
 
     kept = [torch.randn(2, 5) for _ in range(4)]
     for tensor in kept:
-        cache.get(tensor, None, make(tensor))
+        cache.get((tensor, None), (), make(tensor))
     assert len(cache.entries) == 3 and cache.used == 3 * 2 * 4 * 10  # the first went out
-    cache.get(kept[3], None, make(kept[3]))
+    cache.get((kept[3], None), (), make(kept[3]))
     assert len(made) == 4  # kept: not normalised again
-    cache.get(kept[0], None, make(kept[0]))
+    cache.get((kept[0], None), (), make(kept[0]))
     assert len(made) == 5  # dropped for room: normalised again
     del made[:], kept[1:], tensor
     assert len(cache.entries) == 1 and cache.used == 2 * 4 * 10
     too_big = torch.randn(4, 10)
-    cache.get(too_big, None, make(too_big))
+    cache.get((too_big, None), (), make(too_big))
     assert len(cache.entries) == 1  # larger than the cap: computed, not kept
 
 
