@@ -5,9 +5,10 @@ it); the selection split, which neither profiling nor search saw, then judges th
 against the other searched plans (the allocator's, and when calibrated options are offered,
 the allocator's plan without them) and the uniform plans that fit the budget, and the least
 error wins. Of the uniform plans only the few that screened best on calibration windows are
-judged: on the demo their ranks agree on both splits, and the others are several times the
-front runner's error. The held-out split is not read here: it measures the chosen plan once
-the choice is made.
+judged (on the demo their ranks agree on both splits, and the others are several times the
+front runner's error), and of those the best one and any screened near the front runner's
+error. The held-out split is not read here: it measures the chosen plan once the choice is
+made.
 """
 
 from __future__ import annotations
@@ -47,13 +48,21 @@ def is_uniform(name: str) -> bool:
 
 
 def uniform_finalists(
-    screening: Mapping[str, float | None], keep: int = UNIFORM_FINALISTS
+    screening: Mapping[str, float | None],
+    keep: int = UNIFORM_FINALISTS,
+    within: tuple[float | None, float] | None = None,
 ) -> list[str]:
     """The ``keep`` uniform plans of ``screening`` (each plan's error on the calibration
     windows it was screened on, ``None`` if it was not) with the least error, best first;
-    ties keep their order."""
+    ties keep their order. With ``within=(error, reach)``, of those only the best one and
+    the ones screened at most ``reach`` times ``error`` (the front runner's): a plan several
+    times its error on those windows is not judged again."""
     screened = [name for name, error in screening.items() if is_uniform(name) and error is not None]
-    return sorted(screened, key=screening.__getitem__)[:keep]  # stable: ties keep their order
+    best = sorted(screened, key=screening.__getitem__)[:keep]  # stable: ties keep their order
+    if within is None or within[0] is None or not best:
+        return best
+    error, reach = within
+    return best[:1] + [name for name in best[1:] if screening[name] <= reach * error]
 
 
 def choose(

@@ -16,7 +16,7 @@ from autotune.pipeline.prepare import Data, Setup
 from autotune.pipeline.price import Priced, guarded_limits
 from autotune.refinement import Decide
 from autotune.searching import SearchOutcome, choose_engine, run_search
-from autotune.selection import Selection, choose, uniform_finalists
+from autotune.selection import UNIFORM_FINALISTS, Selection, choose, uniform_finalists
 from methods.base import Option
 from methods.keep import KeepOption
 from methods.registry import method_of
@@ -190,8 +190,12 @@ def _expanded(outcome: SearchOutcome, tied: Tied) -> SearchOutcome:
 UNCALIBRATED = "allocator, uncalibrated options only"
 # uniform plans screened end to end: those with the least summed per-layer error (on the
 # demo at 15 MB the sum ranks the 8 best as screening does, and the 7th screens at 2.7x the
-# error of the best)
-UNIFORM_SCREENED = 6
+# error of the best), as many as the selection split may judge
+UNIFORM_SCREENED = UNIFORM_FINALISTS
+# uniform plans screened at more than this multiple of the front runner's error are not
+# judged on the selection split (the best-screened one always is: the report gives its
+# errors); on the bundled models at 4-6 bits they screen at 15-35x
+UNIFORM_REACH = 2.0
 
 
 def _uncalibrated_plan(setup: Setup, priced: Priced, scored: Scored) -> dict[str, Option] | None:
@@ -245,14 +249,21 @@ def select_plan(
     say, candidates, count = setup.say, searched.candidates, searched.searched
     fitness, metric, executor = searched.fitness, scored.table.metric, setup.executor
     # the uniform plans are screened (the report plots them) but not checked on the whole
-    # calibration set: the best-screened of them meet the front runner on the selection split
-    with say.bar(len(candidates) + count, "candidates") as bar:
-        front = select(candidates, fitness.errors, finalists=0, searched=count, progress=bar.update)
+    # calibration set, nor is the uncalibrated plan (last of the searched ones): the front
+    # runner is the engine's or the allocator's plan, and the others meet it on the selection
+    # split, where the choice is made
+    fronts = count - int(candidates[count - 1].name == UNCALIBRATED)
+    with say.bar(len(candidates) + fronts, "candidates") as bar:
+        front = select(
+            candidates, fitness.errors, finalists=0, searched=fronts, progress=bar.update
+        )
     by_name = {c.name: c for c in candidates}
-    # every searched plan (the engine's, the allocator's, the uncalibrated one) meets those
-    # uniform plans there: what fits the calibration data best need not generalise best
+    # every searched plan (the engine's, the allocator's, the uncalibrated one) meets the
+    # uniform plans that may win there: what fits the calibration data best need not
+    # generalise best
     baselines = [c.name for c in candidates[:count] if c.name != front.name]
-    baselines += uniform_finalists({c.name: c.screening_error for c in candidates[count:]})
+    screening = {c.name: c.screening_error for c in candidates[count:]}
+    baselines += uniform_finalists(screening, within=(front.screening_error, UNIFORM_REACH))
     judged = [front.name, *(n for n in baselines if n != front.name)]
     with say.bar(1, "selection split") as bar:
         found = searched.on_selection.errors([by_name[n].options for n in judged], 0)
@@ -262,7 +273,7 @@ def select_plan(
         front.name, baselines, on_selection.__getitem__, windows_of(data.selection.batches)
     )
     chosen = by_name[selection.chosen]
-    if chosen.calibration_error is None:  # a uniform plan that was not a finalist won
+    if chosen.calibration_error is None:  # a uniform or the uncalibrated plan won
         chosen.calibration_error = fitness.error(chosen.options, -1)
     best_uniform = by_name[selection.best_uniform] if selection.best_uniform else None
     # the plan is fixed: only now is the held-out split read, to measure and never to choose

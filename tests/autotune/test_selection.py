@@ -25,6 +25,22 @@ def test_the_best_screened_uniform_plans_are_the_finalists_best_first() -> None:
     assert uniform_finalists(screening, keep=1) == ["uniform int4-g32-asym"]
 
 
+def test_uniform_plans_far_above_the_front_runner_are_not_finalists_but_the_best_is() -> None:
+    screening = {
+        "uniform int4-g32-asym": 0.05,
+        "uniform int4-g64-asym": 0.06,
+        "uniform int4-ch-sym": 0.14,
+    }
+    # within 2x of a front runner at 0.03: the two best; at 0.001 only the best one is kept
+    assert uniform_finalists(screening, within=(0.03, 2.0)) == [
+        "uniform int4-g32-asym",
+        "uniform int4-g64-asym",
+    ]
+    assert uniform_finalists(screening, within=(0.001, 2.0)) == ["uniform int4-g32-asym"]
+    assert uniform_finalists(screening, within=(0.1, 2.0)) == uniform_finalists(screening)
+    assert uniform_finalists(screening, within=(None, 2.0)) == uniform_finalists(screening)
+
+
 def test_unscreened_and_searched_plans_are_never_uniform_finalists() -> None:
     screening = {"evolution": 0.001, "uniform int8-ch-sym": None, "uniform int4-g32-asym": 0.5}
     assert uniform_finalists(screening) == ["uniform int4-g32-asym"]
