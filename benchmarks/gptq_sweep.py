@@ -5,7 +5,11 @@ a microsecond per call) and wider ones in torch. This times both paths on the la
 all-MiniLM-L6-v2 (384 x 384 attention, 1536 x 384 and 384 x 1536 feed-forward) with random
 weights and a Hessian from random inputs of uneven scale, for 1 to 8 options stacked (static
 groups, activation order), interleaved round by round, and checks that both give the same
-codes. Printed: the median milliseconds per sweep of each path and their ratio.
+codes. Printed: the median milliseconds per sweep of each path and their ratio. A second
+table times the inverse Hessian's upper factor (:func:`methods.gptq_solver.inverse_hessian_factor`,
+one Cholesky factorisation of the reversed matrix and one triangular inverse) against
+inverting the matrix and factoring the inverse again, as GPTQ's reference does, in float32 at
+each width, interleaved, and gives the largest difference between the two factors.
 
 Run: ``python benchmarks/gptq_sweep.py`` (about a minute on 2 cores).
 """
@@ -54,6 +58,38 @@ def timed(factored: gptq_solver.Factored, stack: list[GPTQOption], numpy_rows: i
         gptq_solver.NUMPY_ROWS = saved
 
 
+def refactored_inverse(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper factor of ``(H + d I)^-1`` by inverting and factoring again."""
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    lower = torch.linalg.cholesky(hessian + damp * float(hessian.diagonal().mean()) * eye)
+    return torch.linalg.cholesky(torch.cholesky_solve(eye, lower), upper=True)
+
+
+def time_factors(rounds: int) -> None:
+    print()
+    print("| columns | one pass ms | invert and refactor ms | one pass / refactor | max diff |")
+    print("|---:|---:|---:|---:|---:|")
+    for cols in sorted({c for _, c in SHAPES}):
+        generator = torch.Generator().manual_seed(cols)
+        x = torch.randn(2048, cols, generator=generator) * torch.rand(cols, generator=generator)
+        hessian = 2 * x.t() @ x / 2048
+        seconds: dict[str, list[float]] = {"one pass": [], "refactor": []}
+        for _ in range(rounds):
+            began = time.perf_counter()
+            one_pass = gptq_solver.inverse_hessian_factor(hessian, 0.01, "bench")
+            seconds["one pass"].append(time.perf_counter() - began)
+            began = time.perf_counter()
+            refactored = refactored_inverse(hessian, 0.01)
+            seconds["refactor"].append(time.perf_counter() - began)
+        ms = {k: 1e3 * statistics.median(v) for k, v in seconds.items()}
+        diff = float((one_pass - refactored).abs().max() / refactored.abs().max())
+        print(
+            f"| {cols} | {ms['one pass']:.1f} | {ms['refactor']:.1f} | "
+            f"{ms['one pass'] / ms['refactor']:.2f} | {diff:.1e} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -83,6 +119,7 @@ def main() -> None:
                 f"{numpy_ms:.0f} | {numpy_ms / torch_ms:.2f} |",
                 flush=True,
             )
+    time_factors(args.rounds)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ class GPTQOption(Option):
 
 class GPTQ(Method):
     name: ClassVar[str] = "gptq"
-    version: ClassVar[str] = "2"  # 2: factor and sweep in float32
+    version: ClassVar[str] = "3"  # 2: factor and sweep in float32; 3: factor in one pass
     option_type: ClassVar[type[Option]] = GPTQOption
 
     def supports(self, shape: LayerShape) -> bool:

@@ -178,7 +178,7 @@ class OutlierLinear(WeightOnlyLinear, KeepsStoredFormat):
 
 class OutlierKeeping(Method):
     name: ClassVar[str] = "outliers"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: the GPTQ base factors in one pass
     option_type: ClassVar[type[Option]] = OutlierOption
 
     def supports(self, shape: LayerShape) -> bool:

@@ -64,7 +64,7 @@ class Wanda(PruningMethod):
 
 class SparseGPT(PruningMethod):
     name: ClassVar[str] = "sparsegpt"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: the inverse Hessian factored in one pass
     option_type: ClassVar[type[Option]] = SparseGPTOption
     grid_entries = SPARSEGPT_GRID
 
