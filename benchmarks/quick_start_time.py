@@ -6,6 +6,8 @@ alternating between this checkout and ``--against`` (a git revision, checked out
 temporary worktree and imported from there), so both meet the same machine load. Prints one
 row per run: wall seconds of the whole process, the tune's stage seconds, the held-out error
 and the chosen plan's stored bytes, then the median wall time of each and their ratio.
+With ``--warm``, each version first runs once untimed to fill a sensitivity cache of its own,
+which its timed runs then read: a second tune of the model, as a user's next budget is.
 
 Run: ``python benchmarks/quick_start_time.py --against HEAD~5`` (about 2 minutes per pair of
 runs; ``--rounds 3`` by default).
@@ -28,12 +30,13 @@ COMMAND = ["tune", "demo", "--budget", "15MB", "--target", "cpu"]
 STAGES = ("price", "score", "search", "select", "measure")
 
 
-def run(source: Path, work: Path) -> dict:
-    """One quick start from the code under ``source``, with a cold cache in ``work``."""
+def run(source: Path, work: Path, cache: Path | None = None) -> dict:
+    """One quick start from the code under ``source``, with ``cache`` as its sensitivity
+    cache (default: a cold one in ``work``)."""
     env = {
         **os.environ,
         "PYTHONPATH": str(source),
-        "AUTOTUNE_CACHE": str(work / "cache"),
+        "AUTOTUNE_CACHE": str(cache or work / "cache"),
         "PYTHONDONTWRITEBYTECODE": "1",
     }
     plan = work / "plan.json"
@@ -56,6 +59,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--against", required=True, help="a git revision to compare with")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--warm", action="store_true", help="time second tunes: each version's cache filled first"
+    )
     args = parser.parse_args()
     revision = subprocess.run(
         ["git", "rev-parse", "--short", args.against],
@@ -73,6 +79,12 @@ def main() -> None:
         )
         try:
             versions = {"this checkout": ROOT, revision: other}
+            caches: dict[str, Path | None] = dict.fromkeys(versions)
+            if args.warm:
+                for index, name in enumerate(versions):
+                    caches[name] = Path(scratch) / f"cache-{index}"
+                    with tempfile.TemporaryDirectory() as work:
+                        run(versions[name], Path(work), caches[name])  # untimed: fills it
             walls: dict[str, list[float]] = {name: [] for name in versions}
             print(
                 "| round | code | wall s | "
@@ -84,7 +96,7 @@ def main() -> None:
                 order = list(versions) if round_ % 2 else list(reversed(versions))
                 for name in order:
                     with tempfile.TemporaryDirectory() as work:
-                        row = run(versions[name], Path(work))
+                        row = run(versions[name], Path(work), caches[name])
                     walls[name].append(row["wall"])
                     stages = " | ".join(f"{row['stages'].get(s, 0.0):.1f}" for s in STAGES)
                     print(
