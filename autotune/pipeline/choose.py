@@ -16,7 +16,13 @@ from autotune.pipeline.prepare import Data, Setup
 from autotune.pipeline.price import Priced, guarded_limits
 from autotune.refinement import Decide
 from autotune.searching import SearchOutcome, choose_engine, run_search
-from autotune.selection import UNIFORM_FINALISTS, Selection, choose, uniform_finalists
+from autotune.selection import (
+    UNIFORM_FINALISTS,
+    UNIFORM_REACH,
+    Selection,
+    choose,
+    uniform_finalists,
+)
 from methods.base import Option
 from methods.keep import KeepOption
 from methods.registry import method_of
@@ -171,8 +177,11 @@ def search(
     if uncalibrated is not None and uncalibrated not in [c.options for c in candidates]:
         candidates.append(Candidate(UNCALIBRATED, uncalibrated))
     searched = len(candidates)
+    # uniform plans screened end to end: as many as the selection split may judge, those with
+    # the least summed per-layer error (on the demo at 15 MB the sum ranks the 8 best as
+    # screening does)
     uniforms = fitting_uniforms(
-        costs, table, priced.limits, keep=UNIFORM_SCREENED, ties=priced.ties
+        costs, table, priced.limits, keep=UNIFORM_FINALISTS, ties=priced.ties
     )
     for name, uniform in uniforms.items():
         candidates.append(Candidate(name, uniform))
@@ -188,14 +197,6 @@ def _expanded(outcome: SearchOutcome, tied: Tied) -> SearchOutcome:
 
 
 UNCALIBRATED = "allocator, uncalibrated options only"
-# uniform plans screened end to end: those with the least summed per-layer error (on the
-# demo at 15 MB the sum ranks the 8 best as screening does, and the 7th screens at 2.7x the
-# error of the best), as many as the selection split may judge
-UNIFORM_SCREENED = UNIFORM_FINALISTS
-# uniform plans screened at more than this multiple of the front runner's error are not
-# judged on the selection split (the best-screened one always is: the report gives its
-# errors); on the demo at NNCF's int4 bytes the best three screen at 17-24x
-UNIFORM_REACH = 2.0
 
 
 def _uncalibrated_plan(setup: Setup, priced: Priced, scored: Scored) -> dict[str, Option] | None:

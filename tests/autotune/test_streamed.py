@@ -17,10 +17,9 @@ from autotune.apply import apply_plan
 from autotune.cli import main
 from autotune.errors import AutotuneError
 from autotune.fingerprint import fingerprint
-from autotune.pipeline.choose import UNIFORM_REACH
 from autotune.plan import Plan
 from autotune.saved import load_compressed
-from autotune.selection import UNIFORM_FINALISTS
+from autotune.selection import UNIFORM_FINALISTS, UNIFORM_REACH
 from autotune.streamed import apply_streamed, tune_streamed, validate_streamed
 from autotune.validate import validate_plan
 from profilers.measure import model_bytes

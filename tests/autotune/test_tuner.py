@@ -9,8 +9,7 @@ from autotune.allocation import LOCAL_LATENCY_MARGIN
 from autotune.costs import default_methods
 from autotune.errors import InfeasibleBudgetError
 from autotune.executors import get_executor
-from autotune.pipeline.choose import UNIFORM_REACH
-from autotune.selection import UNIFORM_FINALISTS
+from autotune.selection import UNIFORM_FINALISTS, UNIFORM_REACH
 from autotune.targets import get_target
 from autotune.tuner import autotune
 from methods import QuantizedLinear
